@@ -1,0 +1,40 @@
+//! Health and key publication endpoints.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use crate::startup::AppState;
+
+/// `GET /healthz`: 200 `{"status":"ok"}` while the process serves.
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: 200 when policies are loaded and Keycloak's realm discovery
+/// document is reachable (cached up to 300 s); otherwise 503 with the failing check.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let policies = state.policies.load().policies().len();
+    match state.keycloak.endpoints().await {
+        Ok(_) => HttpResponse::Ok()
+            .json(json!({"status": "ready", "policies": policies, "keycloak": "ok"})),
+        Err(e) => {
+            tracing::warn!(error = %crate::telemetry::chain(&e), "readiness: Keycloak discovery failed");
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "5"))
+                .json(json!({"status": "not_ready", "policies": policies, "keycloak": e.code()}))
+        }
+    }
+}
+
+/// `GET /.well-known/jwks.json`: public keys that sign our client assertions;
+/// the Keycloak clients' "JWKS URL" points here.
+pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
+    let body = state
+        .signing
+        .as_ref()
+        .map(|k| k.jwks())
+        .unwrap_or_else(|| json!({"keys": []}));
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "public, max-age=60"))
+        .json(body)
+}

@@ -1,0 +1,99 @@
+//! HTTP surface: thin actix handlers over `verify`, `policy` and `keycloak`.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /token` | RFC 8693 token exchange |
+//! | `GET /.well-known/jwks.json` | the service's public signing keys (RFC 7517) |
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when policies are loaded and Keycloak's discovery answers |
+
+pub mod error;
+mod health;
+mod token;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use tracing::Span;
+use tracing_actix_web::{RequestId, RootSpanBuilder};
+
+pub use error::ApiError;
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/token")
+            .route(web::post().to(token::exchange))
+            .route(web::route().to(method_not_allowed)),
+    )
+    .route("/.well-known/jwks.json", web::get().to(health::jwks))
+    .route("/healthz", web::get().to(health::healthz))
+    .route("/readyz", web::get().to(health::readyz))
+    .default_service(web::to(not_found));
+}
+
+/// The request id assigned by the tracing middleware (a UUID v4).
+pub fn request_id(req: &HttpRequest) -> String {
+    req.extensions()
+        .get::<RequestId>()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    ApiError::new(
+        actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request",
+        "request.method_not_allowed",
+        "use POST with an application/x-www-form-urlencoded body",
+    )
+    .to_response(&request_id(&req))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::new(
+        actix_web::http::StatusCode::NOT_FOUND,
+        "invalid_request",
+        "request.not_found",
+        "no such endpoint",
+    )
+    .to_response(&request_id(&req))
+}
+
+/// Root span per request: method, path (never the query string, which could carry
+/// a credential), request id, status. Emits one `request completed` event.
+pub struct StsRootSpan;
+
+impl RootSpanBuilder for StsRootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        let rid = request
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        tracing::info_span!(
+            "http_request",
+            http.method = %request.method(),
+            http.path = %request.path(),
+            request_id = %rid,
+            http.status_code = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(
+        span: Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
+        let status = match outcome {
+            Ok(r) => r.status().as_u16(),
+            Err(e) => e.as_response_error().status_code().as_u16(),
+        };
+        span.record("http.status_code", status);
+        let _g = span.enter();
+        if status >= 500 {
+            tracing::warn!(status, "request completed");
+        } else {
+            tracing::info!(status, "request completed");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! A local Bitbucket-compatible OIDC issuer, for tests and the demo only (the
+//! service never uses it). It serves, per workspace slug, exactly the paths
+//! Bitbucket serves (`shared/reference/bitbucket-oidc.md` §2):
+//!
+//! - `GET /2.0/workspaces/<slug>/pipelines-config/identity/oidc/.well-known/openid-configuration`
+//! - `GET /2.0/workspaces/<slug>/pipelines-config/identity/oidc/keys.json`
+//!
+//! and mints RS256 tokens with Bitbucket's claim shapes (braced UUIDs, `aud` string
+//! or array, `sub` = `{repo}:{step}` or `{repo}:{env}:{step}`, no `jti`/`nbf`).
+//! `POST /mint` (JSON [`StepClaims`]) returns a token, for shell demos.
+//! Keys can be rotated to exercise the service's key cache.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use josekit::jwk::KeyPair;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+/// One issuer key.
+struct DevKey {
+    kid: String,
+    encoding: EncodingKey,
+    jwk: Value,
+}
+
+/// The issuer state. Share it behind an `Arc`.
+pub struct DevIssuer {
+    base: String,
+    keys: RwLock<Vec<DevKey>>,
+    /// Number of discovery documents served.
+    pub discovery_hits: AtomicUsize,
+    /// Number of JWKS documents served.
+    pub jwks_hits: AtomicUsize,
+}
+
+/// What a pipeline step looks like, to mint its token. UUIDs are given bare or
+/// braced and always emitted braced, lower case.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepClaims {
+    /// Workspace slug (selects the issuer path).
+    pub workspace: String,
+    /// `workspaceUuid`.
+    pub workspace_uuid: String,
+    /// `repositoryUuid`.
+    pub repository_uuid: String,
+    /// `stepUuid` (random when absent).
+    #[serde(default)]
+    pub step_uuid: Option<String>,
+    /// `pipelineUuid` (random when absent).
+    #[serde(default)]
+    pub pipeline_uuid: Option<String>,
+    /// `branchName`, absent for tag builds.
+    #[serde(default)]
+    pub branch_name: Option<String>,
+    /// `deploymentEnvironmentUuid` for deployment steps.
+    #[serde(default)]
+    pub deployment_environment_uuid: Option<String>,
+    /// Custom audiences (`oidc: audiences:`); with any, `aud` becomes an array
+    /// holding the workspace ARI first.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Lifetime in seconds (default 3600).
+    #[serde(default)]
+    pub lifetime_seconds: Option<u64>,
+}
+
+fn braced(s: &str) -> String {
+    let inner = s
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .to_ascii_lowercase();
+    format!("{{{inner}}}")
+}
+
+fn bare(s: &str) -> String {
+    s.trim_start_matches('{')
+        .trim_end_matches('}')
+        .to_ascii_lowercase()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_key() -> Result<DevKey, String> {
+    let pair = josekit::jws::RS256
+        .generate_key_pair(2048)
+        .map_err(|e| e.to_string())?;
+    let pem = pair.to_pem_private_key();
+    let encoding = EncodingKey::from_rsa_pem(&pem).map_err(|e| e.to_string())?;
+    let mut jwk: Map<String, Value> = pair.to_jwk_public_key().as_ref().clone();
+    let kid = crate::keys::thumbprint(&jwk);
+    jwk.insert("kid".into(), Value::String(kid.clone()));
+    jwk.insert("use".into(), Value::String("sig".into()));
+    jwk.insert("alg".into(), Value::String("RS256".into()));
+    Ok(DevKey {
+        kid,
+        encoding,
+        jwk: Value::Object(jwk),
+    })
+}
+
+impl DevIssuer {
+    /// An issuer whose URLs start with `base` (e.g. `http://127.0.0.1:18082`), with one key.
+    ///
+    /// # Errors
+    /// Key generation failure.
+    pub fn new(base: &str) -> Result<Self, String> {
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            keys: RwLock::new(vec![new_key()?]),
+            discovery_hits: AtomicUsize::new(0),
+            jwks_hits: AtomicUsize::new(0),
+        })
+    }
+
+    /// The issuer (`iss`) for a workspace slug, Bitbucket's path shape.
+    pub fn issuer_for(&self, workspace: &str) -> String {
+        format!(
+            "{}/2.0/workspaces/{workspace}/pipelines-config/identity/oidc",
+            self.base
+        )
+    }
+
+    /// The published JWKS.
+    pub fn jwks(&self) -> Value {
+        let keys: Vec<Value> = self
+            .keys
+            .read()
+            .map(|k| k.iter().map(|k| k.jwk.clone()).collect())
+            .unwrap_or_default();
+        json!({ "keys": keys })
+    }
+
+    /// `kid` of the signing key.
+    pub fn active_kid(&self) -> String {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|k| k.last().map(|k| k.kid.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Adds a new key and signs with it from now on; returns its `kid`.
+    ///
+    /// # Errors
+    /// Key generation failure.
+    pub fn rotate(&self) -> Result<String, String> {
+        let k = new_key()?;
+        let kid = k.kid.clone();
+        if let Ok(mut keys) = self.keys.write() {
+            keys.push(k);
+        }
+        Ok(kid)
+    }
+
+    /// Stops publishing (and signing with) `kid`.
+    pub fn remove_key(&self, kid: &str) {
+        if let Ok(mut keys) = self.keys.write() {
+            keys.retain(|k| k.kid != kid);
+        }
+    }
+
+    /// Claims of a step token, exactly in Bitbucket's shapes.
+    pub fn claims(&self, c: &StepClaims) -> Value {
+        let iat = now();
+        let step = c
+            .step_uuid
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let pipeline = c
+            .pipeline_uuid
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let repo = braced(&c.repository_uuid);
+        let ari = format!("ari:cloud:bitbucket::workspace/{}", bare(&c.workspace_uuid));
+        let aud = if c.audiences.is_empty() {
+            Value::String(ari)
+        } else {
+            let mut v = vec![Value::String(ari)];
+            v.extend(c.audiences.iter().cloned().map(Value::String));
+            Value::Array(v)
+        };
+        let sub = match &c.deployment_environment_uuid {
+            Some(e) => format!("{repo}:{}:{}", braced(e), braced(&step)),
+            None => format!("{repo}:{}", braced(&step)),
+        };
+        let mut m = Map::new();
+        m.insert("sub".into(), Value::String(sub));
+        m.insert("aud".into(), aud);
+        m.insert("stepUuid".into(), Value::String(braced(&step)));
+        m.insert("iss".into(), Value::String(self.issuer_for(&c.workspace)));
+        m.insert("repositoryUuid".into(), Value::String(repo));
+        if let Some(b) = &c.branch_name {
+            m.insert("branchName".into(), Value::String(b.clone()));
+        }
+        if let Some(e) = &c.deployment_environment_uuid {
+            m.insert("deploymentEnvironmentUuid".into(), Value::String(braced(e)));
+        }
+        m.insert(
+            "exp".into(),
+            json!(iat + c.lifetime_seconds.unwrap_or(3600)),
+        );
+        m.insert("iat".into(), json!(iat));
+        m.insert("pipelineUuid".into(), Value::String(braced(&pipeline)));
+        m.insert(
+            "workspaceUuid".into(),
+            Value::String(braced(&c.workspace_uuid)),
+        );
+        Value::Object(m)
+    }
+
+    /// Signs `claims` with the active key (RS256, `kid` set, `typ` JWT).
+    ///
+    /// # Errors
+    /// Signing failure.
+    pub fn sign(&self, claims: &Value) -> Result<String, String> {
+        let keys = self.keys.read().map_err(|_| "lock".to_string())?;
+        let key = keys.last().ok_or("no key")?;
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(key.kid.clone());
+        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| e.to_string())
+    }
+
+    /// Signs `claims` with the active key under a caller-built header (for attack tests).
+    ///
+    /// # Errors
+    /// Signing failure.
+    pub fn sign_with_header(&self, header: &Header, claims: &Value) -> Result<String, String> {
+        let keys = self.keys.read().map_err(|_| "lock".to_string())?;
+        let key = keys.last().ok_or("no key")?;
+        jsonwebtoken::encode(header, claims, &key.encoding).map_err(|e| e.to_string())
+    }
+
+    /// Mints a step token.
+    ///
+    /// # Errors
+    /// Signing failure.
+    pub fn mint(&self, c: &StepClaims) -> Result<String, String> {
+        self.sign(&self.claims(c))
+    }
+}
+
+async fn discovery(state: web::Data<Arc<DevIssuer>>, path: web::Path<String>) -> HttpResponse {
+    state.discovery_hits.fetch_add(1, Ordering::SeqCst);
+    let iss = state.issuer_for(&path);
+    HttpResponse::Ok().json(json!({
+        "issuer": iss,
+        "jwks_uri": format!("{iss}/keys.json"),
+        "claims_supported": ["sub","iss","aud","exp","iat","branchName","compliant","deploymentEnvironmentUuid","pipelineUuid","repositoryUuid","stepUuid","workspaceUuid"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "response_types_supported": ["id_token"],
+        "scopes_supported": ["openid"],
+        "subject_types_supported": ["public"],
+    }))
+}
+
+async fn keys(state: web::Data<Arc<DevIssuer>>) -> HttpResponse {
+    state.jwks_hits.fetch_add(1, Ordering::SeqCst);
+    HttpResponse::Ok().json(state.jwks())
+}
+
+async fn mint(state: web::Data<Arc<DevIssuer>>, body: web::Json<StepClaims>) -> HttpResponse {
+    match state.mint(&body) {
+        Ok(t) => HttpResponse::Ok().content_type("text/plain").body(t),
+        Err(e) => HttpResponse::InternalServerError().body(e),
+    }
+}
+
+/// Serves `issuer` on `listener` (spawn the returned server).
+///
+/// # Errors
+/// Listener errors.
+pub fn serve(
+    issuer: Arc<DevIssuer>,
+    listener: TcpListener,
+) -> std::io::Result<actix_web::dev::Server> {
+    let data = web::Data::new(issuer);
+    Ok(HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route(
+                "/2.0/workspaces/{slug}/pipelines-config/identity/oidc/.well-known/openid-configuration",
+                web::get().to(discovery),
+            )
+            .route(
+                "/2.0/workspaces/{slug}/pipelines-config/identity/oidc/keys.json",
+                web::get().to(keys),
+            )
+            .route("/mint", web::post().to(mint))
+    })
+    .workers(1)
+    .listen(listener)?
+    .run())
+}

@@ -1,0 +1,170 @@
+//! Small domain types shared by every module: redacting secret wrappers and
+//! Bitbucket's braced UUIDs.
+
+use std::fmt;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+/// A bearer credential (a Bitbucket ID token, a Keycloak access token or a
+/// client assertion). `Debug` and `Display` print `[redacted]`, so the value
+/// can never reach a log line, an error message or a panic by accident.
+#[derive(Clone)]
+pub struct SecretToken(SecretString);
+
+impl SecretToken {
+    /// Wraps a token value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+
+    /// The raw value, for the one place that must send or parse it.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// Length of the value in bytes.
+    pub fn len(&self) -> usize {
+        self.expose().len()
+    }
+
+    /// True when the value is empty.
+    pub fn is_empty(&self) -> bool {
+        self.expose().is_empty()
+    }
+
+    /// Lower-case hex SHA-256 of the value: what the audit log records
+    /// instead of the token itself.
+    pub fn sha256_hex(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.expose().as_bytes()))
+    }
+}
+
+impl fmt::Debug for SecretToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretToken([redacted])")
+    }
+}
+
+/// A Bitbucket UUID such as a `repositoryUuid`.
+///
+/// Bitbucket sends UUIDs in braces and lower case (`{d4e45493-4a33-477d-917b-a24e7e4bd39b}`,
+/// see `shared/reference/bitbucket-oidc.md` §3); the ARI audience carries the same
+/// workspace UUID without braces. Policies and configuration may use either form:
+/// both are parsed into the same value, so `{R}` and `R` never silently differ.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BbUuid(uuid::Uuid);
+
+/// Why a string is not a Bitbucket UUID.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("`{0}` is not a UUID (expected 8-4-4-4-12 hex digits, with or without braces)")]
+pub struct BbUuidError(pub String);
+
+impl BbUuid {
+    /// Parses `{8-4-4-4-12}` or `8-4-4-4-12` (hex, any case).
+    ///
+    /// # Errors
+    /// [`BbUuidError`] when the text is neither form (simple or URN forms are refused too).
+    pub fn parse_lenient(s: &str) -> Result<Self, BbUuidError> {
+        let inner = s
+            .strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .unwrap_or(s);
+        Self::parse_hyphenated(inner).ok_or_else(|| BbUuidError(truncate(s, 80)))
+    }
+
+    /// Parses exactly Bitbucket's claim shape: `{8-4-4-4-12}` with braces.
+    ///
+    /// # Errors
+    /// [`BbUuidError`] when braces are missing or the inside is not a hyphenated UUID.
+    pub fn parse_braced(s: &str) -> Result<Self, BbUuidError> {
+        s.strip_prefix('{')
+            .and_then(|r| r.strip_suffix('}'))
+            .and_then(Self::parse_hyphenated)
+            .ok_or_else(|| BbUuidError(truncate(s, 80)))
+    }
+
+    fn parse_hyphenated(s: &str) -> Option<Self> {
+        if s.len() != 36 {
+            return None;
+        }
+        uuid::Uuid::try_parse(s).ok().map(Self)
+    }
+
+    /// The braced lower-case form Bitbucket uses in claims.
+    pub fn braced(&self) -> String {
+        format!("{{{}}}", self.0.hyphenated())
+    }
+
+    /// The bare lower-case form used in the `ari:cloud:bitbucket::workspace/<uuid>` audience.
+    pub fn bare(&self) -> String {
+        self.0.hyphenated().to_string()
+    }
+}
+
+impl fmt::Display for BbUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{{}}}", self.0.hyphenated())
+    }
+}
+
+impl fmt::Debug for BbUuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for BbUuid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.braced())
+    }
+}
+
+impl<'de> Deserialize<'de> for BbUuid {
+    /// Lenient (braces optional): used for configuration and policy files.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse_lenient(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Cuts `s` to at most `max` characters for messages (never used on secrets).
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max).collect();
+        out.push('…');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braced_and_bare_forms_are_the_same_uuid() {
+        let a = BbUuid::parse_lenient("{D4E45493-4a33-477d-917b-a24e7e4bd39b}").unwrap();
+        let b = BbUuid::parse_lenient("d4e45493-4a33-477d-917b-a24e7e4bd39b").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.braced(), "{d4e45493-4a33-477d-917b-a24e7e4bd39b}");
+        assert_eq!(a.bare(), "d4e45493-4a33-477d-917b-a24e7e4bd39b");
+    }
+
+    #[test]
+    fn claim_form_requires_braces() {
+        assert!(BbUuid::parse_braced("d4e45493-4a33-477d-917b-a24e7e4bd39b").is_err());
+        assert!(BbUuid::parse_braced("{d4e45493-4a33-477d-917b-a24e7e4bd39b}").is_ok());
+        assert!(BbUuid::parse_lenient("{d4e45493-4a33-477d-917b-a24e7e4bd39b").is_err());
+        assert!(BbUuid::parse_lenient("d4e454934a33477d917ba24e7e4bd39b").is_err());
+        assert!(BbUuid::parse_lenient("urn:uuid:d4e45493-4a33-477d-917b-a24e7e4bd39b").is_err());
+    }
+
+    #[test]
+    fn secret_token_debug_is_redacted() {
+        let t = SecretToken::new("eyJhbGciOi.secret.value");
+        assert_eq!(format!("{t:?}"), "SecretToken([redacted])");
+    }
+}

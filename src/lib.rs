@@ -1,0 +1,31 @@
+//! keycloak-ci-sts: a security token service that exchanges Bitbucket Pipelines
+//! OIDC ID tokens (RFC 8693) for short-lived Keycloak access tokens whose client,
+//! audience and scopes are chosen by reviewed policy files.
+//!
+//! Layout: [`api`] (thin actix handlers) over [`verify`] (Bitbucket tokens),
+//! [`policy`] (decisions) and [`keycloak`] (client_credentials grant); [`startup`]
+//! wires them from validated [`configuration`].
+
+#![warn(missing_docs)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "unit tests may panic"
+    )
+)]
+
+pub mod api;
+pub mod cli;
+pub mod configuration;
+pub mod devissuer;
+pub mod domain;
+pub mod http;
+pub mod keycloak;
+pub mod keys;
+pub mod policy;
+pub mod startup;
+pub mod telemetry;
+pub mod verify;

@@ -1,0 +1,365 @@
+//! Policy evaluation: a pure function of the policy set, the verified identity
+//! and the request. It never fails; every decision carries a trace.
+
+use serde::Serialize;
+
+use super::{BranchPattern, Conditions, Effect, PolicySet};
+use crate::domain::BbUuid;
+use crate::verify::BitbucketIdentity;
+
+/// What the caller asks for.
+#[derive(Debug, Clone)]
+pub struct EvalRequest<'a> {
+    /// The verified token.
+    pub identity: &'a BitbucketIdentity,
+    /// RFC 8693 `audience`: selects the grant.
+    pub audience: &'a str,
+    /// RFC 8693 `scope`, split on spaces; empty means "the policy's default scopes".
+    pub scopes: &'a [String],
+}
+
+/// An allowed exchange.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    /// Policy that granted it.
+    pub policy: String,
+    /// Keycloak client to act as.
+    pub client: String,
+    /// Audience name the caller asked for.
+    pub audience: String,
+    /// Scopes to request from Keycloak (ordered, de-duplicated).
+    pub scopes: Vec<String>,
+    /// Longest lifetime accepted for the issued token, seconds.
+    pub max_lifetime_seconds: u64,
+}
+
+/// Why a request is denied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DenyKind {
+    /// No allow policy grants this audience (RFC 8693 `invalid_target`).
+    UnknownAudience,
+    /// A deny policy matched.
+    ExplicitDeny,
+    /// `workspaceUuid` not admitted.
+    WorkspaceNotAllowed,
+    /// `repositoryUuid` not admitted.
+    RepositoryNotAllowed,
+    /// A deployment environment is required and the token has none.
+    EnvironmentMissing,
+    /// `deploymentEnvironmentUuid` not admitted.
+    EnvironmentNotAllowed,
+    /// A branch is required and the token has none (tag builds).
+    BranchMissing,
+    /// `branchName` not admitted.
+    BranchNotAllowed,
+    /// Requested scopes exceed the grant (RFC 6749 `invalid_scope`).
+    ScopeNotAllowed {
+        /// The requested scopes not allowed.
+        scopes: Vec<String>,
+    },
+}
+
+impl DenyKind {
+    /// Stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownAudience => "policy.unknown_audience",
+            Self::ExplicitDeny => "policy.denied",
+            Self::WorkspaceNotAllowed => "policy.workspace_not_allowed",
+            Self::RepositoryNotAllowed => "policy.repository_not_allowed",
+            Self::EnvironmentMissing => "policy.environment_missing",
+            Self::EnvironmentNotAllowed => "policy.environment_not_allowed",
+            Self::BranchMissing => "policy.branch_missing",
+            Self::BranchNotAllowed => "policy.branch_not_allowed",
+            Self::ScopeNotAllowed { .. } => "policy.scope_not_allowed",
+        }
+    }
+
+    /// Message for the caller, in terms of the caller's own claims (never the
+    /// policy's patterns).
+    pub fn public_message(&self, id: &BitbucketIdentity, audience: &str) -> String {
+        match self {
+            Self::UnknownAudience => format!("no policy grants audience `{audience}`"),
+            Self::ExplicitDeny => format!("a deny policy refuses this identity for audience `{audience}`"),
+            Self::WorkspaceNotAllowed => format!("workspaceUuid {} may not obtain `{audience}`", id.workspace_uuid),
+            Self::RepositoryNotAllowed => format!("repositoryUuid {} may not obtain `{audience}`", id.repository_uuid),
+            Self::EnvironmentMissing => format!("`{audience}` requires a deployment step; the token has no deploymentEnvironmentUuid"),
+            Self::EnvironmentNotAllowed => format!(
+                "deploymentEnvironmentUuid {} may not obtain `{audience}`",
+                id.deployment_environment_uuid.map(|u| u.braced()).unwrap_or_default()
+            ),
+            Self::BranchMissing => format!("`{audience}` requires a branch build; the token has no branchName"),
+            Self::BranchNotAllowed => format!(
+                "branchName `{}` may not obtain `{audience}`",
+                id.branch_name.as_deref().unwrap_or_default()
+            ),
+            Self::ScopeNotAllowed { scopes } => format!("scope not allowed for `{audience}`: {}", scopes.join(" ")),
+        }
+    }
+}
+
+/// Decision result.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exchange allowed.
+    Allow(Grant),
+    /// Exchange refused.
+    Deny {
+        /// Why.
+        reason: DenyKind,
+        /// The deciding policy, when one decided (deny rule or closest allow).
+        policy: Option<String>,
+    },
+}
+
+/// One line of the decision trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceEntry {
+    /// Policy id.
+    pub policy: String,
+    /// Its effect.
+    pub effect: Effect,
+    /// What happened: `matched`, `skipped: ...`, `failed: ...`.
+    pub result: String,
+}
+
+/// A decision with its trace.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    /// Allow or deny.
+    pub outcome: Outcome,
+    /// Every policy considered, in order.
+    pub trace: Vec<TraceEntry>,
+}
+
+/// A failed condition with how many conditions passed before it (for choosing the
+/// most specific reason to report).
+struct Failure {
+    kind: DenyKind,
+    passed: usize,
+    detail: String,
+}
+
+fn uuid_in(want: &Option<Vec<BbUuid>>, have: Option<BbUuid>) -> Option<bool> {
+    want.as_ref().map(|w| have.is_some_and(|h| w.contains(&h)))
+}
+
+fn list(v: &[BbUuid]) -> String {
+    v.iter().map(|u| u.braced()).collect::<Vec<_>>().join(", ")
+}
+
+fn branch_list(v: &[BranchPattern]) -> String {
+    v.iter()
+        .map(|p| p.source().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks conditions in a fixed order; the first failure is returned.
+fn check(c: &Conditions, id: &BitbucketIdentity) -> Result<(), Failure> {
+    let mut passed = 0;
+    if let Some(false) = uuid_in(&c.workspace_uuid, Some(id.workspace_uuid)) {
+        return Err(Failure {
+            kind: DenyKind::WorkspaceNotAllowed,
+            passed,
+            detail: format!(
+                "workspaceUuid {} not in [{}]",
+                id.workspace_uuid,
+                list(c.workspace_uuid.as_deref().unwrap_or_default())
+            ),
+        });
+    }
+    passed += usize::from(c.workspace_uuid.is_some());
+    if let Some(false) = uuid_in(&c.repository_uuid, Some(id.repository_uuid)) {
+        return Err(Failure {
+            kind: DenyKind::RepositoryNotAllowed,
+            passed,
+            detail: format!(
+                "repositoryUuid {} not in [{}]",
+                id.repository_uuid,
+                list(c.repository_uuid.as_deref().unwrap_or_default())
+            ),
+        });
+    }
+    passed += usize::from(c.repository_uuid.is_some());
+    if let Some(want) = &c.deployment_environment_uuid {
+        match id.deployment_environment_uuid {
+            None => {
+                return Err(Failure {
+                    kind: DenyKind::EnvironmentMissing,
+                    passed,
+                    detail: format!(
+                        "token has no deploymentEnvironmentUuid; required one of [{}]",
+                        list(want)
+                    ),
+                })
+            }
+            Some(e) if !want.contains(&e) => {
+                return Err(Failure {
+                    kind: DenyKind::EnvironmentNotAllowed,
+                    passed,
+                    detail: format!("deploymentEnvironmentUuid {e} not in [{}]", list(want)),
+                })
+            }
+            Some(_) => passed += 1,
+        }
+    }
+    if let Some(pats) = &c.branch_name {
+        match &id.branch_name {
+            None => {
+                return Err(Failure {
+                    kind: DenyKind::BranchMissing,
+                    passed,
+                    detail: format!(
+                        "token has no branchName; required one of [{}]",
+                        branch_list(pats)
+                    ),
+                })
+            }
+            Some(b) if !pats.iter().any(|p| p.is_match(b)) => {
+                return Err(Failure {
+                    kind: DenyKind::BranchNotAllowed,
+                    passed,
+                    detail: format!("branchName `{b}` matches none of [{}]", branch_list(pats)),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+impl PolicySet {
+    /// Decides a request. Deny by default; a matching deny policy beats every allow;
+    /// among matching allow policies for the audience the first (by id) whose scopes
+    /// admit the request wins. Requested scopes must be a subset of the grant's
+    /// `scopes`; none requested means the grant's `default_scopes`.
+    pub fn evaluate(&self, req: &EvalRequest<'_>) -> Decision {
+        let id = req.identity;
+        let mut trace = Vec::new();
+        let mut deny_hit: Option<String> = None;
+        let mut allows = Vec::new();
+        let mut best_failure: Option<(Failure, String)> = None;
+        let mut audience_known = false;
+
+        for p in self.policies() {
+            let entry = |result: String| TraceEntry {
+                policy: p.id.clone(),
+                effect: p.effect,
+                result,
+            };
+            match p.effect {
+                Effect::Deny => {
+                    if let Some(auds) = &p.deny_audiences {
+                        if !auds.contains(req.audience) {
+                            trace.push(entry(format!("skipped: covers audiences {auds:?}")));
+                            continue;
+                        }
+                    }
+                    match check(&p.when, id) {
+                        Ok(()) => {
+                            trace.push(entry("matched: denies".into()));
+                            if deny_hit.is_none() {
+                                deny_hit = Some(p.id.clone());
+                            }
+                        }
+                        Err(f) => trace.push(entry(format!("not matched: {}", f.detail))),
+                    }
+                }
+                Effect::Allow => {
+                    let Some(g) = &p.grant else { continue };
+                    if g.audience != req.audience {
+                        trace.push(entry(format!("skipped: grants audience `{}`", g.audience)));
+                        continue;
+                    }
+                    audience_known = true;
+                    match check(&p.when, id) {
+                        Ok(()) => {
+                            trace.push(entry("matched".into()));
+                            allows.push(p);
+                        }
+                        Err(f) => {
+                            trace.push(entry(format!("failed: {}", f.detail)));
+                            let better = best_failure
+                                .as_ref()
+                                .is_none_or(|(b, _)| f.passed > b.passed);
+                            if better {
+                                best_failure = Some((f, p.id.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        if let Some(policy) = deny_hit {
+            return Decision {
+                outcome: Outcome::Deny {
+                    reason: DenyKind::ExplicitDeny,
+                    policy: Some(policy),
+                },
+                trace,
+            };
+        }
+        if !audience_known {
+            return Decision {
+                outcome: Outcome::Deny {
+                    reason: DenyKind::UnknownAudience,
+                    policy: None,
+                },
+                trace,
+            };
+        }
+        let mut scope_failure: Option<(Vec<String>, String)> = None;
+        for p in allows {
+            let Some(g) = &p.grant else { continue };
+            let requested: Vec<String> = if req.scopes.is_empty() {
+                g.default_scopes.clone()
+            } else {
+                let mut v: Vec<String> = Vec::new();
+                for s in req.scopes {
+                    if !v.contains(s) {
+                        v.push(s.clone());
+                    }
+                }
+                v
+            };
+            let excess: Vec<String> = requested
+                .iter()
+                .filter(|s| !g.scopes.contains(*s))
+                .cloned()
+                .collect();
+            if excess.is_empty() {
+                return Decision {
+                    outcome: Outcome::Allow(Grant {
+                        policy: p.id.clone(),
+                        client: g.client.clone(),
+                        audience: g.audience.clone(),
+                        scopes: requested,
+                        max_lifetime_seconds: g.max_lifetime_seconds,
+                    }),
+                    trace,
+                };
+            }
+            trace.push(TraceEntry {
+                policy: p.id.clone(),
+                effect: p.effect,
+                result: format!("scopes not granted: {}", excess.join(" ")),
+            });
+            if scope_failure.is_none() {
+                scope_failure = Some((excess, p.id.clone()));
+            }
+        }
+        let (reason, policy) = match (scope_failure, best_failure) {
+            (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
+            (None, Some((f, pid))) => (f.kind, Some(pid)),
+            (None, None) => (DenyKind::UnknownAudience, None),
+        };
+        Decision {
+            outcome: Outcome::Deny { reason, policy },
+            trace,
+        }
+    }
+}

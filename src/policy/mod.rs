@@ -1,0 +1,514 @@
+//! Policies: reviewed YAML files that decide which Bitbucket identities may get
+//! which Keycloak client, audience and scopes.
+//!
+//! One policy per file (`policies/<id>.yaml`, the id is the file stem). Files are
+//! parsed strictly (unknown fields refused) and compiled at startup: the service
+//! refuses to start on any error, naming the file and field. See the README's
+//! policy reference for the format. Evaluation ([`PolicySet::evaluate`]) never
+//! fails: deny by default, any matching `deny` policy beats every `allow`.
+
+mod eval;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use globset::{GlobBuilder, GlobMatcher};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use crate::domain::BbUuid;
+pub use eval::{Decision, DenyKind, EvalRequest, Grant, Outcome, TraceEntry};
+
+/// Longest accepted policy file, in bytes.
+pub const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024;
+
+/// A policy that could not be loaded or compiled.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: `{field}`: {reason}")]
+pub struct PolicyError {
+    /// The policy file.
+    pub file: String,
+    /// Field path inside the file (`when.branchName[1]`), or empty for the whole file.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+/// `allow` grants when every condition matches; `deny` refuses when every condition matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    /// Grants the policy's `grant`.
+    Allow,
+    /// Refuses, whatever any allow policy says.
+    Deny,
+}
+
+/// One value or a list of values, as written in a policy.
+#[derive(Debug, Clone)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = a.next_element::<StringOnly>()? {
+                    out.push(v.0);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<OneOrMany, A::Error> {
+                Err(de::Error::custom(QUOTE_HINT))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+const QUOTE_HINT: &str =
+    "is a YAML mapping, not a string: an unquoted {uuid} is read as a mapping; quote it: \"{...}\"";
+
+struct StringOnly(String);
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringOnly;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringOnly, E> {
+                Ok(StringOnly(v.to_string()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<StringOnly, A::Error> {
+                Err(de::Error::custom(QUOTE_HINT))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The file format of a policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    description: Option<String>,
+    effect: Effect,
+    #[serde(default)]
+    when: RawWhen,
+    /// Deny policies only: the audiences they cover (default: all).
+    #[serde(default)]
+    audiences: Option<Vec<String>>,
+    grant: Option<RawGrant>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWhen {
+    #[serde(rename = "workspaceUuid")]
+    workspace_uuid: Option<OneOrMany>,
+    #[serde(rename = "repositoryUuid")]
+    repository_uuid: Option<OneOrMany>,
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    deployment_environment_uuid: Option<OneOrMany>,
+    #[serde(rename = "branchName")]
+    branch_name: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    client: String,
+    audience: String,
+    scopes: Vec<StringOnly>,
+    default_scopes: Vec<StringOnly>,
+    max_lifetime_seconds: u64,
+}
+
+impl fmt::Debug for StringOnly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// A compiled branch pattern: `*` and `?` never cross `/`, `**` does.
+#[derive(Debug, Clone)]
+pub struct BranchPattern {
+    source: String,
+    matcher: GlobMatcher,
+}
+
+impl BranchPattern {
+    /// Compiles a pattern (globset syntax, `literal_separator` on).
+    ///
+    /// # Errors
+    /// The glob parser's message.
+    pub fn new(p: &str) -> Result<Self, String> {
+        if p.is_empty() {
+            return Err("empty branch pattern".into());
+        }
+        let glob = GlobBuilder::new(p)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            source: p.to_string(),
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    /// True when `branch` matches.
+    pub fn is_match(&self, branch: &str) -> bool {
+        self.matcher.is_match(branch)
+    }
+
+    /// The pattern as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// Compiled conditions; every present condition must match (AND); a list matches
+/// when any element does (OR). A condition never matches a token lacking the claim.
+#[derive(Debug, Clone, Default)]
+pub struct Conditions {
+    /// `workspaceUuid` in this set.
+    pub workspace_uuid: Option<Vec<BbUuid>>,
+    /// `repositoryUuid` in this set.
+    pub repository_uuid: Option<Vec<BbUuid>>,
+    /// `deploymentEnvironmentUuid` in this set.
+    pub deployment_environment_uuid: Option<Vec<BbUuid>>,
+    /// `branchName` matches one of these patterns.
+    pub branch_name: Option<Vec<BranchPattern>>,
+}
+
+impl Conditions {
+    fn is_empty(&self) -> bool {
+        self.workspace_uuid.is_none()
+            && self.repository_uuid.is_none()
+            && self.deployment_environment_uuid.is_none()
+            && self.branch_name.is_none()
+    }
+}
+
+/// What an allow policy grants.
+#[derive(Debug, Clone)]
+pub struct GrantSpec {
+    /// Keycloak `clientId` the service authenticates as.
+    pub client: String,
+    /// The `audience` value a caller sends to select this grant.
+    pub audience: String,
+    /// Scopes a caller may request (Keycloak optional client scopes).
+    pub scopes: BTreeSet<String>,
+    /// Scopes granted when the caller requests none.
+    pub default_scopes: Vec<String>,
+    /// Longest token lifetime accepted from Keycloak, in seconds.
+    pub max_lifetime_seconds: u64,
+}
+
+/// A compiled policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// File stem.
+    pub id: String,
+    /// Free text.
+    pub description: Option<String>,
+    /// allow or deny.
+    pub effect: Effect,
+    /// Conditions on the token's claims.
+    pub when: Conditions,
+    /// Deny only: audiences covered (`None` = all).
+    pub deny_audiences: Option<BTreeSet<String>>,
+    /// Allow only: the grant.
+    pub grant: Option<GrantSpec>,
+}
+
+/// All compiled policies, in file-name order.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+/// True for an RFC 6749 §3.3 scope token (`%x21 / %x23-5B / %x5D-7E`, non-empty).
+pub fn is_scope_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
+}
+
+impl PolicySet {
+    /// The compiled policies, in evaluation order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Builds a set from compiled policies (sorted by id).
+    pub fn from_policies(mut policies: Vec<Policy>) -> Self {
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        Self { policies }
+    }
+
+    /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive).
+    /// `known_clients`, when given, are the Keycloak clients of the configuration;
+    /// a grant naming another client is an error.
+    ///
+    /// # Errors
+    /// Every [`PolicyError`] found (all files are checked, not just the first).
+    pub fn load_dir(
+        dir: &Path,
+        known_clients: Option<&BTreeSet<String>>,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            vec![PolicyError {
+                file: dir.display().to_string(),
+                field: String::new(),
+                reason: format!("cannot read policies directory: {e}"),
+            }]
+        })?;
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                    && !p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        let mut policies = Vec::new();
+        let mut errors = Vec::new();
+        for f in files {
+            match load_file(&f, known_clients) {
+                Ok(p) => policies.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for p in &policies {
+            if !ids.insert(p.id.clone()) {
+                errors.push(PolicyError {
+                    file: dir.display().to_string(),
+                    field: String::new(),
+                    reason: format!("two files define policy id `{}` (.yaml and .yml)", p.id),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self::from_policies(policies))
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Policy, PolicyError> {
+    let file = path.display().to_string();
+    let err = |field: &str, reason: String| PolicyError {
+        file: file.clone(),
+        field: field.to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err("", e.to_string()))?;
+    if meta.len() > MAX_POLICY_FILE_BYTES {
+        return Err(err(
+            "",
+            format!("file is larger than {MAX_POLICY_FILE_BYTES} bytes"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err("", e.to_string()))?;
+    let id = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    compile_str(&id, &text, known_clients).map_err(|mut e| {
+        e.file = file.clone();
+        e
+    })
+}
+
+/// Parses and compiles one policy from YAML text.
+///
+/// # Errors
+/// [`PolicyError`] with `file` set to `id`.
+pub fn compile_str(
+    id: &str,
+    text: &str,
+    known_clients: Option<&BTreeSet<String>>,
+) -> Result<Policy, PolicyError> {
+    let err = |field: &str, reason: String| PolicyError {
+        file: id.to_string(),
+        field: field.to_string(),
+        reason,
+    };
+    let id_ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !id_ok {
+        return Err(err(
+            "",
+            "file name must be letters, digits, - _ . (it is the policy id)".into(),
+        ));
+    }
+    let de = serde_norway::Deserializer::from_str(text);
+    let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        err(if path == "." { "" } else { &path }, msg)
+    })?;
+
+    let uuids = |field: &str, v: Option<OneOrMany>| -> Result<Option<Vec<BbUuid>>, PolicyError> {
+        let Some(v) = v else { return Ok(None) };
+        if v.0.is_empty() {
+            return Err(err(
+                field,
+                "an empty list matches nothing; remove the condition or add values".into(),
+            ));
+        }
+        v.0.iter()
+            .enumerate()
+            .map(|(i, s)| {
+                BbUuid::parse_lenient(s).map_err(|e| err(&format!("{field}[{i}]"), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    };
+    let when = Conditions {
+        workspace_uuid: uuids("when.workspaceUuid", raw.when.workspace_uuid)?,
+        repository_uuid: uuids("when.repositoryUuid", raw.when.repository_uuid)?,
+        deployment_environment_uuid: uuids(
+            "when.deploymentEnvironmentUuid",
+            raw.when.deployment_environment_uuid,
+        )?,
+        branch_name: match raw.when.branch_name {
+            None => None,
+            Some(v) if v.0.is_empty() => {
+                return Err(err(
+                    "when.branchName",
+                    "an empty list matches nothing".into(),
+                ))
+            }
+            Some(v) => Some(
+                v.0.iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        BranchPattern::new(p).map_err(|e| err(&format!("when.branchName[{i}]"), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        },
+    };
+
+    let (grant, deny_audiences) = match raw.effect {
+        Effect::Allow => {
+            if raw.audiences.is_some() {
+                return Err(err("audiences", "only deny policies take `audiences`; an allow policy names its audience in grant.audience".into()));
+            }
+            if when.workspace_uuid.is_none() && when.repository_uuid.is_none() {
+                return Err(err(
+                    "when",
+                    "an allow policy must name workspaceUuid or repositoryUuid".into(),
+                ));
+            }
+            let g = raw
+                .grant
+                .ok_or_else(|| err("grant", "an allow policy needs a grant".into()))?;
+            if g.client.is_empty() || g.client.len() > 255 {
+                return Err(err("grant.client", "must be a Keycloak clientId".into()));
+            }
+            if let Some(known) = known_clients {
+                if !known.contains(&g.client) {
+                    return Err(err(
+                        "grant.client",
+                        format!("`{}` is not configured under [keycloak.clients]", g.client),
+                    ));
+                }
+            }
+            if !is_scope_token(&g.audience) {
+                return Err(err(
+                    "grant.audience",
+                    "must be a non-empty token without spaces or quotes".into(),
+                ));
+            }
+            let mut scopes = BTreeSet::new();
+            for (i, s) in g.scopes.iter().enumerate() {
+                if !is_scope_token(&s.0) {
+                    return Err(err(
+                        &format!("grant.scopes[{i}]"),
+                        format!("`{}` is not an RFC 6749 scope token", s.0),
+                    ));
+                }
+                scopes.insert(s.0.clone());
+            }
+            let mut default_scopes = Vec::new();
+            for (i, s) in g.default_scopes.iter().enumerate() {
+                if !scopes.contains(&s.0) {
+                    return Err(err(
+                        &format!("grant.default_scopes[{i}]"),
+                        format!("`{}` is not in grant.scopes", s.0),
+                    ));
+                }
+                if !default_scopes.contains(&s.0) {
+                    default_scopes.push(s.0.clone());
+                }
+            }
+            if !(1..=86_400).contains(&g.max_lifetime_seconds) {
+                return Err(err(
+                    "grant.max_lifetime_seconds",
+                    "must be 1..=86400".into(),
+                ));
+            }
+            (
+                Some(GrantSpec {
+                    client: g.client,
+                    audience: g.audience,
+                    scopes,
+                    default_scopes,
+                    max_lifetime_seconds: g.max_lifetime_seconds,
+                }),
+                None,
+            )
+        }
+        Effect::Deny => {
+            if raw.grant.is_some() {
+                return Err(err(
+                    "grant",
+                    "a deny policy grants nothing; remove `grant`".into(),
+                ));
+            }
+            if when.is_empty() {
+                return Err(err("when", "a deny policy without conditions would deny everything; name at least one claim".into()));
+            }
+            let auds = raw
+                .audiences
+                .map(|a| a.into_iter().collect::<BTreeSet<_>>());
+            (None, auds)
+        }
+    };
+    Ok(Policy {
+        id: id.to_string(),
+        description: raw.description,
+        effect: raw.effect,
+        when,
+        deny_audiences,
+        grant,
+    })
+}

@@ -1,0 +1,144 @@
+//! Wiring: builds the application state from validated [`Settings`], binds the
+//! listener (port 0 allowed; the bound port is reported) and runs the server.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use arc_swap::ArcSwap;
+use tracing_actix_web::TracingLogger;
+
+use crate::configuration::Settings;
+use crate::keycloak::KeycloakClient;
+use crate::keys::SigningKeys;
+use crate::policy::PolicySet;
+use crate::telemetry::AuditSink;
+use crate::verify::jwks::KeyCache;
+use crate::verify::Verifier;
+
+/// Shared state of all workers.
+pub struct AppState {
+    /// Bitbucket token verifier.
+    pub verifier: Verifier,
+    /// Compiled policies (swappable as a whole).
+    pub policies: ArcSwap<PolicySet>,
+    /// Keycloak client.
+    pub keycloak: KeycloakClient,
+    /// Our signing keys (published at `/.well-known/jwks.json`).
+    pub signing: Option<Arc<SigningKeys>>,
+    /// Audit sink.
+    pub audit: AuditSink,
+    /// Largest `/token` body, bytes (`max_token_bytes` + 4096).
+    pub max_body_bytes: usize,
+}
+
+/// Startup failures (configuration is validated before this).
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Policies did not compile; every problem is listed.
+    #[error("policies did not compile:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
+    Policies(Vec<crate::policy::PolicyError>),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("HTTP client")]
+    Http(#[from] reqwest::Error),
+    /// The audit file could not be opened.
+    #[error("cannot open audit file")]
+    Audit(#[source] std::io::Error),
+}
+
+/// A built, not yet running, application.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl Application {
+    /// Builds state, compiles policies, binds `settings.listen`.
+    ///
+    /// # Errors
+    /// [`StartupError`].
+    pub fn build(settings: Settings) -> Result<Self, StartupError> {
+        let listen = settings.listen.clone();
+        let state = build_state(settings)?;
+        let bind_err = |source| StartupError::Bind {
+            addr: listen.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(&listen).map_err(bind_err)?;
+        let port = listener.local_addr().map_err(bind_err)?.port();
+        let state = web::Data::new(state);
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(TracingLogger::<crate::api::StsRootSpan>::new())
+                .app_data(state.clone())
+                .configure(crate::api::configure)
+        })
+        .listen(listener)
+        .map_err(bind_err)?
+        .run();
+        tracing::info!(port, "listening");
+        Ok(Self { port, server })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs until stopped.
+    ///
+    /// # Errors
+    /// I/O errors of the server.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Builds the shared state: compiles policies (against the configured clients),
+/// creates HTTP clients, caches and the audit sink.
+///
+/// # Errors
+/// [`StartupError`].
+pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
+    let known: std::collections::BTreeSet<String> =
+        settings.keycloak.clients.keys().cloned().collect();
+    let policies = PolicySet::load_dir(&settings.policies_dir, Some(&known))
+        .map_err(StartupError::Policies)?;
+    if policies.policies().is_empty() {
+        tracing::warn!(dir = %settings.policies_dir.display(), "no policies: every exchange will be denied");
+    }
+    let jwks_http = crate::http::client(settings.jwks.timeout, settings.jwks.timeout)?;
+    let keys = Arc::new(KeyCache::new(jwks_http, settings.jwks.clone()));
+    let verifier = Verifier::new(
+        settings.workspaces,
+        keys,
+        settings.clock_leeway,
+        settings.max_token_bytes,
+    );
+    let kc_http =
+        crate::http::client(settings.keycloak.connect_timeout, settings.keycloak.timeout)?;
+    let signing = settings.signing.map(Arc::new);
+    let keycloak = KeycloakClient::new(kc_http, settings.keycloak, signing.clone());
+    let audit = match &settings.audit_path {
+        Some(p) => AuditSink::file(p).map_err(StartupError::Audit)?,
+        None => AuditSink::stdout(),
+    };
+    Ok(AppState {
+        verifier,
+        policies: ArcSwap::from_pointee(policies),
+        keycloak,
+        signing,
+        audit,
+        max_body_bytes: settings.max_token_bytes + 4096,
+    })
+}

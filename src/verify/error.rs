@@ -1,0 +1,119 @@
+//! Errors of Bitbucket token verification.
+
+/// Why a `subject_token` was not accepted. Each variant has a stable
+/// [`code`](VerifyError::code) that callers, audit lines and alerts use.
+/// Variants never carry the token, only facts about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// Longer than `max_token_bytes` (checked before any parsing).
+    #[error("token is {len} bytes, the limit is {max}")]
+    TooLarge {
+        /// Length in bytes.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// Not a compact JWS: segment count, base64url or JSON is wrong (a JWE has 5 segments).
+    #[error("token is not a compact JWS: {0}")]
+    Malformed(String),
+    /// The header carries `crit` (RFC 7515 §4.1.11): we understand no extension, so we must reject.
+    #[error("token header has a `crit` parameter")]
+    CriticalHeader,
+    /// `iss` is not one of the configured workspace issuers; no key was fetched.
+    #[error("issuer `{0}` is not trusted")]
+    UntrustedIssuer(String),
+    /// Header `alg` is not the algorithm configured for this issuer.
+    #[error("algorithm `{found}` is not allowed; this issuer signs with {expected}")]
+    DisallowedAlgorithm {
+        /// `alg` from the header (untrusted).
+        found: String,
+        /// The configured algorithm.
+        expected: String,
+    },
+    /// No published key has this `kid`, even after the one refetch allowed per interval.
+    #[error("no key `{0}` in the issuer's JWKS")]
+    UnknownKey(String),
+    /// The issuer's keys could not be fetched and none are cached: an outage, not a bad token.
+    #[error("issuer keys unavailable")]
+    KeysUnavailable(#[source] super::jwks::FetchError),
+    /// The signature does not verify with the issuer's key.
+    #[error("signature is invalid")]
+    BadSignature,
+    /// `exp` is in the past, beyond the leeway.
+    #[error("token expired")]
+    Expired,
+    /// `iat` is in the future, beyond the leeway.
+    #[error("token issued in the future")]
+    IssuedInFuture,
+    /// `nbf` is in the future, beyond the leeway.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// No `aud` value is accepted for this workspace.
+    #[error("audience not accepted")]
+    AudienceNotAccepted,
+    /// A required claim is missing.
+    #[error("claim `{0}` is missing")]
+    MissingClaim(&'static str),
+    /// A claim has the wrong type or shape (e.g. `exp` as a string, an unbraced UUID).
+    #[error("claim `{claim}` is invalid: {reason}")]
+    InvalidClaim {
+        /// Claim name as Bitbucket sends it.
+        claim: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `workspaceUuid` is not the workspace the issuer belongs to.
+    #[error("workspaceUuid does not belong to issuer's workspace")]
+    WorkspaceMismatch,
+    /// `sub` is not `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{deploymentEnvironmentUuid}:{stepUuid}`.
+    #[error("sub does not agree with repositoryUuid / deploymentEnvironmentUuid / stepUuid")]
+    SubjectMismatch,
+}
+
+impl VerifyError {
+    /// Stable error code, documented in the README's error table.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "token.too_large",
+            Self::Malformed(_) => "token.malformed",
+            Self::CriticalHeader => "token.unsupported_header",
+            Self::UntrustedIssuer(_) => "token.untrusted_issuer",
+            Self::DisallowedAlgorithm { .. } => "token.algorithm_not_allowed",
+            Self::UnknownKey(_) => "token.unknown_key",
+            Self::KeysUnavailable(_) => "token.issuer_keys_unavailable",
+            Self::BadSignature => "token.bad_signature",
+            Self::Expired => "token.expired",
+            Self::IssuedInFuture => "token.issued_in_future",
+            Self::NotYetValid => "token.not_yet_valid",
+            Self::AudienceNotAccepted => "token.audience_not_accepted",
+            Self::MissingClaim(_) => "token.missing_claim",
+            Self::InvalidClaim { .. } => "token.invalid_claim",
+            Self::WorkspaceMismatch => "token.workspace_mismatch",
+            Self::SubjectMismatch => "token.subject_mismatch",
+        }
+    }
+
+    /// The message the caller sees: fixed text plus, where useful, the claim
+    /// name. Never contains token content, keys or configuration values.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::TooLarge { max, .. } => format!("subject_token is larger than {max} bytes"),
+            Self::Malformed(_) => "subject_token is not a signed JWT (compact JWS)".into(),
+            Self::CriticalHeader => "subject_token header has an unsupported crit parameter".into(),
+            Self::UntrustedIssuer(_) => "subject_token issuer is not a trusted Bitbucket workspace".into(),
+            Self::DisallowedAlgorithm { .. } => "subject_token signature algorithm is not allowed".into(),
+            Self::UnknownKey(_) => "subject_token is signed with a key the issuer does not publish".into(),
+            Self::KeysUnavailable(_) => "the issuer's signing keys cannot be fetched right now".into(),
+            Self::BadSignature => "subject_token signature is invalid".into(),
+            Self::Expired => "subject_token has expired".into(),
+            Self::IssuedInFuture => "subject_token iat is in the future".into(),
+            Self::NotYetValid => "subject_token is not valid yet (nbf)".into(),
+            Self::AudienceNotAccepted => "subject_token aud does not include an audience this service accepts; set the step's oidc audiences".into(),
+            Self::MissingClaim(c) => format!("subject_token lacks the `{c}` claim"),
+            Self::InvalidClaim { claim, .. } => format!("subject_token claim `{claim}` has the wrong type or shape"),
+            Self::WorkspaceMismatch => "subject_token workspaceUuid does not match its issuer".into(),
+            Self::SubjectMismatch => "subject_token sub does not agree with repositoryUuid, deploymentEnvironmentUuid and stepUuid".into(),
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Verification of Bitbucket Pipelines OIDC ID tokens.
+//!
+//! Contract: [`Verifier::verify`] returns a [`BitbucketIdentity`] only for a
+//! token that is a compact JWS no larger than `max_token_bytes`, from a configured
+//! workspace issuer (exact `iss` match, checked before any network call), signed
+//! with that issuer's published key under the algorithm configured for the issuer
+//! (the header's `alg` must equal it; it never selects one), with `exp`, `iat`,
+//! `iss`, `aud`, `sub` present, `exp`/`iat`/`nbf` within the clock leeway, an
+//! accepted audience (`aud` string or array: any element), and Bitbucket's claim
+//! shapes (braced UUIDs, `workspaceUuid` of the issuer's workspace, `sub` =
+//! `{repositoryUuid}:{stepUuid}` or `{repositoryUuid}:{deploymentEnvironmentUuid}:{stepUuid}`).
+//! Sources: `shared/reference/bitbucket-oidc.md` §2–3; RFC 7519 §7.2; RFC 8725 §3.1, §3.8–3.10.
+//!
+//! Order of checks (cheap and offline first): size → shape → header (`crit`) →
+//! unverified `iss` against the allow-list → header `alg` → key by `kid` → signature
+//! → registered claims → Bitbucket claims.
+
+pub mod error;
+pub mod jwks;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::Validation;
+use serde::{Deserialize, Serialize};
+
+use crate::configuration::WorkspaceSettings;
+use crate::domain::{BbUuid, SecretToken};
+pub use error::VerifyError;
+use jwks::{KeyCache, Lookup};
+
+/// Longest `kid` accepted, in bytes.
+pub const MAX_KID_BYTES: usize = 256;
+
+/// The verified identity of one pipeline step, with claim names as Bitbucket sends them.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitbucketIdentity {
+    /// `iss`.
+    pub issuer: String,
+    /// Slug of the configured workspace this issuer belongs to.
+    pub workspace_slug: String,
+    /// `sub`: `{repositoryUuid}[:{deploymentEnvironmentUuid}]:{stepUuid}`.
+    pub sub: String,
+    /// `workspaceUuid`.
+    #[serde(rename = "workspaceUuid")]
+    pub workspace_uuid: BbUuid,
+    /// `repositoryUuid`.
+    #[serde(rename = "repositoryUuid")]
+    pub repository_uuid: BbUuid,
+    /// `pipelineUuid`.
+    #[serde(rename = "pipelineUuid")]
+    pub pipeline_uuid: BbUuid,
+    /// `stepUuid`.
+    #[serde(rename = "stepUuid")]
+    pub step_uuid: BbUuid,
+    /// `branchName`; `None` when absent or empty (tag builds).
+    #[serde(rename = "branchName")]
+    pub branch_name: Option<String>,
+    /// `deploymentEnvironmentUuid`; present only on deployment steps.
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    pub deployment_environment_uuid: Option<BbUuid>,
+    /// `pipelineRunUuid` (newer tokens only).
+    #[serde(rename = "pipelineRunUuid")]
+    pub pipeline_run_uuid: Option<BbUuid>,
+    /// `exp`, seconds since the epoch.
+    pub exp: u64,
+    /// `iat`, seconds since the epoch.
+    pub iat: u64,
+}
+
+/// Claims as deserialised after the signature check. Types are strict (numbers
+/// are numbers); presence and shape are checked afterwards so errors can name the claim.
+#[derive(Deserialize)]
+struct RawClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    exp: Option<u64>,
+    iat: Option<u64>,
+    #[allow(
+        dead_code,
+        reason = "checked by jsonwebtoken; kept so the type is enforced"
+    )]
+    nbf: Option<u64>,
+    #[serde(rename = "workspaceUuid")]
+    workspace_uuid: Option<String>,
+    #[serde(rename = "repositoryUuid")]
+    repository_uuid: Option<String>,
+    #[serde(rename = "pipelineUuid")]
+    pipeline_uuid: Option<String>,
+    #[serde(rename = "stepUuid")]
+    step_uuid: Option<String>,
+    #[serde(rename = "branchName")]
+    branch_name: Option<String>,
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    deployment_environment_uuid: Option<String>,
+    #[serde(rename = "pipelineRunUuid")]
+    pipeline_run_uuid: Option<String>,
+}
+
+/// A JSON object whose top-level member names are unique (RFC 7515 §5.2 step 4,
+/// RFC 7519 §4: duplicate names are rejected rather than "last one wins").
+struct StrictObject(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for StrictObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = StrictObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<StrictObject, A::Error> {
+                let mut m = serde_json::Map::new();
+                while let Some((k, v)) = a.next_entry::<String, serde_json::Value>()? {
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom("duplicate member"));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(StrictObject(m))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Verifies Bitbucket tokens against the configured workspaces.
+pub struct Verifier {
+    workspaces: Vec<WorkspaceSettings>,
+    keys: Arc<KeyCache>,
+    leeway: Duration,
+    max_token_bytes: usize,
+}
+
+impl Verifier {
+    /// Creates a verifier over the trusted workspaces.
+    pub fn new(
+        workspaces: Vec<WorkspaceSettings>,
+        keys: Arc<KeyCache>,
+        leeway: Duration,
+        max_token_bytes: usize,
+    ) -> Self {
+        Self {
+            workspaces,
+            keys,
+            leeway,
+            max_token_bytes,
+        }
+    }
+
+    /// The trusted workspaces.
+    pub fn workspaces(&self) -> &[WorkspaceSettings] {
+        &self.workspaces
+    }
+
+    /// Verifies `token` (surrounding whitespace ignored). See the module docs for the rules.
+    ///
+    /// # Errors
+    /// A [`VerifyError`]; only [`VerifyError::KeysUnavailable`] is an outage rather than a bad token.
+    pub async fn verify(&self, token: &SecretToken) -> Result<BitbucketIdentity, VerifyError> {
+        let raw = token.expose().trim();
+        if raw.len() > self.max_token_bytes {
+            return Err(VerifyError::TooLarge {
+                len: raw.len(),
+                max: self.max_token_bytes,
+            });
+        }
+        let segments: Vec<&str> = raw.split('.').collect();
+        let [h, p, s] = segments.as_slice() else {
+            return Err(VerifyError::Malformed(format!(
+                "{} segments, expected 3",
+                segments.len()
+            )));
+        };
+        let header = decode_segment(h, "header")?;
+        if header.contains_key("crit") {
+            return Err(VerifyError::CriticalHeader);
+        }
+        let payload = decode_segment(p, "payload")?;
+        let iss = match payload.get("iss") {
+            None => return Err(VerifyError::MissingClaim("iss")),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(VerifyError::InvalidClaim {
+                    claim: "iss",
+                    reason: "not a string".into(),
+                })
+            }
+        };
+        let header_alg = header
+            .get("alg")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        let header_kid = match header.get("kid") {
+            None => None,
+            Some(serde_json::Value::String(k)) => Some(k.clone()),
+            Some(_) => return Err(VerifyError::Malformed("kid is not a string".into())),
+        };
+        let ws = self
+            .workspaces
+            .iter()
+            .find(|w| w.issuer == iss)
+            .ok_or_else(|| VerifyError::UntrustedIssuer(crate::domain::truncate(&iss, 200)))?;
+        let expected = format!("{:?}", ws.algorithm);
+        let alg = header_alg.unwrap_or_default();
+        if alg != expected {
+            return Err(VerifyError::DisallowedAlgorithm {
+                found: crate::domain::truncate(&alg, 20),
+                expected,
+            });
+        }
+        if s.is_empty() {
+            return Err(VerifyError::BadSignature);
+        }
+        if let Some(kid) = &header_kid {
+            if kid.len() > MAX_KID_BYTES || kid.chars().any(char::is_control) {
+                return Err(VerifyError::Malformed(
+                    "kid is too long or has control characters".into(),
+                ));
+            }
+        }
+        let key = match self
+            .keys
+            .lookup(ws, header_kid.as_deref())
+            .await
+            .map_err(VerifyError::KeysUnavailable)?
+        {
+            Lookup::Found(k) => k,
+            Lookup::Unknown => {
+                return Err(VerifyError::UnknownKey(crate::domain::truncate(
+                    header_kid.as_deref().unwrap_or("<none>"),
+                    64,
+                )))
+            }
+        };
+
+        let mut validation = Validation::new(ws.algorithm);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.validate_aud = true;
+        validation.set_issuer(&[ws.issuer.as_str()]);
+        validation.set_audience(&ws.audiences);
+        let data = jsonwebtoken::decode::<serde_json::Value>(raw, &key, &validation)
+            .map_err(map_jwt_error)?;
+        let claims: RawClaims = serde_path_to_error::deserialize(data.claims).map_err(|e| {
+            let path = e.path().to_string();
+            VerifyError::InvalidClaim {
+                claim: claim_name(&path),
+                reason: "wrong type".into(),
+            }
+        })?;
+        check_claims(claims, ws, self.leeway, now_secs())
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn decode_segment(
+    seg: &str,
+    what: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seg)
+        .map_err(|_| VerifyError::Malformed(format!("{what} is not base64url")))?;
+    serde_json::from_slice::<StrictObject>(&bytes)
+        .map(|o| o.0)
+        .map_err(|e| {
+            VerifyError::Malformed(format!("{what} is not a JSON object: {}", e.classify_str()))
+        })
+}
+
+/// Maps a serde path back to the static claim name for messages.
+fn claim_name(path: &str) -> &'static str {
+    const NAMES: [&str; 13] = [
+        "iss",
+        "sub",
+        "exp",
+        "iat",
+        "nbf",
+        "workspaceUuid",
+        "repositoryUuid",
+        "pipelineUuid",
+        "stepUuid",
+        "branchName",
+        "deploymentEnvironmentUuid",
+        "pipelineRunUuid",
+        "aud",
+    ];
+    NAMES.into_iter().find(|n| *n == path).unwrap_or("payload")
+}
+
+trait Classify {
+    fn classify_str(&self) -> &'static str;
+}
+impl Classify for serde_json::Error {
+    fn classify_str(&self) -> &'static str {
+        if self.to_string().contains("duplicate") {
+            "duplicate member"
+        } else {
+            match self.classify() {
+                serde_json::error::Category::Io => "io",
+                serde_json::error::Category::Syntax => "syntax error",
+                serde_json::error::Category::Data => "wrong shape",
+                serde_json::error::Category::Eof => "truncated",
+            }
+        }
+    }
+}
+
+fn map_jwt_error(e: jsonwebtoken::errors::Error) -> VerifyError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => VerifyError::BadSignature,
+        ErrorKind::ExpiredSignature => VerifyError::Expired,
+        ErrorKind::ImmatureSignature => VerifyError::NotYetValid,
+        ErrorKind::InvalidAudience => VerifyError::AudienceNotAccepted,
+        ErrorKind::InvalidIssuer => VerifyError::UntrustedIssuer("(mismatch)".into()),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            VerifyError::DisallowedAlgorithm {
+                found: "?".into(),
+                expected: "configured".into(),
+            }
+        }
+        ErrorKind::MissingRequiredClaim(c) => VerifyError::MissingClaim(match c.as_str() {
+            "exp" => "exp",
+            "iss" => "iss",
+            "aud" => "aud",
+            "sub" => "sub",
+            _ => "nbf",
+        }),
+        ErrorKind::InvalidClaimFormat(c) => VerifyError::InvalidClaim {
+            claim: if c == "exp" { "exp" } else { "nbf" },
+            reason: "not a number".into(),
+        },
+        ErrorKind::Json(err) => VerifyError::InvalidClaim {
+            claim: "payload",
+            reason: err.classify_str().into(),
+        },
+        ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
+            VerifyError::Malformed("not a compact JWS".into())
+        }
+        _ => VerifyError::Malformed(format!("{:?}", e.kind()).chars().take(60).collect()),
+    }
+}
+
+fn braced(claim: &'static str, v: Option<String>) -> Result<BbUuid, VerifyError> {
+    let v = v.ok_or(VerifyError::MissingClaim(claim))?;
+    BbUuid::parse_braced(&v).map_err(|_| VerifyError::InvalidClaim {
+        claim,
+        reason: "not a braced UUID".into(),
+    })
+}
+
+fn opt_braced(claim: &'static str, v: Option<String>) -> Result<Option<BbUuid>, VerifyError> {
+    v.map(|s| braced(claim, Some(s))).transpose()
+}
+
+fn check_claims(
+    c: RawClaims,
+    ws: &WorkspaceSettings,
+    leeway: Duration,
+    now: u64,
+) -> Result<BitbucketIdentity, VerifyError> {
+    let exp = c.exp.ok_or(VerifyError::MissingClaim("exp"))?;
+    let iat = c.iat.ok_or(VerifyError::MissingClaim("iat"))?;
+    if iat > now.saturating_add(leeway.as_secs()) {
+        return Err(VerifyError::IssuedInFuture);
+    }
+    if iat > exp {
+        return Err(VerifyError::InvalidClaim {
+            claim: "iat",
+            reason: "after exp".into(),
+        });
+    }
+    let sub = c.sub.ok_or(VerifyError::MissingClaim("sub"))?;
+    let issuer = c.iss.ok_or(VerifyError::MissingClaim("iss"))?;
+    let workspace_uuid = braced("workspaceUuid", c.workspace_uuid)?;
+    let repository_uuid = braced("repositoryUuid", c.repository_uuid)?;
+    let pipeline_uuid = braced("pipelineUuid", c.pipeline_uuid)?;
+    let step_uuid = braced("stepUuid", c.step_uuid)?;
+    let deployment_environment_uuid =
+        opt_braced("deploymentEnvironmentUuid", c.deployment_environment_uuid)?;
+    let pipeline_run_uuid = opt_braced("pipelineRunUuid", c.pipeline_run_uuid)?;
+    if workspace_uuid != ws.uuid {
+        return Err(VerifyError::WorkspaceMismatch);
+    }
+    let parts: Vec<Option<BbUuid>> = sub
+        .split(':')
+        .map(|p| BbUuid::parse_braced(p).ok())
+        .collect();
+    let consistent = match (parts.as_slice(), deployment_environment_uuid) {
+        ([Some(r), Some(s)], None) => *r == repository_uuid && *s == step_uuid,
+        ([Some(r), Some(e), Some(s)], Some(env)) => {
+            *r == repository_uuid && *e == env && *s == step_uuid
+        }
+        _ => false,
+    };
+    if !consistent {
+        return Err(VerifyError::SubjectMismatch);
+    }
+    let branch_name = c.branch_name.filter(|b| !b.is_empty());
+    if let Some(b) = &branch_name {
+        if b.len() > 1024 || b.chars().any(char::is_control) {
+            return Err(VerifyError::InvalidClaim {
+                claim: "branchName",
+                reason: "too long or has control characters".into(),
+            });
+        }
+    }
+    Ok(BitbucketIdentity {
+        issuer,
+        workspace_slug: ws.slug.clone(),
+        sub,
+        workspace_uuid,
+        repository_uuid,
+        pipeline_uuid,
+        step_uuid,
+        branch_name,
+        deployment_environment_uuid,
+        pipeline_run_uuid,
+        exp,
+        iat,
+    })
+}
+
+/// Builds an identity from a claims object **without** verifying a signature,
+/// issuer, audience or expiry: for `policy explain` only, never on the request path.
+/// Claim shapes and `sub` consistency are still checked.
+///
+/// # Errors
+/// [`VerifyError`] for missing or malformed claims.
+pub fn unverified_identity_for_explain(
+    claims: serde_json::Value,
+    workspaces: &[WorkspaceSettings],
+) -> Result<BitbucketIdentity, VerifyError> {
+    let raw: RawClaims =
+        serde_path_to_error::deserialize(claims).map_err(|e| VerifyError::InvalidClaim {
+            claim: claim_name(&e.path().to_string()),
+            reason: "wrong type".into(),
+        })?;
+    let ws_uuid = braced("workspaceUuid", raw.workspace_uuid.clone())?;
+    let ws = workspaces
+        .iter()
+        .find(|w| w.uuid == ws_uuid)
+        .cloned()
+        .unwrap_or_else(|| WorkspaceSettings {
+            slug: "(unconfigured)".into(),
+            uuid: ws_uuid,
+            issuer: String::new(),
+            audiences: Vec::new(),
+            algorithm: jsonwebtoken::Algorithm::RS256,
+        });
+    check_claims(raw, &ws, Duration::from_secs(u64::MAX / 4), now_secs())
+}
+
+/// Decodes a compact JWS payload without verifying it (for `policy explain`).
+///
+/// # Errors
+/// [`VerifyError::Malformed`].
+pub fn unverified_payload(token: &SecretToken) -> Result<serde_json::Value, VerifyError> {
+    let raw = token.expose().trim();
+    let mut parts = raw.split('.');
+    let payload = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(p), Some(_), None) => p,
+        _ => return Err(VerifyError::Malformed("expected 3 segments".into())),
+    };
+    decode_segment(payload, "payload").map(serde_json::Value::Object)
+}
