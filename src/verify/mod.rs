@@ -192,6 +192,17 @@ impl Verifier {
                 })
             }
         };
+        // Time claims must be NumericDate (RFC 7519 §2): reject strings early.
+        for claim in ["exp", "iat", "nbf"] {
+            if let Some(v) = payload.get(claim) {
+                if !v.is_u64() {
+                    return Err(VerifyError::InvalidClaim {
+                        claim,
+                        reason: "not a non-negative integer NumericDate".into(),
+                    });
+                }
+            }
+        }
         let header_alg = header
             .get("alg")
             .and_then(|v| v.as_str())

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Checks (and where possible installs) what building and testing needs:
+# Rust with rustfmt and clippy, a C toolchain with OpenSSL headers (josekit links
+# OpenSSL), Java 17+, Maven, curl, unzip, jq. Debian packages are installed with
+# apt-get when running as root; otherwise the missing ones are named.
+set -euo pipefail
+
+missing_pkgs=()
+need_cmd() { command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2"); }
+
+need_cmd cc gcc
+need_cmd pkg-config pkg-config
+need_cmd curl curl
+need_cmd unzip unzip
+need_cmd jq jq
+need_cmd mvn maven
+if ! pkg-config --exists openssl 2>/dev/null; then missing_pkgs+=(libssl-dev); fi
+if ! command -v java >/dev/null 2>&1; then missing_pkgs+=(openjdk-17-jdk-headless); fi
+
+if ((${#missing_pkgs[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing ${missing_pkgs[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_pkgs[@]}" >/dev/null
+  else
+    echo "bootstrap: missing: ${missing_pkgs[*]} (install them, e.g. with apt-get)" >&2
+    exit 1
+  fi
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "bootstrap: Rust (cargo) not found; install it with rustup" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >/dev/null
+  done
+fi
+
+java_major=$(java -version 2>&1 | sed -nE 's/.*version "([0-9]+).*/\1/p' | head -1)
+if [[ -z "$java_major" || "$java_major" -lt 17 ]]; then
+  echo "bootstrap: Java 17 or newer is required (found: ${java_major:-none})" >&2
+  exit 1
+fi

@@ -1,0 +1,158 @@
+//! The command line, run as a user would run it.
+
+use std::process::Command;
+
+use crate::helpers::*;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+}
+
+#[test]
+fn policy_check_accepts_the_shipped_policies() {
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(repo_policies_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 3 policies"));
+}
+
+#[test]
+fn policy_check_reports_every_bad_file_with_field_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("typo.yaml"),
+        "effect: allow\nwhen:\n  repository: x\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("glob.yaml"),
+        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\n  branchName: \"[\"\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("scope.yaml"),
+        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\ngrant:\n  client: c\n  audience: a\n  scopes: [a]\n  default_scopes: [b]\n  max_lifetime_seconds: 60\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("typo.yaml") && err.contains("unknown field `repository`"),
+        "{err}"
+    );
+    assert!(
+        err.contains("glob.yaml") && err.contains("when.branchName[0]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("scope.yaml") && err.contains("grant.default_scopes[0]"),
+        "{err}"
+    );
+    assert!(err.contains("3 problem(s)"), "{err}");
+}
+
+#[test]
+fn policy_explain_prints_the_trace_for_a_claims_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = dir.path().join("claims.json");
+    std::fs::write(
+        &claims,
+        serde_json::json!({
+            "sub": format!("{{{REPO}}}:{{{STAGING_ENV}}}"),
+            "iss": "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc",
+            "aud": format!("ari:cloud:bitbucket::workspace/{WS}"),
+            "workspaceUuid": format!("{{{WS}}}"),
+            "repositoryUuid": format!("{{{REPO}}}"),
+            "pipelineUuid": format!("{{{OTHER_REPO}}}"),
+            "stepUuid": format!("{{{STAGING_ENV}}}"),
+            "branchName": "feature/login",
+            "iat": 1_700_000_000u64, "exp": 1_700_003_600u64,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "explain", "--dir"])
+        .arg(repo_policies_dir())
+        .arg("--claims")
+        .arg(&claims)
+        .args(["--audience", "artifact-api", "--scope", "artifacts:write"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "denied => exit 1");
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("policy.branch_not_allowed"), "{s}");
+    assert!(
+        s.contains("feature/login") && s.contains("release/**"),
+        "the operator trace shows patterns: {s}"
+    );
+    assert!(s.contains("NOT verified"), "{s}");
+}
+
+#[test]
+fn keys_generate_writes_a_private_key_with_mode_0600_and_prints_public_jwk() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("k.pem");
+    let out = bin()
+        .args(["keys", "generate", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"kty\": \"EC\"") && !stdout.contains("\"d\""),
+        "{stdout}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&out_file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // Refuses to overwrite.
+    let again = bin()
+        .args(["keys", "generate", "--out"])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
+
+#[test]
+fn serve_refuses_bad_configuration_naming_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        "[[workspaces]]\nslug = \"acme\"\nuuid = \"not-a-uuid\"\n[keycloak]\nbase_url = \"http://127.0.0.1:1\"\nrealm = \"ci\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sts.toml")
+            && err.contains("workspaces[0].uuid")
+            && err.contains("not a UUID"),
+        "{err}"
+    );
+}

@@ -1,0 +1,349 @@
+//! Test harness: a local Bitbucket-compatible issuer, a Keycloak stand-in
+//! (wiremock) or the real Keycloak, and the service on port 0.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use keycloak_ci_sts::configuration::Settings;
+use keycloak_ci_sts::devissuer::{DevIssuer, StepClaims};
+use keycloak_ci_sts::startup::Application;
+use serde_json::{json, Value};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+pub const WS_SLUG: &str = "acme";
+pub const WS: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
+pub const OTHER_WS_SLUG: &str = "globex";
+pub const OTHER_WS: &str = "7d3f8c1a-0b6e-4f2d-9a8c-5e1b2c3d4e5f";
+pub const REPO: &str = "d4e45493-4a33-477d-917b-a24e7e4bd39b";
+pub const OTHER_REPO: &str = "9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d";
+pub const SANDBOX_REPO: &str = "5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e";
+pub const PROD_ENV: &str = "bd715740-c970-486b-b68a-b421ec2a1f8b";
+pub const STAGING_ENV: &str = "1de489be-ce6a-42a0-a8c8-eadbf1174ac7";
+pub const STS_AUDIENCE: &str = "https://sts.example.test";
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const ARTIFACTS_SECRET: &str = "sts-artifacts-test-secret";
+
+/// The repository's own example policies (the ones the demo uses).
+pub fn repo_policies_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+/// A running local issuer.
+pub struct Issuer {
+    pub issuer: Arc<DevIssuer>,
+}
+
+impl Issuer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let issuer = Arc::new(DevIssuer::new(&base).unwrap());
+        let server = keycloak_ci_sts::devissuer::serve(issuer.clone(), listener).unwrap();
+        tokio::spawn(server);
+        Self { issuer }
+    }
+
+    /// A step of REPO on `main`, with the service's audience added (aud array).
+    pub fn step(&self) -> StepClaims {
+        StepClaims {
+            workspace: WS_SLUG.into(),
+            workspace_uuid: format!("{{{WS}}}"),
+            repository_uuid: format!("{{{REPO}}}"),
+            step_uuid: None,
+            pipeline_uuid: None,
+            branch_name: Some("main".into()),
+            deployment_environment_uuid: None,
+            audiences: vec![STS_AUDIENCE.into()],
+            lifetime_seconds: None,
+        }
+    }
+
+    pub fn mint(&self, c: &StepClaims) -> String {
+        self.issuer.mint(c).unwrap()
+    }
+
+    /// Signs arbitrary claims with the issuer's active key.
+    pub fn sign(&self, claims: &Value) -> String {
+        self.issuer.sign(claims).unwrap()
+    }
+
+    pub fn claims(&self, c: &StepClaims) -> Value {
+        self.issuer.claims(c)
+    }
+
+    pub fn issuer_url(&self, slug: &str) -> String {
+        self.issuer.issuer_for(slug)
+    }
+}
+
+/// Options for one service instance.
+pub struct Options {
+    /// Keycloak base URL (wiremock or real).
+    pub keycloak_url: String,
+    /// Policies directory; default: the repository's `policies/`.
+    pub policies_dir: Option<PathBuf>,
+    /// Extra policy files written into a fresh directory (name, YAML); replaces policies_dir.
+    pub policies: Vec<(String, String)>,
+    /// Secret for sts-artifacts.
+    pub artifacts_secret: String,
+    /// Extra TOML appended to the [keycloak] table.
+    pub keycloak_extra: String,
+    /// Extra top-level TOML (before any table).
+    pub top_extra: String,
+}
+
+impl Options {
+    pub fn new(keycloak_url: &str) -> Self {
+        Self {
+            keycloak_url: keycloak_url.into(),
+            policies_dir: None,
+            policies: Vec::new(),
+            artifacts_secret: ARTIFACTS_SECRET.into(),
+            keycloak_extra: String::new(),
+            top_extra: String::new(),
+        }
+    }
+}
+
+/// A running service.
+pub struct TestApp {
+    pub address: String,
+    pub http: reqwest::Client,
+    pub audit_path: PathBuf,
+    /// Keeps the temporary directory (config, keys, policies, audit) alive.
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn start(issuer: &Issuer, opts: Options) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("signing.pem");
+        let pem =
+            keycloak_ci_sts::keys::generate_pem(keycloak_ci_sts::keys::SigningAlgorithm::ES256)
+                .unwrap();
+        std::fs::write(&key, secrecy::ExposeSecret::expose_secret(&pem)).unwrap();
+        let secret = dir.path().join("artifacts.secret");
+        std::fs::write(&secret, format!("{}\n", opts.artifacts_secret)).unwrap();
+        let policies_dir = if opts.policies.is_empty() {
+            opts.policies_dir.unwrap_or_else(repo_policies_dir)
+        } else {
+            let p = dir.path().join("policies");
+            std::fs::create_dir(&p).unwrap();
+            for (name, yaml) in &opts.policies {
+                std::fs::write(p.join(name), yaml).unwrap();
+            }
+            p
+        };
+        let audit_path = dir.path().join("audit.jsonl");
+        let toml = format!(
+            r#"
+listen = "127.0.0.1:0"
+policies_dir = "{policies}"
+{top_extra}
+
+[[workspaces]]
+slug = "{WS_SLUG}"
+uuid = "{{{WS}}}"
+issuer = "{iss}"
+audiences = ["{STS_AUDIENCE}"]
+
+[[workspaces]]
+slug = "{OTHER_WS_SLUG}"
+uuid = "{OTHER_WS}"
+issuer = "{other_iss}"
+
+[jwks]
+refetch_interval_seconds = 30
+
+[keycloak]
+base_url = "{kc}"
+realm = "ci"
+timeout_seconds = 3
+{keycloak_extra}
+
+[keycloak.clients.sts-deploy]
+method = "private_key_jwt"
+
+[keycloak.clients.sts-artifacts]
+method = "client_secret_basic"
+secret_file = "{secret}"
+
+[signing]
+key_files = ["{key}"]
+
+[audit]
+path = "{audit}"
+"#,
+            policies = policies_dir.display(),
+            top_extra = opts.top_extra,
+            iss = issuer.issuer_url(WS_SLUG),
+            other_iss = issuer.issuer_url(OTHER_WS_SLUG),
+            kc = opts.keycloak_url,
+            keycloak_extra = opts.keycloak_extra,
+            secret = secret.display(),
+            key = key.display(),
+            audit = audit_path.display(),
+        );
+        let settings = Settings::from_toml_str(&toml, dir.path()).unwrap();
+        let app = Application::build(settings).unwrap();
+        let port = app.port();
+        tokio::spawn(app.run_until_stopped());
+        Self {
+            address: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+            audit_path,
+            _dir: dir,
+        }
+    }
+
+    /// POSTs a form to /token.
+    pub async fn post_token(&self, form: &[(&str, &str)]) -> reqwest::Response {
+        self.http
+            .post(format!("{}/token", self.address))
+            .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A standard exchange of `token` for `audience` with optional `scope`.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        audience: &str,
+        scope: Option<&str>,
+    ) -> reqwest::Response {
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", token),
+            ("subject_token_type", ID_TOKEN_TYPE),
+            ("audience", audience),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s));
+        }
+        self.post_token(&form).await
+    }
+
+    /// Audit lines written so far.
+    pub fn audit_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+/// Asserts an error answer: status, `error`, `error_code`, and a request id.
+pub async fn assert_error(resp: reqwest::Response, status: u16, error: &str, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    assert_eq!(
+        resp.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], error, "{body}");
+    assert_eq!(body["error_code"], code, "{body}");
+    assert!(
+        body["request_id"].as_str().is_some_and(|r| r.len() >= 32),
+        "request_id missing: {body}"
+    );
+    body
+}
+
+/// A Keycloak stand-in: discovery plus (optionally) a token endpoint.
+pub struct FakeKeycloak {
+    pub server: MockServer,
+}
+
+pub const TOKEN_PATH: &str = "/realms/ci/protocol/openid-connect/token";
+
+impl FakeKeycloak {
+    pub async fn start() -> Self {
+        let server = MockServer::start().await;
+        let uri = server.uri();
+        Mock::given(method("GET"))
+            .and(path("/realms/ci/.well-known/openid-configuration"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "issuer": format!("{uri}/realms/ci"),
+                "token_endpoint": format!("{uri}{TOKEN_PATH}"),
+            })))
+            .mount(&server)
+            .await;
+        Self { server }
+    }
+
+    pub fn uri(&self) -> String {
+        self.server.uri()
+    }
+
+    /// A Keycloak-shaped access token (not signed for real: the fake's tokens are opaque to callers).
+    pub fn access_token(lifetime: u64) -> String {
+        use base64::Engine;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let enc = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        format!(
+            "{}.{}.c2ln",
+            enc(json!({"alg":"RS256","typ":"JWT"})),
+            enc(
+                json!({"exp": now + lifetime, "iat": now, "jti": format!("trrtcc:{}", uuid::Uuid::new_v4()), "azp": "x"})
+            )
+        )
+    }
+
+    /// Mounts a successful token endpoint expecting `calls` calls.
+    pub async fn token_ok(&self, lifetime: u64, scope: &str, calls: u64) {
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": Self::access_token(lifetime),
+                "expires_in": lifetime,
+                "refresh_expires_in": 0,
+                "token_type": "Bearer",
+                "not-before-policy": 0,
+                "scope": scope,
+            })))
+            .expect(calls)
+            .mount(&self.server)
+            .await;
+    }
+
+    /// Mounts a token endpoint that must never be called.
+    pub async fn token_never_called(&self) {
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .respond_with(ResponseTemplate::new(500))
+            .expect(0)
+            .named("Keycloak token endpoint (must not be called)")
+            .mount(&self.server)
+            .await;
+    }
+
+    /// Number of token requests received.
+    pub async fn token_calls(&self) -> usize {
+        self.server
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r.url.path() == TOKEN_PATH)
+            .count()
+    }
+}
+
+/// Issuer + fake Keycloak + app with the repository's policies.
+pub async fn standard() -> (Issuer, FakeKeycloak, TestApp) {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    let app = TestApp::start(&issuer, Options::new(&kc.uri())).await;
+    (issuer, kc, app)
+}

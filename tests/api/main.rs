@@ -1,0 +1,16 @@
+//! Integration tests: one binary (see kanidm's DO_NOT_ADD_MORE_TESTS_HERE). Each
+//! test starts the real service on port 0 with its own issuer, policies and
+//! Keycloak (wiremock, or the real Keycloak started by scripts/keycloak.sh).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests fail by panicking"
+)]
+
+mod cases;
+mod cli;
+mod exchange;
+mod helpers;
+mod keycloak_real;
+mod verification;

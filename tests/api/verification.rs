@@ -1,0 +1,236 @@
+//! Verification of the Bitbucket token through the real endpoint. Every refusal
+//! is checked to be the documented error with no Keycloak call.
+
+use base64::Engine;
+use serde_json::{json, Value};
+use wiremock::matchers::any;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) -> Value {
+    let r = app.exchange(token, "artifact-api", None).await;
+    let body = assert_error(r, 400, "invalid_request", code).await;
+    assert_eq!(
+        kc.token_calls().await,
+        0,
+        "a refused token reached Keycloak"
+    );
+    let audit = app.audit_lines();
+    assert_eq!(audit.last().unwrap()["error_code"], code);
+    body
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut c = issuer.claims(&issuer.step());
+    let now = c["iat"].as_u64().unwrap();
+    c["iat"] = json!(now - 3600);
+    c["exp"] = json!(now - 300);
+    refused(&app, &kc, &issuer.sign(&c), "token.expired").await;
+}
+
+#[tokio::test]
+async fn alg_none_is_refused_before_any_key_lookup() {
+    let (issuer, kc, app) = standard().await;
+    let c = issuer.claims(&issuer.step());
+    let token = format!("{}.{}.", b64(&json!({"alg":"none","typ":"JWT"})), b64(&c));
+    refused(&app, &kc, &token, "token.algorithm_not_allowed").await;
+    assert_eq!(
+        issuer
+            .issuer
+            .jwks_hits
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test]
+async fn hs256_signed_with_the_public_key_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let c = issuer.claims(&issuer.step());
+    let jwks = issuer.issuer.jwks().to_string();
+    let key = jsonwebtoken::EncodingKey::from_secret(jwks.as_bytes()).unwrap();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    h.kid = Some(issuer.issuer.active_kid());
+    let token = jsonwebtoken::encode(&h, &c, &key).unwrap();
+    refused(&app, &kc, &token, "token.algorithm_not_allowed").await;
+}
+
+#[tokio::test]
+async fn untrusted_issuer_is_refused_without_fetching_its_keys() {
+    let (issuer, kc, app) = standard().await;
+    let evil = MockServer::start().await;
+    Mock::given(any())
+        .respond_with(ResponseTemplate::new(200))
+        .expect(0)
+        .mount(&evil)
+        .await;
+    let mut c = issuer.claims(&issuer.step());
+    c["iss"] = json!(format!(
+        "{}/2.0/workspaces/acme/pipelines-config/identity/oidc",
+        evil.uri()
+    ));
+    refused(&app, &kc, &issuer.sign(&c), "token.untrusted_issuer").await;
+}
+
+#[tokio::test]
+async fn token_of_one_workspace_signed_by_anothers_key_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    // A second issuer (other keys) mints a token claiming the first workspace's issuer.
+    let other = Issuer::start().await;
+    let mut c = other.claims(&issuer.step());
+    c["iss"] = json!(issuer.issuer_url(WS_SLUG));
+    refused(&app, &kc, &other.sign(&c), "token.unknown_key").await;
+}
+
+#[tokio::test]
+async fn workspace_uuid_of_another_trusted_workspace_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut step = issuer.step();
+    step.workspace_uuid = OTHER_WS.into();
+    let mut c = issuer.claims(&step);
+    c["aud"] = json!(STS_AUDIENCE);
+    refused(&app, &kc, &issuer.sign(&c), "token.workspace_mismatch").await;
+}
+
+#[tokio::test]
+async fn sub_inconsistent_with_repository_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut c = issuer.claims(&issuer.step());
+    c["sub"] = json!(format!(
+        "{{{OTHER_REPO}}}:{}",
+        c["stepUuid"].as_str().unwrap()
+    ));
+    refused(&app, &kc, &issuer.sign(&c), "token.subject_mismatch").await;
+}
+
+#[tokio::test]
+async fn sub_without_environment_on_a_deployment_step_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut c = issuer.claims(&issuer.step());
+    c["deploymentEnvironmentUuid"] = json!(format!("{{{PROD_ENV}}}"));
+    refused(&app, &kc, &issuer.sign(&c), "token.subject_mismatch").await;
+}
+
+#[tokio::test]
+async fn each_required_claim_missing_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    for (claim, code) in [
+        ("exp", "token.missing_claim"),
+        ("iat", "token.missing_claim"),
+        ("aud", "token.missing_claim"),
+        ("sub", "token.missing_claim"),
+        ("iss", "token.missing_claim"),
+        ("workspaceUuid", "token.missing_claim"),
+        ("repositoryUuid", "token.missing_claim"),
+        ("pipelineUuid", "token.missing_claim"),
+        ("stepUuid", "token.missing_claim"),
+    ] {
+        let mut c = issuer.claims(&issuer.step());
+        c.as_object_mut().unwrap().remove(claim);
+        let body = refused(&app, &kc, &issuer.sign(&c), code).await;
+        assert!(
+            body["error_description"].as_str().unwrap().contains(claim),
+            "{claim}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn exp_as_string_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut c = issuer.claims(&issuer.step());
+    c["exp"] = json!(c["exp"].to_string());
+    refused(&app, &kc, &issuer.sign(&c), "token.invalid_claim").await;
+}
+
+#[tokio::test]
+async fn unbraced_repository_uuid_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let mut c = issuer.claims(&issuer.step());
+    c["repositoryUuid"] = json!(REPO);
+    refused(&app, &kc, &issuer.sign(&c), "token.invalid_claim").await;
+}
+
+#[tokio::test]
+async fn bad_signature_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let token = issuer.mint(&issuer.step());
+    let (head, sig) = token.rsplit_once('.').unwrap();
+    let mut sig = sig.as_bytes().to_vec();
+    sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
+    let forged = format!("{head}.{}", String::from_utf8(sig).unwrap());
+    refused(&app, &kc, &forged, "token.bad_signature").await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_tokens_are_refused() {
+    let (_issuer, kc, app) = standard().await;
+    refused(&app, &kc, &"a".repeat(20_000), "token.too_large").await;
+    refused(&app, &kc, "a.b.c.d.e", "token.malformed").await;
+    refused(&app, &kc, "not-a-jwt", "token.malformed").await;
+    refused(&app, &kc, "%%%.###.$$$", "token.malformed").await;
+}
+
+#[tokio::test]
+async fn crit_header_is_refused() {
+    let (issuer, kc, app) = standard().await;
+    let c = issuer.claims(&issuer.step());
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some(issuer.issuer.active_kid());
+    h.crit = Some(vec!["exp".into()]);
+    let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
+    refused(&app, &kc, &token, "token.unsupported_header").await;
+}
+
+#[tokio::test]
+async fn unknown_kid_refetches_once_then_accepts_rotated_key() {
+    let (issuer, kc, app) = standard().await;
+    kc.token_ok(60, "artifacts:read", 2).await;
+    let hits = || {
+        issuer
+            .issuer
+            .jwks_hits
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let r = app
+        .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(hits(), 1);
+    issuer.issuer.rotate().unwrap();
+    let r = app
+        .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+        .await;
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "rotated key accepted after one refetch"
+    );
+    assert_eq!(hits(), 2);
+    // A kid nobody publishes: the refetch allowance is used up for this interval.
+    let c = issuer.claims(&issuer.step());
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("no-such-kid".into());
+    let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
+    for _ in 0..5 {
+        let r = app.exchange(&token, "artifact-api", None).await;
+        assert_error(r, 400, "invalid_request", "token.unknown_key").await;
+    }
+    assert_eq!(hits(), 2, "no refetch storm");
+}
+
+#[tokio::test]
+async fn whitespace_around_the_token_is_ignored() {
+    let (issuer, kc, app) = standard().await;
+    kc.token_ok(60, "artifacts:read", 1).await;
+    let token = format!("  {}\n", issuer.mint(&issuer.step()));
+    let r = app.exchange(&token, "artifact-api", None).await;
+    assert_eq!(r.status().as_u16(), 200);
+}
