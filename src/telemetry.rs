@@ -24,6 +24,7 @@ pub fn init_logging() -> Result<(), String> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_current_span(true)
+        .with_span_list(false)
         .try_init()
         .map_err(|e| e.to_string())
 }
