@@ -840,3 +840,28 @@ secret_env = "PATH"
         assert!(!dbg.contains("/usr"), "secret (PATH value) leaked: {dbg}");
     }
 }
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_keep_their_case_and_env_overrides_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sts.toml");
+        std::fs::write(
+            &file,
+            "[[workspaces]]\nslug = \"acme\"\nuuid = \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\n[keycloak]\nbase_url = \"http://127.0.0.1:8080\"\nrealm = \"ci\"\n[keycloak.clients.CI-Deploy]\nmethod = \"client_secret_basic\"\nsecret_env = \"PATH\"\n",
+        )
+        .unwrap();
+        std::env::set_var("KEYCLOAK_CI_STS_CLOCK_LEEWAY_SECONDS", "7");
+        let s = Settings::load(&file).unwrap();
+        std::env::remove_var("KEYCLOAK_CI_STS_CLOCK_LEEWAY_SECONDS");
+        assert_eq!(s.clock_leeway, Duration::from_secs(7));
+        assert!(
+            s.keycloak.clients.contains_key("CI-Deploy"),
+            "{:?}",
+            s.keycloak.clients.keys()
+        );
+    }
+}

@@ -79,6 +79,7 @@ impl Application {
         let state = web::Data::new(state);
         let server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(crate::api::add_request_id_header)
                 .wrap(TracingLogger::<crate::api::StsRootSpan>::new())
                 .app_data(state.clone())
                 .configure(crate::api::configure)

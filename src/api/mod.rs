@@ -60,6 +60,32 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     .to_response(&request_id(&req))
 }
 
+/// Middleware body: copies the request id into an `x-request-id` response header.
+pub fn add_request_id_header<S, B>(
+    req: ServiceRequest,
+    srv: &S,
+) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>>
+where
+    S: actix_web::dev::Service<
+        ServiceRequest,
+        Response = ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+{
+    let rid = req.extensions().get::<RequestId>().map(|r| r.to_string());
+    let fut = srv.call(req);
+    async move {
+        let mut res = fut.await?;
+        if let Some(v) = rid.and_then(|r| actix_web::http::header::HeaderValue::from_str(&r).ok()) {
+            res.headers_mut().insert(
+                actix_web::http::header::HeaderName::from_static("x-request-id"),
+                v,
+            );
+        }
+        Ok(res)
+    }
+}
+
 /// Root span per request: method, path (never the query string, which could carry
 /// a credential), request id, status. Emits one `request completed` event.
 pub struct StsRootSpan;

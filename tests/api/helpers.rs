@@ -118,7 +118,9 @@ pub struct TestApp {
 }
 
 impl TestApp {
-    pub async fn start(issuer: &Issuer, opts: Options) -> Self {
+    /// Writes keys, secret, policies into a fresh directory; returns it, the
+    /// configuration TOML (also written to `sts.toml`) and the audit path.
+    pub fn write_config(issuer: &Issuer, opts: Options) -> (tempfile::TempDir, String, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("signing.pem");
         let pem =
@@ -187,6 +189,12 @@ path = "{audit}"
             key = key.display(),
             audit = audit_path.display(),
         );
+        std::fs::write(dir.path().join("sts.toml"), &toml).unwrap();
+        (dir, toml, audit_path)
+    }
+
+    pub async fn start(issuer: &Issuer, opts: Options) -> Self {
+        let (dir, toml, audit_path) = Self::write_config(issuer, opts);
         let settings = Settings::from_toml_str(&toml, dir.path()).unwrap();
         let app = Application::build(settings).unwrap();
         let port = app.port();
@@ -247,8 +255,18 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, error: &str, cod
             .and_then(|v| v.to_str().ok()),
         Some("no-store")
     );
+    let header_rid = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"], error, "{body}");
+    assert_eq!(
+        header_rid.as_deref(),
+        body["request_id"].as_str(),
+        "x-request-id header = body request_id"
+    );
     assert_eq!(body["error_code"], code, "{body}");
     assert!(
         body["request_id"].as_str().is_some_and(|r| r.len() >= 32),

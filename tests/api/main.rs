@@ -13,4 +13,5 @@ mod cli;
 mod exchange;
 mod helpers;
 mod keycloak_real;
+mod logs;
 mod verification;
