@@ -393,7 +393,10 @@ impl KeycloakClient {
         let access_token = SecretToken::new(t.access_token);
         let (jti, lifetime) = jwt_facts(&access_token);
         let lifetime = lifetime.unwrap_or(0).max(t.expires_in);
-        if lifetime > max_lifetime_seconds {
+        // Keycloak derives `iat` and `exp` from one clock reading in milliseconds and
+        // truncates each to seconds, so `exp - iat` can exceed the configured lifespan
+        // by one second; that second is tolerated, nothing more.
+        if lifetime > max_lifetime_seconds.saturating_add(1) {
             return Err(KeycloakError::LifetimeTooLong {
                 lifetime,
                 max: max_lifetime_seconds,

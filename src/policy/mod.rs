@@ -512,3 +512,68 @@ pub fn compile_str(
         grant,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_star_never_crosses_a_slash_double_star_does() {
+        let p = BranchPattern::new("release/*").unwrap();
+        assert!(p.is_match("release/1.2"));
+        assert!(!p.is_match("release/2026/q4"));
+        assert!(!p.is_match("release"));
+        let pp = BranchPattern::new("release/**").unwrap();
+        assert!(pp.is_match("release/2026/q4"));
+        let star = BranchPattern::new("*").unwrap();
+        assert!(star.is_match("main"));
+        assert!(!star.is_match("feature/x"));
+        assert!(BranchPattern::new("main").unwrap().is_match("main"));
+        assert!(!BranchPattern::new("main").unwrap().is_match("main2"));
+    }
+
+    fn compile(yaml: &str) -> Result<Policy, PolicyError> {
+        compile_str("p", yaml, None)
+    }
+
+    #[test]
+    fn compile_errors_name_the_field() {
+        let cases = [
+            ("effect: allow\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "when"),
+            ("effect: deny\nwhen: {}\n", "when"),
+            ("effect: allow\nwhen:\n  repositoryUuid: nope\n", "when.repositoryUuid[0]"),
+            ("effect: allow\nwhen:\n  repositoryUuid: []\n", "when.repositoryUuid"),
+            ("effect: maybe\n", "effect"),
+            ("effect: deny\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "grant"),
+            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: [\"bad scope\"]\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "grant.scopes[0]"),
+            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 0\n", "grant.max_lifetime_seconds"),
+        ];
+        for (yaml, field) in cases {
+            let e = compile(yaml).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}\n=> {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_client_is_refused_when_clients_are_known() {
+        let known: BTreeSet<String> = ["sts-deploy".to_string()].into();
+        let e = compile_str(
+            "p",
+            "effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: other\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n",
+            Some(&known),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "grant.client");
+    }
+
+    #[test]
+    fn scope_tokens_follow_rfc6749() {
+        assert!(is_scope_token("artifacts:write"));
+        assert!(is_scope_token("a!#[]~"));
+        assert!(!is_scope_token(""));
+        assert!(!is_scope_token("a b"));
+        assert!(!is_scope_token("a\"b"));
+        assert!(!is_scope_token("a\\b"));
+        assert!(!is_scope_token("é"));
+    }
+}
