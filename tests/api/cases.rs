@@ -146,7 +146,14 @@ async fn case_06_braced_and_bare_uuids_in_policies_mean_the_same_repository() {
         let mut opts = Options::new(&kc.uri());
         opts.policies = vec![(
             "p.yaml".into(),
-            format!("effect: allow\nwhen:\n  repositoryUuid: \"{written}\"\ngrant:\n  client: sts-artifacts\n  audience: artifact-api\n  scopes: [artifacts:read]\n  default_scopes: [artifacts:read]\n  max_lifetime_seconds: 300\n"),
+            allow_policy(
+                &format!("  repositoryUuid: \"{written}\"\n"),
+                "sts-artifacts",
+                "artifact-api",
+                "artifacts:read",
+                "artifacts:read",
+                300,
+            ),
         )];
         let app = TestApp::start(&issuer, opts).await;
         let r = app
@@ -204,8 +211,28 @@ async fn case_10_missing_or_empty_branch_is_denied_where_required_and_admitted_w
     kc.token_ok(60, "artifacts:read", 1).await;
     let mut opts = Options::new(&kc.uri());
     opts.policies = vec![
-        ("needs-main.yaml".into(), format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\n  branchName: main\ngrant:\n  client: sts-artifacts\n  audience: with-branch\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 300\n")),
-        ("any-branch.yaml".into(), format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\ngrant:\n  client: sts-artifacts\n  audience: artifact-api\n  scopes: [artifacts:read]\n  default_scopes: [artifacts:read]\n  max_lifetime_seconds: 300\n")),
+        (
+            "needs-main.yaml".into(),
+            allow_policy(
+                &format!("{}  branchName: main\n", when_repo()),
+                "sts-artifacts",
+                "with-branch",
+                "",
+                "",
+                300,
+            ),
+        ),
+        (
+            "any-branch.yaml".into(),
+            allow_policy(
+                &when_repo(),
+                "sts-artifacts",
+                "artifact-api",
+                "artifacts:read",
+                "artifacts:read",
+                300,
+            ),
+        ),
     ];
     let app = TestApp::start(&issuer, opts).await;
     let mut tag = issuer.step();

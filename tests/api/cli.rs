@@ -33,12 +33,19 @@ fn policy_check_reports_every_bad_file_with_field_and_fails() {
     .unwrap();
     std::fs::write(
         dir.path().join("glob.yaml"),
-        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\n  branchName: \"[\"\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n"),
+        allow_policy(
+            &format!("{}  branchName: \"[\"\n", when_repo()),
+            "c",
+            "a",
+            "",
+            "",
+            60,
+        ),
     )
     .unwrap();
     std::fs::write(
         dir.path().join("scope.yaml"),
-        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\ngrant:\n  client: c\n  audience: a\n  scopes: [a]\n  default_scopes: [b]\n  max_lifetime_seconds: 60\n"),
+        allow_policy(&when_repo(), "c", "a", "a", "b", 60),
     )
     .unwrap();
     let out = bin()

@@ -26,6 +26,25 @@ pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchang
 pub const ID_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:id_token";
 pub const ARTIFACTS_SECRET: &str = "sts-artifacts-test-secret";
 
+/// YAML of an allow policy: `when` lines (already indented by two spaces) and a grant.
+pub fn allow_policy(
+    when: &str,
+    client: &str,
+    audience: &str,
+    scopes: &str,
+    default_scopes: &str,
+    max: u64,
+) -> String {
+    format!(
+        "effect: allow\nwhen:\n{when}grant:\n  client: {client}\n  audience: {audience}\n  scopes: [{scopes}]\n  default_scopes: [{default_scopes}]\n  max_lifetime_seconds: {max}\n"
+    )
+}
+
+/// `when` line admitting repository REPO (quoted, braced).
+pub fn when_repo() -> String {
+    format!("  repositoryUuid: \"{{{REPO}}}\"\n")
+}
+
 /// The repository's own example policies (the ones the demo uses).
 pub fn repo_policies_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")

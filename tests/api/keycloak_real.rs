@@ -242,7 +242,14 @@ async fn real_keycloak_refusing_a_scope_is_502_scope_rejected() {
     let mut opts = Options::new(&kc.url);
     opts.policies = vec![(
         "misconfigured.yaml".into(),
-        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\ngrant:\n  client: sts-artifacts\n  audience: deploy-api\n  scopes: [deploy:production]\n  default_scopes: [deploy:production]\n  max_lifetime_seconds: 300\n"),
+        allow_policy(
+            &when_repo(),
+            "sts-artifacts",
+            "deploy-api",
+            "deploy:production",
+            "deploy:production",
+            300,
+        ),
     )];
     let (issuer, app) = setup(&kc, Some(opts)).await;
     let r = app
@@ -271,7 +278,14 @@ async fn real_keycloak_token_longer_than_policy_maximum_is_not_passed_on() {
     let mut opts = Options::new(&kc.url);
     opts.policies = vec![(
         "short.yaml".into(),
-        format!("effect: allow\nwhen:\n  repositoryUuid: \"{REPO}\"\ngrant:\n  client: sts-deploy\n  audience: deploy-api\n  scopes: [deploy:production]\n  default_scopes: [deploy:production]\n  max_lifetime_seconds: 60\n"),
+        allow_policy(
+            &when_repo(),
+            "sts-deploy",
+            "deploy-api",
+            "deploy:production",
+            "deploy:production",
+            60,
+        ),
     )];
     let (issuer, app) = setup(&kc, Some(opts)).await;
     let r = app
