@@ -27,13 +27,18 @@ jwt_claims() {
   base64 -d <<<"$p" | jq .
 }
 
-wait_http() { # url, seconds
+wait_http() { # url, seconds, [pid, log file]: fails early (with the log) if pid dies
   local i
   for ((i = 0; i < $2 * 5; i++)); do
     curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    if [[ -n "${3:-}" ]] && ! kill -0 "$3" 2>/dev/null; then
+      echo "process $3 exited; last lines of $4:" >&2
+      tail -n 20 "$4" >&2
+      return 1
+    fi
     sleep 0.2
   done
-  echo "timed out waiting for $1" >&2
+  echo "timed out waiting for $1${4:+; see $4}" >&2
   return 1
 }
 
@@ -66,8 +71,8 @@ pids+=($!)
 KCS_DEMO_STS_ARTIFACTS_SECRET=sts-artifacts-test-secret \
   target/debug/keycloak-ci-sts serve --config demo/sts.toml 2>"$DEMO_DIR/sts.log" &
 pids+=($!)
-wait_http "$ISSUER_URL/2.0/workspaces/acme/pipelines-config/identity/oidc/.well-known/openid-configuration" 30
-wait_http "$STS_URL/readyz" 60
+wait_http "$ISSUER_URL/2.0/workspaces/acme/pipelines-config/identity/oidc/.well-known/openid-configuration" 30 "${pids[0]}" "$DEMO_DIR/issuer.log"
+wait_http "$STS_URL/readyz" 60 "${pids[1]}" "$DEMO_DIR/sts.log"
 echo "keycloak-ci-sts ready: $(curl -fsS "$STS_URL/readyz")"
 
 mint() { # JSON step description -> token

@@ -27,11 +27,12 @@ pub const ENV_PREFIX: &str = "KEYCLOAK_CI_STS";
 /// (`shared/reference/bitbucket-oidc.md` §3).
 pub const ARI_WORKSPACE_PREFIX: &str = "ari:cloud:bitbucket::workspace/";
 
-/// A configuration problem, naming where it is.
+/// A configuration problem, naming where it is: `FILE: `key`: reason`, or
+/// `FILE: reason` when the problem is the whole file.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: `{key}`: {reason}")]
+#[error("{file}: {}{reason}", if key.is_empty() { String::new() } else { format!("`{key}`: ") })]
 pub struct ConfigError {
-    /// The configuration file (or `environment` for overrides).
+    /// The configuration file, or `environment variable NAME` when an override caused it.
     pub file: String,
     /// The dotted key path, e.g. `workspaces[0].uuid`.
     pub key: String,
@@ -279,11 +280,30 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] naming the file, key and reason for the first problem found.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(file, Secrets::Read)
+    }
+
+    /// Loads `file` like [`Settings::load`] but reads no secret and no private key
+    /// (client secrets become empty, `signing` is `None`): for offline tools such as
+    /// `policy check --config`, which need only client ids and workspaces.
+    ///
+    /// # Errors
+    /// [`ConfigError`] for everything but unreadable secrets and keys.
+    pub fn load_without_secrets(file: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(file, Secrets::Skip)
+    }
+
+    fn load_with(file: &Path, secrets: Secrets) -> Result<Self, ConfigError> {
         let fname = file.display().to_string();
         let builder = config::Config::builder()
             .add_source(config::File::from(file).format(config::FileFormat::Toml))
             .add_source(env_source());
-        Self::from_builder(builder, &fname, base_dir(file))
+        Self::from_builder(builder, &fname, base_dir(file), secrets).map_err(|mut e| {
+            if let Some(var) = overriding_env_var(&e.key) {
+                e.file = format!("environment variable {var}");
+            }
+            e
+        })
     }
 
     /// Same as [`Settings::load`] from TOML text, without environment overrides
@@ -294,13 +314,14 @@ impl Settings {
     pub fn from_toml_str(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let builder = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml));
-        Self::from_builder(builder, "<inline>", base.to_path_buf())
+        Self::from_builder(builder, "<inline>", base.to_path_buf(), Secrets::Read)
     }
 
     fn from_builder(
         builder: config::ConfigBuilder<config::builder::DefaultState>,
         fname: &str,
         base: PathBuf,
+        secrets: Secrets,
     ) -> Result<Self, ConfigError> {
         let err = |key: &str, reason: String| ConfigError {
             file: fname.to_string(),
@@ -313,8 +334,25 @@ impl Settings {
             let inner = e.into_inner().to_string();
             err(&path, yaml_like_hint(&inner))
         })?;
-        validate(raw, fname, &base)
+        validate(raw, fname, &base, secrets)
     }
+}
+
+/// Whether validation reads secrets and private keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    Read,
+    Skip,
+}
+
+/// The environment variable that overrides `key` (`workspaces[0].uuid` style paths
+/// have none), when it is set.
+fn overriding_env_var(key: &str) -> Option<String> {
+    if key.is_empty() || key.contains('[') {
+        return None;
+    }
+    let var = format!("{ENV_PREFIX}_{}", key.replace('.', "__").to_uppercase());
+    std::env::var_os(&var).map(|_| var)
 }
 
 fn env_source() -> config::Environment {
@@ -332,7 +370,7 @@ fn base_dir(file: &Path) -> PathBuf {
 }
 
 fn yaml_like_hint(msg: &str) -> String {
-    if msg.contains("invalid type: map") {
+    if msg.contains("invalid type: map") && msg.contains("expected a string") {
         format!("{msg} (a value in braces such as {{uuid}} must be quoted: \"{{...}}\")")
     } else {
         msg.to_string()
@@ -380,7 +418,12 @@ fn check_upstream_url(s: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-fn validate(raw: RawSettings, fname: &str, base: &Path) -> Result<Settings, ConfigError> {
+fn validate(
+    raw: RawSettings,
+    fname: &str,
+    base: &Path,
+    secrets: Secrets,
+) -> Result<Settings, ConfigError> {
     let err = |key: String, reason: String| ConfigError {
         file: fname.to_string(),
         key,
@@ -587,8 +630,13 @@ fn validate(raw: RawSettings, fname: &str, base: &Path) -> Result<Settings, Conf
                 secret_file,
                 secret_env,
             } => {
-                let secret = read_secret(secret_file.as_deref(), secret_env.as_deref(), base)
-                    .map_err(|r| err(key.clone(), r))?;
+                let secret = match secrets {
+                    Secrets::Read => {
+                        read_secret(secret_file.as_deref(), secret_env.as_deref(), base)
+                            .map_err(|r| err(key.clone(), r))?
+                    }
+                    Secrets::Skip => SecretString::from(String::new()),
+                };
                 ClientAuth::ClientSecretBasic(secret)
             }
         };
@@ -603,6 +651,7 @@ fn validate(raw: RawSettings, fname: &str, base: &Path) -> Result<Settings, Conf
 
     // Signing keys.
     let signing = match raw.signing {
+        _ if secrets == Secrets::Skip => None,
         None if needs_signing => {
             return Err(err(
                 "signing".into(),

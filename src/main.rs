@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -53,7 +53,7 @@ fn known_clients(
     Ok(match config {
         None => None,
         Some(c) => {
-            let s = Settings::load(c)?;
+            let s = Settings::load_without_secrets(c)?;
             let ids = s.keycloak.clients.keys().cloned().collect();
             Some((s, ids))
         }
@@ -66,7 +66,11 @@ fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
             let known = known_clients(config.as_deref())?;
             match PolicySet::load_dir(&dir, known.as_ref().map(|k| &k.1)) {
                 Ok(set) => {
-                    println!("ok: {} policies in {}", set.policies().len(), dir.display());
+                    out(&format!(
+                        "ok: {} policies in {}",
+                        set.policies().len(),
+                        dir.display()
+                    ))?;
                     for p in set.policies() {
                         let what = match &p.grant {
                             Some(g) => {
@@ -74,7 +78,7 @@ fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                             }
                             None => "deny".to_string(),
                         };
-                        println!("  {}: {what}", p.id);
+                        out(&format!("  {}: {what}", p.id))?;
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -132,18 +136,15 @@ fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                 audience: &audience,
                 scopes: &scopes,
             });
-            println!("note: signature, issuer, audience and expiry are NOT verified by explain");
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
+            eprintln!("note: signature, issuer, audience and expiry are NOT verified by explain");
+            out(&serde_json::to_string_pretty(&serde_json::json!({
                     "identity": identity,
                     "audience": audience,
                     "scopes": scopes,
                     "outcome": decision.outcome,
                     "error_code": match &decision.outcome { Outcome::Deny { reason, .. } => Some(reason.code()), Outcome::Allow(_) => None },
                     "trace": decision.trace,
-                }))?
-            );
+            }))?)?;
             Ok(match decision.outcome {
                 Outcome::Allow(_) => ExitCode::SUCCESS,
                 Outcome::Deny { .. } => ExitCode::from(1),
@@ -152,7 +153,7 @@ fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn keys_generate(out: &std::path::Path, alg: &str) -> anyhow::Result<ExitCode> {
+fn keys_generate(out_path: &std::path::Path, alg: &str) -> anyhow::Result<ExitCode> {
     let alg = match alg {
         "ES256" => SigningAlgorithm::ES256,
         "RS256" => SigningAlgorithm::RS256,
@@ -160,13 +161,21 @@ fn keys_generate(out: &std::path::Path, alg: &str) -> anyhow::Result<ExitCode> {
     };
     let pem = keys::generate_pem(alg)?;
     let key = SigningKey::from_pem(&pem, alg)?;
-    write_private(out, &pem)?;
-    println!("wrote {} (kid {})", out.display(), key.kid());
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&serde_json::Value::Object(key.public_jwk().clone()))?
-    );
+    write_private(out_path, &pem)?;
+    out(&format!("wrote {} (kid {})", out_path.display(), key.kid()))?;
+    out(&serde_json::to_string_pretty(&serde_json::Value::Object(
+        key.public_jwk().clone(),
+    ))?)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a line to standard output; a closed pipe (`| head`) is not an error.
+fn out(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn write_private(out: &std::path::Path, pem: &secrecy::SecretString) -> anyhow::Result<()> {

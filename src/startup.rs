@@ -52,8 +52,14 @@ pub enum StartupError {
     #[error("HTTP client")]
     Http(#[from] reqwest::Error),
     /// The audit file could not be opened.
-    #[error("cannot open audit file")]
-    Audit(#[source] std::io::Error),
+    #[error("cannot open audit file {path} (`audit.path`)")]
+    Audit {
+        /// The path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A built, not yet running, application.
@@ -131,7 +137,10 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let signing = settings.signing.map(Arc::new);
     let keycloak = KeycloakClient::new(kc_http, settings.keycloak, signing.clone());
     let audit = match &settings.audit_path {
-        Some(p) => AuditSink::file(p).map_err(StartupError::Audit)?,
+        Some(p) => AuditSink::file(p).map_err(|source| StartupError::Audit {
+            path: p.display().to_string(),
+            source,
+        })?,
         None => AuditSink::stdout(),
     };
     Ok(AppState {

@@ -350,7 +350,11 @@ async fn run(
         Outcome::Allow(g) => g,
         Outcome::Deny { reason, policy } => {
             audit.policy = policy;
-            tracing::info!(error_code = reason.code(), policy = ?audit.policy, "exchange denied by policy");
+            tracing::info!(
+                error_code = reason.code(),
+                policy = audit.policy.as_deref().unwrap_or("-"),
+                "exchange denied by policy"
+            );
             let (status, error) = match reason {
                 crate::policy::DenyKind::UnknownAudience => {
                     (StatusCode::BAD_REQUEST, "invalid_target")

@@ -25,7 +25,7 @@ pub const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024;
 
 /// A policy that could not be loaded or compiled.
 #[derive(Debug, thiserror::Error)]
-#[error("{file}: `{field}`: {reason}")]
+#[error("{file}: {}{reason}", if field.is_empty() { String::new() } else { format!("`{field}`: ") })]
 pub struct PolicyError {
     /// The policy file.
     pub file: String,
@@ -372,6 +372,11 @@ pub fn compile_str(
     let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.into_inner().to_string();
+        // serde_norway prefixes its own message with the path; keep one copy.
+        let msg = msg
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(msg);
         err(if path == "." { "" } else { &path }, msg)
     })?;
 

@@ -445,12 +445,14 @@ fn check_claims(
     })
 }
 
-/// Builds an identity from a claims object **without** verifying a signature,
-/// issuer, audience or expiry: for `policy explain` only, never on the request path.
-/// Claim shapes and `sub` consistency are still checked.
+/// Builds an identity from a claims object **without** verifying anything: for
+/// `policy explain` only, never on the request path. Only the claims policies use
+/// matter: `workspaceUuid` and `repositoryUuid` are required (braces optional),
+/// `branchName` and `deploymentEnvironmentUuid` optional; any other claim may be
+/// absent (UUIDs then read as the nil UUID, `sub` as empty, times as 0).
 ///
 /// # Errors
-/// [`VerifyError`] for missing or malformed claims.
+/// [`VerifyError`] when a claim policies use is missing or not a UUID.
 pub fn unverified_identity_for_explain(
     claims: serde_json::Value,
     workspaces: &[WorkspaceSettings],
@@ -460,19 +462,42 @@ pub fn unverified_identity_for_explain(
             claim: claim_name(&e.path().to_string()),
             reason: "wrong type".into(),
         })?;
-    let ws_uuid = braced("workspaceUuid", raw.workspace_uuid.clone())?;
-    let ws = workspaces
+    let uuid = |claim: &'static str, v: Option<String>| -> Result<Option<BbUuid>, VerifyError> {
+        v.map(|s| {
+            BbUuid::parse_lenient(&s).map_err(|_| VerifyError::InvalidClaim {
+                claim,
+                reason: "not a UUID".into(),
+            })
+        })
+        .transpose()
+    };
+    let nil = BbUuid::parse_lenient("00000000-0000-0000-0000-000000000000")
+        .map_err(|_| VerifyError::Malformed("nil uuid".into()))?;
+    let workspace_uuid = uuid("workspaceUuid", raw.workspace_uuid)?
+        .ok_or(VerifyError::MissingClaim("workspaceUuid"))?;
+    let repository_uuid = uuid("repositoryUuid", raw.repository_uuid)?
+        .ok_or(VerifyError::MissingClaim("repositoryUuid"))?;
+    let slug = workspaces
         .iter()
-        .find(|w| w.uuid == ws_uuid)
-        .cloned()
-        .unwrap_or_else(|| WorkspaceSettings {
-            slug: "(unconfigured)".into(),
-            uuid: ws_uuid,
-            issuer: String::new(),
-            audiences: Vec::new(),
-            algorithm: jsonwebtoken::Algorithm::RS256,
-        });
-    check_claims(raw, &ws, Duration::from_secs(u64::MAX / 4), now_secs())
+        .find(|w| w.uuid == workspace_uuid)
+        .map_or_else(|| "(not configured)".to_string(), |w| w.slug.clone());
+    Ok(BitbucketIdentity {
+        issuer: raw.iss.unwrap_or_default(),
+        workspace_slug: slug,
+        sub: raw.sub.unwrap_or_default(),
+        workspace_uuid,
+        repository_uuid,
+        pipeline_uuid: uuid("pipelineUuid", raw.pipeline_uuid)?.unwrap_or(nil),
+        step_uuid: uuid("stepUuid", raw.step_uuid)?.unwrap_or(nil),
+        branch_name: raw.branch_name.filter(|b| !b.is_empty()),
+        deployment_environment_uuid: uuid(
+            "deploymentEnvironmentUuid",
+            raw.deployment_environment_uuid,
+        )?,
+        pipeline_run_uuid: uuid("pipelineRunUuid", raw.pipeline_run_uuid)?,
+        exp: raw.exp.unwrap_or(0),
+        iat: raw.iat.unwrap_or(0),
+    })
 }
 
 /// Decodes a compact JWS payload without verifying it (for `policy explain`).

@@ -105,7 +105,7 @@ fn policy_explain_prints_the_trace_for_a_claims_file() {
         s.contains("feature/login") && s.contains("release/**"),
         "the operator trace shows patterns: {s}"
     );
-    assert!(s.contains("NOT verified"), "{s}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT verified"));
 }
 
 #[test]
@@ -162,4 +162,82 @@ fn serve_refuses_bad_configuration_naming_file_key_and_reason() {
             && err.contains("not a UUID"),
         "{err}"
     );
+}
+
+#[test]
+fn policy_explain_takes_only_the_claims_policies_use_and_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = dir.path().join("claims.json");
+    std::fs::write(
+        &claims,
+        serde_json::json!({
+            "workspaceUuid": WS,
+            "repositoryUuid": format!("{{{REPO}}}"),
+            "branchName": "release/2026/q4",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "explain", "--dir"])
+        .arg(repo_policies_dir())
+        .arg("--claims")
+        .arg(&claims)
+        .args(["--audience", "artifact-api"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(v["outcome"]["decision"], "allow");
+    assert_eq!(v["outcome"]["client"], "sts-artifacts");
+    assert_eq!(
+        v["outcome"]["scopes"],
+        serde_json::json!(["artifacts:read"])
+    );
+}
+
+#[test]
+fn policy_check_with_config_needs_no_secrets_or_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "policies_dir = \"{}\"\n[[workspaces]]\nslug = \"acme\"\nuuid = \"{WS}\"\n[keycloak]\nbase_url = \"https://sso.example.test\"\nrealm = \"ci\"\n[keycloak.clients.sts-deploy]\nmethod = \"private_key_jwt\"\n[keycloak.clients.sts-artifacts]\nmethod = \"client_secret_basic\"\nsecret_env = \"KCS_TEST_SECRET_THAT_IS_NOT_SET\"\n[signing]\nkey_files = [\"/nonexistent/key.pem\"]\n",
+            repo_policies_dir().display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(repo_policies_dir())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A grant naming a client the configuration lacks is caught.
+    let pol = tempfile::tempdir().unwrap();
+    std::fs::write(
+        pol.path().join("p.yaml"),
+        allow_policy(&when_repo(), "sts-unknown", "a", "", "", 60),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(pol.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grant.client"));
 }
