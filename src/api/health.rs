@@ -11,10 +11,11 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// `GET /readyz`: 200 when policies are loaded and Keycloak's realm discovery
-/// document is reachable (cached up to 300 s); otherwise 503 with the failing check.
+/// document answers now (fetched on every probe, within Keycloak's timeouts);
+/// otherwise 503 with the failing check.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let policies = state.policies.load().policies().len();
-    match state.keycloak.endpoints().await {
+    match state.keycloak.check_discovery().await {
         Ok(_) => HttpResponse::Ok()
             .json(json!({"status": "ready", "policies": policies, "keycloak": "ok"})),
         Err(e) => {

@@ -97,8 +97,32 @@ fn parse_form(body: &[u8]) -> Result<Params, ApiError> {
     Ok(p)
 }
 
-/// Reads the body, refusing more than `max` bytes before reading it whole.
+/// Longest time a client may take to send the request body once its headers arrived.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the body within [`BODY_READ_TIMEOUT`], refusing more than `max` bytes
+/// before reading it whole.
 async fn read_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    max: usize,
+) -> Result<Vec<u8>, ApiError> {
+    tokio::time::timeout(BODY_READ_TIMEOUT, read_body_unbounded(req, payload, max))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request",
+                "request.body_timeout",
+                format!(
+                    "request body not received within {} s",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            ))
+        })
+}
+
+async fn read_body_unbounded(
     req: &HttpRequest,
     mut payload: web::Payload,
     max: usize,
@@ -209,7 +233,7 @@ fn check_params(p: Params) -> Result<Checked, ApiError> {
             StatusCode::BAD_REQUEST,
             "invalid_target",
             "request.invalid_audience",
-            "audience has characters outside RFC 6749 §3.3's set",
+            "audience must be 1 to 256 characters of RFC 6749 §3.3's set",
         ));
     }
     let mut scopes = Vec::new();
@@ -220,7 +244,7 @@ fn check_params(p: Params) -> Result<Checked, ApiError> {
                     StatusCode::BAD_REQUEST,
                     "invalid_scope",
                     "request.invalid_scope_syntax",
-                    "scope must be space-separated tokens of RFC 6749 §3.3's character set",
+                    "scope must be space-separated tokens of 1 to 256 characters of RFC 6749 §3.3's set",
                 ));
             }
             if scopes.len() >= 32 {
@@ -323,6 +347,10 @@ async fn run(
         Err(e) => {
             if matches!(e, VerifyError::KeysUnavailable(_)) {
                 audit.outcome = "failed";
+            }
+            if let VerifyError::UntrustedIssuer(iss) = &e {
+                // The refused (untrusted, truncated) issuer, for the investigation.
+                audit.issuer = Some(iss.clone());
             }
             tracing::info!(error_code = e.code(), error = %crate::telemetry::chain(&e), "subject token refused");
             return Err(verify_error(&e));

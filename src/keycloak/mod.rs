@@ -210,6 +210,17 @@ impl KeycloakClient {
             })
     }
 
+    /// Fetches the discovery document now (not from the cache) and refreshes the
+    /// cache: the readiness probe.
+    ///
+    /// # Errors
+    /// [`KeycloakError`] when Keycloak is unreachable or answers badly.
+    pub async fn check_discovery(&self) -> Result<(), KeycloakError> {
+        let ep = self.fetch_endpoints().await?;
+        self.endpoints.insert((), ep).await;
+        Ok(())
+    }
+
     async fn fetch_endpoints(&self) -> Result<Arc<RealmEndpoints>, KeycloakError> {
         let url = format!(
             "{}/.well-known/openid-configuration",

@@ -354,10 +354,12 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> VerifyError {
             claim: if c == "exp" { "exp" } else { "nbf" },
             reason: "not a number".into(),
         },
-        ErrorKind::Json(err) => VerifyError::InvalidClaim {
-            claim: "payload",
-            reason: err.classify_str().into(),
-        },
+        // The payload was already parsed as a JSON object; what jsonwebtoken fails
+        // to parse here is the header (a standard member of the wrong type).
+        ErrorKind::Json(err) => VerifyError::Malformed(format!(
+            "header member of the wrong type: {}",
+            err.classify_str()
+        )),
         ErrorKind::Base64(_) | ErrorKind::Utf8(_) | ErrorKind::InvalidToken => {
             VerifyError::Malformed("not a compact JWS".into())
         }

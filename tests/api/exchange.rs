@@ -533,3 +533,49 @@ async fn bad_requests_get_documented_errors_and_never_reach_keycloak() {
     assert_error(r, 404, "invalid_request", "request.not_found").await;
     assert_eq!(kc.token_calls().await, 0);
 }
+
+#[tokio::test]
+async fn readiness_follows_keycloak_going_down() {
+    let (_issuer, kc, app) = standard().await;
+    let url = format!("{}/readyz", app.address);
+    assert_eq!(
+        app.http.get(&url).send().await.unwrap().status().as_u16(),
+        200
+    );
+    // Keycloak's realm disappears (discovery now answers 404).
+    kc.server.reset().await;
+    let r = app.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off_with_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_issuer, kc, app) = standard().await;
+    kc.token_never_called().await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\ngrant_type")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&buf).contains("request.body_timeout") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the server kept the stalled request open");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request.body_timeout"), "{text}");
+}

@@ -77,6 +77,11 @@ async fn untrusted_issuer_is_refused_without_fetching_its_keys() {
         evil.uri()
     ));
     refused(&app, &kc, &issuer.sign(&c), "token.untrusted_issuer").await;
+    assert_eq!(
+        app.audit_lines()[0]["issuer"],
+        c["iss"],
+        "the refused issuer is audited"
+    );
 }
 
 #[tokio::test]
@@ -233,4 +238,19 @@ async fn whitespace_around_the_token_is_ignored() {
     let token = format!("  {}\n", issuer.mint(&issuer.step()));
     let r = app.exchange(&token, "artifact-api", None).await;
     assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn header_member_of_the_wrong_type_is_malformed() {
+    let (issuer, kc, app) = standard().await;
+    let token = issuer.mint(&issuer.step());
+    let (_, rest) = token.split_once('.').unwrap();
+    let header = json!({"alg": "RS256", "kid": issuer.issuer.active_kid(), "typ": 5});
+    refused(
+        &app,
+        &kc,
+        &format!("{}.{rest}", b64(&header)),
+        "token.malformed",
+    )
+    .await;
 }
