@@ -549,10 +549,10 @@ fn validate(
     if j.timeout_seconds == 0 || j.timeout_seconds > 60 {
         return Err(err("jwks.timeout_seconds".into(), "must be 1..=60".into()));
     }
-    if j.cache_ttl_seconds < 10 {
+    if j.cache_ttl_seconds == 0 {
         return Err(err(
             "jwks.cache_ttl_seconds".into(),
-            "must be at least 10".into(),
+            "must be at least 1".into(),
         ));
     }
     if j.refetch_interval_seconds == 0 {

@@ -26,6 +26,8 @@ struct DevKey {
     kid: String,
     encoding: EncodingKey,
     jwk: Value,
+    /// Public key encodings, for key-confusion tests: (name, bytes).
+    public_forms: Vec<(&'static str, Vec<u8>)>,
 }
 
 /// The issuer state. Share it behind an `Arc`.
@@ -102,10 +104,27 @@ fn new_key() -> Result<DevKey, String> {
     jwk.insert("kid".into(), Value::String(kid.clone()));
     jwk.insert("use".into(), Value::String("sig".into()));
     jwk.insert("alg".into(), Value::String("RS256".into()));
+    let n = jwk
+        .get("n")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .as_bytes()
+        .to_vec();
+    let public_forms = vec![
+        ("spki-pem", pair.to_pem_public_key()),
+        ("pkcs1-pem", pair.to_traditional_pem_public_key()),
+        ("spki-der", pair.to_der_public_key()),
+        ("pkcs1-der", pair.to_raw_public_key()),
+        ("jwk-n-base64url", n),
+    ];
+    let jwk = Value::Object(jwk);
+    let mut public_forms = public_forms;
+    public_forms.push(("jwk-json", jwk.to_string().into_bytes()));
     Ok(DevKey {
         kid,
         encoding,
-        jwk: Value::Object(jwk),
+        jwk,
+        public_forms,
     })
 }
 
@@ -147,6 +166,16 @@ impl DevIssuer {
             .read()
             .ok()
             .and_then(|k| k.last().map(|k| k.kid.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Encodings of the active public key (PEM, DER, JWK, modulus), to try as HMAC
+    /// secrets in key-confusion tests.
+    pub fn public_key_forms(&self) -> Vec<(&'static str, Vec<u8>)> {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|k| k.last().map(|k| k.public_forms.clone()))
             .unwrap_or_default()
     }
 

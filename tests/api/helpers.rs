@@ -112,6 +112,16 @@ pub struct Options {
     pub keycloak_extra: String,
     /// Extra top-level TOML (before any table).
     pub top_extra: String,
+    /// Issuer URL of the second trusted workspace (default: the same local issuer).
+    pub other_issuer: Option<String>,
+    /// Issuer URL of the first workspace (default: the local issuer's).
+    pub issuer_override: Option<String>,
+    /// `[jwks] refetch_interval_seconds`.
+    pub jwks_refetch_interval: u64,
+    /// `[jwks] cache_ttl_seconds`.
+    pub jwks_cache_ttl: u64,
+    /// `[jwks] timeout_seconds`.
+    pub jwks_timeout: u64,
 }
 
 impl Options {
@@ -123,6 +133,11 @@ impl Options {
             artifacts_secret: ARTIFACTS_SECRET.into(),
             keycloak_extra: String::new(),
             top_extra: String::new(),
+            other_issuer: None,
+            issuer_override: None,
+            jwks_refetch_interval: 30,
+            jwks_cache_ttl: 600,
+            jwks_timeout: 5,
         }
     }
 }
@@ -177,7 +192,9 @@ uuid = "{OTHER_WS}"
 issuer = "{other_iss}"
 
 [jwks]
-refetch_interval_seconds = 30
+refetch_interval_seconds = {refetch}
+cache_ttl_seconds = {ttl}
+timeout_seconds = {jwks_timeout}
 
 [keycloak]
 base_url = "{kc}"
@@ -200,8 +217,17 @@ path = "{audit}"
 "#,
             policies = policies_dir.display(),
             top_extra = opts.top_extra,
-            iss = issuer.issuer_url(WS_SLUG),
-            other_iss = issuer.issuer_url(OTHER_WS_SLUG),
+            iss = opts
+                .issuer_override
+                .clone()
+                .unwrap_or_else(|| issuer.issuer_url(WS_SLUG)),
+            other_iss = opts
+                .other_issuer
+                .clone()
+                .unwrap_or_else(|| issuer.issuer_url(OTHER_WS_SLUG)),
+            refetch = opts.jwks_refetch_interval,
+            ttl = opts.jwks_cache_ttl,
+            jwks_timeout = opts.jwks_timeout,
             kc = opts.keycloak_url,
             keycloak_extra = opts.keycloak_extra,
             secret = secret.display(),

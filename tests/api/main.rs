@@ -8,6 +8,7 @@
     reason = "tests fail by panicking"
 )]
 
+mod attacks;
 mod cases;
 mod cli;
 mod exchange;

@@ -36,33 +36,6 @@ async fn expired_token_is_refused() {
 }
 
 #[tokio::test]
-async fn alg_none_is_refused_before_any_key_lookup() {
-    let (issuer, kc, app) = standard().await;
-    let c = issuer.claims(&issuer.step());
-    let token = format!("{}.{}.", b64(&json!({"alg":"none","typ":"JWT"})), b64(&c));
-    refused(&app, &kc, &token, "token.algorithm_not_allowed").await;
-    assert_eq!(
-        issuer
-            .issuer
-            .jwks_hits
-            .load(std::sync::atomic::Ordering::SeqCst),
-        0
-    );
-}
-
-#[tokio::test]
-async fn hs256_signed_with_the_public_key_is_refused() {
-    let (issuer, kc, app) = standard().await;
-    let c = issuer.claims(&issuer.step());
-    let jwks = issuer.issuer.jwks().to_string();
-    let key = jsonwebtoken::EncodingKey::from_secret(jwks.as_bytes()).unwrap();
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    h.kid = Some(issuer.issuer.active_kid());
-    let token = jsonwebtoken::encode(&h, &c, &key).unwrap();
-    refused(&app, &kc, &token, "token.algorithm_not_allowed").await;
-}
-
-#[tokio::test]
 async fn untrusted_issuer_is_refused_without_fetching_its_keys() {
     let (issuer, kc, app) = standard().await;
     let evil = MockServer::start().await;
@@ -82,16 +55,6 @@ async fn untrusted_issuer_is_refused_without_fetching_its_keys() {
         c["iss"],
         "the refused issuer is audited"
     );
-}
-
-#[tokio::test]
-async fn token_of_one_workspace_signed_by_anothers_key_is_refused() {
-    let (issuer, kc, app) = standard().await;
-    // A second issuer (other keys) mints a token claiming the first workspace's issuer.
-    let other = Issuer::start().await;
-    let mut c = other.claims(&issuer.step());
-    c["iss"] = json!(issuer.issuer_url(WS_SLUG));
-    refused(&app, &kc, &other.sign(&c), "token.unknown_key").await;
 }
 
 #[tokio::test]
@@ -181,17 +144,6 @@ async fn oversized_and_malformed_tokens_are_refused() {
     refused(&app, &kc, "a.b.c.d.e", "token.malformed").await;
     refused(&app, &kc, "not-a-jwt", "token.malformed").await;
     refused(&app, &kc, "%%%.###.$$$", "token.malformed").await;
-}
-
-#[tokio::test]
-async fn crit_header_is_refused() {
-    let (issuer, kc, app) = standard().await;
-    let c = issuer.claims(&issuer.step());
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    h.kid = Some(issuer.issuer.active_kid());
-    h.crit = Some(vec!["exp".into()]);
-    let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
-    refused(&app, &kc, &token, "token.unsupported_header").await;
 }
 
 #[tokio::test]
