@@ -53,6 +53,7 @@ pub fn repo_policies_dir() -> PathBuf {
 /// A running local issuer.
 pub struct Issuer {
     pub issuer: Arc<DevIssuer>,
+    handle: actix_web::dev::ServerHandle,
 }
 
 impl Issuer {
@@ -61,8 +62,14 @@ impl Issuer {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let issuer = Arc::new(DevIssuer::new(&base).unwrap());
         let server = keycloak_ci_sts::devissuer::serve(issuer.clone(), listener).unwrap();
+        let handle = server.handle();
         tokio::spawn(server);
-        Self { issuer }
+        Self { issuer, handle }
+    }
+
+    /// Stops serving (connections are refused from now on).
+    pub async fn stop(&self) {
+        self.handle.stop(false).await;
     }
 
     /// A step of REPO on `main`, with the service's audience added (aud array).

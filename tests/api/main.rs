@@ -12,6 +12,7 @@ mod attacks;
 mod cases;
 mod cli;
 mod exchange;
+mod faults;
 mod helpers;
 mod keycloak_real;
 mod logs;
