@@ -8,6 +8,8 @@
 //! fails: deny by default, any matching `deny` policy beats every `allow`.
 
 mod eval;
+#[cfg(test)]
+mod props;
 
 use std::collections::BTreeSet;
 use std::fmt;

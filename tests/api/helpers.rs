@@ -417,3 +417,84 @@ pub async fn standard() -> (Issuer, FakeKeycloak, TestApp) {
     let app = TestApp::start(&issuer, Options::new(&kc.uri())).await;
     (issuer, kc, app)
 }
+
+/// The service binary running as its own process (for logs and memory).
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+    lines: Vec<String>,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServiceProcess {
+    /// Starts `keycloak-ci-sts serve --config <config>` with `RUST_LOG=<log_level>`
+    /// and waits for its `listening` log line.
+    pub fn start(config: &std::path::Path, log_level: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", log_level)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut lines = Vec::new();
+        let port = loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("service did not start");
+            lines.push(line.clone());
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "listening" {
+                break u16::try_from(v["fields"]["port"].as_u64().unwrap()).unwrap();
+            }
+        };
+        Self {
+            child,
+            port,
+            lines,
+            rx,
+        }
+    }
+
+    /// Resident set size in bytes (Linux `/proc`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+
+    /// Kills the process and returns every log line it wrote.
+    pub fn stop_and_collect_logs(&mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(l) = self.rx.recv_timeout(std::time::Duration::from_millis(500)) {
+            self.lines.push(l);
+        }
+        std::mem::take(&mut self.lines)
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

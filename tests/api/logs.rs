@@ -1,8 +1,8 @@
 //! The real binary at `RUST_LOG=trace` (exchanges, denials, bad requests): no subject token, access token, client
 //! assertion, private key or client secret reaches the logs, whole or as a JWT segment.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -23,37 +23,8 @@ async fn trace_logs_of_exchanges_denials_and_faults_hold_no_secret() {
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "deploy:production", 2).await;
     let (dir, _toml, audit) = TestApp::write_config(&issuer, Options::new(&kc.uri()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
-        .args(["serve", "--config"])
-        .arg(dir.path().join("sts.toml"))
-        .env("RUST_LOG", "trace")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    let port = loop {
-        let line = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("service did not start");
-        lines.push(line.clone());
-        let v: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        if v["fields"]["message"] == "listening" {
-            break v["fields"]["port"].as_u64().unwrap();
-        }
-    };
+    let mut svc = ServiceProcess::start(&dir.path().join("sts.toml"), "trace");
+    let port = svc.port;
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/token");
     let post = |form: Vec<(&'static str, String)>| {
@@ -112,6 +83,36 @@ async fn trace_logs_of_exchanges_denials_and_faults_hold_no_secret() {
     let _ = post(form(&t6, "deploy-api")).await;
     secrets.extend(secret_fragments(&t6));
 
+    // Keycloak faults (each answered once, ahead of the success mock): our client
+    // rejected, a scope refused, a 500, a body echoing the assertion back.
+    for template in [
+        ResponseTemplate::new(401).set_body_json(serde_json::json!({"error": "invalid_client", "error_description": "Invalid client or Invalid client credentials"})),
+        ResponseTemplate::new(400).set_body_json(serde_json::json!({"error": "invalid_scope", "error_description": "Invalid scopes: deploy:production"})),
+        ResponseTemplate::new(500).set_body_string("java.lang.NullPointerException"),
+        ResponseTemplate::new(200).set_body_string("not json"),
+    ] {
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .respond_with(template)
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&kc.server)
+            .await;
+        let t = issuer.mint(&step);
+        let r = post(form(&t, "deploy-api")).await;
+        assert!(r.status().as_u16() >= 500);
+        secrets.extend(secret_fragments(&t));
+    }
+    // Issuer side: an unknown kid (refetch) and a forged signature.
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.kid = Some("rotated-away".into());
+    let t7 = issuer
+        .issuer
+        .sign_with_header(&h, &issuer.claims(&issuer.step()))
+        .unwrap();
+    assert_eq!(post(form(&t7, "artifact-api")).await.status().as_u16(), 400);
+    secrets.extend(secret_fragments(&t7));
+
     // Client assertions Keycloak received.
     for req in kc.server.received_requests().await.unwrap() {
         for (k, v) in url::form_urlencoded::parse(&req.body) {
@@ -129,12 +130,7 @@ async fn trace_logs_of_exchanges_denials_and_faults_hold_no_secret() {
     );
 
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let _ = child.kill();
-    let _ = child.wait();
-    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
-        lines.push(l);
-    }
-    let log = lines.join("\n");
+    let log = svc.stop_and_collect_logs().join("\n");
     assert!(
         log.contains("\"level\":\"TRACE\"") || log.contains("TRACE"),
         "trace level was not active"

@@ -11,9 +11,11 @@
 mod attacks;
 mod cases;
 mod cli;
+mod concurrency;
 mod exchange;
 mod faults;
 mod helpers;
 mod keycloak_real;
 mod logs;
+mod props;
 mod verification;

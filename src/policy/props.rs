@@ -1,0 +1,213 @@
+//! Property tests of the policy engine's invariants.
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::verify::BitbucketIdentity;
+
+const UUIDS: [&str; 4] = [
+    "03b741e3-cf4a-41f9-9a59-cec52e21bdc3",
+    "d4e45493-4a33-477d-917b-a24e7e4bd39b",
+    "bd715740-c970-486b-b68a-b421ec2a1f8b",
+    "5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e",
+];
+const BRANCHES: [&str; 7] = [
+    "main",
+    "release/1.2",
+    "release/2026/q4",
+    "feature/x",
+    "*",
+    "release/*",
+    "release/**",
+];
+const AUDIENCES: [&str; 2] = ["artifact-api", "deploy-api"];
+const SCOPES: [&str; 3] = ["a:read", "a:write", "d:prod"];
+
+fn uuid(i: usize) -> BbUuid {
+    BbUuid::parse_lenient(UUIDS[i % UUIDS.len()]).unwrap()
+}
+
+fn identity() -> impl Strategy<Value = BitbucketIdentity> {
+    (
+        0usize..4,
+        0usize..4,
+        proptest::option::of(0usize..4),
+        proptest::option::of(0usize..4),
+    )
+        .prop_map(|(w, r, e, b)| BitbucketIdentity {
+            issuer: "https://issuer.example.test".into(),
+            workspace_slug: "acme".into(),
+            sub: String::new(),
+            workspace_uuid: uuid(w),
+            repository_uuid: uuid(r),
+            pipeline_uuid: uuid(0),
+            step_uuid: uuid(1),
+            // only concrete branch names (indices 0..4) appear in tokens
+            branch_name: b.map(|i| BRANCHES[i].to_string()),
+            deployment_environment_uuid: e.map(uuid),
+            pipeline_run_uuid: None,
+            exp: 0,
+            iat: 0,
+        })
+}
+
+/// YAML `when:` lines: each condition present or not, each a list of 1-2 values.
+fn when_yaml() -> impl Strategy<Value = String> {
+    (
+        proptest::option::of(proptest::collection::vec(0usize..4, 1..3)),
+        proptest::option::of(proptest::collection::vec(0usize..4, 1..3)),
+        proptest::option::of(proptest::collection::vec(0usize..4, 1..3)),
+        proptest::option::of(proptest::collection::vec(0usize..7, 1..3)),
+    )
+        .prop_map(|(w, r, e, b)| {
+            let mut s = String::new();
+            let list = |v: &[usize], f: &dyn Fn(usize) -> String| {
+                v.iter()
+                    .map(|i| format!("\"{}\"", f(*i)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if let Some(v) = w {
+                s += &format!(
+                    "  workspaceUuid: [{}]\n",
+                    list(&v, &|i| UUIDS[i].to_string())
+                );
+            }
+            if let Some(v) = r {
+                s += &format!(
+                    "  repositoryUuid: [{}]\n",
+                    list(&v, &|i| format!("{{{}}}", UUIDS[i]))
+                );
+            }
+            if let Some(v) = e {
+                s += &format!(
+                    "  deploymentEnvironmentUuid: [{}]\n",
+                    list(&v, &|i| UUIDS[i].to_string())
+                );
+            }
+            if let Some(v) = b {
+                s += &format!(
+                    "  branchName: [{}]\n",
+                    list(&v, &|i| BRANCHES[i].to_string())
+                );
+            }
+            s
+        })
+}
+
+fn allow_policy() -> impl Strategy<Value = Option<Policy>> {
+    (when_yaml(), 0usize..2, proptest::collection::vec(0usize..3, 0..3)).prop_map(|(when, aud, scopes)| {
+        let scopes: Vec<&str> = scopes.iter().map(|i| SCOPES[*i]).collect();
+        let yaml = format!(
+            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: []\n  max_lifetime_seconds: 60\n",
+            AUDIENCES[aud],
+            scopes.join(", ")
+        );
+        // Some generated `when`s are invalid for allow (no workspace/repository): skipped.
+        compile_str("allow", &yaml, None).ok()
+    })
+}
+
+fn deny_policy() -> impl Strategy<Value = Option<Policy>> {
+    (when_yaml(), proptest::option::of(0usize..2)).prop_map(|(when, aud)| {
+        let auds = aud
+            .map(|a| format!("audiences: [{}]\n", AUDIENCES[a]))
+            .unwrap_or_default();
+        compile_str(
+            "zz-deny",
+            &format!("effect: deny\nwhen:\n{when}{auds}"),
+            None,
+        )
+        .ok()
+    })
+}
+
+fn request() -> impl Strategy<Value = (usize, Vec<String>)> {
+    (0usize..3, proptest::collection::vec(0usize..3, 0..3))
+        .prop_map(|(a, s)| (a, s.into_iter().map(|i| SCOPES[i].to_string()).collect()))
+}
+
+fn audience(i: usize) -> &'static str {
+    // index 2 is an audience no policy grants
+    ["artifact-api", "deploy-api", "payroll-api"][i]
+}
+
+fn is_allow(d: &Decision) -> bool {
+    matches!(d.outcome, Outcome::Allow(_))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn an_empty_policy_set_denies_everything(id in identity(), (aud, scopes) in request()) {
+        let set = PolicySet::default();
+        let d = set.evaluate(&EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes });
+        prop_assert!(!is_allow(&d));
+    }
+
+    #[test]
+    fn adding_a_deny_policy_never_turns_a_deny_into_an_allow(
+        allows in proptest::collection::vec(allow_policy(), 0..4),
+        deny in deny_policy(),
+        id in identity(),
+        (aud, scopes) in request(),
+    ) {
+        let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
+        let before = PolicySet::from_policies(policies.clone());
+        let req = EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes };
+        let d1 = before.evaluate(&req);
+        if let Some(deny) = deny {
+            policies.push(deny);
+            let after = PolicySet::from_policies(policies);
+            let d2 = after.evaluate(&req);
+            prop_assert!(is_allow(&d1) || !is_allow(&d2), "a deny policy turned deny into allow");
+            // and an allow can only stay the same allow or become a deny
+            if let (Outcome::Allow(g1), Outcome::Allow(g2)) = (&d1.outcome, &d2.outcome) {
+                prop_assert_eq!(&g1.policy, &g2.policy);
+            }
+        }
+    }
+
+    #[test]
+    fn evaluation_is_total_and_every_policy_appears_in_the_trace(
+        allows in proptest::collection::vec(allow_policy(), 0..4),
+        id in identity(),
+        (aud, scopes) in request(),
+    ) {
+        let policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("p{i}"); p }).collect();
+        let n = policies.len();
+        let set = PolicySet::from_policies(policies);
+        let d = set.evaluate(&EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes });
+        let mut seen: Vec<&str> = d.trace.iter().map(|t| t.policy.as_str()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        prop_assert_eq!(seen.len(), n);
+        if let Outcome::Allow(g) = &d.outcome {
+            // what is granted was requested (or is the default), and is within the grant
+            prop_assert!(scopes.is_empty() || g.scopes.iter().all(|s| scopes.contains(s)));
+        }
+    }
+
+    #[test]
+    fn a_single_star_never_matches_across_a_slash(
+        prefix in "[a-z0-9._-]{0,8}",
+        a in "[a-zA-Z0-9._-]{1,12}",
+        b in "[a-zA-Z0-9._/-]{1,12}",
+        c in "[a-zA-Z0-9._-]{1,12}",
+    ) {
+        let star = BranchPattern::new(&format!("{prefix}*")).unwrap();
+        let across = format!("{prefix}{a}/{b}");
+        let within = format!("{prefix}{a}");
+        prop_assert!(!star.is_match(&across));
+        prop_assert!(star.is_match(&within));
+        let mid = BranchPattern::new(&format!("{prefix}/*/x")).unwrap();
+        let two_segments = format!("{prefix}/{a}/{c}/x");
+        let one_segment = format!("{prefix}/{a}/x");
+        prop_assert!(!mid.is_match(&two_segments));
+        prop_assert!(mid.is_match(&one_segment));
+        let deep = BranchPattern::new(&format!("{prefix}/**")).unwrap();
+        let nested = format!("{prefix}/{a}/{b}");
+        prop_assert!(deep.is_match(&nested));
+    }
+}
