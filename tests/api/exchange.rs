@@ -579,3 +579,77 @@ async fn a_stalled_request_body_is_cut_off_with_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("request.body_timeout"), "{text}");
 }
+
+#[tokio::test]
+async fn an_oversized_chunked_body_is_refused_before_it_is_read_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_issuer, kc, app) = standard().await;
+    kc.token_never_called().await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /token HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // 24 KiB in chunks (over the 20 KiB limit), and the body is never finished.
+    let chunk = format!("{:x}\r\n{}\r\n", 4096, "a".repeat(4096));
+    for _ in 0..6 {
+        s.write_all(chunk.as_bytes()).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered without waiting for the end of the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("request.too_large"), "{text}");
+}
+
+#[tokio::test]
+async fn empty_parameters_are_missing_parameters() {
+    let (issuer, kc, app) = standard().await;
+    kc.token_never_called().await;
+    let token = issuer.mint(&issuer.step());
+    for (form, code) in [
+        (
+            vec![
+                ("grant_type", ""),
+                ("subject_token", token.as_str()),
+                ("subject_token_type", ID_TOKEN_TYPE),
+                ("audience", "artifact-api"),
+            ],
+            "request.missing_grant_type",
+        ),
+        (
+            vec![
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", token.as_str()),
+                ("subject_token_type", ""),
+                ("audience", "artifact-api"),
+            ],
+            "request.missing_subject_token_type",
+        ),
+        (
+            vec![
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", token.as_str()),
+                ("subject_token_type", ID_TOKEN_TYPE),
+                ("audience", ""),
+            ],
+            "request.missing_audience",
+        ),
+        (
+            vec![
+                ("grant_type", TOKEN_EXCHANGE),
+                ("subject_token", token.as_str()),
+                ("subject_token_type", ID_TOKEN_TYPE),
+                ("audience", "artifact-api"),
+                ("actor_token", "x"),
+            ],
+            "request.unsupported_parameter",
+        ),
+    ] {
+        let r = app.post_token(&form).await;
+        assert_error(r, 400, "invalid_request", code).await;
+    }
+}
