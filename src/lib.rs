@@ -25,6 +25,7 @@ pub mod domain;
 pub mod http;
 pub mod keycloak;
 pub mod keys;
+pub mod metrics;
 pub mod policy;
 pub mod startup;
 pub mod telemetry;

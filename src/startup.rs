@@ -29,6 +29,8 @@ pub struct AppState {
     pub signing: Option<Arc<SigningKeys>>,
     /// Audit sink.
     pub audit: AuditSink,
+    /// Metrics registry.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Largest `/token` body, bytes (`max_token_bytes` + 4096).
     pub max_body_bytes: usize,
 }
@@ -51,6 +53,9 @@ pub enum StartupError {
     /// The HTTP client could not be built.
     #[error("HTTP client")]
     Http(#[from] reqwest::Error),
+    /// Metrics registration failed.
+    #[error("metrics")]
+    Metrics(#[from] prometheus::Error),
     /// The audit file could not be opened.
     #[error("cannot open audit file {path} (`audit.path`)")]
     Audit {
@@ -124,8 +129,13 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     if policies.policies().is_empty() {
         tracing::warn!(dir = %settings.policies_dir.display(), "no policies: every exchange will be denied");
     }
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let jwks_http = crate::http::client(settings.jwks.timeout, settings.jwks.timeout)?;
-    let keys = Arc::new(KeyCache::new(jwks_http, settings.jwks.clone()));
+    let keys = Arc::new(KeyCache::new(
+        jwks_http,
+        settings.jwks.clone(),
+        metrics.clone(),
+    ));
     let verifier = Verifier::new(
         settings.workspaces,
         keys,
@@ -135,7 +145,8 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let kc_http =
         crate::http::client(settings.keycloak.connect_timeout, settings.keycloak.timeout)?;
     let signing = settings.signing.map(Arc::new);
-    let keycloak = KeycloakClient::new(kc_http, settings.keycloak, signing.clone());
+    let keycloak =
+        KeycloakClient::new(kc_http, settings.keycloak, signing.clone(), metrics.clone());
     let audit = match &settings.audit_path {
         Some(p) => AuditSink::file(p).map_err(|source| StartupError::Audit {
             path: p.display().to_string(),
@@ -149,6 +160,7 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         keycloak,
         signing,
         audit,
+        metrics,
         max_body_bytes: settings.max_token_bytes + 4096,
     })
 }

@@ -39,3 +39,10 @@ pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
         .insert_header(("Cache-Control", "public, max-age=60"))
         .json(body)
 }
+
+/// `GET /metrics`: Prometheus text exposition format (version 0.0.4).
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
+}

@@ -6,6 +6,7 @@
 //! | `GET /.well-known/jwks.json` | the service's public signing keys (RFC 7517) |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when policies are loaded and Keycloak's discovery answers |
+//! | `GET /metrics` | Prometheus text exposition |
 
 pub mod error;
 mod health;
@@ -29,6 +30,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/.well-known/jwks.json", web::get().to(health::jwks))
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
+    .route("/metrics", web::get().to(health::metrics))
     .default_service(web::to(not_found));
 }
 

@@ -310,6 +310,7 @@ pub async fn exchange(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let rid = request_id(&req);
+    let started = std::time::Instant::now();
     let mut audit = AuditRecord::new(rid.clone());
     let result = run(&req, payload, &state, &mut audit).await;
     let response = match result {
@@ -325,6 +326,16 @@ pub async fn exchange(
             e.to_response(&rid)
         }
     };
+    state.metrics.observe("total", started);
+    state
+        .metrics
+        .exchanges
+        .with_label_values(&[
+            audit.outcome,
+            audit.error_code.unwrap_or(""),
+            audit.policy.as_deref().unwrap_or(""),
+        ])
+        .inc();
     state.audit.write(&audit);
     response
 }
@@ -342,7 +353,10 @@ async fn run(
     audit.requested_scopes = checked.scopes.clone();
 
     // 1. Verify the Bitbucket token.
-    let identity = match state.verifier.verify(&checked.subject_token).await {
+    let phase = std::time::Instant::now();
+    let verified = state.verifier.verify(&checked.subject_token).await;
+    state.metrics.observe("verify", phase);
+    let identity = match verified {
         Ok(id) => id,
         Err(e) => {
             if matches!(e, VerifyError::KeysUnavailable(_)) {
@@ -366,13 +380,15 @@ async fn run(
     audit.deployment_environment_uuid = identity.deployment_environment_uuid.map(|u| u.braced());
     audit.branch_name = identity.branch_name.clone();
 
-    // 2. Policy.
-    let policies = state.policies.load();
+    // 2. Policy (this request keeps the set it started with, even across a reload).
+    let phase = std::time::Instant::now();
+    let policies = state.policies.load_full();
     let decision = policies.evaluate(&EvalRequest {
         identity: &identity,
         audience: &checked.audience,
         scopes: &checked.scopes,
     });
+    state.metrics.observe("policy", phase);
     tracing::debug!(trace = ?decision.trace, "policy decision trace");
     let grant = match decision.outcome {
         Outcome::Allow(g) => g,
@@ -404,11 +420,13 @@ async fn run(
     audit.keycloak_client = Some(grant.client.clone());
 
     // 3. Keycloak.
-    let issued = match state
+    let phase = std::time::Instant::now();
+    let issued = state
         .keycloak
         .client_credentials(&grant.client, &grant.scopes, grant.max_lifetime_seconds)
-        .await
-    {
+        .await;
+    state.metrics.observe("keycloak", phase);
+    let issued = match issued {
         Ok(t) => t,
         Err(e) => {
             audit.outcome = "failed";

@@ -168,6 +168,7 @@ struct AssertionClaims<'a> {
 /// Keycloak client. Cheap to share behind an `Arc`.
 pub struct KeycloakClient {
     http: reqwest::Client,
+    metrics: Arc<crate::metrics::Metrics>,
     settings: KeycloakSettings,
     signing: Option<Arc<SigningKeys>>,
     endpoints: moka::future::Cache<(), Arc<RealmEndpoints>>,
@@ -179,8 +180,10 @@ impl KeycloakClient {
         http: reqwest::Client,
         settings: KeycloakSettings,
         signing: Option<Arc<SigningKeys>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             http,
             settings,
             signing,
@@ -350,15 +353,21 @@ impl KeycloakClient {
             }
         }
         tracing::debug!(client, scope = %scope, assertion_jti = ?assertion_jti, "requesting Keycloak token");
-        let resp = req
-            .form(&form)
-            .send()
-            .await
-            .map_err(|source| KeycloakError::Unavailable {
+        let resp = req.form(&form).send().await.map_err(|source| {
+            self.metrics
+                .keycloak_responses
+                .with_label_values(&["error"])
+                .inc();
+            KeycloakError::Unavailable {
                 url: ep.token_endpoint.clone(),
                 source,
-            })?;
+            }
+        })?;
         let status = resp.status().as_u16();
+        self.metrics
+            .keycloak_responses
+            .with_label_values(&[status.to_string().as_str()])
+            .inc();
         let body = read_capped(resp, self.settings.max_response_bytes)
             .await
             .map_err(KeycloakError::Body)?;

@@ -108,6 +108,7 @@ pub enum Lookup {
 /// Per-issuer key cache. Cheap to share behind an `Arc`.
 pub struct KeyCache {
     http: reqwest::Client,
+    metrics: Arc<crate::metrics::Metrics>,
     settings: JwksSettings,
     fresh: moka::future::Cache<String, Arc<KeySet>>,
     last_good: RwLock<HashMap<String, Arc<KeySet>>>,
@@ -117,8 +118,13 @@ pub struct KeyCache {
 
 impl KeyCache {
     /// Creates an empty cache.
-    pub fn new(http: reqwest::Client, settings: JwksSettings) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        settings: JwksSettings,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             fresh: moka::future::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(settings.cache_ttl)
@@ -151,6 +157,10 @@ impl KeyCache {
         if let Some(k) = set.find(kid) {
             return Ok(Lookup::Found(k));
         }
+        self.metrics
+            .jwks_cache
+            .with_label_values(&["unknown_kid"])
+            .inc();
         // Unknown kid: at most one refetch per interval per issuer.
         let first = self
             .refetch_gate
@@ -173,13 +183,21 @@ impl KeyCache {
         if stale.is_none() && self.failure_gate.contains_key(&ws.issuer) {
             return Err(FetchError::Backoff);
         }
+        if let Some(set) = self.fresh.get(&ws.issuer).await {
+            self.metrics.jwks_cache.with_label_values(&["hit"]).inc();
+            return Ok(set);
+        }
         let result = self
             .fresh
             .try_get_with(ws.issuer.clone(), self.fetch(ws))
             .await;
         match result {
-            Ok(set) => Ok(set),
+            Ok(set) => {
+                self.metrics.jwks_cache.with_label_values(&["miss"]).inc();
+                Ok(set)
+            }
             Err(e) => {
+                self.metrics.jwks_cache.with_label_values(&["stale"]).inc();
                 self.failure_gate.insert(ws.issuer.clone(), ());
                 tracing::warn!(issuer = %ws.issuer, error = %crate::telemetry::chain(&*e), stale_keys = stale.is_some(), "fetching issuer keys failed");
                 stale.ok_or_else(|| unshare(&e))
@@ -195,6 +213,16 @@ impl KeyCache {
     }
 
     async fn fetch(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {
+        let result = self.fetch_uncounted(ws).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .jwks_fetches
+            .with_label_values(&[ws.issuer.as_str(), label])
+            .inc();
+        result
+    }
+
+    async fn fetch_uncounted(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {
         #[derive(Deserialize)]
         struct Discovery {
             issuer: String,

@@ -17,5 +17,6 @@ mod faults;
 mod helpers;
 mod keycloak_real;
 mod logs;
+mod ops;
 mod props;
 mod verification;

@@ -1,0 +1,119 @@
+//! Prometheus metrics, served at `GET /metrics` in the text exposition format.
+//! One registry per application (no global state). Names follow Prometheus
+//! conventions: base units (`_seconds`), counters end in `_total`. Label values
+//! are bounded: outcomes, stable error codes, policy ids, configured issuers,
+//! HTTP status codes.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds: 100 µs to 10 s.
+const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// All metrics of the service.
+pub struct Metrics {
+    registry: Registry,
+    /// `sts_exchanges_total{outcome, error_code, policy}`: decisions on `POST /token`.
+    pub exchanges: IntCounterVec,
+    /// `sts_exchange_phase_duration_seconds{phase}`: `verify`, `policy`, `keycloak`, `total`.
+    pub phase_seconds: HistogramVec,
+    /// `sts_jwks_fetches_total{issuer, result}`: key set fetches (`ok`, `error`).
+    pub jwks_fetches: IntCounterVec,
+    /// `sts_jwks_cache_lookups_total{result}`: `hit`, `miss` (fetched), `stale` (outage), `unknown_kid`.
+    pub jwks_cache: IntCounterVec,
+    /// `sts_keycloak_responses_total{status}`: HTTP status of token requests (`error` for transport failures).
+    pub keycloak_responses: IntCounterVec,
+    /// `sts_policy_reloads_total{result}`: `ok`, `error`.
+    pub policy_reloads: IntCounterVec,
+    /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
+    pub rate_limited: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric (plus process metrics on Linux).
+    ///
+    /// # Errors
+    /// A registration conflict (a programming error, caught at startup).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let exchanges = counter(
+            "sts_exchanges_total",
+            "Token exchange decisions by outcome, error code and policy.",
+            &["outcome", "error_code", "policy"],
+        )?;
+        let jwks_fetches = counter(
+            "sts_jwks_fetches_total",
+            "Issuer key set fetches by issuer and result.",
+            &["issuer", "result"],
+        )?;
+        let jwks_cache = counter(
+            "sts_jwks_cache_lookups_total",
+            "Issuer key lookups by cache result.",
+            &["result"],
+        )?;
+        let keycloak_responses = counter(
+            "sts_keycloak_responses_total",
+            "Keycloak token endpoint answers by HTTP status.",
+            &["status"],
+        )?;
+        let policy_reloads = counter(
+            "sts_policy_reloads_total",
+            "Policy reloads by result.",
+            &["result"],
+        )?;
+        let rate_limited = counter(
+            "sts_rate_limited_total",
+            "Exchanges refused by a per-identity limit.",
+            &["limit"],
+        )?;
+        let phase_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "sts_exchange_phase_duration_seconds",
+                "Time spent per exchange phase, in seconds.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["phase"],
+        )?;
+        registry.register(Box::new(phase_seconds.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            exchanges,
+            phase_seconds,
+            jwks_fetches,
+            jwks_cache,
+            keycloak_responses,
+            policy_reloads,
+            rate_limited,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Records one phase duration.
+    pub fn observe(&self, phase: &str, started: std::time::Instant) {
+        self.phase_seconds
+            .with_label_values(&[phase])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
