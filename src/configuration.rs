@@ -61,6 +61,32 @@ struct RawSettings {
     signing: Option<RawSigning>,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace_seconds: u64,
+    #[serde(default = "yes")]
+    watch_policies: bool,
+}
+
+fn default_shutdown_grace() -> u64 {
+    30
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    per_step_per_minute: u32,
+    per_repository_per_minute: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            per_step_per_minute: 20,
+            per_repository_per_minute: 300,
+        }
+    }
 }
 
 fn default_listen() -> String {
@@ -196,6 +222,24 @@ pub struct Settings {
     pub signing: Option<SigningKeys>,
     /// Audit log file; `None` writes audit lines to standard output.
     pub audit_path: Option<PathBuf>,
+    /// Default per-identity limits (a policy's `grant.limits` overrides them).
+    pub limits: Limits,
+    /// On SIGTERM, how long in-flight exchanges may take before the process exits.
+    /// Defaults to 30 s.
+    pub shutdown_grace: Duration,
+    /// Reload policies when a file in `policies_dir` changes (SIGHUP always reloads).
+    /// Defaults to true.
+    pub watch_policies: bool,
+}
+
+/// Per-identity exchange limits, per minute (GCRA: bursts up to the limit, then
+/// one more every 60/limit seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Exchanges per `stepUuid` per minute. Defaults to 20.
+    pub per_step_per_minute: std::num::NonZeroU32,
+    /// Exchanges per `repositoryUuid` per minute. Defaults to 300.
+    pub per_repository_per_minute: std::num::NonZeroU32,
 }
 
 /// One trusted Bitbucket workspace.
@@ -712,6 +756,26 @@ fn validate(
         },
         signing,
         audit_path: raw.audit.path.map(|p| resolve(base, &p)),
+        limits: Limits {
+            per_step_per_minute: std::num::NonZeroU32::new(raw.limits.per_step_per_minute)
+                .ok_or_else(|| {
+                    err(
+                        "limits.per_step_per_minute".into(),
+                        "must be at least 1".into(),
+                    )
+                })?,
+            per_repository_per_minute: std::num::NonZeroU32::new(
+                raw.limits.per_repository_per_minute,
+            )
+            .ok_or_else(|| {
+                err(
+                    "limits.per_repository_per_minute".into(),
+                    "must be at least 1".into(),
+                )
+            })?,
+        },
+        shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
+        watch_policies: raw.watch_policies,
     })
 }
 

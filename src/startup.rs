@@ -31,6 +31,14 @@ pub struct AppState {
     pub audit: AuditSink,
     /// Metrics registry.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Per-identity limiter.
+    pub limiter: Arc<dyn crate::limits::ExchangeLimiter>,
+    /// Default limits.
+    pub limits: crate::configuration::Limits,
+    /// Policies directory (for reloads).
+    pub policies_dir: std::path::PathBuf,
+    /// Configured Keycloak client ids (policies are checked against them).
+    pub known_clients: std::collections::BTreeSet<String>,
     /// Largest `/token` body, bytes (`max_token_bytes` + 4096).
     pub max_body_bytes: usize,
 }
@@ -71,6 +79,8 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
+    state: web::Data<AppState>,
+    watch: bool,
 }
 
 impl Application {
@@ -80,6 +90,8 @@ impl Application {
     /// [`StartupError`].
     pub fn build(settings: Settings) -> Result<Self, StartupError> {
         let listen = settings.listen.clone();
+        let grace = settings.shutdown_grace;
+        let watch = settings.watch_policies;
         let state = build_state(settings)?;
         let bind_err = |source| StartupError::Bind {
             addr: listen.clone(),
@@ -88,6 +100,7 @@ impl Application {
         let listener = TcpListener::bind(&listen).map_err(bind_err)?;
         let port = listener.local_addr().map_err(bind_err)?.port();
         let state = web::Data::new(state);
+        let reload_state = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(crate::api::add_request_id_header)
@@ -95,11 +108,17 @@ impl Application {
                 .app_data(state.clone())
                 .configure(crate::api::configure)
         })
+        .shutdown_timeout(grace.as_secs())
         .listen(listener)
         .map_err(bind_err)?
         .run();
         tracing::info!(port, "listening");
-        Ok(Self { port, server })
+        Ok(Self {
+            port,
+            server,
+            state: reload_state,
+            watch,
+        })
     }
 
     /// The bound port.
@@ -107,12 +126,18 @@ impl Application {
         self.port
     }
 
-    /// Runs until stopped.
+    /// Runs until stopped: on SIGTERM or SIGINT the server stops accepting, lets
+    /// in-flight exchanges finish within `shutdown_grace_seconds`, then returns.
+    /// Policies reload on SIGHUP and on changes meanwhile.
     ///
     /// # Errors
     /// I/O errors of the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let reloader = tokio::spawn(crate::reload::run(self.state.clone(), self.watch));
+        let result = self.server.await;
+        reloader.abort();
+        tracing::info!("stopped");
+        result
     }
 }
 
@@ -161,6 +186,10 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         signing,
         audit,
         metrics,
+        limiter: Arc::new(crate::limits::InMemoryLimiter::default()),
+        limits: settings.limits,
+        policies_dir: settings.policies_dir,
+        known_clients: known,
         max_body_bytes: settings.max_token_bytes + 4096,
     })
 }

@@ -419,6 +419,47 @@ async fn run(
     audit.policy = Some(grant.policy.clone());
     audit.keycloak_client = Some(grant.client.clone());
 
+    // Per-identity limits (policy overrides, else the service defaults).
+    let checks = [
+        (
+            "step",
+            format!("step:{}", identity.step_uuid.bare()),
+            grant
+                .per_step_per_minute
+                .unwrap_or(state.limits.per_step_per_minute),
+            "limit.step_exceeded",
+        ),
+        (
+            "repository",
+            format!("repository:{}", identity.repository_uuid.bare()),
+            grant
+                .per_repository_per_minute
+                .unwrap_or(state.limits.per_repository_per_minute),
+            "limit.repository_exceeded",
+        ),
+    ];
+    for (limit, key, per_minute, code) in checks {
+        if let Err(wait) = state.limiter.check(&key, per_minute) {
+            state.metrics.rate_limited.with_label_values(&[limit]).inc();
+            tracing::info!(
+                error_code = code,
+                limit,
+                per_minute,
+                "exchange rate-limited"
+            );
+            let retry = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "temporarily_unavailable",
+                code,
+                format!(
+                    "more than {per_minute} exchanges per minute for this {limit}; retry later"
+                ),
+            )
+            .retry_after(retry.max(1)));
+        }
+    }
+
     // 3. Keycloak.
     let phase = std::time::Instant::now();
     let issued = state

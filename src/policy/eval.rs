@@ -31,6 +31,10 @@ pub struct Grant {
     pub scopes: Vec<String>,
     /// Longest lifetime accepted for the issued token, seconds.
     pub max_lifetime_seconds: u64,
+    /// Policy override of the per-step limit (per minute).
+    pub per_step_per_minute: Option<std::num::NonZeroU32>,
+    /// Policy override of the per-repository limit (per minute).
+    pub per_repository_per_minute: Option<std::num::NonZeroU32>,
 }
 
 /// Why a request is denied.
@@ -339,6 +343,8 @@ impl PolicySet {
                         audience: g.audience.clone(),
                         scopes: requested,
                         max_lifetime_seconds: g.max_lifetime_seconds,
+                        per_step_per_minute: g.per_step_per_minute,
+                        per_repository_per_minute: g.per_repository_per_minute,
                     }),
                     trace,
                 };

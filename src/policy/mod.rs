@@ -136,6 +136,15 @@ struct RawGrant {
     scopes: Vec<StringOnly>,
     default_scopes: Vec<StringOnly>,
     max_lifetime_seconds: u64,
+    #[serde(default)]
+    limits: Option<RawGrantLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrantLimits {
+    per_step_per_minute: Option<u32>,
+    per_repository_per_minute: Option<u32>,
 }
 
 impl fmt::Debug for StringOnly {
@@ -218,6 +227,10 @@ pub struct GrantSpec {
     pub default_scopes: Vec<String>,
     /// Longest token lifetime accepted from Keycloak, in seconds.
     pub max_lifetime_seconds: u64,
+    /// Per-policy overrides of the service's per-minute limits.
+    pub per_step_per_minute: Option<std::num::NonZeroU32>,
+    /// Per-policy override of the per-repository limit.
+    pub per_repository_per_minute: Option<std::num::NonZeroU32>,
 }
 
 /// A compiled policy.
@@ -483,6 +496,25 @@ pub fn compile_str(
                     "must be 1..=86400".into(),
                 ));
             }
+            let limit = |field: &str,
+                         v: Option<u32>|
+             -> Result<Option<std::num::NonZeroU32>, PolicyError> {
+                v.map(|n| {
+                    std::num::NonZeroU32::new(n)
+                        .ok_or_else(|| err(field, "must be at least 1".into()))
+                })
+                .transpose()
+            };
+            let (per_step_per_minute, per_repository_per_minute) = match &g.limits {
+                None => (None, None),
+                Some(l) => (
+                    limit("grant.limits.per_step_per_minute", l.per_step_per_minute)?,
+                    limit(
+                        "grant.limits.per_repository_per_minute",
+                        l.per_repository_per_minute,
+                    )?,
+                ),
+            };
             (
                 Some(GrantSpec {
                     client: g.client,
@@ -490,6 +522,8 @@ pub fn compile_str(
                     scopes,
                     default_scopes,
                     max_lifetime_seconds: g.max_lifetime_seconds,
+                    per_step_per_minute,
+                    per_repository_per_minute,
                 }),
                 None,
             )

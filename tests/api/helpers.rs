@@ -129,6 +129,10 @@ pub struct Options {
     pub jwks_cache_ttl: u64,
     /// `[jwks] timeout_seconds`.
     pub jwks_timeout: u64,
+    /// `[limits] per_step_per_minute` (tests default to no practical limit).
+    pub per_step_per_minute: u32,
+    /// `[limits] per_repository_per_minute`.
+    pub per_repository_per_minute: u32,
 }
 
 impl Options {
@@ -145,6 +149,8 @@ impl Options {
             jwks_refetch_interval: 30,
             jwks_cache_ttl: 600,
             jwks_timeout: 5,
+            per_step_per_minute: 1_000_000,
+            per_repository_per_minute: 1_000_000,
         }
     }
 }
@@ -154,8 +160,8 @@ pub struct TestApp {
     pub address: String,
     pub http: reqwest::Client,
     pub audit_path: PathBuf,
-    /// Keeps the temporary directory (config, keys, policies, audit) alive.
-    _dir: tempfile::TempDir,
+    /// The temporary directory (config `sts.toml`, keys, `policies/`, audit), kept alive.
+    pub dir: tempfile::TempDir,
 }
 
 impl TestApp {
@@ -198,6 +204,10 @@ slug = "{OTHER_WS_SLUG}"
 uuid = "{OTHER_WS}"
 issuer = "{other_iss}"
 
+[limits]
+per_step_per_minute = {per_step}
+per_repository_per_minute = {per_repo}
+
 [jwks]
 refetch_interval_seconds = {refetch}
 cache_ttl_seconds = {ttl}
@@ -233,6 +243,8 @@ path = "{audit}"
                 .clone()
                 .unwrap_or_else(|| issuer.issuer_url(OTHER_WS_SLUG)),
             refetch = opts.jwks_refetch_interval,
+            per_step = opts.per_step_per_minute,
+            per_repo = opts.per_repository_per_minute,
             ttl = opts.jwks_cache_ttl,
             jwks_timeout = opts.jwks_timeout,
             kc = opts.keycloak_url,
@@ -255,7 +267,7 @@ path = "{audit}"
             address: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
             audit_path,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -371,7 +383,7 @@ impl FakeKeycloak {
     }
 
     /// Mounts a successful token endpoint expecting `calls` calls.
-    pub async fn token_ok(&self, lifetime: u64, scope: &str, calls: u64) {
+    pub async fn token_ok(&self, lifetime: u64, scope: &str, calls: impl Into<wiremock::Times>) {
         Mock::given(method("POST"))
             .and(path(TOKEN_PATH))
             .respond_with(ResponseTemplate::new(200).set_body_json(json!({

@@ -1,0 +1,66 @@
+//! Per-identity exchange limits: at most N exchanges per `stepUuid` and per
+//! `repositoryUuid` per minute, so one runaway pipeline cannot flood Keycloak.
+//! Checked after the policy allowed the exchange and before Keycloak is called.
+//!
+//! [`ExchangeLimiter`] is the seam for a shared store (e.g. Redis) when several
+//! instances run; [`InMemoryLimiter`] (governor's GCRA, keyed) is the default.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// A rate limiter keyed by identity.
+pub trait ExchangeLimiter: Send + Sync {
+    /// Counts one exchange for `key` under a limit of `per_minute`.
+    ///
+    /// # Errors
+    /// The time after which the caller may retry, when the limit is reached.
+    fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration>;
+
+    /// Drops state of keys that are idle (bounded memory); called periodically.
+    fn housekeeping(&self) {}
+}
+
+/// In-process limiter: one keyed GCRA limiter per distinct quota.
+#[derive(Default)]
+pub struct InMemoryLimiter {
+    by_quota: Mutex<HashMap<NonZeroU32, Arc<DefaultKeyedRateLimiter<String>>>>,
+}
+
+impl InMemoryLimiter {
+    fn limiter(&self, per_minute: NonZeroU32) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
+        let mut map = self.by_quota.lock().ok()?;
+        Some(
+            map.entry(per_minute)
+                .or_insert_with(|| Arc::new(RateLimiter::keyed(Quota::per_minute(per_minute))))
+                .clone(),
+        )
+    }
+}
+
+impl ExchangeLimiter for InMemoryLimiter {
+    fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
+        // A poisoned lock fails open for the limiter only (limits protect Keycloak's
+        // capacity, not access decisions); it is logged.
+        let Some(limiter) = self.limiter(per_minute) else {
+            tracing::error!("rate limiter lock poisoned; not limiting");
+            return Ok(());
+        };
+        limiter
+            .check_key(&key.to_string())
+            .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+
+    fn housekeeping(&self) {
+        if let Ok(map) = self.by_quota.lock() {
+            for l in map.values() {
+                l.retain_recent();
+                l.shrink_to_fit();
+            }
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Policy reload without restart: on SIGHUP and when a file in the policies
+//! directory changes. The new set is compiled first and swapped atomically; an
+//! invalid set is refused (logged, counted) and the old one stays active.
+//! Requests already running keep the set they started with (they hold an `Arc`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::policy::{PolicyError, PolicySet};
+use crate::startup::AppState;
+
+/// Compiles the policies directory and, when valid, swaps it in.
+///
+/// # Errors
+/// Every problem of the new set; the active set is unchanged then.
+pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
+    match PolicySet::load_dir(&state.policies_dir, Some(&state.known_clients)) {
+        Ok(set) => {
+            let n = set.policies().len();
+            state.policies.store(std::sync::Arc::new(set));
+            state
+                .metrics
+                .policy_reloads
+                .with_label_values(&["ok"])
+                .inc();
+            tracing::info!(policies = n, "policies reloaded");
+            Ok(n)
+        }
+        Err(errors) => {
+            state
+                .metrics
+                .policy_reloads
+                .with_label_values(&["error"])
+                .inc();
+            for e in &errors {
+                tracing::error!(error = %e, "policy reload refused; the previous policies stay active");
+            }
+            Err(errors)
+        }
+    }
+}
+
+/// Runs until aborted: reloads on SIGHUP and (when `watch`) on changes in `dir`,
+/// debounced by 250 ms; also runs limiter housekeeping every 60 s.
+pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let _watcher = if watch {
+        watch_dir(&state.policies_dir, tx.clone())
+    } else {
+        None
+    };
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                while rx.try_recv().is_ok() {}
+                let _ = reload(&state);
+            }
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading policies");
+                let _ = reload(&state);
+            }
+            _ = tick.tick() => state.limiter.housekeeping(),
+        }
+    }
+}
+
+fn watch_dir(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let mut watcher = match notify::recommended_watcher(
+        move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                if ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove() {
+                    let _ = tx.try_send(());
+                }
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the policies directory; SIGHUP still reloads");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policies directory; SIGHUP still reloads");
+        return None;
+    }
+    Some(watcher)
+}
