@@ -110,7 +110,7 @@ struct RawWorkspace {
     issuer: Option<String>,
     #[serde(default)]
     audiences: Vec<String>,
-    #[serde(default = "yes")]
+    #[serde(default)]
     accept_default_audience: bool,
     #[serde(default = "default_token_alg")]
     algorithm: String,
@@ -193,10 +193,20 @@ struct RawSigning {
     key_env: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawAudit {
     path: Option<PathBuf>,
+    queue_capacity: usize,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            path: None,
+            queue_capacity: 8192,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- validated form
@@ -222,6 +232,8 @@ pub struct Settings {
     pub signing: Option<SigningKeys>,
     /// Audit log file; `None` writes audit lines to standard output.
     pub audit_path: Option<PathBuf>,
+    /// Audit lines that may wait for the writer. Defaults to 8192.
+    pub audit_queue_capacity: usize,
     /// Default per-identity limits (a policy's `grant.limits` overrides them).
     pub limits: Limits,
     /// On SIGTERM, how long in-flight exchanges may take before the process exits.
@@ -551,7 +563,9 @@ fn validate(
         if audiences.is_empty() {
             return Err(err(
                 k("audiences"),
-                "no audience accepted: add one or keep accept_default_audience = true".into(),
+                "no audience accepted: add this service's own audience (the step's `oidc: audiences:`); \
+                 accept_default_audience = true also accepts tokens meant for any other service of the workspace"
+                    .into(),
             ));
         }
         let algorithm = match w.algorithm.as_str() {
@@ -755,6 +769,7 @@ fn validate(
             clients,
         },
         signing,
+        audit_queue_capacity: raw.audit.queue_capacity.clamp(1, 1_000_000),
         audit_path: raw.audit.path.map(|p| resolve(base, &p)),
         limits: Limits {
             per_step_per_minute: std::num::NonZeroU32::new(raw.limits.per_step_per_minute)
@@ -843,11 +858,18 @@ mod tests {
     const W: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
 
     fn toml(extra_ws: &str) -> String {
+        let audiences =
+            if extra_ws.contains("audiences") || extra_ws.contains("accept_default_audience") {
+                ""
+            } else {
+                "audiences = [\"https://sts.example.test\"]"
+            };
         format!(
             r#"
 [[workspaces]]
 slug = "acme"
 uuid = "{{{W}}}"
+{audiences}
 {extra_ws}
 [keycloak]
 base_url = "http://127.0.0.1:8080"
@@ -871,11 +893,19 @@ secret_env = "PATH"
             w.issuer,
             "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc"
         );
+        assert_eq!(w.audiences, vec!["https://sts.example.test".to_string()]);
+        assert_eq!(s.clock_leeway, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_workspace_default_audience_is_opt_in() {
+        let e = load(&toml("accept_default_audience = false")).unwrap_err();
+        assert_eq!(e.key, "workspaces[0].audiences");
+        let s = load(&toml("accept_default_audience = true")).unwrap();
         assert_eq!(
-            w.audiences,
+            s.workspaces[0].audiences,
             vec![format!("ari:cloud:bitbucket::workspace/{W}")]
         );
-        assert_eq!(s.clock_leeway, Duration::from_secs(60));
     }
 
     #[test]
@@ -964,7 +994,7 @@ mod env_tests {
         let file = dir.path().join("sts.toml");
         std::fs::write(
             &file,
-            "[[workspaces]]\nslug = \"acme\"\nuuid = \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\n[keycloak]\nbase_url = \"http://127.0.0.1:8080\"\nrealm = \"ci\"\n[keycloak.clients.CI-Deploy]\nmethod = \"client_secret_basic\"\nsecret_env = \"PATH\"\n",
+            "[[workspaces]]\nslug = \"acme\"\nuuid = \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\naudiences = [\"https://sts.example.test\"]\n[keycloak]\nbase_url = \"http://127.0.0.1:8080\"\nrealm = \"ci\"\n[keycloak.clients.CI-Deploy]\nmethod = \"client_secret_basic\"\nsecret_env = \"PATH\"\n",
         )
         .unwrap();
         std::env::set_var("KEYCLOAK_CI_STS_CLOCK_LEEWAY_SECONDS", "7");

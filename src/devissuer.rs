@@ -305,6 +305,27 @@ async fn mint(state: web::Data<Arc<DevIssuer>>, body: web::Json<StepClaims>) -> 
     }
 }
 
+/// A Keycloak token endpoint stand-in that answers instantly with a fixed token:
+/// the service's own ceiling in the load benchmark (`scripts/bench.sh`).
+struct StubKeycloak {
+    body: String,
+}
+
+async fn stub_discovery(req: actix_web::HttpRequest, path: web::Path<String>) -> HttpResponse {
+    let host = req.connection_info().host().to_string();
+    let realm = format!("http://{host}/realms/{path}");
+    HttpResponse::Ok().json(json!({
+        "issuer": realm,
+        "token_endpoint": format!("{realm}/protocol/openid-connect/token"),
+    }))
+}
+
+async fn stub_token(stub: web::Data<StubKeycloak>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(stub.body.clone())
+}
+
 /// Serves `issuer` on `listener` (spawn the returned server).
 ///
 /// # Errors
@@ -313,10 +334,39 @@ pub fn serve(
     issuer: Arc<DevIssuer>,
     listener: TcpListener,
 ) -> std::io::Result<actix_web::dev::Server> {
+    serve_with(issuer, listener, false, 1)
+}
+
+/// Like [`serve`], optionally also serving a stub Keycloak realm
+/// (`/realms/<realm>/.well-known/openid-configuration` and the token endpoint,
+/// answering every token request at once with the same 60 s token), on `workers`
+/// threads.
+///
+/// # Errors
+/// Listener errors.
+pub fn serve_with(
+    issuer: Arc<DevIssuer>,
+    listener: TcpListener,
+    keycloak_stub: bool,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
+    let now = now();
+    let token = issuer
+        .sign(&json!({"iss": "stub", "azp": "stub", "scope": "artifacts:read", "iat": now, "exp": now + 60, "jti": "stub"}))
+        .unwrap_or_default();
+    let stub = web::Data::new(StubKeycloak {
+        body: json!({"access_token": token, "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}).to_string(),
+    });
     let data = web::Data::new(issuer);
     Ok(HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
+        let app = App::new().app_data(data.clone()).app_data(stub.clone());
+        let app = if keycloak_stub {
+            app.route("/realms/{realm}/.well-known/openid-configuration", web::get().to(stub_discovery))
+                .route("/realms/{realm}/protocol/openid-connect/token", web::post().to(stub_token))
+        } else {
+            app
+        };
+        app
             .route(
                 "/2.0/workspaces/{slug}/pipelines-config/identity/oidc/.well-known/openid-configuration",
                 web::get().to(discovery),
@@ -327,7 +377,7 @@ pub fn serve(
             )
             .route("/mint", web::post().to(mint))
     })
-    .workers(1)
+    .workers(workers.max(1))
     .listen(listener)?
     .run())
 }

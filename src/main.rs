@@ -34,7 +34,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(config: std::path::PathBuf) -> anyhow::Result<ExitCode> {
-    keycloak_ci_sts::telemetry::init_logging().map_err(anyhow::Error::msg)?;
+    let _log_guard = keycloak_ci_sts::telemetry::init_logging().map_err(anyhow::Error::msg)?;
     let settings = Settings::load(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
     pub rate_limited: IntCounterVec,
+    /// `sts_audit_failures_total{outcome}`: audit lines that could not be queued
+    /// (for `allowed`, the token was withheld instead).
+    pub audit_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,6 +79,11 @@ impl Metrics {
             "Exchanges refused by a per-identity limit.",
             &["limit"],
         )?;
+        let audit_failures = counter(
+            "sts_audit_failures_total",
+            "Audit lines that could not be queued, by the outcome they recorded.",
+            &["outcome"],
+        )?;
         let phase_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "sts_exchange_phase_duration_seconds",
@@ -98,6 +106,7 @@ impl Metrics {
             keycloak_responses,
             policy_reloads,
             rate_limited,
+            audit_failures,
         })
     }
 

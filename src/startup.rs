@@ -173,11 +173,18 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let keycloak =
         KeycloakClient::new(kc_http, settings.keycloak, signing.clone(), metrics.clone());
     let audit = match &settings.audit_path {
-        Some(p) => AuditSink::file(p).map_err(|source| StartupError::Audit {
-            path: p.display().to_string(),
-            source,
+        Some(p) => AuditSink::file(p, settings.audit_queue_capacity).map_err(|source| {
+            StartupError::Audit {
+                path: p.display().to_string(),
+                source,
+            }
         })?,
-        None => AuditSink::stdout(),
+        None => AuditSink::stdout(settings.audit_queue_capacity).map_err(|source| {
+            StartupError::Audit {
+                path: "standard output".into(),
+                source,
+            }
+        })?,
     };
     Ok(AppState {
         verifier,

@@ -7,26 +7,30 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// Installs the global JSON log subscriber (call once, at startup).
+/// Installs the global JSON log subscriber (call once, at startup). Lines are
+/// written by a background thread (tracing-appender), so a slow or blocked
+/// standard error never stalls request handling; when its buffer is full, lines
+/// are dropped. Keep the returned guard alive until exit (it flushes on drop).
 ///
 /// # Errors
 /// When a subscriber is already installed.
-pub fn init_logging() -> Result<(), String> {
+pub fn init_logging() -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     fmt()
         .json()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_current_span(true)
         .with_span_list(false)
         .try_init()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(guard)
 }
 
 /// Renders an error and its `source()` chain as `outer: inner: root`.
@@ -49,6 +53,8 @@ pub struct AuditRecord {
     pub time: u64,
     /// Request id (also in the response and the logs).
     pub request_id: String,
+    /// The TCP peer (the proxy's address when behind one).
+    pub client_address: Option<String>,
     /// `allowed`, `denied` or `failed` (upstream error after an allow decision).
     pub outcome: &'static str,
     /// Stable error code, when not allowed.
@@ -110,49 +116,81 @@ impl AuditRecord {
     }
 }
 
-/// Where audit lines go.
+/// The audit queue is full: the writer is stuck (a blocked pipe or disk).
+#[derive(Debug, thiserror::Error)]
+#[error("audit queue full")]
+pub struct AuditFull;
+
+/// Where audit lines go: a dedicated writer thread fed through a bounded queue,
+/// so a slow or blocked destination never stalls request handling. When the queue
+/// is full, [`AuditSink::write`] fails: the caller then refuses to hand out a
+/// token (no token without its audit line) and counts the lost denial line.
 pub struct AuditSink {
-    out: Mutex<Box<dyn Write + Send>>,
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
+    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AuditSink {
     /// Standard output.
-    pub fn stdout() -> Self {
-        Self {
-            out: Mutex::new(Box::new(std::io::stdout())),
-        }
+    ///
+    /// # Errors
+    /// The writer thread cannot be started.
+    pub fn stdout(queue: usize) -> std::io::Result<Self> {
+        Self::spawn(Box::new(std::io::stdout()), queue)
     }
 
     /// Appends to `path` (created if missing).
     ///
     /// # Errors
-    /// The file cannot be opened.
-    pub fn file(path: &Path) -> std::io::Result<Self> {
+    /// The file cannot be opened or the writer thread cannot be started.
+    pub fn file(path: &Path, queue: usize) -> std::io::Result<Self> {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
+        Self::spawn(Box::new(f), queue)
+    }
+
+    /// `queue`: most lines waiting for the writer thread.
+    fn spawn(mut out: Box<dyn Write + Send>, queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(queue);
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                for line in rx {
+                    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                        tracing::error!(error = %e, "audit write failed");
+                    }
+                }
+            })?;
         Ok(Self {
-            out: Mutex::new(Box::new(f)),
+            tx: Some(tx),
+            writer: Some(writer),
         })
     }
 
-    /// Writes one line. A failure is logged, never fatal for the request.
-    pub fn write(&self, rec: &AuditRecord) {
-        let line = match serde_json::to_string(rec) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "audit record serialisation failed");
-                return;
-            }
-        };
-        match self.out.lock() {
-            Ok(mut out) => {
-                if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                    tracing::error!(error = %e, "audit write failed");
-                }
-            }
-            Err(_) => tracing::error!("audit sink lock poisoned"),
+    /// Queues one line.
+    ///
+    /// # Errors
+    /// [`AuditFull`] when the writer is not keeping up.
+    pub fn write(&self, rec: &AuditRecord) -> Result<(), AuditFull> {
+        let line = serde_json::to_string(rec).map_err(|e| {
+            tracing::error!(error = %e, "audit record serialisation failed");
+            AuditFull
+        })?;
+        match &self.tx {
+            Some(tx) => tx.try_send(line).map_err(|_| AuditFull),
+            None => Err(AuditFull),
+        }
+    }
+}
+
+impl Drop for AuditSink {
+    /// Closes the queue and waits for the writer to write what is queued.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
         }
     }
 }

@@ -274,6 +274,15 @@ fn verify_error(e: &VerifyError) -> ApiError {
             e.public_message(),
         )
         .retry_after(10),
+        VerifyError::KeyRefetchDeferred {
+            retry_after_seconds,
+        } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            e.code(),
+            e.public_message(),
+        )
+        .retry_after(*retry_after_seconds),
         _ => ApiError::invalid_request(e.code(), e.public_message()),
     }
 }
@@ -312,6 +321,7 @@ pub async fn exchange(
     let rid = request_id(&req);
     let started = std::time::Instant::now();
     let mut audit = AuditRecord::new(rid.clone());
+    audit.client_address = req.peer_addr().map(|a| a.to_string());
     let result = run(&req, payload, &state, &mut audit).await;
     let response = match result {
         Ok(resp) => {
@@ -326,6 +336,33 @@ pub async fn exchange(
             e.to_response(&rid)
         }
     };
+    // No token leaves without its audit line: if the line cannot be queued, the
+    // token is withheld and the caller gets 503.
+    let response = match state.audit.write(&audit) {
+        Ok(()) => response,
+        Err(e) => {
+            state
+                .metrics
+                .audit_failures
+                .with_label_values(&[audit.outcome])
+                .inc();
+            tracing::error!(error = %e, outcome = audit.outcome, "audit line lost");
+            if audit.outcome == "allowed" {
+                audit.outcome = "failed";
+                audit.error_code = Some("audit.unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    "audit.unavailable",
+                    "the audit log is not accepting records; no token was issued",
+                )
+                .retry_after(5)
+                .to_response(&rid)
+            } else {
+                response
+            }
+        }
+    };
     state.metrics.observe("total", started);
     state
         .metrics
@@ -336,7 +373,6 @@ pub async fn exchange(
             audit.policy.as_deref().unwrap_or(""),
         ])
         .inc();
-    state.audit.write(&audit);
     response
 }
 

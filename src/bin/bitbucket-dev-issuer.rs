@@ -19,6 +19,13 @@ struct Args {
     /// Listen address (loopback).
     #[arg(long, default_value = "127.0.0.1:18082")]
     listen: String,
+    /// Also serve a stub Keycloak realm whose token endpoint answers instantly
+    /// (for the load benchmark's "service ceiling" scenario).
+    #[arg(long)]
+    keycloak_stub: bool,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 fn main() -> ExitCode {
@@ -43,10 +50,15 @@ fn main() -> ExitCode {
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async move {
-            keycloak_ci_sts::devissuer::serve(issuer, listener)
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
+            keycloak_ci_sts::devissuer::serve_with(
+                issuer,
+                listener,
+                args.keycloak_stub,
+                args.workers,
+            )
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
         })
     };
     match run() {

@@ -172,6 +172,7 @@ pub struct KeycloakClient {
     settings: KeycloakSettings,
     signing: Option<Arc<SigningKeys>>,
     endpoints: moka::future::Cache<(), Arc<RealmEndpoints>>,
+    probe: moka::future::Cache<(), Arc<RealmEndpoints>>,
 }
 
 impl KeycloakClient {
@@ -187,6 +188,10 @@ impl KeycloakClient {
             http,
             settings,
             signing,
+            probe: moka::future::Cache::builder()
+                .max_capacity(1)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
             endpoints: moka::future::Cache::builder()
                 .max_capacity(1)
                 .time_to_live(Duration::from_secs(300))
@@ -219,7 +224,16 @@ impl KeycloakClient {
     /// # Errors
     /// [`KeycloakError`] when Keycloak is unreachable or answers badly.
     pub async fn check_discovery(&self) -> Result<(), KeycloakError> {
-        let ep = self.fetch_endpoints().await?;
+        // Concurrent probes share one fetch, and a success answers probes for 1 s, so
+        // probing /readyz cannot turn into a flood of requests to Keycloak.
+        let ep = self
+            .probe
+            .try_get_with((), self.fetch_endpoints())
+            .await
+            .map_err(|e| KeycloakError::Discovery {
+                transient: e.is_transient(),
+                reason: crate::telemetry::chain(&*e),
+            })?;
         self.endpoints.insert((), ep).await;
         Ok(())
     }

@@ -101,8 +101,14 @@ impl KeySet {
 pub enum Lookup {
     /// The key to verify with.
     Found(Arc<DecodingKey>),
-    /// No such `kid`, even after the refetch allowed now.
+    /// No such `kid`, even after refetching the key set just now.
     Unknown,
+    /// No such `kid` in the cached set, and the refetch allowance of this interval
+    /// is used up: the key may be newer than the cache; retry after `retry_after`.
+    Deferred {
+        /// When the next refetch is allowed (at most the refetch interval).
+        retry_after: std::time::Duration,
+    },
 }
 
 /// Per-issuer key cache. Cheap to share behind an `Arc`.
@@ -172,7 +178,13 @@ impl KeyCache {
             self.fresh.invalidate(&ws.issuer).await;
         }
         let set = self.current(ws).await?;
-        Ok(set.find(kid).map_or(Lookup::Unknown, Lookup::Found))
+        Ok(match set.find(kid) {
+            Some(k) => Lookup::Found(k),
+            None if first => Lookup::Unknown,
+            None => Lookup::Deferred {
+                retry_after: self.settings.refetch_interval,
+            },
+        })
     }
 
     async fn current(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {

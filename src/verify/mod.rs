@@ -248,6 +248,11 @@ impl Verifier {
                     64,
                 )))
             }
+            Lookup::Deferred { retry_after } => {
+                return Err(VerifyError::KeyRefetchDeferred {
+                    retry_after_seconds: retry_after.as_secs().max(1),
+                })
+            }
         };
 
         let mut validation = Validation::new(ws.algorithm);
@@ -424,10 +429,17 @@ fn check_claims(
     }
     let branch_name = c.branch_name.filter(|b| !b.is_empty());
     if let Some(b) = &branch_name {
-        if b.len() > 1024 || b.chars().any(char::is_control) {
+        // Control characters, and invisible or direction-changing ones (zero-width,
+        // bidi overrides, line/paragraph separators) that would make an audit line
+        // read differently from what it records.
+        let deceptive = |c: char| {
+            c.is_control()
+                || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+        };
+        if b.len() > 1024 || b.chars().any(deceptive) {
             return Err(VerifyError::InvalidClaim {
                 claim: "branchName",
-                reason: "too long or has control characters".into(),
+                reason: "too long, or has control, invisible or bidi characters".into(),
             });
         }
     }

@@ -37,6 +37,27 @@ async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) -> V
     body
 }
 
+/// An unknown `kid`: 400 `token.unknown_key` after the interval's refetch, or 503
+/// `token.key_refetch_deferred` (with `Retry-After`) once that refetch was used;
+/// never a Keycloak call.
+async fn unknown_kid_refused(app: &TestApp, kc: &FakeKeycloak, token: &str) -> Value {
+    let r = app.exchange(token, "artifact-api", None).await;
+    let body = if r.status().as_u16() == 503 {
+        assert!(r.headers().get("retry-after").is_some());
+        assert_error(
+            r,
+            503,
+            "temporarily_unavailable",
+            "token.key_refetch_deferred",
+        )
+        .await
+    } else {
+        assert_error(r, 400, "invalid_request", "token.unknown_key").await
+    };
+    assert_eq!(kc.token_calls().await, 0);
+    body
+}
+
 /// A server that must receive nothing (for URLs named in token headers).
 async fn tripwire() -> MockServer {
     let s = MockServer::start().await;
@@ -173,7 +194,7 @@ async fn rfc8725_3_10_hostile_kid_values() {
         let mut h = Header::new(Algorithm::RS256);
         h.kid = Some(kid.clone());
         let token = issuer.issuer.sign_with_header(&h, &claims).unwrap();
-        let body = refused(&app, &kc, &token, "token.unknown_key").await;
+        let body = unknown_kid_refused(&app, &kc, &token).await;
         assert!(!body["error_description"].as_str().unwrap().contains(&kid));
     }
     for kid in [
@@ -220,7 +241,13 @@ async fn rfc8725_3_10_unknown_kid_refetches_exactly_once_per_interval() {
     )
     .await;
     for r in results {
-        assert_error(r, 400, "invalid_request", "token.unknown_key").await;
+        assert_error(
+            r,
+            503,
+            "temporarily_unavailable",
+            "token.key_refetch_deferred",
+        )
+        .await;
     }
     assert_eq!(hits(), 2, "no refetch storm");
     assert_eq!(kc.token_calls().await, 0);

@@ -126,15 +126,36 @@ async fn case_04_aud_array_with_accepted_element_is_accepted() {
 async fn case_05_aud_string_equal_to_accepted_audience_is_accepted() {
     let (issuer, kc, app) = standard().await;
     kc.token_ok(60, "artifacts:read", 2).await;
-    for aud in [
-        STS_AUDIENCE.to_string(),
-        format!("ari:cloud:bitbucket::workspace/{WS}"),
-    ] {
-        let mut c = issuer.claims(&issuer.step());
-        c["aud"] = json!(aud);
-        let r = app.exchange(&issuer.sign(&c), "artifact-api", None).await;
-        assert_eq!(r.status().as_u16(), 200, "aud {aud}");
-    }
+    let mut c = issuer.claims(&issuer.step());
+    c["aud"] = json!(STS_AUDIENCE);
+    let r = app.exchange(&issuer.sign(&c), "artifact-api", None).await;
+    assert_eq!(
+        r.status().as_u16(),
+        200,
+        "aud = the service's audience, as a string"
+    );
+    // Bitbucket's default workspace audience alone: accepted only where the operator
+    // opted in (`accept_default_audience = true`, the second test workspace)...
+    let mut c = issuer.claims(&issuer.step());
+    c["iss"] = json!(issuer.issuer_url(OTHER_WS_SLUG));
+    c["workspaceUuid"] = json!(format!("{{{OTHER_WS}}}"));
+    c["aud"] = json!(format!("ari:cloud:bitbucket::workspace/{OTHER_WS}"));
+    let r = app.exchange(&issuer.sign(&c), "artifact-api", None).await;
+    // (the policy does not cover that workspace: refused by policy, i.e. past the audience check)
+    let body = assert_error(r, 400, "invalid_request", "policy.workspace_not_allowed").await;
+    assert!(body["error_description"]
+        .as_str()
+        .unwrap()
+        .contains(OTHER_WS));
+    // ...and refused by default, since every step token of the workspace carries it.
+    let mut c = issuer.claims(&issuer.step());
+    c["aud"] = json!(format!("ari:cloud:bitbucket::workspace/{WS}"));
+    let r = app.exchange(&issuer.sign(&c), "artifact-api", None).await;
+    assert_error(r, 400, "invalid_request", "token.audience_not_accepted").await;
+    let r = app
+        .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
 }
 
 #[tokio::test]

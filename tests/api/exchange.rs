@@ -544,6 +544,7 @@ async fn readiness_follows_keycloak_going_down() {
     );
     // Keycloak's realm disappears (discovery now answers 404).
     kc.server.reset().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a success answers probes for 1 s
     let r = app.http.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some());

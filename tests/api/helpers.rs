@@ -133,6 +133,8 @@ pub struct Options {
     pub per_step_per_minute: u32,
     /// `[limits] per_repository_per_minute`.
     pub per_repository_per_minute: u32,
+    /// The `[audit]` table (default: a file in the test directory).
+    pub audit_toml: Option<String>,
 }
 
 impl Options {
@@ -151,6 +153,7 @@ impl Options {
             jwks_timeout: 5,
             per_step_per_minute: 1_000_000,
             per_repository_per_minute: 1_000_000,
+            audit_toml: None,
         }
     }
 }
@@ -162,6 +165,8 @@ pub struct TestApp {
     pub audit_path: PathBuf,
     /// The temporary directory (config `sts.toml`, keys, `policies/`, audit), kept alive.
     pub dir: tempfile::TempDir,
+    /// `/token` requests sent through `post_token` (each writes one audit line).
+    token_requests: std::sync::atomic::AtomicUsize,
 }
 
 impl TestApp {
@@ -203,6 +208,8 @@ audiences = ["{STS_AUDIENCE}"]
 slug = "{OTHER_WS_SLUG}"
 uuid = "{OTHER_WS}"
 issuer = "{other_iss}"
+# opted in: this workspace accepts Bitbucket's default audience
+accept_default_audience = true
 
 [limits]
 per_step_per_minute = {per_step}
@@ -229,8 +236,7 @@ secret_file = "{secret}"
 [signing]
 key_files = ["{key}"]
 
-[audit]
-path = "{audit}"
+{audit_table}
 "#,
             policies = policies_dir.display(),
             top_extra = opts.top_extra,
@@ -251,7 +257,10 @@ path = "{audit}"
             keycloak_extra = opts.keycloak_extra,
             secret = secret.display(),
             key = key.display(),
-            audit = audit_path.display(),
+            audit_table = opts
+                .audit_toml
+                .clone()
+                .unwrap_or_else(|| format!("[audit]\npath = \"{}\"", audit_path.display())),
         );
         std::fs::write(dir.path().join("sts.toml"), &toml).unwrap();
         (dir, toml, audit_path)
@@ -268,11 +277,14 @@ path = "{audit}"
             http: reqwest::Client::new(),
             audit_path,
             dir,
+            token_requests: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
     /// POSTs a form to /token.
     pub async fn post_token(&self, form: &[(&str, &str)]) -> reqwest::Response {
+        self.token_requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.http
             .post(format!("{}/token", self.address))
             .form(form)
@@ -301,12 +313,24 @@ path = "{audit}"
     }
 
     /// Audit lines written so far.
+    /// Audit lines written so far; waits (up to 5 s) for the background writer to
+    /// catch up with the `/token` requests sent through `post_token`.
     pub fn audit_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        let want = self
+            .token_requests
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let lines: Vec<Value> = std::fs::read_to_string(&self.audit_path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= want || std::time::Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
@@ -442,13 +466,23 @@ impl ServiceProcess {
     /// Starts `keycloak-ci-sts serve --config <config>` with `RUST_LOG=<log_level>`
     /// and waits for its `listening` log line.
     pub fn start(config: &std::path::Path, log_level: &str) -> Self {
+        Self::start_with_stdout(config, log_level, std::process::Stdio::null())
+    }
+
+    /// Like `start`, with standard output (where audit lines go when `[audit] path`
+    /// is unset) connected to `stdout`.
+    pub fn start_with_stdout(
+        config: &std::path::Path,
+        log_level: &str,
+        stdout: std::process::Stdio,
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", log_level)
             .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
+            .stdout(stdout)
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();

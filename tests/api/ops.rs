@@ -473,3 +473,59 @@ async fn sigterm_lets_in_flight_exchanges_finish_then_exits_0() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn a_blocked_audit_destination_never_freezes_the_service_and_no_token_leaves_unaudited() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read", 0..=1).await;
+    let mut opts = Options::new(&kc.uri());
+    // Audit lines to standard output, which the test never reads: the pipe fills up.
+    opts.audit_toml = Some("[audit]\nqueue_capacity = 16".into());
+    let (dir, _toml, _audit) = TestApp::write_config(&issuer, opts);
+    let svc = ServiceProcess::start_with_stdout(
+        &dir.path().join("sts.toml"),
+        "warn,keycloak_ci_sts::startup=info",
+        std::process::Stdio::piped(),
+    );
+    let base = format!("http://127.0.0.1:{}", svc.port);
+    let http = reqwest::Client::new();
+    let garbage = [
+        ("grant_type", TOKEN_EXCHANGE),
+        ("subject_token", "not-a-token"),
+        ("subject_token_type", ID_TOKEN_TYPE),
+        ("audience", "artifact-api"),
+    ];
+    for _ in 0..600 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            http.post(format!("{base}/token")).form(&garbage).send(),
+        )
+        .await
+        .expect("the service stalled behind its audit log")
+        .unwrap();
+        assert_eq!(r.status().as_u16(), 400);
+    }
+    let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // An allowed exchange cannot be audited now: the token is withheld.
+    let r = http
+        .post(format!("{base}/token"))
+        .form(&[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", issuer.mint(&issuer.step()).as_str()),
+            ("subject_token_type", ID_TOKEN_TYPE),
+            ("audience", "artifact-api"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(r, 503, "temporarily_unavailable", "audit.unavailable").await;
+    assert!(body.get("access_token").is_none());
+    let s = scrape(&base).await;
+    assert!(value(&s, "sts_audit_failures_total", &[("outcome", "denied")]) > 0.0);
+    assert_eq!(
+        value(&s, "sts_audit_failures_total", &[("outcome", "allowed")]),
+        1.0
+    );
+}

@@ -178,7 +178,14 @@ async fn unknown_kid_refetches_once_then_accepts_rotated_key() {
     let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
     for _ in 0..5 {
         let r = app.exchange(&token, "artifact-api", None).await;
-        assert_error(r, 400, "invalid_request", "token.unknown_key").await;
+        // the refetch allowance of this interval was used by the rotation
+        assert_error(
+            r,
+            503,
+            "temporarily_unavailable",
+            "token.key_refetch_deferred",
+        )
+        .await;
     }
     assert_eq!(hits(), 2, "no refetch storm");
 }
@@ -205,4 +212,19 @@ async fn header_member_of_the_wrong_type_is_malformed() {
         "token.malformed",
     )
     .await;
+}
+
+#[tokio::test]
+async fn invisible_and_bidi_characters_in_branch_names_are_refused() {
+    let (issuer, kc, app) = standard().await;
+    for branch in [
+        "release/\u{2028}x",
+        "main\u{202E}",
+        "ma\u{200B}in",
+        "\u{FEFF}main",
+    ] {
+        let mut step = issuer.step();
+        step.branch_name = Some(branch.into());
+        refused(&app, &kc, &issuer.mint(&step), "token.invalid_claim").await;
+    }
 }
