@@ -6,7 +6,10 @@
 # For each: throughput, p50 and p99 latency, and (b, c) the service's peak RSS;
 # then the ratios against the targets. Results: target/bench/results.md.
 #
-#   scripts/bench.sh            # BENCH_DURATION=20 BENCH_CONNECTIONS=32 BENCH_LOG=warn
+#   scripts/bench.sh   # BENCH_DURATION=20 BENCH_WARMUP=10 BENCH_CONNECTIONS=32 BENCH_LOG=warn
+#
+# Run it on an otherwise idle machine: the load generator, Keycloak and the service
+# share its cores.
 #
 # Needs what scripts/test.sh needs, plus wrk (installed from Debian's packages when
 # running as root). Uses ports 18080, 19000 (Keycloak), 18091-18093.
@@ -14,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DURATION="${BENCH_DURATION:-20}"
+WARMUP="${BENCH_WARMUP:-10}"
 CONNECTIONS="${BENCH_CONNECTIONS:-32}"
 LOG="${BENCH_LOG:-warn}"
 OUT=target/bench
@@ -110,8 +114,8 @@ DIRECT_BODY="grant_type=client_credentials&scope=artifacts%3Aread"
 DIRECT_AUTH="Basic $(printf 'sts-artifacts:sts-artifacts-test-secret' | base64 -w0)"
 
 run() { # name url body auth
-  # warm-up, then the measured run
-  BENCH_BODY="$3" BENCH_AUTH="$4" wrk -t2 -c"$CONNECTIONS" -d3s -s bench/report.lua "$2" >/dev/null
+  # warm-up (Keycloak's JIT needs it), then the measured run
+  BENCH_BODY="$3" BENCH_AUTH="$4" wrk -t2 -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/report.lua "$2" >/dev/null
   BENCH_BODY="$3" BENCH_AUTH="$4" wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s bench/report.lua "$2" |
     tail -n 1 >"$OUT/$1.json"
   echo "$1: $(cat "$OUT/$1.json")"

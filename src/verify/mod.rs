@@ -23,7 +23,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::Validation;
 use serde::{Deserialize, Serialize};
 
 use crate::configuration::WorkspaceSettings;
@@ -70,6 +69,14 @@ pub struct BitbucketIdentity {
     pub iat: u64,
 }
 
+/// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
 /// Claims as deserialised after the signature check. Types are strict (numbers
 /// are numbers); presence and shape are checked afterwards so errors can name the claim.
 #[derive(Deserialize)]
@@ -78,11 +85,8 @@ struct RawClaims {
     sub: Option<String>,
     exp: Option<u64>,
     iat: Option<u64>,
-    #[allow(
-        dead_code,
-        reason = "checked by jsonwebtoken; kept so the type is enforced"
-    )]
     nbf: Option<u64>,
+    aud: Option<Audience>,
     #[serde(rename = "workspaceUuid")]
     workspace_uuid: Option<String>,
     #[serde(rename = "repositoryUuid")]
@@ -181,6 +185,13 @@ impl Verifier {
         if header.contains_key("crit") {
             return Err(VerifyError::CriticalHeader);
         }
+        for member in ["typ", "cty"] {
+            if header.get(member).is_some_and(|v| !v.is_string()) {
+                return Err(VerifyError::Malformed(format!(
+                    "header `{member}` is not a string"
+                )));
+            }
+        }
         let payload = decode_segment(p, "payload")?;
         let iss = match payload.get("iss") {
             None => return Err(VerifyError::MissingClaim("iss")),
@@ -255,23 +266,50 @@ impl Verifier {
             }
         };
 
-        let mut validation = Validation::new(ws.algorithm);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = self.leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.validate_aud = true;
-        validation.set_issuer(&[ws.issuer.as_str()]);
-        validation.set_audience(&ws.audiences);
-        let data = jsonwebtoken::decode::<serde_json::Value>(raw, &key, &validation)
-            .map_err(map_jwt_error)?;
-        let claims: RawClaims = serde_path_to_error::deserialize(data.claims).map_err(|e| {
-            let path = e.path().to_string();
-            VerifyError::InvalidClaim {
-                claim: claim_name(&path),
-                reason: "wrong type".into(),
-            }
-        })?;
+        // Signature over the exact received bytes `header.payload`, with the key and
+        // the configured algorithm (jsonwebtoken's crypto, aws-lc-rs).
+        let signing_input = raw
+            .get(..h.len() + 1 + p.len())
+            .ok_or(VerifyError::BadSignature)?;
+        match jsonwebtoken::crypto::verify(s, signing_input.as_bytes(), &key, ws.algorithm) {
+            Ok(true) => {}
+            Ok(false) => return Err(VerifyError::BadSignature),
+            Err(e) => return Err(map_jwt_error(e)),
+        }
+
+        // Claims: the payload parsed once above (no duplicate names), now typed.
+        let claims: RawClaims =
+            serde_path_to_error::deserialize(serde_json::Value::Object(payload)).map_err(|e| {
+                let path = e.path().to_string();
+                VerifyError::InvalidClaim {
+                    claim: claim_name(&path),
+                    reason: "wrong type".into(),
+                }
+            })?;
+        let now = now_secs();
+        let leeway = self.leeway.as_secs();
+        // RFC 7519 §4.1.4 exp, §4.1.5 nbf (with leeway); §4.1.3 aud (any element).
+        let exp = claims.exp.ok_or(VerifyError::MissingClaim("exp"))?;
+        if exp.saturating_add(leeway) < now {
+            return Err(VerifyError::Expired);
+        }
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(leeway))
+        {
+            return Err(VerifyError::NotYetValid);
+        }
+        let accepted = match &claims.aud {
+            None => return Err(VerifyError::MissingClaim("aud")),
+            Some(Audience::One(a)) => ws.audiences.iter().any(|x| x == a),
+            Some(Audience::Many(v)) => v.iter().any(|a| ws.audiences.iter().any(|x| x == a)),
+        };
+        if !accepted {
+            return Err(VerifyError::AudienceNotAccepted);
+        }
+        if claims.sub.is_none() {
+            return Err(VerifyError::MissingClaim("sub"));
+        }
         check_claims(claims, ws, self.leeway, now_secs())
     }
 }

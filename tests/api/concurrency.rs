@@ -69,6 +69,8 @@ async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
+        // shorter than the server's keep-alive (5 s), so no request races a closing connection
+        .pool_idle_timeout(Duration::from_secs(2))
         .build()
         .unwrap();
     let mut peak_rss = svc.rss_bytes();
