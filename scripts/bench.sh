@@ -18,6 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 DURATION="${BENCH_DURATION:-20}"
 WARMUP="${BENCH_WARMUP:-10}"
+KEYCLOAK_WARMUP="${BENCH_KEYCLOAK_WARMUP:-40}"
 CONNECTIONS="${BENCH_CONNECTIONS:-32}"
 LOG="${BENCH_LOG:-warn}"
 OUT=target/bench
@@ -122,6 +123,10 @@ run() { # name url body auth
 }
 
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+echo "== warming Keycloak up (${KEYCLOAK_WARMUP}s of direct load; its JIT compiles the hot paths)"
+BENCH_BODY="$DIRECT_BODY" BENCH_AUTH="$DIRECT_AUTH" wrk -t2 -c"$CONNECTIONS" -d"${KEYCLOAK_WARMUP}s" -s bench/report.lua \
+  http://127.0.0.1:18080/realms/ci/protocol/openid-connect/token >/dev/null
 
 echo "== (a) Keycloak direct"
 run a http://127.0.0.1:18080/realms/ci/protocol/openid-connect/token "$DIRECT_BODY" "$DIRECT_AUTH"
