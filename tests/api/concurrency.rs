@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use wiremock::matchers::{method, path};
-use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::*;
 
@@ -20,17 +18,7 @@ const CONCURRENCY: usize = 200;
 async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak() {
     let issuer = Issuer::start().await;
     let kc = FakeKeycloak::start().await;
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({
-                    "access_token": FakeKeycloak::access_token(60),
-                    "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"
-                }))
-                .set_delay(Duration::from_millis(150)),
-        )
-        .mount(&kc.server)
+    kc.token_slow("artifacts:read", Duration::from_millis(150))
         .await;
     let mut opts = Options::new(&kc.uri());
     opts.jwks_refetch_interval = 1;
@@ -88,15 +76,7 @@ async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak
             }
             let token = issuer.mint(&step);
             async move {
-                let r = http
-                    .post(url)
-                    .form(&[
-                        ("grant_type", TOKEN_EXCHANGE),
-                        ("subject_token", token.as_str()),
-                        ("subject_token_type", ID_TOKEN_TYPE),
-                        ("audience", "artifact-api"),
-                    ])
-                    .send()
+                let r = post_exchange(&http, &url, &token, "artifact-api")
                     .await
                     .expect("the service answered");
                 let status = r.status().as_u16();

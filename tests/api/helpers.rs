@@ -423,6 +423,24 @@ impl FakeKeycloak {
             .await;
     }
 
+    /// Mounts a successful token endpoint that answers after `delay`.
+    pub async fn token_slow(&self, scope: &str, delay: std::time::Duration) {
+        Mock::given(method("POST"))
+            .and(path(TOKEN_PATH))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(json!({
+                        "access_token": Self::access_token(60),
+                        "expires_in": 60,
+                        "token_type": "Bearer",
+                        "scope": scope,
+                    }))
+                    .set_delay(delay),
+            )
+            .mount(&self.server)
+            .await;
+    }
+
     /// Mounts a token endpoint that must never be called.
     pub async fn token_never_called(&self) {
         Mock::given(method("POST"))
@@ -543,4 +561,22 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// POSTs the standard token-exchange form for `token` and `audience` to `url`.
+pub async fn post_exchange(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    audience: &str,
+) -> reqwest::Result<reqwest::Response> {
+    http.post(url)
+        .form(&[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", token),
+            ("subject_token_type", ID_TOKEN_TYPE),
+            ("audience", audience),
+        ])
+        .send()
+        .await
 }

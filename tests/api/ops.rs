@@ -305,18 +305,9 @@ async fn policies_reload_when_a_file_changes_and_an_invalid_set_is_refused() {
 
 #[tokio::test]
 async fn an_in_flight_exchange_finishes_with_the_policies_it_started_with() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
     let issuer = Issuer::start().await;
     let kc = FakeKeycloak::start().await;
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({"access_token": FakeKeycloak::access_token(60), "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}))
-                .set_delay(Duration::from_millis(1500)),
-        )
-        .mount(&kc.server)
+    kc.token_slow("artifacts:read", Duration::from_millis(1500))
         .await;
     let mut opts = Options::new(&kc.uri());
     opts.policies = vec![("a.yaml".into(), artifact_policy("artifact-api"))];
@@ -365,15 +356,7 @@ async fn sighup_reloads_policies_in_the_running_binary() {
         let token = token.clone();
         let url = format!("{address}/token");
         async move {
-            reqwest::Client::new()
-                .post(url)
-                .form(&[
-                    ("grant_type", TOKEN_EXCHANGE),
-                    ("subject_token", token.as_str()),
-                    ("subject_token_type", ID_TOKEN_TYPE),
-                    ("audience", aud),
-                ])
-                .send()
+            post_exchange(&reqwest::Client::new(), &url, &token, aud)
                 .await
                 .unwrap()
                 .status()
@@ -410,18 +393,9 @@ async fn sighup_reloads_policies_in_the_running_binary() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_exchanges_finish_then_exits_0() {
-    use wiremock::matchers::{method, path};
-    use wiremock::{Mock, ResponseTemplate};
     let issuer = Issuer::start().await;
     let kc = FakeKeycloak::start().await;
-    Mock::given(method("POST"))
-        .and(path(TOKEN_PATH))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(serde_json::json!({"access_token": FakeKeycloak::access_token(60), "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}))
-                .set_delay(Duration::from_millis(2000)),
-        )
-        .mount(&kc.server)
+    kc.token_slow("artifacts:read", Duration::from_millis(2000))
         .await;
     let mut opts = Options::new(&kc.uri());
     opts.top_extra = "shutdown_grace_seconds = 10".into();
@@ -433,15 +407,7 @@ async fn sigterm_lets_in_flight_exchanges_finish_then_exits_0() {
         let url = url.clone();
         let token = token.clone();
         tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(url)
-                .form(&[
-                    ("grant_type", TOKEN_EXCHANGE),
-                    ("subject_token", token.as_str()),
-                    ("subject_token_type", ID_TOKEN_TYPE),
-                    ("audience", "artifact-api"),
-                ])
-                .send()
+            post_exchange(&reqwest::Client::new(), &url, &token, "artifact-api")
                 .await
                 .map(|r| r.status().as_u16())
         })
@@ -509,17 +475,14 @@ async fn a_blocked_audit_destination_never_freezes_the_service_and_no_token_leav
     let r = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     // An allowed exchange cannot be audited now: the token is withheld.
-    let r = http
-        .post(format!("{base}/token"))
-        .form(&[
-            ("grant_type", TOKEN_EXCHANGE),
-            ("subject_token", issuer.mint(&issuer.step()).as_str()),
-            ("subject_token_type", ID_TOKEN_TYPE),
-            ("audience", "artifact-api"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let r = post_exchange(
+        &http,
+        &format!("{base}/token"),
+        &issuer.mint(&issuer.step()),
+        "artifact-api",
+    )
+    .await
+    .unwrap();
     let body = assert_error(r, 503, "temporarily_unavailable", "audit.unavailable").await;
     assert!(body.get("access_token").is_none());
     let s = scrape(&base).await;
