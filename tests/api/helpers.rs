@@ -514,9 +514,12 @@ impl ServiceProcess {
         });
         let mut lines = Vec::new();
         let port = loop {
-            let line = rx
-                .recv_timeout(std::time::Duration::from_secs(30))
-                .expect("service did not start");
+            let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(30)) else {
+                // never leave the process behind when the test gives up on it
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("service did not start (no `listening` log line within 30 s)");
+            };
             lines.push(line.clone());
             let Ok(v) = serde_json::from_str::<Value>(&line) else {
                 continue;
