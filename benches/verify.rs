@@ -25,8 +25,9 @@ const WS: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
 const REPO: &str = "d4e45493-4a33-477d-917b-a24e7e4bd39b";
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // A current-thread runtime: `block_on` adds the least overhead around the async
+    // key lookup (the local issuer runs on actix's own worker thread).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");

@@ -6,7 +6,8 @@
 # For each: throughput, p50 and p99 latency, and (b, c) the service's peak RSS;
 # then the ratios against the targets. Results: target/bench/results.md.
 #
-#   scripts/bench.sh   # BENCH_DURATION=20 BENCH_WARMUP=10 BENCH_CONNECTIONS=32 BENCH_LOG=warn
+#   scripts/bench.sh   # BENCH_DURATION=20 BENCH_WARMUP=10 BENCH_KEYCLOAK_WARMUP=40
+#                      # BENCH_CONNECTIONS=32 BENCH_LOG=warn
 #
 # Run it on an otherwise idle machine: the load generator, Keycloak and the service
 # share its cores.

@@ -93,6 +93,20 @@ impl Metrics {
             &["phase"],
         )?;
         registry.register(Box::new(phase_seconds.clone()))?;
+        // Export every known series from the start (at 0), so that alerts on
+        // `increase()` see the first event.
+        for r in ["ok", "error"] {
+            policy_reloads.with_label_values(&[r]);
+        }
+        for l in ["step", "repository"] {
+            rate_limited.with_label_values(&[l]);
+        }
+        for o in ["allowed", "denied", "failed"] {
+            audit_failures.with_label_values(&[o]);
+        }
+        for r in ["hit", "miss", "stale", "unknown_kid"] {
+            jwks_cache.with_label_values(&[r]);
+        }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
