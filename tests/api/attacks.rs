@@ -20,23 +20,6 @@ fn b64j(v: &Value) -> String {
     b64(v.to_string().as_bytes())
 }
 
-/// Sends `token` for `artifact-api` and asserts the refusal: status 400
-/// `invalid_request` with `code`, no Keycloak call, a `denied` audit line.
-async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) -> Value {
-    let r = app.exchange(token, "artifact-api", None).await;
-    let body = assert_error(r, 400, "invalid_request", code).await;
-    assert_eq!(
-        kc.token_calls().await,
-        0,
-        "a refused token reached Keycloak"
-    );
-    let audit = app.audit_lines();
-    let last = audit.last().expect("an audit line per decision");
-    assert_eq!(last["outcome"], "denied");
-    assert_eq!(last["error_code"], code);
-    body
-}
-
 /// An unknown `kid`: 400 `token.unknown_key` after the interval's refetch, or 503
 /// `token.key_refetch_deferred` (with `Retry-After`) once that refetch was used;
 /// never a Keycloak call.

@@ -583,3 +583,20 @@ pub async fn post_exchange(
         .send()
         .await
 }
+
+/// Sends `token` for `artifact-api` and asserts the refusal: status 400
+/// `invalid_request` with `code`, no Keycloak call, a `denied` audit line.
+pub async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) -> Value {
+    let r = app.exchange(token, "artifact-api", None).await;
+    let body = assert_error(r, 400, "invalid_request", code).await;
+    assert_eq!(
+        kc.token_calls().await,
+        0,
+        "a refused token reached Keycloak"
+    );
+    let audit = app.audit_lines();
+    let last = audit.last().expect("an audit line per decision");
+    assert_eq!(last["outcome"], "denied");
+    assert_eq!(last["error_code"], code);
+    body
+}

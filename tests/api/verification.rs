@@ -12,19 +12,6 @@ fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
 }
 
-async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) -> Value {
-    let r = app.exchange(token, "artifact-api", None).await;
-    let body = assert_error(r, 400, "invalid_request", code).await;
-    assert_eq!(
-        kc.token_calls().await,
-        0,
-        "a refused token reached Keycloak"
-    );
-    let audit = app.audit_lines();
-    assert_eq!(audit.last().unwrap()["error_code"], code);
-    body
-}
-
 #[tokio::test]
 async fn expired_token_is_refused() {
     let (issuer, kc, app) = standard().await;
