@@ -80,6 +80,9 @@ fn policy(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
                         };
                         out(&format!("  {}: {what}", p.id))?;
                     }
+                    for w in set.warnings() {
+                        eprintln!("warning: {w}");
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(errors) => {

@@ -17,6 +17,9 @@ pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
     match PolicySet::load_dir(&state.policies_dir, Some(&state.known_clients)) {
         Ok(set) => {
             let n = set.policies().len();
+            for w in set.warnings() {
+                tracing::warn!(warning = %w, "policy warning");
+            }
             state.policies.store(std::sync::Arc::new(set));
             state
                 .metrics

@@ -151,6 +151,9 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         settings.keycloak.clients.keys().cloned().collect();
     let policies = PolicySet::load_dir(&settings.policies_dir, Some(&known))
         .map_err(StartupError::Policies)?;
+    for w in policies.warnings() {
+        tracing::warn!(warning = %w, "policy warning");
+    }
     if policies.policies().is_empty() {
         tracing::warn!(dir = %settings.policies_dir.display(), "no policies: every exchange will be denied");
     }

@@ -153,7 +153,9 @@ impl fmt::Debug for StringOnly {
     }
 }
 
-/// A compiled branch pattern: `*` and `?` never cross `/`, `**` does.
+/// A compiled branch pattern: `*` (any run of characters) and `?` (one character)
+/// never cross `/`; `**` does. `\` escapes the next character. Nothing else is
+/// pattern syntax: `[`, `]`, `{` and `}` are refused unless escaped.
 #[derive(Debug, Clone)]
 pub struct BranchPattern {
     source: String,
@@ -168,6 +170,29 @@ impl BranchPattern {
     pub fn new(p: &str) -> Result<Self, String> {
         if p.is_empty() {
             return Err("empty branch pattern".into());
+        }
+        // Only `*`, `?` and `**` are pattern syntax. globset would also read `[...]`
+        // classes and `{a,b}` alternations; they are refused rather than left live and
+        // undocumented (a class can match `/`, which `*` and `?` never do). Git branch
+        // names cannot contain `[` (git-check-ref-format); a literal `{` or `}` is
+        // written `\{` / `\}`. Alternatives are a YAML list: `branchName: [main, master]`.
+        let mut chars = p.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => {
+                    if chars.next().is_none() {
+                        return Err("pattern ends with a lone `\\`".into());
+                    }
+                }
+                '[' | ']' | '{' | '}' => {
+                    return Err(format!(
+                        "`{c}` is not supported in branch patterns: only `*`, `?` and `**` are; \
+                         list alternatives instead (branchName: [main, master]) and escape a \
+                         literal brace as `\\{{`"
+                    ))
+                }
+                _ => {}
+            }
         }
         let glob = GlobBuilder::new(p)
             .literal_separator(true)
@@ -270,6 +295,31 @@ impl PolicySet {
         &self.policies
     }
 
+    /// Problems that do not make the set invalid but probably are mistakes, one line
+    /// each (`policy check` prints them, `serve` logs them): a deny policy naming an
+    /// audience that no allow policy grants (a typo would leave the audience it meant
+    /// uncovered).
+    pub fn warnings(&self) -> Vec<String> {
+        let granted: BTreeSet<&str> = self
+            .policies
+            .iter()
+            .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
+            .collect();
+        let mut out = Vec::new();
+        for p in &self.policies {
+            let Some(auds) = &p.deny_audiences else { continue };
+            for a in auds {
+                if !granted.contains(a.as_str()) {
+                    out.push(format!(
+                        "{}: `audiences`: no allow policy grants audience `{a}`; this deny rule covers nothing for it (a typo?)",
+                        p.id
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Builds a set from compiled policies (sorted by id).
     pub fn from_policies(mut policies: Vec<Policy>) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
@@ -358,6 +408,55 @@ fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Po
     })
 }
 
+/// Collects `(path, reason)` for every null, empty string, empty sequence or empty
+/// mapping below `v` (paths such as `when.repositoryUuid`, `grant.scopes[0]`). A
+/// policy may hold none: in YAML a key whose values were all commented out reads as
+/// null, and an empty list would silently turn a condition or a deny rule into
+/// "nothing", so the file would mean something other than what a reviewer reads.
+/// A one-key mapping whose key is a UUID and whose value is null is reported as an
+/// unquoted `{uuid}` (YAML reads `{d4e4...}` as a flow mapping with no value).
+fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String, &'static str)>) {
+    use serde_norway::Value;
+    const EMPTY: &str = "empty value (null, `~`, `[]`, `{}`, \"\" or every value commented out); \
+        remove the field or give it values";
+    let here = if path.is_empty() { ".".to_string() } else { path.to_string() };
+    match v {
+        Value::Null => out.push((here, EMPTY)),
+        Value::String(s) if s.is_empty() => out.push((here, EMPTY)),
+        Value::Sequence(items) if items.is_empty() => out.push((here, EMPTY)),
+        Value::Mapping(m) if m.is_empty() => out.push((here, EMPTY)),
+        Value::Mapping(m)
+            if m.len() == 1
+                && m.iter().all(|(k, v)| {
+                    v.is_null()
+                        && k.as_str().is_some_and(|k| {
+                            (32..=36).contains(&k.len())
+                                && k.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+                        })
+                }) =>
+        {
+            out.push((here, QUOTE_HINT));
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                find_empty_values(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, item) in m {
+                let key = match k {
+                    Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                find_empty_values(item, &child, out);
+            }
+        }
+        Value::Tagged(t) => find_empty_values(&t.value, path, out),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+}
+
 /// Parses and compiles one policy from YAML text.
 ///
 /// # Errors
@@ -383,8 +482,20 @@ pub fn compile_str(
             "file name must be letters, digits, - _ . (it is the policy id)".into(),
         ));
     }
-    let de = serde_norway::Deserializer::from_str(text);
-    let raw: RawPolicy = serde_path_to_error::deserialize(de).map_err(|e| {
+    let tree: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
+        err("", e.to_string())
+    })?;
+    let mut empties = Vec::new();
+    find_empty_values(&tree, "", &mut empties);
+    if let Some((first, reason)) = empties.first() {
+        let mut reason = (*reason).to_string();
+        if empties.len() > 1 {
+            let all: Vec<&str> = empties.iter().map(|(p, _)| p.as_str()).collect();
+            reason = format!("{reason} (also refused: `{}`)", all[1..].join("`, `"));
+        }
+        return Err(err(first, reason));
+    }
+    let raw: RawPolicy = serde_path_to_error::deserialize(tree).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.into_inner().to_string();
         // serde_norway prefixes its own message with the path; keep one copy.
@@ -538,6 +649,16 @@ pub fn compile_str(
             if when.is_empty() {
                 return Err(err("when", "a deny policy without conditions would deny everything; name at least one claim".into()));
             }
+            if let Some(a) = &raw.audiences {
+                for (i, aud) in a.iter().enumerate() {
+                    if !is_scope_token(aud) {
+                        return Err(err(
+                            &format!("audiences[{i}]"),
+                            "must be a non-empty token without spaces or quotes".into(),
+                        ));
+                    }
+                }
+            }
             let auds = raw
                 .audiences
                 .map(|a| a.into_iter().collect::<BTreeSet<_>>());
@@ -580,14 +701,14 @@ mod tests {
     #[test]
     fn compile_errors_name_the_field() {
         let cases = [
-            ("effect: allow\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "when"),
+            ("effect: allow\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n", "when"),
             ("effect: deny\nwhen: {}\n", "when"),
             ("effect: allow\nwhen:\n  repositoryUuid: nope\n", "when.repositoryUuid[0]"),
             ("effect: allow\nwhen:\n  repositoryUuid: []\n", "when.repositoryUuid"),
             ("effect: maybe\n", "effect"),
-            ("effect: deny\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "grant"),
-            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: [\"bad scope\"]\n  default_scopes: []\n  max_lifetime_seconds: 60\n", "grant.scopes[0]"),
-            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 0\n", "grant.max_lifetime_seconds"),
+            ("effect: deny\nwhen:\n  branchName: main\ngrant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n", "grant"),
+            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: [\"bad scope\"]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n", "grant.scopes[0]"),
+            ("effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 0\n", "grant.max_lifetime_seconds"),
         ];
         for (yaml, field) in cases {
             let e = compile(yaml).unwrap_err();
@@ -600,11 +721,96 @@ mod tests {
         let known: BTreeSet<String> = ["sts-deploy".to_string()].into();
         let e = compile_str(
             "p",
-            "effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: other\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n",
+            "effect: allow\nwhen:\n  workspaceUuid: \"03b741e3-cf4a-41f9-9a59-cec52e21bdc3\"\ngrant:\n  client: other\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n",
             Some(&known),
         )
         .unwrap_err();
         assert_eq!(e.field, "grant.client");
+    }
+
+    const W: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
+    const GRANT: &str = "grant: {client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300}\n";
+
+    /// Issue #7 §1, first input: conditions whose values are empty, null or all
+    /// commented out are refused at load, naming each field.
+    #[test]
+    fn empty_null_and_commented_out_conditions_are_refused_naming_each_field() {
+        let yaml = format!(
+            "effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n  repositoryUuid:\n  deploymentEnvironmentUuid:\n    # - \"{{bd715740-c970-486b-b68a-b421ec2a1f8b}}\"\n  branchName: ~\n{GRANT}"
+        );
+        let e = compile(&yaml).unwrap_err();
+        assert_eq!(e.field, "when.repositoryUuid", "{e}");
+        assert!(e.reason.contains("empty value"), "{e}");
+        assert!(e.reason.contains("when.deploymentEnvironmentUuid"), "{e}");
+        assert!(e.reason.contains("when.branchName"), "{e}");
+    }
+
+    /// The kind: any null or empty value anywhere is refused, whatever the field.
+    #[test]
+    fn every_null_or_empty_value_anywhere_is_refused() {
+        let allow = |when: &str, grant: &str| format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{when}{grant}");
+        let cases = [
+            (allow("  repositoryUuid: []\n", GRANT), "when.repositoryUuid"),
+            (allow("  branchName: [\"\"]\n", GRANT), "when.branchName[0]"),
+            (allow("  branchName: [main, ~]\n", GRANT), "when.branchName[1]"),
+            (allow("  branchName: \"\"\n", GRANT), "when.branchName"),
+            (allow("", "grant: {client: c, audience: a, scopes: [], default_scopes: [s], max_lifetime_seconds: 300}\n"), "grant.scopes"),
+            (allow("", "grant: {client: c, audience: a, scopes: [s], default_scopes: [], max_lifetime_seconds: 300}\n"), "grant.default_scopes"),
+            (allow("", "grant: {client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300, limits: {}}\n"), "grant.limits"),
+            (allow("", "grant: {client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300, limits: {per_step_per_minute: ~}}\n"), "grant.limits.per_step_per_minute"),
+            (allow("", "grant:\n"), "grant"),
+            (format!("description:\n{}", allow("", GRANT)), "description"),
+            (format!("effect: allow\nwhen:\n{GRANT}"), "when"),
+            (format!("effect: allow\nwhen: {{}}\n{GRANT}"), "when"),
+            ("effect: deny\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\naudiences: []\n".to_string(), "audiences"),
+            ("effect: deny\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\naudiences:\n  # - deploy-api\n".to_string(), "audiences"),
+            ("effect: deny\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\n  branchName:\n".to_string(), "when.branchName"),
+            ("effect:\n".to_string(), "effect"),
+            (String::new(), "."),
+            ("# everything commented out\n".to_string(), "."),
+        ];
+        for (yaml, field) in cases {
+            let e = compile(&yaml).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}\n=> {e}");
+        }
+    }
+
+    /// Issue #7 §1, second input: a deny with `audiences: []` never applied.
+    #[test]
+    fn deny_with_empty_audiences_is_refused_and_unknown_audience_is_warned() {
+        let e = compile("effect: deny\nwhen:\n  repositoryUuid: \"{5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e}\"\naudiences: []\n").unwrap_err();
+        assert_eq!(e.field, "audiences");
+        let allow = compile_str("a", &format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\ngrant: {{client: c, audience: deploy-api, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300}}\n"), None).unwrap();
+        let deny = compile_str("d", "effect: deny\nwhen:\n  repositoryUuid: \"{5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e}\"\naudiences: [deploy-apj, deploy-api]\n", None).unwrap();
+        let set = PolicySet::from_policies(vec![allow, deny]);
+        let w = set.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("deploy-apj") && w[0].starts_with("d:"), "{w:?}");
+        let e = compile("effect: deny\nwhen:\n  branchName: main\naudiences: [\"bad aud\"]\n").unwrap_err();
+        assert_eq!(e.field, "audiences[0]");
+    }
+
+    /// Issue #7 §1, third input: glob syntax beyond `*`, `?`, `**` is refused.
+    #[test]
+    fn classes_and_alternations_are_refused_escapes_are_literal() {
+        for p in ["{main,master}", "release/[0-9]*", "[!a]", "a]", "x}", "trailing\\"] {
+            assert!(BranchPattern::new(p).is_err(), "{p}");
+        }
+        let lit = BranchPattern::new("odd\\{name\\}").unwrap();
+        assert!(lit.is_match("odd{name}"));
+        assert!(!lit.is_match("oddname"));
+        let q = BranchPattern::new("v?").unwrap();
+        assert!(q.is_match("v1"));
+        assert!(!q.is_match("v/"));
+        let e = compile(&format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n  branchName: \"{{main,master}}\"\n{GRANT}")).unwrap_err();
+        assert_eq!(e.field, "when.branchName[0]", "{e}");
+    }
+
+    #[test]
+    fn unquoted_braced_uuid_still_gets_the_quote_hint() {
+        let e = compile(&format!("effect: allow\nwhen:\n  workspaceUuid: {{{W}}}\n{GRANT}")).unwrap_err();
+        assert_eq!(e.field, "when.workspaceUuid", "{e}");
+        assert!(e.reason.contains("quote"), "{e}");
     }
 
     #[test]

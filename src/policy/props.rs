@@ -96,12 +96,13 @@ fn when_yaml() -> impl Strategy<Value = String> {
 }
 
 fn allow_policy() -> impl Strategy<Value = Option<Policy>> {
-    (when_yaml(), 0usize..2, proptest::collection::vec(0usize..3, 0..3)).prop_map(|(when, aud, scopes)| {
+    (when_yaml(), 0usize..2, proptest::collection::vec(0usize..3, 1..3)).prop_map(|(when, aud, scopes)| {
         let scopes: Vec<&str> = scopes.iter().map(|i| SCOPES[*i]).collect();
         let yaml = format!(
-            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: []\n  max_lifetime_seconds: 60\n",
+            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: 60\n",
             AUDIENCES[aud],
-            scopes.join(", ")
+            scopes.join(", "),
+            scopes[0],
         );
         // Some generated `when`s are invalid for allow (no workspace/repository): skipped.
         compile_str("allow", &yaml, None).ok()
@@ -209,5 +210,183 @@ proptest! {
         let deep = BranchPattern::new(&format!("{prefix}/**")).unwrap();
         let nested = format!("{prefix}/{a}/{b}");
         prop_assert!(deep.is_match(&nested));
+    }
+}
+
+// ------------------------------------------------------------ line removal
+
+/// One generated policy file in block style, line by line, with the kind of each
+/// line: `Condition` for a condition's key line under `when:`, `Deny` for every line
+/// of a deny policy, `Other` for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    Condition,
+    Deny,
+    Other,
+}
+
+fn block_when(
+    conds: &[(usize, Vec<usize>)],
+    lines: &mut Vec<(String, LineKind)>,
+    kind_of_values: LineKind,
+) {
+    const KEYS: [&str; 4] = [
+        "workspaceUuid",
+        "repositoryUuid",
+        "deploymentEnvironmentUuid",
+        "branchName",
+    ];
+    let key_kind = if kind_of_values == LineKind::Deny {
+        LineKind::Deny
+    } else {
+        LineKind::Condition
+    };
+    lines.push(("when:".into(), kind_of_values));
+    for (k, values) in conds {
+        lines.push((format!("  {}:", KEYS[*k]), key_kind));
+        for v in values {
+            let value = if *k == 3 {
+                BRANCHES[*v % BRANCHES.len()].to_string()
+            } else {
+                format!("{{{}}}", UUIDS[*v % UUIDS.len()])
+            };
+            lines.push((format!("    - \"{value}\""), kind_of_values));
+        }
+        // a commented-out value, as reviewers see in real files
+        lines.push(("    # - \"{00000000-0000-0000-0000-000000000000}\"".into(), kind_of_values));
+    }
+}
+
+fn conditions() -> impl Strategy<Value = Vec<(usize, Vec<usize>)>> {
+    proptest::sample::subsequence(vec![0usize, 1, 2, 3], 1..=4).prop_flat_map(|keys| {
+        keys.into_iter()
+            .map(|k| (Just(k), proptest::collection::vec(0usize..7, 1..3)))
+            .collect::<Vec<_>>()
+    })
+}
+
+fn allow_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
+    (conditions(), 0usize..2, proptest::collection::vec(0usize..3, 1..3)).prop_map(
+        |(conds, aud, scopes)| {
+            let mut lines = vec![("effect: allow".to_string(), LineKind::Other)];
+            block_when(&conds, &mut lines, LineKind::Other);
+            lines.push(("grant:".into(), LineKind::Other));
+            lines.push(("  client: c".into(), LineKind::Other));
+            lines.push((format!("  audience: {}", AUDIENCES[aud]), LineKind::Other));
+            lines.push(("  scopes:".into(), LineKind::Other));
+            for i in &scopes {
+                lines.push((format!("    - {}", SCOPES[*i]), LineKind::Other));
+            }
+            lines.push(("  default_scopes:".into(), LineKind::Other));
+            lines.push((format!("    - {}", SCOPES[scopes[0]]), LineKind::Other));
+            lines.push(("  max_lifetime_seconds: 60".into(), LineKind::Other));
+            lines
+        },
+    )
+}
+
+fn deny_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
+    (conditions(), proptest::option::of(proptest::collection::vec(0usize..2, 1..3))).prop_map(
+        |(conds, auds)| {
+            let mut lines = vec![("effect: deny".to_string(), LineKind::Deny)];
+            block_when(&conds, &mut lines, LineKind::Deny);
+            if let Some(a) = auds {
+                lines.push(("audiences:".into(), LineKind::Deny));
+                for i in a {
+                    lines.push((format!("  - {}", AUDIENCES[i]), LineKind::Deny));
+                }
+            }
+            lines
+        },
+    )
+}
+
+fn compile_files(files: &[Vec<(String, LineKind)>]) -> Option<PolicySet> {
+    let mut policies = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let text: String = f.iter().map(|(l, _)| format!("{l}\n")).collect();
+        policies.push(compile_str(&format!("p{i}"), &text, None).ok()?);
+    }
+    Some(PolicySet::from_policies(policies))
+}
+
+/// Every (identity, audience, scopes) the set admits, over a fixed grid.
+fn admitted(set: &PolicySet) -> BTreeSet<(usize, usize, usize, usize, usize, usize)> {
+    let mut out = BTreeSet::new();
+    for w in 0..2 {
+        for r in 0..3 {
+            for e in 0..3 {
+                for b in 0..4 {
+                    let id = BitbucketIdentity {
+                        issuer: "https://issuer.example.test".into(),
+                        workspace_slug: "acme".into(),
+                        sub: String::new(),
+                        workspace_uuid: uuid(w),
+                        repository_uuid: uuid(r),
+                        pipeline_uuid: uuid(0),
+                        step_uuid: uuid(1),
+                        branch_name: (b > 0).then(|| BRANCHES[b - 1].to_string()),
+                        deployment_environment_uuid: (e > 0).then(|| uuid(e + 1)),
+                        pipeline_run_uuid: None,
+                        exp: 0,
+                        iat: 0,
+                    };
+                    for a in 0..2 {
+                        for sc in 0..4 {
+                            let scopes: Vec<String> =
+                                if sc == 0 { vec![] } else { vec![SCOPES[sc - 1].to_string()] };
+                            let d = set.evaluate(&EvalRequest {
+                                identity: &id,
+                                audience: AUDIENCES[a],
+                                scopes: &scopes,
+                            });
+                            if is_allow(&d) {
+                                out.insert((w, r, e, b, a, sc));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Issue #7 §1: removing one line of a policy file never makes the compiled set
+    /// admit more, unless the line was part of a deny policy or a condition's key
+    /// (removing a whole condition widens by design). Removing the last value of a
+    /// condition, or everything but a comment, must be refused, not read as "any".
+    #[test]
+    fn removing_a_line_never_admits_more_unless_it_was_a_deny_or_a_condition(
+        allows in proptest::collection::vec(allow_lines(), 1..3),
+        denies in proptest::collection::vec(deny_lines(), 0..2),
+    ) {
+        let files: Vec<Vec<(String, LineKind)>> = allows.into_iter().chain(denies).collect();
+        let Some(base) = compile_files(&files) else {
+            // generated allow policies without workspace/repository are invalid; skip
+            return Ok(());
+        };
+        let before = admitted(&base);
+        for (fi, f) in files.iter().enumerate() {
+            for li in 0..f.len() {
+                if f[li].1 != LineKind::Other {
+                    continue;
+                }
+                let mut changed = files.clone();
+                changed[fi].remove(li);
+                if let Some(set) = compile_files(&changed) {
+                    let after = admitted(&set);
+                    let extra: Vec<_> = after.difference(&before).collect();
+                    prop_assert!(
+                        extra.is_empty(),
+                        "removing line {li} `{}` of file {fi} admitted more: {extra:?}",
+                        f[li].0
+                    );
+                }
+            }
+        }
     }
 }

@@ -92,7 +92,7 @@ fn case_03_unquoted_braced_uuid_in_policy_yaml_names_file_key_and_says_quote() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("bad.yaml"),
-        format!("effect: allow\nwhen:\n  repositoryUuid: {{{REPO}}}\ngrant:\n  client: c\n  audience: a\n  scopes: []\n  default_scopes: []\n  max_lifetime_seconds: 60\n"),
+        format!("effect: allow\nwhen:\n  repositoryUuid: {{{REPO}}}\ngrant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n"),
     )
     .unwrap();
     let errs = keycloak_ci_sts::policy::PolicySet::load_dir(dir.path(), None).unwrap_err();
@@ -238,8 +238,8 @@ async fn case_10_missing_or_empty_branch_is_denied_where_required_and_admitted_w
                 &format!("{}  branchName: main\n", when_repo()),
                 "sts-artifacts",
                 "with-branch",
-                "",
-                "",
+                "artifacts:read",
+                "artifacts:read",
                 300,
             ),
         ),

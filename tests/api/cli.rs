@@ -37,8 +37,8 @@ fn policy_check_reports_every_bad_file_with_field_and_fails() {
             &format!("{}  branchName: \"[\"\n", when_repo()),
             "c",
             "a",
-            "",
-            "",
+            "s",
+            "s",
             60,
         ),
     )
@@ -228,7 +228,7 @@ fn policy_check_with_config_needs_no_secrets_or_keys() {
     let pol = tempfile::tempdir().unwrap();
     std::fs::write(
         pol.path().join("p.yaml"),
-        allow_policy(&when_repo(), "sts-unknown", "a", "", "", 60),
+        allow_policy(&when_repo(), "sts-unknown", "a", "s", "s", 60),
     )
     .unwrap();
     let out = bin()
@@ -240,4 +240,65 @@ fn policy_check_with_config_needs_no_secrets_or_keys() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("grant.client"));
+}
+
+/// Issue #7 §1: the policy that read as narrow but admitted every repository.
+#[test]
+fn policy_check_refuses_empty_conditions_naming_each_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("looks-narrow.yaml"),
+        format!(
+            "effect: allow\nwhen:\n  workspaceUuid: \"{{{WS}}}\"\n  repositoryUuid:\n  deploymentEnvironmentUuid:\n    # - \"{{{PROD_ENV}}}\"\n  branchName: ~\ngrant: {{client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("deny-nothing.yaml"),
+        format!("effect: deny\nwhen: {{repositoryUuid: \"{{{SANDBOX_REPO}}}\"}}\naudiences: []\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in [
+        "when.repositoryUuid",
+        "when.deploymentEnvironmentUuid",
+        "when.branchName",
+    ] {
+        assert!(err.contains(field), "{field} not named: {err}");
+    }
+    assert!(
+        err.contains("deny-nothing.yaml") && err.contains("`audiences`"),
+        "{err}"
+    );
+    assert!(err.contains("2 problem(s)"), "{err}");
+}
+
+/// Issue #7 §1: a deny naming an audience no allow grants is a warning.
+#[test]
+fn policy_check_warns_about_a_deny_for_an_audience_nobody_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("allow.yaml"),
+        allow_policy(&when_repo(), "c", "deploy-api", "s", "s", 60),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("deny.yaml"),
+        format!("effect: deny\nwhen: {{repositoryUuid: \"{{{SANDBOX_REPO}}}\"}}\naudiences: [deploy-apii]\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: deny") && err.contains("deploy-apii"), "{err}");
 }
