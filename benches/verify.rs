@@ -62,8 +62,11 @@ fn bench(c: &mut Criterion) {
     let verifier = Verifier::new(
         vec![ws],
         Arc::new(KeyCache::new(http, settings, metrics)),
-        Duration::from_secs(60),
-        16 * 1024,
+        keycloak_ci_sts::verify::TokenRules {
+            leeway: Duration::from_secs(60),
+            max_token_bytes: 16 * 1024,
+            max_lifetime: Duration::from_secs(86_400),
+        },
     );
     let policies = PolicySet::load_dir(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"),

@@ -1,4 +1,4 @@
-//! Command line: `serve`, `policy check`, `policy explain`, `keys generate`.
+//! Command line: `serve`, `config check`, `policy check`, `policy explain`, `keys generate`.
 
 use std::path::PathBuf;
 
@@ -22,6 +22,12 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Configuration tools (offline).
+    Config {
+        /// Config subcommand.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Policy tools (offline).
     Policy {
         /// Policy subcommand.
@@ -33,6 +39,24 @@ pub enum Command {
         /// Keys subcommand.
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+/// `config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Run every startup check of a configuration file (environment overrides
+    /// included) and of its policies, without starting anything or calling any
+    /// upstream; print each problem and warning. Exit 0 when valid (warnings
+    /// allowed), 1 when not.
+    Check {
+        /// TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Do not read client secrets and signing keys (for a pipeline that has
+        /// the configuration but not the secrets).
+        #[arg(long)]
+        no_secrets: bool,
     },
 }
 

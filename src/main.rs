@@ -4,7 +4,7 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use clap::Parser;
-use keycloak_ci_sts::cli::{Cli, Command, KeysCommand, PolicyCommand};
+use keycloak_ci_sts::cli::{Cli, Command, ConfigCommand, KeysCommand, PolicyCommand};
 use keycloak_ci_sts::configuration::Settings;
 use keycloak_ci_sts::domain::SecretToken;
 use keycloak_ci_sts::keys::{self, SigningAlgorithm, SigningKey};
@@ -26,6 +26,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => serve(config),
+        Command::Config {
+            command: ConfigCommand::Check { config, no_secrets },
+        } => config_check(&config, no_secrets),
         Command::Policy { command } => policy(command),
         Command::Keys {
             command: KeysCommand::Generate { out, alg },
@@ -45,6 +48,42 @@ fn serve(config: std::path::PathBuf) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn config_check(file: &std::path::Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
+    use keycloak_ci_sts::configuration::Secrets;
+    let secrets = if no_secrets {
+        Secrets::Skip
+    } else {
+        Secrets::Read
+    };
+    let (settings, report) = Settings::check(file, secrets);
+    let mut errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+    let mut warnings: Vec<String> = report.warnings.iter().map(ToString::to_string).collect();
+    if let Some(s) = &settings {
+        let known = s.keycloak.clients.keys().cloned().collect();
+        match PolicySet::load_dir(&s.policies_dir, Some(&known)) {
+            Ok(set) => warnings.extend(set.warnings()),
+            Err(e) => errors.extend(e.iter().map(ToString::to_string)),
+        }
+    }
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    if errors.is_empty() {
+        out(&format!(
+            "ok: {} ({} warning(s))",
+            file.display(),
+            warnings.len()
+        ))?;
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} problem(s)", errors.len());
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn known_clients(

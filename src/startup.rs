@@ -167,8 +167,11 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let verifier = Verifier::new(
         settings.workspaces,
         keys,
-        settings.clock_leeway,
-        settings.max_token_bytes,
+        crate::verify::TokenRules {
+            leeway: settings.clock_leeway,
+            max_token_bytes: settings.max_token_bytes,
+            max_lifetime: settings.max_subject_token_lifetime,
+        },
     );
     let kc_http =
         crate::http::client(settings.keycloak.connect_timeout, settings.keycloak.timeout)?;

@@ -271,12 +271,7 @@ impl KeycloakClient {
         }
         let endpoint = url::Url::parse(&d.token_endpoint)
             .map_err(|e| KeycloakError::BadResponse(format!("token_endpoint: {e}")))?;
-        if endpoint.scheme() != "https"
-            && !(endpoint.scheme() == "http"
-                && endpoint
-                    .host()
-                    .is_some_and(|h| crate::configuration::is_loopback_host(&h)))
-        {
+        if !crate::http::is_https_or_loopback_http(&endpoint) {
             return Err(KeycloakError::BadResponse(
                 "token_endpoint must be https".into(),
             ));

@@ -179,10 +179,8 @@ impl BranchPattern {
         let mut chars = p.chars();
         while let Some(c) = chars.next() {
             match c {
-                '\\' => {
-                    if chars.next().is_none() {
-                        return Err("pattern ends with a lone `\\`".into());
-                    }
+                '\\' if chars.next().is_none() => {
+                    return Err("pattern ends with a lone `\\`".into());
                 }
                 '[' | ']' | '{' | '}' => {
                     return Err(format!(
@@ -307,7 +305,9 @@ impl PolicySet {
             .collect();
         let mut out = Vec::new();
         for p in &self.policies {
-            let Some(auds) = &p.deny_audiences else { continue };
+            let Some(auds) = &p.deny_audiences else {
+                continue;
+            };
             for a in auds {
                 if !granted.contains(a.as_str()) {
                     out.push(format!(
@@ -419,7 +419,11 @@ fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String,
     use serde_norway::Value;
     const EMPTY: &str = "empty value (null, `~`, `[]`, `{}`, \"\" or every value commented out); \
         remove the field or give it values";
-    let here = if path.is_empty() { ".".to_string() } else { path.to_string() };
+    let here = if path.is_empty() {
+        ".".to_string()
+    } else {
+        path.to_string()
+    };
     match v {
         Value::Null => out.push((here, EMPTY)),
         Value::String(s) if s.is_empty() => out.push((here, EMPTY)),
@@ -448,7 +452,11 @@ fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String,
                     Value::String(s) => s.clone(),
                     other => format!("{other:?}"),
                 };
-                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
+                let child = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
                 find_empty_values(item, &child, out);
             }
         }
@@ -482,9 +490,8 @@ pub fn compile_str(
             "file name must be letters, digits, - _ . (it is the policy id)".into(),
         ));
     }
-    let tree: serde_norway::Value = serde_norway::from_str(text).map_err(|e| {
-        err("", e.to_string())
-    })?;
+    let tree: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| err("", e.to_string()))?;
     let mut empties = Vec::new();
     find_empty_values(&tree, "", &mut empties);
     if let Some((first, reason)) = empties.first() {
@@ -748,7 +755,9 @@ mod tests {
     /// The kind: any null or empty value anywhere is refused, whatever the field.
     #[test]
     fn every_null_or_empty_value_anywhere_is_refused() {
-        let allow = |when: &str, grant: &str| format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{when}{grant}");
+        let allow = |when: &str, grant: &str| {
+            format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{when}{grant}")
+        };
         let cases = [
             (allow("  repositoryUuid: []\n", GRANT), "when.repositoryUuid"),
             (allow("  branchName: [\"\"]\n", GRANT), "when.branchName[0]"),
@@ -785,15 +794,26 @@ mod tests {
         let set = PolicySet::from_policies(vec![allow, deny]);
         let w = set.warnings();
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("deploy-apj") && w[0].starts_with("d:"), "{w:?}");
-        let e = compile("effect: deny\nwhen:\n  branchName: main\naudiences: [\"bad aud\"]\n").unwrap_err();
+        assert!(
+            w[0].contains("deploy-apj") && w[0].starts_with("d:"),
+            "{w:?}"
+        );
+        let e = compile("effect: deny\nwhen:\n  branchName: main\naudiences: [\"bad aud\"]\n")
+            .unwrap_err();
         assert_eq!(e.field, "audiences[0]");
     }
 
     /// Issue #7 §1, third input: glob syntax beyond `*`, `?`, `**` is refused.
     #[test]
     fn classes_and_alternations_are_refused_escapes_are_literal() {
-        for p in ["{main,master}", "release/[0-9]*", "[!a]", "a]", "x}", "trailing\\"] {
+        for p in [
+            "{main,master}",
+            "release/[0-9]*",
+            "[!a]",
+            "a]",
+            "x}",
+            "trailing\\",
+        ] {
             assert!(BranchPattern::new(p).is_err(), "{p}");
         }
         let lit = BranchPattern::new("odd\\{name\\}").unwrap();
@@ -808,7 +828,10 @@ mod tests {
 
     #[test]
     fn unquoted_braced_uuid_still_gets_the_quote_hint() {
-        let e = compile(&format!("effect: allow\nwhen:\n  workspaceUuid: {{{W}}}\n{GRANT}")).unwrap_err();
+        let e = compile(&format!(
+            "effect: allow\nwhen:\n  workspaceUuid: {{{W}}}\n{GRANT}"
+        ))
+        .unwrap_err();
         assert_eq!(e.field, "when.workspaceUuid", "{e}");
         assert!(e.reason.contains("quote"), "{e}");
     }

@@ -253,7 +253,10 @@ fn block_when(
             lines.push((format!("    - \"{value}\""), kind_of_values));
         }
         // a commented-out value, as reviewers see in real files
-        lines.push(("    # - \"{00000000-0000-0000-0000-000000000000}\"".into(), kind_of_values));
+        lines.push((
+            "    # - \"{00000000-0000-0000-0000-000000000000}\"".into(),
+            kind_of_values,
+        ));
     }
 }
 
@@ -266,8 +269,12 @@ fn conditions() -> impl Strategy<Value = Vec<(usize, Vec<usize>)>> {
 }
 
 fn allow_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
-    (conditions(), 0usize..2, proptest::collection::vec(0usize..3, 1..3)).prop_map(
-        |(conds, aud, scopes)| {
+    (
+        conditions(),
+        0usize..2,
+        proptest::collection::vec(0usize..3, 1..3),
+    )
+        .prop_map(|(conds, aud, scopes)| {
             let mut lines = vec![("effect: allow".to_string(), LineKind::Other)];
             block_when(&conds, &mut lines, LineKind::Other);
             lines.push(("grant:".into(), LineKind::Other));
@@ -281,13 +288,15 @@ fn allow_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
             lines.push((format!("    - {}", SCOPES[scopes[0]]), LineKind::Other));
             lines.push(("  max_lifetime_seconds: 60".into(), LineKind::Other));
             lines
-        },
-    )
+        })
 }
 
 fn deny_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
-    (conditions(), proptest::option::of(proptest::collection::vec(0usize..2, 1..3))).prop_map(
-        |(conds, auds)| {
+    (
+        conditions(),
+        proptest::option::of(proptest::collection::vec(0usize..2, 1..3)),
+    )
+        .prop_map(|(conds, auds)| {
             let mut lines = vec![("effect: deny".to_string(), LineKind::Deny)];
             block_when(&conds, &mut lines, LineKind::Deny);
             if let Some(a) = auds {
@@ -297,8 +306,7 @@ fn deny_lines() -> impl Strategy<Value = Vec<(String, LineKind)>> {
                 }
             }
             lines
-        },
-    )
+        })
 }
 
 fn compile_files(files: &[Vec<(String, LineKind)>]) -> Option<PolicySet> {
@@ -331,13 +339,16 @@ fn admitted(set: &PolicySet) -> BTreeSet<(usize, usize, usize, usize, usize, usi
                         exp: 0,
                         iat: 0,
                     };
-                    for a in 0..2 {
+                    for (a, aud) in AUDIENCES.iter().enumerate() {
                         for sc in 0..4 {
-                            let scopes: Vec<String> =
-                                if sc == 0 { vec![] } else { vec![SCOPES[sc - 1].to_string()] };
+                            let scopes: Vec<String> = if sc == 0 {
+                                vec![]
+                            } else {
+                                vec![SCOPES[sc - 1].to_string()]
+                            };
                             let d = set.evaluate(&EvalRequest {
                                 identity: &id,
-                                audience: AUDIENCES[a],
+                                audience: aud,
                                 scopes: &scopes,
                             });
                             if is_allow(&d) {
@@ -371,8 +382,8 @@ proptest! {
         };
         let before = admitted(&base);
         for (fi, f) in files.iter().enumerate() {
-            for li in 0..f.len() {
-                if f[li].1 != LineKind::Other {
+            for (li, (line, kind)) in f.iter().enumerate() {
+                if *kind != LineKind::Other {
                     continue;
                 }
                 let mut changed = files.clone();
@@ -382,8 +393,7 @@ proptest! {
                     let extra: Vec<_> = after.difference(&before).collect();
                     prop_assert!(
                         extra.is_empty(),
-                        "removing line {li} `{}` of file {fi} admitted more: {extra:?}",
-                        f[li].0
+                        "removing line {li} `{line}` of file {fi} admitted more: {extra:?}"
                     );
                 }
             }

@@ -54,6 +54,15 @@ pub enum VerifyError {
     /// `iat` is in the future, beyond the leeway.
     #[error("token issued in the future")]
     IssuedInFuture,
+    /// `exp - iat` is longer than `max_subject_token_lifetime_seconds` (an absurd
+    /// `exp`, or one written in milliseconds).
+    #[error("token lifetime {lifetime} s exceeds the maximum {max} s")]
+    LifetimeTooLong {
+        /// `exp - iat`, seconds.
+        lifetime: u64,
+        /// Configured maximum, seconds.
+        max: u64,
+    },
     /// `nbf` is in the future, beyond the leeway.
     #[error("token not yet valid")]
     NotYetValid,
@@ -95,6 +104,7 @@ impl VerifyError {
             Self::Expired => "token.expired",
             Self::IssuedInFuture => "token.issued_in_future",
             Self::NotYetValid => "token.not_yet_valid",
+            Self::LifetimeTooLong { .. } => "token.lifetime_too_long",
             Self::AudienceNotAccepted => "token.audience_not_accepted",
             Self::MissingClaim(_) => "token.missing_claim",
             Self::InvalidClaim { .. } => "token.invalid_claim",
@@ -119,6 +129,7 @@ impl VerifyError {
             Self::Expired => "subject_token has expired".into(),
             Self::IssuedInFuture => "subject_token iat is in the future".into(),
             Self::NotYetValid => "subject_token is not valid yet (nbf)".into(),
+            Self::LifetimeTooLong { max, .. } => format!("subject_token lifetime (exp - iat) is longer than {max} s"),
             Self::AudienceNotAccepted => "subject_token aud does not include an audience this service accepts; set the step's oidc audiences".into(),
             Self::MissingClaim(c) => format!("subject_token lacks the `{c}` claim"),
             Self::InvalidClaim { claim, .. } => format!("subject_token claim `{claim}` has the wrong type or shape"),

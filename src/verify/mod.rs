@@ -133,27 +133,35 @@ impl<'de> Deserialize<'de> for StrictObject {
     }
 }
 
+/// The limits a token must keep, from configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRules {
+    /// Clock leeway for `exp`, `iat`, `nbf` (RFC 7519 §4.1.4: "small leeway").
+    pub leeway: Duration,
+    /// Largest accepted token, in bytes (checked before parsing).
+    pub max_token_bytes: usize,
+    /// Longest accepted `exp - iat`.
+    pub max_lifetime: Duration,
+}
+
 /// Verifies Bitbucket tokens against the configured workspaces.
 pub struct Verifier {
     workspaces: Vec<WorkspaceSettings>,
     keys: Arc<KeyCache>,
     leeway: Duration,
     max_token_bytes: usize,
+    max_lifetime: Duration,
 }
 
 impl Verifier {
     /// Creates a verifier over the trusted workspaces.
-    pub fn new(
-        workspaces: Vec<WorkspaceSettings>,
-        keys: Arc<KeyCache>,
-        leeway: Duration,
-        max_token_bytes: usize,
-    ) -> Self {
+    pub fn new(workspaces: Vec<WorkspaceSettings>, keys: Arc<KeyCache>, rules: TokenRules) -> Self {
         Self {
             workspaces,
             keys,
-            leeway,
-            max_token_bytes,
+            leeway: rules.leeway,
+            max_token_bytes: rules.max_token_bytes,
+            max_lifetime: rules.max_lifetime,
         }
     }
 
@@ -310,7 +318,7 @@ impl Verifier {
         if claims.sub.is_none() {
             return Err(VerifyError::MissingClaim("sub"));
         }
-        check_claims(claims, ws, self.leeway, now_secs())
+        check_claims(claims, ws, self.leeway, self.max_lifetime, now_secs())
     }
 }
 
@@ -426,6 +434,7 @@ fn check_claims(
     c: RawClaims,
     ws: &WorkspaceSettings,
     leeway: Duration,
+    max_lifetime: Duration,
     now: u64,
 ) -> Result<BitbucketIdentity, VerifyError> {
     let exp = c.exp.ok_or(VerifyError::MissingClaim("exp"))?;
@@ -437,6 +446,12 @@ fn check_claims(
         return Err(VerifyError::InvalidClaim {
             claim: "iat",
             reason: "after exp".into(),
+        });
+    }
+    if exp - iat > max_lifetime.as_secs() {
+        return Err(VerifyError::LifetimeTooLong {
+            lifetime: exp - iat,
+            max: max_lifetime.as_secs(),
         });
     }
     let sub = c.sub.ok_or(VerifyError::MissingClaim("sub"))?;

@@ -1,5 +1,6 @@
 //! The command line, run as a user would run it.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::helpers::*;
@@ -300,5 +301,98 @@ fn policy_check_warns_about_a_deny_for_an_audience_nobody_grants() {
         .unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("warning: deny") && err.contains("deploy-apii"), "{err}");
+    assert!(
+        err.contains("warning: deny") && err.contains("deploy-apii"),
+        "{err}"
+    );
+}
+
+/// Issue #7 §2: `config check` runs every startup check offline and prints each
+/// problem, not only the first.
+#[test]
+fn config_check_prints_every_problem_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "clock_leeway_seconds = 900\n[[workspaces]]\nslug = \"acme\"\nuuid = \"{{{WS}}}\"\nissuer = \"https://api.bitbucket.org/2.0/workspaces/{{{WS}}}/pipelines-config/identity/oidc\"\naudiences = [\"{STS_AUDIENCE}\"]\n[keycloak]\nbase_url = \"http://keycloak.example.test\"\nrealm = \"ci\"\n[keycloak.clients.c]\nmethod = \"client_secret_basic\"\nsecret_env = \"KCS_TEST_SURELY_UNSET_VARIABLE\"\n"
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["config", "check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "`clock_leeway_seconds`",
+        "`workspaces[0].issuer`",
+        "`keycloak.base_url`",
+        "`keycloak.clients.c`",
+    ] {
+        assert!(err.contains(key), "{key} not reported:\n{err}");
+    }
+    assert!(
+        err.contains("where Bitbucket puts the workspace slug"),
+        "{err}"
+    );
+    assert!(err.contains("4 problem(s)"), "{err}");
+    // Without secrets, the unset variable is not a problem.
+    let out = bin()
+        .args(["config", "check", "--no-secrets", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("3 problem(s)"), "{err}");
+}
+
+#[test]
+fn config_check_accepts_the_demo_configuration_and_its_policies() {
+    let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/sts.toml");
+    let out = bin()
+        .env("KCS_DEMO_STS_ARTIFACTS_SECRET", "x")
+        .args(["config", "check", "--no-secrets", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+}
+
+/// The policies a configuration points at are compiled by `config check` too.
+#[test]
+fn config_check_reports_policy_errors_of_the_configured_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let pol = dir.path().join("policies");
+    std::fs::create_dir(&pol).unwrap();
+    std::fs::write(
+        pol.join("p.yaml"),
+        allow_policy(&when_repo(), "not-configured", "a", "s", "s", 60),
+    )
+    .unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[workspaces]]\nslug = \"acme\"\nuuid = \"{{{WS}}}\"\naudiences = [\"{STS_AUDIENCE}\"]\n[keycloak]\nbase_url = \"https://keycloak.example.test\"\nrealm = \"ci\"\n[keycloak.clients.c]\nmethod = \"private_key_jwt\"\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["config", "check", "--no-secrets", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.yaml") && err.contains("grant.client"),
+        "{err}"
+    );
 }

@@ -13,6 +13,7 @@ mod cases;
 mod cli;
 mod concurrency;
 mod exchange;
+mod faultkinds;
 mod faults;
 mod helpers;
 mod keycloak_real;

@@ -1,0 +1,186 @@
+//! The file format: what serde reads from TOML and environment overrides before
+//! validation. Unknown keys are refused. Defaults live here, one function each.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::keys::SigningAlgorithm;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSettings {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_policies_dir")]
+    pub policies_dir: PathBuf,
+    #[serde(default = "default_leeway")]
+    pub clock_leeway_seconds: u64,
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    #[serde(default = "default_max_subject_token_lifetime")]
+    pub max_subject_token_lifetime_seconds: u64,
+    #[serde(default)]
+    pub workspaces: Vec<RawWorkspace>,
+    #[serde(default)]
+    pub jwks: RawJwks,
+    pub keycloak: RawKeycloak,
+    pub signing: Option<RawSigning>,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
+    #[serde(default = "yes")]
+    pub watch_policies: bool,
+}
+
+fn default_shutdown_grace() -> u64 {
+    30
+}
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_policies_dir() -> PathBuf {
+    PathBuf::from("policies")
+}
+fn default_leeway() -> u64 {
+    60
+}
+fn default_max_token_bytes() -> usize {
+    16 * 1024
+}
+/// 24 h: twice the longest Bitbucket step (`max-time` up to 720 minutes).
+fn default_max_subject_token_lifetime() -> u64 {
+    86_400
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLimits {
+    pub per_step_per_minute: u32,
+    pub per_repository_per_minute: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            per_step_per_minute: 20,
+            per_repository_per_minute: 300,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkspace {
+    pub slug: String,
+    pub uuid: String,
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    #[serde(default)]
+    pub accept_default_audience: bool,
+    #[serde(default = "default_token_alg")]
+    pub algorithm: String,
+}
+
+fn default_token_alg() -> String {
+    "RS256".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawJwks {
+    pub cache_ttl_seconds: u64,
+    pub refetch_interval_seconds: u64,
+    pub timeout_seconds: u64,
+    pub max_body_bytes: usize,
+}
+
+impl Default for RawJwks {
+    fn default() -> Self {
+        Self {
+            cache_ttl_seconds: 600,
+            refetch_interval_seconds: 30,
+            timeout_seconds: 5,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKeycloak {
+    pub base_url: String,
+    pub realm: String,
+    #[serde(default = "default_kc_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    #[serde(default = "default_kc_timeout")]
+    pub timeout_seconds: u64,
+    #[serde(default = "default_kc_max_body")]
+    pub max_response_bytes: usize,
+    #[serde(default = "default_assertion_lifetime")]
+    pub assertion_lifetime_seconds: u64,
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_seconds: u64,
+    #[serde(default)]
+    pub clients: BTreeMap<String, RawClient>,
+}
+
+fn default_kc_connect_timeout() -> u64 {
+    2
+}
+fn default_kc_timeout() -> u64 {
+    10
+}
+fn default_kc_max_body() -> usize {
+    64 * 1024
+}
+fn default_assertion_lifetime() -> u64 {
+    60
+}
+fn default_max_retry_after() -> u64 {
+    60
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
+pub(super) enum RawClient {
+    PrivateKeyJwt,
+    ClientSecretBasic {
+        secret_file: Option<PathBuf>,
+        secret_env: Option<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSigning {
+    #[serde(default)]
+    pub algorithm: SigningAlgorithm,
+    #[serde(default)]
+    pub key_files: Vec<PathBuf>,
+    pub key_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAudit {
+    pub path: Option<PathBuf>,
+    pub queue_capacity: usize,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            path: None,
+            queue_capacity: 8192,
+        }
+    }
+}

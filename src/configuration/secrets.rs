@@ -1,0 +1,83 @@
+//! Secrets named by the configuration: client secrets and the service's private
+//! signing keys, accepted only as a file path or the name of an environment
+//! variable, never inline. Errors name the file or variable, never the value.
+
+use std::path::Path;
+
+use secrecy::SecretString;
+
+use super::raw::RawSigning;
+use super::resolve;
+use crate::keys::{SigningKey, SigningKeys};
+
+/// Reads a client secret from exactly one of `file` (relative to `base`) or the
+/// environment variable `env`; one trailing newline is dropped.
+///
+/// # Errors
+/// A reason naming the file or variable (never the secret).
+pub(super) fn read_secret(
+    file: Option<&Path>,
+    env: Option<&str>,
+    base: &Path,
+) -> Result<SecretString, String> {
+    let value = match (file, env) {
+        (Some(f), None) => {
+            let path = resolve(base, f);
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("cannot read secret_file {}: {e}", path.display()))?
+        }
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("secret_env: environment variable `{var}` is not set"))?,
+        _ => return Err("set exactly one of secret_file or secret_env".into()),
+    };
+    let trimmed = value.trim_end_matches(['\r', '\n']).to_string();
+    if trimmed.is_empty() {
+        return Err("the client secret is empty".into());
+    }
+    Ok(SecretString::from(trimmed))
+}
+
+/// Loads the `[signing]` keys: `key_env` first, then `key_files` in order (newest
+/// first: the first key signs, all are published).
+///
+/// # Errors
+/// `(key, reason)` pairs, one per unreadable or invalid key.
+pub(super) fn load_signing_keys(
+    s: &RawSigning,
+    base: &Path,
+) -> Result<SigningKeys, Vec<(String, String)>> {
+    let mut keys = Vec::new();
+    let mut errors = Vec::new();
+    if let Some(var) = &s.key_env {
+        match std::env::var(var) {
+            Err(_) => errors.push((
+                "signing.key_env".to_string(),
+                format!("environment variable `{var}` is not set"),
+            )),
+            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), s.algorithm) {
+                Ok(k) => keys.push(k),
+                Err(e) => errors.push(("signing.key_env".to_string(), e.to_string())),
+            },
+        }
+    }
+    for (i, p) in s.key_files.iter().enumerate() {
+        let k = format!("signing.key_files[{i}]");
+        let path = resolve(base, p);
+        match std::fs::read_to_string(&path) {
+            Err(e) => errors.push((k, format!("cannot read {}: {e}", path.display()))),
+            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), s.algorithm) {
+                Ok(key) => keys.push(key),
+                Err(e) => errors.push((k, format!("{}: {e}", path.display()))),
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    SigningKeys::new(keys).ok_or_else(|| {
+        vec![(
+            "signing".to_string(),
+            "set key_files (newest first) or key_env".to_string(),
+        )]
+    })
+}

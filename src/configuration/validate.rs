@@ -1,0 +1,573 @@
+//! Validation, one function per section of the file. Every function records each
+//! problem it finds in [`Problems`] and goes on, so `config check` can print all of
+//! them at once; a section with an error yields `None`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use super::raw::{RawClient, RawJwks, RawKeycloak, RawLimits, RawSettings, RawWorkspace};
+use super::secrets::{load_signing_keys, read_secret};
+use super::{
+    resolve, ClientAuth, ConfigError, JwksSettings, KeycloakSettings, Limits, Secrets, Settings,
+    WorkspaceSettings, ARI_WORKSPACE_PREFIX, BITBUCKET_API_HOST,
+};
+use crate::domain::BbUuid;
+use crate::http::{check_upstream_url, is_loopback_host};
+
+/// Signature algorithms a workspace may be configured with (RFC 7518 §3.1 names).
+/// Bitbucket advertises RS256 only; the others exist for tests and future issuers.
+const TOKEN_ALGORITHMS: [jsonwebtoken::Algorithm; 5] = [
+    jsonwebtoken::Algorithm::RS256,
+    jsonwebtoken::Algorithm::RS384,
+    jsonwebtoken::Algorithm::RS512,
+    jsonwebtoken::Algorithm::PS256,
+    jsonwebtoken::Algorithm::ES256,
+];
+
+/// Bitbucket's limit on one custom OIDC audience, in characters (Atlassian,
+/// "Bitbucket Pipelines OIDC now supports multiple audiences").
+pub const MAX_AUDIENCE_CHARS: usize = 150;
+/// Bitbucket's limit on the custom audiences of one step (same source).
+pub const MAX_STEP_AUDIENCES: usize = 10;
+
+/// Problems found so far: errors refuse the configuration, warnings are printed by
+/// `config check` and logged at startup.
+pub(super) struct Problems {
+    pub file: String,
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<ConfigError>,
+}
+
+impl Problems {
+    pub fn new(file: &str) -> Self {
+        Self {
+            file: file.to_string(),
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    fn entry(&self, key: &str, reason: String) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            key: key.to_string(),
+            reason,
+        }
+    }
+
+    pub fn error(&mut self, key: &str, reason: impl Into<String>) {
+        let e = self.entry(key, reason.into());
+        self.errors.push(e);
+    }
+
+    pub fn warn(&mut self, key: &str, reason: impl Into<String>) {
+        let e = self.entry(key, reason.into());
+        self.warnings.push(e);
+    }
+
+    /// `Some(v)` when `r` is Ok, else records the error under `key`.
+    fn take<T>(&mut self, key: &str, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                self.error(key, reason);
+                None
+            }
+        }
+    }
+}
+
+/// A number within `range`, or an error naming `key`.
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    p: &mut Problems,
+    key: &str,
+    v: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Option<T> {
+    if range.contains(&v) {
+        Some(v)
+    } else {
+        p.error(
+            key,
+            format!("must be {}..={} (is {v})", range.start(), range.end()),
+        );
+        None
+    }
+}
+
+/// Validates the whole raw form; `None` when any error was recorded.
+pub(super) fn settings(
+    raw: RawSettings,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+) -> Option<Settings> {
+    if raw.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.error(
+            "listen",
+            format!(
+                "`{}` is not an address:port such as 127.0.0.1:8080",
+                raw.listen
+            ),
+        );
+    }
+    let leeway = in_range(p, "clock_leeway_seconds", raw.clock_leeway_seconds, 0..=300);
+    let max_token_bytes = in_range(
+        p,
+        "max_token_bytes",
+        raw.max_token_bytes,
+        1024..=1024 * 1024,
+    );
+    let max_lifetime = in_range(
+        p,
+        "max_subject_token_lifetime_seconds",
+        raw.max_subject_token_lifetime_seconds,
+        300..=7 * 86_400,
+    );
+    let workspaces = workspaces(raw.workspaces, p);
+    let jwks = jwks(&raw.jwks, p);
+    let (keycloak, needs_signing) = keycloak(raw.keycloak, base, secrets, p);
+    let signing = match (secrets, &raw.signing) {
+        (Secrets::Skip, _) | (Secrets::Read, None) if !needs_signing => None,
+        (Secrets::Skip, _) => None,
+        (Secrets::Read, None) => {
+            p.error(
+                "signing",
+                "a client uses private_key_jwt, so [signing] key_files or key_env is required",
+            );
+            None
+        }
+        (Secrets::Read, Some(s)) => match load_signing_keys(s, base) {
+            Ok(k) => Some(k),
+            Err(errors) => {
+                for (key, reason) in errors {
+                    p.error(&key, reason);
+                }
+                None
+            }
+        },
+    };
+    let limits = limits(&raw.limits, p);
+    if !p.errors.is_empty() {
+        return None;
+    }
+    Some(Settings {
+        listen: raw.listen,
+        policies_dir: resolve(base, &raw.policies_dir),
+        clock_leeway: Duration::from_secs(leeway?),
+        max_token_bytes: max_token_bytes?,
+        max_subject_token_lifetime: Duration::from_secs(max_lifetime?),
+        workspaces: workspaces?,
+        jwks: jwks?,
+        keycloak: keycloak?,
+        signing,
+        audit_queue_capacity: raw.audit.queue_capacity.clamp(1, 1_000_000),
+        audit_path: raw.audit.path.map(|a| resolve(base, &a)),
+        limits: limits?,
+        shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
+        watch_policies: raw.watch_policies,
+    })
+}
+
+fn limits(raw: &RawLimits, p: &mut Problems) -> Option<Limits> {
+    let per_step = std::num::NonZeroU32::new(raw.per_step_per_minute);
+    if per_step.is_none() {
+        p.error("limits.per_step_per_minute", "must be at least 1");
+    }
+    let per_repo = std::num::NonZeroU32::new(raw.per_repository_per_minute);
+    if per_repo.is_none() {
+        p.error("limits.per_repository_per_minute", "must be at least 1");
+    }
+    Some(Limits {
+        per_step_per_minute: per_step?,
+        per_repository_per_minute: per_repo?,
+    })
+}
+
+fn workspaces(raw: Vec<RawWorkspace>, p: &mut Problems) -> Option<Vec<WorkspaceSettings>> {
+    if raw.is_empty() {
+        p.error("workspaces", "at least one trusted workspace is required");
+        return None;
+    }
+    let mut out: Vec<WorkspaceSettings> = Vec::new();
+    let mut ok = true;
+    for (i, w) in raw.into_iter().enumerate() {
+        let Some(ws) = workspace(i, w, p) else {
+            ok = false;
+            continue;
+        };
+        if out.iter().any(|o| o.issuer == ws.issuer) {
+            p.error(
+                &format!("workspaces[{i}].issuer"),
+                format!("issuer `{}` is configured twice", ws.issuer),
+            );
+            ok = false;
+        }
+        if out.iter().any(|o| o.uuid == ws.uuid) {
+            p.error(
+                &format!("workspaces[{i}].uuid"),
+                format!("workspace {} is configured twice", ws.uuid),
+            );
+            ok = false;
+        }
+        out.push(ws);
+    }
+    ok.then_some(out)
+}
+
+/// True for a string that reads as a UUID, braced or not, percent-encoded braces
+/// included (`{…}`, `%7B…%7D`, bare).
+fn looks_like_uuid(s: &str) -> bool {
+    let inner = s
+        .strip_prefix('{')
+        .and_then(|x| x.strip_suffix('}'))
+        .or_else(|| {
+            s.get(..3)
+                .filter(|p| p.eq_ignore_ascii_case("%7b"))
+                .and_then(|_| s.get(3..s.len().saturating_sub(3)))
+        })
+        .unwrap_or(s);
+    BbUuid::parse_lenient(inner).is_ok()
+}
+
+/// Workspace ID ("slug") as Bitbucket allows it: lowercase letters, digits, `-`
+/// and `_` (Atlassian, "Fix workspace creation errors in Bitbucket Cloud").
+fn slug(key: &str, s: &str) -> Result<(), String> {
+    if looks_like_uuid(s) {
+        return Err(format!(
+            "`{s}` is a UUID; the slug is the workspace ID from the workspace's URL \
+             (bitbucket.org/<slug>/), and the UUID goes in `uuid`"
+        ));
+    }
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}` is not a Bitbucket workspace ID ({key}: lowercase letters, digits, - and _)"
+        ))
+    }
+}
+
+/// The issuer Bitbucket uses for workspace `slug` (one issuer per workspace).
+pub(super) fn bitbucket_issuer(slug: &str) -> String {
+    format!("https://{BITBUCKET_API_HOST}/2.0/workspaces/{slug}/pipelines-config/identity/oidc")
+}
+
+/// Checks an explicit issuer against Bitbucket's format
+/// `https://api.bitbucket.org/2.0/workspaces/<slug>/pipelines-config/identity/oidc`
+/// (exact string, no trailing slash). Only loopback issuers (local test issuers)
+/// may differ, and then a warning is recorded.
+fn issuer(key: &str, s: &str, ws_slug: &str, p: &mut Problems) -> Option<String> {
+    if s.ends_with('/') {
+        p.error(
+            key,
+            format!("`{s}` ends with `/`; Bitbucket issuers have no trailing slash and `iss` is compared exactly"),
+        );
+        return None;
+    }
+    let url = p.take(key, check_upstream_url(s))?;
+    let segments: Vec<&str> = url
+        .path_segments()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    let segment = match segments.as_slice() {
+        ["2.0", "workspaces", seg, "pipelines-config", "identity", "oidc"] => Some(*seg),
+        _ => None,
+    };
+    let loopback = url.host().is_some_and(|h| is_loopback_host(&h));
+    let problem = match segment {
+        None => Some(format!(
+            "`{s}` is not a Bitbucket issuer: Bitbucket's is `{}`",
+            bitbucket_issuer(ws_slug)
+        )),
+        Some(seg) if looks_like_uuid(seg) => Some(format!(
+            "`{s}` has the workspace UUID where Bitbucket puts the workspace slug: tokens carry \
+             `iss` = `{}`, so every token would be refused as token.untrusted_issuer",
+            bitbucket_issuer(ws_slug)
+        )),
+        Some(seg) if seg != ws_slug => Some(format!(
+            "`{s}` names workspace `{seg}`, but this workspace's slug is `{ws_slug}`"
+        )),
+        Some(_) if url.as_str() != s => Some(format!(
+            "`{s}` is not in normal form; `iss` is compared exactly and the issuer writes `{}`",
+            url.as_str()
+        )),
+        Some(_) => None,
+    };
+    let bitbucket_host = url.host_str() == Some(BITBUCKET_API_HOST) && url.scheme() == "https";
+    match (problem, loopback) {
+        (Some(reason), false) => {
+            p.error(key, reason);
+            None
+        }
+        (Some(reason), true) => {
+            p.warn(
+                key,
+                format!("{reason} (accepted only because the issuer is on loopback, for tests)"),
+            );
+            Some(s.to_string())
+        }
+        (None, false) if !bitbucket_host => {
+            p.error(
+                key,
+                format!(
+                    "`{s}` is not on {BITBUCKET_API_HOST}: real Bitbucket tokens carry `iss` = `{}`",
+                    bitbucket_issuer(ws_slug)
+                ),
+            );
+            None
+        }
+        (None, _) => Some(s.to_string()),
+    }
+}
+
+/// Validates one configured audience. Bitbucket custom audiences are at most
+/// [`MAX_AUDIENCE_CHARS`] characters; an `ari:cloud:bitbucket::workspace/` audience
+/// must carry this workspace's UUID, lower case, without braces (tokens never
+/// have braces there).
+pub(super) fn audience(a: &str, ws: &BbUuid) -> Result<(), String> {
+    if a.is_empty() || a.chars().count() > MAX_AUDIENCE_CHARS {
+        return Err(format!(
+            "audiences are 1 to {MAX_AUDIENCE_CHARS} characters (Bitbucket's limit)"
+        ));
+    }
+    if a.trim() != a || a.chars().any(char::is_control) {
+        return Err(format!(
+            "`{}` has surrounding white space or control characters; `aud` is compared exactly",
+            a.escape_debug()
+        ));
+    }
+    if let Some(rest) = a.strip_prefix(ARI_WORKSPACE_PREFIX) {
+        if rest.starts_with('{') || rest.ends_with('}') {
+            return Err(format!(
+                "`{a}`: the ARI audience has no braces; Bitbucket sends `{ARI_WORKSPACE_PREFIX}{}`",
+                ws.bare()
+            ));
+        }
+        match BbUuid::parse_lenient(rest) {
+            Err(_) => {
+                return Err(format!(
+                "`{a}`: the ARI audience carries the workspace UUID, not a slug: `{ARI_WORKSPACE_PREFIX}{}`",
+                ws.bare()
+            ))
+            }
+            Ok(u) if u != *ws || rest != ws.bare() => {
+                return Err(format!(
+                    "`{a}` does not name this workspace; expected `{ARI_WORKSPACE_PREFIX}{}`",
+                    ws.bare()
+                ))
+            }
+            Ok(_) => {}
+        }
+    } else if a.starts_with("ari:") {
+        return Err(format!("`{a}` is not a Bitbucket workspace ARI"));
+    }
+    Ok(())
+}
+
+fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSettings> {
+    let k = |f: &str| format!("workspaces[{i}].{f}");
+    let errors_before = p.errors.len();
+    p.take(&k("slug"), slug("slug", &w.slug));
+    let uuid = p.take(
+        &k("uuid"),
+        BbUuid::parse_lenient(&w.uuid).map_err(|e| e.to_string()),
+    );
+    let issuer = match &w.issuer {
+        None => Some(bitbucket_issuer(&w.slug)),
+        Some(s) => issuer(&k("issuer"), s, &w.slug, p),
+    };
+    let mut audiences = Vec::new();
+    if let Some(uuid) = &uuid {
+        if w.accept_default_audience {
+            audiences.push(format!("{ARI_WORKSPACE_PREFIX}{}", uuid.bare()));
+        }
+        for (j, a) in w.audiences.iter().enumerate() {
+            if p.take(&k(&format!("audiences[{j}]")), audience(a, uuid))
+                .is_some()
+                && !audiences.contains(a)
+            {
+                audiences.push(a.clone());
+            }
+        }
+    }
+    if w.audiences.len() > MAX_STEP_AUDIENCES {
+        p.warn(
+            &k("audiences"),
+            format!(
+                "{} audiences listed; one Bitbucket step carries at most {MAX_STEP_AUDIENCES}",
+                w.audiences.len()
+            ),
+        );
+    }
+    if uuid.is_some() && audiences.is_empty() && p.errors.len() == errors_before {
+        p.error(
+            &k("audiences"),
+            "no audience accepted: add this service's own audience (the step's `oidc: audiences:`); \
+             accept_default_audience = true also accepts tokens meant for any other service of the workspace",
+        );
+    }
+    let algorithm = match jsonwebtoken::Algorithm::from_str(&w.algorithm) {
+        Ok(a) if TOKEN_ALGORITHMS.contains(&a) => Some(a),
+        _ => {
+            p.error(
+                &k("algorithm"),
+                format!(
+                    "`{}` is not allowed (RS256, RS384, RS512, PS256, ES256)",
+                    w.algorithm
+                ),
+            );
+            None
+        }
+    };
+    if p.errors.len() != errors_before {
+        return None;
+    }
+    Some(WorkspaceSettings {
+        slug: w.slug,
+        uuid: uuid?,
+        issuer: issuer?,
+        audiences,
+        algorithm: algorithm?,
+    })
+}
+
+fn jwks(j: &RawJwks, p: &mut Problems) -> Option<JwksSettings> {
+    let timeout = in_range(p, "jwks.timeout_seconds", j.timeout_seconds, 1..=60);
+    let ttl = in_range(p, "jwks.cache_ttl_seconds", j.cache_ttl_seconds, 1..=86_400);
+    let refetch = in_range(
+        p,
+        "jwks.refetch_interval_seconds",
+        j.refetch_interval_seconds,
+        1..=3600,
+    );
+    let max_body = in_range(
+        p,
+        "jwks.max_body_bytes",
+        j.max_body_bytes,
+        1024..=8 * 1024 * 1024,
+    );
+    Some(JwksSettings {
+        cache_ttl: Duration::from_secs(ttl?),
+        refetch_interval: Duration::from_secs(refetch?),
+        timeout: Duration::from_secs(timeout?),
+        max_body_bytes: max_body?,
+    })
+}
+
+/// The Keycloak section; also says whether any client needs signing keys.
+fn keycloak(
+    kc: RawKeycloak,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+) -> (Option<KeycloakSettings>, bool) {
+    let base_url: Option<Url> = p.take("keycloak.base_url", check_upstream_url(&kc.base_url));
+    let realm_ok = !kc.realm.is_empty()
+        && kc
+            .realm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !realm_ok {
+        p.error(
+            "keycloak.realm",
+            format!(
+                "`{}` is not a realm name (letters, digits, - _ .)",
+                kc.realm
+            ),
+        );
+    }
+    let timeout = in_range(p, "keycloak.timeout_seconds", kc.timeout_seconds, 1..=120);
+    let connect = in_range(
+        p,
+        "keycloak.connect_timeout_seconds",
+        kc.connect_timeout_seconds,
+        1..=kc.timeout_seconds.max(1),
+    );
+    if !(5..=60).contains(&kc.assertion_lifetime_seconds) {
+        p.error(
+            "keycloak.assertion_lifetime_seconds",
+            "must be 5..=60 (Keycloak refuses assertions living longer than 60 s by default)",
+        );
+    }
+    let max_response = in_range(
+        p,
+        "keycloak.max_response_bytes",
+        kc.max_response_bytes,
+        1024..=8 * 1024 * 1024,
+    );
+    let max_retry_after = in_range(
+        p,
+        "keycloak.max_retry_after_seconds",
+        kc.max_retry_after_seconds,
+        1..=3600,
+    );
+    let mut clients = BTreeMap::new();
+    let mut needs_signing = false;
+    for (id, c) in kc.clients {
+        let key = format!("keycloak.clients.{id}");
+        let auth = match c {
+            RawClient::PrivateKeyJwt => {
+                needs_signing = true;
+                ClientAuth::PrivateKeyJwt
+            }
+            RawClient::ClientSecretBasic {
+                secret_file,
+                secret_env,
+            } => {
+                let secret = match secrets {
+                    Secrets::Read => {
+                        match read_secret(secret_file.as_deref(), secret_env.as_deref(), base) {
+                            Ok(s) => s,
+                            Err(reason) => {
+                                p.error(&key, reason);
+                                continue;
+                            }
+                        }
+                    }
+                    Secrets::Skip => {
+                        if secret_file.is_some() == secret_env.is_some() {
+                            p.error(&key, "set exactly one of secret_file or secret_env");
+                        }
+                        SecretString::from(String::new())
+                    }
+                };
+                ClientAuth::ClientSecretBasic(secret)
+            }
+        };
+        clients.insert(id, auth);
+    }
+    if clients.is_empty()
+        && !p
+            .errors
+            .iter()
+            .any(|e| e.key.starts_with("keycloak.clients"))
+    {
+        p.error("keycloak.clients", "no Keycloak client configured");
+    }
+    let settings = (|| {
+        if !realm_ok || !(5..=60).contains(&kc.assertion_lifetime_seconds) || clients.is_empty() {
+            return None;
+        }
+        Some(KeycloakSettings {
+            base_url: base_url?,
+            realm: kc.realm,
+            connect_timeout: Duration::from_secs(connect?),
+            timeout: Duration::from_secs(timeout?),
+            max_response_bytes: max_response?,
+            assertion_lifetime: Duration::from_secs(kc.assertion_lifetime_seconds),
+            max_retry_after: Duration::from_secs(max_retry_after?),
+            clients,
+        })
+    })();
+    (settings, needs_signing)
+}
