@@ -274,15 +274,6 @@ fn verify_error(e: &VerifyError) -> ApiError {
             e.public_message(),
         )
         .retry_after(10),
-        VerifyError::KeyRefetchDeferred {
-            retry_after_seconds,
-        } => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "temporarily_unavailable",
-            e.code(),
-            e.public_message(),
-        )
-        .retry_after(*retry_after_seconds),
         _ => ApiError::invalid_request(e.code(), e.public_message()),
     }
 }

@@ -117,7 +117,9 @@ pub struct WorkspaceSettings {
 pub struct JwksSettings {
     /// How long a fetched key set is fresh. Defaults to 600 s.
     pub cache_ttl: Duration,
-    /// Minimum time between refetches triggered by an unknown `kid`. Defaults to 30 s.
+    /// Minimum time between refetches triggered by an unknown `kid` (a request
+    /// inside it waits for the next refetch), and the back-off after a failed
+    /// fetch; 1 to 60 s. Defaults to 5 s.
     pub refetch_interval: Duration,
     /// Timeout of each discovery / JWKS request. Defaults to 5 s.
     pub timeout: Duration,

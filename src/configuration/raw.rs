@@ -107,7 +107,7 @@ impl Default for RawJwks {
     fn default() -> Self {
         Self {
             cache_ttl_seconds: 600,
-            refetch_interval_seconds: 30,
+            refetch_interval_seconds: 5,
             timeout_seconds: 5,
             max_body_bytes: 256 * 1024,
         }

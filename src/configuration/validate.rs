@@ -448,7 +448,7 @@ fn jwks(j: &RawJwks, p: &mut Problems) -> Option<JwksSettings> {
         p,
         "jwks.refetch_interval_seconds",
         j.refetch_interval_seconds,
-        1..=3600,
+        1..=60,
     );
     let max_body = in_range(
         p,

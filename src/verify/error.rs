@@ -31,17 +31,10 @@ pub enum VerifyError {
         /// The configured algorithm.
         expected: String,
     },
-    /// No published key has this `kid`, even after the one refetch allowed per interval.
+    /// No published key has this `kid` (in a key set fetched after the token was
+    /// issued), or the token has no `kid` and the issuer publishes too many keys.
     #[error("no key `{0}` in the issuer's JWKS")]
     UnknownKey(String),
-    /// The `kid` is not in the cached key set and this interval's refetch was already
-    /// used: the key may have been published since. Answered 503 with `Retry-After`,
-    /// so a caller signed with a freshly rotated key retries instead of failing.
-    #[error("unknown kid; refetch deferred for {retry_after_seconds} s")]
-    KeyRefetchDeferred {
-        /// Seconds until a refetch is allowed again.
-        retry_after_seconds: u64,
-    },
     /// The issuer's keys could not be fetched and none are cached: an outage, not a bad token.
     #[error("issuer keys unavailable")]
     KeysUnavailable(#[source] super::jwks::FetchError),
@@ -99,7 +92,6 @@ impl VerifyError {
             Self::DisallowedAlgorithm { .. } => "token.algorithm_not_allowed",
             Self::UnknownKey(_) => "token.unknown_key",
             Self::KeysUnavailable(_) => "token.issuer_keys_unavailable",
-            Self::KeyRefetchDeferred { .. } => "token.key_refetch_deferred",
             Self::BadSignature => "token.bad_signature",
             Self::Expired => "token.expired",
             Self::IssuedInFuture => "token.issued_in_future",
@@ -124,7 +116,6 @@ impl VerifyError {
             Self::DisallowedAlgorithm { .. } => "subject_token signature algorithm is not allowed".into(),
             Self::UnknownKey(_) => "subject_token is signed with a key the issuer does not publish".into(),
             Self::KeysUnavailable(_) => "the issuer's signing keys cannot be fetched right now".into(),
-            Self::KeyRefetchDeferred { .. } => "subject_token is signed with a key not known yet; retry after the Retry-After delay".into(),
             Self::BadSignature => "subject_token signature is invalid".into(),
             Self::Expired => "subject_token has expired".into(),
             Self::IssuedInFuture => "subject_token iat is in the future".into(),

@@ -5,11 +5,29 @@
 //! |---|---|---|---|
 //! | `fresh` (moka) | issuer → key set | `jwks.cache_ttl_seconds` | normal path; concurrent misses share one fetch |
 //! | `last_good` | issuer → key set | until replaced | keeps verifying while the issuer is unreachable |
-//! | `refetch_gate` (moka) | issuer → () | `jwks.refetch_interval_seconds` | an unknown `kid` refetches at most once per interval |
 //! | `failure_gate` (moka) | issuer → () | `jwks.refetch_interval_seconds` | after a failed fetch, no new attempt until it expires |
+//! | `refetch_locks` | issuer → mutex | process | concurrent unknown-`kid` refetches share one fetch |
 //!
 //! Keys are only ever fetched for issuers from configuration: callers pass a
 //! [`WorkspaceSettings`], never a URL taken from a token.
+//!
+//! **Unknown `kid`** (RFC 8725 §3.10; Bitbucket does not document rotation). A
+//! token's `kid` that the cached set lacks refetches the set only when the set was
+//! fetched before the token could have been issued (`fetched_at < iat + leeway`;
+//! a key set fetched after a token was issued already holds its key), and never
+//! more often than once per `jwks.refetch_interval_seconds` per issuer. A request
+//! that arrives inside that interval **waits** for the next refetch instead of
+//! being refused, so nothing a caller sends (no signature has been checked yet)
+//! spends an allowance that a genuine token signed with a new key would need: the
+//! worst a flood of forged `kid`s does is one fetch per interval, and a genuine
+//! token waits at most one interval.
+//!
+//! **No `kid`**: Bitbucket's `kid` format is not publicly documented. A token
+//! without `kid` is checked against every published key of the configured
+//! algorithm when the issuer publishes at most [`MAX_KIDLESS_CANDIDATES`] (what
+//! go-oidc, which Teleport uses against real Bitbucket tokens, does); it never
+//! triggers a refetch. **Duplicate `kid`s** (two keys, same `kid` and algorithm):
+//! each is tried, and a warning is logged when the set is fetched.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -66,49 +84,59 @@ pub enum FetchError {
     Backoff,
 }
 
-/// Usable keys of one issuer, by `kid`.
-#[derive(Default)]
+/// A token without `kid` is tried against at most this many keys; an issuer
+/// publishing more is answered `token.unknown_key` for kid-less tokens.
+pub const MAX_KIDLESS_CANDIDATES: usize = 4;
+
+/// Usable keys of one issuer, with their `kid`s, and when they were fetched.
 pub struct KeySet {
-    by_kid: HashMap<String, Arc<DecodingKey>>,
-    without_kid: Vec<Arc<DecodingKey>>,
+    keys: Vec<(Option<String>, Arc<DecodingKey>)>,
+    /// Seconds since the epoch when this set was fetched.
+    fetched_at: u64,
 }
 
 impl KeySet {
-    /// The key for `kid`; with no `kid`, the only key when exactly one has no `kid`
-    /// and no key has one.
-    fn find(&self, kid: Option<&str>) -> Option<Arc<DecodingKey>> {
+    /// The keys to try for `kid`: every key with that `kid` (duplicates included);
+    /// with no `kid`, every key when there are at most [`MAX_KIDLESS_CANDIDATES`].
+    pub fn candidates(&self, kid: Option<&str>) -> Vec<Arc<DecodingKey>> {
         match kid {
-            Some(k) => self.by_kid.get(k).cloned(),
-            None if self.by_kid.is_empty() && self.without_kid.len() == 1 => {
-                self.without_kid.first().cloned()
+            Some(k) => self
+                .keys
+                .iter()
+                .filter(|(kk, _)| kk.as_deref() == Some(k))
+                .map(|(_, key)| key.clone())
+                .collect(),
+            None if self.keys.len() <= MAX_KIDLESS_CANDIDATES => {
+                self.keys.iter().map(|(_, key)| key.clone()).collect()
             }
-            None => None,
+            None => Vec::new(),
         }
     }
 
     /// Number of usable keys.
     pub fn len(&self) -> usize {
-        self.by_kid.len() + self.without_kid.len()
+        self.keys.len()
     }
 
     /// True when no key is usable.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.keys.is_empty()
     }
 }
 
 /// Outcome of a key lookup.
 pub enum Lookup {
-    /// The key to verify with.
-    Found(Arc<DecodingKey>),
-    /// No such `kid`, even after refetching the key set just now.
+    /// The keys to try, in order (more than one only for duplicate or absent `kid`).
+    Found(Vec<Arc<DecodingKey>>),
+    /// No such key, in a set fetched after the token was issued (or no `kid`).
     Unknown,
-    /// No such `kid` in the cached set, and the refetch allowance of this interval
-    /// is used up: the key may be newer than the cache; retry after `retry_after`.
-    Deferred {
-        /// When the next refetch is allowed (at most the refetch interval).
-        retry_after: std::time::Duration,
-    },
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Per-issuer key cache. Cheap to share behind an `Arc`.
@@ -118,7 +146,7 @@ pub struct KeyCache {
     settings: JwksSettings,
     fresh: moka::future::Cache<String, Arc<KeySet>>,
     last_good: RwLock<HashMap<String, Arc<KeySet>>>,
-    refetch_gate: moka::sync::Cache<String, ()>,
+    refetch_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failure_gate: moka::sync::Cache<String, ()>,
 }
 
@@ -136,10 +164,7 @@ impl KeyCache {
                 .time_to_live(settings.cache_ttl)
                 .build(),
             last_good: RwLock::new(HashMap::new()),
-            refetch_gate: moka::sync::Cache::builder()
-                .max_capacity(1024)
-                .time_to_live(settings.refetch_interval)
-                .build(),
+            refetch_locks: std::sync::Mutex::new(HashMap::new()),
             failure_gate: moka::sync::Cache::builder()
                 .max_capacity(1024)
                 .time_to_live(settings.refetch_interval)
@@ -149,42 +174,86 @@ impl KeyCache {
         }
     }
 
-    /// Finds the key for `kid` of the workspace's issuer, fetching at most once.
+    /// The keys to try for `kid` of the workspace's issuer. `iat` is the token's
+    /// (unverified) issue time and `leeway` the clock leeway: a key set fetched at
+    /// or after `iat + leeway` is not refetched for an unknown `kid` (see the module
+    /// docs for the refetch rule).
     ///
     /// # Errors
-    /// [`FetchError`] only when no key set was ever fetched for this issuer (an
-    /// outage); with cached keys the stale set is used.
+    /// [`FetchError`] when no key set was ever fetched for this issuer (an
+    /// outage), or when a refetch needed for an unknown `kid` failed.
     pub async fn lookup(
         &self,
         ws: &WorkspaceSettings,
         kid: Option<&str>,
+        iat: Option<u64>,
+        leeway: u64,
     ) -> Result<Lookup, FetchError> {
         let set = self.current(ws).await?;
-        if let Some(k) = set.find(kid) {
-            return Ok(Lookup::Found(k));
+        let found = set.candidates(kid);
+        if !found.is_empty() {
+            return Ok(Lookup::Found(found));
         }
         self.metrics
             .jwks_cache
             .with_label_values(&["unknown_kid"])
             .inc();
-        // Unknown kid: at most one refetch per interval per issuer.
-        let first = self
-            .refetch_gate
-            .entry(ws.issuer.clone())
-            .or_insert_with(|| ())
-            .is_fresh();
-        if first {
-            tracing::info!(issuer = %ws.issuer, kid = ?kid.map(|k| crate::domain::truncate(k, 64)), "unknown kid: refetching issuer keys");
-            self.fresh.invalidate(&ws.issuer).await;
+        let (Some(_), Some(iat)) = (kid, iat) else {
+            return Ok(Lookup::Unknown);
+        };
+        if set.fetched_at >= iat.saturating_add(leeway) {
+            // Fetched after the token was issued: its key would be there.
+            return Ok(Lookup::Unknown);
         }
-        let set = self.current(ws).await?;
-        Ok(match set.find(kid) {
-            Some(k) => Lookup::Found(k),
-            None if first => Lookup::Unknown,
-            None => Lookup::Deferred {
-                retry_after: self.settings.refetch_interval,
-            },
+        let set = self.refetch_after(ws, set.fetched_at).await?;
+        let found = set.candidates(kid);
+        Ok(if found.is_empty() {
+            Lookup::Unknown
+        } else {
+            Lookup::Found(found)
         })
+    }
+
+    /// A key set fetched after `seen_at`: waits until `seen_at + refetch_interval`
+    /// when that is still ahead, then fetches once for all waiters (a waiter that
+    /// finds a newer set than `seen_at` uses it).
+    async fn refetch_after(
+        &self,
+        ws: &WorkspaceSettings,
+        seen_at: u64,
+    ) -> Result<Arc<KeySet>, FetchError> {
+        let lock = match self.refetch_locks.lock() {
+            Ok(mut m) => m.entry(ws.issuer.clone()).or_default().clone(),
+            Err(_) => return Err(FetchError::Backoff),
+        };
+        let _guard = lock.lock().await;
+        if let Some(newer) = self.stale(&ws.issuer).filter(|s| s.fetched_at > seen_at) {
+            return Ok(newer);
+        }
+        let interval = self.settings.refetch_interval.as_secs();
+        let allowed_at = seen_at.saturating_add(interval);
+        let now = now_secs();
+        if allowed_at > now {
+            tokio::time::sleep(std::time::Duration::from_secs(
+                (allowed_at - now).min(interval),
+            ))
+            .await;
+        }
+        if self.failure_gate.contains_key(&ws.issuer) {
+            return Err(FetchError::Backoff);
+        }
+        tracing::info!(issuer = %ws.issuer, "unknown kid: refetching issuer keys");
+        match self.fetch(ws).await {
+            Ok(set) => {
+                self.fresh.insert(ws.issuer.clone(), set.clone()).await;
+                Ok(set)
+            }
+            Err(e) => {
+                self.failure_gate.insert(ws.issuer.clone(), ());
+                tracing::warn!(issuer = %ws.issuer, error = %crate::telemetry::chain(&e), "refetching issuer keys failed");
+                Err(e)
+            }
+        }
     }
 
     async fn current(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {
@@ -334,7 +403,10 @@ pub fn parse_jwks(body: &[u8], alg: Algorithm) -> Result<KeySet, String> {
         keys: Vec<serde_json::Value>,
     }
     let doc: Doc = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    let mut set = KeySet::default();
+    let mut set = KeySet {
+        keys: Vec::new(),
+        fetched_at: now_secs(),
+    };
     for raw in doc.keys.into_iter().take(MAX_KEYS) {
         let Ok(jwk) = serde_json::from_value::<Jwk>(raw) else {
             continue;
@@ -345,13 +417,17 @@ pub fn parse_jwks(body: &[u8], alg: Algorithm) -> Result<KeySet, String> {
         let Ok(key) = DecodingKey::from_jwk(&jwk) else {
             continue;
         };
-        let key = Arc::new(key);
-        match &jwk.common.key_id {
-            Some(kid) => {
-                set.by_kid.insert(kid.clone(), key);
+        let kid = jwk.common.key_id.clone();
+        if let Some(k) = &kid {
+            if set
+                .keys
+                .iter()
+                .any(|(other, _)| other.as_deref() == Some(k))
+            {
+                tracing::warn!(kid = %crate::domain::truncate(k, 64), "the issuer publishes several keys with this kid; each is tried");
             }
-            None => set.without_kid.push(key),
         }
+        set.keys.push((kid, Arc::new(key)));
     }
     if set.is_empty() {
         return Err(format!("no usable {alg:?} key"));
@@ -365,7 +441,7 @@ fn key_fits(jwk: &Jwk, alg: Algorithm) -> bool {
         return false;
     }
     if let Some(ka) = &jwk.common.key_algorithm {
-        if format!("{ka:?}") != format!("{alg:?}") {
+        if jsonwebtoken::jwk::KeyAlgorithm::from(alg) != *ka {
             return false;
         }
     }

@@ -18,6 +18,7 @@
 pub mod error;
 pub mod jwks;
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -236,12 +237,11 @@ impl Verifier {
             .iter()
             .find(|w| w.issuer == iss)
             .ok_or_else(|| VerifyError::UntrustedIssuer(crate::domain::truncate(&iss, 200)))?;
-        let expected = format!("{:?}", ws.algorithm);
         let alg = header_alg.unwrap_or_default();
-        if alg != expected {
+        if jsonwebtoken::Algorithm::from_str(&alg).ok() != Some(ws.algorithm) {
             return Err(VerifyError::DisallowedAlgorithm {
                 found: crate::domain::truncate(&alg, 20),
-                expected,
+                expected: format!("{:?}", ws.algorithm),
             });
         }
         if s.is_empty() {
@@ -254,9 +254,16 @@ impl Verifier {
                 ));
             }
         }
-        let key = match self
+        // The (unverified) `iat` only decides whether an unknown `kid` may refetch.
+        let unverified_iat = payload.get("iat").and_then(serde_json::Value::as_u64);
+        let candidates = match self
             .keys
-            .lookup(ws, header_kid.as_deref())
+            .lookup(
+                ws,
+                header_kid.as_deref(),
+                unverified_iat,
+                self.leeway.as_secs(),
+            )
             .await
             .map_err(VerifyError::KeysUnavailable)?
         {
@@ -267,22 +274,27 @@ impl Verifier {
                     64,
                 )))
             }
-            Lookup::Deferred { retry_after } => {
-                return Err(VerifyError::KeyRefetchDeferred {
-                    retry_after_seconds: retry_after.as_secs().max(1),
-                })
-            }
         };
 
-        // Signature over the exact received bytes `header.payload`, with the key and
-        // the configured algorithm (jsonwebtoken's crypto, aws-lc-rs).
+        // Signature over the exact received bytes `header.payload`, with each
+        // candidate key (one, unless the issuer publishes duplicate or no `kid`s)
+        // and the configured algorithm (jsonwebtoken's crypto, aws-lc-rs).
         let signing_input = raw
             .get(..h.len() + 1 + p.len())
             .ok_or(VerifyError::BadSignature)?;
-        match jsonwebtoken::crypto::verify(s, signing_input.as_bytes(), &key, ws.algorithm) {
-            Ok(true) => {}
-            Ok(false) => return Err(VerifyError::BadSignature),
-            Err(e) => return Err(map_jwt_error(e)),
+        let mut verified = false;
+        for key in &candidates {
+            match jsonwebtoken::crypto::verify(s, signing_input.as_bytes(), key, ws.algorithm) {
+                Ok(true) => {
+                    verified = true;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => return Err(map_jwt_error(e)),
+            }
+        }
+        if !verified {
+            return Err(VerifyError::BadSignature);
         }
 
         // Claims: the payload parsed once above (no duplicate names), now typed.

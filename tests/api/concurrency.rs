@@ -106,7 +106,6 @@ async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak
                         code.as_str(),
                         "policy.branch_not_allowed"
                             | "token.unknown_key"
-                            | "token.key_refetch_deferred"
                             | "token.issuer_keys_unavailable"
                     ),
                     "unexpected error {status} {body}"

@@ -14,13 +14,13 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 use crate::helpers::*;
 
 /// An issuer whose HTTP answers the test controls (wiremock), with real keys.
-struct FakeIssuer {
-    server: MockServer,
-    dev: Arc<DevIssuer>,
+pub struct FakeIssuer {
+    pub server: MockServer,
+    pub dev: Arc<DevIssuer>,
 }
 
 impl FakeIssuer {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         let server = MockServer::start().await;
         let dev = Arc::new(DevIssuer::new(&server.uri()).unwrap());
         let me = Self { server, dev };
@@ -28,12 +28,12 @@ impl FakeIssuer {
         me
     }
 
-    fn issuer_url(&self) -> String {
+    pub fn issuer_url(&self) -> String {
         self.dev.issuer_for(WS_SLUG)
     }
 
     /// Serves discovery and the current keys.
-    async fn healthy(&self) {
+    pub async fn healthy(&self) {
         self.server.reset().await;
         let iss = self.issuer_url();
         Mock::given(method("GET"))
@@ -52,7 +52,7 @@ impl FakeIssuer {
     }
 
     /// Every request gets `template`.
-    async fn failing(&self, template: ResponseTemplate) {
+    pub async fn failing(&self, template: ResponseTemplate) {
         self.server.reset().await;
         Mock::given(wiremock::matchers::any())
             .respond_with(template)
@@ -60,7 +60,7 @@ impl FakeIssuer {
             .await;
     }
 
-    async fn requests(&self) -> usize {
+    pub async fn requests(&self) -> usize {
         self.server
             .received_requests()
             .await
@@ -68,7 +68,7 @@ impl FakeIssuer {
             .len()
     }
 
-    fn mint(&self) -> String {
+    pub fn mint(&self) -> String {
         let issuer_like = self.dev.claims(&step());
         let mut c = issuer_like;
         c["iss"] = json!(self.issuer_url());
@@ -90,7 +90,7 @@ fn step() -> keycloak_ci_sts::devissuer::StepClaims {
     }
 }
 
-async fn app_for(
+pub async fn app_for(
     fi: &FakeIssuer,
     kc: &FakeKeycloak,
     ttl: u64,

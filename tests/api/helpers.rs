@@ -148,7 +148,7 @@ impl Options {
             top_extra: String::new(),
             other_issuer: None,
             issuer_override: None,
-            jwks_refetch_interval: 30,
+            jwks_refetch_interval: 1,
             jwks_cache_ttl: 600,
             jwks_timeout: 5,
             per_step_per_minute: 1_000_000,

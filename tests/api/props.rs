@@ -61,8 +61,7 @@ impl Fixture {
 }
 
 fn documented(status: u16, body: &serde_json::Value) -> bool {
-    (matches!(status, 400 | 413)
-        || status == 503 && body["error_code"] == "token.key_refetch_deferred")
+    matches!(status, 400 | 413)
         && body["error"].is_string()
         && body["error_code"].as_str().is_some_and(|c| c.contains('.'))
         && body["request_id"].is_string()

@@ -158,23 +158,19 @@ async fn unknown_kid_refetches_once_then_accepts_rotated_key() {
         "rotated key accepted after one refetch"
     );
     assert_eq!(hits(), 2);
-    // A kid nobody publishes: the refetch allowance is used up for this interval.
+    // A kid nobody publishes, sent concurrently: one shared refetch (after the
+    // interval), then `token.unknown_key` for all; never 503.
     let c = issuer.claims(&issuer.step());
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     h.kid = Some("no-such-kid".into());
     let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
-    for _ in 0..5 {
-        let r = app.exchange(&token, "artifact-api", None).await;
-        // the refetch allowance of this interval was used by the rotation
-        assert_error(
-            r,
-            503,
-            "temporarily_unavailable",
-            "token.key_refetch_deferred",
-        )
-        .await;
+    let results =
+        futures_util::future::join_all((0..5).map(|_| app.exchange(&token, "artifact-api", None)))
+            .await;
+    for r in results {
+        assert_error(r, 400, "invalid_request", "token.unknown_key").await;
     }
-    assert_eq!(hits(), 2, "no refetch storm");
+    assert_eq!(hits(), 3, "no refetch storm");
 }
 
 #[tokio::test]
