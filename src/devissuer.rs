@@ -305,25 +305,57 @@ async fn mint(state: web::Data<Arc<DevIssuer>>, body: web::Json<StepClaims>) -> 
     }
 }
 
-/// A Keycloak token endpoint stand-in that answers instantly with a fixed token:
-/// the service's own ceiling in the load benchmark (`scripts/bench.sh`).
+/// A Keycloak token endpoint stand-in that answers instantly with a token of the
+/// realm it is asked for (re-signed every 10 s, so answers stay current without a
+/// signature per request): the service's own ceiling in the load benchmark
+/// (`scripts/bench.sh`).
 struct StubKeycloak {
-    body: String,
+    issuer: Arc<DevIssuer>,
+    bodies: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,
+}
+
+fn stub_realm(req: &actix_web::HttpRequest, realm: &str) -> String {
+    let host = req.connection_info().host().to_string();
+    format!("http://{host}/realms/{realm}")
 }
 
 async fn stub_discovery(req: actix_web::HttpRequest, path: web::Path<String>) -> HttpResponse {
-    let host = req.connection_info().host().to_string();
-    let realm = format!("http://{host}/realms/{path}");
+    let realm = stub_realm(&req, &path);
     HttpResponse::Ok().json(json!({
         "issuer": realm,
         "token_endpoint": format!("{realm}/protocol/openid-connect/token"),
     }))
 }
 
-async fn stub_token(stub: web::Data<StubKeycloak>) -> HttpResponse {
+async fn stub_token(
+    req: actix_web::HttpRequest,
+    path: web::Path<String>,
+    stub: web::Data<StubKeycloak>,
+) -> HttpResponse {
+    let realm = stub_realm(&req, &path);
+    let now = now();
+    let Ok(mut bodies) = stub.bodies.lock() else {
+        return HttpResponse::InternalServerError().finish();
+    };
+    let fresh = bodies
+        .get(&realm)
+        .filter(|(at, _)| now < at + 10)
+        .map(|(_, b)| b.clone());
+    let body = match fresh {
+        Some(b) => b,
+        None => {
+            let token = stub
+                .issuer
+                .sign(&json!({"iss": realm, "scope": "artifacts:read", "iat": now, "exp": now + 60, "jti": "stub", "typ": "Bearer"}))
+                .unwrap_or_default();
+            let b = json!({"access_token": token, "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}).to_string();
+            bodies.insert(realm, (now, b.clone()));
+            b
+        }
+    };
     HttpResponse::Ok()
         .content_type("application/json")
-        .body(stub.body.clone())
+        .body(body)
 }
 
 /// Serves `issuer` on `listener` (spawn the returned server).
@@ -350,12 +382,9 @@ pub fn serve_with(
     keycloak_stub: bool,
     workers: usize,
 ) -> std::io::Result<actix_web::dev::Server> {
-    let now = now();
-    let token = issuer
-        .sign(&json!({"iss": "stub", "azp": "stub", "scope": "artifacts:read", "iat": now, "exp": now + 60, "jti": "stub"}))
-        .unwrap_or_default();
     let stub = web::Data::new(StubKeycloak {
-        body: json!({"access_token": token, "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}).to_string(),
+        issuer: issuer.clone(),
+        bodies: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let data = web::Data::new(issuer);
     Ok(HttpServer::new(move || {

@@ -102,3 +102,91 @@ pub async fn read_capped(resp: reqwest::Response, max: usize) -> Result<Vec<u8>,
     }
     Ok(out)
 }
+
+/// What an upstream's answer means for our caller, whatever the upstream (issuer
+/// discovery and JWKS, Keycloak discovery and token endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meaning {
+    /// Worth retrying later: transport failure or timeout, 408, 429, 5xx.
+    /// Answered 503 `temporarily_unavailable` with `Retry-After`.
+    Transient,
+    /// Our configuration is wrong (the URL is not the upstream's: 3xx, 401, 403,
+    /// 404, 410 and other 4xx). Answered 502 with an operator code.
+    Configuration,
+    /// The upstream answered, but not with what the protocol says. Answered 502.
+    Malformed,
+}
+
+/// Classifies an HTTP status by meaning (RFC 9110 §15): 408, 429 and 5xx are
+/// transient; 2xx is not an error here (callers check the body); every other
+/// status says the request went somewhere it should not (configuration).
+pub fn status_meaning(status: u16) -> Meaning {
+    match status {
+        408 | 425 | 429 | 500..=599 => Meaning::Transient,
+        _ => Meaning::Configuration,
+    }
+}
+
+/// `Retry-After` of an upstream answer (RFC 9110 §10.2.3: delta-seconds or an
+/// HTTP-date), in seconds from now, at most `max`; `None` when absent or unreadable.
+pub fn retry_after_seconds(headers: &reqwest::header::HeaderMap, max: Duration) -> Option<u64> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let secs = match v.parse::<u64>() {
+        Ok(s) => s,
+        Err(_) => {
+            let at = httpdate::parse_http_date(v).ok()?;
+            at.duration_since(std::time::SystemTime::now())
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        }
+    };
+    Some(secs.clamp(1, max.as_secs().max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(v: &str) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_str(v).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn retry_after_is_read_in_both_forms_and_bounded() {
+        let max = Duration::from_secs(60);
+        assert_eq!(retry_after_seconds(&headers("7"), max), Some(7));
+        assert_eq!(retry_after_seconds(&headers("0"), max), Some(1));
+        assert_eq!(retry_after_seconds(&headers("86400"), max), Some(60));
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let got = retry_after_seconds(&headers(&later), max).unwrap();
+        assert!((28..=30).contains(&got), "{got}");
+        assert_eq!(
+            retry_after_seconds(&headers("Wed, 21 Oct 2015 07:28:00 GMT"), max),
+            Some(1)
+        );
+        assert_eq!(retry_after_seconds(&headers("soon"), max), None);
+        assert_eq!(
+            retry_after_seconds(&reqwest::header::HeaderMap::new(), max),
+            None
+        );
+    }
+
+    #[test]
+    fn statuses_are_classified_by_meaning() {
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert_eq!(status_meaning(s), Meaning::Transient, "{s}");
+        }
+        for s in [301, 302, 400, 401, 403, 404, 410] {
+            assert_eq!(status_meaning(s), Meaning::Configuration, "{s}");
+        }
+    }
+}

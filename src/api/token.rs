@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::{request_id, ApiError};
 use crate::domain::SecretToken;
+use crate::http::Meaning;
 use crate::keycloak::KeycloakError;
 use crate::policy::{EvalRequest, Outcome};
 use crate::startup::AppState;
@@ -267,33 +268,48 @@ fn check_params(p: Params) -> Result<Checked, ApiError> {
 
 fn verify_error(e: &VerifyError) -> ApiError {
     match e {
-        VerifyError::KeysUnavailable(_) => ApiError::new(
+        VerifyError::KeysUnavailable(f) if f.meaning() == Meaning::Transient => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             e.code(),
             e.public_message(),
         )
-        .retry_after(10),
+        .retry_after(f.retry_after().unwrap_or(5)),
+        VerifyError::KeysUnavailable(_) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            e.code(),
+            e.public_message(),
+        ),
         _ => ApiError::invalid_request(e.code(), e.public_message()),
     }
 }
 
 fn keycloak_error(e: &KeycloakError) -> ApiError {
     if e.is_transient() {
+        let description = match e {
+            KeycloakError::RateLimited { .. } => {
+                "Keycloak is rate limiting this service; retry after the Retry-After delay"
+            }
+            _ => "Keycloak is unavailable; retry after the Retry-After delay",
+        };
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             e.code(),
-            "Keycloak is unavailable; retry later",
+            description,
         )
-        .retry_after(5);
+        .retry_after(e.retry_after().unwrap_or(5));
     }
     let description = match e {
         KeycloakError::ClientRejected { .. } => "Keycloak rejected this service's client authentication; the operator must check the Keycloak client's credentials",
         KeycloakError::ScopeRejected { .. } => "Keycloak refused the granted scopes; the operator must add them as optional client scopes",
         KeycloakError::LifetimeTooLong { .. } => "Keycloak issued a token living longer than the policy allows; it was not passed on",
         KeycloakError::UnknownClient(_) => "the policy's Keycloak client is not configured",
-        _ => "Keycloak answered unexpectedly",
+        KeycloakError::NotFound { .. } => "Keycloak has no such realm or endpoint; the operator must check keycloak.base_url and keycloak.realm",
+        KeycloakError::Redirected { .. } => "Keycloak redirected the request; the operator must set keycloak.base_url to the server's own address",
+        _ if e.meaning() == crate::http::Meaning::Malformed => "Keycloak answered with something that is not a valid token response; nothing was passed on",
+        _ => "Keycloak refused the request; the operator must check the Keycloak client's configuration",
     };
     ApiError::new(
         StatusCode::BAD_GATEWAY,

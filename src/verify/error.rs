@@ -1,5 +1,7 @@
 //! Errors of Bitbucket token verification.
 
+use crate::http::Meaning;
+
 /// Why a `subject_token` was not accepted. Each variant has a stable
 /// [`code`](VerifyError::code) that callers, audit lines and alerts use.
 /// Variants never carry the token, only facts about it.
@@ -35,7 +37,9 @@ pub enum VerifyError {
     /// issued), or the token has no `kid` and the issuer publishes too many keys.
     #[error("no key `{0}` in the issuer's JWKS")]
     UnknownKey(String),
-    /// The issuer's keys could not be fetched and none are cached: an outage, not a bad token.
+    /// The issuer's keys could not be fetched and none are cached (or a refetch an
+    /// unknown `kid` needed failed): an upstream problem, not a bad token. Its code
+    /// follows what the failure means (see [`super::jwks::FetchError::meaning`]).
     #[error("issuer keys unavailable")]
     KeysUnavailable(#[source] super::jwks::FetchError),
     /// The signature does not verify with the issuer's key.
@@ -91,7 +95,11 @@ impl VerifyError {
             Self::UntrustedIssuer(_) => "token.untrusted_issuer",
             Self::DisallowedAlgorithm { .. } => "token.algorithm_not_allowed",
             Self::UnknownKey(_) => "token.unknown_key",
-            Self::KeysUnavailable(_) => "token.issuer_keys_unavailable",
+            Self::KeysUnavailable(f) => match f.meaning() {
+                Meaning::Transient => "token.issuer_keys_unavailable",
+                Meaning::Configuration => "issuer.keys_misconfigured",
+                Meaning::Malformed => "issuer.keys_malformed",
+            },
             Self::BadSignature => "token.bad_signature",
             Self::Expired => "token.expired",
             Self::IssuedInFuture => "token.issued_in_future",
@@ -115,7 +123,11 @@ impl VerifyError {
             Self::UntrustedIssuer(_) => "subject_token issuer is not a trusted Bitbucket workspace".into(),
             Self::DisallowedAlgorithm { .. } => "subject_token signature algorithm is not allowed".into(),
             Self::UnknownKey(_) => "subject_token is signed with a key the issuer does not publish".into(),
-            Self::KeysUnavailable(_) => "the issuer's signing keys cannot be fetched right now".into(),
+            Self::KeysUnavailable(f) => match f.meaning() {
+                Meaning::Transient => "the issuer's signing keys cannot be fetched right now; retry after the Retry-After delay".into(),
+                Meaning::Configuration => "the issuer's signing keys cannot be fetched: the operator must check this workspace's issuer setting".into(),
+                Meaning::Malformed => "the issuer's signing keys cannot be read: the issuer answered with an invalid document".into(),
+            },
             Self::BadSignature => "subject_token signature is invalid".into(),
             Self::Expired => "subject_token has expired".into(),
             Self::IssuedInFuture => "subject_token iat is in the future".into(),

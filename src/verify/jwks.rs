@@ -37,12 +37,15 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use crate::configuration::{JwksSettings, WorkspaceSettings};
-use crate::http::{read_capped, BodyError};
+use crate::http::{read_capped, BodyError, Meaning};
 
 /// Most keys kept from one JWKS document.
 pub const MAX_KEYS: usize = 32;
 
-/// Why the issuer's keys could not be fetched.
+/// Why the issuer's keys could not be fetched. [`FetchError::meaning`] says what
+/// the caller is told: transient (503 with `Retry-After`), our configuration
+/// (502 `issuer.keys_misconfigured`) or a malformed answer (502
+/// `issuer.keys_malformed`).
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// Transport error or timeout.
@@ -61,6 +64,8 @@ pub enum FetchError {
         url: String,
         /// HTTP status.
         status: u16,
+        /// The upstream's `Retry-After`, seconds (bounded).
+        retry_after: Option<u64>,
     },
     /// Body over the cap or unreadable.
     #[error("{url}: body")]
@@ -79,9 +84,61 @@ pub enum FetchError {
         /// What is wrong.
         reason: String,
     },
-    /// The fetch was skipped: the previous attempt failed less than one interval ago.
+    /// Discovery names another issuer: the configured issuer is not this
+    /// upstream's (RFC 8414 §3.3 requires them to be identical).
+    #[error("{url}: discovery names issuer `{found}`")]
+    WrongIssuer {
+        /// The URL requested.
+        url: String,
+        /// The issuer the document names (truncated).
+        found: String,
+    },
+    /// The fetch was skipped: the previous attempt failed less than one interval
+    /// ago (`last` is what that failure meant).
     #[error("previous fetch failed recently; not retrying yet")]
-    Backoff,
+    Backoff {
+        /// Meaning of the failure that started the back-off.
+        last: Meaning,
+        /// Seconds until the next attempt is allowed.
+        retry_after: u64,
+    },
+    /// A failure shared between concurrent waiters of one fetch.
+    #[error("{chain}")]
+    Shared {
+        /// Meaning of the failure.
+        meaning: Meaning,
+        /// The upstream's `Retry-After`, seconds, if any.
+        retry_after: Option<u64>,
+        /// The original cause chain, as text.
+        chain: String,
+    },
+}
+
+impl FetchError {
+    /// What the failure means for the caller.
+    pub fn meaning(&self) -> Meaning {
+        match self {
+            Self::Transport { .. } => Meaning::Transient,
+            Self::Status { status, .. } => crate::http::status_meaning(*status),
+            Self::Body {
+                source: BodyError::Read(_),
+                ..
+            } => Meaning::Transient,
+            Self::Body { .. } | Self::Document { .. } => Meaning::Malformed,
+            Self::WrongIssuer { .. } => Meaning::Configuration,
+            Self::Backoff { last, .. } => *last,
+            Self::Shared { meaning, .. } => *meaning,
+        }
+    }
+
+    /// Seconds the caller should wait before retrying, for transient failures.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Status { retry_after, .. } | Self::Shared { retry_after, .. } => *retry_after,
+            Self::Backoff { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
 }
 
 /// A token without `kid` is tried against at most this many keys; an issuer
@@ -147,7 +204,7 @@ pub struct KeyCache {
     fresh: moka::future::Cache<String, Arc<KeySet>>,
     last_good: RwLock<HashMap<String, Arc<KeySet>>>,
     refetch_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    failure_gate: moka::sync::Cache<String, ()>,
+    failure_gate: moka::sync::Cache<String, Meaning>,
 }
 
 impl KeyCache {
@@ -224,7 +281,7 @@ impl KeyCache {
     ) -> Result<Arc<KeySet>, FetchError> {
         let lock = match self.refetch_locks.lock() {
             Ok(mut m) => m.entry(ws.issuer.clone()).or_default().clone(),
-            Err(_) => return Err(FetchError::Backoff),
+            Err(_) => return Err(self.backoff(Meaning::Transient)),
         };
         let _guard = lock.lock().await;
         if let Some(newer) = self.stale(&ws.issuer).filter(|s| s.fetched_at > seen_at) {
@@ -239,8 +296,8 @@ impl KeyCache {
             ))
             .await;
         }
-        if self.failure_gate.contains_key(&ws.issuer) {
-            return Err(FetchError::Backoff);
+        if let Some(last) = self.failure_gate.get(&ws.issuer) {
+            return Err(self.backoff(last));
         }
         tracing::info!(issuer = %ws.issuer, "unknown kid: refetching issuer keys");
         match self.fetch(ws).await {
@@ -249,7 +306,7 @@ impl KeyCache {
                 Ok(set)
             }
             Err(e) => {
-                self.failure_gate.insert(ws.issuer.clone(), ());
+                self.failure_gate.insert(ws.issuer.clone(), e.meaning());
                 tracing::warn!(issuer = %ws.issuer, error = %crate::telemetry::chain(&e), "refetching issuer keys failed");
                 Err(e)
             }
@@ -258,11 +315,8 @@ impl KeyCache {
 
     async fn current(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {
         let stale = self.stale(&ws.issuer);
-        if stale.is_some() && self.failure_gate.contains_key(&ws.issuer) {
-            return stale.ok_or(FetchError::Backoff);
-        }
-        if stale.is_none() && self.failure_gate.contains_key(&ws.issuer) {
-            return Err(FetchError::Backoff);
+        if let Some(last) = self.failure_gate.get(&ws.issuer) {
+            return stale.ok_or_else(|| self.backoff(last));
         }
         if let Some(set) = self.fresh.get(&ws.issuer).await {
             self.metrics.jwks_cache.with_label_values(&["hit"]).inc();
@@ -279,10 +333,17 @@ impl KeyCache {
             }
             Err(e) => {
                 self.metrics.jwks_cache.with_label_values(&["stale"]).inc();
-                self.failure_gate.insert(ws.issuer.clone(), ());
+                self.failure_gate.insert(ws.issuer.clone(), e.meaning());
                 tracing::warn!(issuer = %ws.issuer, error = %crate::telemetry::chain(&*e), stale_keys = stale.is_some(), "fetching issuer keys failed");
                 stale.ok_or_else(|| unshare(&e))
             }
+        }
+    }
+
+    fn backoff(&self, last: Meaning) -> FetchError {
+        FetchError::Backoff {
+            last,
+            retry_after: self.settings.refetch_interval.as_secs().max(1),
         }
     }
 
@@ -316,12 +377,9 @@ impl KeyCache {
             reason: e.to_string(),
         })?;
         if disc.issuer != ws.issuer {
-            return Err(FetchError::Document {
+            return Err(FetchError::WrongIssuer {
                 url: disc_url,
-                reason: format!(
-                    "discovery names issuer `{}`",
-                    crate::domain::truncate(&disc.issuer, 200)
-                ),
+                found: crate::domain::truncate(&disc.issuer, 200),
             });
         }
         let jwks_url = url::Url::parse(&disc.jwks_uri).map_err(|e| FetchError::Document {
@@ -366,6 +424,10 @@ impl KeyCache {
             return Err(FetchError::Status {
                 url: url.to_string(),
                 status: resp.status().as_u16(),
+                retry_after: crate::http::retry_after_seconds(
+                    resp.headers(),
+                    std::time::Duration::from_secs(60),
+                ),
             });
         }
         read_capped(resp, self.settings.max_body_bytes)
@@ -379,16 +441,10 @@ impl KeyCache {
 
 /// moka shares one error between waiters; rebuild an owned one for the caller.
 fn unshare(e: &Arc<FetchError>) -> FetchError {
-    match &**e {
-        FetchError::Status { url, status } => FetchError::Status {
-            url: url.clone(),
-            status: *status,
-        },
-        FetchError::Backoff => FetchError::Backoff,
-        other => FetchError::Document {
-            url: String::new(),
-            reason: crate::telemetry::chain(other),
-        },
+    FetchError::Shared {
+        meaning: e.meaning(),
+        retry_after: e.retry_after(),
+        chain: crate::telemetry::chain(&**e),
     }
 }
 

@@ -106,7 +106,7 @@ struct RawClaims {
 
 /// A JSON object whose top-level member names are unique (RFC 7515 §5.2 step 4,
 /// RFC 7519 §4: duplicate names are rejected rather than "last one wins").
-struct StrictObject(serde_json::Map<String, serde_json::Value>);
+pub struct StrictObject(pub serde_json::Map<String, serde_json::Value>);
 
 impl<'de> Deserialize<'de> for StrictObject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -33,7 +33,7 @@ async fn secret_client_exchange_returns_token_and_writes_audit_line() {
         .and(header("authorization", format!("Basic {basic}").as_str()))
         .and(body_string_contains("grant_type=client_credentials"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": FakeKeycloak::access_token(60),
+            "access_token": kc.access_token(60),
             "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:write",
         })))
         .expect(1)
@@ -281,10 +281,17 @@ async fn production_deploy_without_environment_is_denied() {
 }
 
 async fn keycloak_answers(template: ResponseTemplate) -> (reqwest::Response, Duration) {
+    keycloak_answers_with(|_| template).await
+}
+
+/// Like `keycloak_answers`, with a template built from the fake realm's issuer.
+async fn keycloak_answers_with(
+    template: impl FnOnce(&str) -> ResponseTemplate,
+) -> (reqwest::Response, Duration) {
     let (issuer, kc, app) = standard().await;
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
-        .respond_with(template)
+        .respond_with(template(&format!("{}/realms/ci", kc.uri())))
         .expect(1)
         .mount(&kc.server)
         .await;
@@ -355,9 +362,11 @@ async fn keycloak_huge_answer_is_502_bad_response() {
 
 #[tokio::test]
 async fn token_living_longer_than_policy_allows_is_refused() {
-    let (r, _) = keycloak_answers(ResponseTemplate::new(200).set_body_json(json!({
-        "access_token": FakeKeycloak::access_token(3600), "expires_in": 3600, "token_type": "Bearer", "scope": "artifacts:read"
-    })))
+    let (r, _) = keycloak_answers_with(|realm| {
+        ResponseTemplate::new(200).set_body_json(json!({
+            "access_token": FakeKeycloak::access_token_of(realm, 3600), "expires_in": 3600, "token_type": "Bearer", "scope": "artifacts:read"
+        }))
+    })
     .await;
     let body = assert_error(r, 502, "server_error", "keycloak.lifetime_exceeds_policy").await;
     assert!(body.get("access_token").is_none());

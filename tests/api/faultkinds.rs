@@ -267,3 +267,356 @@ async fn refused_for(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) 
     assert_error(r, 400, "invalid_request", code).await;
     assert_eq!(kc.token_calls().await, 0);
 }
+
+// ------------------------------------------------ §3 upstream answers by meaning
+
+use wiremock::matchers::path;
+
+/// The exchange's answer when Keycloak's token endpoint answers `template`.
+async fn keycloak_says(
+    template: impl FnOnce(&str) -> ResponseTemplate,
+) -> (reqwest::Response, TestApp) {
+    let (issuer, kc, app) = standard().await;
+    Mock::given(method("POST"))
+        .and(path(TOKEN_PATH))
+        .respond_with(template(&format!("{}/realms/ci", kc.uri())))
+        .mount(&kc.server)
+        .await;
+    let r = app
+        .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+        .await;
+    (r, app)
+}
+
+/// The issue's input: Keycloak (or a proxy before it) answers 429 with
+/// `Retry-After: 7`. The caller gets 503 with that Retry-After, not a 502 that
+/// sends the operator to the configuration.
+#[tokio::test]
+async fn keycloak_429_with_retry_after_is_503_with_the_same_retry_after() {
+    let (r, _) =
+        keycloak_says(|_| ResponseTemplate::new(429).insert_header("Retry-After", "7")).await;
+    assert_eq!(r.headers().get("retry-after").unwrap(), "7");
+    assert_error(r, 503, "temporarily_unavailable", "keycloak.rate_limited").await;
+}
+
+#[tokio::test]
+async fn an_upstream_retry_after_is_bounded_and_read_as_a_date_too() {
+    let (r, _) =
+        keycloak_says(|_| ResponseTemplate::new(429).insert_header("Retry-After", "86400")).await;
+    assert_eq!(r.headers().get("retry-after").unwrap(), "60");
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(20));
+    let (r, _) =
+        keycloak_says(|_| ResponseTemplate::new(503).insert_header("Retry-After", later.as_str()))
+            .await;
+    let secs: u64 = r
+        .headers()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((18..=20).contains(&secs), "{secs}");
+    assert_error(r, 503, "temporarily_unavailable", "keycloak.server_error").await;
+}
+
+/// The kind: every status Keycloak's token endpoint can answer maps by meaning:
+/// transient → 503 with Retry-After; our configuration → 502 with an operator
+/// code; and no token is ever passed on.
+#[tokio::test]
+async fn every_keycloak_status_is_classified_by_meaning() {
+    let cases: &[(u16, Option<serde_json::Value>, u16, &str)] = &[
+        (301, None, 502, "keycloak.redirected"),
+        (302, None, 502, "keycloak.redirected"),
+        (307, None, 502, "keycloak.redirected"),
+        (
+            400,
+            Some(json!({"error": "invalid_request"})),
+            502,
+            "keycloak.request_rejected",
+        ),
+        (
+            400,
+            Some(json!({"error": "invalid_scope"})),
+            502,
+            "keycloak.scope_rejected",
+        ),
+        (
+            400,
+            Some(json!({"error": "temporarily_unavailable"})),
+            503,
+            "keycloak.server_error",
+        ),
+        (
+            401,
+            Some(json!({"error": "invalid_client"})),
+            502,
+            "keycloak.client_rejected",
+        ),
+        (
+            401,
+            Some(json!({"error": "unauthorized_client"})),
+            502,
+            "keycloak.client_rejected",
+        ),
+        (403, None, 502, "keycloak.request_rejected"),
+        (404, None, 502, "keycloak.endpoint_not_found"),
+        (
+            404,
+            Some(json!({"error": "Realm does not exist"})),
+            502,
+            "keycloak.request_rejected",
+        ),
+        (408, None, 503, "keycloak.server_error"),
+        (410, None, 502, "keycloak.endpoint_not_found"),
+        (418, None, 502, "keycloak.request_rejected"),
+        (429, None, 503, "keycloak.rate_limited"),
+        (
+            500,
+            Some(json!({"error": "unknown_error"})),
+            503,
+            "keycloak.server_error",
+        ),
+        (502, None, 503, "keycloak.server_error"),
+        (503, None, 503, "keycloak.server_error"),
+        (504, None, 503, "keycloak.server_error"),
+    ];
+    for (status, body, want, code) in cases {
+        let body = body.clone();
+        let (r, _) = keycloak_says(|_| {
+            let t = ResponseTemplate::new(*status);
+            match body {
+                Some(b) => t.set_body_json(b),
+                None => t.set_body_string("<html>proxy</html>"),
+            }
+        })
+        .await;
+        assert_eq!(r.status().as_u16(), *want, "{status} {code}");
+        assert_eq!(
+            r.headers().get("retry-after").is_some(),
+            *want == 503,
+            "{status}"
+        );
+        let error = if *want == 503 {
+            "temporarily_unavailable"
+        } else {
+            "server_error"
+        };
+        let body = assert_error(r, *want, error, code).await;
+        assert!(body.get("access_token").is_none());
+    }
+}
+
+fn token_body(access_token: &str) -> serde_json::Value {
+    json!({"access_token": access_token, "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"})
+}
+
+fn jws(header: serde_json::Value, payload: &str) -> String {
+    use base64::Engine;
+    let e = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    format!(
+        "{}.{}.c2ln",
+        e(header.to_string().as_bytes()),
+        e(payload.as_bytes())
+    )
+}
+
+/// The kind, second half: the token Keycloak returns is validated as strictly as
+/// Bitbucket's before it is passed on; anything malformed is 502 bad_response.
+#[tokio::test]
+async fn a_malformed_keycloak_token_is_never_passed_on() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    type Case = Box<dyn Fn(&str) -> serde_json::Value>;
+    let rs = json!({"alg": "RS256", "typ": "JWT"});
+    let claims = move |realm: &str, extra: serde_json::Value| {
+        let mut c =
+            json!({"iss": realm, "iat": now, "exp": now + 60, "jti": "j", "azp": "sts-artifacts"});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        c.to_string()
+    };
+    let cases: Vec<(&str, Case)> = vec![
+        ("opaque", Box::new(|_| token_body("opaque-token"))),
+        ("unsigned", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(rs.clone(), &claims(r, json!({}))).replace(".c2ln", "."))
+            })
+        }),
+        (
+            "alg none",
+            Box::new(move |r: &str| {
+                token_body(&jws(json!({"alg": "none"}), &claims(r, json!({}))))
+            }),
+        ),
+        ("other issuer", {
+            let rs = rs.clone();
+            Box::new(move |_| {
+                token_body(&jws(
+                    rs.clone(),
+                    &claims("https://evil.example/realms/ci", json!({})),
+                ))
+            })
+        }),
+        ("no exp", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| token_body(&jws(rs.clone(), &claims(r, json!({"exp": null})))))
+        }),
+        ("exp as string", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(rs.clone(), &claims(r, json!({"exp": "soon"}))))
+            })
+        }),
+        ("expired", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(
+                    rs.clone(),
+                    &claims(r, json!({"iat": now - 3600, "exp": now - 3000})),
+                ))
+            })
+        }),
+        ("issued in the future", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(
+                    rs.clone(),
+                    &claims(r, json!({"iat": now + 3600, "exp": now + 3660})),
+                ))
+            })
+        }),
+        ("another client", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(rs.clone(), &claims(r, json!({"azp": "sts-deploy"}))))
+            })
+        }),
+        ("duplicate member", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let c = claims(r, json!({}));
+                let dup = format!("{{\"iss\":\"https://evil.example\",{}", &c[1..]);
+                token_body(&jws(rs.clone(), &dup))
+            })
+        }),
+        ("payload not an object", {
+            let rs = rs.clone();
+            Box::new(move |_| token_body(&jws(rs.clone(), "[1,2]")))
+        }),
+        ("token_type mac", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let mut b = token_body(&jws(rs.clone(), &claims(r, json!({}))));
+                b["token_type"] = json!("mac");
+                b
+            })
+        }),
+        ("expires_in 0", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let mut b = token_body(&jws(rs.clone(), &claims(r, json!({}))));
+                b["expires_in"] = json!(0);
+                b
+            })
+        }),
+        ("scope with a quote", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let mut b = token_body(&jws(rs.clone(), &claims(r, json!({}))));
+                b["scope"] = json!("artifacts:read \"x\"");
+                b
+            })
+        }),
+    ];
+    for (name, body) in cases {
+        let (r, app) =
+            keycloak_says(|realm| ResponseTemplate::new(200).set_body_json(body(realm))).await;
+        let b = assert_error(r, 502, "server_error", "keycloak.bad_response").await;
+        assert!(b.get("access_token").is_none(), "{name}");
+        assert_eq!(
+            app.audit_lines().last().unwrap()["error_code"],
+            "keycloak.bad_response",
+            "{name}"
+        );
+    }
+    // and the well-formed one passes
+    let (r, _) = keycloak_says(|realm| {
+        ResponseTemplate::new(200).set_body_json(token_body(&jws(
+            json!({"alg": "RS256"}),
+            &claims(realm, json!({})),
+        )))
+    })
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+/// The same classification for Keycloak's discovery document.
+#[tokio::test]
+async fn keycloak_discovery_answers_are_classified_by_meaning() {
+    for (status, want, code) in [
+        (429, 503, "keycloak.rate_limited"),
+        (503, 503, "keycloak.server_error"),
+        (404, 502, "keycloak.endpoint_not_found"),
+        (302, 502, "keycloak.redirected"),
+        (403, 502, "keycloak.request_rejected"),
+    ] {
+        let issuer = Issuer::start().await;
+        let kc = wiremock::MockServer::start().await;
+        Mock::given(method("GET"))
+            .respond_with(ResponseTemplate::new(status).insert_header("Retry-After", "3"))
+            .mount(&kc)
+            .await;
+        let app = TestApp::start(&issuer, Options::new(&kc.uri())).await;
+        let r = app
+            .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+            .await;
+        if want == 503 {
+            assert_eq!(r.headers().get("retry-after").unwrap(), "3", "{status}");
+        }
+        let error = if want == 503 {
+            "temporarily_unavailable"
+        } else {
+            "server_error"
+        };
+        assert_error(r, want, error, code).await;
+    }
+}
+
+/// And for the issuer's discovery and JWKS: 429 with Retry-After passes it on;
+/// a discovery naming another issuer is the operator's to fix.
+#[tokio::test]
+async fn issuer_key_answers_are_classified_by_meaning() {
+    let fi = FakeIssuer::start().await;
+    fi.failing(ResponseTemplate::new(429).insert_header("Retry-After", "9"))
+        .await;
+    let kc = FakeKeycloak::start().await;
+    let app = app_for(&fi, &kc, 600, 1, 2).await;
+    let r = app.exchange(&fi.mint(), "artifact-api", None).await;
+    assert_eq!(r.headers().get("retry-after").unwrap(), "9");
+    assert_error(
+        r,
+        503,
+        "temporarily_unavailable",
+        "token.issuer_keys_unavailable",
+    )
+    .await;
+
+    let fi = FakeIssuer::start().await;
+    fi.server.reset().await;
+    Mock::given(method("GET"))
+        .and(path_regex(r"/\.well-known/openid-configuration$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": "https://api.bitbucket.org/2.0/workspaces/other/pipelines-config/identity/oidc",
+            "jwks_uri": format!("{}/keys.json", fi.issuer_url())
+        })))
+        .mount(&fi.server)
+        .await;
+    let app = app_for(&fi, &kc, 600, 1, 2).await;
+    let r = app.exchange(&fi.mint(), "artifact-api", None).await;
+    assert_error(r, 502, "server_error", "issuer.keys_misconfigured").await;
+}

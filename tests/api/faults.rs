@@ -179,9 +179,21 @@ async fn cached_keys_keep_working_while_the_issuer_is_unreachable() {
     );
 }
 
+/// Without cached keys, an issuer failure is never a bad token: transient
+/// failures are 503 with `Retry-After`, a URL that is not the issuer's (404,
+/// redirect) is 502 for the operator, a malformed answer 502 as well.
 #[tokio::test]
-async fn without_cached_keys_an_issuer_outage_is_503_not_a_bad_token() {
+async fn without_cached_keys_an_issuer_failure_is_classified_by_meaning_not_a_bad_token() {
     for (name, answer) in bad_answers() {
+        let (status, error, code) = match name {
+            "500" | "slow" => (
+                503,
+                "temporarily_unavailable",
+                "token.issuer_keys_unavailable",
+            ),
+            "404" | "redirect" => (502, "server_error", "issuer.keys_misconfigured"),
+            _ => (502, "server_error", "issuer.keys_malformed"),
+        };
         let fi = FakeIssuer::start().await;
         fi.failing(answer).await;
         let kc = FakeKeycloak::start().await;
@@ -189,14 +201,12 @@ async fn without_cached_keys_an_issuer_outage_is_503_not_a_bad_token() {
         let app = app_for(&fi, &kc, 600, 30, 1).await;
         let start = Instant::now();
         let r = app.exchange(&fi.mint(), "artifact-api", None).await;
-        assert!(r.headers().get("retry-after").is_some(), "{name}");
-        assert_error(
-            r,
-            503,
-            "temporarily_unavailable",
-            "token.issuer_keys_unavailable",
-        )
-        .await;
+        assert_eq!(
+            r.headers().get("retry-after").is_some(),
+            status == 503,
+            "{name}"
+        );
+        assert_error(r, status, error, code).await;
         assert!(
             start.elapsed() < Duration::from_secs(3),
             "{name}: answered after {:?}",
@@ -309,7 +319,7 @@ async fn keycloak_discovery_down_at_first_then_up() {
     let r = app
         .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
         .await;
-    assert_error(r, 502, "server_error", "keycloak.bad_response").await; // discovery 404: a misconfigured realm
+    assert_error(r, 502, "server_error", "keycloak.endpoint_not_found").await; // discovery 404: a misconfigured realm
     let uri = kc.uri();
     Mock::given(method("GET"))
         .and(path("/realms/ci/.well-known/openid-configuration"))
@@ -320,7 +330,7 @@ async fn keycloak_discovery_down_at_first_then_up() {
     Mock::given(method("POST"))
         .and(path(TOKEN_PATH))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": FakeKeycloak::access_token(60), "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"})))
+            "access_token": FakeKeycloak::access_token_of(&format!("{uri}/realms/ci"), 60), "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"})))
         .mount(&kc)
         .await;
     let r = app

@@ -389,8 +389,14 @@ impl FakeKeycloak {
         self.server.uri()
     }
 
-    /// A Keycloak-shaped access token (not signed for real: the fake's tokens are opaque to callers).
-    pub fn access_token(lifetime: u64) -> String {
+    /// A Keycloak-shaped access token of this fake's realm (not signed for real:
+    /// the fake's tokens are opaque to callers).
+    pub fn access_token(&self, lifetime: u64) -> String {
+        Self::access_token_of(&format!("{}/realms/ci", self.uri()), lifetime)
+    }
+
+    /// A Keycloak-shaped access token with `iss` = `realm_issuer`.
+    pub fn access_token_of(realm_issuer: &str, lifetime: u64) -> String {
         use base64::Engine;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -401,7 +407,7 @@ impl FakeKeycloak {
             "{}.{}.c2ln",
             enc(json!({"alg":"RS256","typ":"JWT"})),
             enc(
-                json!({"exp": now + lifetime, "iat": now, "jti": format!("trrtcc:{}", uuid::Uuid::new_v4()), "azp": "x"})
+                json!({"iss": realm_issuer, "exp": now + lifetime, "iat": now, "jti": format!("trrtcc:{}", uuid::Uuid::new_v4()), "typ": "Bearer"})
             )
         )
     }
@@ -411,7 +417,7 @@ impl FakeKeycloak {
         Mock::given(method("POST"))
             .and(path(TOKEN_PATH))
             .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-                "access_token": Self::access_token(lifetime),
+                "access_token": self.access_token(lifetime),
                 "expires_in": lifetime,
                 "refresh_expires_in": 0,
                 "token_type": "Bearer",
@@ -430,7 +436,7 @@ impl FakeKeycloak {
             .respond_with(
                 ResponseTemplate::new(200)
                     .set_body_json(json!({
-                        "access_token": Self::access_token(60),
+                        "access_token": self.access_token(60),
                         "expires_in": 60,
                         "token_type": "Bearer",
                         "scope": scope,
