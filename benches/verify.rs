@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keycloak_ci_sts::configuration::{JwksSettings, WorkspaceSettings};
-use keycloak_ci_sts::devissuer::{DevIssuer, StepClaims};
 use keycloak_ci_sts::domain::{BbUuid, SecretToken};
 use keycloak_ci_sts::policy::{EvalRequest, PolicySet};
 use keycloak_ci_sts::verify::jwks::KeyCache;
 use keycloak_ci_sts::verify::Verifier;
+use keycloak_ci_sts_testkit::{DevIssuer, StepClaims};
 
 const WS: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
 const REPO: &str = "d4e45493-4a33-477d-917b-a24e7e4bd39b";
@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
     let issuer = Arc::new(DevIssuer::new(&base).expect("issuer"));
     let server = {
         let _in_runtime = rt.enter();
-        keycloak_ci_sts::devissuer::serve(issuer.clone(), listener).expect("serve")
+        keycloak_ci_sts_testkit::serve(issuer.clone(), listener).expect("serve")
     };
     rt.spawn(server);
 

@@ -38,7 +38,7 @@ if ! command -v wrk >/dev/null 2>&1; then
 fi
 
 echo "== building (release)"
-cargo build --release --locked --bins
+cargo build --release --locked --workspace --bins
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/audit-*.jsonl
 [[ -f "$OUT/sts-signing-key.pem" ]] || target/release/keycloak-ci-sts keys generate --out "$OUT/sts-signing-key.pem" >/dev/null

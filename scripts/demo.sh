@@ -55,7 +55,7 @@ trap cleanup EXIT
 
 bash scripts/bootstrap.sh
 say "Building"
-cargo build --locked --bins
+cargo build --locked --workspace --bins
 mkdir -p "$DEMO_DIR"
 : >"$DEMO_DIR/audit.jsonl"
 if [[ ! -f "$DEMO_DIR/sts-signing-key.pem" ]]; then

@@ -17,9 +17,9 @@ bash scripts/bootstrap.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build (tests)"
-cargo test --locked --no-run
+cargo test --locked --workspace --no-run
 
 echo "== starting Keycloak"
 trap 'bash scripts/keycloak.sh stop || true' EXIT
@@ -27,4 +27,4 @@ bash scripts/keycloak.sh start
 eval "$(bash scripts/keycloak.sh env)"
 
 echo "== cargo test (including the real-Keycloak tests)"
-cargo test --locked -- --include-ignored
+cargo test --locked --workspace -- --include-ignored

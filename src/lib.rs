@@ -20,15 +20,14 @@
 pub mod api;
 pub mod cli;
 pub mod configuration;
-pub mod devissuer;
 pub mod domain;
 pub mod http;
 pub mod keycloak;
-pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reload;
+pub mod signing;
 pub mod startup;
 pub mod telemetry;
 pub mod verify;

@@ -7,8 +7,8 @@ use clap::Parser;
 use keycloak_ci_sts::cli::{Cli, Command, ConfigCommand, KeysCommand, PolicyCommand};
 use keycloak_ci_sts::configuration::Settings;
 use keycloak_ci_sts::domain::SecretToken;
-use keycloak_ci_sts::keys::{self, SigningAlgorithm, SigningKey};
 use keycloak_ci_sts::policy::{EvalRequest, Outcome, PolicySet};
+use keycloak_ci_sts::signing::{self, SigningAlgorithm, SigningKey};
 use keycloak_ci_sts::startup::Application;
 use keycloak_ci_sts::verify;
 
@@ -201,13 +201,11 @@ fn keys_generate(out_path: &std::path::Path, alg: &str) -> anyhow::Result<ExitCo
         "RS256" => SigningAlgorithm::RS256,
         other => anyhow::bail!("unsupported algorithm `{other}` (ES256 or RS256)"),
     };
-    let pem = keys::generate_pem(alg)?;
+    let pem = signing::generate_pem(alg)?;
     let key = SigningKey::from_pem(&pem, alg)?;
     write_private(out_path, &pem)?;
     out(&format!("wrote {} (kid {})", out_path.display(), key.kid()))?;
-    out(&serde_json::to_string_pretty(&serde_json::Value::Object(
-        key.public_jwk().clone(),
-    ))?)?;
+    out(&serde_json::to_string_pretty(key.public_jwk())?)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -11,8 +11,8 @@ use tracing_actix_web::TracingLogger;
 
 use crate::configuration::Settings;
 use crate::keycloak::KeycloakClient;
-use crate::keys::SigningKeys;
 use crate::policy::PolicySet;
+use crate::signing::SigningKeys;
 use crate::telemetry::AuditSink;
 use crate::verify::jwks::KeyCache;
 use crate::verify::Verifier;

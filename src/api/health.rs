@@ -30,11 +30,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// `GET /.well-known/jwks.json`: public keys that sign our client assertions;
 /// the Keycloak clients' "JWKS URL" points here.
 pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
-    let body = state
-        .signing
-        .as_ref()
-        .map(|k| k.jwks())
-        .unwrap_or_else(|| json!({"keys": []}));
+    let body = state.signing.as_ref().map(|k| k.jwks()).unwrap_or_default();
     HttpResponse::Ok()
         .insert_header(("Cache-Control", "public, max-age=60"))
         .json(body)

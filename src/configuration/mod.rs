@@ -20,7 +20,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::domain::BbUuid;
-use crate::keys::SigningKeys;
+use crate::signing::SigningKeys;
 pub use validate::{MAX_AUDIENCE_CHARS, MAX_STEP_AUDIENCES};
 
 /// Prefix of environment variables that override configuration keys.

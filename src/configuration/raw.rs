@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::keys::SigningAlgorithm;
+use crate::signing::SigningAlgorithm;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

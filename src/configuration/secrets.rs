@@ -8,7 +8,7 @@ use secrecy::SecretString;
 
 use super::raw::RawSigning;
 use super::resolve;
-use crate::keys::{SigningKey, SigningKeys};
+use crate::signing::{SigningKey, SigningKeys};
 
 /// Reads a client secret from exactly one of `file` (relative to `base`) or the
 /// environment variable `env`; one trailing newline is dropped.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::configuration::{ClientAuth, KeycloakSettings};
 use crate::domain::SecretToken;
 use crate::http::{read_capped, BodyError, Meaning};
-use crate::keys::SigningKeys;
+use crate::signing::SigningKeys;
 
 /// Errors from Keycloak. None holds a token, assertion or secret. Each has a
 /// stable [`code`](KeycloakError::code) and a [`meaning`](KeycloakError::meaning):

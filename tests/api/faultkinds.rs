@@ -58,8 +58,8 @@ fn with_kid(fi: &FakeIssuer, kid: Option<String>) -> String {
     fi.dev.sign_with_header(&h, &c).unwrap()
 }
 
-fn fi_step() -> keycloak_ci_sts::devissuer::StepClaims {
-    keycloak_ci_sts::devissuer::StepClaims {
+fn fi_step() -> keycloak_ci_sts_testkit::StepClaims {
+    keycloak_ci_sts_testkit::StepClaims {
         workspace: WS_SLUG.into(),
         workspace_uuid: WS.into(),
         repository_uuid: REPO.into(),
@@ -91,7 +91,7 @@ async fn a_kidless_forgery_never_refetches_and_never_delays_a_rotated_key() {
         200,
         "a genuine kid-less token of an issuer with one key verifies"
     );
-    let attacker = keycloak_ci_sts::devissuer::DevIssuer::new("http://127.0.0.1:9").unwrap();
+    let attacker = keycloak_ci_sts_testkit::DevIssuer::new("http://127.0.0.1:9").unwrap();
     let mut forged = attacker.claims(&fi_step());
     forged["iss"] = json!(fi.issuer_url());
     let kidless_forgery = attacker
@@ -150,10 +150,14 @@ async fn forged_unknown_kids_spend_no_allowance_a_genuine_rotation_needs() {
         assert_error(r, 400, "invalid_request", "token.unknown_key").await;
     }
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(
-        fi.requests().await - before,
-        2,
-        "one refetch (discovery + keys) for the whole spray"
+    // One refetch (discovery + keys) for the whole spray on an idle machine; at
+    // most one per interval (2 s) on a loaded one.
+    let refetches = (fi.requests().await - before) / 2;
+    let allowed = started.elapsed().as_secs() as usize / 2 + 1;
+    assert!(
+        (1..=allowed).contains(&refetches),
+        "{refetches} refetches in {:?}",
+        started.elapsed()
     );
     // Rotation right after the spray's refetch, with the spray going on: the
     // genuine token waits at most one interval (2 s here) and is served.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keycloak_ci_sts::devissuer::DevIssuer;
+use keycloak_ci_sts_testkit::DevIssuer;
 use serde_json::json;
 use wiremock::matchers::{method, path, path_regex};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -76,8 +76,8 @@ impl FakeIssuer {
     }
 }
 
-fn step() -> keycloak_ci_sts::devissuer::StepClaims {
-    keycloak_ci_sts::devissuer::StepClaims {
+fn step() -> keycloak_ci_sts_testkit::StepClaims {
+    keycloak_ci_sts_testkit::StepClaims {
         workspace: WS_SLUG.into(),
         workspace_uuid: WS.into(),
         repository_uuid: REPO.into(),

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use keycloak_ci_sts::configuration::Settings;
-use keycloak_ci_sts::devissuer::{DevIssuer, StepClaims};
 use keycloak_ci_sts::startup::Application;
+use keycloak_ci_sts_testkit::{DevIssuer, StepClaims};
 use serde_json::{json, Value};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -61,7 +61,7 @@ impl Issuer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let issuer = Arc::new(DevIssuer::new(&base).unwrap());
-        let server = keycloak_ci_sts::devissuer::serve(issuer.clone(), listener).unwrap();
+        let server = keycloak_ci_sts_testkit::serve(issuer.clone(), listener).unwrap();
         let handle = server.handle();
         tokio::spawn(server);
         Self { issuer, handle }
@@ -175,9 +175,10 @@ impl TestApp {
     pub fn write_config(issuer: &Issuer, opts: Options) -> (tempfile::TempDir, String, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("signing.pem");
-        let pem =
-            keycloak_ci_sts::keys::generate_pem(keycloak_ci_sts::keys::SigningAlgorithm::ES256)
-                .unwrap();
+        let pem = keycloak_ci_sts::signing::generate_pem(
+            keycloak_ci_sts::signing::SigningAlgorithm::ES256,
+        )
+        .unwrap();
         std::fs::write(&key, secrecy::ExposeSecret::expose_secret(&pem)).unwrap();
         let secret = dir.path().join("artifacts.secret");
         std::fs::write(&secret, format!("{}\n", opts.artifacts_secret)).unwrap();

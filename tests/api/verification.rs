@@ -164,13 +164,22 @@ async fn unknown_kid_refetches_once_then_accepts_rotated_key() {
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     h.kid = Some("no-such-kid".into());
     let token = issuer.issuer.sign_with_header(&h, &c).unwrap();
+    let started = std::time::Instant::now();
     let results =
         futures_util::future::join_all((0..5).map(|_| app.exchange(&token, "artifact-api", None)))
             .await;
     for r in results {
         assert_error(r, 400, "invalid_request", "token.unknown_key").await;
     }
-    assert_eq!(hits(), 3, "no refetch storm");
+    // At most one refetch per interval (1 s here) while the requests last; on an
+    // idle machine exactly one.
+    let refetches = hits() - 2;
+    let allowed = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (1..=allowed).contains(&refetches),
+        "{refetches} refetches in {:?}: a refetch storm",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         if !addr.ip().is_loopback() {
             return Err("refusing to listen on a non-loopback address".into());
         }
-        let issuer = Arc::new(keycloak_ci_sts::devissuer::DevIssuer::new(&format!(
+        let issuer = Arc::new(keycloak_ci_sts_testkit::DevIssuer::new(&format!(
             "http://{addr}"
         ))?);
         eprintln!(
@@ -50,15 +50,10 @@ fn main() -> ExitCode {
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async move {
-            keycloak_ci_sts::devissuer::serve_with(
-                issuer,
-                listener,
-                args.keycloak_stub,
-                args.workers,
-            )
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())
+            keycloak_ci_sts_testkit::serve_with(issuer, listener, args.keycloak_stub, args.workers)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
         })
     };
     match run() {

@@ -1,6 +1,8 @@
-//! A local Bitbucket-compatible OIDC issuer, for tests and the demo only (the
-//! service never uses it). It serves, per workspace slug, exactly the paths
-//! Bitbucket serves (`shared/reference/bitbucket-oidc.md` §2):
+//! Test kit of keycloak-ci-sts: a local Bitbucket-compatible OIDC issuer, for
+//! tests, the demo and the benchmark only (a workspace crate of its own, so it is
+//! never compiled into the service). It serves, per workspace slug, exactly the
+//! paths Bitbucket serves (Bitbucket Cloud REST API, "Get OpenID configuration for
+//! OIDC in Pipelines" and "Get keys for OIDC in Pipelines"):
 //!
 //! - `GET /2.0/workspaces/<slug>/pipelines-config/identity/oidc/.well-known/openid-configuration`
 //! - `GET /2.0/workspaces/<slug>/pipelines-config/identity/oidc/keys.json`
@@ -100,7 +102,9 @@ fn new_key() -> Result<DevKey, String> {
     let pem = pair.to_pem_private_key();
     let encoding = EncodingKey::from_rsa_pem(&pem).map_err(|e| e.to_string())?;
     let mut jwk: Map<String, Value> = pair.to_jwk_public_key().as_ref().clone();
-    let kid = crate::keys::thumbprint(&jwk);
+    let kid = jsonwebtoken::jwk::Jwk::from_encoding_key(&encoding, Algorithm::RS256)
+        .and_then(|j| j.thumbprint(jsonwebtoken::jwk::ThumbprintHash::SHA256))
+        .map_err(|e| e.to_string())?;
     jwk.insert("kid".into(), Value::String(kid.clone()));
     jwk.insert("use".into(), Value::String("sig".into()));
     jwk.insert("alg".into(), Value::String("RS256".into()));

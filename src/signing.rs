@@ -2,22 +2,21 @@
 //! assertions for Keycloak (RFC 7523 §2.2, OIDC Core §9) and whose public halves
 //! are served at `GET /.well-known/jwks.json` for the Keycloak client's "JWKS URL".
 //!
-//! Role of `josekit` (the one place it is used): generating key pairs and
-//! exporting public keys as JWKs. Signing on the hot path and every verification
-//! use `jsonwebtoken` (aws-lc-rs backend) only, so there is one JOSE stack on the
-//! verification path.
+//! Role of `josekit` (the one place it is used): generating new key pairs as
+//! PKCS#8 PEM (`keys generate`); jsonwebtoken has no key generation. Everything
+//! else — loading keys, the public JWK (`Jwk::from_encoding_key`), the RFC 7638
+//! `kid` (`Jwk::thumbprint`), the JWKS document (`JwkSet`), signing and every
+//! verification — is `jsonwebtoken` with its aws-lc-rs backend, one JOSE stack.
 //!
 //! Rotation: configuration lists key files newest first. The first key signs; all
 //! keys are published. To rotate, add the new key *second* (published, not yet used),
 //! wait for Keycloak's JWKS cache (it refetches on an unknown `kid`, at most every
 //! 10 s), then move it first; drop the old key once its assertions (≤ 60 s) expired.
 
-use josekit::jwk::KeyPair;
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, ThumbprintHash};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 /// Signing algorithm for client assertions. Defaults to ES256 (cheap signatures on
 /// the hot path). Keycloak's client attribute `token.endpoint.auth.signing.alg`
@@ -70,7 +69,7 @@ pub struct SigningKey {
     kid: String,
     alg: SigningAlgorithm,
     encoding: EncodingKey,
-    public_jwk: Map<String, Value>,
+    public_jwk: Jwk,
 }
 
 impl std::fmt::Debug for SigningKey {
@@ -97,27 +96,19 @@ impl SigningKey {
             alg: alg.name(),
             reason,
         };
-        let (jwk, encoding) = match alg {
-            SigningAlgorithm::ES256 => {
-                let pair = josekit::jws::ES256
-                    .key_pair_from_pem(bytes)
-                    .map_err(|e| parse(e.to_string()))?;
-                let enc = EncodingKey::from_ec_pem(bytes).map_err(|e| parse(e.to_string()))?;
-                (pair.to_jwk_public_key(), enc)
-            }
-            SigningAlgorithm::RS256 => {
-                let pair = josekit::jws::RS256
-                    .key_pair_from_pem(bytes)
-                    .map_err(|e| parse(e.to_string()))?;
-                let enc = EncodingKey::from_rsa_pem(bytes).map_err(|e| parse(e.to_string()))?;
-                (pair.to_jwk_public_key(), enc)
-            }
-        };
-        let mut public_jwk: Map<String, Value> = jwk.as_ref().clone();
-        let kid = thumbprint(&public_jwk);
-        public_jwk.insert("kid".into(), Value::String(kid.clone()));
-        public_jwk.insert("use".into(), Value::String("sig".into()));
-        public_jwk.insert("alg".into(), Value::String(alg.name().into()));
+        let encoding = match alg {
+            SigningAlgorithm::ES256 => EncodingKey::from_ec_pem(bytes),
+            SigningAlgorithm::RS256 => EncodingKey::from_rsa_pem(bytes),
+        }
+        .map_err(|e| parse(e.to_string()))?;
+        let mut public_jwk =
+            Jwk::from_encoding_key(&encoding, alg.jwt_alg()).map_err(|e| parse(e.to_string()))?;
+        let kid = public_jwk
+            .thumbprint(ThumbprintHash::SHA256)
+            .map_err(|e| parse(e.to_string()))?;
+        public_jwk.common.key_id = Some(kid.clone());
+        public_jwk.common.public_key_use = Some(PublicKeyUse::Signature);
+        public_jwk.common.key_algorithm = Some(KeyAlgorithm::from(alg.jwt_alg()));
         Ok(Self {
             kid,
             alg,
@@ -141,8 +132,8 @@ impl SigningKey {
         &self.encoding
     }
 
-    /// The public JWK (with `kid`, `use`, `alg`).
-    pub fn public_jwk(&self) -> &Map<String, Value> {
+    /// The public JWK (with `kid`, `use`, `alg`; never a private member).
+    pub fn public_jwk(&self) -> &Jwk {
         &self.public_jwk
     }
 }
@@ -165,26 +156,6 @@ pub fn generate_pem(alg: SigningAlgorithm) -> Result<SecretString, KeyError> {
     String::from_utf8(pem)
         .map(SecretString::from)
         .map_err(|_| KeyError::Generate("PEM is not UTF-8".into()))
-}
-
-/// RFC 7638 thumbprint of a public JWK: SHA-256 over the required members in
-/// lexicographic order, base64url without padding.
-pub fn thumbprint(jwk: &Map<String, Value>) -> String {
-    use base64::Engine;
-    let members: &[&str] = match jwk.get("kty").and_then(Value::as_str) {
-        Some("EC") => &["crv", "kty", "x", "y"],
-        Some("RSA") => &["e", "kty", "n"],
-        _ => &["kty"],
-    };
-    let mut canonical = Map::new();
-    for m in members {
-        if let Some(v) = jwk.get(*m) {
-            canonical.insert((*m).to_string(), v.clone());
-        }
-    }
-    // serde_json::Map is a BTreeMap here (no preserve_order): keys come out sorted.
-    let json = Value::Object(canonical).to_string();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(json.as_bytes()))
 }
 
 /// The service's key ring: the first key signs, every key is published.
@@ -213,13 +184,10 @@ impl SigningKeys {
     }
 
     /// The JWKS document served at `/.well-known/jwks.json` (RFC 7517 §5).
-    pub fn jwks(&self) -> Value {
-        let keys: Vec<Value> = self
-            .keys
-            .iter()
-            .map(|k| Value::Object(k.public_jwk.clone()))
-            .collect();
-        serde_json::json!({ "keys": keys })
+    pub fn jwks(&self) -> JwkSet {
+        JwkSet {
+            keys: self.keys.iter().map(|k| k.public_jwk.clone()).collect(),
+        }
     }
 }
 
@@ -232,22 +200,42 @@ mod tests {
         let pem = generate_pem(SigningAlgorithm::ES256).unwrap();
         let key = SigningKey::from_pem(&pem, SigningAlgorithm::ES256).unwrap();
         assert_eq!(key.kid().len(), 43);
-        assert_eq!(key.public_jwk()["kty"], "EC");
-        assert!(
-            key.public_jwk().get("d").is_none(),
-            "private part must not be published"
-        );
+        let jwk = serde_json::to_value(key.public_jwk()).unwrap();
+        assert_eq!(jwk["kty"], "EC");
+        assert_eq!(jwk["kid"], key.kid());
+        assert_eq!(jwk["use"], "sig");
+        assert_eq!(jwk["alg"], "ES256");
+        assert!(jwk.get("d").is_none(), "private part must not be published");
         assert!(!format!("{key:?}").contains("PRIVATE"));
     }
 
     #[test]
     fn rfc7638_example_thumbprint() {
         // RFC 7638 §3.1 example key and its published thumbprint.
-        let jwk: Map<String, Value> = serde_json::from_str(r#"{"kty":"RSA","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw","e":"AQAB","alg":"RS256","kid":"2011-04-29"}"#).unwrap();
+        let jwk: Jwk = serde_json::from_str(r#"{"kty":"RSA","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw","e":"AQAB","alg":"RS256","kid":"2011-04-29"}"#).unwrap();
         assert_eq!(
-            thumbprint(&jwk),
+            jwk.thumbprint(ThumbprintHash::SHA256).unwrap(),
             "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
         );
+    }
+
+    #[test]
+    fn rsa_keys_load_too_and_the_jwks_lists_every_key() {
+        let rsa = SigningKey::from_pem(
+            &generate_pem(SigningAlgorithm::RS256).unwrap(),
+            SigningAlgorithm::RS256,
+        )
+        .unwrap();
+        let ec = SigningKey::from_pem(
+            &generate_pem(SigningAlgorithm::ES256).unwrap(),
+            SigningAlgorithm::ES256,
+        )
+        .unwrap();
+        let ring = SigningKeys::new(vec![ec, rsa]).unwrap();
+        let set = serde_json::to_value(ring.jwks()).unwrap();
+        assert_eq!(set["keys"][0]["kty"], "EC");
+        assert_eq!(set["keys"][1]["kty"], "RSA");
+        assert!(set["keys"][1].get("d").is_none());
     }
 
     #[test]
