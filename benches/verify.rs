@@ -90,9 +90,9 @@ fn bench(c: &mut Criterion) {
     let secret = SecretToken::new(token.clone());
     // Warm the key cache; check the decision is an allow.
     let id = rt.block_on(verifier.verify(&secret)).expect("verifies");
-    let scopes: Vec<String> = Vec::new();
+    let scopes = keycloak_ci_sts::domain::Scopes::default();
     let d = policies.evaluate(&EvalRequest {
-        identity: &id,
+        subject: &keycloak_ci_sts::exchange::subject_of(&id),
         audience: "artifact-api",
         scopes: &scopes,
     });
@@ -122,7 +122,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let id = rt.block_on(verifier.verify(&secret)).expect("verifies");
             let d = policies.evaluate(&EvalRequest {
-                identity: &id,
+                subject: &keycloak_ci_sts::exchange::subject_of(&id),
                 audience: "artifact-api",
                 scopes: &scopes,
             });

@@ -18,9 +18,11 @@
 )]
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod configuration;
 pub mod domain;
+pub mod exchange;
 pub mod http;
 pub mod keycloak;
 pub mod limits;
@@ -29,5 +31,6 @@ pub mod policy;
 pub mod reload;
 pub mod signing;
 pub mod startup;
+pub mod state;
 pub mod telemetry;
 pub mod verify;

@@ -6,21 +6,20 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::policy::{PolicyError, PolicySet};
-use crate::startup::AppState;
+use crate::policy::PolicyError;
+use crate::state::AppState;
 
 /// Compiles the policies directory and, when valid, swaps it in.
 ///
 /// # Errors
 /// Every problem of the new set; the active set is unchanged then.
 pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
-    match PolicySet::load_dir(&state.policies_dir, Some(&state.known_clients)) {
+    match state.exchange.policies.reload() {
         Ok(set) => {
             let n = set.policies().len();
             for w in set.warnings() {
                 tracing::warn!(warning = %w, "policy warning");
             }
-            state.policies.store(std::sync::Arc::new(set));
             state
                 .metrics
                 .policy_reloads
@@ -48,7 +47,7 @@ pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
 pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let _watcher = if watch {
-        watch_dir(&state.policies_dir, tx.clone())
+        watch_dir(state.exchange.policies.dir(), tx.clone())
     } else {
         None
     };
@@ -71,7 +70,7 @@ pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
                 tracing::info!("SIGHUP: reloading policies");
                 let _ = reload(&state);
             }
-            _ = tick.tick() => state.limiter.housekeeping(),
+            _ = tick.tick() => state.exchange.limiter.housekeeping(),
         }
     }
 }

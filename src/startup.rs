@@ -6,42 +6,16 @@ use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
-use arc_swap::ArcSwap;
 use tracing_actix_web::TracingLogger;
 
+use crate::audit::AuditSink;
 use crate::configuration::Settings;
+use crate::exchange::Exchange;
 use crate::keycloak::KeycloakClient;
-use crate::policy::PolicySet;
-use crate::signing::SigningKeys;
-use crate::telemetry::AuditSink;
+use crate::policy::PolicyStore;
+pub use crate::state::AppState;
 use crate::verify::jwks::KeyCache;
 use crate::verify::Verifier;
-
-/// Shared state of all workers.
-pub struct AppState {
-    /// Bitbucket token verifier.
-    pub verifier: Verifier,
-    /// Compiled policies (swappable as a whole).
-    pub policies: ArcSwap<PolicySet>,
-    /// Keycloak client.
-    pub keycloak: KeycloakClient,
-    /// Our signing keys (published at `/.well-known/jwks.json`).
-    pub signing: Option<Arc<SigningKeys>>,
-    /// Audit sink.
-    pub audit: AuditSink,
-    /// Metrics registry.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Per-identity limiter.
-    pub limiter: Arc<dyn crate::limits::ExchangeLimiter>,
-    /// Default limits.
-    pub limits: crate::configuration::Limits,
-    /// Policies directory (for reloads).
-    pub policies_dir: std::path::PathBuf,
-    /// Configured Keycloak client ids (policies are checked against them).
-    pub known_clients: std::collections::BTreeSet<String>,
-    /// Largest `/token` body, bytes (`max_token_bytes` + 4096).
-    pub max_body_bytes: usize,
-}
 
 /// Startup failures (configuration is validated before this).
 #[derive(Debug, thiserror::Error)]
@@ -147,14 +121,14 @@ impl Application {
 /// # Errors
 /// [`StartupError`].
 pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
-    let known: std::collections::BTreeSet<String> =
-        settings.keycloak.clients.keys().cloned().collect();
-    let policies = PolicySet::load_dir(&settings.policies_dir, Some(&known))
-        .map_err(StartupError::Policies)?;
-    for w in policies.warnings() {
+    let known = settings.keycloak.clients.keys().cloned().collect();
+    let policies =
+        PolicyStore::load(&settings.policies_dir, known).map_err(StartupError::Policies)?;
+    let current = policies.current();
+    for w in current.warnings() {
         tracing::warn!(warning = %w, "policy warning");
     }
-    if policies.policies().is_empty() {
+    if current.policies().is_empty() {
         tracing::warn!(dir = %settings.policies_dir.display(), "no policies: every exchange will be denied");
     }
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
@@ -178,31 +152,33 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let signing = settings.signing.map(Arc::new);
     let keycloak =
         KeycloakClient::new(kc_http, settings.keycloak, signing.clone(), metrics.clone());
-    let audit = match &settings.audit_path {
-        Some(p) => AuditSink::file(p, settings.audit_queue_capacity).map_err(|source| {
-            StartupError::Audit {
-                path: p.display().to_string(),
-                source,
-            }
-        })?,
-        None => AuditSink::stdout(settings.audit_queue_capacity).map_err(|source| {
-            StartupError::Audit {
-                path: "standard output".into(),
-                source,
-            }
-        })?,
-    };
+    let audit = audit_sink(
+        settings.audit_path.as_deref(),
+        settings.audit_queue_capacity,
+    )?;
     Ok(AppState {
-        verifier,
-        policies: ArcSwap::from_pointee(policies),
-        keycloak,
+        exchange: Exchange {
+            verifier,
+            policies: Arc::new(policies),
+            keycloak,
+            limiter: Arc::new(crate::limits::InMemoryLimiter::default()),
+            limits: settings.limits,
+            audit,
+            metrics: metrics.clone(),
+        },
         signing,
-        audit,
         metrics,
-        limiter: Arc::new(crate::limits::InMemoryLimiter::default()),
-        limits: settings.limits,
-        policies_dir: settings.policies_dir,
-        known_clients: known,
         max_body_bytes: settings.max_token_bytes + 4096,
+    })
+}
+
+fn audit_sink(path: Option<&std::path::Path>, queue: usize) -> Result<AuditSink, StartupError> {
+    let opened = match path {
+        Some(p) => AuditSink::file(p, queue),
+        None => AuditSink::stdout(queue),
+    };
+    opened.map_err(|source| StartupError::Audit {
+        path: path.map_or_else(|| "standard output".into(), |p| p.display().to_string()),
+        source,
     })
 }

@@ -1,9 +1,22 @@
 //! The one error type that reaches callers: RFC 6749 §5.2 JSON with a stable
-//! `error_code` and the `request_id`. Its text is fixed per code; causes go to logs.
+//! `error_code` and the `request_id`. Its text is fixed per code; causes go to
+//! logs. [`ApiError::from_exchange`] is the single table from [`ExchangeError`] to
+//! (HTTP status, OAuth `error`, `error_code`): the README's error table has this
+//! one source in code.
 
 use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 use serde::Serialize;
+
+use crate::domain::OAuthError;
+use crate::exchange::{ExchangeError, RequestError};
+use crate::http::Meaning;
+use crate::keycloak::KeycloakError;
+use crate::policy::DenyKind;
+use crate::verify::VerifyError;
+
+/// `Retry-After` when an upstream gave none, seconds.
+const DEFAULT_RETRY_AFTER: u64 = 5;
 
 /// An error answer.
 #[derive(Debug, Clone)]
@@ -11,7 +24,7 @@ pub struct ApiError {
     /// HTTP status.
     pub status: StatusCode,
     /// RFC 6749 / RFC 8693 `error` value.
-    pub error: &'static str,
+    pub error: OAuthError,
     /// Stable code (README error table).
     pub error_code: &'static str,
     /// `error_description`: fixed text, possibly naming the caller's own claim values.
@@ -22,27 +35,17 @@ pub struct ApiError {
 
 #[derive(Serialize)]
 struct Body<'a> {
-    error: &'a str,
+    error: OAuthError,
     error_description: &'a str,
     error_code: &'a str,
     request_id: &'a str,
 }
 
 impl ApiError {
-    /// 400 `invalid_request`.
-    pub fn invalid_request(code: &'static str, description: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            code,
-            description,
-        )
-    }
-
     /// Any status / error.
     pub fn new(
         status: StatusCode,
-        error: &'static str,
+        error: OAuthError,
         error_code: &'static str,
         description: impl Into<String>,
     ) -> Self {
@@ -59,6 +62,52 @@ impl ApiError {
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
         self
+    }
+
+    /// The answer for an exchange that did not issue a token.
+    pub fn from_exchange(e: &ExchangeError) -> Self {
+        use OAuthError::{InvalidRequest, InvalidScope, InvalidTarget, TemporarilyUnavailable};
+        let code = e.code();
+        match e {
+            ExchangeError::Request(r) => {
+                let (status, error) = request_status(r);
+                Self::new(status, error, code, r.public_message())
+            }
+            ExchangeError::Token(v) => token(v),
+            ExchangeError::Denied {
+                reason,
+                description,
+            } => {
+                let error = match reason {
+                    DenyKind::UnknownAudience => InvalidTarget,
+                    DenyKind::ScopeNotAllowed { .. } => InvalidScope,
+                    _ => InvalidRequest,
+                };
+                Self::new(StatusCode::BAD_REQUEST, error, code, description.clone())
+            }
+            ExchangeError::Limited {
+                limit,
+                per_minute,
+                retry_after_seconds,
+            } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                TemporarilyUnavailable,
+                code,
+                format!(
+                    "more than {per_minute} exchanges per minute for this {}; retry later",
+                    limit.as_str()
+                ),
+            )
+            .retry_after(*retry_after_seconds),
+            ExchangeError::Keycloak(k) => keycloak(k),
+            ExchangeError::AuditUnavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TemporarilyUnavailable,
+                code,
+                "the audit log is not accepting records; no token was issued",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER),
+        }
     }
 
     /// Renders the JSON answer (with `Cache-Control: no-store`, RFC 6749 §5.2).
@@ -79,4 +128,82 @@ impl ApiError {
             request_id,
         })
     }
+}
+
+fn request_status(r: &RequestError) -> (StatusCode, OAuthError) {
+    match r {
+        RequestError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, OAuthError::InvalidRequest),
+        RequestError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, OAuthError::InvalidRequest),
+        RequestError::UnsupportedGrantType => {
+            (StatusCode::BAD_REQUEST, OAuthError::UnsupportedGrantType)
+        }
+        RequestError::InvalidAudience => (StatusCode::BAD_REQUEST, OAuthError::InvalidTarget),
+        RequestError::InvalidScopeSyntax | RequestError::TooManyScopes => {
+            (StatusCode::BAD_REQUEST, OAuthError::InvalidScope)
+        }
+        _ => (StatusCode::BAD_REQUEST, OAuthError::InvalidRequest),
+    }
+}
+
+/// Subject-token refusals are 400 `invalid_request` (RFC 8693 §2.2.2); an issuer
+/// whose keys cannot be had is 503 when transient, else 502.
+fn token(v: &VerifyError) -> ApiError {
+    let code = v.code();
+    match v {
+        VerifyError::KeysUnavailable(f) if f.meaning() == Meaning::Transient => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            OAuthError::TemporarilyUnavailable,
+            code,
+            v.public_message(),
+        )
+        .retry_after(f.retry_after().unwrap_or(DEFAULT_RETRY_AFTER)),
+        VerifyError::KeysUnavailable(_) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            OAuthError::ServerError,
+            code,
+            v.public_message(),
+        ),
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            OAuthError::InvalidRequest,
+            code,
+            v.public_message(),
+        ),
+    }
+}
+
+/// Keycloak failures: transient → 503 with Keycloak's bounded `Retry-After`;
+/// our configuration or a malformed answer → 502 with an operator code.
+fn keycloak(e: &KeycloakError) -> ApiError {
+    if e.is_transient() {
+        let description = match e {
+            KeycloakError::RateLimited { .. } => {
+                "Keycloak is rate limiting this service; retry after the Retry-After delay"
+            }
+            _ => "Keycloak is unavailable; retry after the Retry-After delay",
+        };
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            OAuthError::TemporarilyUnavailable,
+            e.code(),
+            description,
+        )
+        .retry_after(e.retry_after().unwrap_or(DEFAULT_RETRY_AFTER));
+    }
+    let description = match e {
+        KeycloakError::ClientRejected { .. } => "Keycloak rejected this service's client authentication; the operator must check the Keycloak client's credentials",
+        KeycloakError::ScopeRejected { .. } => "Keycloak refused the granted scopes; the operator must add them as optional client scopes",
+        KeycloakError::LifetimeTooLong { .. } => "Keycloak issued a token living longer than the policy allows; it was not passed on",
+        KeycloakError::UnknownClient(_) => "the policy's Keycloak client is not configured",
+        KeycloakError::NotFound { .. } => "Keycloak has no such realm or endpoint; the operator must check keycloak.base_url and keycloak.realm",
+        KeycloakError::Redirected { .. } => "Keycloak redirected the request; the operator must set keycloak.base_url to the server's own address",
+        _ if e.meaning() == Meaning::Malformed => "Keycloak answered with something that is not a valid token response; nothing was passed on",
+        _ => "Keycloak refused the request; the operator must check the Keycloak client's configuration",
+    };
+    ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        OAuthError::ServerError,
+        e.code(),
+        description,
+    )
 }

@@ -3,7 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// `GET /healthz`: 200 `{"status":"ok"}` while the process serves.
 pub async fn healthz() -> HttpResponse {
@@ -14,8 +14,8 @@ pub async fn healthz() -> HttpResponse {
 /// document answers now (fetched on every probe, within Keycloak's timeouts);
 /// otherwise 503 with the failing check.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let policies = state.policies.load().policies().len();
-    match state.keycloak.check_discovery().await {
+    let policies = state.exchange.policies.current().policies().len();
+    match state.exchange.keycloak.check_discovery().await {
         Ok(_) => HttpResponse::Ok()
             .json(json!({"status": "ready", "policies": policies, "keycloak": "ok"})),
         Err(e) => {

@@ -1,4 +1,4 @@
-//! HTTP surface: thin actix handlers over `verify`, `policy` and `keycloak`.
+//! HTTP surface: thin actix handlers over [`crate::exchange`].
 //!
 //! | route | answer |
 //! |---|---|
@@ -45,7 +45,7 @@ pub fn request_id(req: &HttpRequest) -> String {
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     ApiError::new(
         actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request",
+        crate::domain::OAuthError::InvalidRequest,
         "request.method_not_allowed",
         "use POST with an application/x-www-form-urlencoded body",
     )
@@ -55,7 +55,7 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 async fn not_found(req: HttpRequest) -> HttpResponse {
     ApiError::new(
         actix_web::http::StatusCode::NOT_FOUND,
-        "invalid_request",
+        crate::domain::OAuthError::InvalidRequest,
         "request.not_found",
         "no such endpoint",
     )

@@ -15,7 +15,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::configuration::{ClientAuth, KeycloakSettings};
-use crate::domain::SecretToken;
+use crate::domain::{Scopes, SecretToken};
 use crate::http::{read_capped, BodyError, Meaning};
 use crate::signing::SigningKeys;
 
@@ -425,7 +425,7 @@ impl KeycloakClient {
     pub async fn client_credentials(
         &self,
         client: &str,
-        scopes: &[String],
+        scopes: &Scopes,
         max_lifetime_seconds: u64,
     ) -> Result<IssuedToken, KeycloakError> {
         let auth = self
@@ -434,7 +434,7 @@ impl KeycloakClient {
             .get(client)
             .ok_or_else(|| KeycloakError::UnknownClient(client.to_string()))?;
         let ep = self.endpoints().await?;
-        let scope = scopes.join(" ");
+        let scope = scopes.to_string();
         let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
         if !scope.is_empty() {
             form.push(("scope", scope.clone()));

@@ -1,21 +1,20 @@
-//! Policy evaluation: a pure function of the policy set, the verified identity
-//! and the request. It never fails; every decision carries a trace.
+//! Policy evaluation: a pure function of the policy set, the [`Subject`] and the
+//! request. It never fails; every decision carries a trace.
 
 use serde::Serialize;
 
-use super::{BranchPattern, Conditions, Effect, PolicySet};
-use crate::domain::BbUuid;
-use crate::verify::BitbucketIdentity;
+use super::{BranchPattern, Conditions, Effect, PolicySet, Subject};
+use crate::domain::{BbUuid, Scopes};
 
 /// What the caller asks for.
 #[derive(Debug, Clone)]
 pub struct EvalRequest<'a> {
-    /// The verified token.
-    pub identity: &'a BitbucketIdentity,
+    /// Who asks: the claims conditions test.
+    pub subject: &'a Subject,
     /// RFC 8693 `audience`: selects the grant.
     pub audience: &'a str,
-    /// RFC 8693 `scope`, split on spaces; empty means "the policy's default scopes".
-    pub scopes: &'a [String],
+    /// RFC 8693 `scope`; empty means "the policy's default scopes".
+    pub scopes: &'a Scopes,
 }
 
 /// An allowed exchange.
@@ -28,7 +27,7 @@ pub struct Grant {
     /// Audience name the caller asked for.
     pub audience: String,
     /// Scopes to request from Keycloak (ordered, de-duplicated).
-    pub scopes: Vec<String>,
+    pub scopes: Scopes,
     /// Longest lifetime accepted for the issued token, seconds.
     pub max_lifetime_seconds: u64,
     /// Policy override of the per-step limit (per minute).
@@ -82,7 +81,7 @@ impl DenyKind {
 
     /// Message for the caller, in terms of the caller's own claims (never the
     /// policy's patterns).
-    pub fn public_message(&self, id: &BitbucketIdentity, audience: &str) -> String {
+    pub fn public_message(&self, id: &Subject, audience: &str) -> String {
         match self {
             Self::UnknownAudience => format!("no policy grants audience `{audience}`"),
             Self::ExplicitDeny => format!("a deny policy refuses this identity for audience `{audience}`"),
@@ -162,7 +161,7 @@ fn branch_list(v: &[BranchPattern]) -> String {
 }
 
 /// Checks conditions in a fixed order; the first failure is returned.
-fn check(c: &Conditions, id: &BitbucketIdentity) -> Result<(), Failure> {
+fn check(c: &Conditions, id: &Subject) -> Result<(), Failure> {
     let mut passed = 0;
     if let Some(false) = uuid_in(&c.workspace_uuid, Some(id.workspace_uuid)) {
         return Err(Failure {
@@ -241,7 +240,7 @@ impl PolicySet {
     /// admit the request wins. Requested scopes must be a subset of the grant's
     /// `scopes`; none requested means the grant's `default_scopes`.
     pub fn evaluate(&self, req: &EvalRequest<'_>) -> Decision {
-        let id = req.identity;
+        let id = req.subject;
         let mut trace = Vec::new();
         let mut deny_hit: Option<String> = None;
         let mut allows = Vec::new();
@@ -319,18 +318,13 @@ impl PolicySet {
         let mut scope_failure: Option<(Vec<String>, String)> = None;
         for p in allows {
             let Some(g) = &p.grant else { continue };
-            let requested: Vec<String> = if req.scopes.is_empty() {
-                g.default_scopes.clone()
+            let requested: Scopes = if req.scopes.is_empty() {
+                g.default_scopes.iter().map(String::as_str).collect()
             } else {
-                let mut v: Vec<String> = Vec::new();
-                for s in req.scopes {
-                    if !v.contains(s) {
-                        v.push(s.clone());
-                    }
-                }
-                v
+                req.scopes.clone()
             };
             let excess: Vec<String> = requested
+                .as_slice()
                 .iter()
                 .filter(|s| !g.scopes.contains(*s))
                 .cloned()

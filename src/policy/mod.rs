@@ -10,6 +10,7 @@
 mod eval;
 #[cfg(test)]
 mod props;
+mod store;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -21,6 +22,66 @@ use serde::Deserialize;
 
 use crate::domain::BbUuid;
 pub use eval::{Decision, DenyKind, EvalRequest, Grant, Outcome, TraceEntry};
+pub use store::PolicyStore;
+
+/// What policies decide on: the claims a condition can name, with Bitbucket's
+/// claim names (Atlassian, "Integrate Pipelines with resource servers using
+/// OIDC"). The exchange builds it from a verified token; `policy explain` builds it
+/// from claims it has not verified ([`Subject::from_claims`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Subject {
+    /// `workspaceUuid`.
+    #[serde(rename = "workspaceUuid")]
+    pub workspace_uuid: BbUuid,
+    /// `repositoryUuid`.
+    #[serde(rename = "repositoryUuid")]
+    pub repository_uuid: BbUuid,
+    /// `deploymentEnvironmentUuid`: deployment steps only.
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    pub deployment_environment_uuid: Option<BbUuid>,
+    /// `branchName`; `None` when absent or empty (tag builds).
+    #[serde(rename = "branchName")]
+    pub branch_name: Option<String>,
+}
+
+/// The claims [`Subject::from_claims`] reads, as Bitbucket names them; any other
+/// claim is ignored.
+#[derive(Debug, Deserialize)]
+pub struct SubjectClaims {
+    /// `workspaceUuid`, braces optional.
+    #[serde(rename = "workspaceUuid")]
+    pub workspace_uuid: String,
+    /// `repositoryUuid`, braces optional.
+    #[serde(rename = "repositoryUuid")]
+    pub repository_uuid: String,
+    /// `deploymentEnvironmentUuid`, braces optional.
+    #[serde(rename = "deploymentEnvironmentUuid", default)]
+    pub deployment_environment_uuid: Option<String>,
+    /// `branchName`.
+    #[serde(rename = "branchName", default)]
+    pub branch_name: Option<String>,
+}
+
+impl Subject {
+    /// A subject from claims nobody verified (for `policy explain`): UUIDs with or
+    /// without braces; an empty `branchName` reads as absent, as in tokens.
+    ///
+    /// # Errors
+    /// The claim that is not a UUID.
+    pub fn from_claims(c: SubjectClaims) -> Result<Self, String> {
+        let uuid =
+            |claim: &str, v: &str| BbUuid::parse_lenient(v).map_err(|e| format!("`{claim}`: {e}"));
+        Ok(Self {
+            workspace_uuid: uuid("workspaceUuid", &c.workspace_uuid)?,
+            repository_uuid: uuid("repositoryUuid", &c.repository_uuid)?,
+            deployment_environment_uuid: c
+                .deployment_environment_uuid
+                .map(|e| uuid("deploymentEnvironmentUuid", &e))
+                .transpose()?,
+            branch_name: c.branch_name.filter(|b| !b.is_empty()),
+        })
+    }
+}
 
 /// Longest accepted policy file, in bytes.
 pub const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024;
@@ -279,13 +340,7 @@ pub struct PolicySet {
     policies: Vec<Policy>,
 }
 
-/// True for an RFC 6749 §3.3 scope token (`%x21 / %x23-5B / %x5D-7E`, non-empty).
-pub fn is_scope_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 256
-        && s.bytes()
-            .all(|b| b == 0x21 || (0x23..=0x5B).contains(&b) || (0x5D..=0x7E).contains(&b))
-}
+pub use crate::domain::oauth::is_scope_token;
 
 impl PolicySet {
     /// The compiled policies, in evaluation order.
@@ -834,16 +889,5 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "when.workspaceUuid", "{e}");
         assert!(e.reason.contains("quote"), "{e}");
-    }
-
-    #[test]
-    fn scope_tokens_follow_rfc6749() {
-        assert!(is_scope_token("artifacts:write"));
-        assert!(is_scope_token("a!#[]~"));
-        assert!(!is_scope_token(""));
-        assert!(!is_scope_token("a b"));
-        assert!(!is_scope_token("a\"b"));
-        assert!(!is_scope_token("a\\b"));
-        assert!(!is_scope_token("é"));
     }
 }

@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::verify::BitbucketIdentity;
+use crate::domain::Scopes;
 
 const UUIDS: [&str; 4] = [
     "03b741e3-cf4a-41f9-9a59-cec52e21bdc3",
@@ -27,27 +27,19 @@ fn uuid(i: usize) -> BbUuid {
     BbUuid::parse_lenient(UUIDS[i % UUIDS.len()]).unwrap()
 }
 
-fn identity() -> impl Strategy<Value = BitbucketIdentity> {
+fn identity() -> impl Strategy<Value = Subject> {
     (
         0usize..4,
         0usize..4,
         proptest::option::of(0usize..4),
         proptest::option::of(0usize..4),
     )
-        .prop_map(|(w, r, e, b)| BitbucketIdentity {
-            issuer: "https://issuer.example.test".into(),
-            workspace_slug: "acme".into(),
-            sub: String::new(),
+        .prop_map(|(w, r, e, b)| Subject {
             workspace_uuid: uuid(w),
             repository_uuid: uuid(r),
-            pipeline_uuid: uuid(0),
-            step_uuid: uuid(1),
             // only concrete branch names (indices 0..4) appear in tokens
             branch_name: b.map(|i| BRANCHES[i].to_string()),
             deployment_environment_uuid: e.map(uuid),
-            pipeline_run_uuid: None,
-            exp: 0,
-            iat: 0,
         })
 }
 
@@ -123,9 +115,9 @@ fn deny_policy() -> impl Strategy<Value = Option<Policy>> {
     })
 }
 
-fn request() -> impl Strategy<Value = (usize, Vec<String>)> {
+fn request() -> impl Strategy<Value = (usize, Scopes)> {
     (0usize..3, proptest::collection::vec(0usize..3, 0..3))
-        .prop_map(|(a, s)| (a, s.into_iter().map(|i| SCOPES[i].to_string()).collect()))
+        .prop_map(|(a, s)| (a, s.into_iter().map(|i| SCOPES[i]).collect()))
 }
 
 fn audience(i: usize) -> &'static str {
@@ -143,7 +135,7 @@ proptest! {
     #[test]
     fn an_empty_policy_set_denies_everything(id in identity(), (aud, scopes) in request()) {
         let set = PolicySet::default();
-        let d = set.evaluate(&EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes });
+        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes });
         prop_assert!(!is_allow(&d));
     }
 
@@ -156,7 +148,7 @@ proptest! {
     ) {
         let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
         let before = PolicySet::from_policies(policies.clone());
-        let req = EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes };
+        let req = EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes };
         let d1 = before.evaluate(&req);
         if let Some(deny) = deny {
             policies.push(deny);
@@ -179,14 +171,14 @@ proptest! {
         let policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("p{i}"); p }).collect();
         let n = policies.len();
         let set = PolicySet::from_policies(policies);
-        let d = set.evaluate(&EvalRequest { identity: &id, audience: audience(aud), scopes: &scopes });
+        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes });
         let mut seen: Vec<&str> = d.trace.iter().map(|t| t.policy.as_str()).collect();
         seen.sort_unstable();
         seen.dedup();
         prop_assert_eq!(seen.len(), n);
         if let Outcome::Allow(g) = &d.outcome {
             // what is granted was requested (or is the default), and is within the grant
-            prop_assert!(scopes.is_empty() || g.scopes.iter().all(|s| scopes.contains(s)));
+            prop_assert!(scopes.is_empty() || g.scopes.as_slice().iter().all(|s| scopes.contains(s)));
         }
     }
 
@@ -325,29 +317,21 @@ fn admitted(set: &PolicySet) -> BTreeSet<(usize, usize, usize, usize, usize, usi
         for r in 0..3 {
             for e in 0..3 {
                 for b in 0..4 {
-                    let id = BitbucketIdentity {
-                        issuer: "https://issuer.example.test".into(),
-                        workspace_slug: "acme".into(),
-                        sub: String::new(),
+                    let id = Subject {
                         workspace_uuid: uuid(w),
                         repository_uuid: uuid(r),
-                        pipeline_uuid: uuid(0),
-                        step_uuid: uuid(1),
                         branch_name: (b > 0).then(|| BRANCHES[b - 1].to_string()),
                         deployment_environment_uuid: (e > 0).then(|| uuid(e + 1)),
-                        pipeline_run_uuid: None,
-                        exp: 0,
-                        iat: 0,
                     };
                     for (a, aud) in AUDIENCES.iter().enumerate() {
                         for sc in 0..4 {
-                            let scopes: Vec<String> = if sc == 0 {
-                                vec![]
+                            let scopes: Scopes = if sc == 0 {
+                                Scopes::default()
                             } else {
-                                vec![SCOPES[sc - 1].to_string()]
+                                [SCOPES[sc - 1]].into_iter().collect()
                             };
                             let d = set.evaluate(&EvalRequest {
-                                identity: &id,
+                                subject: &id,
                                 audience: aud,
                                 scopes: &scopes,
                             });

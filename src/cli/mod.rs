@@ -1,6 +1,15 @@
-//! Command line: `serve`, `config check`, `policy check`, `policy explain`, `keys generate`.
+//! Command line: `serve`, `config check`, `policy check`, `policy explain`,
+//! `keys generate`. Exit codes: 0 success (or "allowed" for `explain`), 1 the
+//! checked thing is refused (problems found, or "denied"), 2 usage, configuration
+//! or I/O error.
+
+mod config;
+mod keys;
+mod policy;
+mod serve;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -107,4 +116,50 @@ pub enum KeysCommand {
         #[arg(long, default_value = "ES256")]
         alg: String,
     },
+}
+
+/// Runs a parsed command line.
+///
+/// # Errors
+/// Usage, configuration and I/O errors (the binary exits 2 with them).
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => serve::serve(&config),
+        Command::Config {
+            command: ConfigCommand::Check { config, no_secrets },
+        } => config::check(&config, no_secrets),
+        Command::Policy {
+            command: PolicyCommand::Check { dir, config },
+        } => policy::check(&dir, config.as_deref()),
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    dir,
+                    token,
+                    claims,
+                    audience,
+                    scope,
+                    config,
+                },
+        } => policy::explain(policy::ExplainArgs {
+            dir,
+            token,
+            claims,
+            audience,
+            scope,
+            config,
+        }),
+        Command::Keys {
+            command: KeysCommand::Generate { out, alg },
+        } => keys::generate(&out, &alg),
+    }
+}
+
+/// Writes a line to standard output; a closed pipe (`| head`) is not an error.
+fn out(line: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{line}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

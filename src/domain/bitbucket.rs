@@ -1,56 +1,15 @@
-//! Small domain types shared by every module: redacting secret wrappers and
-//! Bitbucket's braced UUIDs.
+//! Bitbucket's identifiers: braced UUIDs.
 
 use std::fmt;
 
-use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
-/// A bearer credential (a Bitbucket ID token, a Keycloak access token or a
-/// client assertion). `Debug` and `Display` print `[redacted]`, so the value
-/// can never reach a log line, an error message or a panic by accident.
-#[derive(Clone)]
-pub struct SecretToken(SecretString);
-
-impl SecretToken {
-    /// Wraps a token value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(SecretString::from(value.into()))
-    }
-
-    /// The raw value, for the one place that must send or parse it.
-    pub fn expose(&self) -> &str {
-        self.0.expose_secret()
-    }
-
-    /// Length of the value in bytes.
-    pub fn len(&self) -> usize {
-        self.expose().len()
-    }
-
-    /// True when the value is empty.
-    pub fn is_empty(&self) -> bool {
-        self.expose().is_empty()
-    }
-
-    /// Lower-case hex SHA-256 of the value: what the audit log records
-    /// instead of the token itself.
-    pub fn sha256_hex(&self) -> String {
-        use sha2::{Digest, Sha256};
-        hex::encode(Sha256::digest(self.expose().as_bytes()))
-    }
-}
-
-impl fmt::Debug for SecretToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SecretToken([redacted])")
-    }
-}
+use super::truncate;
 
 /// A Bitbucket UUID such as a `repositoryUuid`.
 ///
 /// Bitbucket sends UUIDs in braces and lower case (`{d4e45493-4a33-477d-917b-a24e7e4bd39b}`,
-/// see `shared/reference/bitbucket-oidc.md` §3); the ARI audience carries the same
+/// as in Atlassian's OIDC token examples); the ARI audience carries the same
 /// workspace UUID without braces. Policies and configuration may use either form:
 /// both are parsed into the same value, so `{R}` and `R` never silently differ.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -129,17 +88,6 @@ impl<'de> Deserialize<'de> for BbUuid {
     }
 }
 
-/// Cuts `s` to at most `max` characters for messages (never used on secrets).
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_string()
-    } else {
-        let mut out: String = s.chars().take(max).collect();
-        out.push('…');
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,11 +108,5 @@ mod tests {
         assert!(BbUuid::parse_lenient("{d4e45493-4a33-477d-917b-a24e7e4bd39b").is_err());
         assert!(BbUuid::parse_lenient("d4e454934a33477d917ba24e7e4bd39b").is_err());
         assert!(BbUuid::parse_lenient("urn:uuid:d4e45493-4a33-477d-917b-a24e7e4bd39b").is_err());
-    }
-
-    #[test]
-    fn secret_token_debug_is_redacted() {
-        let t = SecretToken::new("eyJhbGciOi.secret.value");
-        assert_eq!(format!("{t:?}"), "SecretToken([redacted])");
     }
 }

@@ -1,0 +1,134 @@
+//! `policy check` and `policy explain`: offline policy tools.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use super::out;
+use crate::configuration::Settings;
+use crate::domain::Scopes;
+use crate::policy::{EvalRequest, Outcome, PolicySet, Subject, SubjectClaims};
+
+/// Client ids of a configuration (read without secrets), when one is given.
+fn known_clients(
+    config: Option<&Path>,
+) -> anyhow::Result<Option<std::collections::BTreeSet<String>>> {
+    Ok(match config {
+        None => None,
+        Some(c) => Some(
+            Settings::load_without_secrets(c)?
+                .keycloak
+                .clients
+                .keys()
+                .cloned()
+                .collect(),
+        ),
+    })
+}
+
+/// Compiles every policy of `dir`: one line per policy on standard output, one
+/// per problem on standard error (exit 1), warnings on standard error (exit 0).
+///
+/// # Errors
+/// An unreadable `config`.
+pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let known = known_clients(config)?;
+    let set = match PolicySet::load_dir(dir, known.as_ref()) {
+        Ok(set) => set,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!("{} problem(s)", errors.len());
+            return Ok(ExitCode::from(1));
+        }
+    };
+    out(&format!(
+        "ok: {} policies in {}",
+        set.policies().len(),
+        dir.display()
+    ))?;
+    for p in set.policies() {
+        let what = match &p.grant {
+            Some(g) => format!("allow audience `{}` as client `{}`", g.audience, g.client),
+            None => "deny".to_string(),
+        };
+        out(&format!("  {}: {what}", p.id))?;
+    }
+    for w in set.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `policy explain`.
+pub struct ExplainArgs {
+    /// Policies directory.
+    pub dir: PathBuf,
+    /// File holding a token (`-`: standard input).
+    pub token: Option<PathBuf>,
+    /// JSON file of claims.
+    pub claims: Option<PathBuf>,
+    /// Requested audience.
+    pub audience: String,
+    /// Requested scope (space-separated).
+    pub scope: String,
+    /// Configuration (grant clients are checked against it).
+    pub config: Option<PathBuf>,
+}
+
+/// Prints the decision and full trace for a token's or a claims file's subject;
+/// exit 0 when allowed, 1 when denied. Nothing is verified: the token is decoded
+/// with jsonwebtoken's `dangerous` API, and the output says so on standard error.
+///
+/// # Errors
+/// Unreadable files, a token or claims file without the claims policies read,
+/// an invalid scope, policies that do not compile.
+pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let known = known_clients(a.config.as_deref())?;
+    let set = PolicySet::load_dir(&a.dir, known.as_ref()).map_err(|errs| {
+        anyhow::anyhow!(errs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })?;
+    let claims: SubjectClaims = match (a.token, a.claims) {
+        (Some(t), _) => {
+            let mut text = String::new();
+            if t.as_os_str() == "-" {
+                std::io::stdin().read_to_string(&mut text)?;
+            } else {
+                text = std::fs::read_to_string(&t)?;
+            }
+            jsonwebtoken::dangerous::insecure_decode_claims(text.trim())
+                .map_err(|e| anyhow::anyhow!("not a JWT with the claims policies read: {e}"))?
+        }
+        (None, Some(c)) => serde_json::from_str(&std::fs::read_to_string(&c)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?,
+        (None, None) => anyhow::bail!("give --token or --claims"),
+    };
+    let subject = Subject::from_claims(claims).map_err(anyhow::Error::msg)?;
+    let scopes = Scopes::parse(&a.scope)?;
+    let decision = set.evaluate(&EvalRequest {
+        subject: &subject,
+        audience: &a.audience,
+        scopes: &scopes,
+    });
+    eprintln!("note: signature, issuer, audience and expiry are NOT verified by explain");
+    out(&serde_json::to_string_pretty(&serde_json::json!({
+        "identity": subject,
+        "audience": a.audience,
+        "scopes": scopes,
+        "outcome": decision.outcome,
+        "error_code": match &decision.outcome {
+            Outcome::Deny { reason, .. } => Some(reason.code()),
+            Outcome::Allow(_) => None,
+        },
+        "trace": decision.trace,
+    }))?)?;
+    Ok(match decision.outcome {
+        Outcome::Allow(_) => ExitCode::SUCCESS,
+        Outcome::Deny { .. } => ExitCode::from(1),
+    })
+}

@@ -1,0 +1,679 @@
+//! The RFC 8693 token exchange, independent of HTTP: a typed [`TokenRequest`] in,
+//! an [`Issued`] token or a typed [`ExchangeError`] out. Every caller (the HTTP
+//! handler today; a client command, an agent interface or a second grant mode
+//! tomorrow) goes through [`Exchange::exchange`], so each step of the README's
+//! sequence diagram happens in one place and in one order:
+//!
+//! 1. verify the Bitbucket token ([`crate::verify`]);
+//! 2. decide with the policies ([`crate::policy`]); a denied request never reaches Keycloak;
+//! 3. apply the per-step and per-repository limits ([`crate::limits`]);
+//! 4. obtain the token from Keycloak ([`crate::keycloak`]);
+//! 5. write the audit line ([`crate::audit`]): no token leaves without it.
+//!
+//! How an [`ExchangeError`] is answered over HTTP (status, OAuth `error`,
+//! `error_code`) is decided in one table, `crate::api::error`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::audit::{AuditOutcome, AuditRecord, AuditSink};
+use crate::configuration::Limits;
+use crate::domain::oauth::{
+    is_scope_token, GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN,
+    TOKEN_TYPE_JWT,
+};
+use crate::domain::{Scopes, SecretToken};
+use crate::keycloak::{KeycloakClient, KeycloakError};
+use crate::limits::ExchangeLimiter;
+use crate::metrics::Metrics;
+use crate::policy::{DenyKind, EvalRequest, Grant, Outcome, PolicyStore, Subject};
+use crate::verify::{BitbucketIdentity, Verifier, VerifyError};
+
+/// Most scopes one request may name.
+pub const MAX_REQUEST_SCOPES: usize = 32;
+
+/// A validated RFC 8693 §2.1 request.
+#[derive(Debug)]
+pub struct TokenRequest {
+    /// `subject_token`: the Bitbucket step's OIDC ID token (redacted in `Debug`).
+    pub subject_token: SecretToken,
+    /// `audience`: selects the policy grant.
+    pub audience: String,
+    /// `scope`: empty means the grant's default scopes.
+    pub scopes: Scopes,
+}
+
+/// Who sent the request, for the audit line.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// The request id (also in the answer and the logs).
+    pub request_id: String,
+    /// The TCP peer (a proxy's address when behind one).
+    pub client_address: Option<String>,
+}
+
+/// A token obtained for the caller.
+#[derive(Debug)]
+pub struct Issued {
+    /// The Keycloak access token (redacted in `Debug`).
+    pub access_token: SecretToken,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+    /// Scopes as Keycloak reports them.
+    pub scope: String,
+}
+
+/// A request refused before the exchange: its form is not an RFC 8693 request
+/// this service takes. Each variant's [`code`](RequestError::code) is stable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The body is not `application/x-www-form-urlencoded` (RFC 8693 §2.1).
+    #[error("wrong content type")]
+    ContentType,
+    /// The body is larger than the limit (bytes).
+    #[error("body larger than {0} bytes")]
+    TooLarge(usize),
+    /// The body did not arrive in time (seconds).
+    #[error("body not received within {0} s")]
+    BodyTimeout(u64),
+    /// The body broke off.
+    #[error("body unreadable")]
+    BodyUnreadable,
+    /// A parameter appears more than once (RFC 6749 §3.2).
+    #[error("parameter `{0}` repeated")]
+    RepeatedParameter(&'static str),
+    /// `actor_token`, `actor_token_type` or `resource`.
+    #[error("parameter `{0}` not supported")]
+    UnsupportedParameter(&'static str),
+    /// No `grant_type`.
+    #[error("grant_type missing")]
+    MissingGrantType,
+    /// `grant_type` is not token exchange.
+    #[error("grant_type not supported")]
+    UnsupportedGrantType,
+    /// No or an empty `subject_token`.
+    #[error("subject_token missing")]
+    MissingSubjectToken,
+    /// No `subject_token_type`.
+    #[error("subject_token_type missing")]
+    MissingSubjectTokenType,
+    /// `subject_token_type` is not `id_token` or `jwt`.
+    #[error("subject_token_type not supported")]
+    UnsupportedSubjectTokenType,
+    /// `requested_token_type` is not `access_token`.
+    #[error("requested_token_type not supported")]
+    UnsupportedRequestedTokenType,
+    /// No `audience`.
+    #[error("audience missing")]
+    MissingAudience,
+    /// `audience` is not an RFC 6749 §3.3 token of at most 256 bytes.
+    #[error("audience invalid")]
+    InvalidAudience,
+    /// A scope is not an RFC 6749 §3.3 token of at most 256 bytes.
+    #[error("scope syntax")]
+    InvalidScopeSyntax,
+    /// More than [`MAX_REQUEST_SCOPES`] scopes.
+    #[error("too many scopes")]
+    TooManyScopes,
+}
+
+impl RequestError {
+    /// Stable error code (README error table).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ContentType => "request.content_type",
+            Self::TooLarge(_) => "request.too_large",
+            Self::BodyTimeout(_) => "request.body_timeout",
+            Self::BodyUnreadable => "request.body_unreadable",
+            Self::RepeatedParameter(_) => "request.repeated_parameter",
+            Self::UnsupportedParameter(_) => "request.unsupported_parameter",
+            Self::MissingGrantType => "request.missing_grant_type",
+            Self::UnsupportedGrantType => "request.unsupported_grant_type",
+            Self::MissingSubjectToken => "request.missing_subject_token",
+            Self::MissingSubjectTokenType => "request.missing_subject_token_type",
+            Self::UnsupportedSubjectTokenType => "request.unsupported_subject_token_type",
+            Self::UnsupportedRequestedTokenType => "request.unsupported_requested_token_type",
+            Self::MissingAudience => "request.missing_audience",
+            Self::InvalidAudience => "request.invalid_audience",
+            Self::InvalidScopeSyntax => "request.invalid_scope_syntax",
+            Self::TooManyScopes => "request.too_many_scopes",
+        }
+    }
+
+    /// The fixed text the caller sees.
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::ContentType => "Content-Type must be application/x-www-form-urlencoded (RFC 8693 §2.1)".into(),
+            Self::TooLarge(max) => format!("request body is larger than {max} bytes"),
+            Self::BodyTimeout(s) => format!("request body not received within {s} s"),
+            Self::BodyUnreadable => "request body could not be read".into(),
+            Self::RepeatedParameter(k) => format!("parameter `{k}` is repeated; send it once"),
+            Self::UnsupportedParameter(k) => format!("parameter `{k}` is not supported (no delegation or resource indicators)"),
+            Self::MissingGrantType => "grant_type is missing".into(),
+            Self::UnsupportedGrantType => format!("only grant_type={GRANT_TYPE_TOKEN_EXCHANGE} is supported"),
+            Self::MissingSubjectToken => "subject_token is missing or empty: set `oidc: true` on the step and send $BITBUCKET_STEP_OIDC_TOKEN".into(),
+            Self::MissingSubjectTokenType => format!("subject_token_type is missing; use {TOKEN_TYPE_ID_TOKEN}"),
+            Self::UnsupportedSubjectTokenType => format!("subject_token_type must be {TOKEN_TYPE_ID_TOKEN} or {TOKEN_TYPE_JWT}"),
+            Self::UnsupportedRequestedTokenType => format!("requested_token_type must be {TOKEN_TYPE_ACCESS_TOKEN}"),
+            Self::MissingAudience => "audience is missing: name the target the policy grants".into(),
+            Self::InvalidAudience => "audience must be 1 to 256 characters of RFC 6749 §3.3's set".into(),
+            Self::InvalidScopeSyntax => "scope must be space-separated tokens of 1 to 256 characters of RFC 6749 §3.3's set".into(),
+            Self::TooManyScopes => format!("at most {MAX_REQUEST_SCOPES} scopes"),
+        }
+    }
+}
+
+impl TokenRequest {
+    /// Parses an `application/x-www-form-urlencoded` body (RFC 8693 §2.1): each
+    /// parameter at most once; unknown parameters ignored (RFC 6749 §3.2).
+    ///
+    /// # Errors
+    /// The first [`RequestError`] found.
+    pub fn from_form(body: &[u8]) -> Result<Self, RequestError> {
+        const KNOWN: [&str; 6] = [
+            "grant_type",
+            "subject_token",
+            "subject_token_type",
+            "requested_token_type",
+            "audience",
+            "scope",
+        ];
+        let mut values: [Option<String>; 6] = Default::default();
+        for (k, v) in url::form_urlencoded::parse(body) {
+            if let Some(i) = KNOWN.iter().position(|n| *n == k) {
+                if values[i].is_some() {
+                    return Err(RequestError::RepeatedParameter(KNOWN[i]));
+                }
+                values[i] = Some(v.into_owned());
+            } else if let Some(p) = ["actor_token", "actor_token_type", "resource"]
+                .into_iter()
+                .find(|n| *n == k)
+            {
+                return Err(RequestError::UnsupportedParameter(p));
+            }
+        }
+        let [grant_type, subject_token, subject_token_type, requested_token_type, audience, scope] =
+            values;
+        Self::check(
+            grant_type,
+            subject_token.map(SecretToken::new),
+            subject_token_type,
+            requested_token_type,
+            audience,
+            scope,
+        )
+    }
+
+    fn check(
+        grant_type: Option<String>,
+        subject_token: Option<SecretToken>,
+        subject_token_type: Option<String>,
+        requested_token_type: Option<String>,
+        audience: Option<String>,
+        scope: Option<String>,
+    ) -> Result<Self, RequestError> {
+        match grant_type.as_deref() {
+            None | Some("") => return Err(RequestError::MissingGrantType),
+            Some(GRANT_TYPE_TOKEN_EXCHANGE) => {}
+            Some(_) => return Err(RequestError::UnsupportedGrantType),
+        }
+        let subject_token = subject_token
+            .filter(|t| !t.expose().trim().is_empty())
+            .ok_or(RequestError::MissingSubjectToken)?;
+        match subject_token_type.as_deref() {
+            None | Some("") => return Err(RequestError::MissingSubjectTokenType),
+            Some(TOKEN_TYPE_ID_TOKEN | TOKEN_TYPE_JWT) => {}
+            Some(_) => return Err(RequestError::UnsupportedSubjectTokenType),
+        }
+        if requested_token_type.is_some_and(|t| t != TOKEN_TYPE_ACCESS_TOKEN) {
+            return Err(RequestError::UnsupportedRequestedTokenType);
+        }
+        let audience = audience
+            .filter(|a| !a.is_empty())
+            .ok_or(RequestError::MissingAudience)?;
+        if !is_scope_token(&audience) {
+            return Err(RequestError::InvalidAudience);
+        }
+        let scope = scope.unwrap_or_default();
+        let scopes = Scopes::parse(&scope).map_err(|_| RequestError::InvalidScopeSyntax)?;
+        if scope.split(' ').filter(|s| !s.is_empty()).count() > MAX_REQUEST_SCOPES {
+            return Err(RequestError::TooManyScopes);
+        }
+        Ok(Self {
+            subject_token,
+            audience,
+            scopes,
+        })
+    }
+}
+
+/// Which per-identity limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// Per `stepUuid`.
+    Step,
+    /// Per `repositoryUuid`.
+    Repository,
+}
+
+impl LimitKind {
+    /// `step` or `repository` (metrics label, messages).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Step => "step",
+            Self::Repository => "repository",
+        }
+    }
+}
+
+/// Why an exchange did not issue a token. Never holds a token or secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExchangeError {
+    /// The request is not one this service takes.
+    #[error("request refused: {0}")]
+    Request(#[from] RequestError),
+    /// The subject token was not accepted (or its issuer's keys are unavailable).
+    #[error("subject token refused")]
+    Token(#[source] VerifyError),
+    /// The policies refuse; `description` speaks of the caller's own claims only.
+    #[error("denied by policy ({})", .reason.code())]
+    Denied {
+        /// Why.
+        reason: DenyKind,
+        /// The message for the caller.
+        description: String,
+    },
+    /// More exchanges per minute than the step's or repository's limit.
+    #[error("{} limit of {per_minute}/min exceeded", .limit.as_str())]
+    Limited {
+        /// Which limit.
+        limit: LimitKind,
+        /// The limit, per minute.
+        per_minute: NonZeroU32,
+        /// Seconds until the next exchange is allowed.
+        retry_after_seconds: u64,
+    },
+    /// Keycloak did not issue a usable token.
+    #[error("Keycloak exchange failed")]
+    Keycloak(#[source] KeycloakError),
+    /// The audit line could not be written, so the token was withheld.
+    #[error("audit log not accepting records")]
+    AuditUnavailable,
+}
+
+impl ExchangeError {
+    /// Stable error code (README error table).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Request(e) => e.code(),
+            Self::Token(e) => e.code(),
+            Self::Denied { reason, .. } => reason.code(),
+            Self::Limited {
+                limit: LimitKind::Step,
+                ..
+            } => "limit.step_exceeded",
+            Self::Limited {
+                limit: LimitKind::Repository,
+                ..
+            } => "limit.repository_exceeded",
+            Self::Keycloak(e) => e.code(),
+            Self::AuditUnavailable => "audit.unavailable",
+        }
+    }
+
+    /// The audit outcome: `failed` for outages (issuer keys, Keycloak, audit),
+    /// `denied` for everything the caller can fix.
+    pub fn outcome(&self) -> AuditOutcome {
+        match self {
+            Self::Token(VerifyError::KeysUnavailable(_))
+            | Self::Keycloak(_)
+            | Self::AuditUnavailable => AuditOutcome::Failed,
+            _ => AuditOutcome::Denied,
+        }
+    }
+}
+
+/// The subject policies decide on, taken from a verified token.
+pub fn subject_of(id: &BitbucketIdentity) -> Subject {
+    Subject {
+        workspace_uuid: id.workspace_uuid,
+        repository_uuid: id.repository_uuid,
+        deployment_environment_uuid: id.deployment_environment_uuid,
+        branch_name: id.branch_name.clone(),
+    }
+}
+
+/// Copies the verified identity into the audit line (claim names as Bitbucket's).
+fn record_identity(audit: &mut AuditRecord, id: &BitbucketIdentity) {
+    audit.issuer = Some(id.issuer.clone());
+    audit.sub = Some(id.sub.clone());
+    audit.workspace_uuid = Some(id.workspace_uuid.braced());
+    audit.repository_uuid = Some(id.repository_uuid.braced());
+    audit.pipeline_uuid = Some(id.pipeline_uuid.braced());
+    audit.pipeline_run_uuid = id.pipeline_run_uuid.map(|u| u.braced());
+    audit.step_uuid = Some(id.step_uuid.braced());
+    audit.deployment_environment_uuid = id.deployment_environment_uuid.map(|u| u.braced());
+    audit.branch_name = id.branch_name.clone();
+}
+
+/// Everything an exchange needs. Cheap to share behind an `Arc`.
+pub struct Exchange {
+    /// Bitbucket token verification.
+    pub verifier: Verifier,
+    /// The active policies.
+    pub policies: Arc<PolicyStore>,
+    /// Keycloak.
+    pub keycloak: KeycloakClient,
+    /// Per-identity limiter.
+    pub limiter: Arc<dyn ExchangeLimiter>,
+    /// Default limits (a grant may override them).
+    pub limits: Limits,
+    /// Audit trail.
+    pub audit: AuditSink,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Exchange {
+    /// Runs the exchange and writes its audit line (module docs: the order of
+    /// steps). A token is returned only when its audit line was handed to the
+    /// audit writer.
+    ///
+    /// # Errors
+    /// [`ExchangeError`]; the audit line and metrics are written either way.
+    pub async fn exchange(
+        &self,
+        ctx: &Context,
+        req: TokenRequest,
+    ) -> Result<Issued, ExchangeError> {
+        let started = Instant::now();
+        let mut audit = self.record(ctx);
+        audit.audience = Some(req.audience.clone());
+        audit.requested_scopes = req.scopes.clone();
+        let result = self.run(req, &mut audit).await;
+        self.finish(audit, result, started)
+    }
+
+    /// Audits a request refused before the exchange (bad form, body, content
+    /// type) and returns it as an [`ExchangeError`].
+    pub fn refuse(&self, ctx: &Context, e: RequestError) -> ExchangeError {
+        let audit = self.record(ctx);
+        match self.finish(audit, Err(e.into()), Instant::now()) {
+            Ok(_) => ExchangeError::AuditUnavailable,
+            Err(e) => e,
+        }
+    }
+
+    fn record(&self, ctx: &Context) -> AuditRecord {
+        let mut audit = AuditRecord::new(ctx.request_id.clone());
+        audit.client_address = ctx.client_address.clone();
+        audit
+    }
+
+    async fn run(
+        &self,
+        req: TokenRequest,
+        audit: &mut AuditRecord,
+    ) -> Result<Issued, ExchangeError> {
+        let identity = self.verify(&req.subject_token, audit).await?;
+        let subject = subject_of(&identity);
+        let grant = self.decide(&subject, &req, audit)?;
+        self.limit(&identity, &grant)?;
+        let issued = self.obtain(&grant).await?;
+        audit.granted_scopes = issued.scope.split(' ').collect();
+        audit.expires_in = Some(issued.expires_in);
+        audit.token_sha256 = Some(issued.access_token.sha256_hex());
+        audit.token_jti = issued.jti.clone();
+        Ok(Issued {
+            access_token: issued.access_token,
+            expires_in: issued.expires_in,
+            scope: issued.scope,
+        })
+    }
+
+    /// Step 1: the Bitbucket token.
+    async fn verify(
+        &self,
+        token: &SecretToken,
+        audit: &mut AuditRecord,
+    ) -> Result<BitbucketIdentity, ExchangeError> {
+        let phase = Instant::now();
+        let verified = self.verifier.verify(token).await;
+        self.metrics.observe("verify", phase);
+        match verified {
+            Ok(id) => {
+                record_identity(audit, &id);
+                Ok(id)
+            }
+            Err(e) => {
+                if let VerifyError::UntrustedIssuer(iss) = &e {
+                    // The refused (untrusted, truncated) issuer, for the investigation.
+                    audit.issuer = Some(iss.clone());
+                }
+                tracing::info!(error_code = e.code(), error = %crate::telemetry::chain(&e), "subject token refused");
+                Err(ExchangeError::Token(e))
+            }
+        }
+    }
+
+    /// Step 2: the policies (this request keeps the set it started with, even
+    /// across a reload).
+    fn decide(
+        &self,
+        subject: &Subject,
+        req: &TokenRequest,
+        audit: &mut AuditRecord,
+    ) -> Result<Grant, ExchangeError> {
+        let phase = Instant::now();
+        let decision = self.policies.current().evaluate(&EvalRequest {
+            subject,
+            audience: &req.audience,
+            scopes: &req.scopes,
+        });
+        self.metrics.observe("policy", phase);
+        tracing::debug!(trace = ?decision.trace, "policy decision trace");
+        match decision.outcome {
+            Outcome::Allow(g) => {
+                audit.policy = Some(g.policy.clone());
+                audit.keycloak_client = Some(g.client.clone());
+                Ok(g)
+            }
+            Outcome::Deny { reason, policy } => {
+                tracing::info!(
+                    error_code = reason.code(),
+                    policy = policy.as_deref().unwrap_or("-"),
+                    "exchange denied by policy"
+                );
+                audit.policy = policy;
+                let description = reason.public_message(subject, &req.audience);
+                Err(ExchangeError::Denied {
+                    reason,
+                    description,
+                })
+            }
+        }
+    }
+
+    /// Step 3: per-identity limits (the grant's overrides, else the defaults).
+    fn limit(&self, id: &BitbucketIdentity, grant: &Grant) -> Result<(), ExchangeError> {
+        let checks = [
+            (
+                LimitKind::Step,
+                format!("step:{}", id.step_uuid.bare()),
+                grant
+                    .per_step_per_minute
+                    .unwrap_or(self.limits.per_step_per_minute),
+            ),
+            (
+                LimitKind::Repository,
+                format!("repository:{}", id.repository_uuid.bare()),
+                grant
+                    .per_repository_per_minute
+                    .unwrap_or(self.limits.per_repository_per_minute),
+            ),
+        ];
+        for (limit, key, per_minute) in checks {
+            if let Err(wait) = self.limiter.check(&key, per_minute) {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[limit.as_str()])
+                    .inc();
+                tracing::info!(limit = limit.as_str(), per_minute, "exchange rate-limited");
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Err(ExchangeError::Limited {
+                    limit,
+                    per_minute,
+                    retry_after_seconds: seconds.max(1),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4: Keycloak.
+    async fn obtain(&self, grant: &Grant) -> Result<crate::keycloak::IssuedToken, ExchangeError> {
+        let phase = Instant::now();
+        let issued = self
+            .keycloak
+            .client_credentials(&grant.client, &grant.scopes, grant.max_lifetime_seconds)
+            .await;
+        self.metrics.observe("keycloak", phase);
+        issued.map_err(|e| {
+            tracing::warn!(error_code = e.code(), error = %crate::telemetry::chain(&e), client = %grant.client, "Keycloak exchange failed");
+            ExchangeError::Keycloak(e)
+        })
+    }
+
+    /// Step 5: the audit line, then metrics. A token whose line cannot be queued
+    /// is withheld (`audit.unavailable`).
+    fn finish(
+        &self,
+        mut audit: AuditRecord,
+        result: Result<Issued, ExchangeError>,
+        started: Instant,
+    ) -> Result<Issued, ExchangeError> {
+        audit.outcome = match &result {
+            Ok(_) => AuditOutcome::Allowed,
+            Err(e) => e.outcome(),
+        };
+        audit.error_code = result.as_ref().err().map(ExchangeError::code);
+        let result = match self.audit.write(&audit) {
+            Ok(()) => result,
+            Err(e) => {
+                self.metrics
+                    .audit_failures
+                    .with_label_values(&[audit.outcome.as_str()])
+                    .inc();
+                tracing::error!(error = %e, outcome = audit.outcome.as_str(), "audit line lost");
+                if audit.outcome == AuditOutcome::Allowed {
+                    audit.outcome = AuditOutcome::Failed;
+                    audit.error_code = Some(ExchangeError::AuditUnavailable.code());
+                    Err(ExchangeError::AuditUnavailable)
+                } else {
+                    result
+                }
+            }
+        };
+        self.metrics.observe("total", started);
+        self.metrics
+            .exchanges
+            .with_label_values(&[
+                audit.outcome.as_str(),
+                audit.error_code.unwrap_or(""),
+                audit.policy.as_deref().unwrap_or(""),
+            ])
+            .inc();
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
+            .into_bytes()
+    }
+
+    const OK: [(&str, &str); 4] = [
+        ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+        ("subject_token", "a.b.c"),
+        ("subject_token_type", TOKEN_TYPE_ID_TOKEN),
+        ("audience", "deploy-api"),
+    ];
+
+    #[test]
+    fn a_complete_form_parses() {
+        let mut pairs = OK.to_vec();
+        pairs.push(("scope", " b a b "));
+        pairs.push(("unknown", "ignored"));
+        let r = TokenRequest::from_form(&form(&pairs)).unwrap();
+        assert_eq!(r.audience, "deploy-api");
+        assert_eq!(r.scopes.to_string(), "b a");
+        assert!(!format!("{r:?}").contains("a.b.c"));
+    }
+
+    #[test]
+    fn every_form_error_has_its_code() {
+        let with = |k: &'static str, v: &'static str| {
+            let mut p: Vec<(&str, &str)> = OK.iter().filter(|(n, _)| *n != k).copied().collect();
+            p.push((k, v));
+            p
+        };
+        let without = |k: &str| {
+            OK.iter()
+                .filter(|(n, _)| *n != k)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        let many_scopes = vec!["s"; 33]
+            .iter()
+            .enumerate()
+            .map(|(i, _)| format!("s{i}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut too_many = OK.to_vec();
+        too_many.push(("scope", &many_scopes));
+        let mut repeated = OK.to_vec();
+        repeated.push(("audience", "x"));
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (without("grant_type"), "request.missing_grant_type"),
+            (
+                with("grant_type", "client_credentials"),
+                "request.unsupported_grant_type",
+            ),
+            (without("subject_token"), "request.missing_subject_token"),
+            (with("subject_token", "  "), "request.missing_subject_token"),
+            (
+                without("subject_token_type"),
+                "request.missing_subject_token_type",
+            ),
+            (
+                with("subject_token_type", "urn:x"),
+                "request.unsupported_subject_token_type",
+            ),
+            (
+                with("requested_token_type", "urn:x"),
+                "request.unsupported_requested_token_type",
+            ),
+            (without("audience"), "request.missing_audience"),
+            (with("audience", "a b"), "request.invalid_audience"),
+            (with("scope", "ok \"bad\""), "request.invalid_scope_syntax"),
+            (with("actor_token", "x"), "request.unsupported_parameter"),
+            (with("resource", "x"), "request.unsupported_parameter"),
+            (too_many, "request.too_many_scopes"),
+            (repeated, "request.repeated_parameter"),
+        ];
+        for (pairs, code) in cases {
+            let e = TokenRequest::from_form(&form(&pairs)).unwrap_err();
+            assert_eq!(e.code(), code, "{pairs:?}");
+            assert!(!e.public_message().is_empty());
+        }
+    }
+}
