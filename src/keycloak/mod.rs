@@ -570,7 +570,7 @@ pub fn check_issued(
     }
     if t.scope
         .split(' ')
-        .any(|s| !s.is_empty() && !crate::policy::is_scope_token(s))
+        .any(|s| !s.is_empty() && !crate::domain::oauth::is_scope_token(s))
     {
         return Err(bad("scope is not RFC 6749 scope tokens"));
     }
@@ -592,7 +592,7 @@ pub fn check_issued(
         return Err(bad("access_token is unsigned"));
     }
     let payload = decode(p)?;
-    let object: crate::verify::StrictObject = serde_json::from_slice(&payload)
+    let object: crate::domain::json::StrictObject = serde_json::from_slice(&payload)
         .map_err(|_| bad("access_token payload is not a JSON object (or has duplicate members)"))?;
     let c: Claims = serde_json::from_value(serde_json::Value::Object(object.0))
         .map_err(|_| bad("access_token claims have the wrong types"))?;

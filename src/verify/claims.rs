@@ -1,0 +1,401 @@
+//! Claim checks (RFC 7519 §4.1, Bitbucket's claim shapes), synchronous and given
+//! the clock reading `now` (seconds since the epoch) as an argument, so every
+//! rule is unit-testable with a fixed clock. Each check happens once.
+
+use serde::Deserialize;
+
+use super::{BitbucketIdentity, TokenRules, VerifyError};
+use crate::domain::BbUuid;
+use crate::verify::WorkspaceSettings;
+
+type Payload = serde_json::Map<String, serde_json::Value>;
+
+/// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Claims with strict types (numbers are numbers); presence and shape are
+/// checked afterwards so errors can name the claim. Names are Bitbucket's.
+#[derive(Deserialize)]
+struct RawClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    exp: Option<u64>,
+    iat: Option<u64>,
+    nbf: Option<u64>,
+    aud: Option<Audience>,
+    #[serde(rename = "workspaceUuid")]
+    workspace_uuid: Option<String>,
+    #[serde(rename = "repositoryUuid")]
+    repository_uuid: Option<String>,
+    #[serde(rename = "pipelineUuid")]
+    pipeline_uuid: Option<String>,
+    #[serde(rename = "stepUuid")]
+    step_uuid: Option<String>,
+    #[serde(rename = "branchName")]
+    branch_name: Option<String>,
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    deployment_environment_uuid: Option<String>,
+    #[serde(rename = "pipelineRunUuid")]
+    pipeline_run_uuid: Option<String>,
+}
+
+/// Claim names [`RawClaims`] reads, for naming a mistyped one.
+const CLAIMS: [&str; 13] = [
+    "iss",
+    "sub",
+    "exp",
+    "iat",
+    "nbf",
+    "aud",
+    "workspaceUuid",
+    "repositoryUuid",
+    "pipelineUuid",
+    "stepUuid",
+    "branchName",
+    "deploymentEnvironmentUuid",
+    "pipelineRunUuid",
+];
+
+/// The unverified `iss`, and the NumericDate type of `exp`, `iat`, `nbf`
+/// (RFC 7519 §2): the checks made before any key is chosen.
+///
+/// # Errors
+/// [`VerifyError::MissingClaim`] (`iss`), [`VerifyError::InvalidClaim`].
+pub fn precheck(payload: &Payload) -> Result<&str, VerifyError> {
+    let iss = match payload.get("iss") {
+        None => return Err(VerifyError::MissingClaim("iss")),
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        Some(_) => {
+            return Err(VerifyError::InvalidClaim {
+                claim: "iss",
+                reason: "not a string".into(),
+            })
+        }
+    };
+    for claim in ["exp", "iat", "nbf"] {
+        if payload.get(claim).is_some_and(|v| !v.is_u64()) {
+            return Err(VerifyError::InvalidClaim {
+                claim,
+                reason: "not a non-negative integer NumericDate".into(),
+            });
+        }
+    }
+    Ok(iss)
+}
+
+/// Every claim rule, in order: types; `exp` (RFC 7519 §4.1.4) and `nbf` (§4.1.5)
+/// within the leeway; `aud` (§4.1.3, any element accepted for the workspace);
+/// `sub` present; `iat` present, not in the future, not after `exp`; `exp - iat`
+/// at most the maximum lifetime; Bitbucket's braced UUIDs; `workspaceUuid` of the
+/// issuer's workspace; `sub` = `{repositoryUuid}:{stepUuid}` or
+/// `{repositoryUuid}:{deploymentEnvironmentUuid}:{stepUuid}`; `branchName`
+/// without control, invisible or bidi characters (empty reads as absent).
+///
+/// # Errors
+/// The first [`VerifyError`] found.
+pub fn check(
+    payload: Payload,
+    ws: &WorkspaceSettings,
+    rules: &TokenRules,
+    now: u64,
+) -> Result<BitbucketIdentity, VerifyError> {
+    let c: RawClaims = serde_path_to_error::deserialize(serde_json::Value::Object(payload))
+        .map_err(|e| {
+            let path = e.path().to_string();
+            VerifyError::InvalidClaim {
+                claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
+                reason: "wrong type".into(),
+            }
+        })?;
+    let (exp, iat) = registered(&c, ws, rules, now)?;
+    let sub = c.sub.clone().ok_or(VerifyError::MissingClaim("sub"))?;
+    let issuer = c.iss.clone().ok_or(VerifyError::MissingClaim("iss"))?;
+    let workspace_uuid = braced("workspaceUuid", c.workspace_uuid)?;
+    let repository_uuid = braced("repositoryUuid", c.repository_uuid)?;
+    let pipeline_uuid = braced("pipelineUuid", c.pipeline_uuid)?;
+    let step_uuid = braced("stepUuid", c.step_uuid)?;
+    let deployment_environment_uuid = c
+        .deployment_environment_uuid
+        .map(|e| braced("deploymentEnvironmentUuid", Some(e)))
+        .transpose()?;
+    let pipeline_run_uuid = c
+        .pipeline_run_uuid
+        .map(|e| braced("pipelineRunUuid", Some(e)))
+        .transpose()?;
+    if workspace_uuid != ws.uuid {
+        return Err(VerifyError::WorkspaceMismatch);
+    }
+    check_sub(
+        &sub,
+        repository_uuid,
+        deployment_environment_uuid,
+        step_uuid,
+    )?;
+    Ok(BitbucketIdentity {
+        issuer,
+        workspace_slug: ws.slug.clone(),
+        sub,
+        workspace_uuid,
+        repository_uuid,
+        pipeline_uuid,
+        step_uuid,
+        branch_name: branch(c.branch_name)?,
+        deployment_environment_uuid,
+        pipeline_run_uuid,
+        exp,
+        iat,
+    })
+}
+
+/// The registered claims: `exp`, `nbf`, `aud`, `sub` presence, `iat` and the
+/// lifetime; returns `(exp, iat)`.
+fn registered(
+    c: &RawClaims,
+    ws: &WorkspaceSettings,
+    rules: &TokenRules,
+    now: u64,
+) -> Result<(u64, u64), VerifyError> {
+    let leeway = rules.leeway.as_secs();
+    let exp = c.exp.ok_or(VerifyError::MissingClaim("exp"))?;
+    if exp.saturating_add(leeway) < now {
+        return Err(VerifyError::Expired);
+    }
+    if c.nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Err(VerifyError::NotYetValid);
+    }
+    if c.aud.is_none() {
+        return Err(VerifyError::MissingClaim("aud"));
+    }
+    if !audience_accepted(c, ws) {
+        return Err(VerifyError::AudienceNotAccepted);
+    }
+    if c.sub.is_none() {
+        return Err(VerifyError::MissingClaim("sub"));
+    }
+    let iat = c.iat.ok_or(VerifyError::MissingClaim("iat"))?;
+    if iat > now.saturating_add(leeway) {
+        return Err(VerifyError::IssuedInFuture);
+    }
+    if iat > exp {
+        return Err(VerifyError::InvalidClaim {
+            claim: "iat",
+            reason: "after exp".into(),
+        });
+    }
+    let max = rules.max_lifetime.as_secs();
+    if exp - iat > max {
+        return Err(VerifyError::LifetimeTooLong {
+            lifetime: exp - iat,
+            max,
+        });
+    }
+    Ok((exp, iat))
+}
+
+/// True when one element of `aud` is an audience accepted for the workspace.
+fn audience_accepted(c: &RawClaims, ws: &WorkspaceSettings) -> bool {
+    match &c.aud {
+        None => false,
+        Some(Audience::One(a)) => ws.audiences.iter().any(|x| x == a),
+        Some(Audience::Many(v)) => v.iter().any(|a| ws.audiences.iter().any(|x| x == a)),
+    }
+}
+
+fn braced(claim: &'static str, v: Option<String>) -> Result<BbUuid, VerifyError> {
+    let v = v.ok_or(VerifyError::MissingClaim(claim))?;
+    BbUuid::parse_braced(&v).map_err(|_| VerifyError::InvalidClaim {
+        claim,
+        reason: "not a braced UUID".into(),
+    })
+}
+
+fn check_sub(
+    sub: &str,
+    repository: BbUuid,
+    environment: Option<BbUuid>,
+    step: BbUuid,
+) -> Result<(), VerifyError> {
+    let parts: Vec<Option<BbUuid>> = sub
+        .split(':')
+        .map(|p| BbUuid::parse_braced(p).ok())
+        .collect();
+    let consistent = match (parts.as_slice(), environment) {
+        ([Some(r), Some(s)], None) => *r == repository && *s == step,
+        ([Some(r), Some(e), Some(s)], Some(env)) => *r == repository && *e == env && *s == step,
+        _ => false,
+    };
+    if consistent {
+        Ok(())
+    } else {
+        Err(VerifyError::SubjectMismatch)
+    }
+}
+
+/// `branchName`: empty reads as absent; at most 1024 bytes; no control
+/// characters, nor invisible or direction-changing ones (zero-width, bidi
+/// overrides, line/paragraph separators) that would make an audit line read
+/// differently from what it records.
+fn branch(b: Option<String>) -> Result<Option<String>, VerifyError> {
+    let Some(b) = b.filter(|b| !b.is_empty()) else {
+        return Ok(None);
+    };
+    let deceptive = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    if b.len() > 1024 || b.chars().any(deceptive) {
+        return Err(VerifyError::InvalidClaim {
+            claim: "branchName",
+            reason: "too long, or has control, invisible or bidi characters".into(),
+        });
+    }
+    Ok(Some(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    const NOW: u64 = 1_800_000_000;
+    const WS: &str = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}";
+    const REPO: &str = "{d4e45493-4a33-477d-917b-a24e7e4bd39b}";
+    const STEP: &str = "{759de0c6-eaee-4eaa-b7a6-c507eec759a7}";
+    const ENV: &str = "{bd715740-c970-486b-b68a-b421ec2a1f8b}";
+    const ISS: &str =
+        "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc";
+
+    fn ws() -> WorkspaceSettings {
+        WorkspaceSettings {
+            slug: "acme".into(),
+            uuid: BbUuid::parse_braced(WS).unwrap(),
+            issuer: ISS.into(),
+            audiences: vec!["https://sts.example.test".into()],
+            algorithm: jsonwebtoken::Algorithm::RS256,
+        }
+    }
+
+    fn rules() -> TokenRules {
+        TokenRules {
+            leeway: Duration::from_secs(60),
+            max_token_bytes: 16 * 1024,
+            max_lifetime: Duration::from_secs(86_400),
+        }
+    }
+
+    /// A Bitbucket-shaped payload (Atlassian's sample, with this test's UUIDs).
+    fn payload() -> serde_json::Value {
+        json!({
+            "iss": ISS, "aud": ["ari:cloud:bitbucket::workspace/03b741e3-cf4a-41f9-9a59-cec52e21bdc3", "https://sts.example.test"],
+            "sub": format!("{REPO}:{STEP}"), "iat": NOW - 10, "exp": NOW + 3590,
+            "workspaceUuid": WS, "repositoryUuid": REPO, "stepUuid": STEP,
+            "pipelineUuid": "{1de489be-ce6a-42a0-a8c8-eadbf1174ac7}", "branchName": "main",
+        })
+    }
+
+    fn run(v: serde_json::Value) -> Result<BitbucketIdentity, VerifyError> {
+        let serde_json::Value::Object(m) = v else {
+            panic!("object")
+        };
+        precheck(&m)?;
+        check(m, &ws(), &rules(), NOW)
+    }
+
+    fn with(changes: serde_json::Value) -> serde_json::Value {
+        let mut p = payload();
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                p.as_object_mut().unwrap().remove(k);
+            } else {
+                p[k] = v.clone();
+            }
+        }
+        p
+    }
+
+    #[test]
+    fn a_bitbucket_token_yields_its_identity() {
+        let id = run(payload()).unwrap();
+        assert_eq!(id.repository_uuid.braced(), REPO);
+        assert_eq!(id.branch_name.as_deref(), Some("main"));
+        assert_eq!(id.workspace_slug, "acme");
+        let id = run(with(
+            json!({"aud": "https://sts.example.test", "branchName": ""}),
+        ))
+        .unwrap();
+        assert_eq!(id.branch_name, None, "empty branchName reads as absent");
+        let deploy =
+            with(json!({"sub": format!("{REPO}:{ENV}:{STEP}"), "deploymentEnvironmentUuid": ENV}));
+        assert!(run(deploy).unwrap().deployment_environment_uuid.is_some());
+    }
+
+    #[test]
+    fn each_rule_has_its_code_at_a_fixed_clock() {
+        let cases = [
+            (json!({"iss": null}), "token.missing_claim"),
+            (json!({"iss": 7}), "token.invalid_claim"),
+            (json!({"exp": "soon"}), "token.invalid_claim"),
+            (json!({"exp": -1}), "token.invalid_claim"),
+            (json!({"exp": null}), "token.missing_claim"),
+            (json!({"exp": NOW - 61, "iat": NOW - 3700}), "token.expired"),
+            (json!({"nbf": NOW + 61}), "token.not_yet_valid"),
+            (json!({"aud": null}), "token.missing_claim"),
+            (
+                json!({"aud": "ari:cloud:bitbucket::workspace/03b741e3-cf4a-41f9-9a59-cec52e21bdc3"}),
+                "token.audience_not_accepted",
+            ),
+            (json!({"aud": 5}), "token.invalid_claim"),
+            (json!({"sub": null}), "token.missing_claim"),
+            (json!({"iat": null}), "token.missing_claim"),
+            (
+                json!({"iat": NOW + 61, "exp": NOW + 3661}),
+                "token.issued_in_future",
+            ),
+            (
+                json!({"iat": NOW + 30, "exp": NOW + 20}),
+                "token.invalid_claim",
+            ),
+            (json!({"exp": NOW + 90_000}), "token.lifetime_too_long"),
+            (
+                json!({"repositoryUuid": REPO.trim_matches(['{', '}'])}),
+                "token.invalid_claim",
+            ),
+            (
+                json!({"workspaceUuid": "{7d3f8c1a-0b6e-4f2d-9a8c-5e1b2c3d4e5f}"}),
+                "token.workspace_mismatch",
+            ),
+            (
+                json!({"sub": format!("{REPO}:{ENV}:{STEP}")}),
+                "token.subject_mismatch",
+            ),
+            (
+                json!({"deploymentEnvironmentUuid": ENV}),
+                "token.subject_mismatch",
+            ),
+            (json!({"branchName": "main\u{202E}"}), "token.invalid_claim"),
+            (
+                json!({"branchName": "x".repeat(1025)}),
+                "token.invalid_claim",
+            ),
+        ];
+        for (change, code) in cases {
+            let got = run(with(change.clone()))
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.code());
+            assert_eq!(got, code, "{change}");
+        }
+    }
+
+    #[test]
+    fn the_leeway_applies_at_both_ends() {
+        assert!(run(with(json!({"exp": NOW - 59, "iat": NOW - 3600}))).is_ok());
+        assert!(run(with(json!({"iat": NOW + 59, "exp": NOW + 3659}))).is_ok());
+        assert!(run(with(json!({"nbf": NOW + 59}))).is_ok());
+    }
+}

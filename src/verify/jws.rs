@@ -1,0 +1,264 @@
+//! Compact JWS parsing and header rules (RFC 7515 §7.1), synchronous and
+//! offline: everything about a token that can be checked before choosing a key.
+
+use base64::Engine;
+
+use super::VerifyError;
+use crate::domain::json::StrictObject;
+
+/// Longest `kid` accepted, in bytes.
+pub const MAX_KID_BYTES: usize = 256;
+
+/// A compact JWS, split and decoded but not verified.
+pub struct Jws<'a> {
+    /// Header `alg` (empty when absent or not a string: never matches a configured one).
+    pub alg: String,
+    /// Header `kid`.
+    pub kid: Option<String>,
+    /// The payload: a JSON object with unique member names.
+    pub payload: serde_json::Map<String, serde_json::Value>,
+    /// `BASE64URL(header) || '.' || BASE64URL(payload)`, exactly as received.
+    pub signing_input: &'a str,
+    /// The third segment (base64url signature), as received.
+    pub signature: &'a str,
+}
+
+/// Splits and decodes `raw` (surrounding whitespace already trimmed): at most
+/// `max_bytes`; three segments; header and payload base64url JSON objects with
+/// unique members; no `crit` (RFC 7515 §4.1.11: we understand no extension);
+/// `typ`, `cty` and `kid` strings; `kid` at most [`MAX_KID_BYTES`] without
+/// control characters.
+///
+/// # Errors
+/// [`VerifyError::TooLarge`], [`VerifyError::Malformed`], [`VerifyError::CriticalHeader`].
+pub fn parse(raw: &str, max_bytes: usize) -> Result<Jws<'_>, VerifyError> {
+    if raw.len() > max_bytes {
+        return Err(VerifyError::TooLarge {
+            len: raw.len(),
+            max: max_bytes,
+        });
+    }
+    let segments: Vec<&str> = raw.split('.').collect();
+    let [h, p, s] = segments.as_slice() else {
+        return Err(VerifyError::Malformed(format!(
+            "{} segments, expected 3",
+            segments.len()
+        )));
+    };
+    let header = decode_segment(h, "header")?;
+    if header.contains_key("crit") {
+        return Err(VerifyError::CriticalHeader);
+    }
+    for member in ["typ", "cty"] {
+        if header.get(member).is_some_and(|v| !v.is_string()) {
+            return Err(VerifyError::Malformed(format!(
+                "header `{member}` is not a string"
+            )));
+        }
+    }
+    let payload = decode_segment(p, "payload")?;
+    let kid = match header.get("kid") {
+        None => None,
+        Some(serde_json::Value::String(k)) => Some(k.clone()),
+        Some(_) => return Err(VerifyError::Malformed("kid is not a string".into())),
+    };
+    let alg = header
+        .get("alg")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    Ok(Jws {
+        alg,
+        kid,
+        payload,
+        signing_input: raw.get(..h.len() + 1 + p.len()).unwrap_or_default(),
+        signature: s,
+    })
+}
+
+/// The `kid` rule, checked once the issuer is known to be trusted (so that an
+/// untrusted token is answered `token.untrusted_issuer` first).
+///
+/// # Errors
+/// [`VerifyError::Malformed`] for a `kid` over [`MAX_KID_BYTES`] or with control
+/// characters.
+pub fn check_kid(kid: Option<&str>) -> Result<(), VerifyError> {
+    match kid {
+        Some(k) if k.len() > MAX_KID_BYTES || k.chars().any(char::is_control) => Err(
+            VerifyError::Malformed("kid is too long or has control characters".into()),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Checks the signature over the exact received bytes with each candidate key
+/// (one, unless the issuer publishes duplicate or no `kid`s) under the
+/// configured algorithm (jsonwebtoken's crypto, aws-lc-rs backend).
+///
+/// # Errors
+/// [`VerifyError::BadSignature`] when no candidate verifies it.
+pub fn verify_signature(
+    jws: &Jws<'_>,
+    candidates: &[std::sync::Arc<jsonwebtoken::DecodingKey>],
+    alg: jsonwebtoken::Algorithm,
+) -> Result<(), VerifyError> {
+    if jws.signature.is_empty() || jws.signing_input.is_empty() {
+        return Err(VerifyError::BadSignature);
+    }
+    for key in candidates {
+        match jsonwebtoken::crypto::verify(jws.signature, jws.signing_input.as_bytes(), key, alg) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                return Err(match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::Base64(_) => {
+                        VerifyError::Malformed("signature is not base64url".into())
+                    }
+                    _ => VerifyError::BadSignature,
+                })
+            }
+        }
+    }
+    Err(VerifyError::BadSignature)
+}
+
+fn decode_segment(
+    seg: &str,
+    what: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seg)
+        .map_err(|_| VerifyError::Malformed(format!("{what} is not base64url")))?;
+    serde_json::from_slice::<StrictObject>(&bytes)
+        .map(|o| o.0)
+        .map_err(|e| {
+            VerifyError::Malformed(format!("{what} is not a JSON object: {}", classify(&e)))
+        })
+}
+
+fn classify(e: &serde_json::Error) -> &'static str {
+    if e.to_string().contains("duplicate") {
+        return "duplicate member";
+    }
+    match e.classify() {
+        serde_json::error::Category::Io => "io",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "wrong shape",
+        serde_json::error::Category::Eof => "truncated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(v: &str) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v)
+    }
+
+    fn token(header: &str, payload: &str) -> String {
+        format!("{}.{}.c2ln", b64(header), b64(payload))
+    }
+
+    fn code(raw: &str) -> &'static str {
+        match parse(raw, 4096) {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_token_splits_into_its_parts() {
+        let raw = token(
+            &json!({"alg": "RS256", "kid": "k1"}).to_string(),
+            r#"{"iss":"i"}"#,
+        );
+        let jws = parse(&raw, 4096).unwrap();
+        assert_eq!(jws.alg, "RS256");
+        assert_eq!(jws.kid.as_deref(), Some("k1"));
+        assert_eq!(jws.payload["iss"], "i");
+        assert_eq!(jws.signature, "c2ln");
+        assert_eq!(format!("{}.c2ln", jws.signing_input), raw);
+    }
+
+    #[test]
+    fn shape_and_header_rules() {
+        let ok_payload = r#"{"iss":"i"}"#;
+        assert_eq!(code(&"a".repeat(5000)), "token.too_large");
+        assert_eq!(code("a.b"), "token.malformed");
+        assert_eq!(code("a.b.c.d.e"), "token.malformed");
+        assert_eq!(
+            code(&format!("!!.{}.x", b64(ok_payload))),
+            "token.malformed"
+        );
+        assert_eq!(code(&token("[1]", ok_payload)), "token.malformed");
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256","alg":"none"}"#, ok_payload)),
+            "token.malformed"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256","crit":["b64"]}"#, ok_payload)),
+            "token.unsupported_header"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256","typ":1}"#, ok_payload)),
+            "token.malformed"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256","kid":{"$ne":null}}"#, ok_payload)),
+            "token.malformed"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256"}"#, r#"{"iss":"a","iss":"b"}"#)),
+            "token.malformed"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256"}"#, "\"str\"")),
+            "token.malformed"
+        );
+    }
+
+    #[test]
+    fn kid_rules() {
+        assert!(check_kid(None).is_ok());
+        assert!(check_kid(Some("k")).is_ok());
+        assert!(check_kid(Some(&"k".repeat(MAX_KID_BYTES))).is_ok());
+        assert!(check_kid(Some(&"k".repeat(MAX_KID_BYTES + 1))).is_err());
+        assert!(check_kid(Some("a\nb")).is_err());
+    }
+
+    #[test]
+    fn signatures_verify_with_any_candidate_and_only_over_the_received_bytes() {
+        let pem = crate::signing::generate_pem(crate::signing::SigningAlgorithm::ES256).unwrap();
+        let key =
+            crate::signing::SigningKey::from_pem(&pem, crate::signing::SigningAlgorithm::ES256)
+                .unwrap();
+        let decoding =
+            std::sync::Arc::new(jsonwebtoken::DecodingKey::from_jwk(key.public_jwk()).unwrap());
+        let other_pem =
+            crate::signing::generate_pem(crate::signing::SigningAlgorithm::ES256).unwrap();
+        let other = crate::signing::SigningKey::from_pem(
+            &other_pem,
+            crate::signing::SigningAlgorithm::ES256,
+        )
+        .unwrap();
+        let other_decoding =
+            std::sync::Arc::new(jsonwebtoken::DecodingKey::from_jwk(other.public_jwk()).unwrap());
+        let raw = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            &json!({"iss": "i"}),
+            key.encoding_key(),
+        )
+        .unwrap();
+        let jws = parse(&raw, 4096).unwrap();
+        let es = jsonwebtoken::Algorithm::ES256;
+        assert!(verify_signature(&jws, &[decoding.clone()], es).is_ok());
+        assert!(verify_signature(&jws, &[other_decoding.clone(), decoding.clone()], es).is_ok());
+        assert!(verify_signature(&jws, &[other_decoding], es).is_err());
+        assert!(verify_signature(&jws, &[], es).is_err());
+        let tampered = raw.replacen(".", ".e30", 1);
+        let jws = parse(&tampered, 4096);
+        assert!(jws.is_err() || verify_signature(&jws.unwrap(), &[decoding], es).is_err());
+    }
+}
