@@ -117,13 +117,15 @@ pub enum Meaning {
     Malformed,
 }
 
-/// Classifies an HTTP status by meaning (RFC 9110 §15): 408, 429 and 5xx are
-/// transient; 2xx is not an error here (callers check the body); every other
-/// status says the request went somewhere it should not (configuration).
+/// Classifies a status that is not the expected 200 by meaning (RFC 9110 §15):
+/// 408, 425, 429 and 5xx are transient; 3xx and the other 4xx say the request
+/// went somewhere it should not (configuration); anything else (1xx, another 2xx,
+/// a status outside 100-599) is not what the protocol answers (malformed).
 pub fn status_meaning(status: u16) -> Meaning {
     match status {
         408 | 425 | 429 | 500..=599 => Meaning::Transient,
-        _ => Meaning::Configuration,
+        300..=499 => Meaning::Configuration,
+        _ => Meaning::Malformed,
     }
 }
 
@@ -137,6 +139,8 @@ pub fn retry_after_seconds(headers: &reqwest::header::HeaderMap, max: Duration) 
         .trim();
     let secs = match v.parse::<u64>() {
         Ok(s) => s,
+        // All digits but past u64: as long as can be (then bounded by `max`).
+        Err(_) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
         Err(_) => {
             let at = httpdate::parse_http_date(v).ok()?;
             at.duration_since(std::time::SystemTime::now())
@@ -166,6 +170,10 @@ mod tests {
         assert_eq!(retry_after_seconds(&headers("7"), max), Some(7));
         assert_eq!(retry_after_seconds(&headers("0"), max), Some(1));
         assert_eq!(retry_after_seconds(&headers("86400"), max), Some(60));
+        assert_eq!(
+            retry_after_seconds(&headers("99999999999999999999"), max),
+            Some(60)
+        );
         let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
         let got = retry_after_seconds(&headers(&later), max).unwrap();
         assert!((28..=30).contains(&got), "{got}");
@@ -187,6 +195,9 @@ mod tests {
         }
         for s in [301, 302, 400, 401, 403, 404, 410] {
             assert_eq!(status_meaning(s), Meaning::Configuration, "{s}");
+        }
+        for s in [100, 201, 204, 600, 999] {
+            assert_eq!(status_meaning(s), Meaning::Malformed, "{s}");
         }
     }
 }

@@ -193,6 +193,7 @@ fn keycloak(e: &KeycloakError) -> ApiError {
     let description = match e {
         KeycloakError::ClientRejected { .. } => "Keycloak rejected this service's client authentication; the operator must check the Keycloak client's credentials",
         KeycloakError::ScopeRejected { .. } => "Keycloak refused the granted scopes; the operator must add them as optional client scopes",
+        KeycloakError::ScopeExceedsGrant { .. } => "Keycloak granted more scopes than the policy allows; the token was not passed on: the operator must remove them from the client's default client scopes",
         KeycloakError::LifetimeTooLong { .. } => "Keycloak issued a token living longer than the policy allows; it was not passed on",
         KeycloakError::UnknownClient(_) => "the policy's Keycloak client is not configured",
         KeycloakError::NotFound { .. } => "Keycloak has no such realm or endpoint; the operator must check keycloak.base_url and keycloak.realm",

@@ -636,6 +636,45 @@ secret_env = "PATH"
         assert_eq!(e.key, "max_subject_token_lifetime_seconds");
     }
 
+    /// Values Bitbucket could never send, found by the outsider round.
+    #[test]
+    fn more_values_bitbucket_never_sends_are_refused_or_warned() {
+        let e = load(&toml("algorithm = \"PS256\"")).unwrap_err();
+        assert_eq!(e.key, "workspaces[0].algorithm");
+        assert!(e.reason.contains("RS256 only"), "{e}");
+        assert!(load(&toml("issuer = \"http://127.0.0.1:9/2.0/workspaces/acme/pipelines-config/identity/oidc\"\nalgorithm = \"ES256\"")).is_ok());
+        let e = load(&toml("").replace(
+            "slug = \"acme\"",
+            "slug = \"03b741e3cf4a41f99a59cec52e21bdc3\"",
+        ))
+        .unwrap_err();
+        assert!(e.reason.contains("is a UUID"), "{e}");
+        let e = load(&toml("").replace(
+            &format!("{{{W}}}"),
+            "{00000000-0000-0000-0000-000000000000}",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "workspaces[0].uuid");
+        let e = load(&toml("audiences = [\"\u{200B}https://sts.example.test\"]")).unwrap_err();
+        assert!(e.reason.contains("invisible"), "{e}");
+        let e = load(&toml(&format!(
+            "audiences = [\"ARI:cloud:bitbucket::workspace/{W}\"]"
+        )))
+        .unwrap_err();
+        assert!(e.reason.contains("lower case"), "{e}");
+        let (s, report) = check_text(&toml(&format!(
+            "audiences = [\"ari:cloud:bitbucket::workspace/{W}\"]"
+        )));
+        assert!(s.is_some());
+        assert!(
+            report.warnings[0]
+                .reason
+                .contains("accept_default_audience"),
+            "{:?}",
+            report.warnings
+        );
+    }
+
     fn check_text(text: &str) -> (Option<Settings>, Report) {
         let builder = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml));

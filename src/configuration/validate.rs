@@ -233,6 +233,14 @@ fn looks_like_uuid(s: &str) -> bool {
         })
         .unwrap_or(s);
     BbUuid::parse_lenient(inner).is_ok()
+        || (inner.len() == 32 && inner.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Characters that make two strings look alike while comparing different: control
+/// characters, zero-width and direction-changing ones, the byte order mark.
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Workspace ID ("slug") as Bitbucket allows it: lowercase letters, digits, `-`
@@ -340,10 +348,15 @@ pub(super) fn audience(a: &str, ws: &BbUuid) -> Result<(), String> {
             "audiences are 1 to {MAX_AUDIENCE_CHARS} characters (Bitbucket's limit)"
         ));
     }
-    if a.trim() != a || a.chars().any(char::is_control) {
+    if a.trim() != a || a.chars().any(deceptive) {
         return Err(format!(
-            "`{}` has surrounding white space or control characters; `aud` is compared exactly",
+            "`{}` has surrounding white space, or control, invisible or bidi characters; `aud` is compared exactly",
             a.escape_debug()
+        ));
+    }
+    if a.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("ari:")) && !a.starts_with("ari:") {
+        return Err(format!(
+            "`{a}`: Bitbucket's ARI audiences are lower case (`{ARI_WORKSPACE_PREFIX}…`)"
         ));
     }
     if let Some(rest) = a.strip_prefix(ARI_WORKSPACE_PREFIX) {
@@ -380,7 +393,15 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
     p.take(&k("slug"), slug("slug", &w.slug));
     let uuid = p.take(
         &k("uuid"),
-        BbUuid::parse_lenient(&w.uuid).map_err(|e| e.to_string()),
+        BbUuid::parse_lenient(&w.uuid)
+            .map_err(|e| e.to_string())
+            .and_then(|u| {
+                if u.bare() == "00000000-0000-0000-0000-000000000000" {
+                    Err("the nil UUID is no workspace's UUID".to_string())
+                } else {
+                    Ok(u)
+                }
+            }),
     );
     let issuer = match &w.issuer {
         None => Some(bitbucket_issuer(&w.slug)),
@@ -392,10 +413,16 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
             audiences.push(format!("{ARI_WORKSPACE_PREFIX}{}", uuid.bare()));
         }
         for (j, a) in w.audiences.iter().enumerate() {
-            if p.take(&k(&format!("audiences[{j}]")), audience(a, uuid))
-                .is_some()
-                && !audiences.contains(a)
-            {
+            let key = k(&format!("audiences[{j}]"));
+            if p.take(&key, audience(a, uuid)).is_some() && !audiences.contains(a) {
+                if a.starts_with(ARI_WORKSPACE_PREFIX) && !w.accept_default_audience {
+                    p.warn(
+                        &key,
+                        "this is Bitbucket's default workspace audience, on every step token of \
+                         the workspace: listing it accepts tokens meant for any other service, \
+                         as accept_default_audience = true does (set that instead, to say so)",
+                    );
+                }
                 audiences.push(a.clone());
             }
         }
@@ -416,7 +443,21 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
              accept_default_audience = true also accepts tokens meant for any other service of the workspace",
         );
     }
+    let bitbucket_issuer = issuer
+        .as_deref()
+        .is_some_and(|i| i.starts_with(&format!("https://{BITBUCKET_API_HOST}/")));
     let algorithm = match jsonwebtoken::Algorithm::from_str(&w.algorithm) {
+        Ok(a) if bitbucket_issuer && a != jsonwebtoken::Algorithm::RS256 => {
+            p.error(
+                &k("algorithm"),
+                format!(
+                    "`{}`: Bitbucket signs with RS256 only (its discovery document's \
+                     id_token_signing_alg_values_supported), so every token would be refused",
+                    w.algorithm
+                ),
+            );
+            None
+        }
         Ok(a) if TOKEN_ALGORITHMS.contains(&a) => Some(a),
         _ => {
             p.error(

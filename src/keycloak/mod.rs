@@ -82,6 +82,15 @@ pub enum KeycloakError {
         /// clientId.
         client: String,
     },
+    /// Keycloak granted scopes that were not requested (beyond its identity
+    /// scopes): the client's default client scopes give more than the policy.
+    #[error("Keycloak granted client `{client}` unrequested scopes {extra:?}")]
+    ScopeExceedsGrant {
+        /// clientId.
+        client: String,
+        /// The scopes beyond the request.
+        extra: Vec<String>,
+    },
     /// Another 4xx answer (an OAuth error, or a proxy refusing us).
     #[error("Keycloak answered HTTP {status} `{error}`")]
     Rejected {
@@ -135,6 +144,7 @@ impl KeycloakError {
             Self::Redirected { .. } => "keycloak.redirected",
             Self::ClientRejected { .. } => "keycloak.client_rejected",
             Self::ScopeRejected { .. } => "keycloak.scope_rejected",
+            Self::ScopeExceedsGrant { .. } => "keycloak.scope_exceeds_grant",
             Self::Rejected { .. } => "keycloak.request_rejected",
             Self::BadResponse(_) | Self::Body(_) => "keycloak.bad_response",
             Self::LifetimeTooLong { .. } => "keycloak.lifetime_exceeds_policy",
@@ -159,6 +169,7 @@ impl KeycloakError {
             | Self::Redirected { .. }
             | Self::ClientRejected { .. }
             | Self::ScopeRejected { .. }
+            | Self::ScopeExceedsGrant { .. }
             | Self::Rejected { .. }
             | Self::UnknownClient(_)
             | Self::Signing(_) => Meaning::Configuration,
@@ -202,7 +213,8 @@ fn classify_status(
     let error = serde_json::from_slice::<OAuthError>(body)
         .ok()
         .map(|e| crate::domain::truncate(&e.error, 64));
-    match (status, error.as_deref(), client) {
+    let oauth = error.as_deref().filter(|e| OAUTH_ERRORS.contains(e));
+    match (status, oauth, client) {
         (429, ..) => KeycloakError::RateLimited { retry_after },
         (300..=399, ..) => KeycloakError::Redirected {
             url: url.to_string(),
@@ -212,28 +224,60 @@ fn classify_status(
             status,
             retry_after,
         },
-        _ if crate::http::status_meaning(status) == Meaning::Transient => {
-            KeycloakError::ServerError {
+        _ => match crate::http::status_meaning(status) {
+            Meaning::Transient => KeycloakError::ServerError {
                 status,
                 retry_after,
+            },
+            Meaning::Malformed => {
+                KeycloakError::BadResponse(format!("unexpected HTTP status {status}"))
             }
-        }
-        (404 | 410, None, _) => KeycloakError::NotFound {
-            url: url.to_string(),
-            status,
+            // Keycloak answers 404 with a JSON `error` that is no OAuth code
+            // ("Realm does not exist", "HTTP 404 Not Found"): a wrong base URL or realm.
+            Meaning::Configuration if matches!(status, 404 | 410) && oauth.is_none() => {
+                KeycloakError::NotFound {
+                    url: url.to_string(),
+                    status,
+                }
+            }
+            Meaning::Configuration => classify_oauth(status, error.as_deref(), oauth, client),
         },
-        (_, Some(e @ ("invalid_client" | "unauthorized_client")), Some(c)) => {
+    }
+}
+
+/// Error codes of RFC 6749 §5.2 and §4.1.2.1 and RFC 8693 §2.2.2.
+const OAUTH_ERRORS: [&str; 10] = [
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "invalid_target",
+    "access_denied",
+    "server_error",
+    "temporarily_unavailable",
+];
+
+fn classify_oauth(
+    status: u16,
+    error: Option<&str>,
+    oauth: Option<&str>,
+    client: Option<&str>,
+) -> KeycloakError {
+    match (oauth, client) {
+        (Some(e @ ("invalid_client" | "unauthorized_client")), Some(c)) => {
             KeycloakError::ClientRejected {
                 client: c.to_string(),
                 error: e.to_string(),
             }
         }
-        (_, Some("invalid_scope"), Some(c)) => KeycloakError::ScopeRejected {
+        (Some("invalid_scope"), Some(c)) => KeycloakError::ScopeRejected {
             client: c.to_string(),
         },
-        (_, e, _) => KeycloakError::Rejected {
+        _ => KeycloakError::Rejected {
             status,
-            error: e.unwrap_or("<non-JSON>").to_string(),
+            error: error.unwrap_or("<non-JSON>").to_string(),
         },
     }
 }
@@ -493,7 +537,13 @@ impl KeycloakClient {
                 Some(client),
             ));
         }
-        check_issued(&body, &ep.issuer, client, max_lifetime_seconds, now_secs())
+        let expect = Expected {
+            realm_issuer: &ep.issuer,
+            client,
+            requested: scopes,
+            max_lifetime_seconds,
+        };
+        check_issued(&body, &expect, now_secs())
     }
 }
 
@@ -514,51 +564,80 @@ fn shared(e: &Arc<KeycloakError>) -> KeycloakError {
     }
 }
 
-/// Clock leeway for the `iat` and `exp` of the token Keycloak returns, seconds.
+/// Clock leeway for the `iat` and `nbf` of the token Keycloak returns, seconds.
 const ISSUED_LEEWAY_SECONDS: u64 = 60;
 
+/// Keycloak's built-in OIDC client scopes, which describe the token's subject
+/// rather than grant access: Keycloak may add them (as a client's default
+/// scopes) to any token without their being requested.
+pub const IDENTITY_SCOPES: [&str; 11] = [
+    "openid",
+    "profile",
+    "email",
+    "address",
+    "phone",
+    "roles",
+    "web-origins",
+    "acr",
+    "basic",
+    "microprofile-jwt",
+    "organization",
+];
+
+/// Signature algorithms a Keycloak access token may carry (asymmetric only,
+/// RFC 7518 §3.1 names): realm keys are RSA, EC or EdDSA key pairs.
+const TOKEN_ALGORITHMS: [&str; 10] = [
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+];
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    expires_in: u64,
+    token_type: String,
+    #[serde(default)]
+    scope: String,
+}
+
+/// The access token's claims we check.
+#[derive(Deserialize)]
+struct IssuedClaims {
+    iss: Option<String>,
+    exp: Option<u64>,
+    iat: Option<u64>,
+    nbf: Option<u64>,
+    azp: Option<String>,
+    typ: Option<String>,
+    scope: Option<String>,
+    jti: Option<String>,
+}
+
 /// Checks Keycloak's token response (RFC 6749 §5.1) as strictly as we check
-/// Bitbucket's tokens, before anything is passed on: a JSON object with
-/// `token_type` Bearer and `expires_in` in 1..=`max + 1`; `access_token` a compact
-/// JWS (RFC 7515 §7.1) whose header has an `alg` other than `none` and whose
-/// payload is a JSON object without duplicate members, with `iss` = the realm
-/// issuer, numeric `iat` and `exp` (`iat` not in the future and `exp` not in the
-/// past beyond [`ISSUED_LEEWAY_SECONDS`]), `exp - iat` ≤ `max + 1` (Keycloak
-/// truncates each to seconds), `azp` = our client when present; `scope` RFC 6749
-/// §3.3 tokens. The signature is not checked: the token comes straight from the
-/// configured token endpoint over our own connection, and its resource servers
-/// verify it.
+/// Bitbucket's tokens, before anything is passed on:
+/// - a JSON object with `token_type` Bearer, `expires_in` in 1..=`exp - iat + 1`;
+/// - `access_token` a compact JWS (RFC 7515 §7.1): header `alg` an asymmetric
+///   JOSE algorithm, base64url signature, payload a JSON object without duplicate
+///   members;
+/// - claims: `iss` = the realm issuer, `typ` Bearer (Keycloak's access-token
+///   type), `azp` = our client, `exp` in the future, `iat` ≤ `exp` and not in the
+///   future, `nbf` (if any) not in the future (leeway [`ISSUED_LEEWAY_SECONDS`]);
+///   `exp - iat` ≤ `max + 1` (Keycloak truncates each to seconds);
+/// - scopes: the response's `scope` and the token's `scope` claim hold only
+///   RFC 6749 §3.3 tokens that were `requested` or are Keycloak identity scopes
+///   ([`IDENTITY_SCOPES`]): a client whose default scopes grant more than the
+///   policy is refused, not passed on.
+///
+/// The signature is not checked: the token comes straight from the configured
+/// token endpoint over our own connection, and its resource servers verify it.
 ///
 /// # Errors
-/// [`KeycloakError::BadResponse`] naming what is wrong (never the token), or
-/// [`KeycloakError::LifetimeTooLong`].
+/// [`KeycloakError::BadResponse`] naming what is wrong (never the token),
+/// [`KeycloakError::LifetimeTooLong`], [`KeycloakError::ScopeExceedsGrant`].
 pub fn check_issued(
     body: &[u8],
-    realm_issuer: &str,
-    client: &str,
-    max_lifetime_seconds: u64,
+    expect: &Expected<'_>,
     now: u64,
 ) -> Result<IssuedToken, KeycloakError> {
-    #[derive(Deserialize)]
-    struct TokenResponse {
-        access_token: String,
-        expires_in: u64,
-        token_type: String,
-        #[serde(default)]
-        scope: String,
-    }
-    #[derive(Deserialize)]
-    struct Header {
-        alg: String,
-    }
-    #[derive(Deserialize)]
-    struct Claims {
-        iss: Option<String>,
-        exp: Option<u64>,
-        iat: Option<u64>,
-        azp: Option<String>,
-        jti: Option<String>,
-    }
     let bad = |what: &str| KeycloakError::BadResponse(what.to_string());
     let t: TokenResponse = serde_json::from_slice(body)
         .map_err(|e| bad(&format!("token response: {}", e.classify_name())))?;
@@ -568,61 +647,14 @@ pub fn check_issued(
             crate::domain::truncate(&t.token_type, 20)
         )));
     }
-    if t.scope
-        .split(' ')
-        .any(|s| !s.is_empty() && !crate::domain::oauth::is_scope_token(s))
-    {
-        return Err(bad("scope is not RFC 6749 scope tokens"));
+    let c = issued_claims(&t.access_token)?;
+    let (exp, iat) = check_issued_claims(&c, expect, now)?;
+    if t.expires_in == 0 || t.expires_in > (exp - iat).saturating_add(1) {
+        return Err(bad("expires_in does not agree with exp - iat"));
     }
-    let parts: Vec<&str> = t.access_token.split('.').collect();
-    let [h, p, sig] = parts.as_slice() else {
-        return Err(bad("access_token is not a compact JWS"));
-    };
-    if sig.is_empty() {
-        return Err(bad("access_token is unsigned"));
-    }
-    let decode = |seg: &str| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(seg)
-            .map_err(|_| bad("access_token is not base64url"))
-    };
-    let header: Header = serde_json::from_slice(&decode(h)?)
-        .map_err(|_| bad("access_token header is not a JWS header"))?;
-    if header.alg.eq_ignore_ascii_case("none") {
-        return Err(bad("access_token is unsigned"));
-    }
-    let payload = decode(p)?;
-    let object: crate::domain::json::StrictObject = serde_json::from_slice(&payload)
-        .map_err(|_| bad("access_token payload is not a JSON object (or has duplicate members)"))?;
-    let c: Claims = serde_json::from_value(serde_json::Value::Object(object.0))
-        .map_err(|_| bad("access_token claims have the wrong types"))?;
-    if c.iss.as_deref() != Some(realm_issuer) {
-        return Err(bad("access_token iss is not the realm issuer"));
-    }
-    if c.azp.as_deref().is_some_and(|a| a != client) {
-        return Err(bad("access_token azp is not the client"));
-    }
-    let (Some(exp), Some(iat)) = (c.exp, c.iat) else {
-        return Err(bad("access_token lacks exp or iat"));
-    };
-    if iat > now.saturating_add(ISSUED_LEEWAY_SECONDS)
-        || exp.saturating_add(ISSUED_LEEWAY_SECONDS) < now
-        || exp < iat
-    {
-        return Err(bad("access_token iat/exp are not current"));
-    }
-    // Keycloak derives `iat` and `exp` from one clock reading in milliseconds and
-    // truncates each to seconds, so `exp - iat` can exceed the configured lifespan
-    // by one second; that second is tolerated, nothing more.
-    let lifetime = (exp - iat).max(t.expires_in);
-    if lifetime > max_lifetime_seconds.saturating_add(1) {
-        return Err(KeycloakError::LifetimeTooLong {
-            lifetime,
-            max: max_lifetime_seconds,
-        });
-    }
-    if t.expires_in == 0 {
-        return Err(bad("expires_in is 0"));
+    check_scopes(&t.scope, expect)?;
+    if let Some(claim) = &c.scope {
+        check_scopes(claim, expect)?;
     }
     Ok(IssuedToken {
         access_token: SecretToken::new(t.access_token),
@@ -630,6 +662,105 @@ pub fn check_issued(
         scope: t.scope,
         jti: c.jti.map(|j| crate::domain::truncate(&j, 128)),
     })
+}
+
+/// What the token must say: our realm, our client, at most these scopes and lifetime.
+pub struct Expected<'a> {
+    /// The realm issuer (discovery `issuer`).
+    pub realm_issuer: &'a str,
+    /// The client we authenticated as.
+    pub client: &'a str,
+    /// The scopes we requested.
+    pub requested: &'a Scopes,
+    /// The grant's `max_lifetime_seconds`.
+    pub max_lifetime_seconds: u64,
+}
+
+fn issued_claims(token: &str) -> Result<IssuedClaims, KeycloakError> {
+    #[derive(Deserialize)]
+    struct Header {
+        alg: String,
+    }
+    let bad = |what: &str| KeycloakError::BadResponse(what.to_string());
+    let parts: Vec<&str> = token.split('.').collect();
+    let [h, p, sig] = parts.as_slice() else {
+        return Err(bad("access_token is not a compact JWS"));
+    };
+    let decode = |seg: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(seg)
+            .map_err(|_| bad("access_token is not base64url"))
+    };
+    let header: Header = serde_json::from_slice(&decode(h)?)
+        .map_err(|_| bad("access_token header is not a JWS header"))?;
+    if !TOKEN_ALGORITHMS.contains(&header.alg.as_str()) {
+        return Err(bad("access_token alg is not an asymmetric JOSE algorithm"));
+    }
+    if decode(sig)?.is_empty() {
+        return Err(bad("access_token is unsigned"));
+    }
+    let object: crate::domain::json::StrictObject = serde_json::from_slice(&decode(p)?)
+        .map_err(|_| bad("access_token payload is not a JSON object (or has duplicate members)"))?;
+    serde_json::from_value(serde_json::Value::Object(object.0))
+        .map_err(|_| bad("access_token claims have the wrong types"))
+}
+
+/// Returns `(exp, iat)` once every claim rule of [`check_issued`] holds.
+fn check_issued_claims(
+    c: &IssuedClaims,
+    expect: &Expected<'_>,
+    now: u64,
+) -> Result<(u64, u64), KeycloakError> {
+    let bad = |what: &str| Err(KeycloakError::BadResponse(what.to_string()));
+    if c.iss.as_deref() != Some(expect.realm_issuer) {
+        return bad("access_token iss is not the realm issuer");
+    }
+    if !c
+        .typ
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case("bearer"))
+    {
+        return bad("access_token typ is not Bearer");
+    }
+    if c.azp.as_deref() != Some(expect.client) {
+        return bad("access_token azp is not the client");
+    }
+    let (Some(exp), Some(iat)) = (c.exp, c.iat) else {
+        return bad("access_token lacks exp or iat");
+    };
+    let future = now.saturating_add(ISSUED_LEEWAY_SECONDS);
+    if exp <= now || exp <= iat || iat > future || c.nbf.is_some_and(|n| n > future) {
+        return bad("access_token exp/iat/nbf are not current");
+    }
+    // Keycloak derives `iat` and `exp` from one clock reading in milliseconds and
+    // truncates each to seconds, so `exp - iat` can exceed the configured lifespan
+    // by one second; that second is tolerated, nothing more.
+    if exp - iat > expect.max_lifetime_seconds.saturating_add(1) {
+        return Err(KeycloakError::LifetimeTooLong {
+            lifetime: exp - iat,
+            max: expect.max_lifetime_seconds,
+        });
+    }
+    Ok((exp, iat))
+}
+
+fn check_scopes(scope: &str, expect: &Expected<'_>) -> Result<(), KeycloakError> {
+    let granted = Scopes::parse(scope)
+        .map_err(|_| KeycloakError::BadResponse("scope is not RFC 6749 scope tokens".into()))?;
+    let extra: Vec<String> = granted
+        .as_slice()
+        .iter()
+        .filter(|s| !expect.requested.contains(s) && !IDENTITY_SCOPES.contains(&s.as_str()))
+        .cloned()
+        .collect();
+    if extra.is_empty() {
+        Ok(())
+    } else {
+        Err(KeycloakError::ScopeExceedsGrant {
+            client: expect.client.to_string(),
+            extra,
+        })
+    }
 }
 
 trait ClassifyName {

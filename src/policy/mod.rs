@@ -214,9 +214,10 @@ impl fmt::Debug for StringOnly {
     }
 }
 
-/// A compiled branch pattern: `*` (any run of characters) and `?` (one character)
-/// never cross `/`; `**` does. `\` escapes the next character. Nothing else is
-/// pattern syntax: `[`, `]`, `{` and `}` are refused unless escaped.
+/// A compiled branch pattern: `*` (any run of characters) never crosses `/`; `**`
+/// does, and stands only as a whole path segment (`**`, `**/x`, `x/**`,
+/// `x/**/y`). `\` escapes the next character. Nothing else is pattern syntax,
+/// and what could never match a branch is refused: see [`check_branch_pattern`].
 #[derive(Debug, Clone)]
 pub struct BranchPattern {
     source: String,
@@ -232,27 +233,7 @@ impl BranchPattern {
         if p.is_empty() {
             return Err("empty branch pattern".into());
         }
-        // Only `*`, `?` and `**` are pattern syntax. globset would also read `[...]`
-        // classes and `{a,b}` alternations; they are refused rather than left live and
-        // undocumented (a class can match `/`, which `*` and `?` never do). Git branch
-        // names cannot contain `[` (git-check-ref-format); a literal `{` or `}` is
-        // written `\{` / `\}`. Alternatives are a YAML list: `branchName: [main, master]`.
-        let mut chars = p.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '\\' if chars.next().is_none() => {
-                    return Err("pattern ends with a lone `\\`".into());
-                }
-                '[' | ']' | '{' | '}' => {
-                    return Err(format!(
-                        "`{c}` is not supported in branch patterns: only `*`, `?` and `**` are; \
-                         list alternatives instead (branchName: [main, master]) and escape a \
-                         literal brace as `\\{{`"
-                    ))
-                }
-                _ => {}
-            }
-        }
+        check_branch_pattern(p)?;
         let glob = GlobBuilder::new(p)
             .literal_separator(true)
             .backslash_escape(true)
@@ -273,6 +254,66 @@ impl BranchPattern {
     pub fn source(&self) -> &str {
         &self.source
     }
+}
+
+/// The pattern rules, so that no pattern matches more, or denies less, than its
+/// text says:
+/// - `[`, `]`, `{`, `}` are refused unless escaped: globset would read classes
+///   and alternations, and a class can match `/`, which `*` never does;
+/// - `?` is refused: globset's `?` matches one byte, not one character, so a
+///   deny with `?` would not match a branch with a non-ASCII character there;
+/// - `**` is refused except as a whole segment: elsewhere globset quietly reads
+///   it as `*`, which does not cross `/`;
+/// - white space, control characters, `~`, `^` and `:` are refused: git branch
+///   names cannot contain them (git-check-ref-format), so such a pattern could
+///   never match (a common mistake is `main, develop` for a list).
+///
+/// # Errors
+/// What is wrong, with the way to write it instead.
+pub fn check_branch_pattern(p: &str) -> Result<(), String> {
+    let mut chars = p.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.next().is_none() => {
+                return Err("pattern ends with a lone `\\`".into());
+            }
+            '[' | ']' | '{' | '}' => {
+                return Err(format!(
+                    "`{c}` is not supported in branch patterns: only `*` and `**` are; \
+                     list alternatives instead (branchName: [main, master]) and escape a \
+                     literal brace as `\\{{`"
+                ))
+            }
+            '?' => {
+                return Err(
+                    "`?` is not supported in branch patterns (it would match one byte, \
+                            not one character); use `*` or list the names"
+                        .into(),
+                )
+            }
+            c if c.is_whitespace() || c.is_control() || matches!(c, '~' | '^' | ':') => {
+                return Err(format!(
+                    "`{}` cannot occur in a git branch name, so this pattern never matches; \
+                     to name several branches write a list: branchName: [main, develop]",
+                    c.escape_debug()
+                ))
+            }
+            _ => {}
+        }
+    }
+    for (i, _) in p.match_indices("**") {
+        let before_ok = i == 0 || p[..i].ends_with('/');
+        let after = &p[i + 2..];
+        let after_ok = after.is_empty() || after.starts_with('/');
+        if !(before_ok && after_ok) || after.starts_with('*') {
+            return Err(
+                "`**` must be a whole path segment (`**`, `**/x`, `x/**` or `x/**/y`); \
+                 elsewhere it would mean `*`, which does not cross `/`"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Compiled conditions; every present condition must match (AND); a list matches
@@ -463,8 +504,8 @@ fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Po
     })
 }
 
-/// Collects `(path, reason)` for every null, empty string, empty sequence or empty
-/// mapping below `v` (paths such as `when.repositoryUuid`, `grant.scopes[0]`). A
+/// Collects `(path, reason)` for every null, empty or blank string, empty sequence
+/// or empty mapping, and every YAML tag, below `v` (paths such as `when.repositoryUuid`, `grant.scopes[0]`). A
 /// policy may hold none: in YAML a key whose values were all commented out reads as
 /// null, and an empty list would silently turn a condition or a deny rule into
 /// "nothing", so the file would mean something other than what a reviewer reads.
@@ -481,7 +522,7 @@ fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String,
     };
     match v {
         Value::Null => out.push((here, EMPTY)),
-        Value::String(s) if s.is_empty() => out.push((here, EMPTY)),
+        Value::String(s) if s.trim().is_empty() => out.push((here, EMPTY)),
         Value::Sequence(items) if items.is_empty() => out.push((here, EMPTY)),
         Value::Mapping(m) if m.is_empty() => out.push((here, EMPTY)),
         Value::Mapping(m)
@@ -515,7 +556,7 @@ fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String,
                 find_empty_values(item, &child, out);
             }
         }
-        Value::Tagged(t) => find_empty_values(&t.value, path, out),
+        Value::Tagged(_) => out.push((here, "YAML tags (`!name`) are not supported in policies")),
         Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
     }
 }
@@ -545,6 +586,8 @@ pub fn compile_str(
             "file name must be letters, digits, - _ . (it is the policy id)".into(),
         ));
     }
+    // A UTF-8 byte order mark, as some editors write, is not part of the policy.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let tree: serde_norway::Value =
         serde_norway::from_str(text).map_err(|e| err("", e.to_string()))?;
     let mut empties = Vec::new();
@@ -874,11 +917,44 @@ mod tests {
         let lit = BranchPattern::new("odd\\{name\\}").unwrap();
         assert!(lit.is_match("odd{name}"));
         assert!(!lit.is_match("oddname"));
-        let q = BranchPattern::new("v?").unwrap();
-        assert!(q.is_match("v1"));
-        assert!(!q.is_match("v/"));
+        // `?` would match one byte, not one character: refused.
+        assert!(BranchPattern::new("v?").is_err());
+        // `**` only as a whole segment; elsewhere globset would read `*`.
+        for bad in ["experiment**", "a/**b", "**x", "a/***", "a**/b"] {
+            assert!(BranchPattern::new(bad).is_err(), "{bad}");
+        }
+        for good in ["**", "**/hotfix", "release/**", "a/**/b"] {
+            assert!(BranchPattern::new(good).is_ok(), "{good}");
+        }
+        assert!(BranchPattern::new("a/**/b").unwrap().is_match("a/x/y/b"));
+        // What a git branch name cannot contain can never match: refused.
+        for bad in ["main, develop", "main ", "a~1", "a^", "a:b", "tab\there"] {
+            assert!(BranchPattern::new(bad).is_err(), "{bad:?}");
+        }
         let e = compile(&format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n  branchName: \"{{main,master}}\"\n{GRANT}")).unwrap_err();
         assert_eq!(e.field, "when.branchName[0]", "{e}");
+    }
+
+    #[test]
+    fn tags_blank_strings_and_a_byte_order_mark() {
+        let e = compile(&format!(
+            "effect: allow\nwhen: !foo\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "when", "{e}");
+        assert!(e.reason.contains("tags"), "{e}");
+        let e = compile(&format!(
+            "description: \" \"\neffect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field, "description", "{e}");
+        let bom = format!(
+            "{}effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}",
+            '\u{feff}'
+        );
+        if let Err(e) = compile(&bom) {
+            panic!("{e}");
+        }
     }
 
     #[test]

@@ -33,8 +33,8 @@ pub enum VerifyError {
         /// The configured algorithm.
         expected: String,
     },
-    /// No published key has this `kid` (in a key set fetched after the token was
-    /// issued), or the token has no `kid` and the issuer publishes too many keys.
+    /// No published key has this `kid` (in a key set fetched after the request
+    /// arrived), or the token has no `kid` and the issuer publishes too many keys.
     #[error("no key `{0}` in the issuer's JWKS")]
     UnknownKey(String),
     /// The issuer's keys could not be fetched and none are cached (or a refetch an

@@ -12,15 +12,15 @@
 //! [`WorkspaceSettings`], never a URL taken from a token.
 //!
 //! **Unknown `kid`** (RFC 8725 §3.10; Bitbucket does not document rotation). A
-//! token's `kid` that the cached set lacks refetches the set only when the set was
-//! fetched before the token could have been issued (`fetched_at < iat + leeway`;
-//! a key set fetched after a token was issued already holds its key), and never
-//! more often than once per `jwks.refetch_interval_seconds` per issuer. A request
-//! that arrives inside that interval **waits** for the next refetch instead of
-//! being refused, so nothing a caller sends (no signature has been checked yet)
-//! spends an allowance that a genuine token signed with a new key would need: the
-//! worst a flood of forged `kid`s does is one fetch per interval, and a genuine
-//! token waits at most one interval.
+//! token's `kid` that the cached set lacks refetches the set, never more often
+//! than once per `jwks.refetch_interval_seconds` per issuer. A request that
+//! arrives inside that interval **waits** for the next refetch instead of being
+//! refused, so nothing a caller sends (no signature has been checked yet) spends
+//! an allowance that a genuine token signed with a new key would need: the worst a
+//! flood of forged `kid`s does is one fetch per interval, and a genuine token
+//! waits at most one interval. (The token's `iat` is not used to skip refetches:
+//! it is unverified, so it would only hold back genuine tokens whose key was
+//! published late.)
 //!
 //! **No `kid`**: Bitbucket's `kid` format is not publicly documented. A token
 //! without `kid` is checked against every published key of the configured
@@ -185,7 +185,7 @@ impl KeySet {
 pub enum Lookup {
     /// The keys to try, in order (more than one only for duplicate or absent `kid`).
     Found(Vec<Arc<DecodingKey>>),
-    /// No such key, in a set fetched after the token was issued (or no `kid`).
+    /// No such key, even in a set fetched after the request arrived (or no `kid`).
     Unknown,
 }
 
@@ -231,10 +231,8 @@ impl KeyCache {
         }
     }
 
-    /// The keys to try for `kid` of the workspace's issuer. `iat` is the token's
-    /// (unverified) issue time and `leeway` the clock leeway: a key set fetched at
-    /// or after `iat + leeway` is not refetched for an unknown `kid` (see the module
-    /// docs for the refetch rule).
+    /// The keys to try for `kid` of the workspace's issuer (see the module docs
+    /// for when an unknown `kid` refetches).
     ///
     /// # Errors
     /// [`FetchError`] when no key set was ever fetched for this issuer (an
@@ -243,8 +241,6 @@ impl KeyCache {
         &self,
         ws: &WorkspaceSettings,
         kid: Option<&str>,
-        iat: Option<u64>,
-        leeway: u64,
     ) -> Result<Lookup, FetchError> {
         let set = self.current(ws).await?;
         let found = set.candidates(kid);
@@ -255,11 +251,7 @@ impl KeyCache {
             .jwks_cache
             .with_label_values(&["unknown_kid"])
             .inc();
-        let (Some(_), Some(iat)) = (kid, iat) else {
-            return Ok(Lookup::Unknown);
-        };
-        if set.fetched_at >= iat.saturating_add(leeway) {
-            // Fetched after the token was issued: its key would be there.
+        if kid.is_none() {
             return Ok(Lookup::Unknown);
         }
         let set = self.refetch_after(ws, set.fetched_at).await?;
@@ -424,10 +416,12 @@ impl KeyCache {
             return Err(FetchError::Status {
                 url: url.to_string(),
                 status: resp.status().as_u16(),
+                // The issuer's own Retry-After (at most 60 s), else our back-off.
                 retry_after: crate::http::retry_after_seconds(
                     resp.headers(),
                     std::time::Duration::from_secs(60),
-                ),
+                )
+                .or(Some(self.settings.refetch_interval.as_secs().max(1))),
             });
         }
         read_capped(resp, self.settings.max_body_bytes)

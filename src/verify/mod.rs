@@ -127,16 +127,9 @@ impl Verifier {
             return Err(VerifyError::BadSignature);
         }
         jws::check_kid(jws.kid.as_deref())?;
-        // The (unverified) `iat` only decides whether an unknown `kid` may refetch.
-        let unverified_iat = jws.payload.get("iat").and_then(serde_json::Value::as_u64);
         let lookup = self
             .keys
-            .lookup(
-                ws,
-                jws.kid.as_deref(),
-                unverified_iat,
-                self.rules.leeway.as_secs(),
-            )
+            .lookup(ws, jws.kid.as_deref())
             .await
             .map_err(VerifyError::KeysUnavailable)?;
         let candidates = match lookup {

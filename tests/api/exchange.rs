@@ -33,7 +33,7 @@ async fn secret_client_exchange_returns_token_and_writes_audit_line() {
         .and(header("authorization", format!("Basic {basic}").as_str()))
         .and(body_string_contains("grant_type=client_credentials"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "access_token": kc.access_token(60),
+            "access_token": FakeKeycloak::token_for(&format!("{}/realms/ci", kc.uri()), "sts-artifacts", 60, "artifacts:write"),
             "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:write",
         })))
         .expect(1)

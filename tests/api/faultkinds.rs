@@ -180,13 +180,14 @@ async fn forged_unknown_kids_spend_no_allowance_a_genuine_rotation_needs() {
     }
 }
 
-/// A token issued before the cached key set was fetched never refetches: its key
-/// would already be in the set.
+/// A genuine token issued before the cached key set was fetched, whose key the
+/// issuer published late (a lagging key endpoint or CDN): its unknown `kid`
+/// still refetches (its `iat` is not a reason to skip), after at most one interval.
 #[tokio::test]
-async fn an_unknown_kid_in_a_token_older_than_the_key_set_refetches_nothing() {
+async fn a_late_published_key_of_an_older_token_is_fetched() {
     let fi = FakeIssuer::start().await;
     let kc = FakeKeycloak::start().await;
-    kc.token_ok(60, "artifacts:read", 1).await;
+    kc.token_ok(60, "artifacts:read", 2).await;
     let app = app_for(&fi, &kc, 600, 1, 2).await;
     assert_eq!(
         app.exchange(&fi.mint(), "artifact-api", None)
@@ -195,22 +196,22 @@ async fn an_unknown_kid_in_a_token_older_than_the_key_set_refetches_nothing() {
             .as_u16(),
         200
     );
+    // The issuer signs with a new key (iat two minutes ago) that its endpoint
+    // did not publish when we fetched; it publishes it now.
+    fi.dev.rotate().unwrap();
     let mut c = fi.dev.claims(&fi_step());
     c["iss"] = json!(fi.issuer_url());
-    let iat = c["iat"].as_u64().unwrap() - 600;
+    let iat = c["iat"].as_u64().unwrap() - 120;
     c["iat"] = json!(iat);
     c["exp"] = json!(iat + 3600);
     let mut h = Header::new(Algorithm::RS256);
-    h.kid = Some("older-than-the-set".into());
+    h.kid = Some(fi.dev.active_kid());
     let token = fi.dev.sign_with_header(&h, &c).unwrap();
-    let before = fi.requests().await;
+    fi.healthy().await;
     let started = Instant::now();
-    for _ in 0..5 {
-        let r = app.exchange(&token, "artifact-api", None).await;
-        assert_error(r, 400, "invalid_request", "token.unknown_key").await;
-    }
-    assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(fi.requests().await, before);
+    let r = app.exchange(&token, "artifact-api", None).await;
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 /// The second input: two published keys with the same `kid` and
@@ -369,8 +370,16 @@ async fn every_keycloak_status_is_classified_by_meaning() {
             404,
             Some(json!({"error": "Realm does not exist"})),
             502,
-            "keycloak.request_rejected",
+            "keycloak.endpoint_not_found",
         ),
+        (
+            404,
+            Some(json!({"error": "HTTP 404 Not Found"})),
+            502,
+            "keycloak.endpoint_not_found",
+        ),
+        (201, None, 502, "keycloak.bad_response"),
+        (204, None, 502, "keycloak.bad_response"),
         (408, None, 503, "keycloak.server_error"),
         (410, None, 502, "keycloak.endpoint_not_found"),
         (418, None, 502, "keycloak.request_rejected"),
@@ -436,12 +445,18 @@ async fn a_malformed_keycloak_token_is_never_passed_on() {
     type Case = Box<dyn Fn(&str) -> serde_json::Value>;
     let rs = json!({"alg": "RS256", "typ": "JWT"});
     let claims = move |realm: &str, extra: serde_json::Value| {
-        let mut c =
-            json!({"iss": realm, "iat": now, "exp": now + 60, "jti": "j", "azp": "sts-artifacts"});
+        let mut c = json!({
+            "iss": realm, "iat": now, "exp": now + 60, "jti": "j",
+            "azp": "sts-artifacts", "typ": "Bearer", "scope": "artifacts:read",
+        });
         for (k, v) in extra.as_object().unwrap() {
             c[k] = v.clone();
         }
         c.to_string()
+    };
+    let with_claims = move |header: &serde_json::Value, extra: serde_json::Value| -> Case {
+        let header = header.clone();
+        Box::new(move |r: &str| token_body(&jws(header.clone(), &claims(r, extra.clone()))))
     };
     let cases: Vec<(&str, Case)> = vec![
         ("opaque", Box::new(|_| token_body("opaque-token"))),
@@ -511,6 +526,43 @@ async fn a_malformed_keycloak_token_is_never_passed_on() {
         ("payload not an object", {
             let rs = rs.clone();
             Box::new(move |_| token_body(&jws(rs.clone(), "[1,2]")))
+        }),
+        ("typ Refresh", with_claims(&rs, json!({"typ": "Refresh"}))),
+        ("no typ", with_claims(&rs, json!({"typ": null}))),
+        (
+            "alg none with a space",
+            with_claims(&json!({"alg": "none "}), json!({})),
+        ),
+        (
+            "alg HS256",
+            with_claims(&json!({"alg": "HS256"}), json!({})),
+        ),
+        ("no azp", with_claims(&rs, json!({"azp": null}))),
+        (
+            "just expired",
+            with_claims(&rs, json!({"iat": now - 120, "exp": now - 59})),
+        ),
+        (
+            "nbf in the future",
+            with_claims(&rs, json!({"nbf": now + 3600})),
+        ),
+        (
+            "iat equals exp",
+            with_claims(&rs, json!({"iat": now + 5, "exp": now + 5})),
+        ),
+        ("signature not base64url", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                token_body(&jws(rs.clone(), &claims(r, json!({}))).replace(".c2ln", ".!!!@@@"))
+            })
+        }),
+        ("expires_in beyond exp - iat", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let mut b = token_body(&jws(rs.clone(), &claims(r, json!({}))));
+                b["expires_in"] = json!(600);
+                b
+            })
         }),
         ("token_type mac", {
             let rs = rs.clone();
@@ -623,4 +675,42 @@ async fn issuer_key_answers_are_classified_by_meaning() {
     let app = app_for(&fi, &kc, 600, 1, 2).await;
     let r = app.exchange(&fi.mint(), "artifact-api", None).await;
     assert_error(r, 502, "server_error", "issuer.keys_misconfigured").await;
+}
+
+/// A Keycloak client whose default client scopes give more than the policy
+/// grants (a scope moved to "Default" by mistake): the token is not passed on.
+#[tokio::test]
+async fn a_keycloak_token_with_unrequested_scopes_is_refused() {
+    for (name, response_scope, claim_scope) in [
+        (
+            "response",
+            "artifacts:read artifacts:write",
+            "artifacts:read",
+        ),
+        ("claim", "artifacts:read", "artifacts:write artifacts:read"),
+    ] {
+        let (r, app) = keycloak_says(|realm| {
+            let token = FakeKeycloak::token_for(realm, "sts-artifacts", 60, claim_scope);
+            let mut b = token_body(&token);
+            b["scope"] = json!(response_scope);
+            ResponseTemplate::new(200).set_body_json(b)
+        })
+        .await;
+        let b = assert_error(r, 502, "server_error", "keycloak.scope_exceeds_grant").await;
+        assert!(b.get("access_token").is_none(), "{name}");
+        assert_eq!(
+            app.audit_lines().last().unwrap()["outcome"],
+            "failed",
+            "{name}"
+        );
+    }
+    // Keycloak's identity scopes (profile, email, ...) are not access: accepted.
+    let (r, _) = keycloak_says(|realm| {
+        let scope = "profile email artifacts:read";
+        let mut b = token_body(&FakeKeycloak::token_for(realm, "sts-artifacts", 60, scope));
+        b["scope"] = json!(scope);
+        ResponseTemplate::new(200).set_body_json(b)
+    })
+    .await;
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
 }

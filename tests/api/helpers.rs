@@ -396,8 +396,14 @@ impl FakeKeycloak {
         Self::access_token_of(&format!("{}/realms/ci", self.uri()), lifetime)
     }
 
-    /// A Keycloak-shaped access token with `iss` = `realm_issuer`.
+    /// A Keycloak-shaped access token with `iss` = `realm_issuer`, for client
+    /// `sts-artifacts`.
     pub fn access_token_of(realm_issuer: &str, lifetime: u64) -> String {
+        Self::token_for(realm_issuer, "sts-artifacts", lifetime, "artifacts:read")
+    }
+
+    /// A Keycloak-shaped access token (not signed for real) of `client`.
+    pub fn token_for(realm_issuer: &str, client: &str, lifetime: u64, scope: &str) -> String {
         use base64::Engine;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -407,43 +413,41 @@ impl FakeKeycloak {
         format!(
             "{}.{}.c2ln",
             enc(json!({"alg":"RS256","typ":"JWT"})),
-            enc(
-                json!({"iss": realm_issuer, "exp": now + lifetime, "iat": now, "jti": format!("trrtcc:{}", uuid::Uuid::new_v4()), "typ": "Bearer"})
-            )
+            enc(json!({
+                "iss": realm_issuer, "exp": now + lifetime, "iat": now, "azp": client,
+                "jti": format!("trrtcc:{}", uuid::Uuid::new_v4()), "typ": "Bearer", "scope": scope,
+            }))
         )
     }
 
-    /// Mounts a successful token endpoint expecting `calls` calls.
-    pub async fn token_ok(&self, lifetime: u64, scope: &str, calls: impl Into<wiremock::Times>) {
+    /// Mounts a token endpoint that behaves like Keycloak's for a client whose
+    /// optional client scopes are `scopes` (space-separated): it answers the
+    /// requested scopes with a token of the requesting client (`azp`), or 400
+    /// `invalid_scope` for a scope the client lacks. Expects `calls` calls.
+    pub async fn token_ok(&self, lifetime: u64, scopes: &str, calls: impl Into<wiremock::Times>) {
         Mock::given(method("POST"))
             .and(path(TOKEN_PATH))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-                "access_token": self.access_token(lifetime),
-                "expires_in": lifetime,
-                "refresh_expires_in": 0,
-                "token_type": "Bearer",
-                "not-before-policy": 0,
-                "scope": scope,
-            })))
+            .respond_with(TokenEndpoint {
+                realm: format!("{}/realms/ci", self.uri()),
+                lifetime,
+                scopes: scopes.split(' ').map(str::to_string).collect(),
+                delay: None,
+            })
             .expect(calls)
             .mount(&self.server)
             .await;
     }
 
-    /// Mounts a successful token endpoint that answers after `delay`.
-    pub async fn token_slow(&self, scope: &str, delay: std::time::Duration) {
+    /// Like [`FakeKeycloak::token_ok`], answering after `delay`.
+    pub async fn token_slow(&self, scopes: &str, delay: std::time::Duration) {
         Mock::given(method("POST"))
             .and(path(TOKEN_PATH))
-            .respond_with(
-                ResponseTemplate::new(200)
-                    .set_body_json(json!({
-                        "access_token": self.access_token(60),
-                        "expires_in": 60,
-                        "token_type": "Bearer",
-                        "scope": scope,
-                    }))
-                    .set_delay(delay),
-            )
+            .respond_with(TokenEndpoint {
+                realm: format!("{}/realms/ci", self.uri()),
+                lifetime: 60,
+                scopes: scopes.split(' ').map(str::to_string).collect(),
+                delay: Some(delay),
+            })
             .mount(&self.server)
             .await;
     }
@@ -468,6 +472,61 @@ impl FakeKeycloak {
             .iter()
             .filter(|r| r.url.path() == TOKEN_PATH)
             .count()
+    }
+}
+
+/// Keycloak's token endpoint, as far as the service can tell: client from
+/// `client_id` or HTTP Basic, requested `scope` echoed when allowed.
+struct TokenEndpoint {
+    realm: String,
+    lifetime: u64,
+    scopes: Vec<String>,
+    delay: Option<std::time::Duration>,
+}
+
+impl wiremock::Respond for TokenEndpoint {
+    fn respond(&self, req: &wiremock::Request) -> ResponseTemplate {
+        use base64::Engine;
+        let form: std::collections::HashMap<String, String> =
+            url::form_urlencoded::parse(&req.body)
+                .into_owned()
+                .collect();
+        let basic_client = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.split(':').next().map(str::to_string));
+        let client = form
+            .get("client_id")
+            .cloned()
+            .or(basic_client)
+            .unwrap_or_default();
+        let requested = form.get("scope").cloned().unwrap_or_default();
+        let t = if requested
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .all(|s| self.scopes.iter().any(|a| a == s))
+        {
+            ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": FakeKeycloak::token_for(&self.realm, &client, self.lifetime, &requested),
+                "expires_in": self.lifetime,
+                "refresh_expires_in": 0,
+                "token_type": "Bearer",
+                "not-before-policy": 0,
+                "scope": requested,
+            }))
+        } else {
+            ResponseTemplate::new(400).set_body_json(
+                json!({"error": "invalid_scope", "error_description": "Invalid scopes"}),
+            )
+        };
+        match self.delay {
+            Some(d) => t.set_delay(d),
+            None => t,
+        }
     }
 }
 
