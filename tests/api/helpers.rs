@@ -390,12 +390,6 @@ impl FakeKeycloak {
         self.server.uri()
     }
 
-    /// A Keycloak-shaped access token of this fake's realm (not signed for real:
-    /// the fake's tokens are opaque to callers).
-    pub fn access_token(&self, lifetime: u64) -> String {
-        Self::access_token_of(&format!("{}/realms/ci", self.uri()), lifetime)
-    }
-
     /// A Keycloak-shaped access token with `iss` = `realm_issuer`, for client
     /// `sts-artifacts`.
     pub fn access_token_of(realm_issuer: &str, lifetime: u64) -> String {
