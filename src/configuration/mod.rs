@@ -34,18 +34,10 @@ pub const ARI_WORKSPACE_PREFIX: &str = "ari:cloud:bitbucket::workspace/";
 /// (`https://api.bitbucket.org/2.0/workspaces/<slug>/pipelines-config/identity/oidc`).
 pub const BITBUCKET_API_HOST: &str = "api.bitbucket.org";
 
-/// A configuration problem, naming where it is: `FILE: `key`: reason`, or
-/// `FILE: reason` when the problem is the whole file.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {}{reason}", if key.is_empty() { String::new() } else { format!("`{key}`: ") })]
-pub struct ConfigError {
-    /// The configuration file, or `environment variable NAME` when an override caused it.
-    pub file: String,
-    /// The dotted key path, e.g. `workspaces[0].uuid`.
-    pub key: String,
-    /// What is wrong and how to fix it.
-    pub reason: String,
-}
+/// A configuration problem, naming where it is: `FILE: \`key\`: reason`, or
+/// `FILE: reason` when the problem is the whole file (the same type the policy
+/// loader reports with).
+pub type ConfigError = crate::domain::SourceError;
 
 // ---------------------------------------------------------------- validated form
 

@@ -6,10 +6,12 @@ pub mod bitbucket;
 pub mod json;
 pub mod oauth;
 pub mod secret;
+pub mod source;
 
 pub use bitbucket::{BbUuid, BbUuidError};
 pub use oauth::{OAuthError, Scopes};
 pub use secret::SecretToken;
+pub use source::SourceError;
 
 /// Cuts `s` to at most `max` characters for messages (never used on secrets).
 pub fn truncate(s: &str, max: usize) -> String {

@@ -7,21 +7,23 @@
 //! policy reference for the format. Evaluation ([`PolicySet::evaluate`]) never
 //! fails: deny by default, any matching `deny` policy beats every `allow`.
 
+mod compile;
 mod eval;
+mod pattern;
 #[cfg(test)]
 mod props;
 mod store;
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use globset::{GlobBuilder, GlobMatcher};
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
+pub use crate::domain::oauth::is_scope_token;
 use crate::domain::BbUuid;
+pub use compile::compile_str;
 pub use eval::{Decision, DenyKind, EvalRequest, Grant, Outcome, TraceEntry};
+pub use pattern::{check_branch_pattern, BranchPattern};
 pub use store::PolicyStore;
 
 /// What policies decide on: the claims a condition can name, with Bitbucket's
@@ -82,21 +84,12 @@ impl Subject {
         })
     }
 }
-
 /// Longest accepted policy file, in bytes.
 pub const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024;
 
-/// A policy that could not be loaded or compiled.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}: {}{reason}", if field.is_empty() { String::new() } else { format!("`{field}`: ") })]
-pub struct PolicyError {
-    /// The policy file.
-    pub file: String,
-    /// Field path inside the file (`when.branchName[1]`), or empty for the whole file.
-    pub field: String,
-    /// What is wrong and how to fix it.
-    pub reason: String,
-}
+/// A policy that could not be loaded or compiled: the file, the field path inside
+/// it (`when.branchName[1]`, as `key`) and the reason.
+pub type PolicyError = crate::domain::SourceError;
 
 /// `allow` grants when every condition matches; `deny` refuses when every condition matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -107,215 +100,6 @@ pub enum Effect {
     /// Refuses, whatever any allow policy says.
     Deny,
 }
-
-/// One value or a list of values, as written in a policy.
-#[derive(Debug, Clone)]
-pub struct OneOrMany(pub Vec<String>);
-
-impl<'de> Deserialize<'de> for OneOrMany {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OneOrMany;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string or a list of strings")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![v.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<OneOrMany, A::Error> {
-                let mut out = Vec::new();
-                while let Some(v) = a.next_element::<StringOnly>()? {
-                    out.push(v.0);
-                }
-                Ok(OneOrMany(out))
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<OneOrMany, A::Error> {
-                Err(de::Error::custom(QUOTE_HINT))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-const QUOTE_HINT: &str =
-    "is a YAML mapping, not a string: an unquoted {uuid} is read as a mapping; quote it: \"{...}\"";
-
-struct StringOnly(String);
-impl<'de> Deserialize<'de> for StringOnly {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = StringOnly;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringOnly, E> {
-                Ok(StringOnly(v.to_string()))
-            }
-            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<StringOnly, A::Error> {
-                Err(de::Error::custom(QUOTE_HINT))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// The file format of a policy.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    #[serde(default)]
-    description: Option<String>,
-    effect: Effect,
-    #[serde(default)]
-    when: RawWhen,
-    /// Deny policies only: the audiences they cover (default: all).
-    #[serde(default)]
-    audiences: Option<Vec<String>>,
-    grant: Option<RawGrant>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawWhen {
-    #[serde(rename = "workspaceUuid")]
-    workspace_uuid: Option<OneOrMany>,
-    #[serde(rename = "repositoryUuid")]
-    repository_uuid: Option<OneOrMany>,
-    #[serde(rename = "deploymentEnvironmentUuid")]
-    deployment_environment_uuid: Option<OneOrMany>,
-    #[serde(rename = "branchName")]
-    branch_name: Option<OneOrMany>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGrant {
-    client: String,
-    audience: String,
-    scopes: Vec<StringOnly>,
-    default_scopes: Vec<StringOnly>,
-    max_lifetime_seconds: u64,
-    #[serde(default)]
-    limits: Option<RawGrantLimits>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGrantLimits {
-    per_step_per_minute: Option<u32>,
-    per_repository_per_minute: Option<u32>,
-}
-
-impl fmt::Debug for StringOnly {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-/// A compiled branch pattern: `*` (any run of characters) never crosses `/`; `**`
-/// does, and stands only as a whole path segment (`**`, `**/x`, `x/**`,
-/// `x/**/y`). `\` escapes the next character. Nothing else is pattern syntax,
-/// and what could never match a branch is refused: see [`check_branch_pattern`].
-#[derive(Debug, Clone)]
-pub struct BranchPattern {
-    source: String,
-    matcher: GlobMatcher,
-}
-
-impl BranchPattern {
-    /// Compiles a pattern (globset syntax, `literal_separator` on).
-    ///
-    /// # Errors
-    /// The glob parser's message.
-    pub fn new(p: &str) -> Result<Self, String> {
-        if p.is_empty() {
-            return Err("empty branch pattern".into());
-        }
-        check_branch_pattern(p)?;
-        let glob = GlobBuilder::new(p)
-            .literal_separator(true)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| e.to_string())?;
-        Ok(Self {
-            source: p.to_string(),
-            matcher: glob.compile_matcher(),
-        })
-    }
-
-    /// True when `branch` matches.
-    pub fn is_match(&self, branch: &str) -> bool {
-        self.matcher.is_match(branch)
-    }
-
-    /// The pattern as written.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-}
-
-/// The pattern rules, so that no pattern matches more, or denies less, than its
-/// text says:
-/// - `[`, `]`, `{`, `}` are refused unless escaped: globset would read classes
-///   and alternations, and a class can match `/`, which `*` never does;
-/// - `?` is refused: globset's `?` matches one byte, not one character, so a
-///   deny with `?` would not match a branch with a non-ASCII character there;
-/// - `**` is refused except as a whole segment: elsewhere globset quietly reads
-///   it as `*`, which does not cross `/`;
-/// - white space, control characters, `~`, `^` and `:` are refused: git branch
-///   names cannot contain them (git-check-ref-format), so such a pattern could
-///   never match (a common mistake is `main, develop` for a list).
-///
-/// # Errors
-/// What is wrong, with the way to write it instead.
-pub fn check_branch_pattern(p: &str) -> Result<(), String> {
-    let mut chars = p.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' if chars.next().is_none() => {
-                return Err("pattern ends with a lone `\\`".into());
-            }
-            '[' | ']' | '{' | '}' => {
-                return Err(format!(
-                    "`{c}` is not supported in branch patterns: only `*` and `**` are; \
-                     list alternatives instead (branchName: [main, master]) and escape a \
-                     literal brace as `\\{{`"
-                ))
-            }
-            '?' => {
-                return Err(
-                    "`?` is not supported in branch patterns (it would match one byte, \
-                            not one character); use `*` or list the names"
-                        .into(),
-                )
-            }
-            c if c.is_whitespace() || c.is_control() || matches!(c, '~' | '^' | ':') => {
-                return Err(format!(
-                    "`{}` cannot occur in a git branch name, so this pattern never matches; \
-                     to name several branches write a list: branchName: [main, develop]",
-                    c.escape_debug()
-                ))
-            }
-            _ => {}
-        }
-    }
-    for (i, _) in p.match_indices("**") {
-        let before_ok = i == 0 || p[..i].ends_with('/');
-        let after = &p[i + 2..];
-        let after_ok = after.is_empty() || after.starts_with('/');
-        if !(before_ok && after_ok) || after.starts_with('*') {
-            return Err(
-                "`**` must be a whole path segment (`**`, `**/x`, `x/**` or `x/**/y`); \
-                 elsewhere it would mean `*`, which does not cross `/`"
-                    .into(),
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Compiled conditions; every present condition must match (AND); a list matches
 /// when any element does (OR). A condition never matches a token lacking the claim.
 #[derive(Debug, Clone, Default)]
@@ -381,8 +165,6 @@ pub struct PolicySet {
     policies: Vec<Policy>,
 }
 
-pub use crate::domain::oauth::is_scope_token;
-
 impl PolicySet {
     /// The compiled policies, in evaluation order.
     pub fn policies(&self) -> &[Policy] {
@@ -435,7 +217,7 @@ impl PolicySet {
         let entries = std::fs::read_dir(dir).map_err(|e| {
             vec![PolicyError {
                 file: dir.display().to_string(),
-                field: String::new(),
+                key: String::new(),
                 reason: format!("cannot read policies directory: {e}"),
             }]
         })?;
@@ -465,7 +247,7 @@ impl PolicySet {
             if !ids.insert(p.id.clone()) {
                 errors.push(PolicyError {
                     file: dir.display().to_string(),
-                    field: String::new(),
+                    key: String::new(),
                     reason: format!("two files define policy id `{}` (.yaml and .yml)", p.id),
                 });
             }
@@ -477,12 +259,11 @@ impl PolicySet {
         }
     }
 }
-
 fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Policy, PolicyError> {
     let file = path.display().to_string();
     let err = |field: &str, reason: String| PolicyError {
         file: file.clone(),
-        field: field.to_string(),
+        key: field.to_string(),
         reason,
     };
     let meta = std::fs::metadata(path).map_err(|e| err("", e.to_string()))?;
@@ -501,282 +282,6 @@ fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Po
     compile_str(&id, &text, known_clients).map_err(|mut e| {
         e.file = file.clone();
         e
-    })
-}
-
-/// Collects `(path, reason)` for every null, empty or blank string, empty sequence
-/// or empty mapping, and every YAML tag, below `v` (paths such as `when.repositoryUuid`, `grant.scopes[0]`). A
-/// policy may hold none: in YAML a key whose values were all commented out reads as
-/// null, and an empty list would silently turn a condition or a deny rule into
-/// "nothing", so the file would mean something other than what a reviewer reads.
-/// A one-key mapping whose key is a UUID and whose value is null is reported as an
-/// unquoted `{uuid}` (YAML reads `{d4e4...}` as a flow mapping with no value).
-fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String, &'static str)>) {
-    use serde_norway::Value;
-    const EMPTY: &str = "empty value (null, `~`, `[]`, `{}`, \"\" or every value commented out); \
-        remove the field or give it values";
-    let here = if path.is_empty() {
-        ".".to_string()
-    } else {
-        path.to_string()
-    };
-    match v {
-        Value::Null => out.push((here, EMPTY)),
-        Value::String(s) if s.trim().is_empty() => out.push((here, EMPTY)),
-        Value::Sequence(items) if items.is_empty() => out.push((here, EMPTY)),
-        Value::Mapping(m) if m.is_empty() => out.push((here, EMPTY)),
-        Value::Mapping(m)
-            if m.len() == 1
-                && m.iter().all(|(k, v)| {
-                    v.is_null()
-                        && k.as_str().is_some_and(|k| {
-                            (32..=36).contains(&k.len())
-                                && k.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
-                        })
-                }) =>
-        {
-            out.push((here, QUOTE_HINT));
-        }
-        Value::Sequence(items) => {
-            for (i, item) in items.iter().enumerate() {
-                find_empty_values(item, &format!("{path}[{i}]"), out);
-            }
-        }
-        Value::Mapping(m) => {
-            for (k, item) in m {
-                let key = match k {
-                    Value::String(s) => s.clone(),
-                    other => format!("{other:?}"),
-                };
-                let child = if path.is_empty() {
-                    key
-                } else {
-                    format!("{path}.{key}")
-                };
-                find_empty_values(item, &child, out);
-            }
-        }
-        Value::Tagged(_) => out.push((here, "YAML tags (`!name`) are not supported in policies")),
-        Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
-    }
-}
-
-/// Parses and compiles one policy from YAML text.
-///
-/// # Errors
-/// [`PolicyError`] with `file` set to `id`.
-pub fn compile_str(
-    id: &str,
-    text: &str,
-    known_clients: Option<&BTreeSet<String>>,
-) -> Result<Policy, PolicyError> {
-    let err = |field: &str, reason: String| PolicyError {
-        file: id.to_string(),
-        field: field.to_string(),
-        reason,
-    };
-    let id_ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if !id_ok {
-        return Err(err(
-            "",
-            "file name must be letters, digits, - _ . (it is the policy id)".into(),
-        ));
-    }
-    // A UTF-8 byte order mark, as some editors write, is not part of the policy.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let tree: serde_norway::Value =
-        serde_norway::from_str(text).map_err(|e| err("", e.to_string()))?;
-    let mut empties = Vec::new();
-    find_empty_values(&tree, "", &mut empties);
-    if let Some((first, reason)) = empties.first() {
-        let mut reason = (*reason).to_string();
-        if empties.len() > 1 {
-            let all: Vec<&str> = empties.iter().map(|(p, _)| p.as_str()).collect();
-            reason = format!("{reason} (also refused: `{}`)", all[1..].join("`, `"));
-        }
-        return Err(err(first, reason));
-    }
-    let raw: RawPolicy = serde_path_to_error::deserialize(tree).map_err(|e| {
-        let path = e.path().to_string();
-        let msg = e.into_inner().to_string();
-        // serde_norway prefixes its own message with the path; keep one copy.
-        let msg = msg
-            .strip_prefix(&format!("{path}: "))
-            .map(str::to_string)
-            .unwrap_or(msg);
-        err(if path == "." { "" } else { &path }, msg)
-    })?;
-
-    let uuids = |field: &str, v: Option<OneOrMany>| -> Result<Option<Vec<BbUuid>>, PolicyError> {
-        let Some(v) = v else { return Ok(None) };
-        if v.0.is_empty() {
-            return Err(err(
-                field,
-                "an empty list matches nothing; remove the condition or add values".into(),
-            ));
-        }
-        v.0.iter()
-            .enumerate()
-            .map(|(i, s)| {
-                BbUuid::parse_lenient(s).map_err(|e| err(&format!("{field}[{i}]"), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
-    };
-    let when = Conditions {
-        workspace_uuid: uuids("when.workspaceUuid", raw.when.workspace_uuid)?,
-        repository_uuid: uuids("when.repositoryUuid", raw.when.repository_uuid)?,
-        deployment_environment_uuid: uuids(
-            "when.deploymentEnvironmentUuid",
-            raw.when.deployment_environment_uuid,
-        )?,
-        branch_name: match raw.when.branch_name {
-            None => None,
-            Some(v) if v.0.is_empty() => {
-                return Err(err(
-                    "when.branchName",
-                    "an empty list matches nothing".into(),
-                ))
-            }
-            Some(v) => Some(
-                v.0.iter()
-                    .enumerate()
-                    .map(|(i, p)| {
-                        BranchPattern::new(p).map_err(|e| err(&format!("when.branchName[{i}]"), e))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        },
-    };
-
-    let (grant, deny_audiences) = match raw.effect {
-        Effect::Allow => {
-            if raw.audiences.is_some() {
-                return Err(err("audiences", "only deny policies take `audiences`; an allow policy names its audience in grant.audience".into()));
-            }
-            if when.workspace_uuid.is_none() && when.repository_uuid.is_none() {
-                return Err(err(
-                    "when",
-                    "an allow policy must name workspaceUuid or repositoryUuid".into(),
-                ));
-            }
-            let g = raw
-                .grant
-                .ok_or_else(|| err("grant", "an allow policy needs a grant".into()))?;
-            if g.client.is_empty() || g.client.len() > 255 {
-                return Err(err("grant.client", "must be a Keycloak clientId".into()));
-            }
-            if let Some(known) = known_clients {
-                if !known.contains(&g.client) {
-                    return Err(err(
-                        "grant.client",
-                        format!("`{}` is not configured under [keycloak.clients]", g.client),
-                    ));
-                }
-            }
-            if !is_scope_token(&g.audience) {
-                return Err(err(
-                    "grant.audience",
-                    "must be a non-empty token without spaces or quotes".into(),
-                ));
-            }
-            let mut scopes = BTreeSet::new();
-            for (i, s) in g.scopes.iter().enumerate() {
-                if !is_scope_token(&s.0) {
-                    return Err(err(
-                        &format!("grant.scopes[{i}]"),
-                        format!("`{}` is not an RFC 6749 scope token", s.0),
-                    ));
-                }
-                scopes.insert(s.0.clone());
-            }
-            let mut default_scopes = Vec::new();
-            for (i, s) in g.default_scopes.iter().enumerate() {
-                if !scopes.contains(&s.0) {
-                    return Err(err(
-                        &format!("grant.default_scopes[{i}]"),
-                        format!("`{}` is not in grant.scopes", s.0),
-                    ));
-                }
-                if !default_scopes.contains(&s.0) {
-                    default_scopes.push(s.0.clone());
-                }
-            }
-            if !(1..=86_400).contains(&g.max_lifetime_seconds) {
-                return Err(err(
-                    "grant.max_lifetime_seconds",
-                    "must be 1..=86400".into(),
-                ));
-            }
-            let limit = |field: &str,
-                         v: Option<u32>|
-             -> Result<Option<std::num::NonZeroU32>, PolicyError> {
-                v.map(|n| {
-                    std::num::NonZeroU32::new(n)
-                        .ok_or_else(|| err(field, "must be at least 1".into()))
-                })
-                .transpose()
-            };
-            let (per_step_per_minute, per_repository_per_minute) = match &g.limits {
-                None => (None, None),
-                Some(l) => (
-                    limit("grant.limits.per_step_per_minute", l.per_step_per_minute)?,
-                    limit(
-                        "grant.limits.per_repository_per_minute",
-                        l.per_repository_per_minute,
-                    )?,
-                ),
-            };
-            (
-                Some(GrantSpec {
-                    client: g.client,
-                    audience: g.audience,
-                    scopes,
-                    default_scopes,
-                    max_lifetime_seconds: g.max_lifetime_seconds,
-                    per_step_per_minute,
-                    per_repository_per_minute,
-                }),
-                None,
-            )
-        }
-        Effect::Deny => {
-            if raw.grant.is_some() {
-                return Err(err(
-                    "grant",
-                    "a deny policy grants nothing; remove `grant`".into(),
-                ));
-            }
-            if when.is_empty() {
-                return Err(err("when", "a deny policy without conditions would deny everything; name at least one claim".into()));
-            }
-            if let Some(a) = &raw.audiences {
-                for (i, aud) in a.iter().enumerate() {
-                    if !is_scope_token(aud) {
-                        return Err(err(
-                            &format!("audiences[{i}]"),
-                            "must be a non-empty token without spaces or quotes".into(),
-                        ));
-                    }
-                }
-            }
-            let auds = raw
-                .audiences
-                .map(|a| a.into_iter().collect::<BTreeSet<_>>());
-            (None, auds)
-        }
-    };
-    Ok(Policy {
-        id: id.to_string(),
-        description: raw.description,
-        effect: raw.effect,
-        when,
-        deny_audiences,
-        grant,
     })
 }
 
@@ -817,7 +322,7 @@ mod tests {
         ];
         for (yaml, field) in cases {
             let e = compile(yaml).unwrap_err();
-            assert_eq!(e.field, field, "{yaml}\n=> {e}");
+            assert_eq!(e.key, field, "{yaml}\n=> {e}");
         }
     }
 
@@ -830,7 +335,7 @@ mod tests {
             Some(&known),
         )
         .unwrap_err();
-        assert_eq!(e.field, "grant.client");
+        assert_eq!(e.key, "grant.client");
     }
 
     const W: &str = "03b741e3-cf4a-41f9-9a59-cec52e21bdc3";
@@ -844,7 +349,7 @@ mod tests {
             "effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n  repositoryUuid:\n  deploymentEnvironmentUuid:\n    # - \"{{bd715740-c970-486b-b68a-b421ec2a1f8b}}\"\n  branchName: ~\n{GRANT}"
         );
         let e = compile(&yaml).unwrap_err();
-        assert_eq!(e.field, "when.repositoryUuid", "{e}");
+        assert_eq!(e.key, "when.repositoryUuid", "{e}");
         assert!(e.reason.contains("empty value"), "{e}");
         assert!(e.reason.contains("when.deploymentEnvironmentUuid"), "{e}");
         assert!(e.reason.contains("when.branchName"), "{e}");
@@ -878,7 +383,7 @@ mod tests {
         ];
         for (yaml, field) in cases {
             let e = compile(&yaml).unwrap_err();
-            assert_eq!(e.field, field, "{yaml}\n=> {e}");
+            assert_eq!(e.key, field, "{yaml}\n=> {e}");
         }
     }
 
@@ -886,7 +391,7 @@ mod tests {
     #[test]
     fn deny_with_empty_audiences_is_refused_and_unknown_audience_is_warned() {
         let e = compile("effect: deny\nwhen:\n  repositoryUuid: \"{5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e}\"\naudiences: []\n").unwrap_err();
-        assert_eq!(e.field, "audiences");
+        assert_eq!(e.key, "audiences");
         let allow = compile_str("a", &format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\ngrant: {{client: c, audience: deploy-api, scopes: [s], default_scopes: [s], max_lifetime_seconds: 300}}\n"), None).unwrap();
         let deny = compile_str("d", "effect: deny\nwhen:\n  repositoryUuid: \"{5b0b3a50-2f0e-4c3a-9d1e-6f8a7b9c0d1e}\"\naudiences: [deploy-apj, deploy-api]\n", None).unwrap();
         let set = PolicySet::from_policies(vec![allow, deny]);
@@ -898,7 +403,7 @@ mod tests {
         );
         let e = compile("effect: deny\nwhen:\n  branchName: main\naudiences: [\"bad aud\"]\n")
             .unwrap_err();
-        assert_eq!(e.field, "audiences[0]");
+        assert_eq!(e.key, "audiences[0]");
     }
 
     /// Issue #7 §1, third input: glob syntax beyond `*`, `?`, `**` is refused.
@@ -932,7 +437,7 @@ mod tests {
             assert!(BranchPattern::new(bad).is_err(), "{bad:?}");
         }
         let e = compile(&format!("effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n  branchName: \"{{main,master}}\"\n{GRANT}")).unwrap_err();
-        assert_eq!(e.field, "when.branchName[0]", "{e}");
+        assert_eq!(e.key, "when.branchName[0]", "{e}");
     }
 
     #[test]
@@ -941,13 +446,13 @@ mod tests {
             "effect: allow\nwhen: !foo\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}"
         ))
         .unwrap_err();
-        assert_eq!(e.field, "when", "{e}");
+        assert_eq!(e.key, "when", "{e}");
         assert!(e.reason.contains("tags"), "{e}");
         let e = compile(&format!(
             "description: \" \"\neffect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}"
         ))
         .unwrap_err();
-        assert_eq!(e.field, "description", "{e}");
+        assert_eq!(e.key, "description", "{e}");
         let bom = format!(
             "{}effect: allow\nwhen:\n  workspaceUuid: \"{{{W}}}\"\n{GRANT}",
             '\u{feff}'
@@ -963,7 +468,7 @@ mod tests {
             "effect: allow\nwhen:\n  workspaceUuid: {{{W}}}\n{GRANT}"
         ))
         .unwrap_err();
-        assert_eq!(e.field, "when.workspaceUuid", "{e}");
+        assert_eq!(e.key, "when.workspaceUuid", "{e}");
         assert!(e.reason.contains("quote"), "{e}");
     }
 }

@@ -1,0 +1,416 @@
+//! From a policy file's YAML text to a compiled [`Policy`]: strict parsing (no
+//! unknown fields, no null, empty or blank values, no tags), then one function
+//! per part of the policy.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{is_scope_token, BranchPattern, Conditions, Effect, GrantSpec, Policy, PolicyError};
+use crate::domain::BbUuid;
+
+/// One value or a list of values, as written in a policy.
+#[derive(Debug, Clone)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = a.next_element::<StringOnly>()? {
+                    out.push(v.0);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<OneOrMany, A::Error> {
+                Err(de::Error::custom(QUOTE_HINT))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+const QUOTE_HINT: &str =
+    "is a YAML mapping, not a string: an unquoted {uuid} is read as a mapping; quote it: \"{...}\"";
+
+struct StringOnly(String);
+impl<'de> Deserialize<'de> for StringOnly {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringOnly;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringOnly, E> {
+                Ok(StringOnly(v.to_string()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, _a: A) -> Result<StringOnly, A::Error> {
+                Err(de::Error::custom(QUOTE_HINT))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The file format of a policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    description: Option<String>,
+    effect: Effect,
+    #[serde(default)]
+    when: RawWhen,
+    /// Deny policies only: the audiences they cover (default: all).
+    #[serde(default)]
+    audiences: Option<Vec<String>>,
+    grant: Option<RawGrant>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWhen {
+    #[serde(rename = "workspaceUuid")]
+    workspace_uuid: Option<OneOrMany>,
+    #[serde(rename = "repositoryUuid")]
+    repository_uuid: Option<OneOrMany>,
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    deployment_environment_uuid: Option<OneOrMany>,
+    #[serde(rename = "branchName")]
+    branch_name: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    client: String,
+    audience: String,
+    scopes: Vec<StringOnly>,
+    default_scopes: Vec<StringOnly>,
+    max_lifetime_seconds: u64,
+    #[serde(default)]
+    limits: Option<RawGrantLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrantLimits {
+    per_step_per_minute: Option<u32>,
+    per_repository_per_minute: Option<u32>,
+}
+
+impl fmt::Debug for StringOnly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+/// Collects `(path, reason)` for every null, empty or blank string, empty sequence
+/// or empty mapping, and every YAML tag, below `v` (paths such as `when.repositoryUuid`, `grant.scopes[0]`). A
+/// policy may hold none: in YAML a key whose values were all commented out reads as
+/// null, and an empty list would silently turn a condition or a deny rule into
+/// "nothing", so the file would mean something other than what a reviewer reads.
+/// A one-key mapping whose key is a UUID and whose value is null is reported as an
+/// unquoted `{uuid}` (YAML reads `{d4e4...}` as a flow mapping with no value).
+fn find_empty_values(v: &serde_norway::Value, path: &str, out: &mut Vec<(String, &'static str)>) {
+    use serde_norway::Value;
+    const EMPTY: &str = "empty value (null, `~`, `[]`, `{}`, \"\" or every value commented out); \
+        remove the field or give it values";
+    let here = if path.is_empty() {
+        ".".to_string()
+    } else {
+        path.to_string()
+    };
+    match v {
+        Value::Null => out.push((here, EMPTY)),
+        Value::String(s) if s.trim().is_empty() => out.push((here, EMPTY)),
+        Value::Sequence(items) if items.is_empty() => out.push((here, EMPTY)),
+        Value::Mapping(m) if m.is_empty() => out.push((here, EMPTY)),
+        Value::Mapping(m)
+            if m.len() == 1
+                && m.iter().all(|(k, v)| {
+                    v.is_null()
+                        && k.as_str().is_some_and(|k| {
+                            (32..=36).contains(&k.len())
+                                && k.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+                        })
+                }) =>
+        {
+            out.push((here, QUOTE_HINT));
+        }
+        Value::Sequence(items) => {
+            for (i, item) in items.iter().enumerate() {
+                find_empty_values(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        Value::Mapping(m) => {
+            for (k, item) in m {
+                let key = match k {
+                    Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                let child = if path.is_empty() {
+                    key
+                } else {
+                    format!("{path}.{key}")
+                };
+                find_empty_values(item, &child, out);
+            }
+        }
+        Value::Tagged(_) => out.push((here, "YAML tags (`!name`) are not supported in policies")),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => {}
+    }
+}
+
+/// Parses and compiles one policy from YAML text; `id` is the policy id (the
+/// file stem). `known_clients`, when given, are the configured Keycloak clients.
+///
+/// # Errors
+/// [`PolicyError`] with `file` set to `id`.
+pub fn compile_str(
+    id: &str,
+    text: &str,
+    known_clients: Option<&BTreeSet<String>>,
+) -> Result<Policy, PolicyError> {
+    let err = Located::new(id);
+    let id_ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !id_ok {
+        return Err(err.at(
+            "",
+            "file name must be letters, digits, - _ . (it is the policy id)",
+        ));
+    }
+    let raw = parse(text, &err)?;
+    let when = compile_when(raw.when, &err)?;
+    let (grant, deny_audiences) = match raw.effect {
+        Effect::Allow => {
+            if raw.audiences.is_some() {
+                return Err(err.at("audiences", "only deny policies take `audiences`; an allow policy names its audience in grant.audience"));
+            }
+            if when.workspace_uuid.is_none() && when.repository_uuid.is_none() {
+                return Err(err.at(
+                    "when",
+                    "an allow policy must name workspaceUuid or repositoryUuid",
+                ));
+            }
+            let g = raw
+                .grant
+                .ok_or_else(|| err.at("grant", "an allow policy needs a grant"))?;
+            (Some(compile_grant(g, known_clients, &err)?), None)
+        }
+        Effect::Deny => {
+            if raw.grant.is_some() {
+                return Err(err.at("grant", "a deny policy grants nothing; remove `grant`"));
+            }
+            if when.is_empty() {
+                return Err(err.at("when", "a deny policy without conditions would deny everything; name at least one claim"));
+            }
+            (None, compile_deny_audiences(raw.audiences, &err)?)
+        }
+    };
+    Ok(Policy {
+        id: id.to_string(),
+        description: raw.description,
+        effect: raw.effect,
+        when,
+        deny_audiences,
+        grant,
+    })
+}
+
+/// Builds [`PolicyError`]s for one file.
+struct Located {
+    file: String,
+}
+
+impl Located {
+    fn new(file: &str) -> Self {
+        Self {
+            file: file.to_string(),
+        }
+    }
+
+    fn at(&self, key: &str, reason: impl Into<String>) -> PolicyError {
+        PolicyError {
+            file: self.file.clone(),
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// YAML text to [`RawPolicy`]: a byte order mark is ignored; any null, empty or
+/// blank value or tag is refused (every one named); then typed, strict parsing.
+fn parse(text: &str, err: &Located) -> Result<RawPolicy, PolicyError> {
+    // A UTF-8 byte order mark, as some editors write, is not part of the policy.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let tree: serde_norway::Value =
+        serde_norway::from_str(text).map_err(|e| err.at("", e.to_string()))?;
+    let mut empties = Vec::new();
+    find_empty_values(&tree, "", &mut empties);
+    if let Some((first, reason)) = empties.first() {
+        let mut reason = (*reason).to_string();
+        if empties.len() > 1 {
+            let all: Vec<&str> = empties.iter().map(|(p, _)| p.as_str()).collect();
+            reason = format!("{reason} (also refused: `{}`)", all[1..].join("`, `"));
+        }
+        return Err(err.at(first, reason));
+    }
+    serde_path_to_error::deserialize(tree).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.into_inner().to_string();
+        // serde_norway prefixes its own message with the path; keep one copy.
+        let msg = msg
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(msg);
+        err.at(if path == "." { "" } else { &path }, msg)
+    })
+}
+
+fn compile_uuids(
+    field: &str,
+    v: Option<OneOrMany>,
+    err: &Located,
+) -> Result<Option<Vec<BbUuid>>, PolicyError> {
+    let Some(v) = v else { return Ok(None) };
+    if v.0.is_empty() {
+        return Err(err.at(
+            field,
+            "an empty list matches nothing; remove the condition or add values",
+        ));
+    }
+    v.0.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            BbUuid::parse_lenient(s).map_err(|e| err.at(&format!("{field}[{i}]"), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn compile_when(w: RawWhen, err: &Located) -> Result<Conditions, PolicyError> {
+    let branch_name = match w.branch_name {
+        None => None,
+        Some(v) if v.0.is_empty() => {
+            return Err(err.at("when.branchName", "an empty list matches nothing"))
+        }
+        Some(v) => Some(
+            v.0.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    BranchPattern::new(p).map_err(|e| err.at(&format!("when.branchName[{i}]"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    Ok(Conditions {
+        workspace_uuid: compile_uuids("when.workspaceUuid", w.workspace_uuid, err)?,
+        repository_uuid: compile_uuids("when.repositoryUuid", w.repository_uuid, err)?,
+        deployment_environment_uuid: compile_uuids(
+            "when.deploymentEnvironmentUuid",
+            w.deployment_environment_uuid,
+            err,
+        )?,
+        branch_name,
+    })
+}
+
+fn compile_grant(
+    g: RawGrant,
+    known_clients: Option<&BTreeSet<String>>,
+    err: &Located,
+) -> Result<GrantSpec, PolicyError> {
+    if g.client.is_empty() || g.client.len() > 255 {
+        return Err(err.at("grant.client", "must be a Keycloak clientId"));
+    }
+    if known_clients.is_some_and(|known| !known.contains(&g.client)) {
+        return Err(err.at(
+            "grant.client",
+            format!("`{}` is not configured under [keycloak.clients]", g.client),
+        ));
+    }
+    if !is_scope_token(&g.audience) {
+        return Err(err.at(
+            "grant.audience",
+            "must be a non-empty token without spaces or quotes",
+        ));
+    }
+    let mut scopes = BTreeSet::new();
+    for (i, s) in g.scopes.iter().enumerate() {
+        if !is_scope_token(&s.0) {
+            return Err(err.at(
+                &format!("grant.scopes[{i}]"),
+                format!("`{}` is not an RFC 6749 scope token", s.0),
+            ));
+        }
+        scopes.insert(s.0.clone());
+    }
+    let mut default_scopes = Vec::new();
+    for (i, s) in g.default_scopes.iter().enumerate() {
+        if !scopes.contains(&s.0) {
+            return Err(err.at(
+                &format!("grant.default_scopes[{i}]"),
+                format!("`{}` is not in grant.scopes", s.0),
+            ));
+        }
+        if !default_scopes.contains(&s.0) {
+            default_scopes.push(s.0.clone());
+        }
+    }
+    if !(1..=86_400).contains(&g.max_lifetime_seconds) {
+        return Err(err.at("grant.max_lifetime_seconds", "must be 1..=86400"));
+    }
+    let limit = |field: &str, v: Option<u32>| {
+        v.map(|n| std::num::NonZeroU32::new(n).ok_or_else(|| err.at(field, "must be at least 1")))
+            .transpose()
+    };
+    let limits = g.limits.unwrap_or_default();
+    Ok(GrantSpec {
+        per_step_per_minute: limit(
+            "grant.limits.per_step_per_minute",
+            limits.per_step_per_minute,
+        )?,
+        per_repository_per_minute: limit(
+            "grant.limits.per_repository_per_minute",
+            limits.per_repository_per_minute,
+        )?,
+        client: g.client,
+        audience: g.audience,
+        scopes,
+        default_scopes,
+        max_lifetime_seconds: g.max_lifetime_seconds,
+    })
+}
+
+fn compile_deny_audiences(
+    audiences: Option<Vec<String>>,
+    err: &Located,
+) -> Result<Option<BTreeSet<String>>, PolicyError> {
+    let Some(a) = audiences else { return Ok(None) };
+    for (i, aud) in a.iter().enumerate() {
+        if !is_scope_token(aud) {
+            return Err(err.at(
+                &format!("audiences[{i}]"),
+                "must be a non-empty token without spaces or quotes",
+            ));
+        }
+    }
+    Ok(Some(a.into_iter().collect()))
+}

@@ -1,0 +1,106 @@
+//! Branch patterns: globs over `branchName` with only `*` and `**`, compiled
+//! with globset (`literal_separator` on).
+
+use globset::{GlobBuilder, GlobMatcher};
+
+/// A compiled branch pattern: `*` (any run of characters) never crosses `/`; `**`
+/// does, and stands only as a whole path segment (`**`, `**/x`, `x/**`,
+/// `x/**/y`). `\` escapes the next character. Nothing else is pattern syntax,
+/// and what could never match a branch is refused: see [`check_branch_pattern`].
+#[derive(Debug, Clone)]
+pub struct BranchPattern {
+    source: String,
+    matcher: GlobMatcher,
+}
+
+impl BranchPattern {
+    /// Compiles a pattern (globset syntax, `literal_separator` on).
+    ///
+    /// # Errors
+    /// The glob parser's message.
+    pub fn new(p: &str) -> Result<Self, String> {
+        if p.is_empty() {
+            return Err("empty branch pattern".into());
+        }
+        check_branch_pattern(p)?;
+        let glob = GlobBuilder::new(p)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            source: p.to_string(),
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    /// True when `branch` matches.
+    pub fn is_match(&self, branch: &str) -> bool {
+        self.matcher.is_match(branch)
+    }
+
+    /// The pattern as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+/// The pattern rules, so that no pattern matches more, or denies less, than its
+/// text says:
+/// - `[`, `]`, `{`, `}` are refused unless escaped: globset would read classes
+///   and alternations, and a class can match `/`, which `*` never does;
+/// - `?` is refused: globset's `?` matches one byte, not one character, so a
+///   deny with `?` would not match a branch with a non-ASCII character there;
+/// - `**` is refused except as a whole segment: elsewhere globset quietly reads
+///   it as `*`, which does not cross `/`;
+/// - white space, control characters, `~`, `^` and `:` are refused: git branch
+///   names cannot contain them (git-check-ref-format), so such a pattern could
+///   never match (a common mistake is `main, develop` for a list).
+///
+/// # Errors
+/// What is wrong, with the way to write it instead.
+pub fn check_branch_pattern(p: &str) -> Result<(), String> {
+    let mut chars = p.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.next().is_none() => {
+                return Err("pattern ends with a lone `\\`".into());
+            }
+            '[' | ']' | '{' | '}' => {
+                return Err(format!(
+                    "`{c}` is not supported in branch patterns: only `*` and `**` are; \
+                     list alternatives instead (branchName: [main, master]) and escape a \
+                     literal brace as `\\{{`"
+                ))
+            }
+            '?' => {
+                return Err(
+                    "`?` is not supported in branch patterns (it would match one byte, \
+                            not one character); use `*` or list the names"
+                        .into(),
+                )
+            }
+            c if c.is_whitespace() || c.is_control() || matches!(c, '~' | '^' | ':') => {
+                return Err(format!(
+                    "`{}` cannot occur in a git branch name, so this pattern never matches; \
+                     to name several branches write a list: branchName: [main, develop]",
+                    c.escape_debug()
+                ))
+            }
+            _ => {}
+        }
+    }
+    for (i, _) in p.match_indices("**") {
+        let before_ok = i == 0 || p[..i].ends_with('/');
+        let after = &p[i + 2..];
+        let after_ok = after.is_empty() || after.starts_with('/');
+        if !(before_ok && after_ok) || after.starts_with('*') {
+            return Err(
+                "`**` must be a whole path segment (`**`, `**/x`, `x/**` or `x/**/y`); \
+                 elsewhere it would mean `*`, which does not cross `/`"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
+}
