@@ -11,14 +11,13 @@
 //! 5. write the audit line ([`crate::audit`]): no token leaves without it.
 //!
 //! How an [`ExchangeError`] is answered over HTTP (status, OAuth `error`,
-//! `error_code`) is decided in one table, `crate::api::error`.
+//! `error_code`) is decided in one table, in the `api` module's `error.rs`.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::{AuditOutcome, AuditRecord, AuditSink};
-use crate::configuration::Limits;
 use crate::domain::oauth::{
     is_scope_token, GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN,
     TOKEN_TYPE_JWT,
@@ -26,6 +25,7 @@ use crate::domain::oauth::{
 use crate::domain::{Scopes, SecretToken};
 use crate::keycloak::{KeycloakClient, KeycloakError};
 use crate::limits::ExchangeLimiter;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::policy::{DenyKind, EvalRequest, Grant, Outcome, PolicyStore, Subject};
 use crate::verify::{BitbucketIdentity, Verifier, VerifyError};

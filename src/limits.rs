@@ -13,6 +13,16 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+/// Per-identity exchange limits, per minute (GCRA: bursts up to the limit, then
+/// one more every 60/limit seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Exchanges per `stepUuid` per minute. Defaults to 20.
+    pub per_step_per_minute: std::num::NonZeroU32,
+    /// Exchanges per `repositoryUuid` per minute. Defaults to 300.
+    pub per_repository_per_minute: std::num::NonZeroU32,
+}
+
 /// A rate limiter keyed by identity.
 pub trait ExchangeLimiter: Send + Sync {
     /// Counts one exchange for `key` under a limit of `per_minute`.

@@ -1,6 +1,6 @@
 //! Logs: JSON lines on standard error, filtered by `RUST_LOG` (default `info`).
 //! Nothing here ever receives a token, assertion or secret: types holding them
-//! redact themselves in `Debug`. The audit trail is [`crate::audit`].
+//! redact themselves in `Debug`. The audit trail is the `audit` module.
 
 use tracing_subscriber::{fmt, EnvFilter};
 

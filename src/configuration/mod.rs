@@ -12,15 +12,14 @@ mod raw;
 mod secrets;
 mod validate;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
-use url::Url;
-
-use crate::domain::BbUuid;
+pub use crate::keycloak::{ClientAuth, KeycloakSettings};
+pub use crate::limits::Limits;
 use crate::signing::SigningKeys;
+pub use crate::verify::jwks::JwksSettings;
+pub use crate::verify::WorkspaceSettings;
 pub use validate::{MAX_AUDIENCE_CHARS, MAX_STEP_AUDIENCES};
 
 /// Prefix of environment variables that override configuration keys.
@@ -77,97 +76,6 @@ pub struct Settings {
     /// Reload policies when a file in `policies_dir` changes (SIGHUP always reloads).
     /// Defaults to true.
     pub watch_policies: bool,
-}
-
-/// Per-identity exchange limits, per minute (GCRA: bursts up to the limit, then
-/// one more every 60/limit seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Exchanges per `stepUuid` per minute. Defaults to 20.
-    pub per_step_per_minute: std::num::NonZeroU32,
-    /// Exchanges per `repositoryUuid` per minute. Defaults to 300.
-    pub per_repository_per_minute: std::num::NonZeroU32,
-}
-
-/// One trusted Bitbucket workspace.
-#[derive(Debug, Clone)]
-pub struct WorkspaceSettings {
-    /// Workspace slug (the path segment of the issuer).
-    pub slug: String,
-    /// Workspace UUID; tokens must carry it as `workspaceUuid`.
-    pub uuid: BbUuid,
-    /// Exact issuer (`iss`) accepted for this workspace, no trailing slash.
-    pub issuer: String,
-    /// Audiences accepted in `aud` (any one element must match).
-    pub audiences: Vec<String>,
-    /// Signature algorithm required for this issuer's tokens. Defaults to RS256.
-    pub algorithm: jsonwebtoken::Algorithm,
-}
-
-/// Issuer key (JWKS) fetching and caching.
-#[derive(Debug, Clone)]
-pub struct JwksSettings {
-    /// How long a fetched key set is fresh. Defaults to 600 s.
-    pub cache_ttl: Duration,
-    /// Minimum time between refetches triggered by an unknown `kid` (a request
-    /// inside it waits for the next refetch), and the back-off after a failed
-    /// fetch; 1 to 60 s. Defaults to 5 s.
-    pub refetch_interval: Duration,
-    /// Timeout of each discovery / JWKS request. Defaults to 5 s.
-    pub timeout: Duration,
-    /// Largest discovery or JWKS body accepted, in bytes. Defaults to 262144.
-    pub max_body_bytes: usize,
-}
-
-/// Keycloak connection settings.
-#[derive(Debug)]
-pub struct KeycloakSettings {
-    /// Base URL, e.g. `https://sso.example.com` (no `/realms/...`).
-    pub base_url: Url,
-    /// Realm name.
-    pub realm: String,
-    /// TCP connect timeout. Defaults to 2 s.
-    pub connect_timeout: Duration,
-    /// Whole-request timeout for discovery and token calls. Defaults to 10 s.
-    pub timeout: Duration,
-    /// Largest Keycloak response body accepted, in bytes. Defaults to 65536.
-    pub max_response_bytes: usize,
-    /// Lifetime of `private_key_jwt` assertions; at most 60 s (Keycloak's default
-    /// `token.endpoint.auth.signing.max.exp`). Defaults to 60 s.
-    pub assertion_lifetime: Duration,
-    /// Upper bound on a `Retry-After` passed on from Keycloak (429/503), 1 to 3600 s.
-    /// Defaults to 60 s.
-    pub max_retry_after: Duration,
-    /// How the service authenticates as each Keycloak client, by `clientId`.
-    pub clients: BTreeMap<String, ClientAuth>,
-}
-
-impl KeycloakSettings {
-    /// `<base>/realms/<realm>`: the realm issuer, also the assertion `aud`.
-    pub fn realm_url(&self) -> String {
-        format!(
-            "{}/realms/{}",
-            self.base_url.as_str().trim_end_matches('/'),
-            self.realm
-        )
-    }
-}
-
-/// Client authentication method (Keycloak "Client Authenticator").
-pub enum ClientAuth {
-    /// "Signed JWT" (`client-jwt`): assertion signed with the service's key, RFC 7523.
-    PrivateKeyJwt,
-    /// "Client Id and Secret" (`client-secret`), sent as HTTP Basic (RFC 6749 §2.3.1).
-    ClientSecretBasic(SecretString),
-}
-
-impl std::fmt::Debug for ClientAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::PrivateKeyJwt => f.write_str("PrivateKeyJwt"),
-            Self::ClientSecretBasic(_) => f.write_str("ClientSecretBasic([redacted])"),
-        }
-    }
 }
 
 /// Everything `config check` found: errors refuse the configuration, warnings do

@@ -14,10 +14,60 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use crate::configuration::{ClientAuth, KeycloakSettings};
 use crate::domain::{Scopes, SecretToken};
 use crate::http::{read_capped, BodyError, Meaning};
 use crate::signing::SigningKeys;
+
+/// Keycloak connection settings.
+#[derive(Debug)]
+pub struct KeycloakSettings {
+    /// Base URL, e.g. `https://sso.example.com` (no `/realms/...`).
+    pub base_url: url::Url,
+    /// Realm name.
+    pub realm: String,
+    /// TCP connect timeout. Defaults to 2 s.
+    pub connect_timeout: Duration,
+    /// Whole-request timeout for discovery and token calls. Defaults to 10 s.
+    pub timeout: Duration,
+    /// Largest Keycloak response body accepted, in bytes. Defaults to 65536.
+    pub max_response_bytes: usize,
+    /// Lifetime of `private_key_jwt` assertions; at most 60 s (Keycloak's default
+    /// `token.endpoint.auth.signing.max.exp`). Defaults to 60 s.
+    pub assertion_lifetime: Duration,
+    /// Upper bound on a `Retry-After` passed on from Keycloak (429/503), 1 to 3600 s.
+    /// Defaults to 60 s.
+    pub max_retry_after: Duration,
+    /// How the service authenticates as each Keycloak client, by `clientId`.
+    pub clients: std::collections::BTreeMap<String, ClientAuth>,
+}
+
+impl KeycloakSettings {
+    /// `<base>/realms/<realm>`: the realm issuer, also the assertion `aud`.
+    pub fn realm_url(&self) -> String {
+        format!(
+            "{}/realms/{}",
+            self.base_url.as_str().trim_end_matches('/'),
+            self.realm
+        )
+    }
+}
+
+/// Client authentication method (Keycloak "Client Authenticator").
+pub enum ClientAuth {
+    /// "Signed JWT" (`client-jwt`): assertion signed with the service's key, RFC 7523.
+    PrivateKeyJwt,
+    /// "Client Id and Secret" (`client-secret`), sent as HTTP Basic (RFC 6749 §2.3.1).
+    ClientSecretBasic(secrecy::SecretString),
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PrivateKeyJwt => f.write_str("PrivateKeyJwt"),
+            Self::ClientSecretBasic(_) => f.write_str("ClientSecretBasic([redacted])"),
+        }
+    }
+}
 
 /// Errors from Keycloak. None holds a token, assertion or secret. Each has a
 /// stable [`code`](KeycloakError::code) and a [`meaning`](KeycloakError::meaning):

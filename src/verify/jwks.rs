@@ -36,8 +36,23 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
-use crate::configuration::{JwksSettings, WorkspaceSettings};
+use super::WorkspaceSettings;
 use crate::http::{read_capped, BodyError, Meaning};
+
+/// Issuer key (JWKS) fetching and caching.
+#[derive(Debug, Clone)]
+pub struct JwksSettings {
+    /// How long a fetched key set is fresh. Defaults to 600 s.
+    pub cache_ttl: std::time::Duration,
+    /// Minimum time between refetches triggered by an unknown `kid` (a request
+    /// inside it waits for the next refetch), and the back-off after a failed
+    /// fetch; 1 to 60 s. Defaults to 5 s.
+    pub refetch_interval: std::time::Duration,
+    /// Timeout of each discovery / JWKS request. Defaults to 5 s.
+    pub timeout: std::time::Duration,
+    /// Largest discovery or JWKS body accepted, in bytes. Defaults to 262144.
+    pub max_body_bytes: usize,
+}
 
 /// Most keys kept from one JWKS document.
 pub const MAX_KEYS: usize = 32;

@@ -29,11 +29,25 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-pub use crate::configuration::WorkspaceSettings;
 use crate::domain::{BbUuid, SecretToken};
 pub use error::VerifyError;
 use jwks::{KeyCache, Lookup};
 pub use jws::MAX_KID_BYTES;
+
+/// One trusted Bitbucket workspace.
+#[derive(Debug, Clone)]
+pub struct WorkspaceSettings {
+    /// Workspace slug (the path segment of the issuer).
+    pub slug: String,
+    /// Workspace UUID; tokens must carry it as `workspaceUuid`.
+    pub uuid: BbUuid,
+    /// Exact issuer (`iss`) accepted for this workspace, no trailing slash.
+    pub issuer: String,
+    /// Audiences accepted in `aud` (any one element must match).
+    pub audiences: Vec<String>,
+    /// Signature algorithm required for this issuer's tokens. Defaults to RS256.
+    pub algorithm: jsonwebtoken::Algorithm,
+}
 
 /// The verified identity of one pipeline step, with claim names as Bitbucket sends them.
 #[derive(Debug, Clone, Serialize)]

@@ -17,6 +17,7 @@ mod faultkinds;
 mod faults;
 mod helpers;
 mod keycloak_real;
+mod layering;
 mod logs;
 mod ops;
 mod props;
