@@ -93,25 +93,11 @@ impl Metrics {
             &["phase"],
         )?;
         registry.register(Box::new(phase_seconds.clone()))?;
-        // Export every known series from the start (at 0), so that alerts on
-        // `increase()` see the first event.
-        for r in ["ok", "error"] {
-            policy_reloads.with_label_values(&[r]);
-        }
-        for l in ["step", "repository"] {
-            rate_limited.with_label_values(&[l]);
-        }
-        for o in ["allowed", "denied", "failed"] {
-            audit_failures.with_label_values(&[o]);
-        }
-        for r in ["hit", "miss", "stale", "unknown_kid"] {
-            jwks_cache.with_label_values(&[r]);
-        }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Self {
+        let metrics = Self {
             registry,
             exchanges,
             phase_seconds,
@@ -121,7 +107,26 @@ impl Metrics {
             policy_reloads,
             rate_limited,
             audit_failures,
-        })
+        };
+        metrics.export_known_series();
+        Ok(metrics)
+    }
+
+    /// Exports every known series from the start (at 0), so that alerts on
+    /// `increase()` see the first event.
+    fn export_known_series(&self) {
+        for r in ["ok", "error"] {
+            self.policy_reloads.with_label_values(&[r]);
+        }
+        for l in ["step", "repository"] {
+            self.rate_limited.with_label_values(&[l]);
+        }
+        for o in ["allowed", "denied", "failed"] {
+            self.audit_failures.with_label_values(&[o]);
+        }
+        for r in ["hit", "miss", "stale", "unknown_kid"] {
+            self.jwks_cache.with_label_values(&[r]);
+        }
     }
 
     /// The text exposition of every metric.

@@ -391,51 +391,15 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
     let k = |f: &str| format!("workspaces[{i}].{f}");
     let errors_before = p.errors.len();
     p.take(&k("slug"), slug("slug", &w.slug));
-    let uuid = p.take(
-        &k("uuid"),
-        BbUuid::parse_lenient(&w.uuid)
-            .map_err(|e| e.to_string())
-            .and_then(|u| {
-                if u.bare() == "00000000-0000-0000-0000-000000000000" {
-                    Err("the nil UUID is no workspace's UUID".to_string())
-                } else {
-                    Ok(u)
-                }
-            }),
-    );
+    let uuid = p.take(&k("uuid"), workspace_uuid(&w.uuid));
     let issuer = match &w.issuer {
         None => Some(bitbucket_issuer(&w.slug)),
         Some(s) => issuer(&k("issuer"), s, &w.slug, p),
     };
-    let mut audiences = Vec::new();
-    if let Some(uuid) = &uuid {
-        if w.accept_default_audience {
-            audiences.push(format!("{ARI_WORKSPACE_PREFIX}{}", uuid.bare()));
-        }
-        for (j, a) in w.audiences.iter().enumerate() {
-            let key = k(&format!("audiences[{j}]"));
-            if p.take(&key, audience(a, uuid)).is_some() && !audiences.contains(a) {
-                if a.starts_with(ARI_WORKSPACE_PREFIX) && !w.accept_default_audience {
-                    p.warn(
-                        &key,
-                        "this is Bitbucket's default workspace audience, on every step token of \
-                         the workspace: listing it accepts tokens meant for any other service, \
-                         as accept_default_audience = true does (set that instead, to say so)",
-                    );
-                }
-                audiences.push(a.clone());
-            }
-        }
-    }
-    if w.audiences.len() > MAX_STEP_AUDIENCES {
-        p.warn(
-            &k("audiences"),
-            format!(
-                "{} audiences listed; one Bitbucket step carries at most {MAX_STEP_AUDIENCES}",
-                w.audiences.len()
-            ),
-        );
-    }
+    let audiences = uuid
+        .as_ref()
+        .map(|u| workspace_audiences(&k, &w, u, p))
+        .unwrap_or_default();
     if uuid.is_some() && audiences.is_empty() && p.errors.len() == errors_before {
         p.error(
             &k("audiences"),
@@ -443,33 +407,10 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
              accept_default_audience = true also accepts tokens meant for any other service of the workspace",
         );
     }
-    let bitbucket_issuer = issuer
+    let on_bitbucket = issuer
         .as_deref()
         .is_some_and(|i| i.starts_with(&format!("https://{BITBUCKET_API_HOST}/")));
-    let algorithm = match jsonwebtoken::Algorithm::from_str(&w.algorithm) {
-        Ok(a) if bitbucket_issuer && a != jsonwebtoken::Algorithm::RS256 => {
-            p.error(
-                &k("algorithm"),
-                format!(
-                    "`{}`: Bitbucket signs with RS256 only (its discovery document's \
-                     id_token_signing_alg_values_supported), so every token would be refused",
-                    w.algorithm
-                ),
-            );
-            None
-        }
-        Ok(a) if TOKEN_ALGORITHMS.contains(&a) => Some(a),
-        _ => {
-            p.error(
-                &k("algorithm"),
-                format!(
-                    "`{}` is not allowed (RS256, RS384, RS512, PS256, ES256)",
-                    w.algorithm
-                ),
-            );
-            None
-        }
-    };
+    let algorithm = p.take(&k("algorithm"), token_algorithm(&w.algorithm, on_bitbucket));
     if p.errors.len() != errors_before {
         return None;
     }
@@ -480,6 +421,71 @@ fn workspace(i: usize, w: RawWorkspace, p: &mut Problems) -> Option<WorkspaceSet
         audiences,
         algorithm: algorithm?,
     })
+}
+
+/// The workspace UUID, braces optional; never the nil UUID.
+fn workspace_uuid(s: &str) -> Result<BbUuid, String> {
+    let u = BbUuid::parse_lenient(s).map_err(|e| e.to_string())?;
+    if u.bare() == "00000000-0000-0000-0000-000000000000" {
+        return Err("the nil UUID is no workspace's UUID".into());
+    }
+    Ok(u)
+}
+
+/// The accepted audiences: Bitbucket's default ARI audience when opted in, then
+/// each configured one (checked by [`audience`]); warns about an ARI audience
+/// listed without the opt-in and about more than a step can carry.
+fn workspace_audiences(
+    k: &dyn Fn(&str) -> String,
+    w: &RawWorkspace,
+    uuid: &BbUuid,
+    p: &mut Problems,
+) -> Vec<String> {
+    let mut audiences = Vec::new();
+    if w.accept_default_audience {
+        audiences.push(format!("{ARI_WORKSPACE_PREFIX}{}", uuid.bare()));
+    }
+    for (j, a) in w.audiences.iter().enumerate() {
+        let key = k(&format!("audiences[{j}]"));
+        if p.take(&key, audience(a, uuid)).is_none() || audiences.contains(a) {
+            continue;
+        }
+        if a.starts_with(ARI_WORKSPACE_PREFIX) && !w.accept_default_audience {
+            p.warn(
+                &key,
+                "this is Bitbucket's default workspace audience, on every step token of \
+                 the workspace: listing it accepts tokens meant for any other service, \
+                 as accept_default_audience = true does (set that instead, to say so)",
+            );
+        }
+        audiences.push(a.clone());
+    }
+    if w.audiences.len() > MAX_STEP_AUDIENCES {
+        p.warn(
+            &k("audiences"),
+            format!(
+                "{} audiences listed; one Bitbucket step carries at most {MAX_STEP_AUDIENCES}",
+                w.audiences.len()
+            ),
+        );
+    }
+    audiences
+}
+
+/// The workspace's token algorithm: one of [`TOKEN_ALGORITHMS`], and RS256 for
+/// Bitbucket's own issuer (its discovery document lists only RS256 in
+/// `id_token_signing_alg_values_supported`).
+fn token_algorithm(name: &str, on_bitbucket: bool) -> Result<jsonwebtoken::Algorithm, String> {
+    match jsonwebtoken::Algorithm::from_str(name) {
+        Ok(a) if on_bitbucket && a != jsonwebtoken::Algorithm::RS256 => Err(format!(
+            "`{name}`: Bitbucket signs with RS256 only (its discovery document's \
+             id_token_signing_alg_values_supported), so every token would be refused"
+        )),
+        Ok(a) if TOKEN_ALGORITHMS.contains(&a) => Ok(a),
+        _ => Err(format!(
+            "`{name}` is not allowed (RS256, RS384, RS512, PS256, ES256)"
+        )),
+    }
 }
 
 fn jwks(j: &RawJwks, p: &mut Problems) -> Option<JwksSettings> {
@@ -503,6 +509,60 @@ fn jwks(j: &RawJwks, p: &mut Problems) -> Option<JwksSettings> {
         timeout: Duration::from_secs(timeout?),
         max_body_bytes: max_body?,
     })
+}
+
+/// `[keycloak.clients.<clientId>]`: how we authenticate as each client; also
+/// says whether any client needs signing keys. Secrets are read unless `Skip`.
+fn clients(
+    raw: BTreeMap<String, RawClient>,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+) -> (BTreeMap<String, ClientAuth>, bool) {
+    let mut clients = BTreeMap::new();
+    let mut needs_signing = false;
+    for (id, c) in raw {
+        let key = format!("keycloak.clients.{id}");
+        let auth = match c {
+            RawClient::PrivateKeyJwt => {
+                needs_signing = true;
+                ClientAuth::PrivateKeyJwt
+            }
+            RawClient::ClientSecretBasic {
+                secret_file,
+                secret_env,
+            } => {
+                let secret = match secrets {
+                    Secrets::Read => {
+                        match read_secret(secret_file.as_deref(), secret_env.as_deref(), base) {
+                            Ok(s) => s,
+                            Err(reason) => {
+                                p.error(&key, reason);
+                                continue;
+                            }
+                        }
+                    }
+                    Secrets::Skip => {
+                        if secret_file.is_some() == secret_env.is_some() {
+                            p.error(&key, "set exactly one of secret_file or secret_env");
+                        }
+                        SecretString::from(String::new())
+                    }
+                };
+                ClientAuth::ClientSecretBasic(secret)
+            }
+        };
+        clients.insert(id, auth);
+    }
+    if clients.is_empty()
+        && !p
+            .errors
+            .iter()
+            .any(|e| e.key.starts_with("keycloak.clients"))
+    {
+        p.error("keycloak.clients", "no Keycloak client configured");
+    }
+    (clients, needs_signing)
 }
 
 /// The Keycloak section; also says whether any client needs signing keys.
@@ -552,49 +612,7 @@ fn keycloak(
         kc.max_retry_after_seconds,
         1..=3600,
     );
-    let mut clients = BTreeMap::new();
-    let mut needs_signing = false;
-    for (id, c) in kc.clients {
-        let key = format!("keycloak.clients.{id}");
-        let auth = match c {
-            RawClient::PrivateKeyJwt => {
-                needs_signing = true;
-                ClientAuth::PrivateKeyJwt
-            }
-            RawClient::ClientSecretBasic {
-                secret_file,
-                secret_env,
-            } => {
-                let secret = match secrets {
-                    Secrets::Read => {
-                        match read_secret(secret_file.as_deref(), secret_env.as_deref(), base) {
-                            Ok(s) => s,
-                            Err(reason) => {
-                                p.error(&key, reason);
-                                continue;
-                            }
-                        }
-                    }
-                    Secrets::Skip => {
-                        if secret_file.is_some() == secret_env.is_some() {
-                            p.error(&key, "set exactly one of secret_file or secret_env");
-                        }
-                        SecretString::from(String::new())
-                    }
-                };
-                ClientAuth::ClientSecretBasic(secret)
-            }
-        };
-        clients.insert(id, auth);
-    }
-    if clients.is_empty()
-        && !p
-            .errors
-            .iter()
-            .any(|e| e.key.starts_with("keycloak.clients"))
-    {
-        p.error("keycloak.clients", "no Keycloak client configured");
-    }
+    let (clients, needs_signing) = clients(kc.clients, base, secrets, p);
     let settings = (|| {
         if !realm_ok || !(5..=60).contains(&kc.assertion_lifetime_seconds) || clients.is_empty() {
             return None;

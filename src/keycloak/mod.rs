@@ -511,6 +511,47 @@ impl KeycloakClient {
         Ok((SecretToken::new(jwt), jti))
     }
 
+    /// The token request (RFC 6749 §4.4.2) authenticated as `client`: a fresh
+    /// `private_key_jwt` assertion (RFC 7523 §2.2), or HTTP Basic with the
+    /// form-urlencoded id and secret (RFC 6749 §2.3.1). Returns the request and
+    /// the assertion's `jti` (for the debug log).
+    fn token_request(
+        &self,
+        ep: &RealmEndpoints,
+        client: &str,
+        auth: &ClientAuth,
+        scope: &str,
+    ) -> Result<(reqwest::RequestBuilder, Option<String>), KeycloakError> {
+        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
+        if !scope.is_empty() {
+            form.push(("scope", scope.to_string()));
+        }
+        let mut req = self.http.post(&ep.token_endpoint);
+        let mut assertion_jti = None;
+        match auth {
+            ClientAuth::PrivateKeyJwt => {
+                let (assertion, jti) = self.assertion(client, &ep.issuer)?;
+                assertion_jti = Some(jti);
+                form.push(("client_id", client.to_string()));
+                form.push((
+                    "client_assertion_type",
+                    crate::domain::oauth::CLIENT_ASSERTION_TYPE_JWT_BEARER.into(),
+                ));
+                form.push(("client_assertion", assertion.expose().to_string()));
+            }
+            ClientAuth::ClientSecretBasic(secret) => {
+                use secrecy::ExposeSecret;
+                let enc = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                let creds = format!("{}:{}", enc(client), enc(secret.expose_secret()));
+                let b64 = base64::engine::general_purpose::STANDARD.encode(creds);
+                req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b64}"));
+            }
+        }
+        Ok((req.form(&form), assertion_jti))
+    }
+
     /// Obtains an access token for `client` with `scopes` (client_credentials).
     /// Refuses a token living longer than `max_lifetime_seconds`.
     ///
@@ -529,36 +570,9 @@ impl KeycloakClient {
             .ok_or_else(|| KeycloakError::UnknownClient(client.to_string()))?;
         let ep = self.endpoints().await?;
         let scope = scopes.to_string();
-        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
-        if !scope.is_empty() {
-            form.push(("scope", scope.clone()));
-        }
-        let mut req = self.http.post(&ep.token_endpoint);
-        let mut assertion_jti = None;
-        match auth {
-            ClientAuth::PrivateKeyJwt => {
-                let (assertion, jti) = self.assertion(client, &ep.issuer)?;
-                assertion_jti = Some(jti);
-                form.push(("client_id", client.to_string()));
-                form.push((
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
-                ));
-                form.push(("client_assertion", assertion.expose().to_string()));
-            }
-            ClientAuth::ClientSecretBasic(secret) => {
-                use secrecy::ExposeSecret;
-                // RFC 6749 §2.3.1: form-urlencode id and secret before Basic encoding.
-                let enc = |s: &str| {
-                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
-                };
-                let creds = format!("{}:{}", enc(client), enc(secret.expose_secret()));
-                let b64 = base64::engine::general_purpose::STANDARD.encode(creds);
-                req = req.header(reqwest::header::AUTHORIZATION, format!("Basic {b64}"));
-            }
-        }
+        let (req, assertion_jti) = self.token_request(&ep, client, auth, &scope)?;
         tracing::debug!(client, scope = %scope, assertion_jti = ?assertion_jti, "requesting Keycloak token");
-        let resp = req.form(&form).send().await.map_err(|source| {
+        let resp = req.send().await.map_err(|source| {
             self.metrics
                 .keycloak_responses
                 .with_label_values(&["error"])

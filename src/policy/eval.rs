@@ -234,89 +234,39 @@ fn check(c: &Conditions, id: &Subject) -> Result<(), Failure> {
     Ok(())
 }
 
+/// What the scan over all policies found.
+#[derive(Default)]
+struct Scan<'p> {
+    trace: Vec<TraceEntry>,
+    /// The first matching deny policy.
+    deny_hit: Option<String>,
+    /// Allow policies for the audience whose conditions match, in order.
+    allows: Vec<&'p super::Policy>,
+    /// The most specific failed allow condition, and its policy.
+    best_failure: Option<(Failure, String)>,
+    /// Some allow policy grants the audience.
+    audience_known: bool,
+}
+
 impl PolicySet {
     /// Decides a request. Deny by default; a matching deny policy beats every allow;
     /// among matching allow policies for the audience the first (by id) whose scopes
     /// admit the request wins. Requested scopes must be a subset of the grant's
     /// `scopes`; none requested means the grant's `default_scopes`.
     pub fn evaluate(&self, req: &EvalRequest<'_>) -> Decision {
-        let id = req.subject;
-        let mut trace = Vec::new();
-        let mut deny_hit: Option<String> = None;
-        let mut allows = Vec::new();
-        let mut best_failure: Option<(Failure, String)> = None;
-        let mut audience_known = false;
-
-        for p in self.policies() {
-            let entry = |result: String| TraceEntry {
-                policy: p.id.clone(),
-                effect: p.effect,
-                result,
-            };
-            match p.effect {
-                Effect::Deny => {
-                    if let Some(auds) = &p.deny_audiences {
-                        if !auds.contains(req.audience) {
-                            trace.push(entry(format!("skipped: covers audiences {auds:?}")));
-                            continue;
-                        }
-                    }
-                    match check(&p.when, id) {
-                        Ok(()) => {
-                            trace.push(entry("matched: denies".into()));
-                            if deny_hit.is_none() {
-                                deny_hit = Some(p.id.clone());
-                            }
-                        }
-                        Err(f) => trace.push(entry(format!("not matched: {}", f.detail))),
-                    }
-                }
-                Effect::Allow => {
-                    let Some(g) = &p.grant else { continue };
-                    if g.audience != req.audience {
-                        trace.push(entry(format!("skipped: grants audience `{}`", g.audience)));
-                        continue;
-                    }
-                    audience_known = true;
-                    match check(&p.when, id) {
-                        Ok(()) => {
-                            trace.push(entry("matched".into()));
-                            allows.push(p);
-                        }
-                        Err(f) => {
-                            trace.push(entry(format!("failed: {}", f.detail)));
-                            let better = best_failure
-                                .as_ref()
-                                .is_none_or(|(b, _)| f.passed > b.passed);
-                            if better {
-                                best_failure = Some((f, p.id.clone()));
-                            }
-                        }
-                    }
-                }
-            }
+        let mut scan = self.scan(req);
+        let deny = |reason, policy, trace| Decision {
+            outcome: Outcome::Deny { reason, policy },
+            trace,
+        };
+        if let Some(policy) = scan.deny_hit.take() {
+            return deny(DenyKind::ExplicitDeny, Some(policy), scan.trace);
         }
-
-        if let Some(policy) = deny_hit {
-            return Decision {
-                outcome: Outcome::Deny {
-                    reason: DenyKind::ExplicitDeny,
-                    policy: Some(policy),
-                },
-                trace,
-            };
-        }
-        if !audience_known {
-            return Decision {
-                outcome: Outcome::Deny {
-                    reason: DenyKind::UnknownAudience,
-                    policy: None,
-                },
-                trace,
-            };
+        if !scan.audience_known {
+            return deny(DenyKind::UnknownAudience, None, scan.trace);
         }
         let mut scope_failure: Option<(Vec<String>, String)> = None;
-        for p in allows {
+        for p in std::mem::take(&mut scan.allows) {
             let Some(g) = &p.grant else { continue };
             let requested: Scopes = if req.scopes.is_empty() {
                 g.default_scopes.iter().map(String::as_str).collect()
@@ -331,35 +281,92 @@ impl PolicySet {
                 .collect();
             if excess.is_empty() {
                 return Decision {
-                    outcome: Outcome::Allow(Grant {
-                        policy: p.id.clone(),
-                        client: g.client.clone(),
-                        audience: g.audience.clone(),
-                        scopes: requested,
-                        max_lifetime_seconds: g.max_lifetime_seconds,
-                        per_step_per_minute: g.per_step_per_minute,
-                        per_repository_per_minute: g.per_repository_per_minute,
-                    }),
-                    trace,
+                    outcome: Outcome::Allow(Grant::of(p, g, requested)),
+                    trace: scan.trace,
                 };
             }
-            trace.push(TraceEntry {
+            scan.trace.push(TraceEntry {
                 policy: p.id.clone(),
                 effect: p.effect,
                 result: format!("scopes not granted: {}", excess.join(" ")),
             });
-            if scope_failure.is_none() {
-                scope_failure = Some((excess, p.id.clone()));
-            }
+            scope_failure.get_or_insert((excess, p.id.clone()));
         }
-        let (reason, policy) = match (scope_failure, best_failure) {
+        let (reason, policy) = match (scope_failure, scan.best_failure) {
             (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
             (None, Some((f, pid))) => (f.kind, Some(pid)),
             (None, None) => (DenyKind::UnknownAudience, None),
         };
-        Decision {
-            outcome: Outcome::Deny { reason, policy },
-            trace,
+        deny(reason, policy, scan.trace)
+    }
+
+    /// Checks every policy's conditions once, in order, recording the trace.
+    fn scan(&self, req: &EvalRequest<'_>) -> Scan<'_> {
+        let mut scan = Scan::default();
+        for p in self.policies() {
+            let entry = |result: String| TraceEntry {
+                policy: p.id.clone(),
+                effect: p.effect,
+                result,
+            };
+            if let Some(skip) = skipped(p, req.audience) {
+                scan.trace.push(entry(skip));
+                continue;
+            }
+            match (p.effect, check(&p.when, req.subject)) {
+                (Effect::Deny, Ok(())) => {
+                    scan.trace.push(entry("matched: denies".into()));
+                    scan.deny_hit.get_or_insert_with(|| p.id.clone());
+                }
+                (Effect::Deny, Err(f)) => {
+                    scan.trace.push(entry(format!("not matched: {}", f.detail)));
+                }
+                (Effect::Allow, Ok(())) => {
+                    scan.audience_known = true;
+                    scan.trace.push(entry("matched".into()));
+                    scan.allows.push(p);
+                }
+                (Effect::Allow, Err(f)) => {
+                    scan.audience_known = true;
+                    scan.trace.push(entry(format!("failed: {}", f.detail)));
+                    let better = scan
+                        .best_failure
+                        .as_ref()
+                        .is_none_or(|(b, _)| f.passed > b.passed);
+                    if better {
+                        scan.best_failure = Some((f, p.id.clone()));
+                    }
+                }
+            }
+        }
+        scan
+    }
+}
+
+/// Why a policy does not apply to `audience` at all, if it does not.
+fn skipped(p: &super::Policy, audience: &str) -> Option<String> {
+    match (&p.effect, &p.deny_audiences, &p.grant) {
+        (Effect::Deny, Some(auds), _) if !auds.contains(audience) => {
+            Some(format!("skipped: covers audiences {auds:?}"))
+        }
+        (Effect::Allow, _, Some(g)) if g.audience != audience => {
+            Some(format!("skipped: grants audience `{}`", g.audience))
+        }
+        (Effect::Allow, _, None) => Some("skipped: no grant".into()),
+        _ => None,
+    }
+}
+
+impl Grant {
+    fn of(p: &super::Policy, g: &super::GrantSpec, scopes: Scopes) -> Self {
+        Self {
+            policy: p.id.clone(),
+            client: g.client.clone(),
+            audience: g.audience.clone(),
+            scopes,
+            max_lifetime_seconds: g.max_lifetime_seconds,
+            per_step_per_minute: g.per_step_per_minute,
+            per_repository_per_minute: g.per_repository_per_minute,
         }
     }
 }

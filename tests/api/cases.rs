@@ -1,5 +1,6 @@
-//! The inputs that broke real integrations (`shared/cases/bitbucket-token-cases.md`),
-//! one test each, numbered as in that file.
+//! The inputs that broke real integrations (`tests/api/cases.md`, collected from
+//! public reports against systems that consume Bitbucket tokens), one test each,
+//! numbered as in that file.
 
 use serde_json::json;
 
