@@ -2,9 +2,11 @@
 //! OIDC ID tokens (RFC 8693) for short-lived Keycloak access tokens whose client,
 //! audience and scopes are chosen by reviewed policy files.
 //!
-//! Layout: [`api`] (thin actix handlers) over [`verify`] (Bitbucket tokens),
-//! [`policy`] (decisions) and [`keycloak`] (client_credentials grant); [`startup`]
-//! wires them from validated [`configuration`].
+//! Layout, imports running one way: [`cli`] → [`startup`] → [`api`] (thin actix
+//! handlers) and [`reload`] → [`state`] → [`exchange`] (the RFC 8693 exchange for
+//! any caller) → [`verify`] (Bitbucket tokens), [`policy`] (decisions),
+//! [`keycloak`] (the client_credentials grant), [`limits`], [`audit`] →
+//! [`domain`]. [`configuration`] builds the lower modules' settings.
 
 #![warn(missing_docs)]
 #![cfg_attr(
