@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve {
-        /// TOML configuration file (environment overrides: KEYCLOAK_CI_STS_<KEY>, `__` between levels).
+        /// TOML configuration file (environment overrides: `KEYCLOAK_CI_STS_<KEY>`, `__` between levels).
         #[arg(long, short)]
         config: PathBuf,
     },

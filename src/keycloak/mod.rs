@@ -629,7 +629,7 @@ fn shared(e: &Arc<KeycloakError>) -> KeycloakError {
 }
 
 /// Clock leeway for the `iat` and `nbf` of the token Keycloak returns, seconds.
-const ISSUED_LEEWAY_SECONDS: u64 = 60;
+pub const ISSUED_LEEWAY_SECONDS: u64 = 60;
 
 /// Keycloak's built-in OIDC client scopes, which describe the token's subject
 /// rather than grant access: Keycloak may add them (as a client's default
