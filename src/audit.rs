@@ -60,6 +60,8 @@ pub struct AuditRecord {
     /// `repositoryUuid`.
     #[serde(rename = "repositoryUuid")]
     pub repository_uuid: Option<String>,
+    /// The repository's `full_name`, where the inventory knows it.
+    pub repository_full_name: Option<String>,
     /// `pipelineUuid`.
     #[serde(rename = "pipelineUuid")]
     pub pipeline_uuid: Option<String>,

@@ -420,7 +420,12 @@ impl Exchange {
     ) -> Result<Issued, ExchangeError> {
         let identity = self.verify(&req.subject_token, audit).await?;
         let subject = subject_of(&identity);
-        let grant = self.decide(&subject, &req, audit)?;
+        let policies = self.policies.current();
+        audit.repository_full_name = policies
+            .inventory()
+            .repository(&identity.repository_uuid)
+            .map(|r| r.full_name.clone());
+        let grant = self.decide(&policies, &subject, &req, audit)?;
         self.limit(&identity, &grant)?;
         let issued = self.obtain(&grant).await?;
         audit.granted_scopes = issued.scope.split(' ').collect();
@@ -463,12 +468,13 @@ impl Exchange {
     /// across a reload).
     fn decide(
         &self,
+        policies: &crate::policy::PolicySet,
         subject: &Subject,
         req: &TokenRequest,
         audit: &mut AuditRecord,
     ) -> Result<Grant, ExchangeError> {
         let phase = Instant::now();
-        let decision = self.policies.current().evaluate(&EvalRequest {
+        let decision = policies.evaluate(&EvalRequest {
             subject,
             audience: &req.audience,
             scopes: &req.scopes,
@@ -586,6 +592,16 @@ impl Exchange {
                 audit.policy.as_deref().unwrap_or(""),
             ])
             .inc();
+        if let Some(repo) = audit
+            .repository_full_name
+            .as_deref()
+            .or(audit.repository_uuid.as_deref())
+        {
+            self.metrics
+                .exchanges_by_repository
+                .with_label_values(&[repo, audit.outcome.as_str()])
+                .inc();
+        }
         result
     }
 }

@@ -26,6 +26,7 @@ pub mod configuration;
 pub mod domain;
 pub mod exchange;
 pub mod http;
+pub mod inventory;
 pub mod keycloak;
 pub mod limits;
 pub mod metrics;

@@ -19,6 +19,9 @@ pub struct Metrics {
     registry: Registry,
     /// `sts_exchanges_total{outcome, error_code, policy}`: decisions on `POST /token`.
     pub exchanges: IntCounterVec,
+    /// `sts_exchanges_by_repository_total{repository, outcome}`: decisions per
+    /// verified repository, by `full_name` where the inventory knows it, else its UUID.
+    pub exchanges_by_repository: IntCounterVec,
     /// `sts_exchange_phase_duration_seconds{phase}`: `verify`, `policy`, `keycloak`, `total`.
     pub phase_seconds: HistogramVec,
     /// `sts_jwks_fetches_total{issuer, result}`: key set fetches (`ok`, `error`).
@@ -53,6 +56,11 @@ impl Metrics {
             "sts_exchanges_total",
             "Token exchange decisions by outcome, error code and policy.",
             &["outcome", "error_code", "policy"],
+        )?;
+        let exchanges_by_repository = counter(
+            "sts_exchanges_by_repository_total",
+            "Token exchange decisions per verified repository (full_name from the inventory, else UUID) and outcome.",
+            &["repository", "outcome"],
         )?;
         let jwks_fetches = counter(
             "sts_jwks_fetches_total",
@@ -100,6 +108,7 @@ impl Metrics {
         let metrics = Self {
             registry,
             exchanges,
+            exchanges_by_repository,
             phase_seconds,
             jwks_fetches,
             jwks_cache,

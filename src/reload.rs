@@ -42,7 +42,8 @@ pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
     }
 }
 
-/// Runs until aborted: reloads on SIGHUP and (when `watch`) on changes in `dir`,
+/// Runs until aborted: reloads on SIGHUP and (when `watch`) on changes in the
+/// policies directory or its `inventory/`,
 /// debounced by 250 ms; also runs limiter housekeeping every 60 s.
 pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
@@ -92,7 +93,7 @@ fn watch_dir(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::Re
             return None;
         }
     };
-    if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+    if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
         tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policies directory; SIGHUP still reloads");
         return None;
     }

@@ -1,8 +1,9 @@
-//! Command line: `serve`, `config check`, `policy check`, `policy explain`,
-//! `keys generate`. Exit codes: 0 success (or "allowed" for `explain`), 1 the
+//! Command line: `serve`, `bitbucket inventory`, `config check`, `policy check`,
+//! `policy explain`, `keys generate`. Exit codes: 0 success (or "allowed" for `explain`), 1 the
 //! checked thing is refused (problems found, or "denied"), 2 usage, configuration
 //! or I/O error.
 
+mod bitbucket;
 mod config;
 mod keys;
 mod policy;
@@ -31,6 +32,12 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Bitbucket tools (read Bitbucket's REST API; never used by the service).
+    Bitbucket {
+        /// Bitbucket subcommand.
+        #[command(subcommand)]
+        command: BitbucketCommand,
+    },
     /// Configuration tools (offline).
     Config {
         /// Config subcommand.
@@ -48,6 +55,32 @@ pub enum Command {
         /// Keys subcommand.
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+/// `bitbucket ...`
+#[derive(Debug, Subcommand)]
+pub enum BitbucketCommand {
+    /// Read a workspace's repositories, projects and deployment environments into an
+    /// inventory file to commit beside the policies (`policies/inventory/<workspace>.yaml`).
+    /// Needs a workspace access token with the `repository` and `pipeline` read scopes.
+    /// Exit 0 when written (or unchanged), 1 when the API refused or answered badly.
+    Inventory {
+        /// Workspace ID (slug).
+        #[arg(long)]
+        workspace: String,
+        /// Where to write the inventory (written atomically; printed: changed or not).
+        #[arg(long)]
+        out: PathBuf,
+        /// File holding the access token.
+        #[arg(long, conflicts_with = "token_env")]
+        token_file: Option<PathBuf>,
+        /// Environment variable holding the access token.
+        #[arg(long, default_value = "BITBUCKET_TOKEN")]
+        token_env: String,
+        /// API base URL (https; http only on loopback, for tests).
+        #[arg(long, default_value = crate::inventory::fetch::DEFAULT_API)]
+        api: String,
     },
 }
 
@@ -125,6 +158,22 @@ pub enum KeysCommand {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => serve::serve(&config),
+        Command::Bitbucket {
+            command:
+                BitbucketCommand::Inventory {
+                    workspace,
+                    out,
+                    token_file,
+                    token_env,
+                    api,
+                },
+        } => bitbucket::inventory(bitbucket::InventoryArgs {
+            workspace,
+            out,
+            token_file,
+            token_env,
+            api,
+        }),
         Command::Config {
             command: ConfigCommand::Check { config, no_secrets },
         } => config::check(&config, no_secrets),

@@ -54,6 +54,9 @@ pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
             None => "deny".to_string(),
         };
         out(&format!("  {}: {what}", p.id))?;
+        for r in &p.resolutions {
+            out(&format!("    {r}"))?;
+        }
     }
     for w in set.warnings() {
         eprintln!("warning: {w}");
@@ -126,6 +129,12 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
             Outcome::Allow(_) => None,
         },
         "trace": decision.trace,
+        "resolutions": set
+            .policies()
+            .iter()
+            .filter(|p| !p.resolutions.is_empty())
+            .map(|p| (p.id.clone(), p.resolutions.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>(),
     }))?)?;
     Ok(match decision.outcome {
         Outcome::Allow(_) => ExitCode::SUCCESS,

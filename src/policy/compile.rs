@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::{is_scope_token, BranchPattern, Conditions, Effect, GrantSpec, Policy, PolicyError};
 use crate::domain::BbUuid;
+use crate::inventory::Inventory;
 
 /// One value or a list of values, as written in a policy.
 #[derive(Debug, Clone)]
@@ -84,6 +85,15 @@ struct RawPolicy {
 struct RawWhen {
     #[serde(rename = "workspaceUuid")]
     workspace_uuid: Option<OneOrMany>,
+    /// Workspace IDs (slugs), resolved through the inventory.
+    workspace: Option<OneOrMany>,
+    /// Repository `full_name`s or globs over them, resolved through the inventory.
+    repository: Option<OneOrMany>,
+    /// Project keys, resolved through the inventory.
+    project: Option<OneOrMany>,
+    /// Deployment environment names, resolved through the inventory.
+    #[serde(rename = "deploymentEnvironment")]
+    deployment_environment: Option<OneOrMany>,
     #[serde(rename = "repositoryUuid")]
     repository_uuid: Option<OneOrMany>,
     #[serde(rename = "deploymentEnvironmentUuid")]
@@ -184,6 +194,20 @@ pub fn compile_str(
     text: &str,
     known_clients: Option<&BTreeSet<String>>,
 ) -> Result<Policy, PolicyError> {
+    compile_with(id, text, known_clients, &Inventory::default())
+}
+
+/// [`compile_str`] resolving names (`workspace`, `repository`, `project`,
+/// `deploymentEnvironment`) through `inventory`.
+///
+/// # Errors
+/// [`PolicyError`] with `file` set to `id`; an unknown or ambiguous name is one.
+pub fn compile_with(
+    id: &str,
+    text: &str,
+    known_clients: Option<&BTreeSet<String>>,
+    inventory: &Inventory,
+) -> Result<Policy, PolicyError> {
     let err = Located::new(id);
     let id_ok = !id.is_empty()
         && id.len() <= 128
@@ -197,7 +221,8 @@ pub fn compile_str(
         ));
     }
     let raw = parse(text, &err)?;
-    let when = compile_when(raw.when, &err)?;
+    let mut resolutions = Vec::new();
+    let when = compile_when(raw.when, inventory, &mut resolutions, &err)?;
     let (grant, deny_audiences) = match raw.effect {
         Effect::Allow => {
             if raw.audiences.is_some() {
@@ -231,6 +256,7 @@ pub fn compile_str(
         when,
         deny_audiences,
         grant,
+        resolutions,
     })
 }
 
@@ -305,7 +331,12 @@ fn compile_uuids(
         .map(Some)
 }
 
-fn compile_when(w: RawWhen, err: &Located) -> Result<Conditions, PolicyError> {
+fn compile_when(
+    w: RawWhen,
+    inventory: &Inventory,
+    resolutions: &mut Vec<String>,
+    err: &Located,
+) -> Result<Conditions, PolicyError> {
     let branch_name = match w.branch_name {
         None => None,
         Some(v) if v.0.is_empty() => {
@@ -320,16 +351,239 @@ fn compile_when(w: RawWhen, err: &Located) -> Result<Conditions, PolicyError> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
-    Ok(Conditions {
-        workspace_uuid: compile_uuids("when.workspaceUuid", w.workspace_uuid, err)?,
-        repository_uuid: compile_uuids("when.repositoryUuid", w.repository_uuid, err)?,
-        deployment_environment_uuid: compile_uuids(
+    let mut names = Names {
+        inventory,
+        err,
+        resolutions,
+    };
+    let workspace_uuid = one_way(
+        err,
+        "when.workspaceUuid",
+        compile_uuids("when.workspaceUuid", w.workspace_uuid, err)?,
+        names.workspaces(w.workspace)?,
+    )?;
+    let repository_uuid = one_way(
+        err,
+        "when.repositoryUuid",
+        compile_uuids("when.repositoryUuid", w.repository_uuid, err)?,
+        names.repositories(w.repository, w.project)?,
+    )?;
+    let deployment_environment_uuid = one_way(
+        err,
+        "when.deploymentEnvironmentUuid",
+        compile_uuids(
             "when.deploymentEnvironmentUuid",
             w.deployment_environment_uuid,
             err,
         )?,
+        names.environments(
+            w.deployment_environment,
+            workspace_uuid.as_deref(),
+            repository_uuid.as_deref(),
+        )?,
+    )?;
+    Ok(Conditions {
+        workspace_uuid,
+        repository_uuid,
+        deployment_environment_uuid,
         branch_name,
     })
+}
+
+/// A condition named by UUID or by name, not both.
+fn one_way(
+    err: &Located,
+    field: &str,
+    by_uuid: Option<Vec<BbUuid>>,
+    by_name: Option<Vec<BbUuid>>,
+) -> Result<Option<Vec<BbUuid>>, PolicyError> {
+    match (by_uuid, by_name) {
+        (Some(_), Some(_)) => Err(err.at(
+            field,
+            "name these by UUID or by name, not both in one policy",
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// Resolves names through the inventory, recording each resolution.
+struct Names<'a> {
+    inventory: &'a Inventory,
+    err: &'a Located,
+    resolutions: &'a mut Vec<String>,
+}
+
+impl Names<'_> {
+    fn need_inventory(&self, field: &str) -> Result<(), PolicyError> {
+        if self.inventory.is_empty() {
+            return Err(self.err.at(
+                field,
+                "names need an inventory: write one with `keycloak-ci-sts bitbucket inventory` into the policies directory's `inventory/`",
+            ));
+        }
+        Ok(())
+    }
+
+    fn workspaces(&mut self, names: Option<OneOrMany>) -> Result<Option<Vec<BbUuid>>, PolicyError> {
+        let Some(names) = names else { return Ok(None) };
+        self.need_inventory("when.workspace")?;
+        let mut out = Vec::new();
+        for (i, n) in names.0.iter().enumerate() {
+            let found: BTreeSet<BbUuid> = self
+                .inventory
+                .repositories()
+                .filter(|(w, _)| w.workspace == *n)
+                .map(|(w, _)| w.workspace_uuid)
+                .collect();
+            let Some(u) = found.first().copied().filter(|_| found.len() == 1) else {
+                return Err(self.err.at(
+                    &format!("when.workspace[{i}]"),
+                    format!("workspace `{n}` is not in the inventory (or has no repository)"),
+                ));
+            };
+            self.resolutions
+                .push(format!("when.workspace[{i}] `{n}` -> {u}"));
+            out.push(u);
+        }
+        Ok(Some(out))
+    }
+
+    fn repositories(
+        &mut self,
+        names: Option<OneOrMany>,
+        projects: Option<OneOrMany>,
+    ) -> Result<Option<Vec<BbUuid>>, PolicyError> {
+        let by_name = match names {
+            None => None,
+            Some(names) => {
+                self.need_inventory("when.repository")?;
+                let mut set = BTreeSet::new();
+                for (i, n) in names.0.iter().enumerate() {
+                    set.extend(self.repository(i, n)?);
+                }
+                Some(set)
+            }
+        };
+        let by_project = match projects {
+            None => None,
+            Some(keys) => {
+                self.need_inventory("when.project")?;
+                let mut set = BTreeSet::new();
+                for (i, k) in keys.0.iter().enumerate() {
+                    let repos: Vec<_> = self
+                        .inventory
+                        .repositories()
+                        .filter(|(_, r)| r.project.as_ref().is_some_and(|p| p.key == *k))
+                        .map(|(_, r)| r)
+                        .collect();
+                    if repos.is_empty() {
+                        return Err(self.err.at(
+                            &format!("when.project[{i}]"),
+                            format!("no repository of the inventory is in project `{k}`"),
+                        ));
+                    }
+                    for r in repos {
+                        self.resolutions.push(format!(
+                            "when.project[{i}] `{k}` -> {} {}",
+                            r.uuid, r.full_name
+                        ));
+                        set.insert(r.uuid);
+                    }
+                }
+                Some(set)
+            }
+        };
+        let set = match (by_name, by_project) {
+            (Some(a), Some(b)) => {
+                let both: BTreeSet<BbUuid> = a.intersection(&b).copied().collect();
+                if both.is_empty() {
+                    return Err(self.err.at(
+                        "when.repository",
+                        "no repository both matches `repository` and is in `project`",
+                    ));
+                }
+                both
+            }
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(set.into_iter().collect()))
+    }
+
+    /// One `repository` entry: a `full_name` (case-insensitive) or a glob over them.
+    fn repository(&mut self, i: usize, name: &str) -> Result<Vec<BbUuid>, PolicyError> {
+        let field = format!("when.repository[{i}]");
+        let matcher = if name.contains('*') {
+            BranchPattern::new(&name.to_ascii_lowercase())
+                .map_err(|e| self.err.at(&field, e))
+                .map(Some)?
+        } else {
+            None
+        };
+        let wanted = name.to_ascii_lowercase();
+        let found: Vec<(BbUuid, String)> = self
+            .inventory
+            .repositories()
+            .filter(|(_, r)| {
+                let have = r.full_name.to_ascii_lowercase();
+                match &matcher {
+                    Some(m) => m.is_match(&have),
+                    None => have == wanted,
+                }
+            })
+            .map(|(_, r)| (r.uuid, r.full_name.clone()))
+            .collect();
+        if found.is_empty() {
+            return Err(self.err.at(
+                &field,
+                format!("`{name}` names no repository in the inventory (refresh it, or check the workspace/slug spelling)"),
+            ));
+        }
+        for (u, n) in &found {
+            self.resolutions
+                .push(format!("{field} `{name}` -> {u} {n}"));
+        }
+        Ok(found.into_iter().map(|(u, _)| u).collect())
+    }
+
+    /// Environment names, among the policy's repositories (or, without a
+    /// repository condition, every repository of its workspaces, or all).
+    fn environments(
+        &mut self,
+        names: Option<OneOrMany>,
+        workspaces: Option<&[BbUuid]>,
+        repositories: Option<&[BbUuid]>,
+    ) -> Result<Option<Vec<BbUuid>>, PolicyError> {
+        let Some(names) = names else { return Ok(None) };
+        self.need_inventory("when.deploymentEnvironment")?;
+        let mut out = BTreeSet::new();
+        for (i, n) in names.0.iter().enumerate() {
+            let mut found = Vec::new();
+            for (w, r) in self.inventory.repositories() {
+                let in_scope = repositories.is_none_or(|rs| rs.contains(&r.uuid))
+                    && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid));
+                if !in_scope {
+                    continue;
+                }
+                for e in r.environments.iter().filter(|e| e.name == *n) {
+                    found.push((e.uuid, r.full_name.clone()));
+                }
+            }
+            if found.is_empty() {
+                return Err(self.err.at(
+                    &format!("when.deploymentEnvironment[{i}]"),
+                    format!("no repository this policy names has a deployment environment `{n}`"),
+                ));
+            }
+            for (u, repo) in found {
+                self.resolutions.push(format!(
+                    "when.deploymentEnvironment[{i}] `{n}` -> {u} ({repo})"
+                ));
+                out.insert(u);
+            }
+        }
+        Ok(Some(out.into_iter().collect()))
+    }
 }
 
 fn compile_grant(

@@ -21,7 +21,8 @@ use serde::Deserialize;
 
 pub use crate::domain::oauth::is_scope_token;
 use crate::domain::BbUuid;
-pub use compile::compile_str;
+use crate::inventory::Inventory;
+pub use compile::{compile_str, compile_with};
 pub use eval::{Decision, DenyKind, EvalRequest, Grant, Outcome, TraceEntry};
 pub use pattern::{check_branch_pattern, BranchPattern};
 pub use store::PolicyStore;
@@ -157,12 +158,15 @@ pub struct Policy {
     pub deny_audiences: Option<BTreeSet<String>>,
     /// Allow only: the grant.
     pub grant: Option<GrantSpec>,
+    /// How each name in the policy resolved (`when.repository[0] `acme/x` -> {uuid} acme/x`).
+    pub resolutions: Vec<String>,
 }
 
 /// All compiled policies, in file-name order.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: Vec<Policy>,
+    inventory: std::sync::Arc<Inventory>,
 }
 
 impl PolicySet {
@@ -201,10 +205,21 @@ impl PolicySet {
     /// Builds a set from compiled policies (sorted by id).
     pub fn from_policies(mut policies: Vec<Policy>) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
-        Self { policies }
+        Self {
+            policies,
+            inventory: std::sync::Arc::default(),
+        }
     }
 
-    /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive).
+    /// The inventory the names of the policies were resolved through (empty when
+    /// the policies directory has none).
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive),
+    /// resolving names through the inventories in `dir/inventory/`
+    /// ([`Inventory::load_dir`]).
     /// `known_clients`, when given, are the Keycloak clients of the configuration;
     /// a grant naming another client is an error.
     ///
@@ -234,10 +249,11 @@ impl PolicySet {
             })
             .collect();
         files.sort();
+        let inventory = Inventory::load_dir(dir)?;
         let mut policies = Vec::new();
         let mut errors = Vec::new();
         for f in files {
-            match load_file(&f, known_clients) {
+            match load_file(&f, known_clients, &inventory) {
                 Ok(p) => policies.push(p),
                 Err(e) => errors.push(e),
             }
@@ -253,13 +269,19 @@ impl PolicySet {
             }
         }
         if errors.is_empty() {
-            Ok(Self::from_policies(policies))
+            let mut set = Self::from_policies(policies);
+            set.inventory = std::sync::Arc::new(inventory);
+            Ok(set)
         } else {
             Err(errors)
         }
     }
 }
-fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Policy, PolicyError> {
+fn load_file(
+    path: &Path,
+    known_clients: Option<&BTreeSet<String>>,
+    inventory: &Inventory,
+) -> Result<Policy, PolicyError> {
     let file = path.display().to_string();
     let err = |field: &str, reason: String| PolicyError {
         file: file.clone(),
@@ -279,7 +301,7 @@ fn load_file(path: &Path, known_clients: Option<&BTreeSet<String>>) -> Result<Po
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
-    compile_str(&id, &text, known_clients).map_err(|mut e| {
+    compile_with(&id, &text, known_clients, inventory).map_err(|mut e| {
         e.file = file.clone();
         e
     })

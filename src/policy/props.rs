@@ -384,3 +384,188 @@ proptest! {
         }
     }
 }
+
+// ------------------------------------------------ names resolve to the same decisions
+
+mod names {
+    use super::*;
+    use crate::inventory::{Environment, Inventory, Project, Repository, WorkspaceInventory};
+
+    /// An inventory over the UUIDs above: workspace 0 holds repositories 1, 2, 3
+    /// (projects P1, P1, P2); every repository has environments named `Production`
+    /// and `Staging` with distinct UUIDs.
+    /// (full_name, uuid, project key, [(environment name, uuid)]).
+    type Row = (String, BbUuid, &'static str, Vec<(&'static str, BbUuid)>);
+
+    fn inventory() -> (Inventory, Vec<Row>) {
+        let env = |r: u8, e: u8| {
+            BbUuid::parse_lenient(&format!("00000000-0000-4000-8000-0000000{r:02x}0{e:02x}"))
+                .unwrap()
+        };
+        let repos: Vec<Row> = (1..4u8)
+            .map(|i| {
+                (
+                    format!("acme/repo-{i}"),
+                    uuid(i as usize),
+                    if i < 3 { "P1" } else { "P2" },
+                    vec![("Production", env(i, 1)), ("Staging", env(i, 2))],
+                )
+            })
+            .collect();
+        let ws = WorkspaceInventory {
+            workspace: "acme".into(),
+            workspace_uuid: uuid(0),
+            repositories: repos
+                .iter()
+                .map(|(name, u, project, envs)| Repository {
+                    uuid: *u,
+                    full_name: name.clone(),
+                    project: Some(Project {
+                        key: (*project).into(),
+                        uuid: uuid(0),
+                    }),
+                    environments: envs
+                        .iter()
+                        .map(|(n, e)| Environment {
+                            uuid: *e,
+                            name: (*n).into(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        };
+        (Inventory::new(vec![ws]).unwrap(), repos)
+    }
+
+    fn quoted(v: &[String]) -> String {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Issue #9: a policy written by names and the same policy written by
+        /// UUIDs decide every request alike.
+        #[test]
+        fn name_based_and_uuid_based_policies_decide_alike(
+            repos in proptest::option::of(proptest::sample::subsequence(vec![0usize, 1, 2], 1..=3)),
+            by_project in any::<bool>(),
+            env in proptest::option::of(0usize..2),
+            branch in proptest::option::of(0usize..4),
+            deny in any::<bool>(),
+        ) {
+            let (inv, table) = inventory();
+            let env_names = ["Production", "Staging"];
+            let chosen: Vec<usize> = match (&repos, by_project) {
+                (Some(r), false) => r.clone(),
+                (Some(_), true) => vec![0, 1], // project P1
+                (None, _) => vec![0, 1, 2],
+            };
+            let mut by_name = String::from("  workspace: acme\n");
+            let mut by_uuid = format!("  workspaceUuid: \"{}\"\n", uuid(0));
+            if repos.is_some() {
+                if by_project {
+                    by_name += "  project: P1\n";
+                } else {
+                    let names: Vec<String> = chosen.iter().map(|i| table[*i].0.clone()).collect();
+                    by_name += &format!("  repository: [{}]\n", quoted(&names));
+                }
+                let uuids: Vec<String> = chosen.iter().map(|i| table[*i].1.braced()).collect();
+                by_uuid += &format!("  repositoryUuid: [{}]\n", quoted(&uuids));
+            }
+            if let Some(e) = env {
+                by_name += &format!("  deploymentEnvironment: {}\n", env_names[e]);
+                let uuids: Vec<String> = chosen.iter().map(|i| table[*i].3[e].1.braced()).collect();
+                by_uuid += &format!("  deploymentEnvironmentUuid: [{}]\n", quoted(&uuids));
+            }
+            if let Some(b) = branch {
+                let line = format!("  branchName: \"{}\"\n", BRANCHES[b]);
+                by_name += &line;
+                by_uuid += &line;
+            }
+            let text = |when: &str| if deny {
+                format!("effect: deny\nwhen:\n{when}")
+            } else {
+                format!("effect: allow\nwhen:\n{when}grant: {{client: c, audience: artifact-api, scopes: [a:read], default_scopes: [a:read], max_lifetime_seconds: 60}}\n")
+            };
+            let base = compile_str("base", &format!("effect: allow\nwhen:\n  workspaceUuid: \"{}\"\ngrant: {{client: c, audience: artifact-api, scopes: [a:read], default_scopes: [a:read], max_lifetime_seconds: 60}}\n", uuid(0)), None).unwrap();
+            let named = crate::policy::compile_with("p", &text(&by_name), None, &inv).unwrap();
+            let plain = compile_str("p", &text(&by_uuid), None).unwrap();
+            let a = PolicySet::from_policies(vec![base.clone(), named]);
+            let b = PolicySet::from_policies(vec![base, plain]);
+            for r in 0..4 {
+                for e in 0..3 {
+                    for br in 0..5 {
+                        let subject = Subject {
+                            workspace_uuid: uuid(0),
+                            repository_uuid: if r < 3 { table[r].1 } else { uuid(3) },
+                            deployment_environment_uuid: match (r, e) {
+                                (r, 1 | 2) if r < 3 => Some(table[r].3[e - 1].1),
+                                _ => None,
+                            },
+                            branch_name: (br > 0).then(|| BRANCHES[br - 1].to_string()),
+                        };
+                        let req = EvalRequest { subject: &subject, audience: "artifact-api", scopes: &Scopes::default() };
+                        let (da, db) = (a.evaluate(&req), b.evaluate(&req));
+                        prop_assert_eq!(
+                            format!("{:?}", da.outcome),
+                            format!("{:?}", db.outcome),
+                            "{}\nvs\n{}", by_name, by_uuid
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_ambiguous_and_mixed_names_are_errors_naming_the_field() {
+        let (inv, _) = inventory();
+        let allow = |when: &str| {
+            format!("effect: allow\nwhen:\n{when}grant: {{client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 60}}\n")
+        };
+        let cases = [
+            (allow("  repository: acme/nope\n"), "when.repository[0]"),
+            (allow("  repository: acme/zz-*\n"), "when.repository[0]"),
+            (allow("  workspace: globex\n"), "when.workspace[0]"),
+            (allow("  project: NOPE\n"), "when.project[0]"),
+            (
+                allow("  repository: acme/repo-3\n  project: P1\n"),
+                "when.repository",
+            ),
+            (
+                allow("  repository: acme/repo-1\n  deploymentEnvironment: Production ring\n"),
+                "when.deploymentEnvironment[0]",
+            ),
+            (
+                allow(&format!(
+                    "  repository: acme/repo-1\n  repositoryUuid: \"{}\"\n",
+                    uuid(1)
+                )),
+                "when.repositoryUuid",
+            ),
+            (allow("  repository: acme/repo-?\n"), "when.repository[0]"),
+        ];
+        for (yaml, field) in cases {
+            let e = crate::policy::compile_with("p", &yaml, None, &inv).unwrap_err();
+            assert_eq!(e.key, field, "{yaml}\n=> {e}");
+        }
+        let e = compile_str("p", &allow("  repository: acme/repo-1\n"), None).unwrap_err();
+        assert!(e.reason.contains("inventory"), "{e}");
+        // Globs and case-insensitive names resolve, and say how.
+        let p = crate::policy::compile_with("p", &allow("  repository: [ACME/Repo-1, \"acme/repo-*\"]\n  deploymentEnvironment: Production\n"), None, &inv).unwrap();
+        assert_eq!(p.when.repository_uuid.as_ref().unwrap().len(), 3);
+        assert_eq!(
+            p.when.deployment_environment_uuid.as_ref().unwrap().len(),
+            3
+        );
+        assert!(
+            p.resolutions.iter().any(|r| r.contains("acme/repo-2")),
+            "{:?}",
+            p.resolutions
+        );
+    }
+}

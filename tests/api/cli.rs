@@ -29,7 +29,7 @@ fn policy_check_reports_every_bad_file_with_field_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("typo.yaml"),
-        "effect: allow\nwhen:\n  repository: x\n",
+        "effect: allow\nwhen:\n  repo: x\n",
     )
     .unwrap();
     std::fs::write(
@@ -57,7 +57,7 @@ fn policy_check_reports_every_bad_file_with_field_and_fails() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("typo.yaml") && err.contains("unknown field `repository`"),
+        err.contains("typo.yaml") && err.contains("unknown field `repo`"),
         "{err}"
     );
     assert!(

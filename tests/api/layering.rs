@@ -1,6 +1,6 @@
 //! The crate's layering (README "Layout"): imports run one way,
 //! `cli` → `startup` → `api` / `reload` → `state` → `exchange` →
-//! {`verify`, `policy`, `keycloak`, `limits`, `audit`} → `domain`, with
+//! {`verify`, `policy` (→ `inventory`), `keycloak`, `limits`, `audit`} → `domain`, with
 //! `configuration` building the lower modules' settings and never imported by
 //! them. This test reads `src/` and fails on any import outside that order.
 
@@ -15,7 +15,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("limits", &[]),
     ("audit", &["domain"]),
     ("signing", &["domain"]),
-    ("policy", &["domain"]),
+    ("inventory", &["domain", "http"]),
+    ("policy", &["domain", "inventory"]),
     ("verify", &["domain", "http", "metrics", "telemetry"]),
     (
         "keycloak",
@@ -78,6 +79,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "configuration",
             "domain",
+            "inventory",
             "policy",
             "signing",
             "startup",

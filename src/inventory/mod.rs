@@ -1,0 +1,274 @@
+//! The repository inventory: which repositories, projects and deployment
+//! environments a Bitbucket workspace has, by UUID and by name, read from
+//! Bitbucket's REST API by `keycloak-ci-sts bitbucket inventory` ([`fetch`]) and
+//! committed beside the policies (`policies/inventory/<workspace>.yaml`), so that
+//! policies can name `acme/deploy-service`, project `OPS` or environment
+//! `Production` while tokens carry only braced UUIDs. The service never calls
+//! Bitbucket while answering a pipeline: it reads these files with the policies.
+//!
+//! The file is deterministic and diff-friendly: repositories sorted by UUID (the
+//! identity, so a rename is a one-line diff of `full_name`), environments by
+//! UUID, one field per line.
+
+pub mod fetch;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{BbUuid, SourceError};
+
+/// Longest accepted inventory file, in bytes.
+pub const MAX_INVENTORY_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The directory below the policies directory that holds inventories.
+pub const INVENTORY_DIR: &str = "inventory";
+
+/// One workspace's inventory (the file format).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceInventory {
+    /// Workspace ID (slug).
+    pub workspace: String,
+    /// Workspace UUID.
+    pub workspace_uuid: BbUuid,
+    /// Repositories, sorted by UUID.
+    pub repositories: Vec<Repository>,
+}
+
+/// One repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// `uuid`: what tokens carry as `repositoryUuid`.
+    pub uuid: BbUuid,
+    /// `full_name`: `<workspace>/<slug>`.
+    pub full_name: String,
+    /// The project it belongs to, when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<Project>,
+    /// Its deployment environments, sorted by UUID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub environments: Vec<Environment>,
+}
+
+/// A Bitbucket project.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    /// `key`, e.g. `OPS`.
+    pub key: String,
+    /// `uuid`.
+    pub uuid: BbUuid,
+}
+
+/// A deployment environment: what tokens carry as `deploymentEnvironmentUuid`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// `uuid`.
+    pub uuid: BbUuid,
+    /// `name`, e.g. `Production`.
+    pub name: String,
+}
+
+impl WorkspaceInventory {
+    /// Sorts repositories and environments by UUID (the file's order).
+    pub fn normalise(&mut self) {
+        self.repositories.sort_by_key(|r| r.uuid);
+        for r in &mut self.repositories {
+            r.environments.sort_by_key(|e| e.uuid);
+        }
+    }
+
+    /// The YAML text of the file, with a header saying how it was made.
+    ///
+    /// # Errors
+    /// Serialisation failure (not expected for these types).
+    pub fn to_yaml(&self) -> Result<String, serde_norway::Error> {
+        let mut copy = self.clone();
+        copy.normalise();
+        Ok(format!(
+            "# Bitbucket inventory of workspace `{}`, written by `keycloak-ci-sts bitbucket inventory`.\n\
+             # Review the diff; refresh it rather than editing it. Repositories are sorted by UUID.\n{}",
+            self.workspace,
+            serde_norway::to_string(&copy)?
+        ))
+    }
+}
+
+/// Every inventory the policies may use, indexed for resolving names.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    workspaces: Vec<WorkspaceInventory>,
+    by_repository: BTreeMap<BbUuid, (usize, usize)>,
+}
+
+impl Inventory {
+    /// Builds the index over `workspaces`.
+    ///
+    /// # Errors
+    /// A reason when two entries name the same repository UUID or `full_name`.
+    pub fn new(workspaces: Vec<WorkspaceInventory>) -> Result<Self, String> {
+        let mut by_repository = BTreeMap::new();
+        let mut names = BTreeMap::new();
+        for (w, ws) in workspaces.iter().enumerate() {
+            for (r, repo) in ws.repositories.iter().enumerate() {
+                if by_repository.insert(repo.uuid, (w, r)).is_some() {
+                    return Err(format!("repository {} is listed twice", repo.uuid));
+                }
+                if names
+                    .insert(repo.full_name.to_ascii_lowercase(), repo.uuid)
+                    .is_some()
+                {
+                    return Err(format!(
+                        "two repositories are named `{}` (a stale inventory?)",
+                        repo.full_name
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            workspaces,
+            by_repository,
+        })
+    }
+
+    /// Reads every `*.yaml` of `<policies_dir>/inventory/` (none is fine: an empty
+    /// inventory, and policies then use UUIDs only).
+    ///
+    /// # Errors
+    /// Every file that cannot be read or parsed, naming it.
+    pub fn load_dir(policies_dir: &Path) -> Result<Self, Vec<SourceError>> {
+        let dir = policies_dir.join(INVENTORY_DIR);
+        let err = |file: &Path, reason: String| SourceError {
+            file: file.display().to_string(),
+            key: String::new(),
+            reason,
+        };
+        if !dir.is_dir() {
+            return Ok(Self::default());
+        }
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| vec![err(&dir, format!("cannot read: {e}"))])?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        let mut workspaces = Vec::new();
+        let mut errors = Vec::new();
+        for f in files {
+            match read_file(&f) {
+                Ok(w) => workspaces.push(w),
+                Err(reason) => errors.push(err(&f, reason)),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Self::new(workspaces).map_err(|reason| vec![err(&dir, reason)])
+    }
+
+    /// True when no repository is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_repository.is_empty()
+    }
+
+    /// Every repository, with its workspace.
+    pub fn repositories(&self) -> impl Iterator<Item = (&WorkspaceInventory, &Repository)> {
+        self.workspaces
+            .iter()
+            .flat_map(|w| w.repositories.iter().map(move |r| (w, r)))
+    }
+
+    /// The repository with this UUID.
+    pub fn repository(&self, uuid: &BbUuid) -> Option<&Repository> {
+        let (w, r) = self.by_repository.get(uuid)?;
+        self.workspaces.get(*w)?.repositories.get(*r)
+    }
+}
+
+fn read_file(path: &Path) -> Result<WorkspaceInventory, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.len() > MAX_INVENTORY_FILE_BYTES {
+        return Err(format!("larger than {MAX_INVENTORY_FILE_BYTES} bytes"));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let de = serde_norway::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        format!("`{path}`: {}", e.into_inner())
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn uuid(n: u8) -> BbUuid {
+        BbUuid::parse_lenient(&format!("00000000-0000-4000-8000-0000000000{n:02x}")).unwrap()
+    }
+
+    pub(crate) fn sample() -> WorkspaceInventory {
+        WorkspaceInventory {
+            workspace: "acme".into(),
+            workspace_uuid: uuid(1),
+            repositories: vec![
+                Repository {
+                    uuid: uuid(20),
+                    full_name: "acme/web".into(),
+                    project: None,
+                    environments: vec![],
+                },
+                Repository {
+                    uuid: uuid(10),
+                    full_name: "acme/deploy-service".into(),
+                    project: Some(Project {
+                        key: "OPS".into(),
+                        uuid: uuid(2),
+                    }),
+                    environments: vec![
+                        Environment {
+                            uuid: uuid(31),
+                            name: "Staging".into(),
+                        },
+                        Environment {
+                            uuid: uuid(30),
+                            name: "Production".into(),
+                        },
+                    ],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn the_file_is_deterministic_sorted_by_uuid_and_reads_back() {
+        let inv = sample();
+        let text = inv.to_yaml().unwrap();
+        let mut reversed = inv.clone();
+        reversed.repositories.reverse();
+        assert_eq!(
+            text,
+            reversed.to_yaml().unwrap(),
+            "order of input does not matter"
+        );
+        let deploy = text.find("acme/deploy-service").unwrap();
+        let web = text.find("acme/web").unwrap();
+        assert!(deploy < web, "sorted by uuid:\n{text}");
+        let back: WorkspaceInventory = serde_norway::from_str(&text).unwrap();
+        let mut normalised = inv.clone();
+        normalised.normalise();
+        assert_eq!(back, normalised);
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let mut a = sample();
+        let b = sample();
+        a.workspace = "other".into();
+        assert!(Inventory::new(vec![a, b]).is_err());
+    }
+}

@@ -1,0 +1,376 @@
+//! Issue #9: the repository inventory read from Bitbucket's API (against a local
+//! fake serving Atlassian's documented shapes), and policies written by names
+//! deciding exactly as their UUID form, through the running service.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+use wiremock::matchers::{header, method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::*;
+
+const TOKEN: &str = "bb-access-token-do-not-print";
+const WS_BRACED: &str = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}";
+
+fn repo(uuid: &str, full_name: &str, project: &str) -> Value {
+    json!({
+        "type": "repository", "uuid": format!("{{{uuid}}}"), "full_name": full_name,
+        "slug": full_name.split('/').nth(1), "name": full_name,
+        "project": {"type": "project", "key": project, "uuid": "{6a1f3c2e-8b4d-4e5f-9a0b-1c2d3e4f5a6b}"},
+        "links": {"self": {"href": "https://example.invalid/ignored"}},
+    })
+}
+
+/// A fake Bitbucket API: two pages of repositories (the second answered 429 with
+/// `Retry-After` once), environments per repository, Bearer auth required.
+async fn fake_bitbucket(deploy_name: &str) -> MockServer {
+    let server = MockServer::start().await;
+    let uri = server.uri();
+    let bearer = format!("Bearer {TOKEN}");
+    Mock::given(method("GET"))
+        .and(path("/2.0/workspaces/acme"))
+        .and(header("authorization", bearer.as_str()))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"uuid": WS_BRACED, "slug": "acme", "name": "Acme"})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .and(query_param("page", "2"))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "1"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .and(query_param("page", "2"))
+        .and(header("authorization", bearer.as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "pagelen": 2, "page": 2, "size": 3,
+            "values": [repo(SANDBOX_REPO, "acme/sandbox", "LAB")],
+        })))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .and(query_param("pagelen", "100"))
+        .and(header("authorization", bearer.as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "pagelen": 2, "page": 1, "size": 3,
+            "next": format!("{uri}/2.0/repositories/acme?pagelen=100&page=2"),
+            "values": [repo(REPO, deploy_name, "OPS"), repo(OTHER_REPO, "acme/web", "WEB")],
+        })))
+        .with_priority(3)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        // the braced UUID, percent-encoded as a path segment
+        .and(path(format!("/2.0/repositories/acme/%7B{REPO}%7D/environments")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"values": [
+            {"type": "deployment_environment", "uuid": format!("{{{PROD_ENV}}}"), "name": "Production"},
+            {"type": "deployment_environment", "uuid": format!("{{{STAGING_ENV}}}"), "name": "Staging"},
+        ]})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(
+            r"^/2\.0/repositories/acme/[^/]+/environments$",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"values": []})))
+        .with_priority(5)
+        .mount(&server)
+        .await;
+    server
+}
+
+fn inventory_cmd(api: &str, out: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .env("BITBUCKET_TOKEN", TOKEN)
+        .args(["bitbucket", "inventory", "--workspace", "acme", "--api"])
+        .arg(format!("{api}/2.0"))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_inventory_is_read_across_pages_and_429s_written_sorted_and_reread() {
+    let bb = fake_bitbucket("acme/deploy-service").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("inventory").join("acme.yaml");
+    let out = inventory_cmd(&bb.uri(), &out_file);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("3 repositories, 2 deployment environments"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(TOKEN) && !stderr.contains(TOKEN),
+        "the token was printed"
+    );
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    // sorted by UUID: 5b0b… (sandbox), 9a1b… (web), d4e4… (deploy-service)
+    let pos = |s: &str| text.find(s).unwrap();
+    assert!(
+        pos("acme/sandbox") < pos("acme/web") && pos("acme/web") < pos("acme/deploy-service"),
+        "{text}"
+    );
+    assert!(
+        text.contains("name: Production") && text.contains("key: OPS"),
+        "{text}"
+    );
+    // Re-read by the policy compiler: a name-based policy resolves through it.
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        allow_policy(
+            "  repository: acme/deploy-service\n  deploymentEnvironment: Production\n",
+            "c",
+            "a",
+            "s",
+            "s",
+            60,
+        ),
+    )
+    .unwrap();
+    let set = keycloak_ci_sts::policy::PolicySet::load_dir(dir.path(), None).unwrap();
+    let p = &set.policies()[0];
+    assert_eq!(p.when.repository_uuid.as_ref().unwrap()[0].bare(), REPO);
+    assert_eq!(
+        p.when.deployment_environment_uuid.as_ref().unwrap()[0].bare(),
+        PROD_ENV
+    );
+    // Unchanged on a second run; a rename is a one-line diff.
+    let again = inventory_cmd(&bb.uri(), &out_file);
+    assert!(
+        String::from_utf8_lossy(&again.stdout).starts_with("unchanged"),
+        "{again:?}"
+    );
+    let renamed = fake_bitbucket("acme/deployer").await;
+    let out = inventory_cmd(&renamed.uri(), &out_file);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("changed: review the diff"));
+    let new_text = std::fs::read_to_string(&out_file).unwrap();
+    let differing: Vec<_> = text
+        .lines()
+        .zip(new_text.lines())
+        .filter(|(a, b)| a != b)
+        .collect();
+    assert_eq!(differing.len(), 1, "{differing:?}");
+    assert_eq!(text.lines().count(), new_text.lines().count());
+}
+
+#[tokio::test]
+async fn api_refusals_and_malformed_pages_fail_with_a_message_and_write_nothing() {
+    let cases: Vec<(&str, ResponseTemplate, &str)> = vec![
+        (
+            "401",
+            ResponseTemplate::new(401),
+            "lacks the `repository` / `pipeline` read scopes",
+        ),
+        ("403", ResponseTemplate::new(403), "read scopes"),
+        (
+            "malformed",
+            ResponseTemplate::new(200).set_body_json(json!({"values": "nope"})),
+            "not the documented JSON",
+        ),
+        (
+            "html",
+            ResponseTemplate::new(200).set_body_string("<html>"),
+            "not the documented JSON",
+        ),
+        ("404", ResponseTemplate::new(404), "HTTP 404"),
+    ];
+    for (name, answer, says) in cases {
+        let server = MockServer::start().await;
+        Mock::given(method("GET"))
+            .and(path("/2.0/workspaces/acme"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"uuid": WS_BRACED})))
+            .mount(&server)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/2.0/repositories/acme"))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let out_file = dir.path().join("acme.yaml");
+        let out = inventory_cmd(&server.uri(), &out_file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(says), "{name}: {stderr}");
+        assert!(!stderr.contains(TOKEN));
+        assert!(!out_file.exists(), "{name}: a file was written");
+    }
+}
+
+#[tokio::test]
+async fn a_next_link_off_the_api_origin_is_not_followed() {
+    let server = MockServer::start().await;
+    let trap = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/workspaces/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"uuid": WS_BRACED})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "values": [], "next": format!("{}/steal", trap.uri())})))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = inventory_cmd(&server.uri(), &dir.path().join("acme.yaml"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leaves the API's origin"));
+    assert!(
+        trap.received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "the token was sent elsewhere"
+    );
+}
+
+/// Issue #9's "done when": the shipped policies, written by names and resolved
+/// through the committed inventory, decide every request exactly as their UUID
+/// form, through the running service.
+#[tokio::test]
+async fn the_shipped_name_based_policies_decide_like_their_uuid_form() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read artifacts:write deploy:production", 0..)
+        .await;
+    let by_name = TestApp::start(&issuer, Options::new(&kc.uri())).await;
+    let mut opts = Options::new(&kc.uri());
+    opts.policies_dir = Some(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/policies-by-uuid"),
+    );
+    let by_uuid = TestApp::start(&issuer, opts).await;
+    let unknown_repo = "0f0f0f0f-1111-4222-8333-444455556666";
+    let mut allowed = 0;
+    for repo in [REPO, SANDBOX_REPO, OTHER_REPO, unknown_repo] {
+        for env in [None, Some(PROD_ENV), Some(STAGING_ENV)] {
+            for branch in [Some("main"), Some("release/1.2"), Some("feature/x"), None] {
+                for audience in ["artifact-api", "deploy-api"] {
+                    let mut step = issuer.step();
+                    step.repository_uuid = format!("{{{repo}}}");
+                    step.deployment_environment_uuid = env.map(|e| format!("{{{e}}}"));
+                    step.branch_name = branch.map(str::to_string);
+                    let token = issuer.mint(&step);
+                    let a = by_name.exchange(&token, audience, None).await;
+                    let b = by_uuid.exchange(&token, audience, None).await;
+                    let (sa, sb) = (a.status().as_u16(), b.status().as_u16());
+                    let (ja, jb): (Value, Value) =
+                        (a.json().await.unwrap(), b.json().await.unwrap());
+                    assert_eq!(
+                        (sa, &ja["error_code"]),
+                        (sb, &jb["error_code"]),
+                        "{repo} {env:?} {branch:?} {audience}"
+                    );
+                    allowed += usize::from(sa == 200);
+                }
+            }
+        }
+    }
+    assert!(
+        allowed >= 10,
+        "the grid should contain allowed exchanges too ({allowed})"
+    );
+    // The deploy service's Production step on main gets a deploy-api token; the
+    // audit line names the repository.
+    let mut step = issuer.step();
+    step.deployment_environment_uuid = Some(format!("{{{PROD_ENV}}}"));
+    let r = by_name
+        .exchange(&issuer.mint(&step), "deploy-api", None)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let line = by_name.audit_lines().last().unwrap().clone();
+    assert_eq!(line["repository_full_name"], "acme/deploy-service");
+    assert_eq!(line["repositoryUuid"], format!("{{{REPO}}}"));
+    let metrics = reqwest::get(format!("{}/metrics", by_name.address))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("sts_exchanges_by_repository_total{outcome=\"allowed\",repository=\"acme/deploy-service\"}"), "{metrics}");
+}
+
+/// The inventory reloads with the policies (file watch, recursive): a refreshed
+/// inventory that no longer has a repository a policy names is refused like any
+/// invalid set, and the previous set stays active.
+#[tokio::test]
+async fn the_inventory_reloads_with_the_policies_and_an_unresolvable_set_is_refused() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read", 1..).await;
+    let mut opts = Options::new(&kc.uri());
+    opts.policies = vec![(
+        "by-name.yaml".into(),
+        allow_policy(
+            "  repository: acme/deploy-service\n",
+            "sts-artifacts",
+            "artifact-api",
+            "artifacts:read",
+            "artifacts:read",
+            300,
+        ),
+    )];
+    let inventory = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/inventory/acme.yaml"),
+    )
+    .unwrap();
+    // The app's policies directory is written by TestApp; add the inventory before it loads.
+    let app_dir = tempfile::tempdir().unwrap();
+    let pol = app_dir.path().join("policies");
+    std::fs::create_dir_all(pol.join("inventory")).unwrap();
+    std::fs::write(pol.join("inventory/acme.yaml"), &inventory).unwrap();
+    for (name, yaml) in &opts.policies {
+        std::fs::write(pol.join(name), yaml).unwrap();
+    }
+    opts.policies = Vec::new();
+    opts.policies_dir = Some(pol.clone());
+    let app = TestApp::start(&issuer, opts).await;
+    let token = issuer.mint(&issuer.step());
+    assert_eq!(
+        app.exchange(&token, "artifact-api", None)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    // The repository is renamed in a refreshed inventory: the name no longer resolves.
+    std::fs::write(
+        pol.join("inventory/acme.yaml"),
+        inventory.replace("acme/deploy-service", "acme/deployer"),
+    )
+    .unwrap();
+    let mut refused = false;
+    for _ in 0..50 {
+        let s = crate::ops::scrape(&app.address).await;
+        if crate::ops::value(&s, "sts_policy_reloads_total", &[("result", "error")]) >= 1.0 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the unresolvable set was not refused");
+    assert_eq!(
+        app.exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+            .await
+            .status()
+            .as_u16(),
+        200,
+        "the previous set stays active"
+    );
+}
