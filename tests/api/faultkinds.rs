@@ -309,7 +309,7 @@ async fn an_upstream_retry_after_is_bounded_and_read_as_a_date_too() {
     let (r, _) =
         keycloak_says(|_| ResponseTemplate::new(429).insert_header("Retry-After", "86400")).await;
     assert_eq!(r.headers().get("retry-after").unwrap(), "60");
-    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(20));
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(40));
     let (r, _) =
         keycloak_says(|_| ResponseTemplate::new(503).insert_header("Retry-After", later.as_str()))
             .await;
@@ -321,7 +321,8 @@ async fn an_upstream_retry_after_is_bounded_and_read_as_a_date_too() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((18..=20).contains(&secs), "{secs}");
+    // 40 s ahead when written; a loaded machine may take a few seconds to answer.
+    assert!((20..=40).contains(&secs), "{secs}");
     assert_error(r, 503, "temporarily_unavailable", "keycloak.server_error").await;
 }
 
