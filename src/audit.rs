@@ -109,17 +109,37 @@ impl AuditRecord {
     }
 }
 
-/// The audit queue is full: the writer is stuck (a blocked pipe or disk).
+/// An audit line that was not written: the queue is full (the writer is stuck on
+/// a blocked pipe or disk), the destination refused the write (a full disk, a
+/// closed pipe), or the write did not finish within [`WRITE_TIMEOUT`].
 #[derive(Debug, thiserror::Error)]
-#[error("audit queue full")]
-pub struct AuditFull;
+pub enum AuditError {
+    /// The queue is full.
+    #[error("audit queue full")]
+    Full,
+    /// Writing or flushing failed.
+    #[error("audit write failed: {0}")]
+    Write(String),
+    /// The write did not finish in time.
+    #[error("audit write did not finish within the timeout")]
+    Timeout,
+}
 
-/// Where audit lines go: a dedicated writer thread fed through a bounded queue,
-/// so a slow or blocked destination never stalls request handling. When the queue
-/// is full, [`AuditSink::write`] fails: the caller then refuses to hand out a
-/// token (no token without its audit line) and counts the lost denial line.
+/// Longest wait for a line to be written before the request gives up on it.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Where audit lines go: a dedicated writer thread fed through a bounded queue.
+/// [`AuditSink::write`] (for issued tokens) waits until its line was written and
+/// flushed (handed to the operating system), so a token is answered only after
+/// its audit line is written; [`AuditSink::queue`] (for denials) does not wait: lines queued together are written in one batch (group commit), so
+/// waiting costs little throughput. When the queue is full, the write fails, or
+/// it takes longer than [`WRITE_TIMEOUT`], the caller refuses to hand out a token
+/// (no token without its audit line). After a failed write the next batch starts
+/// on a new line, so a partly written line never corrupts the next record.
 pub struct AuditSink {
-    tx: Option<std::sync::mpsc::SyncSender<String>>,
+    tx: Option<std::sync::mpsc::SyncSender<(String, Option<Ack>)>>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -145,35 +165,96 @@ impl AuditSink {
     }
 
     /// `queue`: most lines waiting for the writer thread.
-    fn spawn(mut out: Box<dyn Write + Send>, queue: usize) -> std::io::Result<Self> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(queue);
+    fn spawn(out: Box<dyn Write + Send>, queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Option<Ack>)>(queue);
         let writer = std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || {
-                for line in rx {
-                    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
-                        tracing::error!(error = %e, "audit write failed");
-                    }
-                }
-            })?;
+            .spawn(move || write_batches(out, &rx))?;
         Ok(Self {
             tx: Some(tx),
             writer: Some(writer),
         })
     }
 
-    /// Queues one line.
+    /// Writes one line and waits (at most [`WRITE_TIMEOUT`]) until it is written
+    /// and flushed.
     ///
     /// # Errors
-    /// [`AuditFull`] when the writer is not keeping up.
-    pub fn write(&self, rec: &AuditRecord) -> Result<(), AuditFull> {
-        let line = serde_json::to_string(rec).map_err(|e| {
-            tracing::error!(error = %e, "audit record serialisation failed");
-            AuditFull
-        })?;
+    /// [`AuditError`] when the line is not known to be written.
+    pub async fn write(&self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let line = serde_json::to_string(rec).map_err(|e| AuditError::Write(e.to_string()))?;
+        let (ack, done) = tokio::sync::oneshot::channel();
         match &self.tx {
-            Some(tx) => tx.try_send(line).map_err(|_| AuditFull),
-            None => Err(AuditFull),
+            Some(tx) => tx
+                .try_send((line, Some(ack)))
+                .map_err(|_| AuditError::Full)?,
+            None => return Err(AuditError::Full),
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, done).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(AuditError::Write(e)),
+            Ok(Err(_)) => Err(AuditError::Write("the audit writer stopped".into())),
+            Err(_) => Err(AuditError::Timeout),
+        }
+    }
+
+    /// Queues one line without waiting for it to be written: for decisions that
+    /// hand out nothing (a denial must not wait behind a stuck audit log).
+    ///
+    /// # Errors
+    /// [`AuditError::Full`] when the queue is full.
+    pub fn queue(&self, rec: &AuditRecord) -> Result<(), AuditError> {
+        let line = serde_json::to_string(rec).map_err(|e| AuditError::Write(e.to_string()))?;
+        match &self.tx {
+            Some(tx) => tx.try_send((line, None)).map_err(|_| AuditError::Full),
+            None => Err(AuditError::Full),
+        }
+    }
+
+    /// [`AuditSink::queue`] for records of requests that were abandoned, where
+    /// nobody waits for an answer; a lost line is logged.
+    pub fn write_detached(&self, rec: &AuditRecord) {
+        if self.queue(rec).is_err() {
+            tracing::error!("audit queue full: the line of an abandoned request was lost");
+        }
+    }
+}
+
+/// The writer thread: takes every line queued, writes them in one batch,
+/// flushes, then acknowledges each with the batch's result.
+fn write_batches(
+    mut out: Box<dyn Write + Send>,
+    rx: &std::sync::mpsc::Receiver<(String, Option<Ack>)>,
+) {
+    let mut broken = false;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let mut buf = String::new();
+        if broken {
+            buf.push('\n');
+        }
+        for (line, _) in &batch {
+            buf.push_str(line);
+            buf.push('\n');
+        }
+        let result = out
+            .write_all(buf.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| e.to_string());
+        broken = result.is_err();
+        if let Err(e) = &result {
+            tracing::error!(error = %e, lines = batch.len(), "audit write failed");
+        }
+        for (_, ack) in batch {
+            if let Some(ack) = ack {
+                let _ = ack.send(result.clone());
+            }
         }
     }
 }

@@ -346,6 +346,23 @@ pub fn subject_of(id: &BitbucketIdentity) -> Subject {
     }
 }
 
+/// The audit record of an exchange in progress: if the exchange is dropped
+/// before it finishes, the record is written as `failed` / `request.abandoned`.
+struct Pending<'a> {
+    sink: &'a AuditSink,
+    record: Option<AuditRecord>,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.record.take() {
+            r.outcome = AuditOutcome::Failed;
+            r.error_code = Some("request.abandoned");
+            self.sink.write_detached(&r);
+        }
+    }
+}
+
 /// Copies the verified identity into the audit line (claim names as Bitbucket's).
 fn record_identity(audit: &mut AuditRecord, id: &BitbucketIdentity) {
     audit.issuer = Some(id.issuer.clone());
@@ -379,8 +396,9 @@ pub struct Exchange {
 
 impl Exchange {
     /// Runs the exchange and writes its audit line (module docs: the order of
-    /// steps). A token is returned only when its audit line was handed to the
-    /// audit writer.
+    /// steps). A token is returned only after its audit line was written. If the
+    /// exchange is dropped before it finishes (shutdown after the grace period),
+    /// a `failed` line with `request.abandoned` is queued for it.
     ///
     /// # Errors
     /// [`ExchangeError`]; the audit line and metrics are written either way.
@@ -390,18 +408,27 @@ impl Exchange {
         req: TokenRequest,
     ) -> Result<Issued, ExchangeError> {
         let started = Instant::now();
-        let mut audit = self.record(ctx);
-        audit.audience = Some(req.audience.clone());
-        audit.requested_scopes = req.scopes.clone();
-        let result = self.run(req, &mut audit).await;
-        self.finish(audit, result, started)
+        let mut pending = Pending {
+            sink: &self.audit,
+            record: Some(self.record(ctx)),
+        };
+        let result = match pending.record.as_mut() {
+            Some(audit) => {
+                audit.audience = Some(req.audience.clone());
+                audit.requested_scopes = req.scopes.clone();
+                self.run(req, audit).await
+            }
+            None => Err(ExchangeError::AuditUnavailable),
+        };
+        let audit = pending.record.take().unwrap_or_default();
+        self.finish(audit, result, started).await
     }
 
     /// Audits a request refused before the exchange (bad form, body, content
     /// type) and returns it as an [`ExchangeError`].
-    pub fn refuse(&self, ctx: &Context, e: RequestError) -> ExchangeError {
+    pub async fn refuse(&self, ctx: &Context, e: RequestError) -> ExchangeError {
         let audit = self.record(ctx);
-        match self.finish(audit, Err(e.into()), Instant::now()) {
+        match self.finish(audit, Err(e.into()), Instant::now()).await {
             Ok(_) => ExchangeError::AuditUnavailable,
             Err(e) => e,
         }
@@ -428,7 +455,7 @@ impl Exchange {
         let grant = self.decide(&policies, &subject, &req, audit)?;
         self.limit(&identity, &grant)?;
         let issued = self.obtain(&grant).await?;
-        audit.granted_scopes = issued.scope.split(' ').collect();
+        audit.granted_scopes = Scopes::parse(&issued.scope).unwrap_or_default();
         audit.expires_in = Some(issued.expires_in);
         audit.token_sha256 = Some(issued.access_token.sha256_hex());
         audit.token_jti = issued.jti.clone();
@@ -553,9 +580,9 @@ impl Exchange {
         })
     }
 
-    /// Step 5: the audit line, then metrics. A token whose line cannot be queued
+    /// Step 5: the audit line, then metrics. A token whose line is not written
     /// is withheld (`audit.unavailable`).
-    fn finish(
+    async fn finish(
         &self,
         mut audit: AuditRecord,
         result: Result<Issued, ExchangeError>,
@@ -566,7 +593,13 @@ impl Exchange {
             Err(e) => e.outcome(),
         };
         audit.error_code = result.as_ref().err().map(ExchangeError::code);
-        let result = match self.audit.write(&audit) {
+        // A token waits until its line is written; a denial only queues its line.
+        let written = if audit.outcome == AuditOutcome::Allowed {
+            self.audit.write(&audit).await
+        } else {
+            self.audit.queue(&audit)
+        };
+        let result = match written {
             Ok(()) => result,
             Err(e) => {
                 self.metrics

@@ -57,8 +57,9 @@ impl ExchangeLimiter for InMemoryLimiter {
         // A poisoned lock fails open for the limiter only (limits protect Keycloak's
         // capacity, not access decisions); it is logged.
         let Some(limiter) = self.limiter(per_minute) else {
-            tracing::error!("rate limiter lock poisoned; not limiting");
-            return Ok(());
+            // Fail closed: the per-step limit bounds replay of a captured token.
+            tracing::error!("rate limiter lock poisoned; refusing");
+            return Err(Duration::from_secs(1));
         };
         limiter
             .check_key(&key.to_string())

@@ -14,9 +14,19 @@ use crate::state::AppState;
 /// # Errors
 /// Every problem of the new set; the active set is unchanged then.
 pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
+    let before = state.exchange.policies.current();
     match state.exchange.policies.reload() {
         Ok(set) => {
             let n = set.policies().len();
+            let kept: std::collections::BTreeSet<&str> =
+                set.policies().iter().map(|p| p.id.as_str()).collect();
+            for gone in before
+                .policies()
+                .iter()
+                .filter(|p| !kept.contains(p.id.as_str()))
+            {
+                tracing::warn!(policy = %gone.id, effect = ?gone.effect, "policy removed by this reload");
+            }
             for w in set.warnings() {
                 tracing::warn!(warning = %w, "policy warning");
             }

@@ -88,8 +88,9 @@ where
     }
 }
 
-/// Root span per request: method, path (never the query string, which could carry
-/// a credential), request id, status. Emits one `request completed` event.
+/// Root span per request: method, path (only the service's own paths; never the
+/// query string or another path, which could carry a credential), request id,
+/// status. Emits one `request completed` event.
 pub struct StsRootSpan;
 
 impl RootSpanBuilder for StsRootSpan {
@@ -99,10 +100,16 @@ impl RootSpanBuilder for StsRootSpan {
             .get::<RequestId>()
             .map(|r| r.to_string())
             .unwrap_or_default();
+        // Only the service's own paths are logged: a client could put a token in
+        // any other path.
+        let path = match request.path() {
+            p @ ("/token" | "/.well-known/jwks.json" | "/healthz" | "/readyz" | "/metrics") => p,
+            _ => "(another path, not logged)",
+        };
         tracing::info_span!(
             "http_request",
             http.method = %request.method(),
-            http.path = %request.path(),
+            http.path = %path,
             request_id = %rid,
             http.status_code = tracing::field::Empty,
         )

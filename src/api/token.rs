@@ -45,7 +45,7 @@ pub async fn exchange(
     let form = read_form(&req, payload, state.max_body_bytes).await;
     let result = match form.and_then(|body| TokenRequest::from_form(&body)) {
         Ok(request) => exchange.exchange(&ctx, request).await,
-        Err(e) => Err(exchange.refuse(&ctx, e)),
+        Err(e) => Err(exchange.refuse(&ctx, e).await),
     };
     match result {
         Ok(issued) => success(&issued),

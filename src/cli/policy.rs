@@ -98,11 +98,15 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     })?;
     let claims: SubjectClaims = match (a.token, a.claims) {
         (Some(t), _) => {
+            // A token is at most a few KiB: read at most 1 MiB.
             let mut text = String::new();
+            let limit = 1024 * 1024;
             if t.as_os_str() == "-" {
-                std::io::stdin().read_to_string(&mut text)?;
+                std::io::stdin().take(limit).read_to_string(&mut text)?;
             } else {
-                text = std::fs::read_to_string(&t)?;
+                std::fs::File::open(&t)?
+                    .take(limit)
+                    .read_to_string(&mut text)?;
             }
             jsonwebtoken::dangerous::insecure_decode_claims(text.trim())
                 .map_err(|e| anyhow::anyhow!("not a JWT with the claims policies read: {e}"))?

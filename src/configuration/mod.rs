@@ -22,6 +22,9 @@ pub use crate::verify::jwks::JwksSettings;
 pub use crate::verify::WorkspaceSettings;
 pub use validate::{MAX_AUDIENCE_CHARS, MAX_STEP_AUDIENCES};
 
+/// Largest configuration file accepted, in bytes.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "KEYCLOAK_CI_STS";
 
@@ -166,6 +169,19 @@ impl Settings {
     /// With [`Secrets::Skip`] no secret or key is read.
     pub fn check(file: &Path, secrets: Secrets) -> (Option<Self>, Report) {
         let fname = file.display().to_string();
+        if let Ok(meta) = std::fs::metadata(file) {
+            if meta.len() > MAX_CONFIG_FILE_BYTES {
+                let report = Report {
+                    errors: vec![ConfigError {
+                        file: fname,
+                        key: String::new(),
+                        reason: format!("larger than {MAX_CONFIG_FILE_BYTES} bytes"),
+                    }],
+                    warnings: Vec::new(),
+                };
+                return (None, report);
+            }
+        }
         let builder = config::Config::builder()
             .add_source(config::File::from(file).format(config::FileFormat::Toml))
             .add_source(env_source());

@@ -131,11 +131,12 @@ pub(super) fn settings(
     );
     let workspaces = workspaces(raw.workspaces, p);
     let jwks = jwks(&raw.jwks, p);
+    let keycloak_timeout = raw.keycloak.timeout_seconds;
     let (keycloak, needs_signing) = keycloak(raw.keycloak, base, secrets, p);
     let signing = match (secrets, &raw.signing) {
-        (Secrets::Skip, _) | (Secrets::Read, None) if !needs_signing => None,
-        (Secrets::Skip, _) => None,
-        (Secrets::Read, None) => {
+        (_, None) if !needs_signing => None,
+        (Secrets::Skip, Some(_)) => None,
+        (_, None) => {
             p.error(
                 "signing",
                 "a client uses private_key_jwt, so [signing] key_files or key_env is required",
@@ -153,6 +154,18 @@ pub(super) fn settings(
         },
     };
     let limits = limits(&raw.limits, p);
+    // On SIGTERM an exchange gets the grace period to finish; shorter than its
+    // upstream timeouts, a token could be minted and never answered nor audited.
+    let needed = keycloak_timeout.saturating_add(raw.jwks.timeout_seconds);
+    if raw.shutdown_grace_seconds < needed {
+        p.error(
+            "shutdown_grace_seconds",
+            format!(
+                "must be at least keycloak.timeout_seconds + jwks.timeout_seconds ({needed} s), \
+                 so that an exchange in flight at SIGTERM can finish"
+            ),
+        );
+    }
     if !p.errors.is_empty() {
         return None;
     }

@@ -154,7 +154,13 @@ impl Inventory {
             .map_err(|e| vec![err(&dir, format!("cannot read: {e}"))])?
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "yaml"))
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "yaml")
+                    && std::fs::canonicalize(p).is_ok_and(|t| {
+                        t.starts_with(policies_dir.canonicalize().unwrap_or_default())
+                            && t.is_file()
+                    })
+            })
             .collect();
         files.sort();
         let mut workspaces = Vec::new();
@@ -199,7 +205,10 @@ fn read_file(path: &Path) -> Result<WorkspaceInventory, String> {
     let de = serde_norway::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        format!("`{path}`: {}", e.into_inner())
+        // No quoted values: a wrong file must not end up in logs.
+        let msg = e.into_inner().to_string();
+        let msg: String = msg.split('"').step_by(2).collect::<Vec<_>>().join("\"…\"");
+        format!("`{path}`: {msg}")
     })
 }
 

@@ -659,8 +659,7 @@ struct TokenResponse {
     access_token: String,
     expires_in: u64,
     token_type: String,
-    #[serde(default)]
-    scope: String,
+    scope: Option<String>,
 }
 
 /// The access token's claims we check.
@@ -686,7 +685,8 @@ struct IssuedClaims {
 ///   type), `azp` = our client, `exp` in the future, `iat` ≤ `exp` and not in the
 ///   future, `nbf` (if any) not in the future (leeway [`ISSUED_LEEWAY_SECONDS`]);
 ///   `exp - iat` ≤ `max + 1` (Keycloak truncates each to seconds);
-/// - scopes: the response's `scope` and the token's `scope` claim hold only
+/// - scopes: the response's `scope` and the token's `scope` claim (both
+///   required, as Keycloak always sends them) hold only
 ///   RFC 6749 §3.3 tokens that were `requested` or are Keycloak identity scopes
 ///   ([`IDENTITY_SCOPES`]): a client whose default scopes grant more than the
 ///   policy is refused, not passed on.
@@ -716,14 +716,18 @@ pub fn check_issued(
     if t.expires_in == 0 || t.expires_in > (exp - iat).saturating_add(1) {
         return Err(bad("expires_in does not agree with exp - iat"));
     }
-    check_scopes(&t.scope, expect)?;
-    if let Some(claim) = &c.scope {
-        check_scopes(claim, expect)?;
-    }
+    // Both must be there: without them the scope check could not be made.
+    let (Some(scope), Some(claim)) = (t.scope, c.scope.as_deref()) else {
+        return Err(bad(
+            "the answer's `scope` or the token's `scope` claim is missing",
+        ));
+    };
+    check_scopes(&scope, expect)?;
+    check_scopes(claim, expect)?;
     Ok(IssuedToken {
         access_token: SecretToken::new(t.access_token),
         expires_in: t.expires_in,
-        scope: t.scope,
+        scope,
         jti: c.jti.map(|j| crate::domain::truncate(&j, 128)),
     })
 }

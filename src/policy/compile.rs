@@ -287,7 +287,7 @@ fn parse(text: &str, err: &Located) -> Result<RawPolicy, PolicyError> {
     // A UTF-8 byte order mark, as some editors write, is not part of the policy.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let tree: serde_norway::Value =
-        serde_norway::from_str(text).map_err(|e| err.at("", e.to_string()))?;
+        serde_norway::from_str(text).map_err(|e| err.at("", redact_values(&e.to_string())))?;
     let mut empties = Vec::new();
     find_empty_values(&tree, "", &mut empties);
     if let Some((first, reason)) = empties.first() {
@@ -306,8 +306,45 @@ fn parse(text: &str, err: &Located) -> Result<RawPolicy, PolicyError> {
             .strip_prefix(&format!("{path}: "))
             .map(str::to_string)
             .unwrap_or(msg);
-        err.at(if path == "." { "" } else { &path }, msg)
+        err.at(if path == "." { "" } else { &path }, redact_values(&msg))
     })
+}
+
+/// A parser message without the values it quotes (`invalid type: string "…"`):
+/// a file that is not a policy (a secret behind a wrong name) must not end up in
+/// logs or `policy check` output.
+pub(crate) fn redact_values(msg: &str) -> String {
+    // serde names an unknown variant in backticks: that is a value too.
+    let msg = match msg.find("unknown variant `") {
+        Some(i) => {
+            let start = i + "unknown variant `".len();
+            match msg[start..].find('`') {
+                Some(len) => format!("{}…{}", &msg[..start], &msg[start + len..]),
+                None => msg.to_string(),
+            }
+        }
+        None => msg.to_string(),
+    };
+    let mut out = String::with_capacity(msg.len());
+    let mut in_quote = false;
+    for c in msg.chars() {
+        match (c, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    if in_quote {
+        out.push('"');
+    }
+    out
 }
 
 fn compile_uuids(

@@ -167,6 +167,8 @@ pub struct Policy {
 pub struct PolicySet {
     policies: Vec<Policy>,
     inventory: std::sync::Arc<Inventory>,
+    /// Files of the directory that are not policies (warned about).
+    ignored: Vec<String>,
 }
 
 impl PolicySet {
@@ -176,8 +178,9 @@ impl PolicySet {
     }
 
     /// Problems that do not make the set invalid but probably are mistakes, one line
-    /// each (`policy check` prints them, `serve` logs them): a deny policy naming an
-    /// audience that no allow policy grants (a typo would leave the audience it meant
+    /// each (`policy check` prints them, `serve` logs them): a file of the
+    /// directory that is not a policy file, and a deny policy naming an audience
+    /// that no allow policy grants (a typo would leave the audience it meant
     /// uncovered).
     pub fn warnings(&self) -> Vec<String> {
         let granted: BTreeSet<&str> = self
@@ -185,7 +188,11 @@ impl PolicySet {
             .iter()
             .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
             .collect();
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self
+            .ignored
+            .iter()
+            .map(|f| format!("{f}: not a policy file (only *.yaml and *.yml are read); ignored"))
+            .collect();
         for p in &self.policies {
             let Some(auds) = &p.deny_audiences else {
                 continue;
@@ -208,6 +215,7 @@ impl PolicySet {
         Self {
             policies,
             inventory: std::sync::Arc::default(),
+            ignored: Vec::new(),
         }
     }
 
@@ -229,26 +237,7 @@ impl PolicySet {
         dir: &Path,
         known_clients: Option<&BTreeSet<String>>,
     ) -> Result<Self, Vec<PolicyError>> {
-        let entries = std::fs::read_dir(dir).map_err(|e| {
-            vec![PolicyError {
-                file: dir.display().to_string(),
-                key: String::new(),
-                reason: format!("cannot read policies directory: {e}"),
-            }]
-        })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.is_file()
-                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
-                    && !p
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with('.'))
-            })
-            .collect();
-        files.sort();
+        let (files, ignored) = policy_files(dir)?;
         let inventory = Inventory::load_dir(dir)?;
         let mut policies = Vec::new();
         let mut errors = Vec::new();
@@ -271,12 +260,77 @@ impl PolicySet {
         if errors.is_empty() {
             let mut set = Self::from_policies(policies);
             set.inventory = std::sync::Arc::new(inventory);
+            set.ignored = ignored;
             Ok(set)
         } else {
             Err(errors)
         }
     }
 }
+/// The policy files of `dir` (sorted) and the other files it holds. Dot files
+/// and the `inventory/` directory are skipped (a Kubernetes ConfigMap mount keeps
+/// its `..data` links there). Refused, so that no policy is dropped silently and
+/// no other file is read as one: an unreadable entry, a symbolic link that
+/// dangles or leads outside `dir`, a `.YAML`-like extension in another case, a
+/// `.yaml` that is not a regular file.
+///
+/// # Errors
+/// Every such entry.
+fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyError>> {
+    let err = |p: &Path, reason: &str| PolicyError {
+        file: p.display().to_string(),
+        key: String::new(),
+        reason: reason.to_string(),
+    };
+    let root = std::fs::canonicalize(dir)
+        .map_err(|e| vec![err(dir, &format!("cannot read policies directory: {e}"))])?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| vec![err(dir, &format!("cannot read policies directory: {e}"))])?;
+    let (mut files, mut ignored, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    for entry in entries {
+        let path = match entry {
+            Ok(e) => e.path(),
+            Err(e) => {
+                errors.push(err(dir, &format!("an entry cannot be read: {e}")));
+                continue;
+            }
+        };
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.starts_with('.') || name == crate::inventory::INVENTORY_DIR {
+            continue;
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        let is_policy_name = ext.eq_ignore_ascii_case("yaml") || ext.eq_ignore_ascii_case("yml");
+        match std::fs::canonicalize(&path) {
+            Err(_) => errors.push(err(&path, "a dangling symbolic link")),
+            Ok(target) if !target.starts_with(&root) => errors.push(err(
+                &path,
+                "a symbolic link leading outside the policies directory; not followed",
+            )),
+            Ok(_) if is_policy_name && ext != "yaml" && ext != "yml" => {
+                errors.push(err(&path, "use a lower-case .yaml or .yml extension"))
+            }
+            Ok(target) if is_policy_name && !target.is_file() => {
+                errors.push(err(&path, "not a regular file"))
+            }
+            Ok(_) if is_policy_name => files.push(path),
+            Ok(_) => ignored.push(path.display().to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    files.sort();
+    ignored.sort();
+    Ok((files, ignored))
+}
+
 fn load_file(
     path: &Path,
     known_clients: Option<&BTreeSet<String>>,

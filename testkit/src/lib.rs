@@ -331,12 +331,31 @@ async fn stub_discovery(req: actix_web::HttpRequest, path: web::Path<String>) ->
     }))
 }
 
+/// The client of a token request: `client_id` in the form, or HTTP Basic.
+fn stub_client(req: &actix_web::HttpRequest, form: &[u8]) -> String {
+    use base64::Engine;
+    let from_form = url::form_urlencoded::parse(form)
+        .find(|(k, _)| k == "client_id")
+        .map(|(_, v)| v.into_owned());
+    let from_basic = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.split(':').next().map(str::to_string));
+    from_form.or(from_basic).unwrap_or_default()
+}
+
 async fn stub_token(
     req: actix_web::HttpRequest,
     path: web::Path<String>,
+    form: web::Bytes,
     stub: web::Data<StubKeycloak>,
 ) -> HttpResponse {
-    let realm = stub_realm(&req, &path);
+    let client = stub_client(&req, &form);
+    let realm = format!("{}#{client}", stub_realm(&req, &path));
     let now = now();
     let Ok(mut bodies) = stub.bodies.lock() else {
         return HttpResponse::InternalServerError().finish();
@@ -348,9 +367,10 @@ async fn stub_token(
     let body = match fresh {
         Some(b) => b,
         None => {
+            let iss = realm.split('#').next().unwrap_or_default();
             let token = stub
                 .issuer
-                .sign(&json!({"iss": realm, "scope": "artifacts:read", "iat": now, "exp": now + 60, "jti": "stub", "typ": "Bearer"}))
+                .sign(&json!({"iss": iss, "azp": client, "scope": "artifacts:read", "iat": now, "exp": now + 60, "jti": "stub", "typ": "Bearer"}))
                 .unwrap_or_default();
             let b = json!({"access_token": token, "expires_in": 60, "token_type": "Bearer", "scope": "artifacts:read"}).to_string();
             bodies.insert(realm, (now, b.clone()));

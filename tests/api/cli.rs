@@ -381,7 +381,7 @@ fn config_check_reports_policy_errors_of_the_configured_directory() {
     let cfg = dir.path().join("sts.toml");
     std::fs::write(
         &cfg,
-        format!("[[workspaces]]\nslug = \"acme\"\nuuid = \"{{{WS}}}\"\naudiences = [\"{STS_AUDIENCE}\"]\n[keycloak]\nbase_url = \"https://keycloak.example.test\"\nrealm = \"ci\"\n[keycloak.clients.c]\nmethod = \"private_key_jwt\"\n"),
+        format!("[[workspaces]]\nslug = \"acme\"\nuuid = \"{{{WS}}}\"\naudiences = [\"{STS_AUDIENCE}\"]\n[keycloak]\nbase_url = \"https://keycloak.example.test\"\nrealm = \"ci\"\n[keycloak.clients.c]\nmethod = \"private_key_jwt\"\n[signing]\nkey_files = [\"not-read-without-secrets.pem\"]\n"),
     )
     .unwrap();
     let out = bin()
@@ -395,4 +395,108 @@ fn config_check_reports_policy_errors_of_the_configured_directory() {
         err.contains("p.yaml") && err.contains("grant.client"),
         "{err}"
     );
+}
+
+/// Outsider round: a symbolic link in the policies directory must not read a
+/// file from elsewhere (a secret would be quoted in the error), a dangling link
+/// or a `.YAML` must not drop a policy silently, and other files are warned about.
+#[test]
+fn policy_files_are_read_only_from_the_directory_and_none_is_dropped_silently() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("art.secret");
+    std::fs::write(&secret, "artsecret-XYZ123\n").unwrap();
+    let run = |dir: &std::path::Path| {
+        let out = bin()
+            .args(["policy", "check", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let good = allow_policy(&when_repo(), "c", "a", "s", "s", 60);
+    type Setup<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
+    let cases: Vec<(&str, Setup, &str)> = vec![
+        (
+            "outside",
+            Box::new(|d: &std::path::Path| {
+                std::os::unix::fs::symlink(&secret, d.join("leak.yaml")).unwrap()
+            }),
+            "outside the policies directory",
+        ),
+        (
+            "dangling",
+            Box::new(|d: &std::path::Path| {
+                std::os::unix::fs::symlink(d.join("gone.yaml"), d.join("deny-sandbox.yaml"))
+                    .unwrap()
+            }),
+            "dangling",
+        ),
+        (
+            "upper case",
+            Box::new(|d: &std::path::Path| {
+                std::fs::write(d.join("deny.YAML"), "effect: deny\nwhen: {branchName: x}\n")
+                    .unwrap()
+            }),
+            "lower-case",
+        ),
+        (
+            "a directory",
+            Box::new(|d: &std::path::Path| std::fs::create_dir(d.join("dir.yaml")).unwrap()),
+            "not a regular file",
+        ),
+    ];
+    for (name, setup, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok.yaml"), &good).unwrap();
+        setup(dir.path());
+        let (code, _, err) = run(dir.path());
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(err.contains(says), "{name}: {err}");
+        assert!(
+            !err.contains("artsecret"),
+            "{name}: a secret was printed: {err}"
+        );
+    }
+    // A policy file that is not a policy: its values are never quoted.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.yaml"), "artsecret-XYZ123\n").unwrap();
+    std::fs::write(dir.path().join("y.yaml"), "effect: artsecret-XYZ123\n").unwrap();
+    let (code, _, err) = run(dir.path());
+    assert_eq!(code, Some(1));
+    assert!(!err.contains("artsecret"), "a value was quoted: {err}");
+    // A Kubernetes ConfigMap mount: links into `..data` inside the directory are
+    // followed; other files are warned about, not read.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("..data")).unwrap();
+    std::fs::write(dir.path().join("..data/p.yaml"), &good).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("..data/p.yaml"), dir.path().join("p.yaml"))
+        .unwrap();
+    std::fs::write(dir.path().join("README.md"), "notes").unwrap();
+    let (code, out, err) = run(dir.path());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("ok: 1 policies"), "{out}");
+    assert!(err.contains("README.md: not a policy file"), "{err}");
+}
+
+/// `--no-secrets` skips reading secrets, not the checks that need none.
+#[test]
+fn config_check_without_secrets_still_requires_signing_for_private_key_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[workspaces]]\nslug = \"acme\"\nuuid = \"{{{WS}}}\"\naudiences = [\"{STS_AUDIENCE}\"]\n[keycloak]\nbase_url = \"https://keycloak.example.test\"\nrealm = \"ci\"\n[keycloak.clients.c]\nmethod = \"private_key_jwt\"\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["config", "check", "--no-secrets", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`signing`"));
 }

@@ -107,6 +107,8 @@ async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak
                         "policy.branch_not_allowed"
                             | "token.unknown_key"
                             | "token.issuer_keys_unavailable"
+                            // a slow Keycloak on a loaded machine can pass the timeout
+                            | "keycloak.unavailable"
                     ),
                     "unexpected error {status} {body}"
                 );

@@ -529,6 +529,15 @@ async fn a_malformed_keycloak_token_is_never_passed_on() {
             Box::new(move |_| token_body(&jws(rs.clone(), "[1,2]")))
         }),
         ("typ Refresh", with_claims(&rs, json!({"typ": "Refresh"}))),
+        ("no scope claim", with_claims(&rs, json!({"scope": null}))),
+        ("no scope in the answer", {
+            let rs = rs.clone();
+            Box::new(move |r: &str| {
+                let mut b = token_body(&jws(rs.clone(), &claims(r, json!({}))));
+                b.as_object_mut().unwrap().remove("scope");
+                b
+            })
+        }),
         ("no typ", with_claims(&rs, json!({"typ": null}))),
         (
             "alg none with a space",
@@ -714,4 +723,26 @@ async fn a_keycloak_token_with_unrequested_scopes_is_refused() {
     })
     .await;
     assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+}
+
+/// The outsider round's finding: a destination that refuses writes (a full disk)
+/// must not let tokens out without their audit line.
+#[tokio::test]
+async fn a_failing_audit_destination_withholds_tokens() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read", 0..).await;
+    let mut opts = Options::new(&kc.uri());
+    opts.audit_toml = Some("[audit]\npath = \"/dev/full\"\n".into());
+    let app = TestApp::start(&issuer, opts).await;
+    for _ in 0..3 {
+        let r = app
+            .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+            .await;
+        assert!(r.headers().get("retry-after").is_some());
+        let b = assert_error(r, 503, "temporarily_unavailable", "audit.unavailable").await;
+        assert!(b.get("access_token").is_none());
+    }
+    let s = crate::ops::scrape(&app.address).await;
+    assert!(crate::ops::value(&s, "sts_audit_failures_total", &[("outcome", "allowed")]) >= 3.0);
 }
