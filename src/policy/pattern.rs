@@ -68,9 +68,9 @@ pub fn check_branch_pattern(p: &str) -> Result<(), String> {
             }
             '[' | ']' | '{' | '}' => {
                 return Err(format!(
-                    "`{c}` is not supported in branch patterns: only `*` and `**` are; \
-                     list alternatives instead (branchName: [main, master]) and escape a \
-                     literal brace as `\\{{`"
+                    "`{c}` is not supported in branch patterns (no classes or alternations): \
+                     only `*` and `**` are; list alternatives instead (branchName: [main, master]); \
+                     a literal `{c}` is written `\\{c}`"
                 ))
             }
             '?' => {

@@ -5,7 +5,7 @@
 //! |---|---|---|---|
 //! | `fresh` (moka) | issuer → key set | `jwks.cache_ttl_seconds` | normal path; concurrent misses share one fetch |
 //! | `last_good` | issuer → key set | until replaced | keeps verifying while the issuer is unreachable |
-//! | `failure_gate` (moka) | issuer → () | `jwks.refetch_interval_seconds` | after a failed fetch, no new attempt until it expires |
+//! | `failure_gate` (moka) | issuer → failure meaning | `jwks.refetch_interval_seconds` | after a failed fetch, no new attempt until it expires |
 //! | `refetch_locks` | issuer → mutex | process | concurrent unknown-`kid` refetches share one fetch |
 //!
 //! Keys are only ever fetched for issuers from configuration: callers pass a

@@ -111,7 +111,7 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
                 .unwrap()
                 .trim_end_matches(".rs")
                 .to_string();
-            if top == "main" || top == "lib" || top == "props.rs" {
+            if top == "main" || top == "lib" {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
