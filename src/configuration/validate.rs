@@ -154,18 +154,11 @@ pub(super) fn settings(
         },
     };
     let limits = limits(&raw.limits, p);
-    // On SIGTERM an exchange gets the grace period to finish; shorter than its
-    // upstream timeouts, a token could be minted and never answered nor audited.
-    let needed = keycloak_timeout.saturating_add(raw.jwks.timeout_seconds);
-    if raw.shutdown_grace_seconds < needed {
-        p.error(
-            "shutdown_grace_seconds",
-            format!(
-                "must be at least keycloak.timeout_seconds + jwks.timeout_seconds ({needed} s), \
-                 so that an exchange in flight at SIGTERM can finish"
-            ),
-        );
-    }
+    grace(
+        raw.shutdown_grace_seconds,
+        keycloak_timeout.saturating_add(raw.jwks.timeout_seconds),
+        p,
+    );
     if !p.errors.is_empty() {
         return None;
     }
@@ -185,6 +178,21 @@ pub(super) fn settings(
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
         watch_policies: raw.watch_policies,
     })
+}
+
+/// On SIGTERM an exchange gets the grace period to finish; shorter than its
+/// upstream timeouts (`needed`, seconds), a token could be minted and never
+/// answered nor audited.
+fn grace(grace: u64, needed: u64, p: &mut Problems) {
+    if grace < needed {
+        p.error(
+            "shutdown_grace_seconds",
+            format!(
+                "must be at least keycloak.timeout_seconds + jwks.timeout_seconds ({needed} s), \
+                 so that an exchange in flight at SIGTERM can finish"
+            ),
+        );
+    }
 }
 
 fn limits(raw: &RawLimits, p: &mut Problems) -> Option<Limits> {
