@@ -9,6 +9,16 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
 }
 
+/// Runs the binary with `args` then `path`; returns (exit code, stdout, stderr).
+fn run(args: &[&str], path: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = bin().args(args).arg(path).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 #[test]
 fn policy_check_accepts_the_shipped_policies() {
     let out = bin()
@@ -405,18 +415,7 @@ fn policy_files_are_read_only_from_the_directory_and_none_is_dropped_silently() 
     let outside = tempfile::tempdir().unwrap();
     let secret = outside.path().join("art.secret");
     std::fs::write(&secret, "artsecret-XYZ123\n").unwrap();
-    let run = |dir: &std::path::Path| {
-        let out = bin()
-            .args(["policy", "check", "--dir"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let run = |dir: &std::path::Path| run(&["policy", "check", "--dir"], dir);
     let good = allow_policy(&when_repo(), "c", "a", "s", "s", 60);
     type Setup<'a> = Box<dyn Fn(&std::path::Path) + 'a>;
     let cases: Vec<(&str, Setup, &str)> = vec![

@@ -227,21 +227,7 @@ async fn two_keys_with_the_same_kid_are_both_tried() {
     let token_of_second = with_kid(&fi, Some(first_kid.clone()));
     let mut jwks = fi.dev.jwks();
     jwks["keys"][1]["kid"] = json!(first_kid);
-    fi.server.reset().await;
-    let iss = fi.issuer_url();
-    Mock::given(method("GET"))
-        .and(path_regex(r"/\.well-known/openid-configuration$"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"issuer": iss, "jwks_uri": format!("{iss}/keys.json")})),
-        )
-        .mount(&fi.server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path_regex(r"/keys\.json$"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(jwks))
-        .mount(&fi.server)
-        .await;
+    fi.serve_jwks(jwks).await;
     let app = app_for(&fi, &kc, 600, 1, 2).await;
     for (name, t) in [("first", token_of_first), ("second", token_of_second)] {
         let r = app.exchange(&t, "artifact-api", None).await;

@@ -34,6 +34,11 @@ impl FakeIssuer {
 
     /// Serves discovery and the current keys.
     pub async fn healthy(&self) {
+        self.serve_jwks(self.dev.jwks()).await;
+    }
+
+    /// Serves discovery and `jwks` as the key set.
+    pub async fn serve_jwks(&self, jwks: serde_json::Value) {
         self.server.reset().await;
         let iss = self.issuer_url();
         Mock::given(method("GET"))
@@ -46,7 +51,7 @@ impl FakeIssuer {
             .await;
         Mock::given(method("GET"))
             .and(path_regex(r"/keys\.json$"))
-            .respond_with(ResponseTemplate::new(200).set_body_json(self.dev.jwks()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(jwks))
             .mount(&self.server)
             .await;
     }
