@@ -150,18 +150,46 @@ impl Inventory {
         if !dir.is_dir() {
             return Ok(Self::default());
         }
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| vec![err(&dir, format!("cannot read: {e}"))])?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().is_some_and(|x| x == "yaml")
-                    && std::fs::canonicalize(p).is_ok_and(|t| {
-                        t.starts_with(policies_dir.canonicalize().unwrap_or_default())
-                            && t.is_file()
-                    })
-            })
-            .collect();
+        let root = std::fs::canonicalize(policies_dir)
+            .map_err(|e| vec![err(policies_dir, format!("cannot read: {e}"))])?;
+        let mut files = Vec::new();
+        let mut problems = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).map_err(|e| vec![err(&dir, format!("cannot read: {e}"))])?
+        {
+            let path = match entry {
+                Ok(e) => e.path(),
+                Err(e) => {
+                    problems.push(err(&dir, format!("an entry cannot be read: {e}")));
+                    continue;
+                }
+            };
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if name.starts_with('.')
+                || !path
+                    .extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("yaml"))
+            {
+                continue;
+            }
+            // Only regular files within the policies directory (links included):
+            // an inventory decides what names mean.
+            match std::fs::canonicalize(&path) {
+                Ok(t) if t.starts_with(&root) && t.is_file() && path.extension().is_some_and(|x| x == "yaml") => {
+                    files.push(path)
+                }
+                _ => problems.push(err(
+                    &path,
+                    "not a regular .yaml file within the policies directory (a dangling or outside link, or an upper-case extension)".into(),
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         files.sort();
         let mut workspaces = Vec::new();
         let mut errors = Vec::new();
