@@ -7,6 +7,7 @@ pub mod json;
 pub mod oauth;
 pub mod secret;
 pub mod source;
+pub mod yaml;
 
 pub use bitbucket::{BbUuid, BbUuidError};
 pub use oauth::{OAuthError, Scopes};

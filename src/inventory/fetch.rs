@@ -24,6 +24,11 @@ use super::{Environment, Project, Repository, WorkspaceInventory};
 use crate::domain::{BbUuid, SecretToken};
 use crate::http::{read_capped, retry_after_seconds, status_meaning, Meaning};
 
+/// Most values one page may hold (Bitbucket's `pagelen` is at most 100).
+pub const MAX_PAGE_VALUES: usize = 1_000;
+/// Most values one list may hold (repositories of a workspace, environments of a repository).
+pub const MAX_LIST_VALUES: usize = super::MAX_REPOSITORIES;
+
 /// Bitbucket Cloud's API base.
 pub const DEFAULT_API: &str = "https://api.bitbucket.org/2.0";
 
@@ -160,6 +165,19 @@ impl Client {
     /// # Errors
     /// [`FetchError`].
     pub async fn inventory(&self, workspace: &str) -> Result<WorkspaceInventory, FetchError> {
+        let slug_ok = !workspace.is_empty()
+            && workspace
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if !slug_ok {
+            return Err(FetchError::Malformed {
+                url: self.api.to_string(),
+                reason: format!(
+                    "`{}` is not a workspace ID (lowercase letters, digits, - and _)",
+                    workspace.escape_debug()
+                ),
+            });
+        }
         let ws_url = self.url(&["workspaces", workspace])?;
         let ws: RawWorkspace = self.get_json(&ws_url).await?;
         let workspace_uuid = uuid(&ws_url, &ws.uuid)?;
@@ -201,6 +219,11 @@ impl Client {
             repositories,
         };
         inv.normalise();
+        // What the loader would refuse is never written.
+        super::Inventory::new(vec![inv.clone()]).map_err(|reason| FetchError::Malformed {
+            url: self.api.to_string(),
+            reason,
+        })?;
         Ok(inv)
     }
 
@@ -228,6 +251,16 @@ impl Client {
         let mut out = Vec::new();
         for _ in 0..self.limits.max_pages {
             let page: Page<T> = self.get_json(&url).await?;
+            if page.values.len() > MAX_PAGE_VALUES
+                || out.len() + page.values.len() > MAX_LIST_VALUES
+            {
+                return Err(FetchError::Malformed {
+                    url: url.to_string(),
+                    reason: format!(
+                        "more than {MAX_PAGE_VALUES} values in a page or {MAX_LIST_VALUES} in a list"
+                    ),
+                });
+            }
             out.extend(page.values);
             let Some(next) = page.next else {
                 return Ok(out);
@@ -236,10 +269,16 @@ impl Client {
                 url: url.to_string(),
                 reason: format!("next: {e}"),
             })?;
-            if next.origin() != self.api.origin() {
+            if next.origin() != self.api.origin()
+                || !next.username().is_empty()
+                || next.password().is_some()
+                || !next.path().starts_with(self.api.path())
+            {
                 return Err(FetchError::Malformed {
                     url: url.to_string(),
-                    reason: "a `next` link leaves the API's origin".into(),
+                    reason:
+                        "a `next` link leaves the API's origin or base path, or carries credentials"
+                            .into(),
                 });
             }
             url = next;

@@ -73,7 +73,74 @@ pub struct Environment {
     pub name: String,
 }
 
+/// Most repositories one workspace inventory may hold.
+pub const MAX_REPOSITORIES: usize = 50_000;
+/// Most deployment environments one repository may hold.
+pub const MAX_ENVIRONMENTS: usize = 1_000;
+
+/// Characters no name shown to a reviewer may hold: control characters and
+/// invisible or direction-changing ones.
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
 impl WorkspaceInventory {
+    /// What a well-formed inventory keeps: a workspace ID of lowercase letters,
+    /// digits, `-` and `_`; every `full_name` `<workspace>/<slug>`; names without
+    /// control, invisible or bidi characters; environment UUIDs unique; at most
+    /// [`MAX_REPOSITORIES`] repositories of at most [`MAX_ENVIRONMENTS`] environments.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), String> {
+        let ok_slug = !self.workspace.is_empty()
+            && self
+                .workspace
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if !ok_slug {
+            return Err(format!(
+                "`{}` is not a workspace ID",
+                self.workspace.escape_debug()
+            ));
+        }
+        if self.repositories.len() > MAX_REPOSITORIES {
+            return Err(format!("more than {MAX_REPOSITORIES} repositories"));
+        }
+        let prefix = format!("{}/", self.workspace);
+        let mut envs = std::collections::BTreeSet::new();
+        for r in &self.repositories {
+            let slug = r.full_name.strip_prefix(&prefix).unwrap_or_default();
+            if slug.is_empty() || slug.contains('/') || r.full_name.chars().any(deceptive) {
+                return Err(format!(
+                    "`{}` is not a repository of workspace `{}`",
+                    r.full_name.escape_debug(),
+                    self.workspace
+                ));
+            }
+            if r.environments.len() > MAX_ENVIRONMENTS {
+                return Err(format!(
+                    "{}: more than {MAX_ENVIRONMENTS} environments",
+                    r.full_name
+                ));
+            }
+            for e in &r.environments {
+                if e.name.trim().is_empty() || e.name.chars().any(deceptive) {
+                    return Err(format!(
+                        "{}: environment name `{}` is empty or has control, invisible or bidi characters",
+                        r.full_name,
+                        e.name.escape_debug()
+                    ));
+                }
+                if !envs.insert(e.uuid) {
+                    return Err(format!("environment {} is listed twice", e.uuid));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Sorts repositories and environments by UUID (the file's order).
     pub fn normalise(&mut self) {
         self.repositories.sort_by_key(|r| r.uuid);
@@ -113,6 +180,9 @@ impl Inventory {
     pub fn new(workspaces: Vec<WorkspaceInventory>) -> Result<Self, String> {
         let mut by_repository = BTreeMap::new();
         let mut names = BTreeMap::new();
+        for ws in &workspaces {
+            ws.validate()?;
+        }
         for (w, ws) in workspaces.iter().enumerate() {
             for (r, repo) in ws.repositories.iter().enumerate() {
                 if by_repository.insert(repo.uuid, (w, r)).is_some() {
@@ -168,11 +238,11 @@ impl Inventory {
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            if name.starts_with('.')
-                || !path
-                    .extension()
-                    .is_some_and(|x| x.eq_ignore_ascii_case("yaml"))
-            {
+            let yaml_like = path
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| x.eq_ignore_ascii_case("yaml") || x.eq_ignore_ascii_case("yml"));
+            if name.starts_with('.') || !yaml_like {
                 continue;
             }
             // Only regular files within the policies directory (links included):
@@ -183,7 +253,7 @@ impl Inventory {
                 }
                 _ => problems.push(err(
                     &path,
-                    "not a regular .yaml file within the policies directory (a dangling or outside link, or an upper-case extension)".into(),
+                    "not a regular .yaml file within the policies directory (a dangling or outside link, or a .yml or upper-case extension)".into(),
                 )),
             }
         }
@@ -230,6 +300,7 @@ fn read_file(path: &Path) -> Result<WorkspaceInventory, String> {
         return Err(format!("larger than {MAX_INVENTORY_FILE_BYTES} bytes"));
     }
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    crate::domain::yaml::refuse_anchors_and_aliases(&text)?;
     let de = serde_norway::Deserializer::from_str(&text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();

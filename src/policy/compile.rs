@@ -222,7 +222,13 @@ pub fn compile_with(
     }
     let raw = parse(text, &err)?;
     let mut resolutions = Vec::new();
-    let when = compile_when(raw.when, inventory, &mut resolutions, &err)?;
+    let when = compile_when(
+        raw.when,
+        raw.effect == Effect::Deny,
+        inventory,
+        &mut resolutions,
+        &err,
+    )?;
     let (grant, deny_audiences) = match raw.effect {
         Effect::Allow => {
             if raw.audiences.is_some() {
@@ -286,6 +292,7 @@ impl Located {
 fn parse(text: &str, err: &Located) -> Result<RawPolicy, PolicyError> {
     // A UTF-8 byte order mark, as some editors write, is not part of the policy.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    crate::domain::yaml::refuse_anchors_and_aliases(text).map_err(|e| err.at("", e))?;
     let tree: serde_norway::Value =
         serde_norway::from_str(text).map_err(|e| err.at("", redact_values(&e.to_string())))?;
     let mut empties = Vec::new();
@@ -370,10 +377,14 @@ fn compile_uuids(
 
 fn compile_when(
     w: RawWhen,
+    deny: bool,
     inventory: &Inventory,
     resolutions: &mut Vec<String>,
     err: &Located,
 ) -> Result<Conditions, PolicyError> {
+    if deny {
+        deny_names_are_exact(&w, err)?;
+    }
     let branch_name = match w.branch_name {
         None => None,
         Some(v) if v.0.is_empty() => {
@@ -403,7 +414,7 @@ fn compile_when(
         err,
         "when.repositoryUuid",
         compile_uuids("when.repositoryUuid", w.repository_uuid, err)?,
-        names.repositories(w.repository, w.project)?,
+        names.repositories(w.repository, w.project, workspace_uuid.as_deref())?,
     )?;
     let deployment_environment_uuid = one_way(
         err,
@@ -425,6 +436,29 @@ fn compile_when(
         deployment_environment_uuid,
         branch_name,
     })
+}
+
+/// A deny policy may only use names that mean exactly one thing whatever the
+/// inventory lists: `workspace` and exact `repository` names. A project, a glob or
+/// an environment name expands to what the inventory lists *today*, so a
+/// repository or environment created since would not be denied: the deny would
+/// deny less than it reads.
+fn deny_names_are_exact(w: &RawWhen, err: &Located) -> Result<(), PolicyError> {
+    let msg = "a deny policy cannot name projects, repository globs or environment names \
+               (they expand to what the inventory lists today, so what it does not list \
+               yet would not be denied): name exact repositories, or use UUIDs";
+    if w.project.is_some() {
+        return Err(err.at("when.project", msg));
+    }
+    if w.deployment_environment.is_some() {
+        return Err(err.at("when.deploymentEnvironment", msg));
+    }
+    if let Some(names) = &w.repository {
+        if let Some(i) = names.0.iter().position(|n| n.contains('*')) {
+            return Err(err.at(&format!("when.repository[{i}]"), msg));
+        }
+    }
+    Ok(())
 }
 
 /// A condition named by UUID or by name, not both.
@@ -489,6 +523,7 @@ impl Names<'_> {
         &mut self,
         names: Option<OneOrMany>,
         projects: Option<OneOrMany>,
+        workspaces: Option<&[BbUuid]>,
     ) -> Result<Option<Vec<BbUuid>>, PolicyError> {
         let by_name = match names {
             None => None,
@@ -496,7 +531,7 @@ impl Names<'_> {
                 self.need_inventory("when.repository")?;
                 let mut set = BTreeSet::new();
                 for (i, n) in names.0.iter().enumerate() {
-                    set.extend(self.repository(i, n)?);
+                    set.extend(self.repository(i, n, workspaces)?);
                 }
                 Some(set)
             }
@@ -507,12 +542,24 @@ impl Names<'_> {
                 self.need_inventory("when.project")?;
                 let mut set = BTreeSet::new();
                 for (i, k) in keys.0.iter().enumerate() {
+                    // Project keys are unique within a workspace only.
                     let repos: Vec<_> = self
                         .inventory
                         .repositories()
-                        .filter(|(_, r)| r.project.as_ref().is_some_and(|p| p.key == *k))
-                        .map(|(_, r)| r)
+                        .filter(|(w, r)| {
+                            r.project.as_ref().is_some_and(|p| p.key == *k)
+                                && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid))
+                        })
                         .collect();
+                    let in_workspaces: BTreeSet<BbUuid> =
+                        repos.iter().map(|(w, _)| w.workspace_uuid).collect();
+                    if in_workspaces.len() > 1 {
+                        return Err(self.err.at(
+                            &format!("when.project[{i}]"),
+                            format!("project `{k}` exists in several workspaces: name the workspace too (`workspace:`)"),
+                        ));
+                    }
+                    let repos: Vec<_> = repos.into_iter().map(|(_, r)| r).collect();
                     if repos.is_empty() {
                         return Err(self.err.at(
                             &format!("when.project[{i}]"),
@@ -547,8 +594,14 @@ impl Names<'_> {
         Ok(Some(set.into_iter().collect()))
     }
 
-    /// One `repository` entry: a `full_name` (case-insensitive) or a glob over them.
-    fn repository(&mut self, i: usize, name: &str) -> Result<Vec<BbUuid>, PolicyError> {
+    /// One `repository` entry: a `full_name` (case-insensitive) or a glob over them,
+    /// among the repositories of `workspaces` when the policy names any.
+    fn repository(
+        &mut self,
+        i: usize,
+        name: &str,
+        workspaces: Option<&[BbUuid]>,
+    ) -> Result<Vec<BbUuid>, PolicyError> {
         let field = format!("when.repository[{i}]");
         let matcher = if name.contains('*') {
             BranchPattern::new(&name.to_ascii_lowercase())
@@ -561,6 +614,7 @@ impl Names<'_> {
         let found: Vec<(BbUuid, String)> = self
             .inventory
             .repositories()
+            .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
             .filter(|(_, r)| {
                 let have = r.full_name.to_ascii_lowercase();
                 match &matcher {
@@ -573,7 +627,7 @@ impl Names<'_> {
         if found.is_empty() {
             return Err(self.err.at(
                 &field,
-                format!("`{name}` names no repository in the inventory (refresh it, or check the workspace/slug spelling)"),
+                format!("`{name}` names no repository in the inventory (of the workspaces this policy names): refresh it, or check the spelling"),
             ));
         }
         for (u, n) in &found {

@@ -374,3 +374,93 @@ async fn the_inventory_reloads_with_the_policies_and_an_unresolvable_set_is_refu
         "the previous set stays active"
     );
 }
+
+/// Outsider round on names: a project key of another workspace, a deny that
+/// expands through the inventory, an alias bomb, and inventory files that would
+/// be skipped are all refused.
+#[test]
+fn names_that_could_admit_more_or_deny_less_are_refused() {
+    let acme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/inventory/acme.yaml"),
+    )
+    .unwrap();
+    let beta = "workspace: beta\nworkspace_uuid: '{7d3f8c1a-0b6e-4f2d-9a8c-5e1b2c3d4e5f}'\nrepositories:\n- uuid: '{0e0e0e0e-1111-4222-8333-444455556666}'\n  full_name: beta/evil\n  project:\n    key: OPS\n    uuid: '{0e0e0e0e-1111-4222-8333-444455556667}'\n  environments:\n  - uuid: '{0e0e0e0e-1111-4222-8333-444455556668}'\n    name: Production\n";
+    let check = |files: &[(&str, &str)]| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("inventory")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        keycloak_ci_sts::policy::PolicySet::load_dir(dir.path(), None)
+            .map(|_| ())
+            .map_err(|e| {
+                e.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+    };
+    let allow = |when: &str| allow_policy(when, "c", "a", "s", "s", 60);
+    let deny = |when: &str| format!("effect: deny\nwhen:\n{when}");
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (vec![("inventory/acme.yaml", acme.clone()), ("inventory/beta.yaml", beta.into()), ("p.yaml", allow("  project: OPS\n"))], "several workspaces"),
+        (vec![("inventory/acme.yaml", acme.clone()), ("inventory/beta.yaml", beta.into()), ("p.yaml", allow("  workspace: acme\n  repository: beta/evil\n"))], "names no repository"),
+        (vec![("inventory/acme.yaml", acme.clone()), ("p.yaml", deny("  project: LAB\n"))], "a deny policy cannot name"),
+        (vec![("inventory/acme.yaml", acme.clone()), ("p.yaml", deny("  repository: \"*/sandbox\"\n"))], "a deny policy cannot name"),
+        (vec![("inventory/acme.yaml", acme.clone()), ("p.yaml", deny("  repository: acme/deploy-service\n  deploymentEnvironment: Production\n"))], "a deny policy cannot name"),
+        (vec![("inventory/acme.yml", acme.clone())], "not a regular .yaml file"),
+        (vec![("inventory/acme.YAML", acme.clone())], "not a regular .yaml file"),
+        (vec![("inventory/bomb.yaml", "workspace: acme\nworkspace_uuid: '{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}'\nx: &e [1, 2]\nrepositories: *e\n".into())], "anchors and aliases"),
+        (vec![("p.yaml", "effect: deny\nwhen: &w\n  branchName: x\n".into())], "anchors and aliases"),
+    ];
+    for (files, says) in cases {
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        let e = check(&files).unwrap_err();
+        assert!(e.contains(says), "{files:?}\n=> {e}");
+    }
+    // A deny by exact repository name is fine.
+    assert!(check(&[
+        ("inventory/acme.yaml", &acme),
+        ("p.yaml", &deny("  repository: acme/sandbox\n"))
+    ])
+    .is_ok());
+}
+
+/// What the loader would refuse is never written: a repository of another
+/// workspace in the answer, or a workspace ID that is not one.
+#[tokio::test]
+async fn an_inventory_the_loader_would_refuse_is_not_written() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/workspaces/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"uuid": WS_BRACED})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "values": [repo(REPO, "beta/deploy-service", "OPS")]})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(r"/environments$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"values": []})))
+        .mount(&server)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("acme.yaml");
+    let out = inventory_cmd(&server.uri(), &out_file);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a repository of workspace"));
+    assert!(!out_file.exists());
+    let out = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .env("BITBUCKET_TOKEN", TOKEN)
+        .args(["bitbucket", "inventory", "--workspace", "AC\nME", "--api"])
+        .arg(format!("{}/2.0", server.uri()))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a workspace ID"));
+}
