@@ -64,7 +64,8 @@ pub enum BitbucketCommand {
     /// Read a workspace's repositories, projects and deployment environments into an
     /// inventory file to commit beside the policies (`policies/inventory/<workspace>.yaml`).
     /// Needs a workspace access token with the `repository` and `pipeline` read scopes.
-    /// Exit 0 when written (or unchanged), 1 when the API refused or answered badly.
+    /// Exit 0 when written (or unchanged), 1 when the API refused or answered badly,
+    /// 2 for a missing token or an unusable argument.
     Inventory {
         /// Workspace ID (slug).
         #[arg(long)]

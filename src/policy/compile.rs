@@ -446,7 +446,8 @@ fn compile_when(
 fn deny_names_are_exact(w: &RawWhen, err: &Located) -> Result<(), PolicyError> {
     let msg = "a deny policy cannot name projects, repository globs or environment names \
                (they expand to what the inventory lists today, so what it does not list \
-               yet would not be denied): name exact repositories, or use UUIDs";
+               yet would not be denied): name exact repositories, and environments by \
+               `deploymentEnvironmentUuid`";
     if w.project.is_some() {
         return Err(err.at("when.project", msg));
     }
@@ -563,7 +564,7 @@ impl Names<'_> {
                     if repos.is_empty() {
                         return Err(self.err.at(
                             &format!("when.project[{i}]"),
-                            format!("no repository of the inventory is in project `{k}`"),
+                            format!("no repository of the inventory (of the workspaces this policy names) is in project `{k}`"),
                         ));
                     }
                     for r in repos {
@@ -627,7 +628,7 @@ impl Names<'_> {
         if found.is_empty() {
             return Err(self.err.at(
                 &field,
-                format!("`{name}` names no repository in the inventory (of the workspaces this policy names): refresh it, or check the spelling"),
+                format!("`{name}` names no repository in the inventory (of the workspaces this policy names): check the spelling; if the inventory is fresh, the repository may have been renamed or deleted, so update the policy"),
             ));
         }
         for (u, n) in &found {
@@ -661,9 +662,21 @@ impl Names<'_> {
                 }
             }
             if found.is_empty() {
+                let mut known: BTreeSet<&str> = BTreeSet::new();
+                for (w, r) in self.inventory.repositories() {
+                    let in_scope = repositories.is_none_or(|rs| rs.contains(&r.uuid))
+                        && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid));
+                    if in_scope {
+                        known.extend(r.environments.iter().map(|e| e.name.as_str()));
+                    }
+                }
+                let known: Vec<&str> = known.into_iter().collect();
                 return Err(self.err.at(
                     &format!("when.deploymentEnvironment[{i}]"),
-                    format!("no repository this policy names has a deployment environment `{n}`"),
+                    format!(
+                        "no repository this policy names has a deployment environment `{n}` (names are case-sensitive; known: {})",
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
                 ));
             }
             for (u, repo) in found {
