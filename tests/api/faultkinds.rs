@@ -51,25 +51,11 @@ use crate::faults::{app_for, FakeIssuer};
 
 /// A token signed by the issuer's active key with the given header `kid`.
 fn with_kid(fi: &FakeIssuer, kid: Option<String>) -> String {
-    let mut c = fi.dev.claims(&fi_step());
+    let mut c = fi.dev.claims(&crate::faults::step());
     c["iss"] = json!(fi.issuer_url());
     let mut h = Header::new(Algorithm::RS256);
     h.kid = kid;
     fi.dev.sign_with_header(&h, &c).unwrap()
-}
-
-fn fi_step() -> keycloak_ci_sts_testkit::StepClaims {
-    keycloak_ci_sts_testkit::StepClaims {
-        workspace: WS_SLUG.into(),
-        workspace_uuid: WS.into(),
-        repository_uuid: REPO.into(),
-        step_uuid: None,
-        pipeline_uuid: None,
-        branch_name: Some("main".into()),
-        deployment_environment_uuid: None,
-        audiences: vec![STS_AUDIENCE.into()],
-        lifetime_seconds: None,
-    }
 }
 
 /// The input: a token without `kid` spent the unknown-kid refetch
@@ -92,7 +78,7 @@ async fn a_kidless_forgery_never_refetches_and_never_delays_a_rotated_key() {
         "a genuine kid-less token of an issuer with one key verifies"
     );
     let attacker = keycloak_ci_sts_testkit::DevIssuer::new("http://127.0.0.1:9").unwrap();
-    let mut forged = attacker.claims(&fi_step());
+    let mut forged = attacker.claims(&crate::faults::step());
     forged["iss"] = json!(fi.issuer_url());
     let kidless_forgery = attacker
         .sign_with_header(&Header::new(Algorithm::RS256), &forged)
@@ -199,7 +185,7 @@ async fn a_late_published_key_of_an_older_token_is_fetched() {
     // The issuer signs with a new key (iat two minutes ago) that its endpoint
     // did not publish when we fetched; it publishes it now.
     fi.dev.rotate().unwrap();
-    let mut c = fi.dev.claims(&fi_step());
+    let mut c = fi.dev.claims(&crate::faults::step());
     c["iss"] = json!(fi.issuer_url());
     let iat = c["iat"].as_u64().unwrap() - 120;
     c["iat"] = json!(iat);

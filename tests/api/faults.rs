@@ -81,7 +81,8 @@ impl FakeIssuer {
     }
 }
 
-fn step() -> keycloak_ci_sts_testkit::StepClaims {
+/// A step of REPO on `main` with the service's audience.
+pub fn step() -> keycloak_ci_sts_testkit::StepClaims {
     keycloak_ci_sts_testkit::StepClaims {
         workspace: WS_SLUG.into(),
         workspace_uuid: WS.into(),

@@ -355,16 +355,10 @@ async fn the_inventory_reloads_with_the_policies_and_an_unresolvable_set_is_refu
         inventory.replace("acme/deploy-service", "acme/deployer"),
     )
     .unwrap();
-    let mut refused = false;
-    for _ in 0..50 {
-        let s = crate::ops::scrape(&app.address).await;
-        if crate::ops::value(&s, "sts_policy_reloads_total", &[("result", "error")]) >= 1.0 {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(refused, "the unresolvable set was not refused");
+    assert!(
+        crate::ops::eventually_reload_refused(&app.address).await,
+        "the unresolvable set was not refused"
+    );
     assert_eq!(
         app.exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
             .await

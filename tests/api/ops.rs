@@ -250,6 +250,18 @@ async fn eventually_status(app: &TestApp, token: &str, audience: &str, want: u16
 
 use std::time::Duration;
 
+/// True once the service counts a refused policy reload (polled for 5 s).
+pub async fn eventually_reload_refused(address: &str) -> bool {
+    for _ in 0..50 {
+        let s = scrape(address).await;
+        if value(&s, "sts_policy_reloads_total", &[("result", "error")]) >= 1.0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn policies_reload_when_a_file_changes_and_an_invalid_set_is_refused() {
     let issuer = Issuer::start().await;
@@ -281,16 +293,10 @@ async fn policies_reload_when_a_file_changes_and_an_invalid_set_is_refused() {
         "effect: allow\nwhen: {repositoryUuid: nope}\n",
     )
     .unwrap();
-    let mut refused = false;
-    for _ in 0..40 {
-        let s = scrape(&app.address).await;
-        if value(&s, "sts_policy_reloads_total", &[("result", "error")]) >= 1.0 {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(refused, "the invalid set was not reported");
+    assert!(
+        eventually_reload_refused(&app.address).await,
+        "the invalid set was not reported"
+    );
     assert_eq!(
         app.exchange(&token, "new-api", None)
             .await
