@@ -2,7 +2,7 @@
 # Run a throw-away Keycloak (Maven-distributed Quarkus dist, dev mode, embedded H2)
 # for the integration tests of keycloak-ci-sts. No Docker needed.
 #
-# Usage: scripts/keycloak.sh start|stop|status|env
+# Usage: scripts/keycloak.sh start|stop|status|env|provision
 #
 # Environment (all optional):
 #   KC_VERSION                    Keycloak version (default 26.7.3)
@@ -13,14 +13,17 @@
 #   KC_BOOTSTRAP_ADMIN_PASSWORD   master-realm admin password (default admin)
 #   KC_JAVA_OPTS_APPEND           extra JVM options (default -Xmx512m); passed as JAVA_OPTS_APPEND
 #   KC_EXTRA_ARGS                 extra arguments for `kc.sh start-dev` (word-split)
-#   KCS_STS_JWKS_URL              jwks.url of the sts-deploy client, substituted at realm import
-#                                 (default http://127.0.0.1:18081/.well-known/jwks.json)
 #   KCS_CACHE_DIR                 where the distribution zip is cached
 #                                 (default ${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts)
 #
 # The distribution is unpacked per clone into target/keycloak/keycloak-$KC_VERSION;
 # its data/ directory (H2 database + import) is wiped on every start, so every run
-# starts from the realm(s) in tests/keycloak/*.json.
+# starts from the realm(s) in tests/keycloak/*.json: each holds the realm and two
+# admin clients only (kcs-admin-view: view-clients + view-users, for `keycloak
+# plan`; kcs-admin-manage: manage-clients + manage-users, for `keycloak apply`).
+# Everything the service needs in realm `ci` is created by `provision`, which runs
+# `keycloak-ci-sts keycloak apply --config demo/sts.toml` (policies/ and
+# policies/keycloak/realm.yaml) with the manage client; build the binary first.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,7 +38,6 @@ KC_ADMIN_USER="${KC_BOOTSTRAP_ADMIN_USERNAME:-admin}"
 KC_ADMIN_PASSWORD="${KC_BOOTSTRAP_ADMIN_PASSWORD:-admin}"
 KC_JAVA_OPTS_APPEND="${KC_JAVA_OPTS_APPEND:--Xmx512m}"
 KC_EXTRA_ARGS="${KC_EXTRA_ARGS:-}"
-KCS_STS_JWKS_URL="${KCS_STS_JWKS_URL:-http://127.0.0.1:18081/.well-known/jwks.json}"
 KCS_CACHE_DIR="${KCS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts}"
 
 KC_BASE="$REPO_ROOT/target/keycloak"
@@ -57,11 +59,13 @@ die() { log "error: $*"; exit 1; }
 
 usage() {
   cat >&2 <<EOF
-usage: $0 start|stop|status|env
+usage: $0 start|stop|status|env|provision
   start   download (if needed), unpack (if needed), wipe data/, import realm, start, wait until ready
   stop    stop the Keycloak started from this clone (TERM, then KILL after ${KC_STOP_TIMEOUT}s)
   status  exit 0 if running and ready, 1 if running but not ready, 3 if not running
   env     print export lines for the integration tests
+  provision  create the service's clients, scopes and resource servers in realm ci
+          (keycloak-ci-sts keycloak apply --config demo/sts.toml; needs target/debug/keycloak-ci-sts)
 EOF
   exit 2
 }
@@ -311,7 +315,6 @@ cmd_start() {
   KC_BOOTSTRAP_ADMIN_USERNAME="$KC_ADMIN_USER" \
     KC_BOOTSTRAP_ADMIN_PASSWORD="$KC_ADMIN_PASSWORD" \
     JAVA_OPTS_APPEND="$KC_JAVA_OPTS_APPEND" \
-    KCS_STS_JWKS_URL="$KCS_STS_JWKS_URL" \
     setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' keycloak-launcher \
     "$KC_PIDFILE" "$KC_HOME/bin/kc.sh" "${args[@]}" \
     </dev/null >>"$KC_LOG" 2>&1 9>&- &
@@ -361,7 +364,26 @@ cmd_env() {
   printf 'export KCS_KEYCLOAK_REALM=%q\n' "$KC_REALM"
   printf 'export KCS_KEYCLOAK_ADMIN_USER=%q\n' "$KC_ADMIN_USER"
   printf 'export KCS_KEYCLOAK_ADMIN_PASSWORD=%q\n' "$KC_ADMIN_PASSWORD"
-  printf 'export KCS_STS_JWKS_URL=%q\n' "$KCS_STS_JWKS_URL"
+  printf 'export KCS_ADMIN_VIEW_CLIENT_ID=%q\n' kcs-admin-view
+  printf 'export KCS_ADMIN_VIEW_CLIENT_SECRET=%q\n' kcs-admin-view-test-secret
+  printf 'export KCS_ADMIN_MANAGE_CLIENT_ID=%q\n' kcs-admin-manage
+  printf 'export KCS_ADMIN_MANAGE_CLIENT_SECRET=%q\n' kcs-admin-manage-test-secret
+  printf 'export KCS_KEYCLOAK_VERSION=%q\n' "$KC_VERSION"
+}
+
+# The demo's sts-artifacts secret (demo/sts.toml reads it from this variable);
+# the tests use the same value.
+DEMO_ARTIFACTS_SECRET="sts-artifacts-test-secret"
+
+cmd_provision() {
+  local bin="$REPO_ROOT/target/debug/keycloak-ci-sts"
+  [ -x "$bin" ] || die "$bin not found: run cargo build first"
+  is_ready || die "Keycloak is not running from this clone: run $0 start first"
+  log "provisioning realm $KC_REALM from demo/sts.toml and policies/ (keycloak apply)"
+  KCS_ADMIN_CLIENT_ID=kcs-admin-manage \
+    KCS_ADMIN_CLIENT_SECRET=kcs-admin-manage-test-secret \
+    KCS_DEMO_STS_ARTIFACTS_SECRET="$DEMO_ARTIFACTS_SECRET" \
+    "$bin" keycloak apply --config "$REPO_ROOT/demo/sts.toml" >&2
 }
 
 case "${1:-}" in
@@ -369,5 +391,6 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
+  provision) cmd_provision ;;
   *) usage ;;
 esac

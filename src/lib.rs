@@ -31,6 +31,7 @@ pub mod keycloak;
 pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod provision;
 pub mod reload;
 pub mod signing;
 pub mod startup;

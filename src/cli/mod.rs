@@ -1,10 +1,12 @@
 //! Command line: `serve`, `bitbucket inventory`, `config check`, `policy check`,
-//! `policy explain`, `keys generate`. Exit codes: 0 success (or "allowed" for `explain`), 1 the
+//! `policy explain`, `keys generate`, `keycloak plan|apply|export`. Exit codes: 0
+//! success (or "allowed" for `explain`, "in sync" for `keycloak plan`), 1 the
 //! checked thing is refused (problems found, or "denied"), 2 usage, configuration
-//! or I/O error.
+//! or I/O error, 3 changes pending (`keycloak plan`).
 
 mod bitbucket;
 mod config;
+mod keycloak;
 mod keys;
 mod policy;
 mod serve;
@@ -49,6 +51,12 @@ pub enum Command {
         /// Policy subcommand.
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Keycloak provisioning from the policies (Admin REST API; never used by the service).
+    Keycloak {
+        /// Keycloak subcommand.
+        #[command(subcommand)]
+        command: KeycloakCommand,
     },
     /// Signing key tools.
     Keys {
@@ -138,6 +146,48 @@ pub enum PolicyCommand {
     },
 }
 
+/// `keycloak ...`
+#[derive(Debug, Subcommand)]
+pub enum KeycloakCommand {
+    /// Print what `apply` would create, change (field by field) or remove in the
+    /// realm, without changing anything; works with view-only admin credentials.
+    /// Exit 0 in sync, 3 changes pending, 1 conflicts or a failed call, 2 usage or
+    /// configuration error.
+    Plan {
+        /// TOML configuration file of the service.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also list owned objects no policy needs any more as removals.
+        #[arg(long)]
+        prune: bool,
+        /// Admin credentials.
+        #[command(flatten)]
+        admin: keycloak::AdminArgs,
+    },
+    /// Make the plan's changes (idempotent) and set client secrets to the
+    /// configured ones; print each change. Needs manage admin credentials.
+    Apply {
+        /// TOML configuration file of the service.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also remove owned objects no policy needs any more.
+        #[arg(long)]
+        prune: bool,
+        /// Admin credentials.
+        #[command(flatten)]
+        admin: keycloak::AdminArgs,
+    },
+    /// Write the desired state as realm-import JSON (no secrets, no server call).
+    Export {
+        /// TOML configuration file of the service.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
 /// `keys ...`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -199,6 +249,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             scope,
             config,
         }),
+        Command::Keycloak { command } => match command {
+            KeycloakCommand::Plan {
+                config,
+                prune,
+                admin,
+            } => keycloak::plan(&config, prune, admin),
+            KeycloakCommand::Apply {
+                config,
+                prune,
+                admin,
+            } => keycloak::apply(&config, prune, admin),
+            KeycloakCommand::Export { config, out } => keycloak::export(&config, out.as_deref()),
+        },
         Command::Keys {
             command: KeysCommand::Generate { out, alg },
         } => keys::generate(&out, &alg),

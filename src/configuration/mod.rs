@@ -79,6 +79,14 @@ pub struct Settings {
     /// Reload policies when a file in `policies_dir` changes (SIGHUP always reloads).
     /// Defaults to true.
     pub watch_policies: bool,
+    /// The service's base URL as Keycloak and callers reach it (https, or http on
+    /// loopback), e.g. `https://sts.example.com`. `keycloak plan/apply` derive each
+    /// `private_key_jwt` client's `jwks.url` from it (`<public_url>/.well-known/jwks.json`).
+    /// Optional for `serve`.
+    pub public_url: Option<url::Url>,
+    /// `[signing] algorithm` (ES256 when `[signing]` is absent), known even when the
+    /// keys were not read ([`Secrets::Skip`]).
+    pub signing_algorithm: crate::signing::SigningAlgorithm,
 }
 
 /// Everything `config check` found: errors refuse the configuration, warnings do
@@ -248,6 +256,9 @@ pub enum Secrets {
     Read,
     /// Read none (offline tools run where the secrets are not available).
     Skip,
+    /// Read the client secrets but not the signing keys (`keycloak apply` sets each
+    /// `client_secret_basic` client's secret in Keycloak to the configured one).
+    ClientSecrets,
 }
 
 /// The environment variable that overrides `key` (`workspaces[0].uuid` style paths

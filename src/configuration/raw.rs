@@ -35,6 +35,7 @@ pub(super) struct RawSettings {
     pub shutdown_grace_seconds: u64,
     #[serde(default = "yes")]
     pub watch_policies: bool,
+    pub public_url: Option<String>,
 }
 
 fn default_shutdown_grace() -> u64 {

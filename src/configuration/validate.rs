@@ -135,7 +135,7 @@ pub(super) fn settings(
     let (keycloak, needs_signing) = keycloak(raw.keycloak, base, secrets, p);
     let signing = match (secrets, &raw.signing) {
         (_, None) if !needs_signing => None,
-        (Secrets::Skip, Some(_)) => None,
+        (Secrets::Skip | Secrets::ClientSecrets, Some(_)) => None,
         (_, None) => {
             p.error(
                 "signing",
@@ -154,6 +154,15 @@ pub(super) fn settings(
         },
     };
     let limits = limits(&raw.limits, p);
+    let public_url = raw
+        .public_url
+        .as_deref()
+        .and_then(|u| p.take("public_url", public_url(u)));
+    let signing_algorithm = raw
+        .signing
+        .as_ref()
+        .map(|s| s.algorithm)
+        .unwrap_or_default();
     grace(
         raw.shutdown_grace_seconds,
         keycloak_timeout.saturating_add(raw.jwks.timeout_seconds),
@@ -177,7 +186,21 @@ pub(super) fn settings(
         limits: limits?,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
         watch_policies: raw.watch_policies,
+        public_url,
+        signing_algorithm,
     })
+}
+
+/// `public_url`: where Keycloak and callers reach the service (https, or http on
+/// loopback), without path, query or credentials.
+fn public_url(s: &str) -> Result<url::Url, String> {
+    let url = crate::http::check_upstream_url(s)?;
+    if url.path() != "/" {
+        return Err(format!(
+            "`{s}` must be the service's base URL without a path (the JWKS is served at /.well-known/jwks.json)"
+        ));
+    }
+    Ok(url)
 }
 
 /// On SIGTERM an exchange gets the grace period to finish; shorter than its
@@ -554,7 +577,7 @@ fn clients(
                 secret_env,
             } => {
                 let secret = match secrets {
-                    Secrets::Read => {
+                    Secrets::Read | Secrets::ClientSecrets => {
                         match read_secret(secret_file.as_deref(), secret_env.as_deref(), base) {
                             Ok(s) => s,
                             Err(reason) => {

@@ -267,8 +267,12 @@ impl PolicySet {
         }
     }
 }
+/// The directory beside the policies that holds the realm model
+/// (`keycloak/realm.yaml`, read by `keycloak plan/apply/export`); not policies.
+pub const REALM_MODEL_DIR: &str = "keycloak";
+
 /// The policy files of `dir` (sorted) and the other files it holds. Dot files
-/// and the `inventory/` directory are skipped (a Kubernetes ConfigMap mount keeps
+/// and the `inventory/` and `keycloak/` directories are skipped (a Kubernetes ConfigMap mount keeps
 /// its `..data` links there). Refused, so that no policy is dropped silently and
 /// no other file is read as one: an unreadable entry, a symbolic link that
 /// dangles or leads outside `dir`, a `.YAML`-like extension in another case, a
@@ -299,7 +303,10 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        if name.starts_with('.') || name == crate::inventory::INVENTORY_DIR {
+        if name.starts_with('.')
+            || name == crate::inventory::INVENTORY_DIR
+            || name == REALM_MODEL_DIR
+        {
             continue;
         }
         let ext = path

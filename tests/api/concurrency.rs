@@ -117,7 +117,7 @@ async fn thousands_of_concurrent_exchanges_during_key_rotation_and_slow_keycloak
             }
             other => panic!("undocumented answer {other}: {body}"),
         }
-        if done % 250 == 0 {
+        if done.is_multiple_of(250) {
             let rss = svc.rss_bytes();
             peak_rss = peak_rss.max(rss);
             if done == 1000 {

@@ -1,6 +1,7 @@
 //! The crate's layering (README "Layout"): imports run one way,
 //! `cli` → `startup` → `api` / `reload` → `state` → `exchange` →
 //! {`verify`, `policy` (→ `inventory`), `keycloak`, `limits`, `audit`} → `domain`, with
+//! `cli` → `provision` (→ `policy`) for `keycloak plan/apply`, and
 //! `configuration` building the lower modules' settings and never imported by
 //! them. This test reads `src/` and fails on any import outside that order.
 
@@ -40,6 +41,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["domain", "http", "keycloak", "limits", "signing", "verify"],
     ),
     ("state", &["exchange", "metrics", "signing"]),
+    // `keycloak plan/apply/export`: never used by the service.
+    ("provision", &["domain", "http", "policy"]),
     (
         "api",
         &[
@@ -78,6 +81,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "configuration",
+            "provision",
             "domain",
             "inventory",
             "policy",

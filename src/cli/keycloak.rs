@@ -1,0 +1,224 @@
+//! `keycloak plan|apply|export`: the realm the policies need. Exit codes: 0 in
+//! sync (plan) or done (apply, export); 1 the realm refused or has a conflicting
+//! object (nothing changed by apply), or an Admin API call failed; 2 usage,
+//! configuration or model error; 3 (plan only) changes pending, like
+//! `terraform plan -detailed-exitcode` (whose 2 our CLI already uses).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use secrecy::SecretString;
+
+use super::out;
+use crate::configuration::{Secrets, Settings};
+use crate::keycloak::ClientAuth;
+use crate::policy::PolicySet;
+use crate::provision::admin::{Admin, Credentials};
+use crate::provision::desired::{derive, Auth, Desired, Inputs};
+use crate::provision::live::Live;
+use crate::provision::model::RealmModel;
+use crate::provision::{apply, export, plan};
+
+/// Exit code of `keycloak plan` when changes are pending.
+pub const EXIT_CHANGES_PENDING: u8 = 3;
+
+/// The admin client's credentials on the command line.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// `clientId` of the admin client (a confidential client with service accounts
+    /// and realm-management roles; README "Admin credentials").
+    #[arg(long, env = "KCS_ADMIN_CLIENT_ID")]
+    pub admin_client_id: String,
+    /// File holding the admin client's secret.
+    #[arg(long)]
+    pub admin_secret_file: Option<PathBuf>,
+    /// Environment variable holding the admin client's secret (when no file is given).
+    #[arg(long, default_value = "KCS_ADMIN_CLIENT_SECRET")]
+    pub admin_secret_env: String,
+    /// Realm the admin client lives in. Defaults to the configured realm.
+    #[arg(long)]
+    pub admin_realm: Option<String>,
+}
+
+/// Reads the configuration (client secrets only with `secrets`), the policies and
+/// the realm model, and derives the desired state. Prints warnings.
+fn desired(config: &Path, secrets: Secrets) -> anyhow::Result<(Settings, Desired)> {
+    let (settings, report) = Settings::check(config, secrets);
+    let Some(settings) = settings else {
+        let lines: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+        anyhow::bail!("{}", lines.join("\n"));
+    };
+    let known = settings.keycloak.clients.keys().cloned().collect();
+    let set = PolicySet::load_dir(&settings.policies_dir, Some(&known)).map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    let model = RealmModel::load(&settings.policies_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "{}",
+            e.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    let clients = settings
+        .keycloak
+        .clients
+        .iter()
+        .map(|(id, auth)| {
+            let a = match (auth, secrets) {
+                (ClientAuth::PrivateKeyJwt, _) => Auth::PrivateKeyJwt,
+                (ClientAuth::ClientSecretBasic(s), Secrets::Read | Secrets::ClientSecrets) => {
+                    Auth::ClientSecret(Some(s.clone()))
+                }
+                (ClientAuth::ClientSecretBasic(_), Secrets::Skip) => Auth::ClientSecret(None),
+            };
+            (id.clone(), a)
+        })
+        .collect();
+    let alg = format!("{:?}", settings.signing_algorithm);
+    let inputs = Inputs {
+        public_url: settings.public_url.as_ref(),
+        signing_alg: &alg,
+        clients,
+    };
+    let desired = derive(inputs, set.policies(), &model).map_err(|e| {
+        anyhow::anyhow!(
+            "the policies and keycloak/realm.yaml disagree:\n{}",
+            e.join("\n")
+        )
+    })?;
+    for w in &desired.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok((settings, desired))
+}
+
+fn admin(settings: &Settings, a: AdminArgs) -> anyhow::Result<Admin> {
+    let secret = match &a.admin_secret_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| anyhow::anyhow!("cannot read --admin-secret-file {}: {e}", f.display()))?,
+        None => std::env::var(&a.admin_secret_env).map_err(|_| {
+            anyhow::anyhow!(
+                "environment variable `{}` is not set (or use --admin-secret-file)",
+                a.admin_secret_env
+            )
+        })?,
+    };
+    let secret = secret.trim_end_matches(['\r', '\n']).to_string();
+    if secret.is_empty() {
+        anyhow::bail!("the admin client's secret is empty");
+    }
+    let kc = &settings.keycloak;
+    let http = crate::http::client(kc.connect_timeout, kc.timeout)?;
+    let creds = Credentials {
+        realm: a.admin_realm.unwrap_or_else(|| kc.realm.clone()),
+        client_id: a.admin_client_id,
+        secret: SecretString::from(secret),
+    };
+    Ok(Admin::new(&kc.base_url, &kc.realm, creds, http))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `keycloak plan`: prints what `apply` would change. Exit 0 in sync, 3 changes
+/// pending, 1 problems (conflicts) or a failed call.
+///
+/// # Errors
+/// Configuration, policy, model or credential errors (exit 2).
+pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
+    let (settings, desired) = desired(config, Secrets::Skip)?;
+    let admin = admin(&settings, a)?;
+    let live = match runtime()?.block_on(Live::read(&admin, &desired)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let p = plan::plan(&desired, &live, prune);
+    for line in p.render() {
+        out(&line)?;
+    }
+    let realm = &settings.keycloak.realm;
+    if !p.problems.is_empty() {
+        eprintln!(
+            "{} problem(s): apply would change nothing in realm {realm}",
+            p.problems.len()
+        );
+        Ok(ExitCode::from(1))
+    } else if p.pending() {
+        out(&format!(
+            "changes pending in realm {realm}: run `keycloak apply`"
+        ))?;
+        Ok(ExitCode::from(EXIT_CHANGES_PENDING))
+    } else {
+        out(&format!("realm {realm} is in sync with the policies"))?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// `keycloak apply`: makes the plan's changes and sets client secrets; prints each.
+///
+/// # Errors
+/// Configuration, policy, model or credential errors (exit 2).
+pub fn apply(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
+    let (settings, desired) = desired(config, Secrets::ClientSecrets)?;
+    let admin = admin(&settings, a)?;
+    let mut journal = Vec::new();
+    let result = runtime()?.block_on(apply::apply(&admin, &desired, prune, &mut journal));
+    for line in &journal {
+        out(line)?;
+    }
+    let realm = &settings.keycloak.realm;
+    match result {
+        Ok(()) if journal.is_empty() => out(&format!(
+            "realm {realm} was already in sync; nothing changed"
+        ))?,
+        Ok(()) => out(&format!(
+            "applied {} change(s) to realm {realm}",
+            journal.len()
+        ))?,
+        Err(e) => {
+            eprintln!("error: {e}");
+            if !journal.is_empty() {
+                eprintln!(
+                    "{} change(s) were made before the error (listed above); run apply again",
+                    journal.len()
+                );
+            }
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keycloak export`: the desired state as realm-import JSON (no secrets), to
+/// `out` or standard output. Reads no secret and calls no server.
+///
+/// # Errors
+/// Configuration, policy or model errors, an unwritable file (exit 2).
+pub fn export(config: &Path, out_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (settings, desired) = desired(config, Secrets::Skip)?;
+    let doc = export::realm_json(&settings.keycloak.realm, &desired);
+    let text = serde_json::to_string_pretty(&doc)?;
+    match out_file {
+        Some(f) => {
+            std::fs::write(f, format!("{text}\n"))
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", f.display()))?;
+            out(&format!("wrote {}", f.display()))?;
+        }
+        None => out(&text)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

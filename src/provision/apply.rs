@@ -1,0 +1,568 @@
+//! `keycloak apply`: makes exactly the plan's changes, then sets the configured
+//! client secrets. Refuses to start while the plan has problems (an object of the
+//! same name that is not ours), so it never half-applies around a conflict.
+//! Idempotent: a second run finds nothing to do.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ::keycloak::types::{ClientRepresentation, RoleRepresentation};
+use secrecy::ExposeSecret;
+
+use super::admin::{Admin, AdminError, Context};
+use super::desired::Desired;
+use super::live::{Live, REALM_KEY};
+use super::plan::{default_scopes, plan, Action, Change, Kind, Plan};
+
+/// Why `apply` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The plan has problems; nothing was changed.
+    #[error("the plan has problems; nothing was changed:\n{}", .0.join("\n"))]
+    Refused(Vec<String>),
+    /// An Admin API call failed; the journal says what was done before it.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+/// Applies the plan for `desired`; each change made is appended to `journal`.
+///
+/// # Errors
+/// [`ApplyError`].
+pub async fn apply(
+    admin: &Admin,
+    desired: &Desired,
+    prune: bool,
+    journal: &mut Vec<String>,
+) -> Result<(), ApplyError> {
+    let live = Live::read(admin, desired).await?;
+    let first = plan(desired, &live, prune);
+    if !first.problems.is_empty() {
+        return Err(ApplyError::Refused(first.problems));
+    }
+    create(admin, desired, &first, journal).await?;
+    let live = Live::read(admin, desired).await?;
+    let second = plan(desired, &live, prune);
+    for e in &second.entries {
+        match &e.action {
+            Action::Update(changes) | Action::Create(changes) => {
+                update(admin, desired, &live, e.kind, &e.name, changes, journal).await?;
+            }
+            _ => {}
+        }
+    }
+    remove(admin, &live, &second, journal).await?;
+    secrets(admin, desired, &live, journal).await?;
+    Ok(())
+}
+
+fn id_of(live: &Live, client_id: &str) -> Result<String, AdminError> {
+    live.clients
+        .get(client_id)
+        .and_then(|c| c.id.clone())
+        .ok_or_else(|| missing(&format!("client {client_id}")))
+}
+
+fn missing(what: &str) -> AdminError {
+    AdminError {
+        action: format!("find {what}"),
+        source: Box::new(::keycloak::KeycloakError::HttpFailure {
+            status: 404,
+            body: None,
+            text: "not found after it was created".into(),
+        }),
+    }
+}
+
+async fn create(
+    admin: &Admin,
+    desired: &Desired,
+    plan: &Plan,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    for e in plan
+        .entries
+        .iter()
+        .filter(|e| matches!(e.action, Action::Create(_)))
+    {
+        match e.kind {
+            Kind::ResourceServer | Kind::Client => {
+                let mut rep: ClientRepresentation = match e.kind {
+                    Kind::ResourceServer => desired
+                        .resource_servers
+                        .iter()
+                        .find(|r| r.client_id == e.name)
+                        .map(|r| r.rep.clone()),
+                    _ => desired
+                        .clients
+                        .iter()
+                        .find(|c| c.client_id == e.name)
+                        .map(|c| {
+                            let mut rep = c.rep.clone();
+                            rep.secret = c.secret.as_ref().map(|s| s.expose_secret().to_string());
+                            rep
+                        }),
+                }
+                .ok_or_else(|| missing(&e.name))?;
+                rep.enabled = Some(true);
+                admin
+                    .api
+                    .realm_clients_post(realm, rep)
+                    .await
+                    .ctx(format!("create {} {}", e.kind, e.name))?;
+            }
+            Kind::Scope => {
+                let s = desired
+                    .scopes
+                    .iter()
+                    .find(|s| s.name == e.name)
+                    .ok_or_else(|| missing(&e.name))?;
+                admin
+                    .api
+                    .realm_client_scopes_post(realm, s.rep.clone())
+                    .await
+                    .ctx(format!("create client scope {}", e.name))?;
+            }
+        }
+        journal.push(format!("+ created {} {}", e.kind, e.name));
+    }
+    Ok(())
+}
+
+/// Client roles of `client_id` by name (id and name only).
+async fn roles_of(
+    admin: &Admin,
+    live: &Live,
+    client_id: &str,
+) -> Result<BTreeMap<String, RoleRepresentation>, AdminError> {
+    let uuid = id_of(live, client_id)?;
+    let roles = admin
+        .api
+        .realm_clients_with_client_uuid_roles_get(&admin.realm, &uuid, Some(true), None, None, None)
+        .await
+        .ctx(format!("read roles of client {client_id}"))?;
+    Ok(roles
+        .into_iter()
+        .filter_map(|r| Some((r.name.clone()?, r)))
+        .collect())
+}
+
+fn rep_field(field: &str) -> bool {
+    !(field == "roles"
+        || field == "scopeMappings"
+        || field == "defaultClientScopes"
+        || field == "optionalClientScopes"
+        || field.starts_with("protocolMappers")
+        || field.starts_with("serviceAccountRoles["))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn update(
+    admin: &Admin,
+    desired: &Desired,
+    live: &Live,
+    kind: Kind,
+    name: &str,
+    changes: &[Change],
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let has = |f: &str| changes.iter().any(|c| c.field == f);
+    let any = |p: &str| changes.iter().any(|c| c.field.starts_with(p));
+    let rep_changed = changes.iter().any(|c| rep_field(&c.field));
+    match kind {
+        Kind::ResourceServer => {
+            let rs = desired
+                .resource_servers
+                .iter()
+                .find(|r| r.client_id == name)
+                .ok_or_else(|| missing(name))?;
+            let uuid = id_of(live, name)?;
+            if rep_changed {
+                let mut rep = rs.rep.clone();
+                rep.id = Some(uuid.clone());
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_put(realm, &uuid, rep)
+                    .await
+                    .ctx(format!("update resource server {name}"))?;
+            }
+            if has("roles") {
+                let have = live.roles.get(name).cloned().unwrap_or_default();
+                for r in rs.roles.difference(&have) {
+                    let role = RoleRepresentation {
+                        name: Some(r.clone()),
+                        ..Default::default()
+                    };
+                    admin
+                        .api
+                        .realm_clients_with_client_uuid_roles_post(realm, &uuid, role)
+                        .await
+                        .ctx(format!("create role {name}/{r}"))?;
+                }
+                for r in have.difference(&rs.roles) {
+                    admin
+                        .api
+                        .realm_clients_with_client_uuid_roles_with_role_name_delete(realm, &uuid, r)
+                        .await
+                        .ctx(format!("remove role {name}/{r}"))?;
+                }
+            }
+        }
+        Kind::Scope => {
+            let s = desired
+                .scopes
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| missing(name))?;
+            let l = live
+                .scopes
+                .get(name)
+                .ok_or_else(|| missing(&format!("client scope {name}")))?;
+            let id = l.id.clone().ok_or_else(|| missing(name))?;
+            if rep_changed {
+                let mut rep = s.rep.clone();
+                rep.id = Some(id.clone());
+                admin
+                    .api
+                    .realm_client_scopes_with_client_scope_id_put(realm, &id, rep)
+                    .await
+                    .ctx(format!("update client scope {name}"))?;
+            }
+            if any("protocolMappers") {
+                let live_mappers = l.protocol_mappers.clone().unwrap_or_default();
+                for m in &s.mappers {
+                    match live_mappers.iter().find(|x| x.name == m.name) {
+                        None => {
+                            admin
+                                .api
+                                .realm_client_scopes_with_client_scope_id_protocol_mappers_models_post(realm, &id, m.clone())
+                                .await
+                                .ctx(format!("add mapper to client scope {name}"))?;
+                        }
+                        Some(x) => {
+                            let mut body = m.clone();
+                            body.id = x.id.clone();
+                            let mid = x.id.clone().unwrap_or_default();
+                            admin
+                                .api
+                                .realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_put(realm, &id, &mid, body)
+                                .await
+                                .ctx(format!("update mapper of client scope {name}"))?;
+                        }
+                    }
+                }
+                for x in live_mappers
+                    .iter()
+                    .filter(|x| !s.mappers.iter().any(|m| m.name == x.name))
+                {
+                    let mid = x.id.clone().unwrap_or_default();
+                    admin
+                        .api
+                        .realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_delete(realm, &id, &mid)
+                        .await
+                        .ctx(format!("remove mapper from client scope {name}"))?;
+                }
+            }
+            if has("scopeMappings") {
+                scope_mappings(admin, live, &id, name, &s.scope_mappings).await?;
+            }
+        }
+        Kind::Client => {
+            let c = desired
+                .clients
+                .iter()
+                .find(|c| c.client_id == name)
+                .ok_or_else(|| missing(name))?;
+            let uuid = id_of(live, name)?;
+            if rep_changed {
+                let mut rep = c.rep.clone();
+                rep.id = Some(uuid.clone());
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_put(realm, &uuid, rep)
+                    .await
+                    .ctx(format!("update client {name}"))?;
+            }
+            let d = live.details.get(name).cloned().unwrap_or_default();
+            let scope_id = |n: &str| {
+                live.scopes
+                    .get(n)
+                    .and_then(|s| s.id.clone())
+                    .ok_or_else(|| missing(&format!("client scope {n}")))
+            };
+            let want_default = default_scopes(c, live);
+            if has("defaultClientScopes") {
+                for n in d.default_scopes.difference(&want_default) {
+                    admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, &uuid, &scope_id(n)?).await.ctx(format!("detach default scope {n} from {name}"))?;
+                }
+            }
+            if has("optionalClientScopes") {
+                for n in d.optional_scopes.difference(&c.optional_scopes) {
+                    admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_delete(realm, &uuid, &scope_id(n)?).await.ctx(format!("detach optional scope {n} from {name}"))?;
+                }
+            }
+            if has("defaultClientScopes") {
+                for n in want_default.difference(&d.default_scopes) {
+                    admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_put(realm, &uuid, &scope_id(n)?).await.ctx(format!("attach default scope {n} to {name}"))?;
+                }
+            }
+            if has("optionalClientScopes") {
+                for n in c.optional_scopes.difference(&d.optional_scopes) {
+                    admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_put(realm, &uuid, &scope_id(n)?).await.ctx(format!("attach optional scope {n} to {name}"))?;
+                }
+            }
+            if has("protocolMappers") {
+                for m in live
+                    .clients
+                    .get(name)
+                    .and_then(|l| l.protocol_mappers.clone())
+                    .unwrap_or_default()
+                {
+                    let mid = m.id.unwrap_or_default();
+                    admin
+                        .api
+                        .realm_clients_with_client_uuid_protocol_mappers_models_with_id_delete(
+                            realm, &uuid, &mid,
+                        )
+                        .await
+                        .ctx(format!("remove mapper from client {name}"))?;
+                }
+            }
+            if any("serviceAccountRoles[") {
+                let user = d
+                    .service_account
+                    .clone()
+                    .ok_or_else(|| missing(&format!("service-account user of {name}")))?;
+                service_account_roles(admin, live, &user, name, &c.roles).await?;
+            }
+        }
+    }
+    for ch in changes {
+        journal.push(format!(
+            "~ {kind} {name}: {}: {} -> {}",
+            ch.field, ch.old, ch.new
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the scope's role scope mappings exactly `want` (resource server → roles).
+async fn scope_mappings(
+    admin: &Admin,
+    live: &Live,
+    id: &str,
+    name: &str,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
+    let m = admin
+        .api
+        .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, id)
+        .await
+        .ctx(format!("read scope mappings of {name}"))?;
+    let realm_roles = m.realm_mappings.unwrap_or_default();
+    if !realm_roles.is_empty() {
+        admin
+            .api
+            .realm_client_scopes_with_client_scope_id_scope_mappings_realm_delete(
+                realm,
+                id,
+                realm_roles,
+            )
+            .await
+            .ctx(format!("remove realm-role scope mappings of {name}"))?;
+    }
+    let have = m.client_mappings.unwrap_or_default();
+    for (client, mapped) in &have {
+        let uuid = mapped.id.clone().unwrap_or_default();
+        let wanted = want.get(client).cloned().unwrap_or_default();
+        let extra: Vec<RoleRepresentation> = mapped
+            .mappings
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .collect();
+        if !extra.is_empty() {
+            admin
+                .api
+                .realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_delete(
+                    realm, id, &uuid, extra,
+                )
+                .await
+                .ctx(format!("remove scope mappings of {name}"))?;
+        }
+    }
+    for (client, roles) in want {
+        let had: BTreeSet<String> = have
+            .get(client)
+            .and_then(|m| m.mappings.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| r.name)
+            .collect();
+        let all = roles_of(admin, live, client).await?;
+        let add: Vec<RoleRepresentation> = roles
+            .difference(&had)
+            .filter_map(|r| all.get(r).cloned())
+            .collect();
+        if !add.is_empty() {
+            let uuid = id_of(live, client)?;
+            admin
+                .api
+                .realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_post(
+                    realm, id, &uuid, add,
+                )
+                .await
+                .ctx(format!("add scope mappings to {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the service account's client roles of each managed resource server exactly `want`.
+async fn service_account_roles(
+    admin: &Admin,
+    live: &Live,
+    user: &str,
+    name: &str,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let m = admin
+        .api
+        .realm_users_with_user_id_role_mappings_get(realm, user)
+        .await
+        .ctx(format!("read service-account roles of {name}"))?;
+    let have = m.client_mappings.unwrap_or_default();
+    let servers: BTreeSet<&String> = live
+        .roles
+        .keys()
+        .chain(want.keys())
+        .filter(|k| k.as_str() != REALM_KEY)
+        .collect();
+    for rs in servers {
+        let wanted = want.get(rs).cloned().unwrap_or_default();
+        let mapped = have
+            .get(rs)
+            .and_then(|m| m.mappings.clone())
+            .unwrap_or_default();
+        let had: BTreeSet<String> = mapped.iter().filter_map(|r| r.name.clone()).collect();
+        let uuid = id_of(live, rs)?;
+        let extra: Vec<RoleRepresentation> = mapped
+            .into_iter()
+            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .collect();
+        if !extra.is_empty() {
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
+                    realm, user, &uuid, extra,
+                )
+                .await
+                .ctx(format!("remove service-account roles of {name}"))?;
+        }
+        if !wanted.is_subset(&had) {
+            let all = roles_of(admin, live, rs).await?;
+            let add: Vec<RoleRepresentation> = wanted
+                .difference(&had)
+                .filter_map(|r| all.get(r).cloned())
+                .collect();
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_clients_with_client_id_post(
+                    realm, user, &uuid, add,
+                )
+                .await
+                .ctx(format!("add service-account roles of {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn remove(
+    admin: &Admin,
+    live: &Live,
+    plan: &Plan,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let mut order: Vec<_> = plan
+        .entries
+        .iter()
+        .filter(|e| e.action == Action::Remove)
+        .collect();
+    // Clients first, then scopes, then resource servers (nothing refers to them after).
+    order.sort_by_key(|e| match e.kind {
+        Kind::Client => 0,
+        Kind::Scope => 1,
+        Kind::ResourceServer => 2,
+    });
+    for e in order {
+        match e.kind {
+            Kind::Scope => {
+                let id = live
+                    .scopes
+                    .get(&e.name)
+                    .and_then(|s| s.id.clone())
+                    .ok_or_else(|| missing(&e.name))?;
+                admin
+                    .api
+                    .realm_client_scopes_with_client_scope_id_delete(realm, &id)
+                    .await
+                    .ctx(format!("remove client scope {}", e.name))?;
+            }
+            _ => {
+                let id = id_of(live, &e.name)?;
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_delete(realm, &id)
+                    .await
+                    .ctx(format!("remove {} {}", e.kind, e.name))?;
+            }
+        }
+        journal.push(format!("- removed {} {}", e.kind, e.name));
+    }
+    Ok(())
+}
+
+/// Sets each `client_secret_basic` client's secret to the configured one when it
+/// differs. Needs `manage-clients` (view roles see no secret). Never prints it.
+async fn secrets(
+    admin: &Admin,
+    desired: &Desired,
+    live: &Live,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    for c in &desired.clients {
+        let Some(secret) = &c.secret else { continue };
+        let uuid = id_of(live, &c.client_id)?;
+        let current = admin
+            .api
+            .realm_clients_with_client_uuid_client_secret_get(realm, &uuid)
+            .await
+            .ctx(format!("read the secret of client {}", c.client_id))?;
+        if current.value.as_deref() == Some(secret.expose_secret()) {
+            continue;
+        }
+        let rep = ClientRepresentation {
+            id: Some(uuid.clone()),
+            client_id: Some(c.client_id.clone()),
+            secret: Some(secret.expose_secret().to_string()),
+            ..Default::default()
+        };
+        admin
+            .api
+            .realm_clients_with_client_uuid_put(realm, &uuid, rep)
+            .await
+            .ctx(format!("set the secret of client {}", c.client_id))?;
+        journal.push(format!(
+            "~ client {}: secret set to the configured one (value not shown)",
+            c.client_id
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! The desired Keycloak state, derived from the configuration's clients, the
+//! policies' grants and the realm model. Every setting and why it has its value is
+//! in the README ("Keycloak: what `keycloak apply` manages").
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ::keycloak::types::{
+    ClientRepresentation, ClientScopeRepresentation, ProtocolMapperRepresentation,
+};
+use secrecy::SecretString;
+
+use super::model::{join, RealmModel};
+use crate::policy::Policy;
+
+/// The attribute that marks an object as created and owned by `keycloak apply`;
+/// its value is the model's `owner`. Only objects carrying it are changed or removed.
+pub const OWNER_ATTRIBUTE: &str = "keycloak-ci-sts.owner";
+
+/// The built-in scope every client gets as its only default scope: it carries
+/// `sub` (Keycloak 25+; without it tokens lack `sub`, keycloak#31082).
+pub const BASIC_SCOPE: &str = "basic";
+
+/// How the service authenticates as a client (from `[keycloak.clients.*]`).
+#[derive(Debug)]
+pub enum Auth {
+    /// `private_key_jwt`: Keycloak's "Signed JWT" (`client-jwt`) with our JWKS URL.
+    PrivateKeyJwt,
+    /// `client_secret_basic`: "Client Id and Secret" (`client-secret`); the
+    /// configured secret when it was read (`apply`), `None` otherwise (`plan`).
+    ClientSecret(Option<SecretString>),
+}
+
+/// What the derivation reads besides the policies and the model.
+#[derive(Debug)]
+pub struct Inputs<'a> {
+    /// The service's base URL (`public_url`): the JWKS URL is derived from it.
+    pub public_url: Option<&'a url::Url>,
+    /// `[signing] algorithm` (`ES256` or `RS256`).
+    pub signing_alg: &'a str,
+    /// The clients of `[keycloak.clients.*]`, by `clientId`.
+    pub clients: BTreeMap<String, Auth>,
+}
+
+/// A resource server: a bearer-only client with its roles.
+#[derive(Debug, Clone)]
+pub struct ResourceServer {
+    /// `clientId`.
+    pub client_id: String,
+    /// The managed fields (POST / partial PUT body).
+    pub rep: ClientRepresentation,
+    /// Its client roles.
+    pub roles: BTreeSet<String>,
+}
+
+/// A client scope with its mappers and role scope mappings.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// Name (what `scope` requests).
+    pub name: String,
+    /// The managed fields, without mappers.
+    pub rep: ClientScopeRepresentation,
+    /// Its protocol mappers, by name.
+    pub mappers: Vec<ProtocolMapperRepresentation>,
+    /// Role scope mappings: resource server → roles.
+    pub scope_mappings: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// A client the service acts as.
+#[derive(Debug)]
+pub struct Client {
+    /// `clientId`.
+    pub client_id: String,
+    /// The managed fields (never the secret).
+    pub rep: ClientRepresentation,
+    /// Default client scopes (only `basic`).
+    pub default_scopes: BTreeSet<String>,
+    /// Optional client scopes: the scopes its grants name.
+    pub optional_scopes: BTreeSet<String>,
+    /// Service-account client roles: resource server → roles its scopes carry.
+    pub roles: BTreeMap<String, BTreeSet<String>>,
+    /// The secret to set (`client_secret_basic`, `apply` only).
+    pub secret: Option<SecretString>,
+}
+
+/// The whole desired state.
+#[derive(Debug)]
+pub struct Desired {
+    /// The ownership marker's value.
+    pub owner: String,
+    /// Resource servers, by `clientId` order.
+    pub resource_servers: Vec<ResourceServer>,
+    /// Client scopes, by name order.
+    pub scopes: Vec<Scope>,
+    /// Clients the service acts as, by `clientId` order.
+    pub clients: Vec<Client>,
+    /// Probably-mistakes that do not stop `plan`.
+    pub warnings: Vec<String>,
+}
+
+/// What the grants of one client add up to.
+#[derive(Default)]
+struct Granted {
+    scopes: BTreeSet<String>,
+    min_lifetime: Option<u64>,
+    policies: Vec<String>,
+}
+
+/// Derives the desired state.
+///
+/// # Errors
+/// Every inconsistency between the configuration, the policies and the model, one
+/// line each (a grant's scope the model does not declare, a grant whose audience
+/// none of its scopes carries, a lifespan above a grant's `max_lifetime_seconds`,
+/// a `private_key_jwt` client without `public_url`, ...).
+pub fn derive(
+    inputs: Inputs<'_>,
+    policies: &[Policy],
+    model: &RealmModel,
+) -> Result<Desired, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut granted: BTreeMap<&str, Granted> = BTreeMap::new();
+    for p in policies {
+        let Some(g) = &p.grant else { continue };
+        if !inputs.clients.contains_key(&g.client) {
+            errors.push(format!(
+                "policy `{}`: client `{}` is not configured under [keycloak.clients]",
+                p.id, g.client
+            ));
+            continue;
+        }
+        let mut audiences = BTreeSet::new();
+        for s in &g.scopes {
+            match model.scopes.get(s) {
+                None => errors.push(format!(
+                    "policy `{}`: scope `{s}` is not declared under `scopes` in keycloak/realm.yaml \
+                     (which resource server and roles does it carry?)",
+                    p.id
+                )),
+                Some(spec) => {
+                    audiences.insert(spec.resource_server.clone());
+                }
+            }
+        }
+        if !g.scopes.is_empty() && !audiences.is_empty() && !audiences.contains(&g.audience) {
+            errors.push(format!(
+                "policy `{}`: grant audience `{}` is not the resource server of any of its scopes \
+                 ({}); the token's `aud` would not contain it",
+                p.id,
+                g.audience,
+                join(&audiences)
+            ));
+        }
+        let e = granted.entry(g.client.as_str()).or_default();
+        e.scopes.extend(g.scopes.iter().cloned());
+        e.min_lifetime = Some(
+            e.min_lifetime
+                .map_or(g.max_lifetime_seconds, |m| m.min(g.max_lifetime_seconds)),
+        );
+        e.policies.push(p.id.clone());
+    }
+    for id in model.clients.keys() {
+        if !inputs.clients.contains_key(id) {
+            errors.push(format!(
+                "keycloak/realm.yaml: `clients.{id}` is not configured under [keycloak.clients]"
+            ));
+        }
+    }
+    let jwks_url = inputs
+        .public_url
+        .map(|u| format!("{}/.well-known/jwks.json", u.as_str().trim_end_matches('/')));
+    let owner = model.owner.clone();
+    let mut clients = Vec::new();
+    for (id, auth) in inputs.clients {
+        let g = granted.remove(id.as_str()).unwrap_or_default();
+        let spec = model.clients.get(&id);
+        if g.policies.is_empty() {
+            warnings.push(format!(
+                "client `{id}` is configured but no policy grants it: provisioned without optional scopes"
+            ));
+        }
+        let lifespan = match (
+            spec.and_then(|s| s.access_token_lifespan_seconds),
+            g.min_lifetime,
+        ) {
+            (Some(l), Some(max)) if l > max => {
+                errors.push(format!(
+                    "keycloak/realm.yaml: `clients.{id}.access_token_lifespan_seconds` = {l} exceeds \
+                     the smallest max_lifetime_seconds of its grants ({max}, policies {}): \
+                     the service would refuse its tokens (keycloak.lifetime_exceeds_policy)",
+                    g.policies.join(", ")
+                ));
+                l
+            }
+            (Some(l), _) => l,
+            (None, Some(max)) => max,
+            (None, None) => 60,
+        };
+        let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for s in &g.scopes {
+            if let Some(spec) = model.scopes.get(s) {
+                roles
+                    .entry(spec.resource_server.clone())
+                    .or_default()
+                    .extend(spec.roles.iter().cloned());
+            }
+        }
+        let (authenticator, secret, auth_attrs) = match auth {
+            Auth::PrivateKeyJwt => {
+                let Some(url) = &jwks_url else {
+                    errors.push(format!(
+                        "client `{id}` uses private_key_jwt: set `public_url` in the configuration \
+                         (Keycloak fetches <public_url>/.well-known/jwks.json)"
+                    ));
+                    continue;
+                };
+                let attrs = vec![
+                    ("use.jwks.url", "true".to_string()),
+                    ("jwks.url", url.clone()),
+                    (
+                        "token.endpoint.auth.signing.alg",
+                        inputs.signing_alg.to_string(),
+                    ),
+                ];
+                ("client-jwt", None, attrs)
+            }
+            Auth::ClientSecret(secret) => ("client-secret", secret, Vec::new()),
+        };
+        let mut attributes = base_attributes(&owner);
+        attributes.extend([
+            ("access.token.lifespan", lifespan.to_string()),
+            ("client_credentials.use_refresh_token", "false".into()),
+            ("use.refresh.tokens", "false".into()),
+            ("standard.token.exchange.enabled", "false".into()),
+            ("oauth2.device.authorization.grant.enabled", "false".into()),
+            ("oidc.ciba.grant.enabled", "false".into()),
+        ]);
+        attributes.extend(auth_attrs);
+        let rep = ClientRepresentation {
+            client_id: Some(id.clone()),
+            name: Some(id.clone()),
+            description: Some(spec.and_then(|s| s.description.clone()).unwrap_or_else(|| {
+                format!("keycloak-ci-sts acts as this client ({})", authenticator)
+            })),
+            protocol: Some("openid-connect".into()),
+            public_client: Some(false),
+            bearer_only: Some(false),
+            consent_required: Some(false),
+            standard_flow_enabled: Some(false),
+            implicit_flow_enabled: Some(false),
+            direct_access_grants_enabled: Some(false),
+            service_accounts_enabled: Some(true),
+            // Always sent explicitly (CVE-2026-18570: an omitted value bypassed a policy).
+            full_scope_allowed: Some(false),
+            client_authenticator_type: Some(authenticator.into()),
+            attributes: Some(to_map(attributes)),
+            ..Default::default()
+        };
+        clients.push(Client {
+            client_id: id,
+            rep,
+            default_scopes: BTreeSet::from([BASIC_SCOPE.to_string()]),
+            optional_scopes: g.scopes,
+            roles,
+            secret,
+        });
+    }
+    let resource_servers = model
+        .resource_servers
+        .iter()
+        .map(|(id, spec)| ResourceServer {
+            client_id: id.clone(),
+            rep: ClientRepresentation {
+                client_id: Some(id.clone()),
+                name: Some(id.clone()),
+                description: Some(spec.description.clone().unwrap_or_else(|| {
+                    "resource server (audience of keycloak-ci-sts tokens)".into()
+                })),
+                protocol: Some("openid-connect".into()),
+                public_client: Some(false),
+                bearer_only: Some(true),
+                consent_required: Some(false),
+                standard_flow_enabled: Some(false),
+                implicit_flow_enabled: Some(false),
+                direct_access_grants_enabled: Some(false),
+                service_accounts_enabled: Some(false),
+                full_scope_allowed: Some(false),
+                attributes: Some(to_map(base_attributes(&owner))),
+                ..Default::default()
+            },
+            roles: spec.roles.clone(),
+        })
+        .collect();
+    let used: BTreeSet<&String> = clients
+        .iter()
+        .flat_map(|c| c.optional_scopes.iter())
+        .collect();
+    let scopes = model
+        .scopes
+        .iter()
+        .map(|(name, spec)| {
+            if !used.contains(name) {
+                warnings.push(format!(
+                    "scope `{name}` is declared in keycloak/realm.yaml but no policy grants it"
+                ));
+            }
+            scope(name, spec, &owner)
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(Desired {
+            owner,
+            resource_servers,
+            scopes,
+            clients,
+            warnings,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn base_attributes(owner: &str) -> Vec<(&'static str, String)> {
+    vec![(OWNER_ATTRIBUTE, owner.to_string())]
+}
+
+fn to_map(v: Vec<(&'static str, String)>) -> HashMap<String, String> {
+    v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// A client scope: `include.in.token.scope` so the granted scope shows in
+/// `scope`, an audience mapper naming its resource server, a client-role mapper so
+/// the resource server's roles appear in `resource_access`, and the role scope
+/// mapping.
+fn scope(name: &str, spec: &super::model::ScopeSpec, owner: &str) -> Scope {
+    let rs = &spec.resource_server;
+    let mut attributes = base_attributes(owner);
+    attributes.extend([
+        ("include.in.token.scope", "true".to_string()),
+        ("display.on.consent.screen", "false".to_string()),
+    ]);
+    let mapper =
+        |n: &str, kind: &str, config: Vec<(&'static str, String)>| ProtocolMapperRepresentation {
+            name: Some(n.to_string()),
+            protocol: Some("openid-connect".into()),
+            protocol_mapper: Some(kind.to_string()),
+            config: Some(to_map(config)),
+            ..Default::default()
+        };
+    let token_claims = || {
+        vec![
+            ("access.token.claim", "true".to_string()),
+            ("introspection.token.claim", "true".to_string()),
+            ("id.token.claim", "false".to_string()),
+        ]
+    };
+    let mut aud = token_claims();
+    aud.push(("included.client.audience", rs.clone()));
+    let mut roles = token_claims();
+    roles.extend([
+        ("usermodel.clientRoleMapping.clientId", rs.clone()),
+        ("claim.name", format!("resource_access.{rs}.roles")),
+        ("jsonType.label", "String".to_string()),
+        ("multivalued", "true".to_string()),
+        ("userinfo.token.claim", "false".to_string()),
+    ]);
+    Scope {
+        name: name.to_string(),
+        rep: ClientScopeRepresentation {
+            name: Some(name.to_string()),
+            description: Some(
+                spec.description
+                    .clone()
+                    .unwrap_or_else(|| format!("roles {} of {rs}", join(&spec.roles))),
+            ),
+            protocol: Some("openid-connect".into()),
+            attributes: Some(to_map(attributes)),
+            ..Default::default()
+        },
+        mappers: vec![
+            mapper(&format!("audience {rs}"), "oidc-audience-mapper", aud),
+            mapper(
+                &format!("client roles {rs}"),
+                "oidc-usermodel-client-role-mapper",
+                roles,
+            ),
+        ],
+        scope_mappings: BTreeMap::from([(rs.clone(), spec.roles.clone())]),
+    }
+}

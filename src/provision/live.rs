@@ -1,0 +1,240 @@
+//! The live realm as `plan` needs it, read with view-only roles (`view-clients`,
+//! `view-users`). Bounded: at most [`MAX_CLIENTS`] clients are listed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ::keycloak::types::{ClientRepresentation, ClientScopeRepresentation, MappingsRepresentation};
+
+use super::admin::{Admin, AdminError, Context};
+use super::desired::{Desired, OWNER_ATTRIBUTE};
+
+/// Most clients a realm may hold for `plan` to read it.
+pub const MAX_CLIENTS: i32 = 10_000;
+const PAGE: i32 = 200;
+
+/// Details of one client that `plan` compares beyond its representation.
+#[derive(Debug, Default, Clone)]
+pub struct ClientDetails {
+    /// Names of its default client scopes.
+    pub default_scopes: BTreeSet<String>,
+    /// Names of its optional client scopes.
+    pub optional_scopes: BTreeSet<String>,
+    /// Its service-account user's id, when service accounts are on.
+    pub service_account: Option<String>,
+    /// The service account's client roles, by `clientId`.
+    pub roles: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// The live state of the realm.
+#[derive(Debug, Default)]
+pub struct Live {
+    /// Every client, by `clientId`.
+    pub clients: BTreeMap<String, ClientRepresentation>,
+    /// Every client scope (with its mappers), by name.
+    pub scopes: BTreeMap<String, ClientScopeRepresentation>,
+    /// Details of the clients the service acts as (desired or owned), by `clientId`.
+    pub details: BTreeMap<String, ClientDetails>,
+    /// Role scope mappings of desired or owned scopes: scope → `clientId` (or
+    /// `(realm)`) → roles.
+    pub scope_mappings: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
+    /// Client roles of desired or owned resource servers, by `clientId`.
+    pub roles: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Whether a representation's attributes carry the ownership marker `owner`.
+pub fn owned_by(
+    attributes: Option<&std::collections::HashMap<String, String>>,
+    owner: &str,
+) -> bool {
+    attributes
+        .and_then(|a| a.get(OWNER_ATTRIBUTE))
+        .is_some_and(|v| v == owner)
+}
+
+fn names(v: Vec<ClientScopeRepresentation>) -> BTreeSet<String> {
+    v.into_iter().filter_map(|s| s.name).collect()
+}
+
+/// `clientId` → role names of a mappings representation; realm roles under `(realm)`.
+pub fn mapping_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (client, c) in m.client_mappings.unwrap_or_default() {
+        let roles: BTreeSet<String> = c
+            .mappings
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| r.name)
+            .collect();
+        if !roles.is_empty() {
+            out.insert(client, roles);
+        }
+    }
+    let realm: BTreeSet<String> = m
+        .realm_mappings
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.name)
+        .collect();
+    if !realm.is_empty() {
+        out.insert(REALM_KEY.to_string(), realm);
+    }
+    out
+}
+
+/// The key of realm-role mappings in [`mapping_roles`].
+pub const REALM_KEY: &str = "(realm)";
+
+impl Live {
+    /// Reads every client and client scope, then the details of the objects the
+    /// desired state names or `owner` owns.
+    ///
+    /// # Errors
+    /// The first refused or failed call.
+    pub async fn read(admin: &Admin, desired: &Desired) -> Result<Self, AdminError> {
+        let realm = admin.realm.as_str();
+        let mut live = Live::default();
+        let mut first = 0;
+        loop {
+            let page = admin
+                .api
+                .realm_clients_get(realm, None, Some(first), Some(PAGE), None, None, None)
+                .await
+                .ctx("read clients")?;
+            let n = page.len() as i32;
+            for c in page {
+                if let Some(id) = c.client_id.clone() {
+                    live.clients.insert(id, c);
+                }
+            }
+            first += n;
+            if n < PAGE {
+                break;
+            }
+            if first >= MAX_CLIENTS {
+                return Err(AdminError {
+                    action: format!("read clients (more than {MAX_CLIENTS})"),
+                    source: Box::new(::keycloak::KeycloakError::HttpFailure {
+                        status: 0,
+                        body: None,
+                        text: "too many clients in the realm".into(),
+                    }),
+                });
+            }
+        }
+        for s in admin
+            .api
+            .realm_client_scopes_get(realm)
+            .await
+            .ctx("read client scopes")?
+        {
+            if let Some(n) = s.name.clone() {
+                live.scopes.insert(n, s);
+            }
+        }
+        let owner = desired.owner.as_str();
+        let acting: BTreeSet<&str> = desired
+            .clients
+            .iter()
+            .map(|c| c.client_id.as_str())
+            .collect();
+        let servers: BTreeSet<&str> = desired
+            .resource_servers
+            .iter()
+            .map(|r| r.client_id.as_str())
+            .collect();
+        let mut detail_ids = Vec::new();
+        let mut role_ids = Vec::new();
+        for (id, c) in &live.clients {
+            let mine = owned_by(c.attributes.as_ref(), owner);
+            let Some(uuid) = c.id.clone() else { continue };
+            if acting.contains(id.as_str()) || (mine && c.service_accounts_enabled == Some(true)) {
+                detail_ids.push((id.clone(), uuid.clone()));
+            }
+            if servers.contains(id.as_str()) || (mine && c.bearer_only == Some(true)) {
+                role_ids.push((id.clone(), uuid));
+            }
+        }
+        for (id, uuid) in detail_ids {
+            let d = live.client_details(admin, &id, &uuid).await?;
+            live.details.insert(id, d);
+        }
+        for (id, uuid) in role_ids {
+            let roles = admin
+                .api
+                .realm_clients_with_client_uuid_roles_get(
+                    realm,
+                    &uuid,
+                    Some(true),
+                    None,
+                    None,
+                    None,
+                )
+                .await
+                .ctx(format!("read roles of client {id}"))?;
+            live.roles
+                .insert(id, roles.into_iter().filter_map(|r| r.name).collect());
+        }
+        let wanted: BTreeSet<&str> = desired.scopes.iter().map(|s| s.name.as_str()).collect();
+        let scope_ids: Vec<(String, String)> = live
+            .scopes
+            .iter()
+            .filter(|(n, s)| wanted.contains(n.as_str()) || owned_by(s.attributes.as_ref(), owner))
+            .filter_map(|(n, s)| Some((n.clone(), s.id.clone()?)))
+            .collect();
+        for (name, id) in scope_ids {
+            // Deprecated in the OpenAPI document, still served by 26.4-26.7 (tested):
+            // the one call that shows every role a scope maps, realm and client.
+            #[allow(deprecated)]
+            let m = admin
+                .api
+                .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, &id)
+                .await
+                .ctx(format!("read scope mappings of client scope {name}"))?;
+            live.scope_mappings.insert(name, mapping_roles(m));
+        }
+        Ok(live)
+    }
+
+    async fn client_details(
+        &self,
+        admin: &Admin,
+        id: &str,
+        uuid: &str,
+    ) -> Result<ClientDetails, AdminError> {
+        let realm = admin.realm.as_str();
+        let api = &admin.api;
+        let default_scopes = api
+            .realm_clients_with_client_uuid_default_client_scopes_get(realm, uuid)
+            .await
+            .ctx(format!("read default client scopes of {id}"))?;
+        let optional_scopes = api
+            .realm_clients_with_client_uuid_optional_client_scopes_get(realm, uuid)
+            .await
+            .ctx(format!("read optional client scopes of {id}"))?;
+        let mut d = ClientDetails {
+            default_scopes: names(default_scopes),
+            optional_scopes: names(optional_scopes),
+            ..Default::default()
+        };
+        let has_sa = self
+            .clients
+            .get(id)
+            .and_then(|c| c.service_accounts_enabled)
+            == Some(true);
+        if has_sa {
+            let user = api
+                .realm_clients_with_client_uuid_service_account_user_get(realm, uuid)
+                .await
+                .ctx(format!("read the service-account user of {id}"))?;
+            if let Some(uid) = user.id {
+                let m = api
+                    .realm_users_with_user_id_role_mappings_get(realm, &uid)
+                    .await
+                    .ctx(format!("read the service-account roles of {id}"))?;
+                d.roles = mapping_roles(m);
+                d.service_account = Some(uid);
+            }
+        }
+        Ok(d)
+    }
+}

@@ -1,0 +1,347 @@
+//! The realm model: `<policies_dir>/keycloak/realm.yaml`, the reviewed file that
+//! says what the policies cannot — which resource servers (APIs) exist with which
+//! roles, and which roles each scope carries. Read strictly (unknown fields,
+//! anchors and aliases refused), like the policies.
+//!
+//! ```yaml
+//! resource_servers:
+//!   deploy-api:
+//!     description: Deploy API
+//!     roles: [deploy]
+//! scopes:
+//!   deploy:production:
+//!     resource_server: deploy-api
+//!     roles: [deploy]
+//! clients:                      # optional, per client the service acts as
+//!   sts-deploy:
+//!     access_token_lifespan_seconds: 120
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::domain::SourceError;
+
+/// The model file, relative to the policies directory.
+pub const MODEL_FILE: &str = "keycloak/realm.yaml";
+
+/// Largest model file read, in bytes.
+pub const MAX_MODEL_BYTES: u64 = 256 * 1024;
+
+/// The default ownership marker value (`owner`).
+pub const DEFAULT_OWNER: &str = "keycloak-ci-sts";
+
+/// The parsed model file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealmModel {
+    /// Value of the ownership attribute (`keycloak-ci-sts.owner`) on every object
+    /// `apply` creates; only objects carrying it are changed or removed. Lower-case
+    /// letters, digits and `-`, 1 to 64 characters. Defaults to `keycloak-ci-sts`;
+    /// set another one when two deployments share a realm.
+    #[serde(default = "default_owner")]
+    pub owner: String,
+    /// Resource servers by `clientId` (a token's `aud`): bearer-only clients whose
+    /// client roles the scopes carry.
+    #[serde(default)]
+    pub resource_servers: BTreeMap<String, ResourceServerSpec>,
+    /// Client scopes by name: every scope a policy grant names must be here.
+    #[serde(default)]
+    pub scopes: BTreeMap<String, ScopeSpec>,
+    /// Optional settings per client the service acts as (`[keycloak.clients.*]`).
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientSpec>,
+}
+
+fn default_owner() -> String {
+    DEFAULT_OWNER.to_string()
+}
+
+/// A resource server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceServerSpec {
+    /// Shown in the admin console.
+    pub description: Option<String>,
+    /// Its client roles.
+    pub roles: BTreeSet<String>,
+}
+
+/// A client scope.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeSpec {
+    /// Shown in the admin console.
+    pub description: Option<String>,
+    /// The resource server it is for: its audience mapper puts this `clientId`
+    /// into `aud`, and the roles below are this client's roles.
+    pub resource_server: String,
+    /// Roles of the resource server the scope carries (scope role mapping).
+    pub roles: BTreeSet<String>,
+}
+
+/// Settings of a client the service acts as that the policies do not imply.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSpec {
+    /// Shown in the admin console.
+    pub description: Option<String>,
+    /// Keycloak's `access.token.lifespan`, seconds; at most the smallest
+    /// `max_lifetime_seconds` of the client's grants (the default).
+    pub access_token_lifespan_seconds: Option<u64>,
+}
+
+impl RealmModel {
+    /// Reads `<policies_dir>/keycloak/realm.yaml`.
+    ///
+    /// # Errors
+    /// Every problem, naming the file and key.
+    pub fn load(policies_dir: &Path) -> Result<Self, Vec<SourceError>> {
+        let path: PathBuf = policies_dir.join(MODEL_FILE);
+        let file = path.display().to_string();
+        let err = |key: &str, reason: String| SourceError {
+            file: file.clone(),
+            key: key.to_string(),
+            reason,
+        };
+        let meta = std::fs::metadata(&path).map_err(|e| {
+            vec![err(
+                "",
+                format!(
+                    "cannot read the realm model ({e}); `keycloak plan` needs it, see the README"
+                ),
+            )]
+        })?;
+        if !meta.is_file() || meta.len() > MAX_MODEL_BYTES {
+            return Err(vec![err(
+                "",
+                format!("must be a regular file of at most {MAX_MODEL_BYTES} bytes"),
+            )]);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| vec![err("", e.to_string())])?;
+        Self::from_str(&text, &file)
+    }
+
+    /// Parses and checks a model text; `file` names it in errors.
+    ///
+    /// # Errors
+    /// Every problem, naming the file and key.
+    pub fn from_str(text: &str, file: &str) -> Result<Self, Vec<SourceError>> {
+        let err = |key: &str, reason: String| SourceError {
+            file: file.to_string(),
+            key: key.to_string(),
+            reason,
+        };
+        crate::domain::yaml::refuse_anchors_and_aliases(text).map_err(|r| vec![err("", r)])?;
+        let de = serde_norway::Deserializer::from_str(text);
+        let model: RealmModel = serde_path_to_error::deserialize(de)
+            .map_err(|e| vec![err(&e.path().to_string(), e.inner().to_string())])?;
+        let problems = model.problems();
+        if problems.is_empty() {
+            Ok(model)
+        } else {
+            Err(problems.into_iter().map(|(k, r)| err(&k, r)).collect())
+        }
+    }
+
+    /// `(key, reason)` for every inconsistency inside the file.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let owner_ok = (1..=64).contains(&self.owner.len())
+            && self
+                .owner
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !owner_ok {
+            out.push((
+                "owner".into(),
+                "use 1 to 64 lower-case letters, digits and `-`".into(),
+            ));
+        }
+        for (id, rs) in &self.resource_servers {
+            if let Err(r) = client_id(id) {
+                out.push((format!("resource_servers.{id}"), r));
+            }
+            for role in &rs.roles {
+                if let Err(r) = name(role) {
+                    out.push((format!("resource_servers.{id}.roles"), r));
+                }
+            }
+        }
+        for (scope, spec) in &self.scopes {
+            let key = format!("scopes.{scope}");
+            if !crate::domain::oauth::is_scope_token(scope) || scope.len() > 128 {
+                out.push((
+                    key.clone(),
+                    "not an RFC 6749 §3.3 scope token of at most 128 characters".into(),
+                ));
+            }
+            if RESERVED_SCOPES.contains(&scope.as_str()) {
+                out.push((
+                    key.clone(),
+                    format!("`{scope}` is one of Keycloak's built-in scopes; the clients get it as a default scope"),
+                ));
+            }
+            match self.resource_servers.get(&spec.resource_server) {
+                None => out.push((
+                    format!("{key}.resource_server"),
+                    format!("`{}` is not under resource_servers", spec.resource_server),
+                )),
+                Some(rs) => {
+                    for role in spec.roles.difference(&rs.roles) {
+                        out.push((
+                            format!("{key}.roles"),
+                            format!(
+                                "`{role}` is not a role of resource server `{}` (its roles: {})",
+                                spec.resource_server,
+                                join(&rs.roles)
+                            ),
+                        ));
+                    }
+                }
+            }
+            if spec.roles.is_empty() {
+                out.push((
+                    format!("{key}.roles"),
+                    "name at least one role: a scope without roles authorizes nothing".into(),
+                ));
+            }
+        }
+        for (id, c) in &self.clients {
+            if c.access_token_lifespan_seconds == Some(0) {
+                out.push((
+                    format!("clients.{id}.access_token_lifespan_seconds"),
+                    "must be at least 1 (0 means the realm default in Keycloak)".into(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Keycloak's built-in client scopes, which the model may not redefine.
+pub const RESERVED_SCOPES: &[&str] = &[
+    "basic",
+    "openid",
+    "profile",
+    "email",
+    "roles",
+    "web-origins",
+    "acr",
+    "address",
+    "phone",
+    "offline_access",
+    "microprofile-jwt",
+    "organization",
+    "service_account",
+];
+
+/// A `clientId` the model may name: printable ASCII without spaces or `/`,
+/// 1 to 255 characters.
+fn client_id(s: &str) -> Result<(), String> {
+    let ok = (1..=255).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+    if ok {
+        Ok(())
+    } else {
+        Err("a clientId is 1 to 255 printable ASCII characters without spaces or `/`".into())
+    }
+}
+
+/// A role name: printable, no leading or trailing space, 1 to 255 characters.
+fn name(s: &str) -> Result<(), String> {
+    let ok = (1..=255).contains(&s.len()) && s.trim() == s && !s.chars().any(char::is_control);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{s}`: 1 to 255 characters, no control characters or surrounding spaces"
+        ))
+    }
+}
+
+/// `a, b, c`, or `(none)`.
+pub fn join<'a>(items: impl IntoIterator<Item = &'a String>) -> String {
+    let v: Vec<&str> = items.into_iter().map(String::as_str).collect();
+    if v.is_empty() {
+        "(none)".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+resource_servers:
+  deploy-api:
+    roles: [deploy]
+scopes:
+  deploy:production:
+    resource_server: deploy-api
+    roles: [deploy]
+";
+
+    #[test]
+    fn a_good_model_parses_with_the_default_owner() {
+        let m = RealmModel::from_str(GOOD, "m.yaml").unwrap();
+        assert_eq!(m.owner, DEFAULT_OWNER);
+        assert_eq!(m.scopes["deploy:production"].resource_server, "deploy-api");
+    }
+
+    #[test]
+    fn unknown_fields_undeclared_roles_and_servers_are_refused_with_keys() {
+        let e = RealmModel::from_str(
+            &GOOD.replace("roles: [deploy]\n", "roles: [deploy]\n    lifespan: 3\n"),
+            "m.yaml",
+        )
+        .unwrap_err();
+        assert!(e[0].to_string().contains("unknown field"), "{e:?}");
+        let e = RealmModel::from_str(
+            &format!("{GOOD}  x:\n    resource_server: nope\n    roles: [a]\n"),
+            "m.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e[0].key, "scopes.x.resource_server", "{e:?}");
+        let e = RealmModel::from_str(&GOOD.replace("    roles: [deploy]\n\"", ""), "m.yaml")
+            .map(|_| ());
+        assert!(e.is_ok());
+        let e = RealmModel::from_str(
+            &format!("{GOOD}  y:\n    resource_server: deploy-api\n    roles: [admin]\n"),
+            "m.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e[0].key, "scopes.y.roles");
+        assert!(e[0].reason.contains("`admin` is not a role"), "{e:?}");
+    }
+
+    #[test]
+    fn built_in_scopes_owner_syntax_and_empty_roles_are_refused() {
+        let e = RealmModel::from_str(
+            &format!("{GOOD}  basic:\n    resource_server: deploy-api\n    roles: [deploy]\n"),
+            "m",
+        )
+        .unwrap_err();
+        assert!(e[0].reason.contains("built-in"), "{e:?}");
+        let e = RealmModel::from_str(&format!("owner: Team A\n{GOOD}"), "m").unwrap_err();
+        assert_eq!(e[0].key, "owner");
+        let e = RealmModel::from_str(
+            &format!("{GOOD}  z:\n    resource_server: deploy-api\n    roles: []\n"),
+            "m",
+        )
+        .unwrap_err();
+        assert!(e[0].reason.contains("at least one role"), "{e:?}");
+    }
+
+    #[test]
+    fn anchors_are_refused() {
+        let e = RealmModel::from_str("resource_servers: &a {}\nscopes: *a\n", "m").unwrap_err();
+        assert!(
+            e[0].reason.contains("anchor") || e[0].reason.contains("alias"),
+            "{e:?}"
+        );
+    }
+}
