@@ -61,7 +61,7 @@ wait_http() {
 }
 
 echo "== starting Keycloak, the local issuer (with a stub Keycloak realm)"
-KCS_STS_JWKS_URL=http://127.0.0.1:18091/.well-known/jwks.json bash scripts/keycloak.sh start
+bash scripts/keycloak.sh start
 target/release/bitbucket-dev-issuer --listen 127.0.0.1:18092 --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
 pids+=($!)
 wait_http "$ISSUER/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
@@ -69,6 +69,7 @@ wait_http "$ISSUER/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
 config() { # port keycloak_url
   cat <<TOML
 listen = "127.0.0.1:$1"
+public_url = "http://127.0.0.1:$1"
 policies_dir = "$PWD/policies"
 
 [limits]
@@ -99,6 +100,13 @@ key_files = ["$PWD/$OUT/sts-signing-key.pem"]
 path = "$PWD/$OUT/audit-$1.jsonl"
 TOML
 }
+
+# The realm's clients, scopes and resource servers, with sts-deploy's JWKS URL
+# pointing at the instance on 18091 (keycloak apply, the manage admin client).
+config 18091 http://127.0.0.1:18080 >"$OUT/sts-18091.toml"
+KCS_ADMIN_CLIENT_ID=kcs-admin-manage KCS_ADMIN_CLIENT_SECRET=kcs-admin-manage-test-secret \
+  KCS_BENCH_SECRET=sts-artifacts-test-secret \
+  target/release/keycloak-ci-sts keycloak apply --config "$OUT/sts-18091.toml" >/dev/null
 
 start_sts() { # port keycloak_url -> pid in STS_PID
   config "$1" "$2" >"$OUT/sts-$1.toml"

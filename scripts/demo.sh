@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole product on one machine, in one command:
-#   Keycloak (realm tests/keycloak/realm-ci.json) on 127.0.0.1:18080,
+#   Keycloak on 127.0.0.1:18080 (realm tests/keycloak/realm-ci.json: the realm and
+#   two admin clients; `keycloak apply` creates everything else from policies/),
 #   a local Bitbucket-compatible OIDC issuer on 127.0.0.1:18082,
 #   keycloak-ci-sts on 127.0.0.1:18081 (demo/sts.toml, policies/).
 # It mints a pipeline-shaped token, exchanges it with the curl line of
@@ -63,7 +64,12 @@ if [[ ! -f "$DEMO_DIR/sts-signing-key.pem" ]]; then
 fi
 
 say "Starting Keycloak (first run fetches it with Maven; about a minute)"
-KCS_STS_JWKS_URL="$STS_URL/.well-known/jwks.json" bash scripts/keycloak.sh start
+bash scripts/keycloak.sh start
+
+say "Configuring the realm from the policies (keycloak plan, then keycloak apply)"
+KCS_ADMIN_CLIENT_ID=kcs-admin-view KCS_ADMIN_CLIENT_SECRET=kcs-admin-view-test-secret \
+  target/debug/keycloak-ci-sts keycloak plan --config demo/sts.toml | grep -v '^    ' || true
+bash scripts/keycloak.sh provision
 
 say "Starting the local Bitbucket-compatible issuer and keycloak-ci-sts"
 target/debug/bitbucket-dev-issuer --listen 127.0.0.1:18082 2>"$DEMO_DIR/issuer.log" &

@@ -4,9 +4,11 @@
 #
 #   scripts/test.sh
 #
-# Starts Keycloak (scripts/keycloak.sh: fetched from Maven, cached outside the
-# clone, run in dev mode on 127.0.0.1), runs formatting and lint checks and
-# `cargo test -- --include-ignored`, and stops Keycloak again. The real-Keycloak
+# Runs formatting and lint checks; starts Keycloak 26.7.3 (scripts/keycloak.sh:
+# fetched from Maven, cached outside the clone, run in dev mode on 127.0.0.1),
+# configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`;
+# then runs the provisioning test on Keycloak 26.4.7 and 26.5.6
+# (KCS_KEYCLOAK_OLDER_VERSIONS, empty to skip them locally). The real-Keycloak
 # tests are #[ignore]d in a plain `cargo test` (reported as "ignored"); here they
 # run, and fail if Keycloak is not reachable: they never skip.
 set -euo pipefail
@@ -21,10 +23,30 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build (tests)"
 cargo test --locked --workspace --no-run
 
-echo "== starting Keycloak"
-trap 'bash scripts/keycloak.sh stop || true' EXIT
-bash scripts/keycloak.sh start
-eval "$(bash scripts/keycloak.sh env)"
+cargo build --locked --workspace --bins
 
-echo "== cargo test (including the real-Keycloak tests)"
+# The newest supported Keycloak runs the whole suite; the older lines of the
+# support matrix run the provisioning test (blank realm -> plan -> apply -> real
+# exchanges with both authentication methods -> drift -> repair). Each
+# distribution is cached outside the clone (scripts/keycloak.sh).
+KC_NEWEST="${KC_VERSION:-26.7.3}"
+KC_OLDER="${KCS_KEYCLOAK_OLDER_VERSIONS-26.4.7 26.5.6}"
+
+trap 'bash scripts/keycloak.sh stop || true' EXIT
+echo "== starting Keycloak $KC_NEWEST"
+KC_VERSION="$KC_NEWEST" bash scripts/keycloak.sh start
+eval "$(KC_VERSION="$KC_NEWEST" bash scripts/keycloak.sh env)"
+echo "== keycloak apply: realm ci from policies/ and policies/keycloak/realm.yaml"
+bash scripts/keycloak.sh provision
+
+echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST)"
 cargo test --locked --workspace -- --include-ignored
+bash scripts/keycloak.sh stop
+
+for v in $KC_OLDER; do
+  echo "== Keycloak $v: provisioning and exchange test"
+  KC_VERSION="$v" bash scripts/keycloak.sh start
+  eval "$(KC_VERSION="$v" bash scripts/keycloak.sh env)"
+  cargo test --locked --test api keycloak_provision -- --include-ignored
+  bash scripts/keycloak.sh stop
+done

@@ -109,6 +109,8 @@ impl Issuer {
 pub struct Options {
     /// Keycloak base URL (wiremock or real).
     pub keycloak_url: String,
+    /// Keycloak realm (default `ci`).
+    pub realm: String,
     /// Policies directory; default: the repository's `policies/`.
     pub policies_dir: Option<PathBuf>,
     /// Extra policy files written into a fresh directory (name, YAML); replaces policies_dir.
@@ -141,6 +143,7 @@ impl Options {
     pub fn new(keycloak_url: &str) -> Self {
         Self {
             keycloak_url: keycloak_url.into(),
+            realm: "ci".into(),
             policies_dir: None,
             policies: Vec::new(),
             artifacts_secret: ARTIFACTS_SECRET.into(),
@@ -223,7 +226,7 @@ timeout_seconds = {jwks_timeout}
 
 [keycloak]
 base_url = "{kc}"
-realm = "ci"
+realm = "{realm}"
 timeout_seconds = 3
 {keycloak_extra}
 
@@ -255,6 +258,7 @@ key_files = ["{key}"]
             ttl = opts.jwks_cache_ttl,
             jwks_timeout = opts.jwks_timeout,
             kc = opts.keycloak_url,
+            realm = opts.realm,
             keycloak_extra = opts.keycloak_extra,
             secret = secret.display(),
             key = key.display(),

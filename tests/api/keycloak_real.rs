@@ -12,15 +12,17 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-static KEYCLOAK_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static KEYCLOAK_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-struct RealKeycloak {
-    url: String,
+pub struct RealKeycloak {
+    pub url: String,
     admin_user: String,
     admin_password: String,
+    /// The realm the tests use (`ci`; the provisioning test uses `prov`).
+    pub realm: String,
 }
 
-fn real_keycloak() -> RealKeycloak {
+pub fn real_keycloak() -> RealKeycloak {
     let url = std::env::var("KCS_KEYCLOAK_URL").unwrap_or_default();
     assert!(
         !url.is_empty(),
@@ -31,10 +33,76 @@ fn real_keycloak() -> RealKeycloak {
         admin_user: std::env::var("KCS_KEYCLOAK_ADMIN_USER").unwrap_or_else(|_| "admin".into()),
         admin_password: std::env::var("KCS_KEYCLOAK_ADMIN_PASSWORD")
             .unwrap_or_else(|_| "admin".into()),
+        realm: "ci".into(),
     }
 }
 
 impl RealKeycloak {
+    /// An Admin API call on this realm as the master-realm admin (the tests' way
+    /// to inject drift); `path` follows `/admin/realms/<realm>`. Returns the status
+    /// and the JSON body (`null` when empty).
+    pub async fn admin(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let at = self.admin_token(http).await;
+        let mut req = http
+            .request(
+                method,
+                format!("{}/admin/realms/{}{path}", self.url, self.realm),
+            )
+            .bearer_auth(&at);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Deletes this realm (if present) and imports `realm_json` afresh.
+    pub async fn recreate_realm(&self, http: &reqwest::Client, realm_json: &str) {
+        let at = self.admin_token(http).await;
+        let r = http
+            .delete(format!("{}/admin/realms/{}", self.url, self.realm))
+            .bearer_auth(&at)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(r.status().as_u16(), 204 | 404),
+            "delete realm: {}",
+            r.status()
+        );
+        let r = http
+            .post(format!("{}/admin/realms", self.url))
+            .bearer_auth(&at)
+            .header("content-type", "application/json")
+            .body(realm_json.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "import realm");
+    }
+
+    /// The internal id of client `client_id`.
+    pub async fn client_uuid(&self, http: &reqwest::Client, client_id: &str) -> String {
+        let (s, v) = self
+            .admin(
+                http,
+                reqwest::Method::GET,
+                &format!("/clients?clientId={client_id}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200);
+        v[0]["id"].as_str().expect("client exists").to_string()
+    }
+
     async fn admin_token(&self, http: &reqwest::Client) -> String {
         let r: Value = http
             .post(format!(
@@ -85,11 +153,11 @@ impl RealKeycloak {
     }
 
     /// Verifies a Keycloak access token against the realm's JWKS; returns its claims.
-    async fn verify(&self, http: &reqwest::Client, token: &str) -> Value {
+    pub async fn verify(&self, http: &reqwest::Client, token: &str) -> Value {
         let jwks: jsonwebtoken::jwk::JwkSet = http
             .get(format!(
-                "{}/realms/ci/protocol/openid-connect/certs",
-                self.url
+                "{}/realms/{}/protocol/openid-connect/certs",
+                self.url, self.realm
             ))
             .send()
             .await
@@ -103,7 +171,7 @@ impl RealKeycloak {
             .expect("realm key");
         let key = jsonwebtoken::DecodingKey::from_jwk(jwk).unwrap();
         let mut v = jsonwebtoken::Validation::new(header.alg);
-        v.set_issuer(&[format!("{}/realms/ci", self.url)]);
+        v.set_issuer(&[format!("{}/realms/{}", self.url, self.realm)]);
         v.validate_aud = false;
         jsonwebtoken::decode::<Value>(token, &key, &v)
             .expect("signature valid against the realm JWKS")
@@ -111,7 +179,7 @@ impl RealKeycloak {
     }
 }
 
-fn aud_set(claims: &Value) -> Vec<String> {
+pub fn aud_set(claims: &Value) -> Vec<String> {
     let mut v: Vec<String> = match &claims["aud"] {
         Value::String(s) => vec![s.clone()],
         Value::Array(a) => a
@@ -124,7 +192,7 @@ fn aud_set(claims: &Value) -> Vec<String> {
     v
 }
 
-fn scope_set(s: &str) -> Vec<String> {
+pub fn scope_set(s: &str) -> Vec<String> {
     let mut v: Vec<String> = s
         .split(' ')
         .filter(|x| !x.is_empty())
@@ -134,7 +202,7 @@ fn scope_set(s: &str) -> Vec<String> {
     v
 }
 
-fn lifetime(claims: &Value) -> u64 {
+pub fn lifetime(claims: &Value) -> u64 {
     claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap()
 }
 

@@ -81,6 +81,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "configuration",
+            "http",
+            "keycloak",
             "provision",
             "domain",
             "inventory",

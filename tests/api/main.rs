@@ -22,4 +22,5 @@ mod layering;
 mod logs;
 mod ops;
 mod props;
+mod provision_real;
 mod verification;
