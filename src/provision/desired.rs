@@ -159,6 +159,15 @@ pub fn derive(
         );
         e.policies.push(p.id.clone());
     }
+    for id in inputs
+        .clients
+        .keys()
+        .filter(|id| super::model::is_reserved_client(id))
+    {
+        errors.push(format!(
+            "[keycloak.clients.{id}]: `{id}` is one of Keycloak's built-in clients; the service never acts as it"
+        ));
+    }
     for id in model.clients.keys() {
         if !inputs.clients.contains_key(id) {
             errors.push(format!(
@@ -386,5 +395,187 @@ fn scope(name: &str, spec: &super::model::ScopeSpec, owner: &str) -> Scope {
             ),
         ],
         scope_mappings: BTreeMap::from([(rs.clone(), spec.roles.clone())]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile_str;
+
+    const MODEL: &str = "
+resource_servers:
+  deploy-api: {roles: [deploy]}
+  artifact-api: {roles: [read, write]}
+scopes:
+  deploy:production: {resource_server: deploy-api, roles: [deploy]}
+  artifacts:read: {resource_server: artifact-api, roles: [read]}
+";
+
+    fn policy(id: &str, client: &str, audience: &str, scopes: &str, max: u64) -> Policy {
+        let text = format!(
+            "effect: allow\nwhen:\n  workspaceUuid: \"{{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}}\"\n\
+             grant:\n  client: {client}\n  audience: {audience}\n  scopes: [{scopes}]\n  default_scopes: [{first}]\n  max_lifetime_seconds: {max}\n",
+            first = scopes.split(',').next().unwrap_or_default()
+        );
+        compile_str(id, &text, None).unwrap()
+    }
+
+    fn inputs<'a>(url: Option<&'a url::Url>) -> Inputs<'a> {
+        Inputs {
+            public_url: url,
+            signing_alg: "ES256",
+            clients: BTreeMap::from([
+                ("sts-deploy".to_string(), Auth::PrivateKeyJwt),
+                ("sts-artifacts".to_string(), Auth::ClientSecret(None)),
+            ]),
+        }
+    }
+
+    fn model(extra: &str) -> RealmModel {
+        RealmModel::from_str(&format!("{MODEL}{extra}"), "realm.yaml").unwrap()
+    }
+
+    #[test]
+    fn clients_get_their_grants_scopes_roles_and_the_smallest_lifetime() {
+        let url = url::Url::parse("https://sts.example.com").unwrap();
+        let policies = [
+            policy(
+                "a",
+                "sts-deploy",
+                "deploy-api",
+                "\"deploy:production\", \"artifacts:read\"",
+                300,
+            ),
+            policy("b", "sts-deploy", "artifact-api", "\"artifacts:read\"", 90),
+            policy(
+                "c",
+                "sts-artifacts",
+                "artifact-api",
+                "\"artifacts:read\"",
+                600,
+            ),
+        ];
+        let d = derive(inputs(Some(&url)), &policies, &model("")).unwrap();
+        let deploy = d
+            .clients
+            .iter()
+            .find(|c| c.client_id == "sts-deploy")
+            .unwrap();
+        let attrs = deploy.rep.attributes.as_ref().unwrap();
+        assert_eq!(attrs["access.token.lifespan"], "90");
+        assert_eq!(
+            attrs["jwks.url"],
+            "https://sts.example.com/.well-known/jwks.json"
+        );
+        assert_eq!(attrs["token.endpoint.auth.signing.alg"], "ES256");
+        assert_eq!(attrs[OWNER_ATTRIBUTE], "keycloak-ci-sts");
+        assert_eq!(deploy.rep.full_scope_allowed, Some(false));
+        assert_eq!(deploy.rep.secret, None);
+        assert_eq!(
+            deploy.optional_scopes,
+            BTreeSet::from([
+                "artifacts:read".to_string(),
+                "deploy:production".to_string()
+            ])
+        );
+        assert_eq!(
+            deploy.roles["deploy-api"],
+            BTreeSet::from(["deploy".to_string()])
+        );
+        assert_eq!(
+            deploy.roles["artifact-api"],
+            BTreeSet::from(["read".to_string()])
+        );
+        let artifacts = d
+            .clients
+            .iter()
+            .find(|c| c.client_id == "sts-artifacts")
+            .unwrap();
+        assert_eq!(
+            artifacts.rep.client_authenticator_type.as_deref(),
+            Some("client-secret")
+        );
+        assert!(!artifacts
+            .rep
+            .attributes
+            .as_ref()
+            .unwrap()
+            .contains_key("jwks.url"));
+        let scope = d
+            .scopes
+            .iter()
+            .find(|s| s.name == "deploy:production")
+            .unwrap();
+        assert_eq!(scope.mappers.len(), 2);
+        assert_eq!(
+            scope.mappers[0].config.as_ref().unwrap()["included.client.audience"],
+            "deploy-api"
+        );
+    }
+
+    #[test]
+    fn every_disagreement_is_one_error_line() {
+        let policies = [
+            policy(
+                "undeclared",
+                "sts-deploy",
+                "deploy-api",
+                "\"deploy:staging\"",
+                300,
+            ),
+            policy(
+                "wrong-aud",
+                "sts-artifacts",
+                "deploy-api",
+                "\"artifacts:read\"",
+                300,
+            ),
+            policy(
+                "unknown-client",
+                "sts-other",
+                "deploy-api",
+                "\"deploy:production\"",
+                300,
+            ),
+        ];
+        let m = model("clients:\n  sts-artifacts: {access_token_lifespan_seconds: 900}\n");
+        let e = derive(inputs(None), &policies, &m).unwrap_err();
+        let all = e.join("\n");
+        assert!(
+            all.contains("scope `deploy:staging` is not declared"),
+            "{all}"
+        );
+        assert!(
+            all.contains("grant audience `deploy-api` is not the resource server"),
+            "{all}"
+        );
+        assert!(
+            all.contains("client `sts-other` is not configured"),
+            "{all}"
+        );
+        assert!(
+            all.contains("exceeds the smallest max_lifetime_seconds"),
+            "{all}"
+        );
+        assert!(all.contains("set `public_url`"), "{all}");
+        assert_eq!(e.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn built_in_clients_are_refused_as_servers_and_as_acting_clients() {
+        let e = RealmModel::from_str(
+            "resource_servers:\n  realm-management: {roles: [manage-users]}\n",
+            "m",
+        )
+        .unwrap_err();
+        assert!(e[0].reason.contains("built-in"), "{e:?}");
+        let mut i = inputs(None);
+        i.clients
+            .insert("admin-cli".into(), Auth::ClientSecret(None));
+        let e = derive(i, &[], &model("")).unwrap_err();
+        assert!(e
+            .join("\n")
+            .contains("`admin-cli` is one of Keycloak's built-in clients"));
     }
 }

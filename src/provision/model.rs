@@ -164,6 +164,12 @@ impl RealmModel {
             if let Err(r) = client_id(id) {
                 out.push((format!("resource_servers.{id}"), r));
             }
+            if is_reserved_client(id) {
+                out.push((
+                    format!("resource_servers.{id}"),
+                    format!("`{id}` is one of Keycloak's built-in clients; its roles are not for pipelines"),
+                ));
+            }
             for role in &rs.roles {
                 if let Err(r) = name(role) {
                     out.push((format!("resource_servers.{id}.roles"), r));
@@ -237,6 +243,21 @@ pub const RESERVED_SCOPES: &[&str] = &[
     "organization",
     "service_account",
 ];
+
+/// Keycloak's built-in clients (and the `<realm>-realm` clients of the master
+/// realm): never a resource server nor a client the service acts as, since their
+/// roles administer Keycloak itself.
+pub fn is_reserved_client(id: &str) -> bool {
+    const BUILT_IN: &[&str] = &[
+        "realm-management",
+        "broker",
+        "account",
+        "account-console",
+        "admin-cli",
+        "security-admin-console",
+    ];
+    BUILT_IN.contains(&id) || id.ends_with("-realm")
+}
 
 /// A `clientId` the model may name: printable ASCII without spaces or `/`,
 /// 1 to 255 characters.

@@ -417,3 +417,210 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
     }
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::policy::compile_str;
+    use crate::provision::desired::{derive, Auth, Inputs};
+    use crate::provision::live::ClientDetails;
+    use crate::provision::model::RealmModel;
+
+    fn desired() -> Desired {
+        let model = RealmModel::from_str(
+            "resource_servers:\n  deploy-api: {roles: [deploy]}\nscopes:\n  deploy:production: {resource_server: deploy-api, roles: [deploy]}\n",
+            "m",
+        )
+        .unwrap();
+        let policy = compile_str(
+            "p",
+            "effect: allow\nwhen:\n  workspaceUuid: \"{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}\"\ngrant:\n  client: sts-deploy\n  audience: deploy-api\n  scopes: [\"deploy:production\"]\n  default_scopes: [\"deploy:production\"]\n  max_lifetime_seconds: 300\n",
+            None,
+        )
+        .unwrap();
+        let url = url::Url::parse("https://sts.example.com").unwrap();
+        let inputs = Inputs {
+            public_url: Some(&url),
+            signing_alg: "ES256",
+            clients: BTreeMap::from([("sts-deploy".to_string(), Auth::PrivateKeyJwt)]),
+        };
+        derive(inputs, &[policy], &model).unwrap()
+    }
+
+    /// The live realm exactly as `apply` leaves it for `desired()`.
+    fn in_sync(d: &Desired) -> Live {
+        let mut live = Live::default();
+        for name in [BASIC_SCOPE, SERVICE_ACCOUNT_SCOPE] {
+            live.scopes.insert(
+                name.into(),
+                ::keycloak::types::ClientScopeRepresentation {
+                    id: Some(format!("id-{name}")),
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+            );
+        }
+        for rs in &d.resource_servers {
+            let mut rep = rs.rep.clone();
+            rep.id = Some(format!("id-{}", rs.client_id));
+            live.clients.insert(rs.client_id.clone(), rep);
+            live.roles.insert(rs.client_id.clone(), rs.roles.clone());
+        }
+        for s in &d.scopes {
+            let mut rep = s.rep.clone();
+            rep.protocol_mappers = Some(s.mappers.clone());
+            live.scopes.insert(s.name.clone(), rep);
+            live.scope_mappings
+                .insert(s.name.clone(), s.scope_mappings.clone());
+        }
+        for c in &d.clients {
+            let mut rep = c.rep.clone();
+            rep.id = Some(format!("id-{}", c.client_id));
+            live.clients.insert(c.client_id.clone(), rep);
+            let mut defaults = c.default_scopes.clone();
+            defaults.insert(SERVICE_ACCOUNT_SCOPE.into());
+            live.details.insert(
+                c.client_id.clone(),
+                ClientDetails {
+                    default_scopes: defaults,
+                    optional_scopes: c.optional_scopes.clone(),
+                    service_account: Some("sa".into()),
+                    roles: c.roles.clone(),
+                },
+            );
+        }
+        live
+    }
+
+    #[test]
+    fn a_blank_realm_creates_everything_and_a_matching_one_is_in_sync() {
+        let d = desired();
+        let mut blank = Live::default();
+        blank.scopes = in_sync(&d)
+            .scopes
+            .into_iter()
+            .filter(|(n, _)| n == BASIC_SCOPE)
+            .collect();
+        let p = plan(&d, &blank, false);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+        assert_eq!(p.entries.len(), 3);
+        assert!(p
+            .entries
+            .iter()
+            .all(|e| matches!(e.action, Action::Create(_))));
+        assert!(p.pending());
+        let p = plan(&d, &in_sync(&d), false);
+        assert!(!p.pending(), "{:#?}", p.entries);
+        assert!(p.entries.iter().all(|e| e.action == Action::InSync));
+    }
+
+    #[test]
+    fn drift_is_reported_field_by_field() {
+        let d = desired();
+        let mut live = in_sync(&d);
+        let c = live.clients.get_mut("sts-deploy").unwrap();
+        c.attributes
+            .as_mut()
+            .unwrap()
+            .insert("access.token.lifespan".into(), "3600".into());
+        c.full_scope_allowed = Some(true);
+        c.protocol_mappers = Some(vec![::keycloak::types::ProtocolMapperRepresentation {
+            name: Some("hardcoded".into()),
+            ..Default::default()
+        }]);
+        live.details
+            .get_mut("sts-deploy")
+            .unwrap()
+            .optional_scopes
+            .clear();
+        live.scope_mappings
+            .get_mut("deploy:production")
+            .unwrap()
+            .insert(
+                crate::provision::live::REALM_KEY.into(),
+                BTreeSet::from(["admin".to_string()]),
+            );
+        let p = plan(&d, &live, false);
+        let changes: Vec<String> = p
+            .entries
+            .iter()
+            .flat_map(|e| match &e.action {
+                Action::Update(ch) => ch
+                    .iter()
+                    .map(|c| format!("{}: {} -> {}", c.field, c.old, c.new))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                "scopeMappings: (realm): admin; deploy-api: deploy -> deploy-api: deploy",
+                "attributes.access.token.lifespan: 3600 -> 300",
+                "fullScopeAllowed: true -> false",
+                "optionalClientScopes: (none) -> deploy:production",
+                "protocolMappers: hardcoded -> (none)",
+            ]
+        );
+    }
+
+    #[test]
+    fn objects_without_our_marker_are_conflicts_and_owned_leftovers_are_pruned_only_on_request() {
+        let d = desired();
+        let mut live = in_sync(&d);
+        live.clients.get_mut("deploy-api").unwrap().attributes = None;
+        let mut old = live.scopes["deploy:production"].clone();
+        old.name = Some("old:scope".into());
+        live.scopes.insert("old:scope".into(), old);
+        let p = plan(&d, &live, false);
+        assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
+        assert!(p.problems[0].contains("resource server deploy-api exists and was not created"));
+        assert!(p
+            .entries
+            .iter()
+            .any(|e| e.name == "old:scope" && e.action == Action::Unneeded));
+        let p = plan(&d, &live, true);
+        assert!(p
+            .entries
+            .iter()
+            .any(|e| e.name == "old:scope" && e.action == Action::Remove));
+        let e = p.entries.iter().find(|e| e.name == "deploy-api").unwrap();
+        assert!(matches!(e.action, Action::Conflict(_)));
+    }
+
+    #[test]
+    fn a_realm_without_basic_is_a_problem() {
+        let d = desired();
+        let mut live = in_sync(&d);
+        live.scopes.remove(BASIC_SCOPE);
+        assert!(plan(&d, &live, false).problems[0].contains("no `basic` client scope"));
+    }
+
+    #[test]
+    fn export_is_stable_sorted_and_secret_free() {
+        let d = desired();
+        let a = serde_json::to_string(&crate::provision::export::realm_json("ci", &d)).unwrap();
+        let b = serde_json::to_string(&crate::provision::export::realm_json("ci", &d)).unwrap();
+        assert_eq!(a, b);
+        assert!(!a.contains("\"secret\""));
+        let v: Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(
+            v["clients"][1]["optionalClientScopes"],
+            serde_json::json!(["deploy:production"])
+        );
+        assert_eq!(
+            v["users"][0]["clientRoles"]["deploy-api"],
+            serde_json::json!(["deploy"])
+        );
+        let keys: Vec<&String> = v["clients"][1]["attributes"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+    }
+}
