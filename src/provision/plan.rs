@@ -497,12 +497,14 @@ mod tests {
     #[test]
     fn a_blank_realm_creates_everything_and_a_matching_one_is_in_sync() {
         let d = desired();
-        let mut blank = Live::default();
-        blank.scopes = in_sync(&d)
-            .scopes
-            .into_iter()
-            .filter(|(n, _)| n == BASIC_SCOPE)
-            .collect();
+        let blank = Live {
+            scopes: in_sync(&d)
+                .scopes
+                .into_iter()
+                .filter(|(n, _)| n == BASIC_SCOPE)
+                .collect(),
+            ..Default::default()
+        };
         let p = plan(&d, &blank, false);
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         assert_eq!(p.entries.len(), 3);
