@@ -93,6 +93,16 @@ pub struct AuditRecord {
     pub token_sha256: Option<String>,
     /// `jti` of the issued access token.
     pub token_jti: Option<String>,
+    /// JWT Authorization Grant: the repository identity the assertion named (its
+    /// `sub`, the Keycloak user's federated `userId`); Keycloak's
+    /// `JWT_AUTHORIZATION_GRANT` event carries the same value as
+    /// `identity_provider_user_id`.
+    pub identity: Option<String>,
+    /// JWT Authorization Grant: the assertion's `jti`.
+    pub identity_assertion_jti: Option<String>,
+    /// `sub` of the issued token: the Keycloak user id (the repository user's, or
+    /// the client's service account's).
+    pub keycloak_user_id: Option<String>,
 }
 
 impl AuditRecord {

@@ -23,7 +23,7 @@ use crate::domain::oauth::{
     TOKEN_TYPE_JWT,
 };
 use crate::domain::{Scopes, SecretToken};
-use crate::keycloak::{KeycloakClient, KeycloakError};
+use crate::keycloak::{GrantMode, KeycloakClient, KeycloakError};
 use crate::limits::ExchangeLimiter;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
@@ -454,7 +454,7 @@ impl Exchange {
             .map(|r| r.full_name.clone());
         let grant = self.decide(&policies, &subject, &req, audit)?;
         self.limit(&identity, &grant)?;
-        let issued = self.obtain(&grant).await?;
+        let issued = self.obtain(&grant, &identity, audit).await?;
         audit.granted_scopes = Scopes::parse(&issued.scope).unwrap_or_default();
         audit.expires_in = Some(issued.expires_in);
         audit.token_sha256 = Some(issued.access_token.sha256_hex());
@@ -566,18 +566,67 @@ impl Exchange {
         Ok(())
     }
 
-    /// Step 4: Keycloak.
-    async fn obtain(&self, grant: &Grant) -> Result<crate::keycloak::IssuedToken, ExchangeError> {
+    /// Step 4: Keycloak, with the grant the policy's client uses: its own
+    /// service-account token (client_credentials), or a token of the repository's
+    /// Keycloak user (JWT Authorization Grant) for the grant's `identity`.
+    async fn obtain(
+        &self,
+        grant: &Grant,
+        id: &BitbucketIdentity,
+        audit: &mut AuditRecord,
+    ) -> Result<crate::keycloak::IssuedToken, ExchangeError> {
+        use crate::domain::identity::{IdentityKind, RepositoryIdentity};
         let phase = Instant::now();
-        let issued = self
-            .keycloak
-            .client_credentials(&grant.client, &grant.scopes, grant.max_lifetime_seconds)
-            .await;
+        let issued = match self.keycloak.grant_mode(&grant.client) {
+            GrantMode::ClientCredentials => {
+                self.keycloak
+                    .client_credentials(&grant.client, &grant.scopes, grant.max_lifetime_seconds)
+                    .await
+            }
+            GrantMode::JwtAuthorizationGrant => {
+                let environment = match grant.identity.unwrap_or_default() {
+                    IdentityKind::Repository => None,
+                    IdentityKind::RepositoryEnvironment => {
+                        // The policy requires a deployment environment (checked at load).
+                        let Some(e) = id.deployment_environment_uuid else {
+                            return Err(ExchangeError::Denied {
+                                reason: DenyKind::EnvironmentMissing,
+                                description: format!(
+                                    "`{}` requires a deployment step; the token has no deploymentEnvironmentUuid",
+                                    grant.audience
+                                ),
+                            });
+                        };
+                        Some(e)
+                    }
+                };
+                let identity = RepositoryIdentity {
+                    workspace: id.workspace_uuid,
+                    repository: id.repository_uuid,
+                    environment,
+                };
+                audit.identity = Some(identity.subject());
+                self.keycloak
+                    .jwt_authorization_grant(
+                        &grant.client,
+                        &identity,
+                        &grant.scopes,
+                        grant.max_lifetime_seconds,
+                    )
+                    .await
+                    .map(|(issued, jti)| {
+                        audit.identity_assertion_jti = Some(jti);
+                        issued
+                    })
+            }
+        };
         self.metrics.observe("keycloak", phase);
-        issued.map_err(|e| {
+        let issued = issued.map_err(|e| {
             tracing::warn!(error_code = e.code(), error = %crate::telemetry::chain(&e), client = %grant.client, "Keycloak exchange failed");
             ExchangeError::Keycloak(e)
-        })
+        })?;
+        audit.keycloak_user_id = issued.subject.clone();
+        Ok(issued)
     }
 
     /// Step 5: the audit line, then metrics. A token whose line is not written

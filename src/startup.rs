@@ -95,6 +95,15 @@ impl Application {
         })
     }
 
+    /// Startup checks against Keycloak: a client using the JWT Authorization
+    /// Grant needs a realm that supports it.
+    ///
+    /// # Errors
+    /// [`crate::keycloak::KeycloakError::JwtGrantUnsupported`].
+    pub async fn check_upstream(&self) -> Result<(), crate::keycloak::KeycloakError> {
+        self.state.exchange.keycloak.check_grant_support().await
+    }
+
     /// The bound port.
     pub fn port(&self) -> u16 {
         self.port
@@ -122,8 +131,12 @@ impl Application {
 /// [`StartupError`].
 pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let known = settings.keycloak.clients.keys().cloned().collect();
-    let policies =
-        PolicyStore::load(&settings.policies_dir, known).map_err(StartupError::Policies)?;
+    let policies = PolicyStore::load(
+        &settings.policies_dir,
+        known,
+        settings.keycloak.jwt_clients(),
+    )
+    .map_err(StartupError::Policies)?;
     let current = policies.current();
     for w in current.warnings() {
         tracing::warn!(warning = %w, "policy warning");

@@ -190,7 +190,27 @@ fn keycloak(e: &KeycloakError) -> ApiError {
         )
         .retry_after(e.retry_after().unwrap_or(DEFAULT_RETRY_AFTER));
     }
+    if let KeycloakError::IdentityRefused {
+        refusal: crate::keycloak::IdentityRefusal::Disabled,
+        ..
+    } = e
+    {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            OAuthError::InvalidGrant,
+            e.code(),
+            "this repository's Keycloak identity is disabled; an operator cut it off",
+        );
+    }
     let description = match e {
+        KeycloakError::IdentityRefused { refusal, .. } => match refusal {
+            crate::keycloak::IdentityRefusal::NotProvisioned => "this repository has no Keycloak identity yet; the operator must run `keycloak apply`",
+            crate::keycloak::IdentityRefusal::NotReady => "this repository's Keycloak user has pending required actions; the operator must clear them",
+            crate::keycloak::IdentityRefusal::Misconfigured => "Keycloak refused this service's identity assertion; the operator must check the identity provider (run `keycloak plan`)",
+            _ => "Keycloak refused this repository's identity; the operator must check Keycloak's events",
+        },
+        KeycloakError::IdentityMismatch { .. } => "the token Keycloak issued does not belong to this repository's user (a second user is linked to the identity, or the identity scope is missing); nothing was passed on",
+        KeycloakError::IdentityNotConfigured => "the policy's client uses the JWT Authorization Grant but [identity] is not configured",
         KeycloakError::ClientRejected { .. } => "Keycloak rejected this service's client authentication; the operator must check the Keycloak client's credentials",
         KeycloakError::ScopeRejected { .. } => "Keycloak refused the granted scopes; the operator must add them as optional client scopes",
         KeycloakError::ScopeExceedsGrant { .. } => "Keycloak granted more scopes than the policy allows; the token was not passed on: the operator must remove them from the client's default client scopes",

@@ -36,6 +36,20 @@ pub async fn jwks(state: web::Data<AppState>) -> HttpResponse {
         .json(body)
 }
 
+/// `GET /.well-known/identity-jwks.json`: public keys that sign repository
+/// assertions (JWT Authorization Grant); the Keycloak identity provider's
+/// `jwksUrl` points here. 404 without `[identity]`. Separate from the client
+/// assertion keys, so that neither key is accepted in the other's place.
+pub async fn identity_jwks(state: web::Data<AppState>) -> HttpResponse {
+    match state.exchange.keycloak.identity_jwks() {
+        Some(body) => HttpResponse::Ok()
+            .insert_header(("Cache-Control", "public, max-age=60"))
+            .json(body),
+        None => HttpResponse::NotFound()
+            .json(json!({"error": "not_found", "error_description": "no [identity] configured"})),
+    }
+}
+
 /// `GET /metrics`: Prometheus text exposition format (version 0.0.4).
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()

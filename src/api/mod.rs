@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /token` | RFC 8693 token exchange |
 //! | `GET /.well-known/jwks.json` | the service's public signing keys (RFC 7517) |
+//! | `GET /.well-known/identity-jwks.json` | the keys of repository assertions (JWT Authorization Grant) |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when policies are loaded and Keycloak's discovery answers |
 //! | `GET /metrics` | Prometheus text exposition |
@@ -28,6 +29,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::route().to(method_not_allowed)),
     )
     .route("/.well-known/jwks.json", web::get().to(health::jwks))
+    .route(
+        crate::keycloak::IDENTITY_JWKS_PATH,
+        web::get().to(health::identity_jwks),
+    )
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
     .route("/metrics", web::get().to(health::metrics))
@@ -103,7 +108,12 @@ impl RootSpanBuilder for StsRootSpan {
         // Only the service's own paths are logged: a client could put a token in
         // any other path.
         let path = match request.path() {
-            p @ ("/token" | "/.well-known/jwks.json" | "/healthz" | "/readyz" | "/metrics") => p,
+            p @ ("/token"
+            | "/.well-known/jwks.json"
+            | "/.well-known/identity-jwks.json"
+            | "/healthz"
+            | "/readyz"
+            | "/metrics") => p,
             _ => "(another path, not logged)",
         };
         tracing::info_span!(

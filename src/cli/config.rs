@@ -25,7 +25,14 @@ pub fn check(file: &Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
     if let Some(s) = &settings {
         let known = s.keycloak.clients.keys().cloned().collect();
         match PolicySet::load_dir(&s.policies_dir, Some(&known)) {
-            Ok(set) => warnings.extend(set.warnings()),
+            Ok(set) => {
+                warnings.extend(set.warnings());
+                errors.extend(
+                    set.grant_mode_problems(&s.keycloak.jwt_clients())
+                        .iter()
+                        .map(ToString::to_string),
+                );
+            }
             Err(e) => errors.extend(e.iter().map(ToString::to_string)),
         }
     }

@@ -125,6 +125,17 @@ fn admin(settings: &Settings, a: AdminArgs) -> anyhow::Result<Admin> {
     Ok(Admin::new(&kc.base_url, &kc.realm, creds, http))
 }
 
+/// The admin client is never one of the objects the desired state names.
+fn refuse_admin_client(desired: &Desired, admin: &Admin) -> anyhow::Result<()> {
+    let id = admin.client_id();
+    let named = desired.clients.iter().any(|c| c.client_id == id)
+        || desired.resource_servers.iter().any(|r| r.client_id == id);
+    if named {
+        anyhow::bail!("the admin client `{id}` is named by the configuration or keycloak/realm.yaml: plan and apply never change it");
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -139,6 +150,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
     let (settings, desired) = desired(config, Secrets::Skip)?;
     let admin = admin(&settings, a)?;
+    refuse_admin_client(&desired, &admin)?;
     let live = match runtime()?.block_on(Live::read(&admin, &desired)) {
         Ok(l) => l,
         Err(e) => {
@@ -146,7 +158,7 @@ pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode
             return Ok(ExitCode::from(1));
         }
     };
-    let p = plan::plan(&desired, &live, prune);
+    let p = plan::plan(&desired, &live, prune, admin.client_id());
     for line in p.render() {
         out(&line)?;
     }
@@ -175,6 +187,7 @@ pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode
 pub fn apply(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
     let (settings, desired) = desired(config, Secrets::ClientSecrets)?;
     let admin = admin(&settings, a)?;
+    refuse_admin_client(&desired, &admin)?;
     let mut journal = Vec::new();
     let result = runtime()?.block_on(apply::apply(&admin, &desired, prune, &mut journal));
     for line in &journal {

@@ -9,20 +9,17 @@ use crate::configuration::Settings;
 use crate::domain::Scopes;
 use crate::policy::{EvalRequest, Outcome, PolicySet, Subject, SubjectClaims};
 
-/// Client ids of a configuration (read without secrets), when one is given.
-fn known_clients(
-    config: Option<&Path>,
-) -> anyhow::Result<Option<std::collections::BTreeSet<String>>> {
+type Clients = std::collections::BTreeSet<String>;
+
+/// Client ids of a configuration (read without secrets), and those of them using
+/// the JWT Authorization Grant, when one is given.
+fn known_clients(config: Option<&Path>) -> anyhow::Result<Option<(Clients, Clients)>> {
     Ok(match config {
         None => None,
-        Some(c) => Some(
-            Settings::load_without_secrets(c)?
-                .keycloak
-                .clients
-                .keys()
-                .cloned()
-                .collect(),
-        ),
+        Some(c) => {
+            let k = Settings::load_without_secrets(c)?.keycloak;
+            Some((k.clients.keys().cloned().collect(), k.jwt_clients()))
+        }
     })
 }
 
@@ -33,7 +30,18 @@ fn known_clients(
 /// An unreadable `config`.
 pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let known = known_clients(config)?;
-    let set = match PolicySet::load_dir(dir, known.as_ref()) {
+    let loaded = PolicySet::load_dir(dir, known.as_ref().map(|k| &k.0)).and_then(|set| {
+        let problems = known
+            .as_ref()
+            .map(|k| set.grant_mode_problems(&k.1))
+            .unwrap_or_default();
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(problems)
+        }
+    });
+    let set = match loaded {
         Ok(set) => set,
         Err(errors) => {
             for e in &errors {
@@ -89,7 +97,7 @@ pub struct ExplainArgs {
 /// an invalid scope, policies that do not compile.
 pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     let known = known_clients(a.config.as_deref())?;
-    let set = PolicySet::load_dir(&a.dir, known.as_ref()).map_err(|errs| {
+    let set = PolicySet::load_dir(&a.dir, known.as_ref().map(|k| &k.0)).map_err(|errs| {
         anyhow::anyhow!(errs
             .iter()
             .map(ToString::to_string)

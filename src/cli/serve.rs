@@ -18,6 +18,7 @@ pub fn serve(config: &Path) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let app = Application::build(settings)?;
+        app.check_upstream().await?;
         app.run_until_stopped().await?;
         Ok::<_, anyhow::Error>(())
     })?;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::keycloak::GrantMode;
 use crate::signing::SigningAlgorithm;
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +28,7 @@ pub(super) struct RawSettings {
     pub jwks: RawJwks,
     pub keycloak: RawKeycloak,
     pub signing: Option<RawSigning>,
+    pub identity: Option<RawIdentity>,
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
@@ -153,11 +155,34 @@ fn default_max_retry_after() -> u64 {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
 pub(super) enum RawClient {
-    PrivateKeyJwt,
+    PrivateKeyJwt {
+        #[serde(default)]
+        grant: GrantMode,
+    },
     ClientSecretBasic {
         secret_file: Option<PathBuf>,
         secret_env: Option<String>,
+        #[serde(default)]
+        grant: GrantMode,
     },
+}
+
+/// `[identity]`: the service as the issuer of per-repository identities (JWT
+/// Authorization Grant). Its key is separate from `[signing]`'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    #[serde(default)]
+    pub algorithm: SigningAlgorithm,
+    #[serde(default)]
+    pub key_files: Vec<PathBuf>,
+    pub key_env: Option<String>,
+    #[serde(default = "default_identity_provider")]
+    pub identity_provider: String,
+}
+
+fn default_identity_provider() -> String {
+    "keycloak-ci-sts".into()
 }
 
 #[derive(Debug, Deserialize)]

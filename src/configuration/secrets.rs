@@ -46,26 +46,47 @@ pub(super) fn load_signing_keys(
     s: &RawSigning,
     base: &Path,
 ) -> Result<SigningKeys, Vec<(String, String)>> {
+    load_keys(
+        "signing",
+        s.algorithm,
+        &s.key_files,
+        s.key_env.as_deref(),
+        base,
+    )
+}
+
+/// Loads a key ring of section `section` (`signing`, `identity`): `key_env` first,
+/// then `key_files` in order (newest first).
+///
+/// # Errors
+/// `(key, reason)` pairs, one per unreadable or invalid key.
+pub(super) fn load_keys(
+    section: &str,
+    algorithm: crate::signing::SigningAlgorithm,
+    key_files: &[std::path::PathBuf],
+    key_env: Option<&str>,
+    base: &Path,
+) -> Result<SigningKeys, Vec<(String, String)>> {
     let mut keys = Vec::new();
     let mut errors = Vec::new();
-    if let Some(var) = &s.key_env {
+    if let Some(var) = key_env {
         match std::env::var(var) {
             Err(_) => errors.push((
-                "signing.key_env".to_string(),
+                format!("{section}.key_env"),
                 format!("environment variable `{var}` is not set"),
             )),
-            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), s.algorithm) {
+            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), algorithm) {
                 Ok(k) => keys.push(k),
-                Err(e) => errors.push(("signing.key_env".to_string(), e.to_string())),
+                Err(e) => errors.push((format!("{section}.key_env"), e.to_string())),
             },
         }
     }
-    for (i, p) in s.key_files.iter().enumerate() {
-        let k = format!("signing.key_files[{i}]");
+    for (i, p) in key_files.iter().enumerate() {
+        let k = format!("{section}.key_files[{i}]");
         let path = resolve(base, p);
         match std::fs::read_to_string(&path) {
             Err(e) => errors.push((k, format!("cannot read {}: {e}", path.display()))),
-            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), s.algorithm) {
+            Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), algorithm) {
                 Ok(key) => keys.push(key),
                 Err(e) => errors.push((k, format!("{}: {e}", path.display()))),
             },
@@ -76,7 +97,7 @@ pub(super) fn load_signing_keys(
     }
     SigningKeys::new(keys).ok_or_else(|| {
         vec![(
-            "signing".to_string(),
+            section.to_string(),
             "set key_files (newest first) or key_env".to_string(),
         )]
     })

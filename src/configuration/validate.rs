@@ -10,14 +10,17 @@ use std::time::Duration;
 use secrecy::SecretString;
 use url::Url;
 
-use super::raw::{RawClient, RawJwks, RawKeycloak, RawLimits, RawSettings, RawWorkspace};
-use super::secrets::{load_signing_keys, read_secret};
+use super::raw::{
+    RawClient, RawIdentity, RawJwks, RawKeycloak, RawLimits, RawSettings, RawWorkspace,
+};
+use super::secrets::{load_keys, load_signing_keys, read_secret};
 use super::{
     resolve, ClientAuth, ConfigError, JwksSettings, KeycloakSettings, Limits, Secrets, Settings,
     WorkspaceSettings, ARI_WORKSPACE_PREFIX, BITBUCKET_API_HOST,
 };
 use crate::domain::BbUuid;
 use crate::http::{check_upstream_url, is_loopback_host};
+use crate::keycloak::{GrantMode, IdentitySettings};
 
 /// Signature algorithms a workspace may be configured with (RFC 7518 §3.1 names).
 /// Bitbucket advertises RS256 only; the others exist for tests and future issuers.
@@ -163,6 +166,29 @@ pub(super) fn settings(
         .as_ref()
         .map(|s| s.algorithm)
         .unwrap_or_default();
+    let mut keycloak = keycloak;
+    let jwt_clients: Vec<String> = keycloak
+        .as_ref()
+        .map(|k| {
+            k.grant_modes
+                .iter()
+                .filter(|(_, m)| **m == GrantMode::JwtAuthorizationGrant)
+                .map(|(c, _)| c.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let identity = identity(
+        raw.identity.as_ref(),
+        public_url.as_ref(),
+        &jwt_clients,
+        signing.as_ref(),
+        base,
+        secrets,
+        p,
+    );
+    if let Some(k) = keycloak.as_mut() {
+        k.identity = identity;
+    }
     grace(
         raw.shutdown_grace_seconds,
         keycloak_timeout.saturating_add(raw.jwks.timeout_seconds),
@@ -562,20 +588,28 @@ fn clients(
     base: &Path,
     secrets: Secrets,
     p: &mut Problems,
-) -> (BTreeMap<String, ClientAuth>, bool) {
+) -> (
+    BTreeMap<String, ClientAuth>,
+    bool,
+    BTreeMap<String, GrantMode>,
+) {
     let mut clients = BTreeMap::new();
+    let mut modes = BTreeMap::new();
     let mut needs_signing = false;
     for (id, c) in raw {
         let key = format!("keycloak.clients.{id}");
         let auth = match c {
-            RawClient::PrivateKeyJwt => {
+            RawClient::PrivateKeyJwt { grant } => {
                 needs_signing = true;
+                modes.insert(id.clone(), grant);
                 ClientAuth::PrivateKeyJwt
             }
             RawClient::ClientSecretBasic {
                 secret_file,
                 secret_env,
+                grant,
             } => {
+                modes.insert(id.clone(), grant);
                 let secret = match secrets {
                     Secrets::Read | Secrets::ClientSecrets => {
                         match read_secret(secret_file.as_deref(), secret_env.as_deref(), base) {
@@ -606,7 +640,93 @@ fn clients(
     {
         p.error("keycloak.clients", "no Keycloak client configured");
     }
-    (clients, needs_signing)
+    (clients, needs_signing, modes)
+}
+
+/// `[identity]`: required when a client uses the JWT Authorization Grant, with
+/// `public_url` as the issuer; its key must not be one of `[signing]`'s.
+fn identity(
+    raw: Option<&RawIdentity>,
+    public_url: Option<&url::Url>,
+    jwt_clients: &[String],
+    signing: Option<&crate::signing::SigningKeys>,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+) -> Option<IdentitySettings> {
+    let Some(raw) = raw else {
+        if let Some(c) = jwt_clients.first() {
+            p.error(
+                "identity",
+                format!("client `{c}` uses grant = \"jwt_authorization_grant\": configure [identity] (its own key_files or key_env)"),
+            );
+        }
+        return None;
+    };
+    if jwt_clients.is_empty() {
+        p.warn(
+            "identity",
+            "no client uses grant = \"jwt_authorization_grant\"; [identity] is unused",
+        );
+    }
+    let alias = &raw.identity_provider;
+    let alias_ok = (1..=64).contains(&alias.len())
+        && alias
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if !alias_ok {
+        p.error(
+            "identity.identity_provider",
+            "1 to 64 lower-case letters, digits, `-`, `_`, `.` (a Keycloak identity provider alias)",
+        );
+    }
+    let Some(url) = public_url else {
+        p.error(
+            "public_url",
+            "[identity] needs public_url: it is the assertions' issuer and where Keycloak fetches the identity keys",
+        );
+        return None;
+    };
+    let signer: Option<std::sync::Arc<dyn crate::keycloak::IdentitySigner>> = match secrets {
+        Secrets::Read => match load_keys(
+            "identity",
+            raw.algorithm,
+            &raw.key_files,
+            raw.key_env.as_deref(),
+            base,
+        ) {
+            Ok(keys) => {
+                let shared = signing.is_some_and(|s| {
+                    keys.jwks().keys.iter().any(|k| {
+                        s.jwks()
+                            .keys
+                            .iter()
+                            .any(|o| o.common.key_id == k.common.key_id)
+                    })
+                });
+                if shared {
+                    p.error(
+                        "identity.key_files",
+                        "the identity key must not be a [signing] key: a client-assertion key must not mint repository identities",
+                    );
+                }
+                Some(std::sync::Arc::new(crate::keycloak::LocalSigner(keys)))
+            }
+            Err(errors) => {
+                for (key, reason) in errors {
+                    p.error(&key, reason);
+                }
+                None
+            }
+        },
+        Secrets::Skip | Secrets::ClientSecrets => None,
+    };
+    alias_ok.then(|| IdentitySettings {
+        issuer: url.as_str().trim_end_matches('/').to_string(),
+        provider_alias: alias.clone(),
+        signer,
+        algorithm: raw.algorithm,
+    })
 }
 
 /// The Keycloak section; also says whether any client needs signing keys.
@@ -656,7 +776,7 @@ fn keycloak(
         kc.max_retry_after_seconds,
         1..=3600,
     );
-    let (clients, needs_signing) = clients(kc.clients, base, secrets, p);
+    let (clients, needs_signing, grant_modes) = clients(kc.clients, base, secrets, p);
     let settings = (|| {
         if !realm_ok || !(5..=60).contains(&kc.assertion_lifetime_seconds) || clients.is_empty() {
             return None;
@@ -670,6 +790,8 @@ fn keycloak(
             assertion_lifetime: Duration::from_secs(kc.assertion_lifetime_seconds),
             max_retry_after: Duration::from_secs(max_retry_after?),
             clients,
+            grant_modes,
+            identity: None,
         })
     })();
     (settings, needs_signing)

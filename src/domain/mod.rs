@@ -3,6 +3,7 @@
 //! OAuth protocol words ([`oauth`]: error codes, token-type URNs, scopes).
 
 pub mod bitbucket;
+pub mod identity;
 pub mod json;
 pub mod oauth;
 pub mod secret;

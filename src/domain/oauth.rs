@@ -25,6 +25,9 @@ pub enum OAuthError {
     InvalidTarget,
     /// RFC 6749 §5.2.
     InvalidScope,
+    /// RFC 6749 §5.2: the grant is invalid, expired or revoked (here: the
+    /// repository's Keycloak identity was disabled).
+    InvalidGrant,
     /// RFC 6749 §5.2.
     UnsupportedGrantType,
     /// RFC 6749 §4.1.2.1: a temporary condition; retry later.
@@ -40,6 +43,7 @@ impl OAuthError {
             Self::InvalidRequest => "invalid_request",
             Self::InvalidTarget => "invalid_target",
             Self::InvalidScope => "invalid_scope",
+            Self::InvalidGrant => "invalid_grant",
             Self::UnsupportedGrantType => "unsupported_grant_type",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
             Self::ServerError => "server_error",

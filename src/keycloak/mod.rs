@@ -18,6 +18,15 @@ use crate::domain::{Scopes, SecretToken};
 use crate::http::{read_capped, BodyError, Meaning};
 use crate::signing::SigningKeys;
 
+mod identity;
+pub use identity::{
+    AssertionClaims as IdentityAssertionClaims, GrantMode, IdentityRefusal, IdentitySettings,
+    IdentitySigner, LocalSigner, SignError, IDENTITY_JWKS_PATH,
+};
+
+/// `grant_type` of the JWT Authorization Grant (RFC 7523 §2.1).
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
 /// Keycloak connection settings.
 #[derive(Debug)]
 pub struct KeycloakSettings {
@@ -39,9 +48,27 @@ pub struct KeycloakSettings {
     pub max_retry_after: Duration,
     /// How the service authenticates as each Keycloak client, by `clientId`.
     pub clients: std::collections::BTreeMap<String, ClientAuth>,
+    /// The grant used with each client (`client_credentials` when absent).
+    pub grant_modes: std::collections::BTreeMap<String, GrantMode>,
+    /// `[identity]`: needed when a client uses the JWT Authorization Grant.
+    pub identity: Option<IdentitySettings>,
 }
 
 impl KeycloakSettings {
+    /// The grant used with `client`.
+    pub fn grant_mode(&self, client: &str) -> GrantMode {
+        self.grant_modes.get(client).copied().unwrap_or_default()
+    }
+
+    /// The clients that use the JWT Authorization Grant.
+    pub fn jwt_clients(&self) -> std::collections::BTreeSet<String> {
+        self.grant_modes
+            .iter()
+            .filter(|(_, m)| **m == GrantMode::JwtAuthorizationGrant)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
     /// `<base>/realms/<realm>`: the realm issuer, also the assertion `aud`.
     pub fn realm_url(&self) -> String {
         format!(
@@ -181,6 +208,37 @@ pub enum KeycloakError {
     /// Signing the client assertion failed.
     #[error("signing the client assertion failed")]
     Signing(#[source] jsonwebtoken::errors::Error),
+    /// Keycloak refused the repository assertion (`invalid_grant`).
+    #[error("Keycloak refused the identity assertion for client `{client}`: {description}")]
+    IdentityRefused {
+        /// clientId.
+        client: String,
+        /// The cause, from Keycloak's `error_description`.
+        refusal: IdentityRefusal,
+        /// Keycloak's `error_description`, truncated to 120 characters.
+        description: String,
+    },
+    /// The token is not the repository user's (`preferred_username` differs or is
+    /// missing): a second user linked to the identity, or the identity scope missing.
+    #[error("the token's preferred_username {found:?} is not the identity's username {expected}")]
+    IdentityMismatch {
+        /// The username derived from the identity.
+        expected: String,
+        /// The token's `preferred_username`.
+        found: Option<String>,
+    },
+    /// The realm's discovery does not list the JWT Authorization Grant (Keycloak
+    /// older than 26.6, or the feature disabled).
+    #[error(
+        "Keycloak does not support the JWT Authorization Grant (not in grant_types_supported)"
+    )]
+    JwtGrantUnsupported,
+    /// A client uses the JWT Authorization Grant but `[identity]` has no signer.
+    #[error("[identity] is not configured (or its keys were not read)")]
+    IdentityNotConfigured,
+    /// Signing the repository assertion failed.
+    #[error(transparent)]
+    IdentitySigning(#[from] SignError),
 }
 
 impl KeycloakError {
@@ -200,7 +258,17 @@ impl KeycloakError {
             Self::LifetimeTooLong { .. } => "keycloak.lifetime_exceeds_policy",
             Self::Discovery { code, .. } => code,
             Self::UnknownClient(_) => "keycloak.client_not_configured",
-            Self::Signing(_) => "keycloak.assertion_signing_failed",
+            Self::Signing(_) | Self::IdentitySigning(_) => "keycloak.assertion_signing_failed",
+            Self::IdentityRefused { refusal, .. } => match refusal {
+                IdentityRefusal::NotProvisioned => "identity.not_provisioned",
+                IdentityRefusal::Disabled => "identity.disabled",
+                IdentityRefusal::NotReady => "identity.not_ready",
+                IdentityRefusal::Misconfigured => "keycloak.identity_misconfigured",
+                IdentityRefusal::Other => "identity.refused",
+            },
+            Self::IdentityMismatch { .. } => "identity.mismatch",
+            Self::IdentityNotConfigured => "keycloak.identity_not_configured",
+            Self::JwtGrantUnsupported => "keycloak.jwt_grant_unsupported",
         }
     }
 
@@ -222,7 +290,12 @@ impl KeycloakError {
             | Self::ScopeExceedsGrant { .. }
             | Self::Rejected { .. }
             | Self::UnknownClient(_)
-            | Self::Signing(_) => Meaning::Configuration,
+            | Self::Signing(_)
+            | Self::IdentitySigning(_)
+            | Self::IdentityRefused { .. }
+            | Self::IdentityMismatch { .. }
+            | Self::IdentityNotConfigured
+            | Self::JwtGrantUnsupported => Meaning::Configuration,
         }
     }
 
@@ -343,12 +416,16 @@ pub struct IssuedToken {
     pub scope: String,
     /// `jti` of the access token, when it is a JWT.
     pub jti: Option<String>,
+    /// `sub` of the access token: the Keycloak user id (the service account's for
+    /// client_credentials, the repository user's for the JWT Authorization Grant).
+    pub subject: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Discovery {
     issuer: String,
     token_endpoint: String,
+    grant_types_supported: Option<Vec<String>>,
 }
 
 /// Endpoints from the realm's discovery document.
@@ -358,6 +435,8 @@ pub struct RealmEndpoints {
     pub issuer: String,
     /// Token endpoint.
     pub token_endpoint: String,
+    /// Whether discovery lists the JWT Authorization Grant (`None`: no list).
+    pub jwt_bearer_supported: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -401,6 +480,43 @@ impl KeycloakClient {
                 .max_capacity(1)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
+        }
+    }
+
+    /// The grant used with `client`.
+    pub fn grant_mode(&self, client: &str) -> GrantMode {
+        self.settings.grant_mode(client)
+    }
+
+    /// The identity signer's public keys (`None` without `[identity]`).
+    pub fn identity_jwks(&self) -> Option<jsonwebtoken::jwk::JwkSet> {
+        self.settings
+            .identity
+            .as_ref()
+            .and_then(|i| i.signer.as_ref())
+            .map(|s| s.jwks())
+    }
+
+    /// At startup, when a client uses the JWT Authorization Grant: refuses to
+    /// run against a realm whose discovery does not list it. An unreachable
+    /// Keycloak is not a reason to refuse (readiness reports it; the check runs
+    /// again on every discovery refresh).
+    ///
+    /// # Errors
+    /// [`KeycloakError::JwtGrantUnsupported`].
+    pub async fn check_grant_support(&self) -> Result<(), KeycloakError> {
+        if self.settings.jwt_clients().is_empty() {
+            return Ok(());
+        }
+        match self.endpoints().await {
+            Ok(ep) if ep.jwt_bearer_supported == Some(false) => {
+                Err(KeycloakError::JwtGrantUnsupported)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "Keycloak discovery failed at startup; the JWT Authorization Grant support is checked when it answers");
+                Ok(())
+            }
         }
     }
 
@@ -473,6 +589,9 @@ impl KeycloakClient {
             ));
         }
         Ok(Arc::new(RealmEndpoints {
+            jwt_bearer_supported: d
+                .grant_types_supported
+                .map(|g| g.iter().any(|t| t == JWT_BEARER_GRANT)),
             issuer: d.issuer,
             token_endpoint: d.token_endpoint,
         }))
@@ -520,9 +639,10 @@ impl KeycloakClient {
         ep: &RealmEndpoints,
         client: &str,
         auth: &ClientAuth,
+        grant: Vec<(&'static str, String)>,
         scope: &str,
     ) -> Result<(reqwest::RequestBuilder, Option<String>), KeycloakError> {
-        let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
+        let mut form: Vec<(&str, String)> = grant;
         if !scope.is_empty() {
             form.push(("scope", scope.to_string()));
         }
@@ -563,6 +683,72 @@ impl KeycloakClient {
         scopes: &Scopes,
         max_lifetime_seconds: u64,
     ) -> Result<IssuedToken, KeycloakError> {
+        let grant = vec![("grant_type", "client_credentials".to_string())];
+        self.request_token(client, grant, scopes, max_lifetime_seconds, None)
+            .await
+    }
+
+    /// Obtains a token of the repository user linked to `identity` (RFC 7523 §2.1):
+    /// signs a fresh assertion (`iss` = our issuer, `sub` = the identity, `aud` =
+    /// the realm issuer, new `jti`, `exp` = now + `max_lifetime_seconds`) with the
+    /// `[identity]` key and sends it as `client`. The token must be the identity's
+    /// user (`preferred_username` = its username). Returns the token and the
+    /// assertion's `jti`.
+    ///
+    /// # Errors
+    /// [`KeycloakError`]: [`KeycloakError::IdentityRefused`] names Keycloak's
+    /// reason (not provisioned, disabled, ...).
+    pub async fn jwt_authorization_grant(
+        &self,
+        client: &str,
+        identity: &crate::domain::identity::RepositoryIdentity,
+        scopes: &Scopes,
+        max_lifetime_seconds: u64,
+    ) -> Result<(IssuedToken, String), KeycloakError> {
+        let settings = self
+            .settings
+            .identity
+            .as_ref()
+            .ok_or(KeycloakError::IdentityNotConfigured)?;
+        let signer = settings
+            .signer
+            .as_ref()
+            .ok_or(KeycloakError::IdentityNotConfigured)?;
+        let ep = self.endpoints().await?;
+        if ep.jwt_bearer_supported == Some(false) {
+            return Err(KeycloakError::JwtGrantUnsupported);
+        }
+        let iat = now_secs();
+        let claims = identity::AssertionClaims {
+            iss: settings.issuer.clone(),
+            sub: identity.subject(),
+            aud: ep.issuer.clone(),
+            jti: uuid::Uuid::new_v4().to_string(),
+            iat,
+            exp: iat.saturating_add(max_lifetime_seconds),
+        };
+        let assertion = signer.sign(&claims).await?;
+        tracing::debug!(client, identity_jti = %claims.jti, identity = %claims.sub, "requesting a token by JWT Authorization Grant");
+        let grant = vec![
+            ("grant_type", JWT_BEARER_GRANT.to_string()),
+            ("assertion", assertion.expose().to_string()),
+        ];
+        let username = identity.username();
+        let issued = self
+            .request_token(client, grant, scopes, max_lifetime_seconds, Some(&username))
+            .await?;
+        Ok((issued, claims.jti))
+    }
+
+    /// The token request and the checks of its answer, for either grant.
+    async fn request_token(
+        &self,
+        client: &str,
+        grant: Vec<(&'static str, String)>,
+        scopes: &Scopes,
+        max_lifetime_seconds: u64,
+        username: Option<&str>,
+    ) -> Result<IssuedToken, KeycloakError> {
         let auth = self
             .settings
             .clients
@@ -570,7 +756,7 @@ impl KeycloakClient {
             .ok_or_else(|| KeycloakError::UnknownClient(client.to_string()))?;
         let ep = self.endpoints().await?;
         let scope = scopes.to_string();
-        let (req, assertion_jti) = self.token_request(&ep, client, auth, &scope)?;
+        let (req, assertion_jti) = self.token_request(&ep, client, auth, grant, &scope)?;
         tracing::debug!(client, scope = %scope, assertion_jti = ?assertion_jti, "requesting Keycloak token");
         let resp = req.send().await.map_err(|source| {
             self.metrics
@@ -593,6 +779,11 @@ impl KeycloakClient {
             .await
             .map_err(KeycloakError::Body)?;
         if status != 200 {
+            if username.is_some() {
+                if let Some(e) = identity_refusal(status, &body, client) {
+                    return Err(e);
+                }
+            }
             return Err(classify_status(
                 &ep.token_endpoint,
                 status,
@@ -606,9 +797,30 @@ impl KeycloakClient {
             client,
             requested: scopes,
             max_lifetime_seconds,
+            username,
         };
         check_issued(&body, &expect, now_secs())
     }
+}
+
+/// Keycloak's 400 `invalid_grant` to a repository assertion, classified by its
+/// `error_description` ([`IdentityRefusal`]).
+fn identity_refusal(status: u16, body: &[u8], client: &str) -> Option<KeycloakError> {
+    #[derive(Deserialize)]
+    struct Refusal {
+        error: String,
+        error_description: Option<String>,
+    }
+    let r: Refusal = serde_json::from_slice(body).ok()?;
+    if status != 400 || r.error != "invalid_grant" {
+        return None;
+    }
+    let description = r.error_description.unwrap_or_default();
+    Some(KeycloakError::IdentityRefused {
+        client: client.to_string(),
+        refusal: IdentityRefusal::from_description(&description),
+        description: crate::domain::truncate(&description, 120),
+    })
 }
 
 fn now_secs() -> u64 {
@@ -673,6 +885,8 @@ struct IssuedClaims {
     typ: Option<String>,
     scope: Option<String>,
     jti: Option<String>,
+    sub: Option<String>,
+    preferred_username: Option<String>,
 }
 
 /// Checks Keycloak's token response (RFC 6749 §5.1) as strictly as we check
@@ -724,11 +938,23 @@ pub fn check_issued(
     };
     check_scopes(&scope, expect)?;
     check_scopes(claim, expect)?;
+    if let Some(expected) = expect.username {
+        if c.preferred_username.as_deref() != Some(expected) {
+            return Err(KeycloakError::IdentityMismatch {
+                expected: expected.to_string(),
+                found: c
+                    .preferred_username
+                    .as_deref()
+                    .map(|u| crate::domain::truncate(u, 128)),
+            });
+        }
+    }
     Ok(IssuedToken {
         access_token: SecretToken::new(t.access_token),
         expires_in: t.expires_in,
         scope,
         jti: c.jti.map(|j| crate::domain::truncate(&j, 128)),
+        subject: c.sub.map(|j| crate::domain::truncate(&j, 128)),
     })
 }
 
@@ -742,6 +968,9 @@ pub struct Expected<'a> {
     pub requested: &'a Scopes,
     /// The grant's `max_lifetime_seconds`.
     pub max_lifetime_seconds: u64,
+    /// JWT Authorization Grant: the identity's username, which the token's
+    /// `preferred_username` must equal.
+    pub username: Option<&'a str>,
 }
 
 fn issued_claims(token: &str) -> Result<IssuedClaims, KeycloakError> {

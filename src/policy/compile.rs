@@ -112,6 +112,8 @@ struct RawGrant {
     max_lifetime_seconds: u64,
     #[serde(default)]
     limits: Option<RawGrantLimits>,
+    identity: Option<crate::domain::identity::IdentityKind>,
+    groups: Option<Vec<StringOnly>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,7 +245,17 @@ pub fn compile_with(
             let g = raw
                 .grant
                 .ok_or_else(|| err.at("grant", "an allow policy needs a grant"))?;
-            (Some(compile_grant(g, known_clients, &err)?), None)
+            let grant = compile_grant(g, known_clients, &err)?;
+            if grant.identity == Some(crate::domain::identity::IdentityKind::RepositoryEnvironment)
+                && when.deployment_environment_uuid.is_none()
+            {
+                return Err(err.at(
+                    "grant.identity",
+                    "`repository_environment` needs `when.deploymentEnvironment` (or \
+                     deploymentEnvironmentUuid): a step without an environment has no such identity",
+                ));
+            }
+            (Some(grant), None)
         }
         Effect::Deny => {
             if raw.grant.is_some() {
@@ -740,7 +752,23 @@ fn compile_grant(
             .transpose()
     };
     let limits = g.limits.unwrap_or_default();
+    let mut groups = BTreeSet::new();
+    for (i, name) in g.groups.iter().flatten().enumerate() {
+        let ok = (1..=255).contains(&name.0.len())
+            && name.0.trim() == name.0
+            && !name.0.contains('/')
+            && !name.0.chars().any(char::is_control);
+        if !ok {
+            return Err(err.at(
+                &format!("grant.groups[{i}]"),
+                "a Keycloak top-level group name: 1 to 255 characters, no `/`, no surrounding spaces",
+            ));
+        }
+        groups.insert(name.0.clone());
+    }
     Ok(GrantSpec {
+        identity: g.identity,
+        groups,
         per_step_per_minute: limit(
             "grant.limits.per_step_per_minute",
             limits.per_step_per_minute,

@@ -34,6 +34,8 @@ pub struct Grant {
     pub per_step_per_minute: Option<std::num::NonZeroU32>,
     /// Policy override of the per-repository limit (per minute).
     pub per_repository_per_minute: Option<std::num::NonZeroU32>,
+    /// The grant's `identity`, when it names one (JWT Authorization Grant clients).
+    pub identity: Option<crate::domain::identity::IdentityKind>,
 }
 
 /// Why a request is denied.
@@ -367,6 +369,7 @@ impl Grant {
             max_lifetime_seconds: g.max_lifetime_seconds,
             per_step_per_minute: g.per_step_per_minute,
             per_repository_per_minute: g.per_repository_per_minute,
+            identity: g.identity,
         }
     }
 }

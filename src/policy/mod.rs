@@ -141,6 +141,12 @@ pub struct GrantSpec {
     pub per_step_per_minute: Option<std::num::NonZeroU32>,
     /// Per-policy override of the per-repository limit.
     pub per_repository_per_minute: Option<std::num::NonZeroU32>,
+    /// Which per-repository identity the token belongs to; only for a client with
+    /// `grant = "jwt_authorization_grant"` (default there: `repository`).
+    pub identity: Option<crate::domain::identity::IdentityKind>,
+    /// Keycloak groups (declared in the realm model) the identity's user is a
+    /// member of; only for a `jwt_authorization_grant` client.
+    pub groups: BTreeSet<String>,
 }
 
 /// A compiled policy.
@@ -172,6 +178,33 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
+    /// Grants that name `identity` or `groups` for a client that does not use the
+    /// JWT Authorization Grant (`jwt_clients`): those settings would be silently
+    /// ignored, so they are refused.
+    pub fn grant_mode_problems(&self, jwt_clients: &BTreeSet<String>) -> Vec<PolicyError> {
+        self.policies
+            .iter()
+            .filter_map(|p| {
+                let g = p.grant.as_ref()?;
+                let names_identity = g.identity.is_some() || !g.groups.is_empty();
+                (names_identity && !jwt_clients.contains(&g.client)).then(|| PolicyError {
+                    file: p.id.clone(),
+                    key: if g.identity.is_some() {
+                        "grant.identity"
+                    } else {
+                        "grant.groups"
+                    }
+                    .into(),
+                    reason: format!(
+                        "client `{}` uses client_credentials; `identity` and `groups` need \
+                         grant = \"jwt_authorization_grant\" in [keycloak.clients.{}]",
+                        g.client, g.client
+                    ),
+                })
+            })
+            .collect()
+    }
+
     /// The compiled policies, in evaluation order.
     pub fn policies(&self) -> &[Policy] {
         &self.policies

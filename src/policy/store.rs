@@ -14,29 +14,42 @@ use super::{PolicyError, PolicySet};
 pub struct PolicyStore {
     dir: PathBuf,
     known_clients: BTreeSet<String>,
+    jwt_clients: BTreeSet<String>,
     current: ArcSwap<PolicySet>,
 }
 
 impl PolicyStore {
-    /// Compiles every policy of `dir`; each grant's client must be in `known_clients`.
+    /// Compiles every policy of `dir`; each grant's client must be in
+    /// `known_clients`, and only grants of `jwt_clients` may name `identity` or
+    /// `groups` ([`PolicySet::grant_mode_problems`]).
     ///
     /// # Errors
     /// Every [`PolicyError`] of the directory.
-    pub fn load(dir: &Path, known_clients: BTreeSet<String>) -> Result<Self, Vec<PolicyError>> {
-        let set = PolicySet::load_dir(dir, Some(&known_clients))?;
+    pub fn load(
+        dir: &Path,
+        known_clients: BTreeSet<String>,
+        jwt_clients: BTreeSet<String>,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let set = Self::compile(dir, &known_clients, &jwt_clients)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             known_clients,
+            jwt_clients,
             current: ArcSwap::from_pointee(set),
         })
     }
 
-    /// A store over an already compiled set (tests, benchmarks); reloads read `dir`.
-    pub fn from_set(dir: &Path, known_clients: BTreeSet<String>, set: PolicySet) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            known_clients,
-            current: ArcSwap::from_pointee(set),
+    fn compile(
+        dir: &Path,
+        known: &BTreeSet<String>,
+        jwt: &BTreeSet<String>,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        let set = PolicySet::load_dir(dir, Some(known))?;
+        let problems = set.grant_mode_problems(jwt);
+        if problems.is_empty() {
+            Ok(set)
+        } else {
+            Err(problems)
         }
     }
 
@@ -56,7 +69,11 @@ impl PolicyStore {
     /// # Errors
     /// Every problem of the new set; the active set is unchanged then.
     pub fn reload(&self) -> Result<Arc<PolicySet>, Vec<PolicyError>> {
-        let set = Arc::new(PolicySet::load_dir(&self.dir, Some(&self.known_clients))?);
+        let set = Arc::new(Self::compile(
+            &self.dir,
+            &self.known_clients,
+            &self.jwt_clients,
+        )?);
         self.current.store(set.clone());
         Ok(set)
     }

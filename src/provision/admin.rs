@@ -7,6 +7,7 @@
 //! would print a client's `secret`, so none is ever logged or formatted; its own
 //! token helpers keep the secret in a plain `String` and fetch a token per call.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::keycloak::{KeycloakAdmin, KeycloakError, KeycloakTokenSupplier};
@@ -105,15 +106,20 @@ impl Supplier {
                 "the admin token response is not a token response".into(),
             )
         })?;
-        // Renew 30 s before expiry (Keycloak's default admin token lives 60 s).
-        let life = t.expires_in.unwrap_or(60).saturating_sub(30).max(5);
+        // Renew 30 s before expiry (Keycloak's default admin token lives 60 s);
+        // never trust a huge expires_in.
+        let life = t
+            .expires_in
+            .unwrap_or(60)
+            .min(3600)
+            .saturating_sub(30)
+            .max(5);
         Ok((t.access_token, Instant::now() + Duration::from_secs(life)))
     }
 }
 
-#[async_trait::async_trait]
-impl KeycloakTokenSupplier for Supplier {
-    async fn get(&self, _url: &str) -> Result<String, KeycloakError> {
+impl Supplier {
+    async fn token(&self) -> Result<String, KeycloakError> {
         let mut cached = self.cached.lock().await;
         if let Some((token, until)) = cached.as_ref() {
             if Instant::now() < *until {
@@ -127,12 +133,30 @@ impl KeycloakTokenSupplier for Supplier {
     }
 }
 
+/// The supplier shared between the crate's client and our capped reads.
+#[derive(Clone)]
+pub struct SharedSupplier(Arc<Supplier>);
+
+#[async_trait::async_trait]
+impl KeycloakTokenSupplier for SharedSupplier {
+    async fn get(&self, _url: &str) -> Result<String, KeycloakError> {
+        self.0.token().await
+    }
+}
+
+/// Largest Admin API list answer read by [`Admin::get_capped`], in bytes.
+pub const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
+
 /// The typed Admin API of one realm.
 pub struct Admin {
     /// The crate's client.
-    pub api: KeycloakAdmin<Supplier>,
+    pub api: KeycloakAdmin<SharedSupplier>,
     /// The target realm.
     pub realm: String,
+    supplier: SharedSupplier,
+    http: reqwest::Client,
+    base: String,
+    client_id: String,
 }
 
 impl Admin {
@@ -149,28 +173,128 @@ impl Admin {
             "{base}/realms/{}/protocol/openid-connect/token",
             url::form_urlencoded::byte_serialize(creds.realm.as_bytes()).collect::<String>()
         );
-        let supplier = Supplier {
+        let client_id = creds.client_id.clone();
+        let supplier = SharedSupplier(Arc::new(Supplier {
             http: http.clone(),
             token_url,
             creds,
             cached: tokio::sync::Mutex::new(None),
-        };
+        }));
         Self {
-            api: KeycloakAdmin::new(&base, supplier, http),
+            api: KeycloakAdmin::new(&base, supplier.clone(), http.clone()),
             realm: realm.to_string(),
+            supplier,
+            http,
+            base,
+            client_id,
         }
+    }
+
+    /// The admin client's `clientId` (never owned, changed or removed).
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// `GET /admin/realms/<realm><path>` with a size cap ([`MAX_LIST_BYTES`]):
+    /// the lists whose size grows with the realm (clients, client scopes) are
+    /// read here rather than through the crate, which reads bodies whole.
+    ///
+    /// # Errors
+    /// The call's failure, a body over the cap, or JSON of another shape.
+    pub async fn get_capped<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        action: &str,
+    ) -> Result<T, AdminError> {
+        let fail = |source: KeycloakError| AdminError {
+            action: action.to_string(),
+            source: Box::new(source),
+        };
+        let token = self.supplier.0.token().await.map_err(fail)?;
+        let realm = url::form_urlencoded::byte_serialize(self.realm.as_bytes()).collect::<String>();
+        let resp = self
+            .http
+            .get(format!("{}/admin/realms/{realm}{path}", self.base))
+            .query(query)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| fail(e.into()))?;
+        let status = resp.status().as_u16();
+        let body = crate::http::read_capped(resp, MAX_LIST_BYTES)
+            .await
+            .map_err(|e| fail(failure(status, e.to_string())))?;
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let parsed = serde_json::from_slice(&body).ok();
+            return Err(fail(KeycloakError::HttpFailure {
+                status,
+                body: parsed,
+                text,
+            }));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| fail(failure(status, format!("unexpected JSON: {e}"))))
     }
 }
 
 /// A failed Admin API call: what was attempted and Keycloak's answer (status and
 /// Keycloak's message; never a token or secret), with a hint for 401/403.
 #[derive(Debug, thiserror::Error)]
-#[error("{action}: {source}{}", hint(source))]
+#[error("{action}: {}{}", render(source), hint(source))]
 pub struct AdminError {
     /// What was attempted (`read clients`, `create client scope deploy:production`).
     pub action: String,
     /// The crate's error (boxed: it is large).
     pub source: Box<KeycloakError>,
+}
+
+/// The failure as one safe line: the status and Keycloak's message, printable
+/// ASCII only (no terminal control sequences), at most 200 characters, with
+/// anything shaped like a bearer token or a JWT replaced by `[redacted]` (a proxy
+/// page may echo the request's headers).
+fn render(e: &KeycloakError) -> String {
+    match e {
+        KeycloakError::HttpFailure { status, body, text } => {
+            let message = body
+                .as_ref()
+                .and_then(|b| b.message().map(|m| m.into_owned()))
+                .unwrap_or_else(|| text.clone());
+            format!("HTTP {status}: {}", sanitize(&message))
+        }
+        KeycloakError::ReqwestFailure(r) => sanitize(&crate::telemetry::chain(r)),
+    }
+}
+
+/// See [`render`].
+pub fn sanitize(s: &str) -> String {
+    let printable: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut after_bearer = false;
+    for word in printable.split_whitespace() {
+        let jwt_like = word.matches('.').count() >= 2 && word.len() > 30;
+        let long_secret = word.len() > 40
+            && word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=".contains(&b));
+        if after_bearer || jwt_like || long_secret {
+            out.push("[redacted]");
+        } else {
+            out.push(word);
+        }
+        after_bearer = word.eq_ignore_ascii_case("bearer") || word.eq_ignore_ascii_case("basic");
+    }
+    crate::domain::truncate(&out.join(" "), 200)
 }
 
 fn hint(e: &KeycloakError) -> &'static str {
@@ -179,8 +303,8 @@ fn hint(e: &KeycloakError) -> &'static str {
             " (the admin token was refused: check the admin client's id, secret and realm)"
         }
         KeycloakError::HttpFailure { status: 403, .. } => {
-            " (the admin client lacks a realm-management role: plan needs view-clients and \
-             view-users, apply needs manage-clients and manage-users; README \"Admin credentials\")"
+            " (the admin client lacks a realm-management role; README \"Admin credentials\" lists \
+             the roles plan and apply need)"
         }
         _ => "",
     }

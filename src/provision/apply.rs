@@ -35,17 +35,28 @@ pub async fn apply(
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
     let live = Live::read(admin, desired).await?;
-    let first = plan(desired, &live, prune);
+    let first = plan(desired, &live, prune, admin.client_id());
     if !first.problems.is_empty() {
         return Err(ApplyError::Refused(first.problems));
     }
     create(admin, desired, &first, journal).await?;
     let live = Live::read(admin, desired).await?;
-    let second = plan(desired, &live, prune);
+    let second = plan(desired, &live, prune, admin.client_id());
     for e in &second.entries {
         match &e.action {
             Action::Update(changes) | Action::Create(changes) => {
-                update(admin, desired, &live, e.kind, &e.name, changes, journal).await?;
+                if let Err(err) =
+                    update(admin, desired, &live, e.kind, &e.name, changes, journal).await
+                {
+                    let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+                    journal.push(format!(
+                        "! {} {}: stopped part-way; some of these may have changed: {}",
+                        e.kind,
+                        e.name,
+                        fields.join(", ")
+                    ));
+                    return Err(err.into());
+                }
             }
             _ => {}
         }
@@ -291,9 +302,9 @@ async fn update(
                     .and_then(|s| s.id.clone())
                     .ok_or_else(|| missing(&format!("client scope {n}")))
             };
-            let want_default = default_scopes(c, live);
+            let want_default = &default_scopes(c, live);
             if has("defaultClientScopes") {
-                for n in d.default_scopes.difference(&want_default) {
+                for n in d.default_scopes.difference(want_default) {
                     admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, &uuid, &scope_id(n)?).await.ctx(format!("detach default scope {n} from {name}"))?;
                 }
             }
@@ -329,10 +340,18 @@ async fn update(
                         .ctx(format!("remove mapper from client {name}"))?;
                 }
             }
+            if has("scopeMappings") {
+                client_scope_mappings(admin, &uuid, name).await?;
+            }
             if any("serviceAccountRoles[") {
-                let user = d
-                    .service_account
-                    .clone()
+                // Read now: a service account switched on by the update above was
+                // just created.
+                let user = admin
+                    .api
+                    .realm_clients_with_client_uuid_service_account_user_get(realm, &uuid)
+                    .await
+                    .ctx(format!("read the service-account user of {name}"))?
+                    .id
                     .ok_or_else(|| missing(&format!("service-account user of {name}")))?;
                 service_account_roles(admin, live, &user, name, &c.roles).await?;
             }
@@ -422,7 +441,42 @@ async fn scope_mappings(
     Ok(())
 }
 
-/// Makes the service account's client roles of each managed resource server exactly `want`.
+/// Removes every role scope mapping of client `uuid` (desired: none, since
+/// `fullScopeAllowed` is off and the scopes carry the roles).
+async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
+    let m = admin
+        .api
+        .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
+        .await
+        .ctx(format!("read scope mappings of {name}"))?;
+    let realm_roles = m.realm_mappings.unwrap_or_default();
+    if !realm_roles.is_empty() {
+        admin
+            .api
+            .realm_clients_with_client_uuid_scope_mappings_realm_delete(realm, uuid, realm_roles)
+            .await
+            .ctx(format!("remove realm-role scope mappings of {name}"))?;
+    }
+    for (client, mapped) in m.client_mappings.unwrap_or_default() {
+        let other = mapped.id.clone().unwrap_or_default();
+        let roles = mapped.mappings.unwrap_or_default();
+        if !roles.is_empty() {
+            admin
+                .api
+                .realm_clients_with_client_uuid_scope_mappings_clients_with_client_delete(
+                    realm, uuid, &other, roles,
+                )
+                .await
+                .ctx(format!("remove scope mappings of {name} to {client}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the service account's roles exactly `want`, the roles its scopes carry:
+/// any other client role and any realm role but `default-roles-<realm>` removed.
 async fn service_account_roles(
     admin: &Admin,
     live: &Live,
@@ -436,15 +490,44 @@ async fn service_account_roles(
         .realm_users_with_user_id_role_mappings_get(realm, user)
         .await
         .ctx(format!("read service-account roles of {name}"))?;
-    let have = m.client_mappings.unwrap_or_default();
-    let servers: BTreeSet<&String> = live
-        .roles
-        .keys()
-        .chain(want.keys())
-        .filter(|k| k.as_str() != REALM_KEY)
+    let extra_realm: Vec<RoleRepresentation> = m
+        .realm_mappings
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| {
+            !r.name
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("default-roles-")
+        })
         .collect();
-    for rs in servers {
-        let wanted = want.get(rs).cloned().unwrap_or_default();
+    if !extra_realm.is_empty() {
+        admin
+            .api
+            .realm_users_with_user_id_role_mappings_realm_delete(realm, user, extra_realm)
+            .await
+            .ctx(format!(
+                "remove realm roles of the service account of {name}"
+            ))?;
+    }
+    let have = m.client_mappings.unwrap_or_default();
+    for (client, mapped) in have.iter().filter(|(c, _)| !want.contains_key(*c)) {
+        let roles = mapped.mappings.clone().unwrap_or_default();
+        let other = mapped.id.clone().unwrap_or_default();
+        if !roles.is_empty() {
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
+                    realm, user, &other, roles,
+                )
+                .await
+                .ctx(format!(
+                    "remove {client} roles of the service account of {name}"
+                ))?;
+        }
+    }
+    for (rs, wanted) in want.iter().filter(|(k, _)| k.as_str() != REALM_KEY) {
         let mapped = have
             .get(rs)
             .and_then(|m| m.mappings.clone())

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use ::keycloak::types::{
     ClientRepresentation, ClientScopeRepresentation, ProtocolMapperRepresentation,
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::model::{join, RealmModel};
 use crate::policy::Policy;
@@ -19,6 +19,9 @@ pub const OWNER_ATTRIBUTE: &str = "keycloak-ci-sts.owner";
 /// The built-in scope every client gets as its only default scope: it carries
 /// `sub` (Keycloak 25+; without it tokens lack `sub`, keycloak#31082).
 pub const BASIC_SCOPE: &str = "basic";
+
+/// Shortest client secret `apply` sets, in characters.
+pub const MIN_SECRET_LEN: usize = 16;
 
 /// How the service authenticates as a client (from `[keycloak.clients.*]`).
 #[derive(Debug)]
@@ -168,6 +171,15 @@ pub fn derive(
             "[keycloak.clients.{id}]: `{id}` is one of Keycloak's built-in clients; the service never acts as it"
         ));
     }
+    for id in model
+        .resource_servers
+        .keys()
+        .filter(|id| inputs.clients.contains_key(*id))
+    {
+        errors.push(format!(
+            "keycloak/realm.yaml: resource server `{id}` is also a client the service acts as ([keycloak.clients.{id}]); use two clients"
+        ));
+    }
     for id in model.clients.keys() {
         if !inputs.clients.contains_key(id) {
             errors.push(format!(
@@ -233,7 +245,17 @@ pub fn derive(
                 ];
                 ("client-jwt", None, attrs)
             }
-            Auth::ClientSecret(secret) => ("client-secret", secret, Vec::new()),
+            Auth::ClientSecret(secret) => {
+                if secret
+                    .as_ref()
+                    .is_some_and(|s| s.expose_secret().len() < MIN_SECRET_LEN)
+                {
+                    errors.push(format!(
+                        "client `{id}`: the configured secret is shorter than {MIN_SECRET_LEN} characters; apply will not set it"
+                    ));
+                }
+                ("client-secret", secret, Vec::new())
+            }
         };
         let mut attributes = base_attributes(&owner);
         attributes.extend([
@@ -368,7 +390,12 @@ fn scope(name: &str, spec: &super::model::ScopeSpec, owner: &str) -> Scope {
     let mut roles = token_claims();
     roles.extend([
         ("usermodel.clientRoleMapping.clientId", rs.clone()),
-        ("claim.name", format!("resource_access.{rs}.roles")),
+        // `${client_id}` is Keycloak's own form: it escapes dots in the clientId,
+        // which a literal name would turn into nested claims.
+        (
+            "claim.name",
+            "resource_access.${client_id}.roles".to_string(),
+        ),
         ("jsonType.label", "String".to_string()),
         ("multivalued", "true".to_string()),
         ("userinfo.token.claim", "false".to_string()),

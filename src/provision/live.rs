@@ -21,8 +21,13 @@ pub struct ClientDetails {
     pub optional_scopes: BTreeSet<String>,
     /// Its service-account user's id, when service accounts are on.
     pub service_account: Option<String>,
-    /// The service account's client roles, by `clientId`.
+    /// The service account's roles, by `clientId` (realm roles under
+    /// [`REALM_KEY`], without the realm's `default-roles-<realm>`).
     pub roles: BTreeMap<String, BTreeSet<String>>,
+    /// The service account's group paths.
+    pub groups: BTreeSet<String>,
+    /// The client's own role scope mappings, by `clientId` (realm under [`REALM_KEY`]).
+    pub scope_mappings: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// The live state of the realm.
@@ -39,6 +44,8 @@ pub struct Live {
     pub scope_mappings: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
     /// Client roles of desired or owned resource servers, by `clientId`.
     pub roles: BTreeMap<String, BTreeSet<String>>,
+    /// Composite roles among those (they grant other roles), as `clientId/role`.
+    pub composite_roles: BTreeSet<String>,
 }
 
 /// Whether a representation's attributes carry the ownership marker `owner`.
@@ -95,11 +102,13 @@ impl Live {
         let mut live = Live::default();
         let mut first = 0;
         loop {
-            let page = admin
-                .api
-                .realm_clients_get(realm, None, Some(first), Some(PAGE), None, None, None)
-                .await
-                .ctx("read clients")?;
+            let page: Vec<ClientRepresentation> = admin
+                .get_capped(
+                    "/clients",
+                    &[("first", first.to_string()), ("max", PAGE.to_string())],
+                    "read clients",
+                )
+                .await?;
             let n = page.len() as i32;
             for c in page {
                 if let Some(id) = c.client_id.clone() {
@@ -178,7 +187,11 @@ impl Live {
         let scope_ids: Vec<(String, String)> = live
             .scopes
             .iter()
-            .filter(|(n, s)| wanted.contains(n.as_str()) || owned_by(s.attributes.as_ref(), owner))
+            .filter(|(n, s)| {
+                wanted.contains(n.as_str())
+                    || owned_by(s.attributes.as_ref(), owner)
+                    || super::plan::BUILT_IN_DEFAULTS.iter().any(|(b, _)| b == n)
+            })
             .filter_map(|(n, s)| Some((n.clone(), s.id.clone()?)))
             .collect();
         for (name, id) in scope_ids {
@@ -211,9 +224,16 @@ impl Live {
             .realm_clients_with_client_uuid_optional_client_scopes_get(realm, uuid)
             .await
             .ctx(format!("read optional client scopes of {id}"))?;
+        // Deprecated in the OpenAPI document, still served by 26.4-26.7 (tested).
+        #[allow(deprecated)]
+        let own = api
+            .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
+            .await
+            .ctx(format!("read the scope mappings of {id}"))?;
         let mut d = ClientDetails {
             default_scopes: names(default_scopes),
             optional_scopes: names(optional_scopes),
+            scope_mappings: mapping_roles(own),
             ..Default::default()
         };
         let has_sa = self
@@ -232,6 +252,24 @@ impl Live {
                     .await
                     .ctx(format!("read the service-account roles of {id}"))?;
                 d.roles = mapping_roles(m);
+                if let Some(realm_roles) = d.roles.get_mut(REALM_KEY) {
+                    realm_roles.retain(|r| !r.starts_with("default-roles-"));
+                    if realm_roles.is_empty() {
+                        d.roles.remove(REALM_KEY);
+                    }
+                }
+                let groups = api
+                    .realm_users_with_user_id_groups_get(
+                        realm,
+                        &uid,
+                        Some(true),
+                        None,
+                        Some(100),
+                        None,
+                    )
+                    .await
+                    .ctx(format!("read the service account's groups of {id}"))?;
+                d.groups = groups.into_iter().filter_map(|g| g.path).collect();
                 d.service_account = Some(uid);
             }
         }

@@ -45,14 +45,44 @@ pub struct RealmModel {
     pub owner: String,
     /// Resource servers by `clientId` (a token's `aud`): bearer-only clients whose
     /// client roles the scopes carry.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique")]
     pub resource_servers: BTreeMap<String, ResourceServerSpec>,
     /// Client scopes by name: every scope a policy grant names must be here.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique")]
     pub scopes: BTreeMap<String, ScopeSpec>,
     /// Optional settings per client the service acts as (`[keycloak.clients.*]`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique")]
     pub clients: BTreeMap<String, ClientSpec>,
+}
+
+/// A mapping whose keys must be unique: YAML parsers keep the last of two equal
+/// keys, so a reviewer could read one entry while another is applied.
+fn unique<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Visitor<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((k, v)) = m.next_entry::<String, V>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!("`{k}` is listed twice")));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visitor(std::marker::PhantomData))
 }
 
 fn default_owner() -> String {
@@ -270,14 +300,24 @@ fn client_id(s: &str) -> Result<(), String> {
     }
 }
 
-/// A role name: printable, no leading or trailing space, 1 to 255 characters.
+/// Whether a role name is one `apply` can address in an Admin API path: 1 to
+/// 255 characters, no control characters, no surrounding spaces, no `/`, and not
+/// `.` or `..` (a URL path would resolve those to the client itself).
+pub fn role_name_ok(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && s.trim() == s
+        && !s.chars().any(char::is_control)
+        && !s.contains('/')
+        && s != "."
+        && s != ".."
+}
+
 fn name(s: &str) -> Result<(), String> {
-    let ok = (1..=255).contains(&s.len()) && s.trim() == s && !s.chars().any(char::is_control);
-    if ok {
+    if role_name_ok(s) {
         Ok(())
     } else {
         Err(format!(
-            "`{s}`: 1 to 255 characters, no control characters or surrounding spaces"
+            "`{s}`: 1 to 255 characters, no control characters, surrounding spaces or `/`, not `.` or `..`"
         ))
     }
 }
@@ -355,6 +395,22 @@ scopes:
         )
         .unwrap_err();
         assert!(e[0].reason.contains("at least one role"), "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_entries_and_unaddressable_role_names_are_refused() {
+        let twice = format!(
+            "{GOOD}  deploy:production:\n    resource_server: deploy-api\n    roles: [deploy]\n"
+        );
+        let e = RealmModel::from_str(&twice, "m").unwrap_err();
+        assert!(e[0].to_string().contains("listed twice"), "{e:?}");
+        for bad in ["..", ".", "a/b"] {
+            let m = GOOD.replace(
+                "roles: [deploy]\nscopes",
+                &format!("roles: [deploy, \"{bad}\"]\nscopes"),
+            );
+            assert!(RealmModel::from_str(&m, "m").is_err(), "{bad}");
+        }
     }
 
     #[test]

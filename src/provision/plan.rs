@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::desired::{Desired, BASIC_SCOPE, OWNER_ATTRIBUTE};
-use super::live::{owned_by, Live};
+use super::live::{owned_by, Live, REALM_KEY};
 use super::model::join;
 
 /// The kind of a managed object.
@@ -208,8 +208,27 @@ fn mapper_changes(
     for m in desired {
         let name = m.name.clone().unwrap_or_default();
         let l = live.iter().find(|x| x.name == m.name);
-        if l.is_some() {
-            out.extend(compare_rep(m, l, &format!("protocolMappers[{name}].")));
+        if let Some(l) = l {
+            out.extend(compare_rep(
+                m,
+                Some(l),
+                &format!("protocolMappers[{name}]."),
+            ));
+            // Keys the desired mapper does not set change its output too
+            // (a `rolePrefix`, a `lightweight` flag): any of them is drift.
+            let want = m.config.clone().unwrap_or_default();
+            let mut extra: Vec<(&String, &String)> = l
+                .config
+                .iter()
+                .flatten()
+                .filter(|(k, _)| !want.contains_key(*k))
+                .collect();
+            extra.sort();
+            out.extend(extra.into_iter().map(|(k, v)| Change {
+                field: format!("protocolMappers[{name}].config.{k}"),
+                old: v.clone(),
+                new: UNSET.into(),
+            }));
         }
     }
     out
@@ -219,7 +238,11 @@ fn mapper_changes(
 fn conflict(
     attrs: Option<&std::collections::HashMap<String, String>>,
     owner: &str,
+    name: &str,
 ) -> Option<String> {
+    if super::model::is_reserved_client(name) {
+        return Some("is one of Keycloak's built-in clients: never changed".into());
+    }
     if owned_by(attrs, owner) {
         return None;
     }
@@ -242,14 +265,27 @@ fn action(exists: bool, changes: Vec<Change>) -> Action {
     }
 }
 
-/// Keycloak's `service_account` scope (26.x: `client_id` and client address
-/// claims), which Keycloak attaches to every client created with service
-/// accounts through the Admin API.
+/// Keycloak's `service_account` scope (26.x: the `client_id`, `clientHost` and
+/// `clientAddress` claims), which Keycloak attaches to every service-account
+/// client it creates or updates through the Admin API.
 pub const SERVICE_ACCOUNT_SCOPE: &str = "service_account";
 
+/// The built-in scopes every client gets as default scopes, with the mapper types
+/// Keycloak itself puts there; anything else in them would reach every token.
+pub const BUILT_IN_DEFAULTS: [(&str, &[&str]); 2] = [
+    (
+        BASIC_SCOPE,
+        &["oidc-sub-mapper", "oidc-usersessionmodel-note-mapper"],
+    ),
+    (
+        SERVICE_ACCOUNT_SCOPE,
+        &["oidc-usersessionmodel-note-mapper"],
+    ),
+];
+
 /// A client's default scopes: `basic`, and `service_account` where the realm has
-/// it (Keycloak attaches it to service-account clients it creates, so leaving it
-/// out would be drift on every run).
+/// it (Keycloak re-attaches it on every update of a service-account client, so
+/// leaving it out would be drift after every apply).
 pub fn default_scopes(c: &super::desired::Client, live: &Live) -> BTreeSet<String> {
     let mut s = c.default_scopes.clone();
     if live.scopes.contains_key(SERVICE_ACCOUNT_SCOPE) {
@@ -258,21 +294,24 @@ pub fn default_scopes(c: &super::desired::Client, live: &Live) -> BTreeSet<Strin
     s
 }
 
+/// Whether `id` is a client `plan` and `apply` never own, change or remove,
+/// whatever its attributes say: Keycloak's built-in clients and the admin client
+/// in use.
+fn untouchable(id: &str, admin_client: &str) -> bool {
+    super::model::is_reserved_client(id) || id == admin_client
+}
+
 /// Compares `desired` with `live`. With `prune`, owned objects no longer desired
 /// are removed and extra roles of owned resource servers count as changes.
-pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
+/// `admin_client` is the `clientId` of the admin client in use: never touched.
+pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> Plan {
     let owner = desired.owner.as_str();
     let mut plan = Plan::default();
-    if !live.scopes.contains_key(BASIC_SCOPE) {
-        plan.problems.push(format!(
-            "the realm has no `{BASIC_SCOPE}` client scope (Keycloak 25+ creates it with every realm; \
-             it carries `sub`): create it before apply"
-        ));
-    }
+    check_basic(live, &mut plan);
     let none = BTreeSet::new();
     for rs in &desired.resource_servers {
         let l = live.clients.get(&rs.client_id);
-        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner)) {
+        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner, &rs.client_id)) {
             plan.entries.push(Entry {
                 kind: Kind::ResourceServer,
                 name: rs.client_id.clone(),
@@ -282,6 +321,12 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
         }
         let mut ch = compare_rep(&rs.rep, l, "");
         let live_roles = live.roles.get(&rs.client_id).unwrap_or(&none);
+        for odd in live_roles.iter().filter(|r| !super::model::role_name_ok(r)) {
+            plan.problems.push(format!(
+                "resource server {} has a role named `{odd}`, which apply cannot address safely: remove it by hand",
+                rs.client_id
+            ));
+        }
         let wanted_missing = !rs.roles.is_subset(live_roles);
         if wanted_missing || (prune && live_roles != &rs.roles) {
             ch.extend(set_change("roles", live_roles, &rs.roles));
@@ -292,9 +337,14 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
             action: action(l.is_some(), ch),
         });
     }
+    for c in &live.composite_roles {
+        plan.problems.push(format!(
+            "role {c} of an owned resource server is composite (it grants other roles to every token that carries it): remove its associated roles by hand"
+        ));
+    }
     for s in &desired.scopes {
         let l = live.scopes.get(&s.name);
-        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner)) {
+        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner, &s.name)) {
             plan.entries.push(Entry {
                 kind: Kind::Scope,
                 name: s.name.clone(),
@@ -309,10 +359,23 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
         ch.extend(mapper_changes(&s.mappers, &live_mappers));
         let empty = BTreeMap::new();
         let lm = live.scope_mappings.get(&s.name).unwrap_or(&empty);
-        if lm != &s.scope_mappings {
+        if let Some(realm_roles) = lm.get(REALM_KEY) {
+            plan.problems.push(format!(
+                "client scope {} maps realm roles ({}): remove them by hand (Client scopes -> {} -> Scope)",
+                s.name,
+                join(realm_roles),
+                s.name
+            ));
+        }
+        let client_maps: BTreeMap<String, BTreeSet<String>> = lm
+            .iter()
+            .filter(|(k, _)| k.as_str() != REALM_KEY)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if client_maps != s.scope_mappings {
             ch.push(Change {
                 field: "scopeMappings".into(),
-                old: mappings_text(lm),
+                old: mappings_text(&client_maps),
                 new: mappings_text(&s.scope_mappings),
             });
         }
@@ -329,7 +392,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
         .collect();
     for c in &desired.clients {
         let l = live.clients.get(&c.client_id);
-        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner)) {
+        if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner, &c.client_id)) {
             plan.entries.push(Entry {
                 kind: Kind::Client,
                 name: c.client_id.clone(),
@@ -337,8 +400,9 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
             });
             continue;
         }
-        let mut ch = compare_rep(&c.rep, l, "");
         let d = live.details.get(&c.client_id).cloned().unwrap_or_default();
+        admin_rights(&c.client_id, &d, &mut plan);
+        let mut ch = compare_rep(&c.rep, l, "");
         ch.extend(set_change(
             "defaultClientScopes",
             &d.default_scopes,
@@ -360,12 +424,20 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
             &live_mappers,
             &BTreeSet::new(),
         ));
-        for rs in servers
+        if !d.scope_mappings.is_empty() {
+            ch.push(Change {
+                field: "scopeMappings".into(),
+                old: mappings_text(&d.scope_mappings),
+                new: "(none)".into(),
+            });
+        }
+        let holders: BTreeSet<&String> = servers
             .iter()
             .copied()
             .chain(c.roles.keys())
-            .collect::<BTreeSet<_>>()
-        {
+            .chain(d.roles.keys())
+            .collect();
+        for rs in holders {
             let want = c.roles.get(rs).unwrap_or(&none);
             let have = d.roles.get(rs).unwrap_or(&none);
             ch.extend(set_change(
@@ -374,6 +446,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
                 want,
             ));
         }
+        ch.extend(set_change("serviceAccountGroups", &d.groups, &none));
         plan.entries.push(Entry {
             kind: Kind::Client,
             name: c.client_id.clone(),
@@ -388,21 +461,39 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
     let acting: BTreeSet<&String> = desired.clients.iter().map(|c| &c.client_id).collect();
     let wanted_scopes: BTreeSet<&String> = desired.scopes.iter().map(|s| &s.name).collect();
     for (id, c) in &live.clients {
-        if owned_by(c.attributes.as_ref(), owner) && !acting.contains(id) && !servers.contains(id) {
-            let kind = if c.bearer_only == Some(true) {
-                Kind::ResourceServer
-            } else {
-                Kind::Client
-            };
-            plan.entries.push(Entry {
-                kind,
-                name: id.clone(),
-                action: gone.clone(),
-            });
+        if !owned_by(c.attributes.as_ref(), owner) || acting.contains(id) || servers.contains(id) {
+            continue;
         }
+        let holds_admin = live.details.get(id).is_some_and(|d| {
+            d.roles
+                .keys()
+                .chain(d.scope_mappings.keys())
+                .any(|k| super::model::is_reserved_client(k))
+        });
+        if untouchable(id, admin_client) || holds_admin {
+            plan.problems.push(format!(
+                "client {id} carries the ownership attribute but is {}: never removed; remove the attribute by hand",
+                if holds_admin { "holding admin roles" } else { "a built-in or the admin client" }
+            ));
+            continue;
+        }
+        let kind = if c.bearer_only == Some(true) {
+            Kind::ResourceServer
+        } else {
+            Kind::Client
+        };
+        plan.entries.push(Entry {
+            kind,
+            name: id.clone(),
+            action: gone.clone(),
+        });
     }
     for (name, s) in &live.scopes {
         if owned_by(s.attributes.as_ref(), owner) && !wanted_scopes.contains(name) {
+            if super::model::RESERVED_SCOPES.contains(&name.as_str()) {
+                plan.problems.push(format!("client scope {name} is built in but carries the ownership attribute: never removed"));
+                continue;
+            }
             plan.entries.push(Entry {
                 kind: Kind::Scope,
                 name: name.clone(),
@@ -416,6 +507,56 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool) -> Plan {
         }
     }
     plan
+}
+
+/// The realm's `basic` scope must exist, and the built-in default scopes
+/// (`basic`, `service_account`) must hold only Keycloak's own mappers and no role
+/// mappings: anything added there would reach every token of every client.
+fn check_basic(live: &Live, plan: &mut Plan) {
+    if !live.scopes.contains_key(BASIC_SCOPE) {
+        plan.problems.push(format!(
+            "the realm has no `{BASIC_SCOPE}` client scope (Keycloak 25+ creates it with every realm; \
+             it carries `sub`): create it before apply"
+        ));
+    }
+    for (name, allowed) in BUILT_IN_DEFAULTS {
+        let Some(scope) = live.scopes.get(name) else {
+            continue;
+        };
+        for m in scope.protocol_mappers.iter().flatten() {
+            let kind = m.protocol_mapper.as_deref().unwrap_or_default();
+            if !allowed.contains(&kind) {
+                plan.problems.push(format!(
+                    "client scope {name} holds mapper `{}` ({kind}), which Keycloak does not put there; it would reach every token: remove it by hand",
+                    m.name.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+        if live.scope_mappings.get(name).is_some_and(|m| !m.is_empty()) {
+            plan.problems.push(format!(
+                "client scope {name} maps roles; they would reach every token: remove them by hand"
+            ));
+        }
+    }
+}
+
+/// A client's service account or scope mappings holding roles of Keycloak's
+/// built-in clients (`realm-management`, `broker`, ...) is a problem, not drift:
+/// such a client could administer the realm with its tokens.
+fn admin_rights(id: &str, d: &super::live::ClientDetails, plan: &mut Plan) {
+    for (client, roles) in d.roles.iter().chain(d.scope_mappings.iter()) {
+        if super::model::is_reserved_client(client) {
+            plan.problems.push(format!(
+                "client {id} holds roles of Keycloak's built-in client {client} ({}): its tokens could administer Keycloak; remove them by hand and find out who added them",
+                join(roles)
+            ));
+        }
+    }
+    for g in &d.groups {
+        plan.problems.push(format!(
+            "the service account of client {id} is a member of group {g} (its roles reach the tokens): remove the membership by hand"
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -488,6 +629,7 @@ mod tests {
                     optional_scopes: c.optional_scopes.clone(),
                     service_account: Some("sa".into()),
                     roles: c.roles.clone(),
+                    ..Default::default()
                 },
             );
         }
@@ -505,7 +647,7 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let p = plan(&d, &blank, false);
+        let p = plan(&d, &blank, false, "kcs-admin");
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         assert_eq!(p.entries.len(), 3);
         assert!(p
@@ -513,7 +655,7 @@ mod tests {
             .iter()
             .all(|e| matches!(e.action, Action::Create(_))));
         assert!(p.pending());
-        let p = plan(&d, &in_sync(&d), false);
+        let p = plan(&d, &in_sync(&d), false, "kcs-admin");
         assert!(!p.pending(), "{:#?}", p.entries);
         assert!(p.entries.iter().all(|e| e.action == Action::InSync));
     }
@@ -544,7 +686,7 @@ mod tests {
                 crate::provision::live::REALM_KEY.into(),
                 BTreeSet::from(["admin".to_string()]),
             );
-        let p = plan(&d, &live, false);
+        let p = plan(&d, &live, false, "kcs-admin");
         let changes: Vec<String> = p
             .entries
             .iter()
@@ -556,10 +698,14 @@ mod tests {
                 _ => Vec::new(),
             })
             .collect();
+        assert!(
+            p.problems[0].contains("maps realm roles (admin)"),
+            "{:?}",
+            p.problems
+        );
         assert_eq!(
             changes,
             [
-                "scopeMappings: (realm): admin; deploy-api: deploy -> deploy-api: deploy",
                 "attributes.access.token.lifespan: 3600 -> 300",
                 "fullScopeAllowed: true -> false",
                 "optionalClientScopes: (none) -> deploy:production",
@@ -576,14 +722,14 @@ mod tests {
         let mut old = live.scopes["deploy:production"].clone();
         old.name = Some("old:scope".into());
         live.scopes.insert("old:scope".into(), old);
-        let p = plan(&d, &live, false);
+        let p = plan(&d, &live, false, "kcs-admin");
         assert_eq!(p.problems.len(), 1, "{:?}", p.problems);
         assert!(p.problems[0].contains("resource server deploy-api exists and was not created"));
         assert!(p
             .entries
             .iter()
             .any(|e| e.name == "old:scope" && e.action == Action::Unneeded));
-        let p = plan(&d, &live, true);
+        let p = plan(&d, &live, true, "kcs-admin");
         assert!(p
             .entries
             .iter()
@@ -593,11 +739,95 @@ mod tests {
     }
 
     #[test]
+    fn privileges_outside_the_managed_roles_are_drift_or_problems() {
+        let d = desired();
+        let mut live = in_sync(&d);
+        let det = live.details.get_mut("sts-deploy").unwrap();
+        det.scope_mappings
+            .insert("deploy-api".into(), BTreeSet::from(["deploy".to_string()]));
+        det.roles
+            .insert("other-app".into(), BTreeSet::from(["x".to_string()]));
+        let mut m = live.scopes["deploy:production"].clone();
+        m.protocol_mappers.as_mut().unwrap()[1]
+            .config
+            .as_mut()
+            .unwrap()
+            .insert(
+                "usermodel.clientRoleMapping.rolePrefix".into(),
+                "write-and-".into(),
+            );
+        live.scopes.insert("deploy:production".into(), m);
+        let p = plan(&d, &live, false, "kcs-admin");
+        let fields: Vec<String> = p
+            .entries
+            .iter()
+            .flat_map(|e| match &e.action {
+                Action::Update(ch) => ch.iter().map(|c| c.field.clone()).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert!(fields.contains(&"scopeMappings".to_string()), "{fields:?}");
+        assert!(
+            fields.contains(&"serviceAccountRoles[other-app]".to_string()),
+            "{fields:?}"
+        );
+        assert!(
+            fields
+                .iter()
+                .any(|f| f.ends_with("config.usermodel.clientRoleMapping.rolePrefix")),
+            "{fields:?}"
+        );
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
+
+        let det = live.details.get_mut("sts-deploy").unwrap();
+        det.roles.insert(
+            "realm-management".into(),
+            BTreeSet::from(["manage-users".to_string()]),
+        );
+        det.groups.insert("/sneaky".into());
+        live.composite_roles.insert("deploy-api/deploy".into());
+        let mut basic = live.scopes[BASIC_SCOPE].clone();
+        basic.protocol_mappers = Some(vec![::keycloak::types::ProtocolMapperRepresentation {
+            name: Some("aud".into()),
+            protocol_mapper: Some("oidc-audience-mapper".into()),
+            ..Default::default()
+        }]);
+        live.scopes.insert(BASIC_SCOPE.into(), basic);
+        let all = plan(&d, &live, false, "kcs-admin").problems.join("\n");
+        for needle in [
+            "built-in client realm-management",
+            "member of group /sneaky",
+            "deploy-api/deploy of an owned resource server is composite",
+            "client scope basic holds mapper `aud`",
+        ] {
+            assert!(all.contains(needle), "{needle}: {all}");
+        }
+    }
+
+    #[test]
+    fn prune_never_removes_built_in_or_admin_clients_with_a_forged_marker() {
+        let d = desired();
+        let mut live = in_sync(&d);
+        for id in ["kcs-admin", "admin-cli"] {
+            let mut c = live.clients["deploy-api"].clone();
+            c.client_id = Some(id.into());
+            live.clients.insert(id.into(), c);
+        }
+        let p = plan(&d, &live, true, "kcs-admin");
+        assert!(
+            !p.entries.iter().any(|e| e.action == Action::Remove),
+            "{:?}",
+            p.entries
+        );
+        assert_eq!(p.problems.len(), 2, "{:?}", p.problems);
+    }
+
+    #[test]
     fn a_realm_without_basic_is_a_problem() {
         let d = desired();
         let mut live = in_sync(&d);
         live.scopes.remove(BASIC_SCOPE);
-        assert!(plan(&d, &live, false).problems[0].contains("no `basic` client scope"));
+        assert!(plan(&d, &live, false, "kcs-admin").problems[0].contains("no `basic` client scope"));
     }
 
     #[test]

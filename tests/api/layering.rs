@@ -42,7 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("state", &["exchange", "metrics", "signing"]),
     // `keycloak plan/apply/export`: never used by the service.
-    ("provision", &["domain", "http", "policy"]),
+    ("provision", &["domain", "http", "policy", "telemetry"]),
     (
         "api",
         &[

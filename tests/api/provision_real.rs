@@ -270,7 +270,8 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     assert!(applied
         .stdout
         .contains("client sts-artifacts: secret set to the configured one (value not shown)"));
-    assert_eq!(kc_cli(&config, &["plan"], VIEW).await.code, 0);
+    let after = kc_cli(&config, &["plan"], VIEW).await;
+    assert_eq!(after.code, 0, "{}\n{}", applied.stdout, after.stdout);
     let (_, c) = kc
         .admin(http, Method::GET, &format!("/clients/{deploy}"), None)
         .await;
@@ -282,6 +283,114 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     let claims = deploy_exchange(&kc, &issuer, &app).await;
     assert!((120..=121).contains(&lifetime(&claims)));
     artifacts_exchange(&kc, &issuer, &app).await;
+
+    // 6b. Privileges outside the managed roles: a client-level scope mapping and
+    //     an extra service-account role are drift that apply removes; a
+    //     realm-management role is a problem that stops apply.
+    let role = |client: String, name: &'static str| {
+        let kc = &kc;
+        async move {
+            let (s, r) = kc
+                .admin(
+                    http,
+                    Method::GET,
+                    &format!("/clients/{client}/roles/{name}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, 200, "role {name}");
+            r
+        }
+    };
+    let deploy_api = kc.client_uuid(http, "deploy-api").await;
+    let artifact_api = kc.client_uuid(http, "artifact-api").await;
+    let deploy_role = role(deploy_api.clone(), "deploy").await;
+    let write_role = role(artifact_api.clone(), "write").await;
+    let (s, _) = kc
+        .admin(
+            http,
+            Method::POST,
+            &format!("/clients/{artifacts}/scope-mappings/clients/{deploy_api}"),
+            Some(json!([deploy_role])),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (_, sa) = kc
+        .admin(
+            http,
+            Method::GET,
+            &format!("/clients/{deploy}/service-account-user"),
+            None,
+        )
+        .await;
+    let sa = sa["id"].as_str().unwrap().to_string();
+    let (s, _) = kc
+        .admin(
+            http,
+            Method::POST,
+            &format!("/users/{sa}/role-mappings/clients/{artifact_api}"),
+            Some(json!([write_role])),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let plan = kc_cli(&config, &["plan"], VIEW).await;
+    assert_eq!(plan.code, 3, "{}", plan.stdout);
+    assert_eq!(
+        field_lines(&plan.stdout),
+        [
+            "scopeMappings: deploy-api: deploy -> (none)",
+            "serviceAccountRoles[artifact-api]: read, write -> read",
+        ],
+        "{}",
+        plan.stdout
+    );
+    let applied = kc_cli(&config, &["apply"], MANAGE).await;
+    assert_eq!(applied.code, 0, "{}{}", applied.stdout, applied.stderr);
+    let after = kc_cli(&config, &["plan"], VIEW).await;
+    assert_eq!(after.code, 0, "{}\n{}", applied.stdout, after.stdout);
+    let rm = kc.client_uuid(http, "realm-management").await;
+    let manage_users = role(rm.clone(), "manage-users").await;
+    let (_, sa) = kc
+        .admin(
+            http,
+            Method::GET,
+            &format!("/clients/{artifacts}/service-account-user"),
+            None,
+        )
+        .await;
+    let sa_path = format!(
+        "/users/{}/role-mappings/clients/{rm}",
+        sa["id"].as_str().unwrap()
+    );
+    let (s, _) = kc
+        .admin(
+            http,
+            Method::POST,
+            &sa_path,
+            Some(json!([manage_users.clone()])),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let plan = kc_cli(&config, &["plan"], VIEW).await;
+    assert_eq!(plan.code, 1, "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("holds roles of Keycloak's built-in client realm-management (manage-users)"),
+        "{}",
+        plan.stdout
+    );
+    let refused = kc_cli(&config, &["apply"], MANAGE).await;
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr.contains("nothing was changed"),
+        "{}",
+        refused.stderr
+    );
+    let (s, _) = kc
+        .admin(http, Method::DELETE, &sa_path, Some(json!([manage_users])))
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(kc_cli(&config, &["plan"], VIEW).await.code, 0);
 
     // 7. An object that is not ours (no marker) is reported, and apply changes nothing.
     let api = kc.client_uuid(http, "artifact-api").await;
