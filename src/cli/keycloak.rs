@@ -15,6 +15,7 @@ use crate::keycloak::ClientAuth;
 use crate::policy::PolicySet;
 use crate::provision::admin::{Admin, Credentials};
 use crate::provision::desired::{derive, Auth, Desired, Inputs};
+use crate::provision::identities::IdentityInputs;
 use crate::provision::live::Live;
 use crate::provision::model::RealmModel;
 use crate::provision::{apply, export, plan};
@@ -83,12 +84,19 @@ fn desired(config: &Path, secrets: Secrets) -> anyhow::Result<(Settings, Desired
         })
         .collect();
     let alg = format!("{:?}", settings.signing_algorithm);
+    let identity = settings.keycloak.identity.as_ref().map(|i| IdentityInputs {
+        issuer: i.issuer.clone(),
+        alias: i.provider_alias.clone(),
+        algorithm: i.algorithm.name().to_string(),
+    });
     let inputs = Inputs {
         public_url: settings.public_url.as_ref(),
         signing_alg: &alg,
         clients,
+        jwt_clients: settings.keycloak.jwt_clients(),
+        identity,
     };
-    let desired = derive(inputs, set.policies(), &model).map_err(|e| {
+    let desired = derive(inputs, set.policies(), set.inventory(), &model).map_err(|e| {
         anyhow::anyhow!(
             "the policies and keycloak/realm.yaml disagree:\n{}",
             e.join("\n")

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use super::BbUuid;
 
+/// Where the service publishes the keys of its repository assertions (the
+/// Keycloak identity provider's `jwksUrl` is `<public_url>` + this path).
+pub const IDENTITY_JWKS_PATH: &str = "/.well-known/identity-jwks.json";
+
 /// Namespace of [`RepositoryIdentity::user_id`] (UUIDv5, RFC 9562 §5.5): a fixed
 /// random UUID of this project. Anyone can recompute a user id from the subject.
 pub const USER_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f0e7c1a-3b9d-4c55-9a41-2d8b5e0f7a13");

@@ -26,7 +26,7 @@ pub enum GrantMode {
 }
 
 /// The path of the identity JWKS (the Keycloak identity provider's `jwksUrl`).
-pub const IDENTITY_JWKS_PATH: &str = "/.well-known/identity-jwks.json";
+pub use crate::domain::identity::IDENTITY_JWKS_PATH;
 
 /// `[identity]` settings.
 pub struct IdentitySettings {

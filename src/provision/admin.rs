@@ -195,6 +195,86 @@ impl Admin {
         &self.client_id
     }
 
+    /// `GET <base><path>` (outside the realm, e.g. `/admin/serverinfo`) with the
+    /// size cap of [`Admin::get_capped`].
+    ///
+    /// # Errors
+    /// As [`Admin::get_capped`].
+    pub async fn get_root_capped<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        action: &str,
+    ) -> Result<T, AdminError> {
+        self.call(
+            reqwest::Method::GET,
+            &format!("{}{path}", self.base),
+            &[],
+            None,
+            action,
+        )
+        .await
+    }
+
+    /// A JSON request on `/admin/realms/<realm><path>` the crate does not model
+    /// whole (`partialImport` with `ifResourceExists`, the user profile, kept as
+    /// raw JSON so a PUT keeps every field); the answer is read with the cap.
+    ///
+    /// # Errors
+    /// As [`Admin::get_capped`].
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &serde_json::Value,
+        action: &str,
+    ) -> Result<serde_json::Value, AdminError> {
+        let realm = url::form_urlencoded::byte_serialize(self.realm.as_bytes()).collect::<String>();
+        let url = format!("{}/admin/realms/{realm}{path}", self.base);
+        self.call::<Option<serde_json::Value>>(method, &url, &[], Some(body), action)
+            .await
+            .map(Option::unwrap_or_default)
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+        action: &str,
+    ) -> Result<T, AdminError> {
+        let fail = |source: KeycloakError| AdminError {
+            action: action.to_string(),
+            source: Box::new(source),
+        };
+        let token = self.supplier.0.token().await.map_err(fail)?;
+        let mut req = self
+            .http
+            .request(method, url)
+            .query(query)
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| fail(e.into()))?;
+        let status = resp.status().as_u16();
+        let bytes = crate::http::read_capped(resp, MAX_LIST_BYTES)
+            .await
+            .map_err(|e| fail(failure(status, e.to_string())))?;
+        if !(200..300).contains(&status) {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let parsed = serde_json::from_slice(&bytes).ok();
+            return Err(fail(KeycloakError::HttpFailure {
+                status,
+                body: parsed,
+                text,
+            }));
+        }
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes)
+            .map_err(|e| fail(failure(status, format!("unexpected JSON: {e}"))))
+    }
+
     /// `GET /admin/realms/<realm><path>` with a size cap ([`MAX_LIST_BYTES`]):
     /// the lists whose size grows with the realm (clients, client scopes) are
     /// read here rather than through the crate, which reads bodies whole.
@@ -207,35 +287,10 @@ impl Admin {
         query: &[(&str, String)],
         action: &str,
     ) -> Result<T, AdminError> {
-        let fail = |source: KeycloakError| AdminError {
-            action: action.to_string(),
-            source: Box::new(source),
-        };
-        let token = self.supplier.0.token().await.map_err(fail)?;
         let realm = url::form_urlencoded::byte_serialize(self.realm.as_bytes()).collect::<String>();
-        let resp = self
-            .http
-            .get(format!("{}/admin/realms/{realm}{path}", self.base))
-            .query(query)
-            .bearer_auth(token)
-            .send()
+        let url = format!("{}/admin/realms/{realm}{path}", self.base);
+        self.call(reqwest::Method::GET, &url, query, None, action)
             .await
-            .map_err(|e| fail(e.into()))?;
-        let status = resp.status().as_u16();
-        let body = crate::http::read_capped(resp, MAX_LIST_BYTES)
-            .await
-            .map_err(|e| fail(failure(status, e.to_string())))?;
-        if !(200..300).contains(&status) {
-            let text = String::from_utf8_lossy(&body).into_owned();
-            let parsed = serde_json::from_slice(&body).ok();
-            return Err(fail(KeycloakError::HttpFailure {
-                status,
-                body: parsed,
-                text,
-            }));
-        }
-        serde_json::from_slice(&body)
-            .map_err(|e| fail(failure(status, format!("unexpected JSON: {e}"))))
     }
 }
 
@@ -259,11 +314,22 @@ fn render(e: &KeycloakError) -> String {
         KeycloakError::HttpFailure { status, body, text } => {
             let message = body
                 .as_ref()
-                .and_then(|b| b.message().map(|m| m.into_owned()))
+                .and_then(|b| {
+                    b.error_message
+                        .clone()
+                        .or_else(|| match (&b.error, &b.error_description) {
+                            (Some(e), Some(d)) => Some(format!("{e}: {d}")),
+                            (Some(e), None) => Some(e.clone()),
+                            _ => None,
+                        })
+                })
                 .unwrap_or_else(|| text.clone());
             format!("HTTP {status}: {}", sanitize(&message))
         }
-        KeycloakError::ReqwestFailure(r) => sanitize(&crate::telemetry::chain(r)),
+        KeycloakError::ReqwestFailure(r) => format!(
+            "cannot reach Keycloak ({})",
+            sanitize(&crate::telemetry::chain(r))
+        ),
     }
 }
 
@@ -301,6 +367,9 @@ fn hint(e: &KeycloakError) -> &'static str {
     match e {
         KeycloakError::HttpFailure { status: 401, .. } => {
             " (the admin token was refused: check the admin client's id, secret and realm)"
+        }
+        KeycloakError::HttpFailure { status: 404, .. } => {
+            " (no such realm or object: check keycloak.base_url, keycloak.realm and --admin-realm)"
         }
         KeycloakError::HttpFailure { status: 403, .. } => {
             " (the admin client lacks a realm-management role; README \"Admin credentials\" lists \

@@ -63,6 +63,17 @@ pub async fn apply(
     }
     remove(admin, &live, &second, journal).await?;
     secrets(admin, desired, &live, journal).await?;
+    if let Some(want) = &desired.identities {
+        // Read again: groups need the resource servers' roles created above.
+        let alias = want.provider.alias.clone().unwrap_or_default();
+        let live_ids = super::identities::LiveIdentities::read(admin, want, &alias).await?;
+        let mut ids = Plan::default();
+        super::identities::plan(want, &live_ids, &desired.owner, prune, &mut ids);
+        if !ids.problems.is_empty() {
+            return Err(ApplyError::Refused(ids.problems));
+        }
+        super::identities::apply(admin, want, &live_ids, &ids, &desired.owner, journal).await?;
+    }
     Ok(())
 }
 
@@ -94,7 +105,7 @@ async fn create(
     for e in plan
         .entries
         .iter()
-        .filter(|e| matches!(e.action, Action::Create(_)))
+        .filter(|e| matches!(e.action, Action::Create(_)) && e.kind.is_client_side())
     {
         match e.kind {
             Kind::ResourceServer | Kind::Client => {
@@ -134,6 +145,7 @@ async fn create(
                     .await
                     .ctx(format!("create client scope {}", e.name))?;
             }
+            _ => continue,
         }
         journal.push(format!("+ created {} {}", e.kind, e.name));
     }
@@ -182,6 +194,7 @@ async fn update(
     let any = |p: &str| changes.iter().any(|c| c.field.starts_with(p));
     let rep_changed = changes.iter().any(|c| rep_field(&c.field));
     match kind {
+        Kind::IdentityProvider | Kind::UserProfile | Kind::Group | Kind::User => return Ok(()),
         Kind::ResourceServer => {
             let rs = desired
                 .resource_servers
@@ -575,13 +588,13 @@ async fn remove(
     let mut order: Vec<_> = plan
         .entries
         .iter()
-        .filter(|e| e.action == Action::Remove)
+        .filter(|e| e.action == Action::Remove && e.kind.is_client_side())
         .collect();
     // Clients first, then scopes, then resource servers (nothing refers to them after).
     order.sort_by_key(|e| match e.kind {
         Kind::Client => 0,
         Kind::Scope => 1,
-        Kind::ResourceServer => 2,
+        _ => 2,
     });
     for e in order {
         match e.kind {

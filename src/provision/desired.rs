@@ -42,6 +42,10 @@ pub struct Inputs<'a> {
     pub signing_alg: &'a str,
     /// The clients of `[keycloak.clients.*]`, by `clientId`.
     pub clients: BTreeMap<String, Auth>,
+    /// Those of them that use the JWT Authorization Grant.
+    pub jwt_clients: BTreeSet<String>,
+    /// `[identity]` and `public_url`, when configured.
+    pub identity: Option<super::identities::IdentityInputs>,
 }
 
 /// A resource server: a bearer-only client with its roles.
@@ -98,6 +102,8 @@ pub struct Desired {
     pub clients: Vec<Client>,
     /// Probably-mistakes that do not stop `plan`.
     pub warnings: Vec<String>,
+    /// Repository identities, when a client uses the JWT Authorization Grant.
+    pub identities: Option<super::identities::Identities>,
 }
 
 /// What the grants of one client add up to.
@@ -105,6 +111,7 @@ pub struct Desired {
 struct Granted {
     scopes: BTreeSet<String>,
     min_lifetime: Option<u64>,
+    max_lifetime: Option<u64>,
     policies: Vec<String>,
 }
 
@@ -118,6 +125,7 @@ struct Granted {
 pub fn derive(
     inputs: Inputs<'_>,
     policies: &[Policy],
+    inventory: &crate::inventory::Inventory,
     model: &RealmModel,
 ) -> Result<Desired, Vec<String>> {
     let mut errors = Vec::new();
@@ -160,6 +168,10 @@ pub fn derive(
             e.min_lifetime
                 .map_or(g.max_lifetime_seconds, |m| m.min(g.max_lifetime_seconds)),
         );
+        e.max_lifetime = Some(
+            e.max_lifetime
+                .map_or(g.max_lifetime_seconds, |m| m.max(g.max_lifetime_seconds)),
+        );
         e.policies.push(p.id.clone());
     }
     for id in inputs
@@ -200,10 +212,12 @@ pub fn derive(
                 "client `{id}` is configured but no policy grants it: provisioned without optional scopes"
             ));
         }
-        let lifespan = match (
-            spec.and_then(|s| s.access_token_lifespan_seconds),
-            g.min_lifetime,
-        ) {
+        let jwt = inputs.jwt_clients.contains(&id);
+        // JWT Authorization Grant: the identity provider cuts each token at its
+        // assertion's exp (= the grant's max_lifetime_seconds), so the client's
+        // lifespan is the longest grant's; client_credentials: the shortest's.
+        let smallest = if jwt { None } else { g.min_lifetime };
+        let lifespan = match (spec.and_then(|s| s.access_token_lifespan_seconds), smallest) {
             (Some(l), Some(max)) if l > max => {
                 errors.push(format!(
                     "keycloak/realm.yaml: `clients.{id}.access_token_lifespan_seconds` = {l} exceeds \
@@ -214,8 +228,11 @@ pub fn derive(
                 l
             }
             (Some(l), _) => l,
-            (None, Some(max)) => max,
-            (None, None) => 60,
+            (None, _) => g
+                .max_lifetime
+                .filter(|_| jwt)
+                .or(g.min_lifetime)
+                .unwrap_or(60),
         };
         let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for s in &g.scopes {
@@ -267,6 +284,13 @@ pub fn derive(
             ("oidc.ciba.grant.enabled", "false".into()),
         ]);
         attributes.extend(auth_attrs);
+        attributes.push(("oauth2.jwt.authorization.grant.enabled", jwt.to_string()));
+        if jwt {
+            if let Some(i) = &inputs.identity {
+                attributes.push(("oauth2.jwt.authorization.grant.idp", i.alias.clone()));
+            }
+            roles.clear();
+        }
         let rep = ClientRepresentation {
             client_id: Some(id.clone()),
             name: Some(id.clone()),
@@ -280,17 +304,22 @@ pub fn derive(
             standard_flow_enabled: Some(false),
             implicit_flow_enabled: Some(false),
             direct_access_grants_enabled: Some(false),
-            service_accounts_enabled: Some(true),
+            // A JWT Authorization Grant client gets user tokens only: no service account.
+            service_accounts_enabled: Some(!jwt),
             // Always sent explicitly (CVE-2026-18570: an omitted value bypassed a policy).
             full_scope_allowed: Some(false),
             client_authenticator_type: Some(authenticator.into()),
             attributes: Some(to_map(attributes)),
             ..Default::default()
         };
+        let mut default_scopes = BTreeSet::from([BASIC_SCOPE.to_string()]);
+        if jwt {
+            default_scopes.insert(super::identities::IDENTITY_SCOPE.to_string());
+        }
         clients.push(Client {
             client_id: id,
             rep,
-            default_scopes: BTreeSet::from([BASIC_SCOPE.to_string()]),
+            default_scopes,
             optional_scopes: g.scopes,
             roles,
             secret,
@@ -326,7 +355,20 @@ pub fn derive(
         .iter()
         .flat_map(|c| c.optional_scopes.iter())
         .collect();
-    let scopes = model
+    let identities = match super::identities::derive(
+        inputs.identity.as_ref(),
+        &inputs.jwt_clients,
+        policies,
+        inventory,
+        model,
+    ) {
+        Ok(i) => i,
+        Err(e) => {
+            errors.extend(e);
+            None
+        }
+    };
+    let mut scopes: Vec<Scope> = model
         .scopes
         .iter()
         .map(|(name, spec)| {
@@ -338,6 +380,15 @@ pub fn derive(
             scope(name, spec, &owner)
         })
         .collect();
+    if identities.is_some() {
+        let (rep, mappers) = super::identities::identity_scope(&owner);
+        scopes.push(Scope {
+            name: super::identities::IDENTITY_SCOPE.to_string(),
+            rep,
+            mappers,
+            scope_mappings: BTreeMap::new(),
+        });
+    }
     if errors.is_empty() {
         Ok(Desired {
             owner,
@@ -345,6 +396,7 @@ pub fn derive(
             scopes,
             clients,
             warnings,
+            identities,
         })
     } else {
         Err(errors)
@@ -456,6 +508,8 @@ scopes:
                 ("sts-deploy".to_string(), Auth::PrivateKeyJwt),
                 ("sts-artifacts".to_string(), Auth::ClientSecret(None)),
             ]),
+            jwt_clients: BTreeSet::new(),
+            identity: None,
         }
     }
 
@@ -483,7 +537,13 @@ scopes:
                 600,
             ),
         ];
-        let d = derive(inputs(Some(&url)), &policies, &model("")).unwrap();
+        let d = derive(
+            inputs(Some(&url)),
+            &policies,
+            &crate::inventory::Inventory::default(),
+            &model(""),
+        )
+        .unwrap();
         let deploy = d
             .clients
             .iter()
@@ -567,7 +627,13 @@ scopes:
             ),
         ];
         let m = model("clients:\n  sts-artifacts: {access_token_lifespan_seconds: 900}\n");
-        let e = derive(inputs(None), &policies, &m).unwrap_err();
+        let e = derive(
+            inputs(None),
+            &policies,
+            &crate::inventory::Inventory::default(),
+            &m,
+        )
+        .unwrap_err();
         let all = e.join("\n");
         assert!(
             all.contains("scope `deploy:staging` is not declared"),
@@ -600,7 +666,7 @@ scopes:
         let mut i = inputs(None);
         i.clients
             .insert("admin-cli".into(), Auth::ClientSecret(None));
-        let e = derive(i, &[], &model("")).unwrap_err();
+        let e = derive(i, &[], &crate::inventory::Inventory::default(), &model("")).unwrap_err();
         assert!(e
             .join("\n")
             .contains("`admin-cli` is one of Keycloak's built-in clients"));

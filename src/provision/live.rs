@@ -46,6 +46,8 @@ pub struct Live {
     pub roles: BTreeMap<String, BTreeSet<String>>,
     /// Composite roles among those (they grant other roles), as `clientId/role`.
     pub composite_roles: BTreeSet<String>,
+    /// The identity objects, when the desired state has identities.
+    pub identities: Option<super::identities::LiveIdentities>,
 }
 
 /// Whether a representation's attributes carry the ownership marker `owner`.
@@ -204,6 +206,11 @@ impl Live {
                 .await
                 .ctx(format!("read scope mappings of client scope {name}"))?;
             live.scope_mappings.insert(name, mapping_roles(m));
+        }
+        if let Some(want) = &desired.identities {
+            let alias = want.provider.alias.clone().unwrap_or_default();
+            live.identities =
+                Some(super::identities::LiveIdentities::read(admin, want, &alias).await?);
         }
         Ok(live)
     }

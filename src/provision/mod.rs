@@ -14,6 +14,7 @@ pub mod admin;
 pub mod apply;
 pub mod desired;
 pub mod export;
+pub mod identities;
 pub mod live;
 pub mod model;
 pub mod plan;

@@ -53,6 +53,23 @@ pub struct RealmModel {
     /// Optional settings per client the service acts as (`[keycloak.clients.*]`).
     #[serde(default, deserialize_with = "unique")]
     pub clients: BTreeMap<String, ClientSpec>,
+    /// Keycloak groups that grants of JWT Authorization Grant clients may name
+    /// (the allow-list), by top-level group name: `apply` creates them with exactly
+    /// these client roles of resource servers.
+    #[serde(default, deserialize_with = "unique")]
+    pub groups: BTreeMap<String, GroupSpec>,
+}
+
+/// A group of repository identities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Shown in the admin console.
+    pub description: Option<String>,
+    /// Client roles its members hold, by resource server (only servers declared
+    /// under `resource_servers`; Keycloak's own clients are refused).
+    #[serde(deserialize_with = "unique")]
+    pub roles: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// A mapping whose keys must be unique: YAML parsers keep the last of two equal
@@ -243,6 +260,28 @@ impl RealmModel {
                     format!("{key}.roles"),
                     "name at least one role: a scope without roles authorizes nothing".into(),
                 ));
+            }
+        }
+        for (g, spec) in &self.groups {
+            let key = format!("groups.{g}");
+            if !role_name_ok(g) {
+                out.push((
+                    key.clone(),
+                    "a top-level group name: 1 to 255 characters, no `/`, not `.` or `..`".into(),
+                ));
+            }
+            for (rs, roles) in &spec.roles {
+                match self.resource_servers.get(rs) {
+                    None => out.push((
+                        format!("{key}.roles.{rs}"),
+                        format!("`{rs}` is not under resource_servers (groups carry roles of resource servers only)"),
+                    )),
+                    Some(server) => {
+                        for r in roles.difference(&server.roles) {
+                            out.push((format!("{key}.roles.{rs}"), format!("`{r}` is not a role of `{rs}`")));
+                        }
+                    }
+                }
             }
         }
         for (id, c) in &self.clients {

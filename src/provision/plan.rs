@@ -19,6 +19,22 @@ pub enum Kind {
     Scope,
     /// A client the service acts as.
     Client,
+    /// The identity provider of the JWT Authorization Grant.
+    IdentityProvider,
+    /// The realm's user profile (declared attributes).
+    UserProfile,
+    /// A group of repository identities.
+    Group,
+    /// A repository user.
+    User,
+}
+
+impl Kind {
+    /// Clients and client scopes (the identity objects are applied by
+    /// [`super::identities::apply`]).
+    pub fn is_client_side(self) -> bool {
+        matches!(self, Self::ResourceServer | Self::Scope | Self::Client)
+    }
 }
 
 impl std::fmt::Display for Kind {
@@ -27,6 +43,10 @@ impl std::fmt::Display for Kind {
             Self::ResourceServer => "resource server",
             Self::Scope => "client scope",
             Self::Client => "client",
+            Self::IdentityProvider => "identity provider",
+            Self::UserProfile => "user profile",
+            Self::Group => "group",
+            Self::User => "user",
         })
     }
 }
@@ -57,6 +77,8 @@ pub enum Action {
     Remove,
     /// Owned but no longer desired, kept (no `--prune`).
     Unneeded,
+    /// A repository user an operator disabled: left disabled (the kill switch).
+    Disabled,
 }
 
 /// One object's line in the plan.
@@ -113,6 +135,10 @@ impl Plan {
                 Action::Unneeded => out.push(head(
                     " ",
                     ": owned but no longer needed; kept (`--prune` removes it)",
+                )),
+                Action::Disabled => out.push(head(
+                    "=",
+                    ": in sync, disabled by an operator (left disabled)",
                 )),
             }
         }
@@ -288,7 +314,9 @@ pub const BUILT_IN_DEFAULTS: [(&str, &[&str]); 2] = [
 /// leaving it out would be drift after every apply).
 pub fn default_scopes(c: &super::desired::Client, live: &Live) -> BTreeSet<String> {
     let mut s = c.default_scopes.clone();
-    if live.scopes.contains_key(SERVICE_ACCOUNT_SCOPE) {
+    if c.rep.service_accounts_enabled == Some(true)
+        && live.scopes.contains_key(SERVICE_ACCOUNT_SCOPE)
+    {
         s.insert(SERVICE_ACCOUNT_SCOPE.to_string());
     }
     s
@@ -501,6 +529,9 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             });
         }
     }
+    if let (Some(want), Some(l)) = (&desired.identities, &live.identities) {
+        super::identities::plan(want, l, owner, prune, &mut plan);
+    }
     for e in &plan.entries {
         if let Action::Conflict(why) = &e.action {
             plan.problems.push(format!("{} {} {why}", e.kind, e.name));
@@ -586,8 +617,16 @@ mod tests {
             public_url: Some(&url),
             signing_alg: "ES256",
             clients: BTreeMap::from([("sts-deploy".to_string(), Auth::PrivateKeyJwt)]),
+            jwt_clients: BTreeSet::new(),
+            identity: None,
         };
-        derive(inputs, &[policy], &model).unwrap()
+        derive(
+            inputs,
+            &[policy],
+            &crate::inventory::Inventory::default(),
+            &model,
+        )
+        .unwrap()
     }
 
     /// The live realm exactly as `apply` leaves it for `desired()`.

@@ -31,7 +31,7 @@ fn policy_check_accepts_the_shipped_policies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 3 policies"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 5 policies"));
 }
 
 #[test]
@@ -218,7 +218,7 @@ fn policy_check_with_config_needs_no_secrets_or_keys() {
     std::fs::write(
         &cfg,
         format!(
-            "policies_dir = \"{}\"\n[[workspaces]]\nslug = \"acme\"\nuuid = \"{WS}\"\naudiences = [\"https://sts.example.test\"]\n[keycloak]\nbase_url = \"https://sso.example.test\"\nrealm = \"ci\"\n[keycloak.clients.sts-deploy]\nmethod = \"private_key_jwt\"\n[keycloak.clients.sts-artifacts]\nmethod = \"client_secret_basic\"\nsecret_env = \"KCS_TEST_SECRET_THAT_IS_NOT_SET\"\n[signing]\nkey_files = [\"/nonexistent/key.pem\"]\n",
+            "policies_dir = \"{}\"\npublic_url = \"https://sts.example.test\"\n[[workspaces]]\nslug = \"acme\"\nuuid = \"{WS}\"\naudiences = [\"https://sts.example.test\"]\n[keycloak]\nbase_url = \"https://sso.example.test\"\nrealm = \"ci\"\n[keycloak.clients.sts-deploy]\nmethod = \"private_key_jwt\"\n[keycloak.clients.sts-artifacts]\nmethod = \"client_secret_basic\"\nsecret_env = \"KCS_TEST_SECRET_THAT_IS_NOT_SET\"\n[keycloak.clients.sts-repo]\nmethod = \"private_key_jwt\"\ngrant = \"jwt_authorization_grant\"\n[identity]\nkey_files = [\"/nonexistent/identity.pem\"]\n[signing]\nkey_files = [\"/nonexistent/key.pem\"]\n",
             repo_policies_dir().display()
         ),
     )

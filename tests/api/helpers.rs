@@ -111,6 +111,13 @@ pub struct Options {
     pub keycloak_url: String,
     /// Keycloak realm (default `ci`).
     pub realm: String,
+    /// Configure the JWT Authorization Grant client `sts-repo` and `[identity]`
+    /// (default true; the repository's policies name it).
+    pub identity: bool,
+    /// `listen` (default `127.0.0.1:0`).
+    pub listen: String,
+    /// `public_url` (default: an unreachable placeholder).
+    pub public_url: String,
     /// Policies directory; default: the repository's `policies/`.
     pub policies_dir: Option<PathBuf>,
     /// Extra policy files written into a fresh directory (name, YAML); replaces policies_dir.
@@ -144,6 +151,9 @@ impl Options {
         Self {
             keycloak_url: keycloak_url.into(),
             realm: "ci".into(),
+            identity: true,
+            listen: "127.0.0.1:0".into(),
+            public_url: "http://127.0.0.1:1".into(),
             policies_dir: None,
             policies: Vec::new(),
             artifacts_secret: ARTIFACTS_SECRET.into(),
@@ -185,6 +195,20 @@ impl TestApp {
         std::fs::write(&key, secrecy::ExposeSecret::expose_secret(&pem)).unwrap();
         let secret = dir.path().join("artifacts.secret");
         std::fs::write(&secret, format!("{}\n", opts.artifacts_secret)).unwrap();
+        let identity_key = dir.path().join("identity.pem");
+        let pem = keycloak_ci_sts::signing::generate_pem(
+            keycloak_ci_sts::signing::SigningAlgorithm::ES256,
+        )
+        .unwrap();
+        std::fs::write(&identity_key, secrecy::ExposeSecret::expose_secret(&pem)).unwrap();
+        let identity_toml = if opts.identity {
+            format!(
+                "[keycloak.clients.sts-repo]\nmethod = \"private_key_jwt\"\ngrant = \"jwt_authorization_grant\"\n\n[identity]\nkey_files = [\"{}\"]\n",
+                identity_key.display()
+            )
+        } else {
+            String::new()
+        };
         let policies_dir = if opts.policies.is_empty() {
             opts.policies_dir.unwrap_or_else(repo_policies_dir)
         } else {
@@ -198,7 +222,8 @@ impl TestApp {
         let audit_path = dir.path().join("audit.jsonl");
         let toml = format!(
             r#"
-listen = "127.0.0.1:0"
+listen = "{listen}"
+public_url = "{public_url}"
 policies_dir = "{policies}"
 {top_extra}
 
@@ -237,12 +262,16 @@ method = "private_key_jwt"
 method = "client_secret_basic"
 secret_file = "{secret}"
 
+{identity_toml}
 [signing]
 key_files = ["{key}"]
 
 {audit_table}
 "#,
             policies = policies_dir.display(),
+            listen = opts.listen,
+            public_url = opts.public_url,
+            identity_toml = identity_toml,
             top_extra = opts.top_extra,
             iss = opts
                 .issuer_override
@@ -663,4 +692,39 @@ pub async fn refused(app: &TestApp, kc: &FakeKeycloak, token: &str, code: &str) 
     assert_eq!(last["outcome"], "denied");
     assert_eq!(last["error_code"], code);
     body
+}
+
+/// A copy of the repository's `policies/` (with `inventory/` and `keycloak/`)
+/// without the policies of the JWT Authorization Grant client `sts-repo`, for a
+/// service configured without `[identity]`. Keep the directory alive.
+pub fn policies_without_identities() -> (tempfile::TempDir, PathBuf) {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let target = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy(&e.path(), &target);
+            } else {
+                let text = std::fs::read_to_string(e.path()).unwrap();
+                if !text.contains("client: sts-repo") {
+                    std::fs::write(target, text).unwrap();
+                }
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("policies");
+    copy(&repo_policies_dir(), &p);
+    (dir, p)
+}
+
+/// A free loopback port (bound, then released): for a service whose
+/// `public_url` must be known before it starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

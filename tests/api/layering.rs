@@ -42,7 +42,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     ("state", &["exchange", "metrics", "signing"]),
     // `keycloak plan/apply/export`: never used by the service.
-    ("provision", &["domain", "http", "policy", "telemetry"]),
+    (
+        "provision",
+        &["domain", "http", "inventory", "policy", "telemetry"],
+    ),
     (
         "api",
         &[

@@ -17,18 +17,18 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 use crate::keycloak_real::{aud_set, lifetime, real_keycloak, scope_set, RealKeycloak};
 
-const VIEW: (&str, &str) = ("kcs-admin-view", "kcs-admin-view-test-secret");
-const MANAGE: (&str, &str) = ("kcs-admin-manage", "kcs-admin-manage-test-secret");
+pub const VIEW: (&str, &str) = ("kcs-admin-view", "kcs-admin-view-test-secret");
+pub const MANAGE: (&str, &str) = ("kcs-admin-manage", "kcs-admin-manage-test-secret");
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs `keycloak-ci-sts keycloak <args> --config <config>` with admin credentials
 /// from the environment, off the async runtime.
-async fn kc_cli(config: &std::path::Path, args: &[&str], admin: (&str, &str)) -> Run {
+pub async fn kc_cli(config: &std::path::Path, args: &[&str], admin: (&str, &str)) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"));
     cmd.arg("keycloak")
         .args(args)
@@ -96,6 +96,10 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     let issuer = Issuer::start().await;
     let mut opts = Options::new(&kc.url);
     opts.realm = kc.realm.clone();
+    // client_credentials only: this test runs on every Keycloak of the matrix.
+    opts.identity = false;
+    let (_policies, dir) = policies_without_identities();
+    opts.policies_dir = Some(dir);
     let app = TestApp::start(&issuer, opts).await;
     // Blank even when run twice against one Keycloak.
     kc.recreate_realm(&app.http, include_str!("../keycloak/realm-prov.json"))
@@ -103,7 +107,11 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     // The provisioning configuration: the service's own, plus where Keycloak reaches it.
     let toml = std::fs::read_to_string(app.dir.path().join("sts.toml")).unwrap();
     let config = app.dir.path().join("provision.toml");
-    std::fs::write(&config, format!("public_url = \"{}\"\n{toml}", app.address)).unwrap();
+    let toml = toml.replace(
+        "public_url = \"http://127.0.0.1:1\"",
+        &format!("public_url = \"{}\"", app.address),
+    );
+    std::fs::write(&config, toml).unwrap();
     let http = &app.http;
 
     // 1. A blank realm: plan lists everything and exits 3 (changes pending).
@@ -256,7 +264,7 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     assert!(plan.stdout.contains("~ client sts-deploy: change"));
     assert_eq!(
         plan.stdout.matches(": in sync").count(),
-        6,
+        9,
         "{}",
         plan.stdout
     );

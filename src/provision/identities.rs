@@ -1,0 +1,1116 @@
+//! Per-repository Keycloak identities for the JWT Authorization Grant: the
+//! identity provider that trusts the service's assertions, the user-profile
+//! attributes, the groups of the realm model, and one user per repository (or
+//! repository and deployment environment) that a policy of a
+//! `jwt_authorization_grant` client can admit. The running service holds no
+//! admin rights; these objects exist because `keycloak apply` created them.
+//!
+//! A user is created with `partialImport` so that its id, and with it the `sub`
+//! of its tokens, is [`RepositoryIdentity::user_id`] (UUIDv5 of the identity):
+//! the `sub` stays the same if the user is ever deleted and provisioned again.
+//! `POST /users` would ignore the id. Its username is derived from the identity
+//! alone, so Keycloak's unique usernames keep two racing `apply` runs from making
+//! two users; its readable name (`repositoryFullName`) is an attribute, never the
+//! key. `enabled` belongs to the operator: a user is created enabled and never
+//! re-enabled.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use ::keycloak::types::{
+    ClientScopeRepresentation, FederatedIdentityRepresentation, GroupRepresentation,
+    IdentityProviderRepresentation, ProtocolMapperRepresentation, RoleRepresentation,
+    UserRepresentation,
+};
+use serde_json::{json, Value};
+
+use super::admin::{Admin, AdminError, Context};
+use super::desired::OWNER_ATTRIBUTE;
+use super::model::{join, RealmModel};
+use super::plan::{Action, Change, Entry, Kind, Plan};
+use crate::domain::identity::{IdentityKind, RepositoryIdentity};
+use crate::inventory::Inventory;
+use crate::policy::{Effect, Policy};
+
+/// The client scope that puts the identity into the token (a default scope of
+/// every `jwt_authorization_grant` client; not listed in `scope`).
+pub const IDENTITY_SCOPE: &str = "repository-identity";
+
+/// The user-profile attributes `apply` declares (admin-only), and the claims the
+/// identity scope maps them to. Keycloak drops undeclared attributes silently.
+pub const PROFILE_ATTRIBUTES: [(&str, &str); 4] = [
+    ("repositoryUuid", "repository_uuid"),
+    ("workspaceUuid", "workspace_uuid"),
+    ("repositoryFullName", "repository"),
+    ("deploymentEnvironmentUuid", "deployment_environment_uuid"),
+];
+
+/// The lowest Keycloak version `plan` and `apply` accept for the grant: the
+/// JWT Authorization Grant is supported (not preview) from 26.6; 26.7.0 fixes
+/// CVE-2026-11800 (26.6.4 on the 26.6 line, which is not testable here).
+pub const MIN_VERSION: (u32, u32, u32) = (26, 7, 0);
+
+/// The service as an issuer, from `[identity]` and `public_url`.
+#[derive(Debug, Clone)]
+pub struct IdentityInputs {
+    /// The assertions' `iss`.
+    pub issuer: String,
+    /// The identity provider's alias.
+    pub alias: String,
+    /// The assertions' algorithm.
+    pub algorithm: String,
+}
+
+/// One repository user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// The identity.
+    pub identity: RepositoryIdentity,
+    /// Its Keycloak username.
+    pub username: String,
+    /// Its Keycloak id (the tokens' `sub`).
+    pub id: String,
+    /// Its attributes (declared in the user profile).
+    pub attributes: BTreeMap<String, Vec<String>>,
+    /// The groups its grants name.
+    pub groups: BTreeSet<String>,
+}
+
+/// A group of the realm model.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Top-level name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Client roles by resource server.
+    pub roles: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Everything the grant needs in the realm.
+#[derive(Debug, Clone)]
+pub struct Identities {
+    /// The identity provider.
+    pub provider: IdentityProviderRepresentation,
+    /// Groups, by name.
+    pub groups: Vec<Group>,
+    /// Users, by username.
+    pub users: Vec<User>,
+}
+
+fn to_map(v: Vec<(&str, String)>) -> HashMap<String, String> {
+    v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The identity client scope: the username mapper (`basic` does not carry
+/// `preferred_username`) and one attribute mapper per profile attribute.
+pub fn identity_scope(
+    owner: &str,
+) -> (ClientScopeRepresentation, Vec<ProtocolMapperRepresentation>) {
+    let mapper = |name: &str, attribute: &str, claim: &str| ProtocolMapperRepresentation {
+        name: Some(name.to_string()),
+        protocol: Some("openid-connect".into()),
+        protocol_mapper: Some("oidc-usermodel-attribute-mapper".into()),
+        config: Some(to_map(vec![
+            ("user.attribute", attribute.to_string()),
+            ("claim.name", claim.to_string()),
+            ("jsonType.label", "String".into()),
+            ("access.token.claim", "true".into()),
+            ("introspection.token.claim", "true".into()),
+            ("id.token.claim", "false".into()),
+            ("userinfo.token.claim", "false".into()),
+        ])),
+        ..Default::default()
+    };
+    let mut mappers = vec![mapper(
+        "preferred_username",
+        "username",
+        "preferred_username",
+    )];
+    mappers.extend(PROFILE_ATTRIBUTES.iter().map(|(a, c)| mapper(c, a, c)));
+    let rep = ClientScopeRepresentation {
+        name: Some(IDENTITY_SCOPE.into()),
+        description: Some(
+            "the repository identity of keycloak-ci-sts tokens (JWT Authorization Grant)".into(),
+        ),
+        protocol: Some("openid-connect".into()),
+        attributes: Some(to_map(vec![
+            (OWNER_ATTRIBUTE, owner.to_string()),
+            ("include.in.token.scope", "false".into()),
+            ("display.on.consent.screen", "false".into()),
+        ])),
+        ..Default::default()
+    };
+    (rep, mappers)
+}
+
+/// Whether `p` matches a repository (and environment) regardless of branch.
+fn admits(
+    p: &Policy,
+    ws: &crate::domain::BbUuid,
+    repo: &crate::domain::BbUuid,
+    env: Option<&crate::domain::BbUuid>,
+) -> bool {
+    let w = &p.when;
+    w.workspace_uuid.as_ref().is_none_or(|v| v.contains(ws))
+        && w.repository_uuid.as_ref().is_none_or(|v| v.contains(repo))
+        && match (&w.deployment_environment_uuid, env) {
+            (None, _) => true,
+            (Some(v), Some(e)) => v.contains(e),
+            (Some(_), None) => false,
+        }
+}
+
+/// A deny policy without branch or environment conditions that covers the
+/// grant's audience refuses the repository always: no user for it.
+fn always_denied(
+    policies: &[Policy],
+    ws: &crate::domain::BbUuid,
+    repo: &crate::domain::BbUuid,
+    audience: &str,
+) -> bool {
+    policies.iter().any(|p| {
+        p.effect == Effect::Deny
+            && p.when.branch_name.is_none()
+            && p.when.deployment_environment_uuid.is_none()
+            && p.deny_audiences
+                .as_ref()
+                .is_none_or(|a| a.contains(audience))
+            && admits(p, ws, repo, None)
+    })
+}
+
+/// The identities the policies of `jwt_clients` can admit among the inventory's
+/// repositories, with the groups their grants name.
+///
+/// # Errors
+/// A grant naming a group the realm model does not declare; a jwt client
+/// without `[identity]`.
+pub fn derive(
+    inputs: Option<&IdentityInputs>,
+    jwt_clients: &BTreeSet<String>,
+    policies: &[Policy],
+    inventory: &Inventory,
+    model: &RealmModel,
+) -> Result<Option<Identities>, Vec<String>> {
+    if jwt_clients.is_empty() {
+        return Ok(None);
+    }
+    let Some(inputs) = inputs else {
+        return Err(vec![
+            "a client uses the JWT Authorization Grant: configure [identity] and public_url".into(),
+        ]);
+    };
+    let mut errors = Vec::new();
+    let mut users: BTreeMap<String, User> = BTreeMap::new();
+    for p in policies {
+        let Some(g) = p.grant.as_ref().filter(|g| jwt_clients.contains(&g.client)) else {
+            continue;
+        };
+        for group in g.groups.iter().filter(|n| !model.groups.contains_key(*n)) {
+            errors.push(format!(
+                "policy `{}`: group `{group}` is not declared under `groups` in keycloak/realm.yaml (the allow-list)",
+                p.id
+            ));
+        }
+        for (ws, repo) in inventory.repositories() {
+            if always_denied(policies, &ws.workspace_uuid, &repo.uuid, &g.audience) {
+                continue;
+            }
+            let envs: Vec<Option<crate::domain::BbUuid>> = match g.identity.unwrap_or_default() {
+                IdentityKind::Repository => vec![None],
+                IdentityKind::RepositoryEnvironment => {
+                    repo.environments.iter().map(|e| Some(e.uuid)).collect()
+                }
+            };
+            for env in envs {
+                if !admits(p, &ws.workspace_uuid, &repo.uuid, env.as_ref()) {
+                    continue;
+                }
+                let identity = RepositoryIdentity {
+                    workspace: ws.workspace_uuid,
+                    repository: repo.uuid,
+                    environment: env,
+                };
+                let username = identity.username();
+                let user = users.entry(username.clone()).or_insert_with(|| {
+                    let mut attributes = BTreeMap::from([
+                        ("repositoryUuid".to_string(), vec![repo.uuid.braced()]),
+                        (
+                            "workspaceUuid".to_string(),
+                            vec![ws.workspace_uuid.braced()],
+                        ),
+                        (
+                            "repositoryFullName".to_string(),
+                            vec![repo.full_name.clone()],
+                        ),
+                    ]);
+                    if let Some(e) = env {
+                        attributes.insert("deploymentEnvironmentUuid".into(), vec![e.braced()]);
+                    }
+                    User {
+                        identity,
+                        id: identity.user_id(),
+                        username,
+                        attributes,
+                        groups: BTreeSet::new(),
+                    }
+                });
+                user.groups.extend(g.groups.iter().cloned());
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let provider = IdentityProviderRepresentation {
+        alias: Some(inputs.alias.clone()),
+        display_name: Some("keycloak-ci-sts (repository identities)".into()),
+        provider_id: Some("jwt-authorization-grant".into()),
+        enabled: Some(true),
+        config: Some(to_map(vec![
+            (OWNER_ATTRIBUTE, model.owner.clone()),
+            ("issuer", inputs.issuer.clone()),
+            ("useJwksUrl", "true".into()),
+            (
+                "jwksUrl",
+                format!(
+                    "{}{}",
+                    inputs.issuer,
+                    crate::domain::identity::IDENTITY_JWKS_PATH
+                ),
+            ),
+            ("jwtAuthorizationGrantEnabled", "true".into()),
+            (
+                "jwtAuthorizationGrantAssertionSignatureAlg",
+                inputs.algorithm.clone(),
+            ),
+            ("jwtAuthorizationGrantAssertionReuseAllowed", "false".into()),
+            ("jwtAuthorizationGrantLimitAccessTokenExp", "true".into()),
+            (
+                "jwtAuthorizationGrantMaxAllowedAssertionExpiration",
+                "60".into(),
+            ),
+            ("jwtAuthorizationGrantAllowedClockSkew", "5".into()),
+        ])),
+        ..Default::default()
+    };
+    let groups = model
+        .groups
+        .iter()
+        .map(|(name, spec)| Group {
+            name: name.clone(),
+            description: spec
+                .description
+                .clone()
+                .unwrap_or_else(|| "repository identities (keycloak-ci-sts)".into()),
+            roles: spec.roles.clone(),
+        })
+        .collect();
+    Ok(Some(Identities {
+        provider,
+        groups,
+        users: users.into_values().collect(),
+    }))
+}
+
+/// The live state of the identity objects.
+#[derive(Debug, Default)]
+pub struct LiveIdentities {
+    /// The identity provider, when it exists.
+    pub provider: Option<IdentityProviderRepresentation>,
+    /// The user-profile configuration (raw JSON: every field kept on PUT).
+    pub profile: Value,
+    /// Groups by name: (representation, client roles by clientId).
+    pub groups: BTreeMap<String, (GroupRepresentation, BTreeMap<String, BTreeSet<String>>)>,
+    /// Desired users that exist, by username, with their links and group paths.
+    pub users: BTreeMap<String, LiveUser>,
+    /// Problems found while reading (duplicate links, a username taken by another user).
+    pub problems: Vec<String>,
+    /// Users linked to the identity provider that no policy needs, by username.
+    pub unneeded: BTreeMap<String, String>,
+    /// The server's JWT Authorization Grant support: problems when missing.
+    pub version_problems: Vec<String>,
+}
+
+/// A live user.
+#[derive(Debug, Clone)]
+pub struct LiveUser {
+    /// Representation.
+    pub rep: UserRepresentation,
+    /// Federated identities.
+    pub links: Vec<FederatedIdentityRepresentation>,
+    /// Group paths.
+    pub groups: BTreeSet<String>,
+}
+
+fn not_found(e: &AdminError) -> bool {
+    matches!(
+        *e.source,
+        ::keycloak::KeycloakError::HttpFailure { status: 404, .. }
+    )
+}
+
+/// Parses `26.7.3` (or `26.7.3-SNAPSHOT`).
+fn version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// Whether the server supports the grant: `features` of `/admin/serverinfo`
+/// (readable with any realm-management role) must list
+/// `JWT_AUTHORIZATION_GRANT` enabled and not preview; `systemInfo.version`, when
+/// the admin client may see it (manage-realm, 26.5+), must be at least
+/// [`MIN_VERSION`].
+async fn check_version(admin: &Admin) -> Result<Vec<String>, AdminError> {
+    let info: Value = admin
+        .get_root_capped("/admin/serverinfo", "read the server's features")
+        .await?;
+    let mut problems = Vec::new();
+    let feature = info["features"]
+        .as_array()
+        .and_then(|f| f.iter().find(|x| x["name"] == "JWT_AUTHORIZATION_GRANT"));
+    let usable = feature.is_some_and(|f| {
+        f["enabled"] == true && f["type"] != "PREVIEW" && f["type"] != "EXPERIMENTAL"
+    });
+    if !usable {
+        problems.push(format!(
+            "this Keycloak does not support the JWT Authorization Grant without preview flags ({}); it needs Keycloak {}.{}.{} or newer",
+            feature.map(|f| format!("feature {} enabled={}", f["type"], f["enabled"])).unwrap_or_else(|| "feature absent".into()),
+            MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2
+        ));
+    }
+    if let Some(v) = info["systemInfo"]["version"].as_str().and_then(version) {
+        if v < MIN_VERSION {
+            problems.push(format!(
+                "Keycloak {}.{}.{} is older than {}.{}.{}, the lowest version this mode accepts (CVE-2026-11800)",
+                v.0, v.1, v.2, MIN_VERSION.0, MIN_VERSION.1, MIN_VERSION.2
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+impl LiveIdentities {
+    /// Reads the identity objects (view-users, view-identity-providers).
+    ///
+    /// # Errors
+    /// The first failed call.
+    pub async fn read(admin: &Admin, want: &Identities, alias: &str) -> Result<Self, AdminError> {
+        let realm = admin.realm.as_str();
+        let mut live = LiveIdentities {
+            version_problems: check_version(admin).await?,
+            ..Default::default()
+        };
+        live.provider = match admin
+            .api
+            .realm_identity_provider_instances_with_alias_get(realm, alias)
+            .await
+            .ctx("read the identity provider")
+        {
+            Ok(p) => Some(p),
+            Err(e) if not_found(&e) => None,
+            Err(e) => return Err(e),
+        };
+        live.profile = admin
+            .get_capped("/users/profile", &[], "read the user profile")
+            .await?;
+        for g in &want.groups {
+            let found = admin
+                .api
+                .realm_groups_get(
+                    realm,
+                    Some(false),
+                    Some(true),
+                    None,
+                    Some(10),
+                    None,
+                    None,
+                    Some(g.name.clone()),
+                    None,
+                )
+                .await
+                .ctx(format!("read group {}", g.name))?;
+            if let Some(rep) = found.into_iter().find(|r| {
+                r.name.as_deref() == Some(&g.name)
+                    && r.path.as_deref() == Some(&format!("/{}", g.name))
+            }) {
+                let id = rep.id.clone().unwrap_or_default();
+                let m = admin
+                    .api
+                    .realm_groups_with_group_id_role_mappings_get(realm, &id)
+                    .await
+                    .ctx(format!("read roles of group {}", g.name))?;
+                live.groups
+                    .insert(g.name.clone(), (rep, super::live::mapping_roles(m)));
+            }
+        }
+        let wanted: BTreeSet<&str> = want.users.iter().map(|u| u.username.as_str()).collect();
+        for u in &want.users {
+            let subject = u.identity.subject();
+            let linked: Vec<UserRepresentation> = admin
+                .get_capped(
+                    "/users",
+                    &[
+                        ("idpAlias", alias.to_string()),
+                        ("idpUserId", subject.clone()),
+                        ("briefRepresentation", "true".into()),
+                    ],
+                    "find users by federated link",
+                )
+                .await?;
+            let others: Vec<String> = linked
+                .iter()
+                .filter(|x| x.username.as_deref() != Some(&u.username))
+                .filter_map(|x| x.username.clone())
+                .collect();
+            if !others.is_empty() {
+                live.problems.push(format!(
+                    "identity {subject} is also linked to user(s) {} besides {}: Keycloak would issue tokens for any of them; delete the extra link(s) by hand",
+                    others.join(", "),
+                    u.username
+                ));
+            }
+            let by_name: Vec<UserRepresentation> = admin
+                .get_capped(
+                    "/users",
+                    &[("username", u.username.clone()), ("exact", "true".into())],
+                    "find user by username",
+                )
+                .await?;
+            let Some(rep) = by_name.into_iter().next() else {
+                continue;
+            };
+            if rep.id.as_deref() != Some(&u.id) {
+                live.problems.push(format!(
+                    "user {} exists with id {} instead of {} (created outside keycloak apply): its tokens would not carry the stable sub; delete it by hand",
+                    u.username,
+                    rep.id.as_deref().unwrap_or("?"),
+                    u.id
+                ));
+                continue;
+            }
+            let links = admin
+                .api
+                .realm_users_with_user_id_federated_identity_get(realm, &u.id)
+                .await
+                .ctx(format!("read links of {}", u.username))?;
+            let groups = admin
+                .api
+                .realm_users_with_user_id_groups_get(
+                    realm,
+                    &u.id,
+                    Some(true),
+                    None,
+                    Some(100),
+                    None,
+                )
+                .await
+                .ctx(format!("read groups of {}", u.username))?;
+            live.users.insert(
+                u.username.clone(),
+                LiveUser {
+                    rep,
+                    links,
+                    groups: groups.into_iter().filter_map(|g| g.path).collect(),
+                },
+            );
+        }
+        let linked: Vec<UserRepresentation> = admin
+            .get_capped(
+                "/users",
+                &[
+                    ("idpAlias", alias.to_string()),
+                    ("briefRepresentation", "true".into()),
+                    ("max", "10000".into()),
+                ],
+                "list users linked to the identity provider",
+            )
+            .await?;
+        for x in linked {
+            if let (Some(name), Some(id)) = (x.username, x.id) {
+                if !wanted.contains(name.as_str()) && name.starts_with("bitbucket.") {
+                    live.unneeded.insert(name, id);
+                }
+            }
+        }
+        Ok(live)
+    }
+}
+
+/// Adds the identity entries to `plan`.
+pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, plan: &mut Plan) {
+    plan.problems.extend(live.version_problems.iter().cloned());
+    plan.problems.extend(live.problems.iter().cloned());
+    let alias = want.provider.alias.clone().unwrap_or_default();
+    let entry = |kind, name: &str, action| Entry {
+        kind,
+        name: name.to_string(),
+        action,
+    };
+    match &live.provider {
+        Some(p)
+            if p.config
+                .as_ref()
+                .and_then(|c| c.get(OWNER_ATTRIBUTE))
+                .map(String::as_str)
+                != Some(owner) =>
+        {
+            plan.entries.push(entry(Kind::IdentityProvider, &alias, Action::Conflict(format!(
+                "exists and was not created by keycloak apply (no config key {OWNER_ATTRIBUTE} = `{owner}`): left alone"
+            ))));
+        }
+        l => {
+            let mut ch = Vec::new();
+            let d = serde_json::to_value(&want.provider).unwrap_or(Value::Null);
+            let lv = l
+                .as_ref()
+                .map(|p| serde_json::to_value(p).unwrap_or(Value::Null))
+                .unwrap_or(Value::Null);
+            for k in ["providerId", "enabled"] {
+                if d[k] != lv[k] {
+                    ch.push(Change {
+                        field: k.into(),
+                        old: text(&lv[k]),
+                        new: text(&d[k]),
+                    });
+                }
+            }
+            // PUT replaces the whole config: every key is compared, extra ones too.
+            let dc = want.provider.config.clone().unwrap_or_default();
+            let lc = l
+                .as_ref()
+                .and_then(|p| p.config.clone())
+                .unwrap_or_default();
+            let keys: BTreeSet<&String> = dc.keys().chain(lc.keys()).collect();
+            for k in keys {
+                let (o, n) = (
+                    lc.get(k).cloned().unwrap_or_else(|| "(unset)".into()),
+                    dc.get(k).cloned().unwrap_or_else(|| "(unset)".into()),
+                );
+                if o != n {
+                    ch.push(Change {
+                        field: format!("config.{k}"),
+                        old: o,
+                        new: n,
+                    });
+                }
+            }
+            plan.entries.push(entry(
+                Kind::IdentityProvider,
+                &alias,
+                action(l.is_some(), ch),
+            ));
+        }
+    }
+    let declared: BTreeSet<String> = live.profile["attributes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let needed: BTreeSet<String> = PROFILE_ATTRIBUTES
+        .iter()
+        .map(|(a, _)| a.to_string())
+        .collect();
+    let missing: BTreeSet<String> = needed.difference(&declared).cloned().collect();
+    let profile = if missing.is_empty() {
+        Action::InSync
+    } else {
+        Action::Update(vec![Change {
+            field: "attributes".into(),
+            old: "(missing) ".to_string() + &join(&missing),
+            new: join(&needed),
+        }])
+    };
+    plan.entries
+        .push(entry(Kind::UserProfile, "attributes", profile));
+    for g in &want.groups {
+        match live.groups.get(&g.name) {
+            Some((rep, _))
+                if !rep
+                    .attributes
+                    .as_ref()
+                    .and_then(|a| a.get(OWNER_ATTRIBUTE))
+                    .is_some_and(|v| v.iter().any(|x| x == owner)) =>
+            {
+                plan.entries.push(entry(Kind::Group, &g.name, Action::Conflict(format!(
+                    "exists and was not created by keycloak apply (no attribute {OWNER_ATTRIBUTE}): left alone"
+                ))));
+            }
+            l => {
+                let mut ch = Vec::new();
+                let have = l.map(|(_, r)| r.clone()).unwrap_or_default();
+                for (client, roles) in &have {
+                    if super::model::is_reserved_client(client) || client == super::live::REALM_KEY
+                    {
+                        plan.problems.push(format!(
+                            "group {} holds {} roles ({}): its members' tokens could carry them; remove them by hand",
+                            g.name, client, join(roles)
+                        ));
+                    }
+                }
+                let servers: BTreeSet<&String> = g.roles.keys().chain(have.keys()).collect();
+                let none = BTreeSet::new();
+                for rs in servers {
+                    let (o, n) = (
+                        have.get(rs).unwrap_or(&none),
+                        g.roles.get(rs).unwrap_or(&none),
+                    );
+                    if o != n {
+                        ch.push(Change {
+                            field: format!("roles[{rs}]"),
+                            old: join(o),
+                            new: join(n),
+                        });
+                    }
+                }
+                plan.entries
+                    .push(entry(Kind::Group, &g.name, action(l.is_some(), ch)));
+            }
+        }
+    }
+    let owned_groups: BTreeSet<String> =
+        want.groups.iter().map(|g| format!("/{}", g.name)).collect();
+    for u in &want.users {
+        let Some(l) = live.users.get(&u.username) else {
+            let mut ch = vec![
+                Change {
+                    field: "id (the tokens' sub)".into(),
+                    old: "(unset)".into(),
+                    new: u.id.clone(),
+                },
+                Change {
+                    field: "link".into(),
+                    old: "(unset)".into(),
+                    new: format!("{alias}: {}", u.identity.subject()),
+                },
+            ];
+            ch.extend(u.attributes.iter().map(|(k, v)| Change {
+                field: format!("attributes.{k}"),
+                old: "(unset)".into(),
+                new: v.join(", "),
+            }));
+            if !u.groups.is_empty() {
+                ch.push(Change {
+                    field: "groups".into(),
+                    old: "(none)".into(),
+                    new: join(&u.groups),
+                });
+            }
+            plan.entries
+                .push(entry(Kind::User, &u.username, Action::Create(ch)));
+            continue;
+        };
+        let mut ch = Vec::new();
+        let have_attrs = l.rep.attributes.clone().unwrap_or_default();
+        for (k, v) in &u.attributes {
+            let old = have_attrs.get(k).cloned().unwrap_or_default();
+            if &old != v {
+                ch.push(Change {
+                    field: format!("attributes.{k}"),
+                    old: if old.is_empty() {
+                        "(unset)".into()
+                    } else {
+                        old.join(", ")
+                    },
+                    new: v.join(", "),
+                });
+            }
+        }
+        let link = l
+            .links
+            .iter()
+            .find(|f| f.identity_provider.as_deref() == Some(alias.as_str()));
+        let subject = u.identity.subject();
+        if link.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
+            ch.push(Change {
+                field: "link".into(),
+                old: link
+                    .and_then(|f| f.user_id.clone())
+                    .unwrap_or_else(|| "(unset)".into()),
+                new: format!("{alias}: {subject}"),
+            });
+        }
+        let have_groups: BTreeSet<String> = l
+            .groups
+            .intersection(&owned_groups)
+            .map(|p| p.trim_start_matches('/').to_string())
+            .collect();
+        if have_groups != u.groups {
+            ch.push(Change {
+                field: "groups".into(),
+                old: join(&have_groups),
+                new: join(&u.groups),
+            });
+        }
+        if l.rep.enabled == Some(false) && ch.is_empty() {
+            plan.entries
+                .push(entry(Kind::User, &u.username, Action::Disabled));
+            continue;
+        }
+        plan.entries
+            .push(entry(Kind::User, &u.username, action(true, ch)));
+    }
+    let gone = if prune {
+        Action::Remove
+    } else {
+        Action::Unneeded
+    };
+    for name in live.unneeded.keys() {
+        plan.entries.push(entry(Kind::User, name, gone.clone()));
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "(unset)".into(),
+        o => o.to_string(),
+    }
+}
+
+fn action(exists: bool, changes: Vec<Change>) -> Action {
+    match (exists, changes.is_empty()) {
+        (false, _) => Action::Create(changes),
+        (true, true) => Action::InSync,
+        (true, false) => Action::Update(changes),
+    }
+}
+
+/// Makes the identity entries of `plan` true; appends each change to `journal`.
+///
+/// # Errors
+/// The first failed call.
+pub async fn apply(
+    admin: &Admin,
+    want: &Identities,
+    live: &LiveIdentities,
+    plan: &Plan,
+    owner: &str,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let alias = want.provider.alias.clone().unwrap_or_default();
+    for e in &plan.entries {
+        let changes = match &e.action {
+            Action::Create(c) | Action::Update(c) => c,
+            Action::Remove if e.kind == Kind::User => {
+                if let Some(id) = live.unneeded.get(&e.name) {
+                    admin
+                        .api
+                        .realm_users_with_user_id_delete(realm, id)
+                        .await
+                        .ctx(format!("remove user {}", e.name))?;
+                    journal.push(format!("- removed user {}", e.name));
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        match e.kind {
+            Kind::IdentityProvider => {
+                if live.provider.is_some() {
+                    admin
+                        .api
+                        .realm_identity_provider_instances_with_alias_put(
+                            realm,
+                            &alias,
+                            want.provider.clone(),
+                        )
+                        .await
+                        .ctx("update the identity provider")?;
+                } else {
+                    admin
+                        .api
+                        .realm_identity_provider_instances_post(realm, want.provider.clone())
+                        .await
+                        .ctx("create the identity provider")?;
+                }
+            }
+            Kind::UserProfile => {
+                let mut profile = live.profile.clone();
+                let declared: BTreeSet<String> = profile["attributes"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x["name"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if let Some(attrs) = profile["attributes"].as_array_mut() {
+                    for (name, _) in PROFILE_ATTRIBUTES
+                        .iter()
+                        .filter(|(n, _)| !declared.contains(*n))
+                    {
+                        attrs.push(json!({
+                            "name": name,
+                            "displayName": name,
+                            "validations": {"length": {"max": 255}},
+                            "permissions": {"view": ["admin"], "edit": ["admin"]},
+                            "multivalued": false
+                        }));
+                    }
+                }
+                admin
+                    .send_json(
+                        reqwest::Method::PUT,
+                        "/users/profile",
+                        &profile,
+                        "declare the identity attributes in the user profile",
+                    )
+                    .await?;
+            }
+            Kind::Group => group(admin, want, live, &e.name, owner).await?,
+            Kind::User => user(admin, want, live, &e.name, &alias).await?,
+            _ => continue,
+        }
+        journal.push(match &e.action {
+            Action::Create(_) => format!("+ created {} {}", e.kind, e.name),
+            _ => format!(
+                "~ {} {}: {}",
+                e.kind,
+                e.name,
+                changes
+                    .iter()
+                    .map(|c| format!("{}: {} -> {}", c.field, c.old, c.new))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+async fn group(
+    admin: &Admin,
+    want: &Identities,
+    live: &LiveIdentities,
+    name: &str,
+    owner: &str,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let Some(g) = want.groups.iter().find(|g| g.name == name) else {
+        return Ok(());
+    };
+    let rep = GroupRepresentation {
+        name: Some(g.name.clone()),
+        description: Some(g.description.clone()),
+        attributes: Some(HashMap::from([(
+            OWNER_ATTRIBUTE.to_string(),
+            vec![owner.to_string()],
+        )])),
+        ..Default::default()
+    };
+    let (id, have) = match live.groups.get(name) {
+        Some((l, roles)) => {
+            let id = l.id.clone().unwrap_or_default();
+            let mut put = rep.clone();
+            put.id = Some(id.clone());
+            admin
+                .api
+                .realm_groups_with_group_id_put(realm, &id, put)
+                .await
+                .ctx(format!("update group {name}"))?;
+            (id, roles.clone())
+        }
+        None => {
+            let r = admin
+                .api
+                .realm_groups_post(realm, rep)
+                .await
+                .ctx(format!("create group {name}"))?;
+            (r.to_id().unwrap_or_default().to_string(), BTreeMap::new())
+        }
+    };
+    let servers: BTreeSet<&String> = g.roles.keys().chain(have.keys()).collect();
+    for rs in servers {
+        if super::model::is_reserved_client(rs) || rs == super::live::REALM_KEY {
+            continue;
+        }
+        let uuid = client_uuid(admin, rs).await?;
+        let mapped = admin
+            .api
+            .realm_groups_with_group_id_role_mappings_clients_with_client_id_get(realm, &id, &uuid)
+            .await
+            .ctx(format!("read {rs} roles of group {name}"))?;
+        let none = BTreeSet::new();
+        let wanted = g.roles.get(rs).unwrap_or(&none);
+        let extra: Vec<RoleRepresentation> = mapped
+            .iter()
+            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .cloned()
+            .collect();
+        if !extra.is_empty() {
+            admin
+                .api
+                .realm_groups_with_group_id_role_mappings_clients_with_client_id_delete(
+                    realm, &id, &uuid, extra,
+                )
+                .await
+                .ctx(format!("remove {rs} roles of group {name}"))?;
+        }
+        let had: BTreeSet<String> = mapped.iter().filter_map(|r| r.name.clone()).collect();
+        let mut add = Vec::new();
+        for r in wanted.difference(&had) {
+            let role = admin
+                .api
+                .realm_clients_with_client_uuid_roles_with_role_name_get(realm, &uuid, r)
+                .await
+                .ctx(format!("read role {rs}/{r}"))?;
+            add.push(role);
+        }
+        if !add.is_empty() {
+            admin
+                .api
+                .realm_groups_with_group_id_role_mappings_clients_with_client_id_post(
+                    realm, &id, &uuid, add,
+                )
+                .await
+                .ctx(format!("add {rs} roles to group {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, AdminError> {
+    let found = admin
+        .api
+        .realm_clients_get(
+            &admin.realm,
+            Some(client_id.to_string()),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        .await
+        .ctx(format!("find client {client_id}"))?;
+    Ok(found
+        .into_iter()
+        .find(|c| c.client_id.as_deref() == Some(client_id))
+        .and_then(|c| c.id)
+        .unwrap_or_default())
+}
+
+async fn group_id(admin: &Admin, name: &str) -> Result<Option<String>, AdminError> {
+    let found = admin
+        .api
+        .realm_groups_get(
+            &admin.realm,
+            Some(true),
+            Some(true),
+            None,
+            Some(10),
+            None,
+            None,
+            Some(name.to_string()),
+            None,
+        )
+        .await
+        .ctx(format!("find group {name}"))?;
+    Ok(found
+        .into_iter()
+        .find(|g| g.path.as_deref() == Some(&format!("/{name}")))
+        .and_then(|g| g.id))
+}
+
+async fn user(
+    admin: &Admin,
+    want: &Identities,
+    live: &LiveIdentities,
+    username: &str,
+    alias: &str,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    let Some(u) = want.users.iter().find(|u| u.username == username) else {
+        return Ok(());
+    };
+    let subject = u.identity.subject();
+    let link = FederatedIdentityRepresentation {
+        identity_provider: Some(alias.to_string()),
+        user_id: Some(subject.clone()),
+        user_name: Some(u.username.clone()),
+    };
+    let attributes: HashMap<String, Vec<String>> = u.attributes.clone().into_iter().collect();
+    let Some(l) = live.users.get(username) else {
+        // partialImport honours `id` (POST /users ignores it): sub = the user id.
+        let body = json!({
+            "ifResourceExists": "SKIP",
+            "users": [{
+                "id": u.id,
+                "username": u.username,
+                "enabled": true,
+                "attributes": attributes,
+                "groups": u.groups.iter().map(|g| format!("/{g}")).collect::<Vec<_>>(),
+                "federatedIdentities": [link],
+            }]
+        });
+        admin
+            .send_json(
+                reqwest::Method::POST,
+                "/partialImport",
+                &body,
+                &format!("create user {username}"),
+            )
+            .await?;
+        return Ok(());
+    };
+    let mut rep = l.rep.clone();
+    rep.attributes = Some(attributes);
+    admin
+        .api
+        .realm_users_with_user_id_put(realm, &u.id, rep)
+        .await
+        .ctx(format!("update user {username}"))?;
+    let current = l
+        .links
+        .iter()
+        .find(|f| f.identity_provider.as_deref() == Some(alias));
+    if current.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
+        if current.is_some() {
+            admin
+                .api
+                .realm_users_with_user_id_federated_identity_with_provider_delete(
+                    realm, &u.id, alias,
+                )
+                .await
+                .ctx(format!("remove the wrong link of {username}"))?;
+        }
+        admin
+            .api
+            .realm_users_with_user_id_federated_identity_with_provider_post(
+                realm, &u.id, alias, link,
+            )
+            .await
+            .ctx(format!("link {username}"))?;
+    }
+    let owned: BTreeSet<String> = want.groups.iter().map(|g| g.name.clone()).collect();
+    let have: BTreeSet<String> = l
+        .groups
+        .iter()
+        .map(|p| p.trim_start_matches('/').to_string())
+        .filter(|g| owned.contains(g))
+        .collect();
+    for g in have.difference(&u.groups) {
+        if let Some(id) = group_id(admin, g).await? {
+            admin
+                .api
+                .realm_users_with_user_id_groups_with_group_id_delete(realm, &u.id, &id)
+                .await
+                .ctx(format!("remove {username} from group {g}"))?;
+        }
+    }
+    for g in u.groups.difference(&have) {
+        if let Some(id) = group_id(admin, g).await? {
+            admin
+                .api
+                .realm_users_with_user_id_groups_with_group_id_put(realm, &u.id, &id)
+                .await
+                .ctx(format!("add {username} to group {g}"))?;
+        }
+    }
+    Ok(())
+}
