@@ -2,7 +2,12 @@
 # Load benchmark, one machine, one run:
 #   (a) client_credentials requests straight to the real Keycloak (client sts-artifacts),
 #   (b) the same exchanges through keycloak-ci-sts against the same Keycloak,
-#   (c) keycloak-ci-sts against a stub token endpoint that answers instantly.
+#   (c) keycloak-ci-sts against a stub token endpoint that answers instantly,
+#   (d) exchanges through keycloak-ci-sts by the JWT Authorization Grant (client
+#       sts-repo, a token of the repository's own user) against the same Keycloak
+#       as (b), measured right after (b) so the two compare within one run; with
+#       the service's CPU time per exchange for (b) and (d) (utime+stime from
+#       /proc/<pid>/stat around the measured run, divided by the requests).
 # For each: throughput, p50 and p99 latency, and (b, c) the service's peak RSS;
 # then the ratios against the targets. Results: target/bench/results.md.
 #
@@ -26,6 +31,7 @@ OUT=target/bench
 ISSUER=http://127.0.0.1:18092
 WORKSPACE_UUID="{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}"
 REPOSITORY_UUID="{d4e45493-4a33-477d-917b-a24e7e4bd39b}"
+BIN="${CARGO_TARGET_DIR:-target}/release"
 
 bash scripts/bootstrap.sh
 if ! command -v wrk >/dev/null 2>&1; then
@@ -41,7 +47,8 @@ echo "== building (release)"
 cargo build --release --locked --workspace --bins
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log "$OUT"/audit-*.jsonl
-[[ -f "$OUT/sts-signing-key.pem" ]] || target/release/keycloak-ci-sts keys generate --out "$OUT/sts-signing-key.pem" >/dev/null
+[[ -f "$OUT/sts-signing-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-signing-key.pem" >/dev/null
+[[ -f "$OUT/sts-identity-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-identity-key.pem" >/dev/null
 
 pids=()
 cleanup() {
@@ -62,7 +69,7 @@ wait_http() {
 
 echo "== starting Keycloak, the local issuer (with a stub Keycloak realm)"
 bash scripts/keycloak.sh start
-target/release/bitbucket-dev-issuer --listen 127.0.0.1:18092 --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
+"$BIN/bitbucket-dev-issuer" --listen 127.0.0.1:18092 --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
 pids+=($!)
 wait_http "$ISSUER/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
 
@@ -93,6 +100,13 @@ method = "private_key_jwt"
 method = "client_secret_basic"
 secret_env = "KCS_BENCH_SECRET"
 
+[keycloak.clients.sts-repo]
+method = "private_key_jwt"
+grant = "jwt_authorization_grant"
+
+[identity]
+key_files = ["$PWD/$OUT/sts-identity-key.pem"]
+
 [signing]
 key_files = ["$PWD/$OUT/sts-signing-key.pem"]
 
@@ -106,12 +120,12 @@ TOML
 config 18091 http://127.0.0.1:18080 >"$OUT/sts-18091.toml"
 KCS_ADMIN_CLIENT_ID=kcs-admin-manage KCS_ADMIN_CLIENT_SECRET=kcs-admin-manage-test-secret \
   KCS_BENCH_SECRET=sts-artifacts-test-secret \
-  target/release/keycloak-ci-sts keycloak apply --config "$OUT/sts-18091.toml" >/dev/null
+  "$BIN/keycloak-ci-sts" keycloak apply --config "$OUT/sts-18091.toml" >/dev/null
 
 start_sts() { # port keycloak_url -> pid in STS_PID
   config "$1" "$2" >"$OUT/sts-$1.toml"
   RUST_LOG="$LOG" KCS_BENCH_SECRET=sts-artifacts-test-secret \
-    target/release/keycloak-ci-sts serve --config "$OUT/sts-$1.toml" 2>"$OUT/sts-$1.log" &
+    "$BIN/keycloak-ci-sts" serve --config "$OUT/sts-$1.toml" 2>"$OUT/sts-$1.log" &
   STS_PID=$!
   pids+=("$STS_PID")
   wait_http "http://127.0.0.1:$1/readyz"
@@ -120,15 +134,28 @@ start_sts() { # port keycloak_url -> pid in STS_PID
 TOKEN=$(curl -fsS -X POST "$ISSUER/mint" -H 'Content-Type: application/json' \
   -d "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"$REPOSITORY_UUID\",\"branch_name\":\"main\",\"audiences\":[\"https://sts.example.test\"],\"lifetime_seconds\":7200}")
 EXCHANGE_BODY="grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token&audience=artifact-api&subject_token=$TOKEN"
+# (d): the same step token, audience release-api: policy release-deploy-service,
+# client sts-repo, a token of acme/deploy-service's own Keycloak user.
+RELEASE_BODY="grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Aid_token&audience=release-api&subject_token=$TOKEN"
 DIRECT_BODY="grant_type=client_credentials&scope=artifacts%3Aread"
 DIRECT_AUTH="Basic $(printf 'sts-artifacts:sts-artifacts-test-secret' | base64 -w0)"
 
-run() { # name url body auth [connections]: warm-up, then the measured run
-  local c="${5:-$CONNECTIONS}" t=2
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
+
+run() { # name url body auth [connections]: warm-up, then the measured run; with
+  # CPU_PID set, also the service's CPU µs per request of the measured run
+  local c="${5:-$CONNECTIONS}" t=2 before after
   ((c < 2)) && t=1
   BENCH_BODY="$3" BENCH_AUTH="$4" wrk -t"$t" -c"$c" -d"${WARMUP}s" -s bench/report.lua "$2" >/dev/null
+  [[ -n "${CPU_PID:-}" ]] && before=$(cpu_ticks "$CPU_PID")
   BENCH_BODY="$3" BENCH_AUTH="$4" wrk -t"$t" -c"$c" -d"${DURATION}s" --timeout 10s -s bench/report.lua "$2" |
     tail -n 1 >"$OUT/$1.json"
+  if [[ -n "${CPU_PID:-}" ]]; then
+    after=$(cpu_ticks "$CPU_PID")
+    jq -r --argjson t "$((after - before))" --argjson hz "$CLK_TCK" --argjson d "$DURATION" \
+      '($t / $hz * 1000000) / ((.rps * $d) | if . < 1 then 1 else . end) | floor' "$OUT/$1.json" >"$OUT/$1.cpu"
+  fi
   echo "$1: $(cat "$OUT/$1.json")"
 }
 
@@ -143,9 +170,10 @@ echo "== (a) Keycloak direct: throughput ($CONNECTIONS connections) and latency 
 run a "$KC_TOKEN_URL" "$DIRECT_BODY" "$DIRECT_AUTH"
 run a1 "$KC_TOKEN_URL" "$DIRECT_BODY" "$DIRECT_AUTH" 1
 
-echo "== (b) through keycloak-ci-sts, same Keycloak"
+echo "== (b) through keycloak-ci-sts, same Keycloak; (d) the JWT Authorization Grant right after"
 start_sts 18091 http://127.0.0.1:18080
-run b http://127.0.0.1:18091/token "$EXCHANGE_BODY" ""
+CPU_PID="$STS_PID" run b http://127.0.0.1:18091/token "$EXCHANGE_BODY" ""
+CPU_PID="$STS_PID" run d http://127.0.0.1:18091/token "$RELEASE_BODY" ""
 run b1 http://127.0.0.1:18091/token "$EXCHANGE_BODY" "" 1
 RSS_B=$(peak_rss_mib "$STS_PID")
 kill "$STS_PID"
@@ -166,6 +194,10 @@ j() { jq -r ".$2" "$OUT/$1.json"; }
   echo "| (a) direct, 1 connection | $(j a1 rps) | $(j a1 p50_ms) | $(j a1 p99_ms) | $(j a1 errors) | - |"
   echo "| (b) through the service, 1 connection | $(j b1 rps) | $(j b1 p50_ms) | $(j b1 p99_ms) | $(j b1 errors) | - |"
   echo "| (c) keycloak-ci-sts, stub token endpoint | $(j c rps) | $(j c p50_ms) | $(j c p99_ms) | $(j c errors) | $RSS_C |"
+  echo "| (d) JWT Authorization Grant through keycloak-ci-sts, $CONNECTIONS connections | $(j d rps) | $(j d p50_ms) | $(j d p99_ms) | $(j d errors) | - |"
+  echo
+  echo "Service CPU per exchange: (b) client_credentials + client secret $(cat "$OUT/b.cpu") µs, (d) JWT Authorization Grant + private_key_jwt $(cat "$OUT/d.cpu") µs."
+  awk -v br="$(j b rps)" -v dr="$(j d rps)" 'BEGIN { printf "JWT Authorization Grant vs client_credentials, same Keycloak, same run: %.2f ×\n", dr / br }'
   echo
   awk -v ar="$(j a rps)" -v br="$(j b rps)" -v a50="$(j a1 p50_ms)" -v b50="$(j b1 p50_ms)" \
     -v a99="$(j a1 p99_ms)" -v b99="$(j b1 p99_ms)" -v cr="$(j c rps)" -v rb="$RSS_B" -v rc="$RSS_C" 'BEGIN {

@@ -10,6 +10,7 @@
 # DEMO_KEEP_RUNNING=1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 STS_URL="http://127.0.0.1:18081"
 ISSUER_URL="http://127.0.0.1:18082"
@@ -60,7 +61,10 @@ cargo build --locked --workspace --bins
 mkdir -p "$DEMO_DIR"
 : >"$DEMO_DIR/audit.jsonl"
 if [[ ! -f "$DEMO_DIR/sts-signing-key.pem" ]]; then
-  target/debug/keycloak-ci-sts keys generate --out "$DEMO_DIR/sts-signing-key.pem" >/dev/null
+  "$BIN"/keycloak-ci-sts keys generate --out "$DEMO_DIR/sts-signing-key.pem" >/dev/null
+fi
+if [[ ! -f "$DEMO_DIR/sts-identity-key.pem" ]]; then # repository assertions: a key of its own
+  "$BIN"/keycloak-ci-sts keys generate --out "$DEMO_DIR/sts-identity-key.pem" >/dev/null
 fi
 
 say "Starting Keycloak (first run fetches it with Maven; about a minute)"
@@ -68,14 +72,14 @@ bash scripts/keycloak.sh start
 
 say "Configuring the realm from the policies (keycloak plan, then keycloak apply)"
 KCS_ADMIN_CLIENT_ID=kcs-admin-view KCS_ADMIN_CLIENT_SECRET=kcs-admin-view-test-secret \
-  target/debug/keycloak-ci-sts keycloak plan --config demo/sts.toml | grep -v '^    ' || true
+  "$BIN"/keycloak-ci-sts keycloak plan --config demo/sts.toml | grep -v '^    ' || true
 bash scripts/keycloak.sh provision
 
 say "Starting the local Bitbucket-compatible issuer and keycloak-ci-sts"
-target/debug/bitbucket-dev-issuer --listen 127.0.0.1:18082 2>"$DEMO_DIR/issuer.log" &
+"$BIN"/bitbucket-dev-issuer --listen 127.0.0.1:18082 2>"$DEMO_DIR/issuer.log" &
 pids+=($!)
 KCS_DEMO_STS_ARTIFACTS_SECRET=sts-artifacts-test-secret \
-  target/debug/keycloak-ci-sts serve --config demo/sts.toml 2>"$DEMO_DIR/sts.log" &
+  "$BIN"/keycloak-ci-sts serve --config demo/sts.toml 2>"$DEMO_DIR/sts.log" &
 pids+=($!)
 wait_http "$ISSUER_URL/2.0/workspaces/acme/pipelines-config/identity/oidc/.well-known/openid-configuration" 30 "${pids[0]}" "$DEMO_DIR/issuer.log"
 wait_http "$STS_URL/readyz" 60 "${pids[1]}" "$DEMO_DIR/sts.log"
@@ -103,7 +107,18 @@ jwt_claims "$(jq -r .access_token <<<"$RESPONSE")"
 say "The audit line tying the pipeline step to that token"
 tail -n 1 "$DEMO_DIR/audit.jsonl" | jq .
 
-say "A feature-branch step asks for the same audience: denied, Keycloak never called"
+say "acme/web's main build asks for release-api: a token of the repository's own Keycloak user (JWT Authorization Grant)"
+WEB_TOKEN=$(mint "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"{9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d}\",\"branch_name\":\"main\",\"audiences\":[\"https://sts.example.test\"]}")
+WEB_RESPONSE=$(curl -sS --fail-with-body "$STS_URL/token" \
+  -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+  -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+  --data-urlencode "subject_token=$WEB_TOKEN" \
+  -d audience=release-api)
+jwt_claims "$(jq -r .access_token <<<"$WEB_RESPONSE")" |
+  jq '{sub, preferred_username, repository, repository_uuid, workspace_uuid, azp, scope, resource_access, lifetime_seconds: (.exp - .iat)}'
+tail -n 1 "$DEMO_DIR/audit.jsonl" | jq -c '{outcome, repository_full_name, identity, keycloak_user_id, policy}'
+
+say "A feature-branch step of the deploy repository asks for deploy-api: denied, Keycloak never called"
 FEATURE_TOKEN=$(mint "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"$REPOSITORY_UUID\",\"branch_name\":\"feature/login\",\"deployment_environment_uuid\":\"$PRODUCTION_ENV_UUID\",\"audiences\":[\"https://sts.example.test\"]}")
 curl -sS -w '\nHTTP %{http_code}\n' "$STS_URL/token" \
   -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \

@@ -364,6 +364,10 @@ cmd_env() {
   printf 'export KCS_KEYCLOAK_REALM=%q\n' "$KC_REALM"
   printf 'export KCS_KEYCLOAK_ADMIN_USER=%q\n' "$KC_ADMIN_USER"
   printf 'export KCS_KEYCLOAK_ADMIN_PASSWORD=%q\n' "$KC_ADMIN_PASSWORD"
+  # `keycloak plan` reads KCS_ADMIN_CLIENT_ID/SECRET: the view-only client here;
+  # for `keycloak apply` use the manage client below.
+  printf 'export KCS_ADMIN_CLIENT_ID=%q\n' kcs-admin-view
+  printf 'export KCS_ADMIN_CLIENT_SECRET=%q\n' kcs-admin-view-test-secret
   printf 'export KCS_ADMIN_VIEW_CLIENT_ID=%q\n' kcs-admin-view
   printf 'export KCS_ADMIN_VIEW_CLIENT_SECRET=%q\n' kcs-admin-view-test-secret
   printf 'export KCS_ADMIN_MANAGE_CLIENT_ID=%q\n' kcs-admin-manage
@@ -376,7 +380,7 @@ cmd_env() {
 DEMO_ARTIFACTS_SECRET="sts-artifacts-test-secret"
 
 cmd_provision() {
-  local bin="$REPO_ROOT/target/debug/keycloak-ci-sts"
+  local bin="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/keycloak-ci-sts"
   [ -x "$bin" ] || die "$bin not found: run cargo build first"
   is_ready || die "Keycloak is not running from this clone: run $0 start first"
   log "provisioning realm $KC_REALM from demo/sts.toml and policies/ (keycloak apply)"

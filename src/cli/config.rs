@@ -32,6 +32,15 @@ pub fn check(file: &Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
                         .iter()
                         .map(ToString::to_string),
                 );
+                // The realm model, when the policies come with one: the same
+                // derivation `keycloak plan` makes, without calling Keycloak.
+                let model = s.policies_dir.join(crate::provision::model::MODEL_FILE);
+                if errors.is_empty() && model.exists() {
+                    match super::keycloak::derive_for(s, Secrets::Skip) {
+                        Ok(d) => warnings.extend(d.warnings),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
             }
             Err(e) => errors.extend(e.iter().map(ToString::to_string)),
         }

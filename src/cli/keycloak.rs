@@ -49,6 +49,19 @@ fn desired(config: &Path, secrets: Secrets) -> anyhow::Result<(Settings, Desired
         let lines: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
         anyhow::bail!("{}", lines.join("\n"));
     };
+    let desired = derive_for(&settings, secrets)?;
+    for w in &desired.warnings {
+        eprintln!("warning: {w}");
+    }
+    Ok((settings, desired))
+}
+
+/// The desired realm of validated `settings` (policies and realm model read from
+/// its `policies_dir`); `config check` calls it too when the model file exists.
+///
+/// # Errors
+/// Every policy, model or consistency problem, one line each.
+pub(super) fn derive_for(settings: &Settings, secrets: Secrets) -> anyhow::Result<Desired> {
     let known = settings.keycloak.clients.keys().cloned().collect();
     let set = PolicySet::load_dir(&settings.policies_dir, Some(&known)).map_err(|e| {
         anyhow::anyhow!(
@@ -96,16 +109,12 @@ fn desired(config: &Path, secrets: Secrets) -> anyhow::Result<(Settings, Desired
         jwt_clients: settings.keycloak.jwt_clients(),
         identity,
     };
-    let desired = derive(inputs, set.policies(), set.inventory(), &model).map_err(|e| {
+    derive(inputs, set.policies(), set.inventory(), &model).map_err(|e| {
         anyhow::anyhow!(
             "the policies and keycloak/realm.yaml disagree:\n{}",
             e.join("\n")
         )
-    })?;
-    for w in &desired.warnings {
-        eprintln!("warning: {w}");
-    }
-    Ok((settings, desired))
+    })
 }
 
 fn admin(settings: &Settings, a: AdminArgs) -> anyhow::Result<Admin> {

@@ -1,7 +1,10 @@
 //! `keycloak export`: the desired state as realm-import JSON (the format of
 //! `kc.sh import`, the admin console's partial import and keycloak-config-cli),
 //! for teams that manage Keycloak with other tools. Client secrets are never
-//! written; set them with your tool's secret handling.
+//! written; set them with your tool's secret handling. With per-repository
+//! identities it also holds the identity provider, the groups and the repository
+//! users (with their ids, links and groups); the user-profile attributes they need
+//! are not part of it (declare them as the README says).
 
 use serde_json::{json, Value};
 
@@ -48,6 +51,9 @@ pub fn realm_json(realm: &str, desired: &Desired) -> Value {
         rep.default_client_scopes = Some(c.default_scopes.iter().cloned().collect());
         rep.optional_client_scopes = Some(c.optional_scopes.iter().cloned().collect());
         clients.push(serde_json::to_value(rep).unwrap_or(Value::Null));
+        if c.rep.service_accounts_enabled != Some(true) {
+            continue;
+        }
         users.push(json!({
             "username": format!("service-account-{}", c.client_id.to_lowercase()),
             "enabled": true,
@@ -55,14 +61,47 @@ pub fn realm_json(realm: &str, desired: &Desired) -> Value {
             "clientRoles": c.roles,
         }));
     }
-    sorted(json!({
+    let mut doc = json!({
         "realm": realm,
         "roles": { "client": roles },
         "clientScopes": scopes,
         "clientScopeMappings": scope_mappings,
         "clients": clients,
         "users": users,
-    }))
+    });
+    if let Some(ids) = &desired.identities {
+        doc["identityProviders"] = json!([ids.provider]);
+        doc["groups"] = Value::Array(
+            ids.groups
+                .iter()
+                .map(|g| {
+                    json!({
+                        "name": g.name,
+                        "description": g.description,
+                        "attributes": { super::desired::OWNER_ATTRIBUTE: [desired.owner] },
+                        "clientRoles": g.roles,
+                    })
+                })
+                .collect(),
+        );
+        if let Some(Value::Array(list)) = doc.get_mut("users") {
+            list.extend(ids.users.iter().map(|u| {
+                json!({
+                    "id": u.id,
+                    "username": u.username,
+                    "enabled": true,
+                    "attributes": u.attributes,
+                    "groups": u.groups.iter().map(|g| format!("/{g}")).collect::<Vec<_>>(),
+                    "federatedIdentities": [{
+                        "identityProvider": ids.provider.alias,
+                        "userId": u.identity.subject(),
+                        "userName": u.username,
+                    }],
+                })
+            }));
+        }
+    }
+    sorted(doc)
 }
 
 /// The same document with every object's keys in order (stable output to commit).

@@ -99,6 +99,8 @@ pub struct Plan {
     pub entries: Vec<Entry>,
     /// Problems that stop `apply` (conflicts, a missing `basic` scope).
     pub problems: Vec<String>,
+    /// What `plan` does not show as a change but an operator should know.
+    pub notes: Vec<String>,
 }
 
 impl Plan {
@@ -142,6 +144,7 @@ impl Plan {
                 )),
             }
         }
+        out.extend(self.notes.iter().map(|n| format!("  note: {n}")));
         out.extend(self.problems.iter().map(|p| format!("! {p}")));
         out
     }
@@ -355,6 +358,14 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 rs.client_id
             ));
         }
+        let extra: BTreeSet<String> = live_roles.difference(&rs.roles).cloned().collect();
+        if !prune && !extra.is_empty() {
+            plan.notes.push(format!(
+                "resource server {}: role(s) {} are no longer in the model; kept (`--prune` removes them)",
+                rs.client_id,
+                join(&extra)
+            ));
+        }
         let wanted_missing = !rs.roles.is_subset(live_roles);
         if wanted_missing || (prune && live_roles != &rs.roles) {
             ch.extend(set_change("roles", live_roles, &rs.roles));
@@ -418,6 +429,18 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
         .iter()
         .map(|r| &r.client_id)
         .collect();
+    let secret_clients: Vec<&str> = desired
+        .clients
+        .iter()
+        .filter(|c| c.rep.client_authenticator_type.as_deref() == Some("client-secret"))
+        .map(|c| c.client_id.as_str())
+        .collect();
+    if !secret_clients.is_empty() {
+        plan.notes.push(format!(
+            "client secrets are not compared by plan (it reads no secret); apply sets the secret of {} to the configured one when it differs",
+            secret_clients.join(", ")
+        ));
+    }
     for c in &desired.clients {
         let l = live.clients.get(&c.client_id);
         if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner, &c.client_id)) {

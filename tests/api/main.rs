@@ -16,6 +16,7 @@ mod exchange;
 mod faultkinds;
 mod faults;
 mod helpers;
+mod identity;
 mod identity_real;
 mod inventory;
 mod keycloak_real;
