@@ -209,3 +209,36 @@ async fn a_token_of_another_user_is_not_passed_on() {
     .await;
     assert!(body.get("access_token").is_none());
 }
+
+#[tokio::test]
+async fn the_service_refuses_the_mode_when_keycloak_does_not_offer_the_grant() {
+    let issuer = Issuer::start().await;
+    let server = wiremock::MockServer::start().await;
+    let uri = server.uri();
+    Mock::given(method("GET"))
+        .and(path("/realms/ci/.well-known/openid-configuration"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "issuer": format!("{uri}/realms/ci"),
+            "token_endpoint": format!("{uri}{TOKEN_PATH}"),
+            "grant_types_supported": ["client_credentials", "urn:ietf:params:oauth:grant-type:token-exchange"],
+        })))
+        .mount(&server)
+        .await;
+    let (dir, toml, _) = TestApp::write_config(&issuer, Options::new(&uri));
+    let settings =
+        keycloak_ci_sts::configuration::Settings::from_toml_str(&toml, dir.path()).unwrap();
+    let app = keycloak_ci_sts::startup::Application::build(settings).unwrap();
+    let e = app.check_upstream().await.unwrap_err();
+    assert_eq!(e.code(), "keycloak.jwt_grant_unsupported");
+
+    // Without the JWT Authorization Grant client the same Keycloak is fine.
+    let mut opts = Options::new(&uri);
+    opts.identity = false;
+    let (_p, policies) = policies_without_identities();
+    opts.policies_dir = Some(policies);
+    let (dir, toml, _) = TestApp::write_config(&issuer, opts);
+    let settings =
+        keycloak_ci_sts::configuration::Settings::from_toml_str(&toml, dir.path()).unwrap();
+    let app = keycloak_ci_sts::startup::Application::build(settings).unwrap();
+    assert!(app.check_upstream().await.is_ok());
+}
