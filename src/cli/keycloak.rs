@@ -101,6 +101,7 @@ pub(super) fn derive_for(settings: &Settings, secrets: Secrets) -> anyhow::Resul
         issuer: i.issuer.clone(),
         alias: i.provider_alias.clone(),
         algorithm: i.algorithm.name().to_string(),
+        realm: settings.keycloak.realm.clone(),
     });
     let inputs = Inputs {
         public_url: settings.public_url.as_ref(),

@@ -73,13 +73,38 @@ impl RepositoryIdentity {
         }
     }
 
-    /// The Keycloak user id, and so the `sub` of its tokens: UUIDv5 of
-    /// [`subject`](Self::subject) in [`USER_ID_NAMESPACE`]. Deterministic, so a
-    /// user deleted and provisioned again keeps its `sub`.
-    pub fn user_id(&self) -> String {
-        uuid::Uuid::new_v5(&USER_ID_NAMESPACE, self.subject().as_bytes())
-            .hyphenated()
-            .to_string()
+    /// The Keycloak user id in `realm`, and so the `sub` of its tokens: UUIDv5
+    /// of `<realm>` + newline + [`subject`](Self::subject) in
+    /// [`USER_ID_NAMESPACE`]. Deterministic, so a user deleted and provisioned
+    /// again keeps its `sub`; the realm is part of it because Keycloak's user ids
+    /// are unique across all realms of a server.
+    pub fn user_id(&self, realm: &str) -> String {
+        uuid::Uuid::new_v5(
+            &USER_ID_NAMESPACE,
+            format!("{realm}\n{}", self.subject()).as_bytes(),
+        )
+        .hyphenated()
+        .to_string()
+    }
+
+    /// Parses a username made by [`username`](Self::username).
+    pub fn from_username(username: &str) -> Option<Self> {
+        let mut parts = username.strip_prefix("bitbucket.")?.split('.');
+        let workspace = BbUuid::parse_lenient(parts.next()?).ok()?;
+        let repository = BbUuid::parse_lenient(parts.next()?).ok()?;
+        let environment = match parts.next() {
+            Some(e) => Some(BbUuid::parse_lenient(e).ok()?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        let me = Self {
+            workspace,
+            repository,
+            environment,
+        };
+        (me.username() == username).then_some(me)
     }
 }
 
@@ -105,7 +130,13 @@ mod tests {
             r.username(),
             "bitbucket.03b741e3-cf4a-41f9-9a59-cec52e21bdc3.d4e45493-4a33-477d-917b-a24e7e4bd39b"
         );
-        assert_eq!(r.user_id(), r.user_id());
+        assert_eq!(r.user_id("ci"), r.user_id("ci"));
+        assert_ne!(
+            r.user_id("ci"),
+            r.user_id("staging"),
+            "ids are unique across realms"
+        );
+        assert_eq!(RepositoryIdentity::from_username(&r.username()), Some(r));
         let e = RepositoryIdentity {
             environment: Some(env),
             ..r
@@ -113,7 +144,12 @@ mod tests {
         assert!(e
             .subject()
             .ends_with(":{bd715740-c970-486b-b68a-b421ec2a1f8b}"));
-        assert_ne!(e.user_id(), r.user_id());
+        assert_ne!(e.user_id("ci"), r.user_id("ci"));
+        assert_eq!(RepositoryIdentity::from_username(&e.username()), Some(e));
+        assert_eq!(
+            RepositoryIdentity::from_username("bitbucket.ops-admin"),
+            None
+        );
         assert!(!e.username().contains([':', '{', '}']));
     }
 }

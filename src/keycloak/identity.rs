@@ -51,6 +51,10 @@ impl std::fmt::Debug for IdentitySettings {
     }
 }
 
+/// How much earlier than `iat` + `max_lifetime_seconds` an assertion expires,
+/// seconds: Keycloak's `jwtAuthorizationGrantAllowedClockSkew` as `apply` sets it.
+pub const CLOCK_MARGIN_SECONDS: u64 = 5;
+
 /// The claims of a repository assertion (RFC 7523 §3).
 #[derive(Debug, Serialize)]
 pub struct AssertionClaims {
@@ -65,8 +69,9 @@ pub struct AssertionClaims {
     pub jti: String,
     /// Now, seconds.
     pub iat: u64,
-    /// `iat` + the grant's `max_lifetime_seconds`: with the identity provider's
-    /// `jwtAuthorizationGrantLimitAccessTokenExp`, the token ends here.
+    /// `iat` + the grant's `max_lifetime_seconds` − [`CLOCK_MARGIN_SECONDS`]:
+    /// with the identity provider's `jwtAuthorizationGrantLimitAccessTokenExp`,
+    /// the token ends here.
     pub exp: u64,
 }
 

@@ -218,8 +218,9 @@ pub enum KeycloakError {
         /// Keycloak's `error_description`, truncated to 120 characters.
         description: String,
     },
-    /// The token is not the repository user's (`preferred_username` differs or is
-    /// missing): a second user linked to the identity, or the identity scope missing.
+    /// The token is not the repository user's (`preferred_username` or `sub`
+    /// differs or is missing): a second user linked to the identity, a user
+    /// re-created by hand, or the identity scope missing.
     #[error("the token's preferred_username {found:?} is not the identity's username {expected}")]
     IdentityMismatch {
         /// The username derived from the identity.
@@ -725,7 +726,14 @@ impl KeycloakClient {
             aud: ep.issuer.clone(),
             jti: uuid::Uuid::new_v4().to_string(),
             iat,
-            exp: iat.saturating_add(max_lifetime_seconds),
+            // Keycloak ends the token at this exp while taking its iat from its own
+            // clock: the margin keeps a service clock up to that much ahead from
+            // making the token outlive the policy.
+            exp: iat.saturating_add(
+                max_lifetime_seconds
+                    .saturating_sub(identity::CLOCK_MARGIN_SECONDS)
+                    .max(1),
+            ),
         };
         let assertion = signer.sign(&claims).await?;
         tracing::debug!(client, identity_jti = %claims.jti, identity = %claims.sub, "requesting a token by JWT Authorization Grant");
@@ -734,8 +742,15 @@ impl KeycloakClient {
             ("assertion", assertion.expose().to_string()),
         ];
         let username = identity.username();
+        let user_id = identity.user_id(&self.settings.realm);
         let issued = self
-            .request_token(client, grant, scopes, max_lifetime_seconds, Some(&username))
+            .request_token(
+                client,
+                grant,
+                scopes,
+                max_lifetime_seconds,
+                Some((&username, &user_id)),
+            )
             .await?;
         Ok((issued, claims.jti))
     }
@@ -747,7 +762,7 @@ impl KeycloakClient {
         grant: Vec<(&'static str, String)>,
         scopes: &Scopes,
         max_lifetime_seconds: u64,
-        username: Option<&str>,
+        user: Option<(&str, &str)>,
     ) -> Result<IssuedToken, KeycloakError> {
         let auth = self
             .settings
@@ -779,7 +794,7 @@ impl KeycloakClient {
             .await
             .map_err(KeycloakError::Body)?;
         if status != 200 {
-            if username.is_some() {
+            if user.is_some() {
                 if let Some(e) = identity_refusal(status, &body, client) {
                     return Err(e);
                 }
@@ -797,7 +812,7 @@ impl KeycloakClient {
             client,
             requested: scopes,
             max_lifetime_seconds,
-            username,
+            user,
         };
         check_issued(&body, &expect, now_secs())
     }
@@ -938,10 +953,10 @@ pub fn check_issued(
     };
     check_scopes(&scope, expect)?;
     check_scopes(claim, expect)?;
-    if let Some(expected) = expect.username {
-        if c.preferred_username.as_deref() != Some(expected) {
+    if let Some((username, user_id)) = expect.user {
+        if c.preferred_username.as_deref() != Some(username) || c.sub.as_deref() != Some(user_id) {
             return Err(KeycloakError::IdentityMismatch {
-                expected: expected.to_string(),
+                expected: username.to_string(),
                 found: c
                     .preferred_username
                     .as_deref()
@@ -968,9 +983,9 @@ pub struct Expected<'a> {
     pub requested: &'a Scopes,
     /// The grant's `max_lifetime_seconds`.
     pub max_lifetime_seconds: u64,
-    /// JWT Authorization Grant: the identity's username, which the token's
-    /// `preferred_username` must equal.
-    pub username: Option<&'a str>,
+    /// JWT Authorization Grant: the identity's username and Keycloak user id,
+    /// which the token's `preferred_username` and `sub` must equal.
+    pub user: Option<(&'a str, &'a str)>,
 }
 
 fn issued_claims(token: &str) -> Result<IssuedClaims, KeycloakError> {

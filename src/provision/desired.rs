@@ -656,6 +656,74 @@ scopes:
     }
 
     #[test]
+    fn policies_admitting_one_identity_must_name_the_same_groups() {
+        let inventory =
+            crate::inventory::Inventory::new(vec![crate::inventory::WorkspaceInventory {
+                workspace: "acme".into(),
+                workspace_uuid: crate::domain::BbUuid::parse_lenient(
+                    "03b741e3-cf4a-41f9-9a59-cec52e21bdc3",
+                )
+                .unwrap(),
+                repositories: vec![crate::inventory::Repository {
+                    uuid: crate::domain::BbUuid::parse_lenient(
+                        "d4e45493-4a33-477d-917b-a24e7e4bd39b",
+                    )
+                    .unwrap(),
+                    full_name: "acme/deploy-service".into(),
+                    project: None,
+                    environments: Vec::new(),
+                }],
+            }])
+            .unwrap();
+        let jwt_policy = |id: &str, branch: &str, group: &str| {
+            let text = [
+                "effect: allow",
+                "when:",
+                "  workspaceUuid: \"{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}\"",
+                &format!("  branchName: \"{branch}\""),
+                "grant:",
+                "  client: sts-deploy",
+                "  audience: deploy-api",
+                "  scopes: [\"deploy:production\"]",
+                "  default_scopes: [\"deploy:production\"]",
+                "  max_lifetime_seconds: 60",
+                &format!("  groups: [{group}]"),
+            ]
+            .join("\n");
+            compile_str(id, &text, None).unwrap()
+        };
+        let m = model(
+            "groups:\n  a: {roles: {deploy-api: [deploy]}}\n  b: {roles: {deploy-api: [deploy]}}\n",
+        );
+        let url = url::Url::parse("https://sts.example.com").unwrap();
+        let mut i = inputs(Some(&url));
+        i.jwt_clients.insert("sts-deploy".into());
+        i.identity = Some(crate::provision::identities::IdentityInputs {
+            issuer: "https://sts.example.com".into(),
+            alias: "keycloak-ci-sts".into(),
+            algorithm: "ES256".into(),
+            realm: "ci".into(),
+        });
+        let e = derive(
+            i,
+            &[
+                jwt_policy("main", "main", "a"),
+                jwt_policy("any", "**", "b"),
+            ],
+            &inventory,
+            &m,
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(
+            e.contains(
+                "policies `main` (groups a) and `any` (groups b) both admit acme/deploy-service"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn built_in_clients_are_refused_as_servers_and_as_acting_clients() {
         let e = RealmModel::from_str(
             "resource_servers:\n  realm-management: {roles: [manage-users]}\n",

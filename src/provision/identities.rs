@@ -58,6 +58,8 @@ pub struct IdentityInputs {
     pub alias: String,
     /// The assertions' algorithm.
     pub algorithm: String,
+    /// The realm (part of every user id).
+    pub realm: String,
 }
 
 /// One repository user.
@@ -202,6 +204,10 @@ pub fn derive(
     };
     let mut errors = Vec::new();
     let mut users: BTreeMap<String, User> = BTreeMap::new();
+    // The groups each admitting policy names, per user: a token's roles come from
+    // every group of the user, so policies that admit one identity must agree on
+    // its groups, or one policy's tokens would carry another's roles.
+    let mut named: BTreeMap<String, Vec<(String, BTreeSet<String>)>> = BTreeMap::new();
     for p in policies {
         let Some(g) = p.grant.as_ref().filter(|g| jwt_clients.contains(&g.client)) else {
             continue;
@@ -249,14 +255,36 @@ pub fn derive(
                     }
                     User {
                         identity,
-                        id: identity.user_id(),
+                        id: identity.user_id(&inputs.realm),
                         username,
                         attributes,
                         groups: BTreeSet::new(),
                     }
                 });
                 user.groups.extend(g.groups.iter().cloned());
+                named
+                    .entry(user.username.clone())
+                    .or_default()
+                    .push((p.id.clone(), g.groups.clone()));
             }
+        }
+    }
+    for (username, by_policy) in &named {
+        let first = &by_policy[0];
+        if let Some(other) = by_policy.iter().find(|(_, g)| g != &first.1) {
+            let repo = users
+                .get(username)
+                .map(|u| u.attributes["repositoryFullName"].join(""))
+                .unwrap_or_default();
+            errors.push(format!(
+                "policies `{}` (groups {}) and `{}` (groups {}) both admit {repo}'s identity: its user is in every \
+                 group either names, so each policy's tokens could carry the other's roles; give them the same \
+                 groups, or use separate identities (identity: repository_environment)",
+                first.0,
+                join(&first.1),
+                other.0,
+                join(&other.1)
+            ));
         }
     }
     if !errors.is_empty() {
@@ -330,6 +358,8 @@ pub struct LiveIdentities {
     pub unneeded: BTreeMap<String, String>,
     /// The server's JWT Authorization Grant support: problems when missing.
     pub version_problems: Vec<String>,
+    /// What plan shows as notes.
+    pub notes: Vec<String>,
 }
 
 /// A live user.
@@ -341,6 +371,9 @@ pub struct LiveUser {
     pub links: Vec<FederatedIdentityRepresentation>,
     /// Group paths.
     pub groups: BTreeSet<String>,
+    /// Roles mapped to the user directly (not through groups), by `clientId`;
+    /// realm roles under `(realm)` without `default-roles-<realm>`.
+    pub roles: BTreeMap<String, BTreeSet<String>>,
 }
 
 fn not_found(e: &AdminError) -> bool {
@@ -478,6 +511,23 @@ impl LiveIdentities {
                 )
                 .await?;
             let Some(rep) = by_name.into_iter().next() else {
+                // Renamed? The id is ours but the username is not.
+                match admin
+                    .api
+                    .realm_users_with_user_id_get(realm, &u.id, None)
+                    .await
+                    .ctx(format!("read user {}", u.id))
+                {
+                    Ok(other) => live.problems.push(format!(
+                        "user {} (the id of {}'s identity) is named {}: a renamed repository user; rename it back to {} by hand",
+                        u.id,
+                        subject,
+                        other.username.as_deref().unwrap_or("?"),
+                        u.username
+                    )),
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(e),
+                }
                 continue;
             };
             if rep.id.as_deref() != Some(&u.id) {
@@ -506,12 +556,25 @@ impl LiveIdentities {
                 )
                 .await
                 .ctx(format!("read groups of {}", u.username))?;
+            let m = admin
+                .api
+                .realm_users_with_user_id_role_mappings_get(realm, &u.id)
+                .await
+                .ctx(format!("read roles of {}", u.username))?;
+            let mut roles = super::live::mapping_roles(m);
+            if let Some(r) = roles.get_mut(super::live::REALM_KEY) {
+                r.retain(|n| !n.starts_with("default-roles-"));
+                if r.is_empty() {
+                    roles.remove(super::live::REALM_KEY);
+                }
+            }
             live.users.insert(
                 u.username.clone(),
                 LiveUser {
                     rep,
                     links,
                     groups: groups.into_iter().filter_map(|g| g.path).collect(),
+                    roles,
                 },
             );
         }
@@ -527,10 +590,23 @@ impl LiveIdentities {
             )
             .await?;
         for x in linked {
-            if let (Some(name), Some(id)) = (x.username, x.id) {
-                if !wanted.contains(name.as_str()) && name.starts_with("bitbucket.") {
-                    live.unneeded.insert(name, id);
-                }
+            let (Some(name), Some(id)) = (x.username, x.id) else {
+                continue;
+            };
+            if wanted.contains(name.as_str()) {
+                continue;
+            }
+            // Ours only if the id is the one apply gives that username's identity.
+            let ours = RepositoryIdentity::from_username(&name)
+                .is_some_and(|i| i.user_id(&admin.realm) == id);
+            if !ours {
+                live.notes.push(format!("user {name} is linked to the identity provider but was not created by keycloak apply: left alone"));
+            } else if x.enabled == Some(false) {
+                live.notes.push(format!(
+                    "user {name} is no longer needed but disabled by an operator: kept, so that a later policy cannot bring it back enabled"
+                ));
+            } else {
+                live.unneeded.insert(name, id);
             }
         }
         Ok(live)
@@ -541,6 +617,7 @@ impl LiveIdentities {
 pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, plan: &mut Plan) {
     plan.problems.extend(live.version_problems.iter().cloned());
     plan.problems.extend(live.problems.iter().cloned());
+    plan.notes.extend(live.notes.iter().cloned());
     let alias = want.provider.alias.clone().unwrap_or_default();
     let entry = |kind, name: &str, action| Entry {
         kind,
@@ -732,6 +809,27 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                     .unwrap_or_else(|| "(unset)".into()),
                 new: format!("{alias}: {subject}"),
             });
+        }
+        for (client, roles) in &l.roles {
+            if super::model::is_reserved_client(client) {
+                plan.problems.push(format!(
+                    "user {} holds roles of Keycloak's built-in client {client} ({}): remove them by hand and find out who added them",
+                    u.username,
+                    join(roles)
+                ));
+            } else {
+                ch.push(Change {
+                    field: format!("roles[{client}]"),
+                    old: join(roles),
+                    new: "(none: roles come from groups)".into(),
+                });
+            }
+        }
+        for g in l.groups.difference(&owned_groups) {
+            plan.problems.push(format!(
+                "user {} is a member of group {g}, which keycloak/realm.yaml does not declare: its roles would reach the repository's tokens; remove the membership by hand",
+                u.username
+            ));
         }
         let have_groups: BTreeSet<String> = l
             .groups
@@ -1060,11 +1158,54 @@ async fn user(
     };
     let mut rep = l.rep.clone();
     rep.attributes = Some(attributes);
+    // `enabled` is the operator's: never sent back (it may have changed since it was read).
+    rep.enabled = None;
     admin
         .api
         .realm_users_with_user_id_put(realm, &u.id, rep)
         .await
         .ctx(format!("update user {username}"))?;
+    if !l.roles.is_empty() {
+        let m = admin
+            .api
+            .realm_users_with_user_id_role_mappings_get(realm, &u.id)
+            .await
+            .ctx(format!("read roles of {username}"))?;
+        let realm_roles: Vec<RoleRepresentation> = m
+            .realm_mappings
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| {
+                !r.name
+                    .as_deref()
+                    .unwrap_or_default()
+                    .starts_with("default-roles-")
+            })
+            .collect();
+        if !realm_roles.is_empty() {
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_realm_delete(realm, &u.id, realm_roles)
+                .await
+                .ctx(format!("remove realm roles of {username}"))?;
+        }
+        for (client, mapped) in m.client_mappings.unwrap_or_default() {
+            if super::model::is_reserved_client(&client) {
+                continue;
+            }
+            let roles = mapped.mappings.unwrap_or_default();
+            let uuid = mapped.id.unwrap_or_default();
+            if !roles.is_empty() {
+                admin
+                    .api
+                    .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
+                        realm, &u.id, &uuid, roles,
+                    )
+                    .await
+                    .ctx(format!("remove {client} roles of {username}"))?;
+            }
+        }
+    }
     let current = l
         .links
         .iter()

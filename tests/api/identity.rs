@@ -42,7 +42,7 @@ fn user_token(realm: &str, lifetime: u64, username: &str) -> String {
         enc(json!({"alg": "RS256", "typ": "JWT"})),
         enc(json!({
             "iss": realm, "exp": now + lifetime, "iat": now, "azp": "sts-repo", "typ": "Bearer",
-            "scope": "release:read", "sub": web().user_id(), "preferred_username": username,
+            "scope": "release:read", "sub": web().user_id("ci"), "preferred_username": username,
             "jti": format!("trrtag:{}", uuid::Uuid::new_v4()),
         }))
     )
@@ -140,7 +140,10 @@ async fn each_exchange_sends_a_fresh_assertion_signed_by_the_identity_key() {
     assert_ne!(jtis[0], jtis[1], "a fresh jti per exchange");
     let audit = app.audit_lines();
     assert_eq!(audit.last().unwrap()["identity"], web().subject());
-    assert_eq!(audit.last().unwrap()["keycloak_user_id"], web().user_id());
+    assert_eq!(
+        audit.last().unwrap()["keycloak_user_id"],
+        web().user_id("ci")
+    );
 }
 
 #[tokio::test]

@@ -124,7 +124,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
         format!("+ user {}: create", deploy.username()),
         "+ client scope repository-identity: create".to_string(),
         "    attributes.oauth2.jwt.authorization.grant.enabled: true".to_string(),
-        format!("    id (the tokens' sub): {}", web.user_id()),
+        format!("    id (the tokens' sub): {}", web.user_id(&kc.realm)),
     ] {
         assert!(
             plan.stdout.lines().any(|l| l == line),
@@ -142,7 +142,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     let w = release_token(&kc, &issuer, &app, OTHER_REPO, None)
         .await
         .unwrap();
-    assert_eq!(w["sub"], web.user_id());
+    assert_eq!(w["sub"], web.user_id(&kc.realm));
     assert_eq!(w["preferred_username"], web.username());
     assert_eq!(w["repository_uuid"], format!("{{{OTHER_REPO}}}"));
     assert_eq!(w["workspace_uuid"], format!("{{{WS}}}"));
@@ -151,7 +151,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     assert_eq!(scope_set(w["scope"].as_str().unwrap()), ["release:read"]);
     assert_eq!(roles(&w), ["read"]);
     assert!(
-        (180..=181).contains(&lifetime(&w)),
+        (175..=176).contains(&lifetime(&w)),
         "exp-iat {}",
         lifetime(&w)
     );
@@ -169,14 +169,14 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     assert_eq!(roles(&w_pub), Vec::<String>::new());
 
     let d = release_token(&kc, &issuer, &app, REPO, None).await.unwrap();
-    assert_eq!(d["sub"], deploy.user_id());
+    assert_eq!(d["sub"], deploy.user_id(&kc.realm));
     assert_ne!(d["sub"], w["sub"]);
     assert_eq!(d["preferred_username"], deploy.username());
     assert_eq!(roles(&d), ["read"], "publish narrowed away: not requested");
     // Client lifespan 180 s; the identity provider cuts the token at the
-    // assertion's exp = the policy's 120 s.
+    // assertion's exp = the policy's 120 s less the 5 s clock margin.
     assert!(
-        (120..=121).contains(&lifetime(&d)),
+        (115..=116).contains(&lifetime(&d)),
         "exp-iat {}",
         lifetime(&d)
     );
@@ -194,8 +194,42 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     let audit = app.audit_lines();
     let a = audit.last().unwrap();
     assert_eq!(a["identity"], deploy.subject());
-    assert_eq!(a["keycloak_user_id"], deploy.user_id());
+    assert_eq!(a["keycloak_user_id"], deploy.user_id(&kc.realm));
     assert!(a["identity_assertion_jti"].is_string());
+
+    // A role given to a repository user directly (not through a group) is drift
+    // that apply removes.
+    let release_api = kc.client_uuid(http, "release-api").await;
+    let (_, publish) = kc
+        .admin(
+            http,
+            Method::GET,
+            &format!("/clients/{release_api}/roles/publish"),
+            None,
+        )
+        .await;
+    let (s, _) = kc
+        .admin(
+            http,
+            Method::POST,
+            &format!(
+                "/users/{}/role-mappings/clients/{release_api}",
+                web.user_id(&kc.realm)
+            ),
+            Some(json!([publish])),
+        )
+        .await;
+    assert_eq!(s, 204);
+    let plan = kc_cli(&config, &["plan"], VIEW).await;
+    assert_eq!(plan.code, 3, "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("roles[release-api]: publish -> (none: roles come from groups)"),
+        "{}",
+        plan.stdout
+    );
+    assert_eq!(kc_cli(&config, &["apply"], MANAGE).await.code, 0);
+    assert_eq!(kc_cli(&config, &["plan"], VIEW).await.code, 0);
 
     // Both grant modes side by side in one realm.
     let r = app
@@ -212,7 +246,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
         .admin(
             http,
             Method::PUT,
-            &format!("/users/{}", web.user_id()),
+            &format!("/users/{}", web.user_id(&kc.realm)),
             Some(json!({"enabled": false})),
         )
         .await;
@@ -239,7 +273,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
         .admin(
             http,
             Method::GET,
-            &format!("/users/{}", web.user_id()),
+            &format!("/users/{}", web.user_id(&kc.realm)),
             None,
         )
         .await;
@@ -251,7 +285,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
         .admin(
             http,
             Method::DELETE,
-            &format!("/users/{}", deploy.user_id()),
+            &format!("/users/{}", deploy.user_id(&kc.realm)),
             None,
         )
         .await;
