@@ -58,7 +58,23 @@ pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     ))?;
     for p in set.policies() {
         let what = match &p.grant {
-            Some(g) => format!("allow audience `{}` as client `{}`", g.audience, g.client),
+            Some(g) => {
+                let mut line = format!("allow audience `{}` as client `{}`", g.audience, g.client);
+                if let Some(identity) = g.identity {
+                    let kind = match identity {
+                        crate::domain::identity::IdentityKind::Repository => "repository",
+                        crate::domain::identity::IdentityKind::RepositoryEnvironment => {
+                            "repository_environment"
+                        }
+                    };
+                    line.push_str(&format!(", identity {kind}"));
+                }
+                if !g.groups.is_empty() {
+                    let groups: Vec<&str> = g.groups.iter().map(String::as_str).collect();
+                    line.push_str(&format!(", groups {}", groups.join(", ")));
+                }
+                line
+            }
             None => "deny".to_string(),
         };
         out(&format!("  {}: {what}", p.id))?;
