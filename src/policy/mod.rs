@@ -177,6 +177,24 @@ pub struct PolicySet {
     ignored: Vec<String>,
 }
 
+/// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
+pub const MIN_IDENTITY_LIFETIME_SECONDS: u64 = 30;
+
+impl Policy {
+    /// Whether the policy's conditions admit a repository (and environment),
+    /// whatever the branch: which repository identities it can ever issue.
+    pub fn admits(&self, ws: &BbUuid, repo: &BbUuid, env: Option<&BbUuid>) -> bool {
+        let w = &self.when;
+        w.workspace_uuid.as_ref().is_none_or(|v| v.contains(ws))
+            && w.repository_uuid.as_ref().is_none_or(|v| v.contains(repo))
+            && match (&w.deployment_environment_uuid, env) {
+                (None, _) => true,
+                (Some(v), Some(e)) => v.contains(e),
+                (Some(_), None) => false,
+            }
+    }
+}
+
 impl PolicySet {
     /// Grants that name `identity` or `groups` for a client that does not use the
     /// JWT Authorization Grant (`jwt_clients`): those settings would be silently
@@ -203,6 +221,82 @@ impl PolicySet {
                 })
             })
             .collect()
+    }
+
+    /// For the JWT Authorization Grant clients `jwt_clients`: every pair of
+    /// policies that admits one repository identity of the inventory (branch
+    /// ignored) but names different `groups`. The identity's Keycloak user is in
+    /// every group either names, so each policy's tokens could carry the roles
+    /// the other meant to reserve (e.g. any branch getting main's roles). Also a
+    /// grant shorter than [`MIN_IDENTITY_LIFETIME_SECONDS`].
+    pub fn identity_problems(&self, jwt_clients: &BTreeSet<String>) -> Vec<PolicyError> {
+        use crate::domain::identity::IdentityKind;
+        let jwt: Vec<(&Policy, &GrantSpec)> = self
+            .policies
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p,
+                    p.grant
+                        .as_ref()
+                        .filter(|g| jwt_clients.contains(&g.client))?,
+                ))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for (p, g) in &jwt {
+            if g.max_lifetime_seconds < MIN_IDENTITY_LIFETIME_SECONDS {
+                out.push(PolicyError {
+                    file: p.id.clone(),
+                    key: "grant.max_lifetime_seconds".into(),
+                    reason: format!(
+                        "at least {MIN_IDENTITY_LIFETIME_SECONDS} s for a JWT Authorization Grant client (the assertion ends 5 s early for clock skew)"
+                    ),
+                });
+            }
+        }
+        for (i, (a, ga)) in jwt.iter().enumerate() {
+            for (b, gb) in jwt.iter().skip(i + 1) {
+                if ga.groups == gb.groups {
+                    continue;
+                }
+                let shared = self.inventory.repositories().find_map(|(ws, repo)| {
+                    let envs: Vec<Option<BbUuid>> = std::iter::once(None)
+                        .chain(repo.environments.iter().map(|e| Some(e.uuid)))
+                        .collect();
+                    envs.into_iter()
+                        .find(|env| {
+                            let kind = |g: &GrantSpec| g.identity.unwrap_or_default();
+                            let per_env =
+                                |g: &GrantSpec| kind(g) == IdentityKind::RepositoryEnvironment;
+                            // One identity: both per repository (env ignored), or both
+                            // per repository and the same environment.
+                            per_env(ga) == per_env(gb)
+                                && (per_env(ga) == env.is_some())
+                                && a.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref())
+                                && b.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref())
+                        })
+                        .map(|_| repo.full_name.clone())
+                });
+                if let Some(repo) = shared {
+                    let names =
+                        |g: &GrantSpec| g.groups.iter().cloned().collect::<Vec<_>>().join(", ");
+                    out.push(PolicyError {
+                        file: b.id.clone(),
+                        key: "grant.groups".into(),
+                        reason: format!(
+                            "admits {repo}'s identity like policy `{}` but names other groups ({} here, {} there): the \
+                             identity's user is in every group either names, so each policy's tokens could carry the \
+                             other's roles; name the same groups, or use identity: repository_environment",
+                            a.id,
+                            names(gb),
+                            names(ga)
+                        ),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// The compiled policies, in evaluation order.

@@ -45,7 +45,8 @@ impl PolicyStore {
         jwt: &BTreeSet<String>,
     ) -> Result<PolicySet, Vec<PolicyError>> {
         let set = PolicySet::load_dir(dir, Some(known))?;
-        let problems = set.grant_mode_problems(jwt);
+        let mut problems = set.grant_mode_problems(jwt);
+        problems.extend(set.identity_problems(jwt));
         if problems.is_empty() {
             Ok(set)
         } else {

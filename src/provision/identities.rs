@@ -145,23 +145,6 @@ pub fn identity_scope(
     (rep, mappers)
 }
 
-/// Whether `p` matches a repository (and environment) regardless of branch.
-fn admits(
-    p: &Policy,
-    ws: &crate::domain::BbUuid,
-    repo: &crate::domain::BbUuid,
-    env: Option<&crate::domain::BbUuid>,
-) -> bool {
-    let w = &p.when;
-    w.workspace_uuid.as_ref().is_none_or(|v| v.contains(ws))
-        && w.repository_uuid.as_ref().is_none_or(|v| v.contains(repo))
-        && match (&w.deployment_environment_uuid, env) {
-            (None, _) => true,
-            (Some(v), Some(e)) => v.contains(e),
-            (Some(_), None) => false,
-        }
-}
-
 /// A deny policy without branch or environment conditions that covers the
 /// grant's audience refuses the repository always: no user for it.
 fn always_denied(
@@ -177,7 +160,7 @@ fn always_denied(
             && p.deny_audiences
                 .as_ref()
                 .is_none_or(|a| a.contains(audience))
-            && admits(p, ws, repo, None)
+            && p.admits(ws, repo, None)
     })
 }
 
@@ -229,7 +212,7 @@ pub fn derive(
                 }
             };
             for env in envs {
-                if !admits(p, &ws.workspace_uuid, &repo.uuid, env.as_ref()) {
+                if !p.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref()) {
                     continue;
                 }
                 let identity = RepositoryIdentity {
