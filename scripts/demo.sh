@@ -6,7 +6,8 @@
 #   keycloak-ci-sts on 127.0.0.1:18081 (demo/sts.toml, policies/).
 # It mints a pipeline-shaped token, exchanges it with the curl line of
 # bitbucket-pipelines.yml, prints the Keycloak token's claims and the audit line,
-# then shows a denied request. Everything is stopped at the end unless
+# exchanges acme/web's token for one of its own Keycloak user (JWT Authorization
+# Grant), then shows a denied request. Everything is stopped at the end unless
 # DEMO_KEEP_RUNNING=1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
