@@ -499,3 +499,43 @@ fn config_check_without_secrets_still_requires_signing_for_private_key_jwt() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`signing`"));
 }
+
+#[test]
+fn policies_admitting_one_identity_with_different_groups_are_refused() {
+    // A copy of the shipped policies plus one that admits acme/deploy-service on
+    // any branch with release-readers, while release-deploy-service (main only)
+    // names release-publishers: the user would be in both groups.
+    let (dir, policies) = policies_without_identities();
+    for f in ["release-web.yaml", "release-deploy-service.yaml"] {
+        std::fs::copy(repo_policies_dir().join(f), policies.join(f)).unwrap();
+    }
+    std::fs::write(
+        policies.join("any-branch.yaml"),
+        "effect: allow\nwhen:\n  workspace: acme\n  repository: acme/deploy-service\ngrant:\n  client: sts-repo\n  audience: release-api\n  scopes: [release:read, release:publish]\n  default_scopes: [release:read]\n  max_lifetime_seconds: 60\n  groups: [release-readers]\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("sts.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "policies_dir = \"{}\"\npublic_url = \"https://sts.example.test\"\n[[workspaces]]\nslug = \"acme\"\nuuid = \"{WS}\"\naudiences = [\"https://sts.example.test\"]\n[keycloak]\nbase_url = \"https://sso.example.test\"\nrealm = \"ci\"\n[keycloak.clients.sts-deploy]\nmethod = \"private_key_jwt\"\n[keycloak.clients.sts-artifacts]\nmethod = \"client_secret_basic\"\nsecret_env = \"KCS_TEST_SECRET_THAT_IS_NOT_SET\"\n[keycloak.clients.sts-repo]\nmethod = \"private_key_jwt\"\ngrant = \"jwt_authorization_grant\"\n[identity]\nkey_files = [\"/nonexistent/identity.pem\"]\n[signing]\nkey_files = [\"/nonexistent/key.pem\"]\n",
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(&policies)
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "admits acme/deploy-service's identity like policy `any-branch` but names other groups"
+        ),
+        "{err}"
+    );
+}
