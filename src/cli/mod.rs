@@ -10,6 +10,7 @@ mod keycloak;
 mod keys;
 mod policy;
 mod serve;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,36 @@ pub enum Command {
         /// Keycloak subcommand.
         #[command(subcommand)]
         command: KeycloakCommand,
+    },
+    /// Exchange this pipeline step's OIDC token for an access token (the client
+    /// a step or an agent runs instead of curl). Exit 0 issued, 1 refused (the
+    /// message names error_code and request_id), 2 usage, 75 still unavailable
+    /// after the wait budget.
+    Token {
+        /// The service's base URL.
+        #[arg(long, env = "KCS_STS_URL")]
+        url: String,
+        /// RFC 8693 `audience`.
+        #[arg(long)]
+        audience: String,
+        /// A scope to request (repeatable).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// File holding the subject token (default: `$BITBUCKET_STEP_OIDC_TOKEN`).
+        #[arg(long)]
+        subject_token_file: Option<PathBuf>,
+        /// Write the access token to this file (mode 0600, created atomically).
+        #[arg(long, group = "dest")]
+        output: Option<PathBuf>,
+        /// Print the access token to standard output (in a pipeline: the build log).
+        #[arg(long, group = "dest")]
+        stdout: bool,
+        /// Print `{access_token, expires_in, scope, issued_token_type}` as JSON.
+        #[arg(long, group = "dest")]
+        json: bool,
+        /// Longest total wait for `Retry-After` on 429/503, seconds.
+        #[arg(long, default_value_t = 60)]
+        max_wait_seconds: u64,
     },
     /// Signing key tools.
     Keys {
@@ -262,6 +293,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } => keycloak::apply(&config, prune, admin),
             KeycloakCommand::Export { config, out } => keycloak::export(&config, out.as_deref()),
         },
+        Command::Token {
+            url,
+            audience,
+            scopes,
+            subject_token_file,
+            output,
+            stdout,
+            json,
+            max_wait_seconds,
+        } => {
+            let output = match (output, stdout, json) {
+                (Some(p), _, _) => token::Output::File(p),
+                (None, true, _) => token::Output::Stdout,
+                (None, _, true) => token::Output::Json,
+                (None, false, false) => anyhow::bail!(
+                    "say where the token goes: --output FILE (recommended), --stdout or --json"
+                ),
+            };
+            token::token(token::TokenArgs {
+                url,
+                subject_token_file,
+                audience,
+                scopes,
+                output,
+                max_wait_seconds: max_wait_seconds.min(3600),
+            })
+        }
         Command::Keys {
             command: KeysCommand::Generate { out, alg },
         } => keys::generate(&out, &alg),

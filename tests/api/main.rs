@@ -25,4 +25,5 @@ mod logs;
 mod ops;
 mod props;
 mod provision_real;
+mod token_cli;
 mod verification;
