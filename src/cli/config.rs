@@ -27,11 +27,9 @@ pub fn check(file: &Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
         match PolicySet::load_dir(&s.policies_dir, Some(&known)) {
             Ok(set) => {
                 warnings.extend(set.warnings());
-                let jwt = s.keycloak.jwt_clients();
                 errors.extend(
-                    set.grant_mode_problems(&jwt)
+                    set.client_problems(&s.keycloak.jwt_clients())
                         .iter()
-                        .chain(set.identity_problems(&jwt).iter())
                         .map(ToString::to_string),
                 );
                 // The realm model, when the policies come with one: the same

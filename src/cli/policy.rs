@@ -33,11 +33,7 @@ pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     let loaded = PolicySet::load_dir(dir, known.as_ref().map(|k| &k.0)).and_then(|set| {
         let problems = known
             .as_ref()
-            .map(|k| {
-                let mut p = set.grant_mode_problems(&k.1);
-                p.extend(set.identity_problems(&k.1));
-                p
-            })
+            .map(|k| set.client_problems(&k.1))
             .unwrap_or_default();
         if problems.is_empty() {
             Ok(set)

@@ -196,6 +196,16 @@ impl Policy {
 }
 
 impl PolicySet {
+    /// Every problem of the set that depends on which clients use the JWT
+    /// Authorization Grant: [`PolicySet::grant_mode_problems`] and
+    /// [`PolicySet::identity_problems`]. The service (load and reload),
+    /// `policy check --config` and `config check` all refuse on them.
+    pub fn client_problems(&self, jwt_clients: &BTreeSet<String>) -> Vec<PolicyError> {
+        let mut out = self.grant_mode_problems(jwt_clients);
+        out.extend(self.identity_problems(jwt_clients));
+        out
+    }
+
     /// Grants that name `identity` or `groups` for a client that does not use the
     /// JWT Authorization Grant (`jwt_clients`): those settings would be silently
     /// ignored, so they are refused.

@@ -21,7 +21,7 @@ pub struct PolicyStore {
 impl PolicyStore {
     /// Compiles every policy of `dir`; each grant's client must be in
     /// `known_clients`, and only grants of `jwt_clients` may name `identity` or
-    /// `groups` ([`PolicySet::grant_mode_problems`]).
+    /// `groups` ([`PolicySet::client_problems`]).
     ///
     /// # Errors
     /// Every [`PolicyError`] of the directory.
@@ -45,8 +45,7 @@ impl PolicyStore {
         jwt: &BTreeSet<String>,
     ) -> Result<PolicySet, Vec<PolicyError>> {
         let set = PolicySet::load_dir(dir, Some(known))?;
-        let mut problems = set.grant_mode_problems(jwt);
-        problems.extend(set.identity_problems(jwt));
+        let problems = set.client_problems(jwt);
         if problems.is_empty() {
             Ok(set)
         } else {

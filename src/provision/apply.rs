@@ -488,6 +488,67 @@ async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<
     Ok(())
 }
 
+/// Removes the roles mapped directly to `user` that `keep` (clientId → roles)
+/// does not list: every realm role but `default-roles-<realm>`, and every client
+/// role outside `keep`. Roles of Keycloak's own clients are left to a human
+/// (`plan` reports them as problems). Returns the client mappings read.
+pub(super) async fn remove_direct_roles(
+    admin: &Admin,
+    user: &str,
+    name: &str,
+    keep: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<
+    std::collections::HashMap<String, ::keycloak::types::ClientMappingsRepresentation>,
+    AdminError,
+> {
+    let realm = admin.realm.as_str();
+    let m = admin
+        .api
+        .realm_users_with_user_id_role_mappings_get(realm, user)
+        .await
+        .ctx(format!("read the roles of {name}"))?;
+    let extra_realm: Vec<RoleRepresentation> = m
+        .realm_mappings
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| !super::live::is_default_role(r.name.as_deref().unwrap_or_default()))
+        .collect();
+    if !extra_realm.is_empty() {
+        admin
+            .api
+            .realm_users_with_user_id_role_mappings_realm_delete(realm, user, extra_realm)
+            .await
+            .ctx(format!("remove the realm roles of {name}"))?;
+    }
+    let have = m.client_mappings.unwrap_or_default();
+    let none = BTreeSet::new();
+    for (client, mapped) in have
+        .iter()
+        .filter(|(c, _)| !super::model::is_reserved_client(c))
+    {
+        let wanted = keep.get(client).unwrap_or(&none);
+        let extra: Vec<RoleRepresentation> = mapped
+            .mappings
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .collect();
+        if !extra.is_empty() {
+            let other = mapped.id.clone().unwrap_or_default();
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
+                    realm, user, &other, extra,
+                )
+                .await
+                .ctx(format!("remove {client} roles of {name}"))?;
+        }
+    }
+    Ok(have)
+}
+
 /// Makes the service account's roles exactly `want`, the roles its scopes carry:
 /// any other client role and any realm role but `default-roles-<realm>` removed.
 async fn service_account_roles(
@@ -498,69 +559,18 @@ async fn service_account_roles(
     want: &BTreeMap<String, BTreeSet<String>>,
 ) -> Result<(), AdminError> {
     let realm = admin.realm.as_str();
-    let m = admin
-        .api
-        .realm_users_with_user_id_role_mappings_get(realm, user)
-        .await
-        .ctx(format!("read service-account roles of {name}"))?;
-    let extra_realm: Vec<RoleRepresentation> = m
-        .realm_mappings
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| {
-            !r.name
-                .as_deref()
-                .unwrap_or_default()
-                .starts_with("default-roles-")
-        })
-        .collect();
-    if !extra_realm.is_empty() {
-        admin
-            .api
-            .realm_users_with_user_id_role_mappings_realm_delete(realm, user, extra_realm)
-            .await
-            .ctx(format!(
-                "remove realm roles of the service account of {name}"
-            ))?;
-    }
-    let have = m.client_mappings.unwrap_or_default();
-    for (client, mapped) in have.iter().filter(|(c, _)| !want.contains_key(*c)) {
-        let roles = mapped.mappings.clone().unwrap_or_default();
-        let other = mapped.id.clone().unwrap_or_default();
-        if !roles.is_empty() {
-            admin
-                .api
-                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                    realm, user, &other, roles,
-                )
-                .await
-                .ctx(format!(
-                    "remove {client} roles of the service account of {name}"
-                ))?;
-        }
-    }
+    let have =
+        remove_direct_roles(admin, user, &format!("the service account of {name}"), want).await?;
     for (rs, wanted) in want.iter().filter(|(k, _)| k.as_str() != REALM_KEY) {
-        let mapped = have
+        let had: BTreeSet<String> = have
             .get(rs)
             .and_then(|m| m.mappings.clone())
-            .unwrap_or_default();
-        let had: BTreeSet<String> = mapped.iter().filter_map(|r| r.name.clone()).collect();
-        let uuid = id_of(live, rs)?;
-        let extra: Vec<RoleRepresentation> = mapped
+            .unwrap_or_default()
             .into_iter()
-            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .filter_map(|r| r.name)
             .collect();
-        if !extra.is_empty() {
-            admin
-                .api
-                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                    realm, user, &uuid, extra,
-                )
-                .await
-                .ctx(format!("remove service-account roles of {name}"))?;
-        }
         if !wanted.is_subset(&had) {
+            let uuid = id_of(live, rs)?;
             let all = roles_of(admin, live, rs).await?;
             let add: Vec<RoleRepresentation> = wanted
                 .difference(&had)

@@ -544,13 +544,7 @@ impl LiveIdentities {
                 .realm_users_with_user_id_role_mappings_get(realm, &u.id)
                 .await
                 .ctx(format!("read roles of {}", u.username))?;
-            let mut roles = super::live::mapping_roles(m);
-            if let Some(r) = roles.get_mut(super::live::REALM_KEY) {
-                r.retain(|n| !n.starts_with("default-roles-"));
-                if r.is_empty() {
-                    roles.remove(super::live::REALM_KEY);
-                }
-            }
+            let roles = super::live::direct_roles(m);
             live.users.insert(
                 u.username.clone(),
                 LiveUser {
@@ -1149,45 +1143,8 @@ async fn user(
         .await
         .ctx(format!("update user {username}"))?;
     if !l.roles.is_empty() {
-        let m = admin
-            .api
-            .realm_users_with_user_id_role_mappings_get(realm, &u.id)
-            .await
-            .ctx(format!("read roles of {username}"))?;
-        let realm_roles: Vec<RoleRepresentation> = m
-            .realm_mappings
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| {
-                !r.name
-                    .as_deref()
-                    .unwrap_or_default()
-                    .starts_with("default-roles-")
-            })
-            .collect();
-        if !realm_roles.is_empty() {
-            admin
-                .api
-                .realm_users_with_user_id_role_mappings_realm_delete(realm, &u.id, realm_roles)
-                .await
-                .ctx(format!("remove realm roles of {username}"))?;
-        }
-        for (client, mapped) in m.client_mappings.unwrap_or_default() {
-            if super::model::is_reserved_client(&client) {
-                continue;
-            }
-            let roles = mapped.mappings.unwrap_or_default();
-            let uuid = mapped.id.unwrap_or_default();
-            if !roles.is_empty() {
-                admin
-                    .api
-                    .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                        realm, &u.id, &uuid, roles,
-                    )
-                    .await
-                    .ctx(format!("remove {client} roles of {username}"))?;
-            }
-        }
+        // Roles come from groups only.
+        super::apply::remove_direct_roles(admin, &u.id, username, &BTreeMap::new()).await?;
     }
     let current = l
         .links

@@ -90,6 +90,24 @@ pub fn mapping_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<Str
     out
 }
 
+/// Whether a realm role is the one Keycloak gives every user (`default-roles-<realm>`).
+pub fn is_default_role(name: &str) -> bool {
+    name.starts_with("default-roles-")
+}
+
+/// A user's directly mapped roles ([`mapping_roles`]) without the realm's
+/// default role.
+pub fn direct_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<String>> {
+    let mut roles = mapping_roles(m);
+    if let Some(r) = roles.get_mut(REALM_KEY) {
+        r.retain(|n| !is_default_role(n));
+        if r.is_empty() {
+            roles.remove(REALM_KEY);
+        }
+    }
+    roles
+}
+
 /// The key of realm-role mappings in [`mapping_roles`].
 pub const REALM_KEY: &str = "(realm)";
 
@@ -258,13 +276,7 @@ impl Live {
                     .realm_users_with_user_id_role_mappings_get(realm, &uid)
                     .await
                     .ctx(format!("read the service-account roles of {id}"))?;
-                d.roles = mapping_roles(m);
-                if let Some(realm_roles) = d.roles.get_mut(REALM_KEY) {
-                    realm_roles.retain(|r| !r.starts_with("default-roles-"));
-                    if realm_roles.is_empty() {
-                        d.roles.remove(REALM_KEY);
-                    }
-                }
+                d.roles = direct_roles(m);
                 let groups = api
                     .realm_users_with_user_id_groups_get(
                         realm,
