@@ -150,11 +150,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     assert_eq!(w["azp"], "sts-repo");
     assert_eq!(scope_set(w["scope"].as_str().unwrap()), ["release:read"]);
     assert_eq!(roles(&w), ["read"]);
-    assert!(
-        (175..=176).contains(&lifetime(&w)),
-        "exp-iat {}",
-        lifetime(&w)
-    );
+    assert_cut_at_assertion_exp(&w, 180);
     let again = release_token(&kc, &issuer, &app, OTHER_REPO, None)
         .await
         .unwrap();
@@ -175,11 +171,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     assert_eq!(roles(&d), ["read"], "publish narrowed away: not requested");
     // Client lifespan 180 s; the identity provider cuts the token at the
     // assertion's exp = the policy's 120 s less the 5 s clock margin.
-    assert!(
-        (115..=116).contains(&lifetime(&d)),
-        "exp-iat {}",
-        lifetime(&d)
-    );
+    assert_cut_at_assertion_exp(&d, 120);
     let d_both = release_token(
         &kc,
         &issuer,
@@ -385,5 +377,21 @@ async fn replayed_assertion_is_refused(kc: &RealKeycloak, app: &TestApp, who: &R
         answers[1].1["error_description"], "Token reuse detected",
         "{:?}",
         answers[1].1
+    );
+}
+
+/// The identity provider ends the token at the assertion's `exp`, which the
+/// service set to its own clock's `iat` + the policy's `max_lifetime_seconds`
+/// − the 5 s clock margin. Keycloak's `iat` is taken later, when it handles the
+/// request, so `exp − iat` is that figure less the request's latency (whole
+/// seconds; one more when the two clocks round differently). A loaded CI
+/// machine has been measured a second short; ten seconds of slack keep the
+/// test about the cap, not about the machine's speed.
+fn assert_cut_at_assertion_exp(claims: &Value, policy_max_seconds: u64) {
+    let cap = policy_max_seconds - 5;
+    let got = lifetime(claims);
+    assert!(
+        (cap - 10..=cap + 1).contains(&got),
+        "exp-iat {got}, expected at most {cap} (+1 for rounding)"
     );
 }
