@@ -12,11 +12,22 @@ use serde::Serialize;
 
 use crate::domain::Scopes;
 
+/// Which endpoint the line is about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditEvent {
+    /// `POST /token`: a token exchange.
+    #[default]
+    Exchange,
+    /// `POST /grants`: capability discovery (no token issued, Keycloak not called).
+    Grants,
+}
+
 /// The outcome of one request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuditOutcome {
-    /// A token was issued.
+    /// A token was issued (`exchange`), or the grants were listed (`grants`).
     Allowed,
     /// Refused: a bad request, token or policy, or a limit.
     #[default]
@@ -46,6 +57,8 @@ pub struct AuditRecord {
     pub request_id: String,
     /// The TCP peer (the proxy's address when behind one).
     pub client_address: Option<String>,
+    /// Which endpoint: `exchange` or `grants`.
+    pub event: AuditEvent,
     /// What happened.
     pub outcome: AuditOutcome,
     /// Stable error code, when not allowed.
@@ -77,6 +90,13 @@ pub struct AuditRecord {
     /// `branchName`.
     #[serde(rename = "branchName")]
     pub branch_name: Option<String>,
+    /// `aud` of the verified token, as a list: shows the audience markers the
+    /// step declared (`oidc: audiences:`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aud: Vec<String>,
+    /// `grants` only: the audiences the answer listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listed_audiences: Option<Vec<String>>,
     /// Deciding policy.
     pub policy: Option<String>,
     /// Keycloak client acted as.

@@ -17,7 +17,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::{AuditOutcome, AuditRecord, AuditSink};
+use crate::audit::{AuditEvent, AuditOutcome, AuditRecord, AuditSink};
 use crate::domain::oauth::{
     is_scope_token, GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN,
     TOKEN_TYPE_JWT,
@@ -249,6 +249,61 @@ impl TokenRequest {
     }
 }
 
+/// A validated `POST /grants` request: the same `subject_token` as for
+/// `/token` (form-encoded); `subject_token_type`, when sent, must be `id_token`
+/// or `jwt`. Other parameters are ignored (RFC 6749 §3.2); each at most once.
+#[derive(Debug)]
+pub struct GrantsRequest {
+    /// `subject_token` (redacted in `Debug`).
+    pub subject_token: SecretToken,
+}
+
+impl GrantsRequest {
+    /// Parses an `application/x-www-form-urlencoded` body.
+    ///
+    /// # Errors
+    /// [`RequestError::RepeatedParameter`], [`RequestError::MissingSubjectToken`],
+    /// [`RequestError::UnsupportedSubjectTokenType`].
+    pub fn from_form(body: &[u8]) -> Result<Self, RequestError> {
+        let mut token: Option<String> = None;
+        let mut token_type: Option<String> = None;
+        for (k, v) in url::form_urlencoded::parse(body) {
+            let (slot, name) = match k.as_ref() {
+                "subject_token" => (&mut token, "subject_token"),
+                "subject_token_type" => (&mut token_type, "subject_token_type"),
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(RequestError::RepeatedParameter(name));
+            }
+            *slot = Some(v.into_owned());
+        }
+        if token_type
+            .as_deref()
+            .is_some_and(|t| t != TOKEN_TYPE_ID_TOKEN && t != TOKEN_TYPE_JWT)
+        {
+            return Err(RequestError::UnsupportedSubjectTokenType);
+        }
+        let subject_token = token
+            .map(SecretToken::new)
+            .filter(|t| !t.expose().trim().is_empty())
+            .ok_or(RequestError::MissingSubjectToken)?;
+        Ok(Self { subject_token })
+    }
+}
+
+/// What `POST /grants` answers: the caller's own identity (its claims, as
+/// Bitbucket names them) and what it may obtain ([`crate::policy::Offer`]).
+#[derive(Debug, serde::Serialize)]
+pub struct GrantList {
+    /// The verified claims policies decided on.
+    pub identity: Subject,
+    /// The repository's `full_name`, where the inventory knows it.
+    pub repository: Option<String>,
+    /// Offers by audience; see [`crate::policy::Offer`] for how a request is decided.
+    pub grants: Vec<crate::policy::Offer>,
+}
+
 /// Which per-identity limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -256,6 +311,8 @@ pub enum LimitKind {
     Step,
     /// Per `repositoryUuid`.
     Repository,
+    /// `POST /grants` per `stepUuid` (a budget of its own).
+    Grants,
 }
 
 impl LimitKind {
@@ -264,6 +321,7 @@ impl LimitKind {
         match self {
             Self::Step => "step",
             Self::Repository => "repository",
+            Self::Grants => "grants",
         }
     }
 }
@@ -319,6 +377,10 @@ impl ExchangeError {
                 limit: LimitKind::Repository,
                 ..
             } => "limit.repository_exceeded",
+            Self::Limited {
+                limit: LimitKind::Grants,
+                ..
+            } => "limit.grants_exceeded",
             Self::Keycloak(e) => e.code(),
             Self::AuditUnavailable => "audit.unavailable",
         }
@@ -343,6 +405,7 @@ pub fn subject_of(id: &BitbucketIdentity) -> Subject {
         repository_uuid: id.repository_uuid,
         deployment_environment_uuid: id.deployment_environment_uuid,
         branch_name: id.branch_name.clone(),
+        aud: id.aud.clone(),
     }
 }
 
@@ -374,6 +437,7 @@ fn record_identity(audit: &mut AuditRecord, id: &BitbucketIdentity) {
     audit.step_uuid = Some(id.step_uuid.braced());
     audit.deployment_environment_uuid = id.deployment_environment_uuid.map(|u| u.braced());
     audit.branch_name = id.branch_name.clone();
+    audit.aud = id.aud.clone();
 }
 
 /// Everything an exchange needs. Cheap to share behind an `Arc`.
@@ -407,17 +471,28 @@ impl Exchange {
         ctx: &Context,
         req: TokenRequest,
     ) -> Result<Issued, ExchangeError> {
+        let mut record = self.record(ctx);
+        record.audience = Some(req.audience.clone());
+        record.requested_scopes = req.scopes.clone();
+        self.audited(record, async |audit| self.run(req, audit).await)
+            .await
+    }
+
+    /// Runs `run` with the request's audit record, then writes the record
+    /// ([`Exchange::finish`]); if dropped before finishing, the record is
+    /// written as abandoned ([`Pending`]).
+    async fn audited<T>(
+        &self,
+        record: AuditRecord,
+        run: impl AsyncFnOnce(&mut AuditRecord) -> Result<T, ExchangeError>,
+    ) -> Result<T, ExchangeError> {
         let started = Instant::now();
         let mut pending = Pending {
             sink: &self.audit,
-            record: Some(self.record(ctx)),
+            record: Some(record),
         };
         let result = match pending.record.as_mut() {
-            Some(audit) => {
-                audit.audience = Some(req.audience.clone());
-                audit.requested_scopes = req.scopes.clone();
-                self.run(req, audit).await
-            }
+            Some(audit) => run(audit).await,
             None => Err(ExchangeError::AuditUnavailable),
         };
         let audit = pending.record.take().unwrap_or_default();
@@ -427,11 +502,84 @@ impl Exchange {
     /// Audits a request refused before the exchange (bad form, body, content
     /// type) and returns it as an [`ExchangeError`].
     pub async fn refuse(&self, ctx: &Context, e: RequestError) -> ExchangeError {
-        let audit = self.record(ctx);
-        match self.finish(audit, Err(e.into()), Instant::now()).await {
-            Ok(_) => ExchangeError::AuditUnavailable,
+        self.refuse_as(ctx, AuditEvent::Exchange, e).await
+    }
+
+    /// [`Exchange::refuse`] for a `POST /grants` request.
+    pub async fn refuse_grants(&self, ctx: &Context, e: RequestError) -> ExchangeError {
+        self.refuse_as(ctx, AuditEvent::Grants, e).await
+    }
+
+    async fn refuse_as(&self, ctx: &Context, event: AuditEvent, e: RequestError) -> ExchangeError {
+        let mut audit = self.record(ctx);
+        audit.event = event;
+        match self
+            .finish(audit, Err::<(), _>(e.into()), Instant::now())
+            .await
+        {
+            Ok(()) => ExchangeError::AuditUnavailable,
             Err(e) => e,
         }
+    }
+
+    /// `POST /grants`: what this identity may obtain now (module docs of
+    /// [`crate::policy::Offer`]). Verifies the subject token exactly as an
+    /// exchange does, counts against the step's own listing budget
+    /// ([`Limits::grants_per_step_per_minute`]), evaluates the policies, never
+    /// calls Keycloak, and writes an audit line (`event: grants`).
+    ///
+    /// # Errors
+    /// [`ExchangeError::Token`], [`ExchangeError::Limited`] (`grants`),
+    /// [`ExchangeError::AuditUnavailable`].
+    pub async fn grants(
+        &self,
+        ctx: &Context,
+        req: GrantsRequest,
+    ) -> Result<GrantList, ExchangeError> {
+        let mut record = self.record(ctx);
+        record.event = AuditEvent::Grants;
+        self.audited(record, async |audit| self.list(req, audit).await)
+            .await
+    }
+
+    async fn list(
+        &self,
+        req: GrantsRequest,
+        audit: &mut AuditRecord,
+    ) -> Result<GrantList, ExchangeError> {
+        let identity = self.verify(&req.subject_token, audit).await?;
+        let per_minute = self.limits.grants_per_step_per_minute;
+        let key = format!("grants:step:{}", identity.step_uuid.bare());
+        if let Err(wait) = self.limiter.check(&key, per_minute) {
+            self.metrics
+                .rate_limited
+                .with_label_values(&[LimitKind::Grants.as_str()])
+                .inc();
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(ExchangeError::Limited {
+                limit: LimitKind::Grants,
+                per_minute,
+                retry_after_seconds: seconds.max(1),
+            });
+        }
+        let subject = subject_of(&identity);
+        let policies = self.policies.current();
+        let repository = policies
+            .inventory()
+            .repository(&identity.repository_uuid)
+            .map(|r| r.full_name.clone());
+        audit.repository_full_name = repository.clone();
+        let phase = Instant::now();
+        let grants = policies.offers(&subject);
+        self.metrics.observe("policy", phase);
+        let mut listed: Vec<String> = grants.iter().map(|o| o.audience.clone()).collect();
+        listed.dedup();
+        audit.listed_audiences = Some(listed);
+        Ok(GrantList {
+            identity: subject,
+            repository,
+            grants,
+        })
     }
 
     fn record(&self, ctx: &Context) -> AuditRecord {
@@ -631,12 +779,12 @@ impl Exchange {
 
     /// Step 5: the audit line, then metrics. A token whose line is not written
     /// is withheld (`audit.unavailable`).
-    async fn finish(
+    async fn finish<T>(
         &self,
         mut audit: AuditRecord,
-        result: Result<Issued, ExchangeError>,
+        result: Result<T, ExchangeError>,
         started: Instant,
-    ) -> Result<Issued, ExchangeError> {
+    ) -> Result<T, ExchangeError> {
         audit.outcome = match &result {
             Ok(_) => AuditOutcome::Allowed,
             Err(e) => e.outcome(),
@@ -665,6 +813,13 @@ impl Exchange {
                 }
             }
         };
+        if audit.event == AuditEvent::Grants {
+            self.metrics
+                .grants
+                .with_label_values(&[audit.outcome.as_str(), audit.error_code.unwrap_or("")])
+                .inc();
+            return result;
+        }
         self.metrics.observe("total", started);
         self.metrics
             .exchanges

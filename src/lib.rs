@@ -22,6 +22,7 @@
 pub mod api;
 pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod configuration;
 pub mod domain;
 pub mod exchange;
@@ -29,6 +30,7 @@ pub mod http;
 pub mod inventory;
 pub mod keycloak;
 pub mod limits;
+pub mod mcp;
 pub mod metrics;
 pub mod policy;
 pub mod provision;

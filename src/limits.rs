@@ -21,6 +21,9 @@ pub struct Limits {
     pub per_step_per_minute: std::num::NonZeroU32,
     /// Exchanges per `repositoryUuid` per minute. Defaults to 300.
     pub per_repository_per_minute: std::num::NonZeroU32,
+    /// `POST /grants` requests per `stepUuid` per minute, a budget of their own
+    /// (listing never uses up exchanges, nor the reverse). Defaults to 30.
+    pub grants_per_step_per_minute: std::num::NonZeroU32,
 }
 
 /// A rate limiter keyed by identity.

@@ -19,6 +19,8 @@ pub struct Metrics {
     registry: Registry,
     /// `sts_exchanges_total{outcome, error_code, policy}`: decisions on `POST /token`.
     pub exchanges: IntCounterVec,
+    /// `sts_grants_requests_total{outcome, error_code}`: answers of `POST /grants`.
+    pub grants: IntCounterVec,
     /// `sts_exchanges_by_repository_total{repository, outcome}`: decisions per
     /// verified repository, by `full_name` where the inventory knows it, else its UUID.
     pub exchanges_by_repository: IntCounterVec,
@@ -56,6 +58,11 @@ impl Metrics {
             "sts_exchanges_total",
             "Token exchange decisions by outcome, error code and policy.",
             &["outcome", "error_code", "policy"],
+        )?;
+        let grants = counter(
+            "sts_grants_requests_total",
+            "Grant listings (POST /grants) by outcome and error code.",
+            &["outcome", "error_code"],
         )?;
         let exchanges_by_repository = counter(
             "sts_exchanges_by_repository_total",
@@ -108,6 +115,7 @@ impl Metrics {
         let metrics = Self {
             registry,
             exchanges,
+            grants,
             exchanges_by_repository,
             phase_seconds,
             jwks_fetches,

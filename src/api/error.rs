@@ -93,10 +93,15 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS,
                 TemporarilyUnavailable,
                 code,
-                format!(
-                    "more than {per_minute} exchanges per minute for this {}; retry later",
-                    limit.as_str()
-                ),
+                match limit {
+                    crate::exchange::LimitKind::Grants => format!(
+                        "more than {per_minute} grant listings per minute for this step; retry later"
+                    ),
+                    _ => format!(
+                        "more than {per_minute} exchanges per minute for this {}; retry later",
+                        limit.as_str()
+                    ),
+                },
             )
             .retry_after(*retry_after_seconds),
             ExchangeError::Keycloak(k) => keycloak(k),

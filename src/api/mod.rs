@@ -3,6 +3,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `POST /token` | RFC 8693 token exchange |
+//! | `POST /grants` | what the caller's identity may obtain (no Keycloak call) |
 //! | `GET /.well-known/jwks.json` | the service's public signing keys (RFC 7517) |
 //! | `GET /.well-known/identity-jwks.json` | the keys of repository assertions (JWT Authorization Grant) |
 //! | `GET /healthz` | 200 while the process serves |
@@ -10,6 +11,7 @@
 //! | `GET /metrics` | Prometheus text exposition |
 
 pub mod error;
+mod grants;
 mod health;
 mod token;
 
@@ -28,6 +30,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(token::exchange))
             .route(web::route().to(method_not_allowed)),
     )
+    .service(
+        web::resource("/grants")
+            .route(web::post().to(grants::list))
+            .route(web::route().to(method_not_allowed)),
+    )
     .route("/.well-known/jwks.json", web::get().to(health::jwks))
     .route(
         crate::keycloak::IDENTITY_JWKS_PATH,
@@ -37,6 +44,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/readyz", web::get().to(health::readyz))
     .route("/metrics", web::get().to(health::metrics))
     .default_service(web::to(not_found));
+}
+
+/// The exchange context of a request: its id and TCP peer.
+pub fn context(req: &HttpRequest) -> crate::exchange::Context {
+    crate::exchange::Context {
+        request_id: request_id(req),
+        client_address: req.peer_addr().map(|a| a.to_string()),
+    }
 }
 
 /// The request id assigned by the tracing middleware (a UUID v4).
@@ -109,6 +124,7 @@ impl RootSpanBuilder for StsRootSpan {
         // any other path.
         let path = match request.path() {
             p @ ("/token"
+            | "/grants"
             | "/.well-known/jwks.json"
             | "/.well-known/identity-jwks.json"
             | "/healthz"

@@ -14,9 +14,9 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use super::{request_id, ApiError};
+use super::ApiError;
 use crate::domain::oauth::TOKEN_TYPE_ACCESS_TOKEN;
-use crate::exchange::{Context, Issued, RequestError, TokenRequest};
+use crate::exchange::{Issued, RequestError, TokenRequest};
 use crate::state::AppState;
 
 /// Longest time a client may take to send the request body once its headers arrived.
@@ -37,10 +37,7 @@ pub async fn exchange(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let ctx = Context {
-        request_id: request_id(&req),
-        client_address: req.peer_addr().map(|a| a.to_string()),
-    };
+    let ctx = super::context(&req);
     let exchange = &state.exchange;
     let form = read_form(&req, payload, state.max_body_bytes).await;
     let result = match form.and_then(|body| TokenRequest::from_form(&body)) {
@@ -69,7 +66,7 @@ fn success(issued: &Issued) -> HttpResponse {
 /// The form body: `application/x-www-form-urlencoded`, at most `max` bytes
 /// (refused from `Content-Length` before reading, or while streaming), within
 /// [`BODY_READ_TIMEOUT`].
-async fn read_form(
+pub(super) async fn read_form(
     req: &HttpRequest,
     payload: web::Payload,
     max: usize,

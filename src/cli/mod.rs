@@ -60,19 +60,23 @@ pub enum Command {
         command: KeycloakCommand,
     },
     /// Exchange this pipeline step's OIDC token for an access token (the client
-    /// a step or an agent runs instead of curl). Exit 0 issued, 1 refused (the
-    /// message names error_code and request_id), 2 usage, 75 still unavailable
-    /// after the wait budget.
+    /// a step or an agent runs instead of curl), or list what it may obtain
+    /// (--list). Exit 0 issued, 1 refused (the message names error_code and
+    /// request_id), 2 usage, 75 still unavailable after the wait budget.
     Token {
         /// The service's base URL.
         #[arg(long, env = "KCS_STS_URL")]
         url: String,
         /// RFC 8693 `audience`.
-        #[arg(long)]
-        audience: String,
+        #[arg(long, required_unless_present = "list")]
+        audience: Option<String>,
         /// A scope to request (repeatable).
-        #[arg(long = "scope")]
+        #[arg(long = "scope", conflicts_with = "list")]
         scopes: Vec<String>,
+        /// List the audiences, scopes, default scopes and lifetimes this step
+        /// may obtain (POST /grants) instead of exchanging; with --json, as JSON.
+        #[arg(long, conflicts_with_all = ["output", "stdout", "audience"])]
+        list: bool,
         /// File holding the subject token (default: `$BITBUCKET_STEP_OIDC_TOKEN`).
         #[arg(long)]
         subject_token_file: Option<PathBuf>,
@@ -87,6 +91,30 @@ pub enum Command {
         json: bool,
         /// Longest total wait for `Retry-After` on 429/503, seconds.
         #[arg(long, default_value_t = 60)]
+        max_wait_seconds: u64,
+    },
+    /// Model Context Protocol server over stdio for an AI agent in this step:
+    /// tools list_grants and get_token (tokens go to 0600 files, not into the
+    /// model's context). A convenience, not a security boundary: the policies
+    /// and the step's audience marker are.
+    Mcp {
+        /// The service's base URL.
+        #[arg(long, env = "KCS_STS_URL")]
+        url: String,
+        /// File holding the subject token (default: `$BITBUCKET_STEP_OIDC_TOKEN`).
+        #[arg(long)]
+        subject_token_file: Option<PathBuf>,
+        /// Directory for token files (created 0700; an existing one must not be
+        /// open to others). Default: a new private directory under $TMPDIR,
+        /// removed when the server exits.
+        #[arg(long)]
+        token_dir: Option<PathBuf>,
+        /// Return access tokens in get_token's result instead of writing files
+        /// (they then enter the model's context).
+        #[arg(long)]
+        return_tokens_inline: bool,
+        /// Longest total wait for `Retry-After` on 429/503 per call, seconds.
+        #[arg(long, default_value_t = 30)]
         max_wait_seconds: u64,
     },
     /// Signing key tools.
@@ -297,28 +325,68 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             url,
             audience,
             scopes,
+            list,
             subject_token_file,
             output,
             stdout,
             json,
             max_wait_seconds,
         } => {
-            let output = match (output, stdout, json) {
-                (Some(p), _, _) => token::Output::File(p),
-                (None, true, _) => token::Output::Stdout,
-                (None, _, true) => token::Output::Json,
-                (None, false, false) => anyhow::bail!(
-                    "say where the token goes: --output FILE (recommended), --stdout or --json"
-                ),
+            let action = match (list, audience) {
+                (true, _) => token::Action::List { json },
+                (false, None) => anyhow::bail!("--audience is required (or --list)"),
+                (false, Some(audience)) => token::Action::Exchange {
+                    audience,
+                    scopes,
+                    output: match (output, stdout, json) {
+                        (Some(p), _, _) => token::Output::File(p),
+                        (None, true, _) => token::Output::Stdout,
+                        (None, _, true) => token::Output::Json,
+                        (None, false, false) => anyhow::bail!(
+                            "say where the token goes: --output FILE (recommended), --stdout or --json"
+                        ),
+                    },
+                },
             };
             token::token(token::TokenArgs {
                 url,
                 subject_token_file,
-                audience,
-                scopes,
-                output,
-                max_wait_seconds: max_wait_seconds.min(3600),
+                action,
+                max_wait_seconds,
             })
+        }
+        Command::Mcp {
+            url,
+            subject_token_file,
+            token_dir,
+            return_tokens_inline,
+            max_wait_seconds,
+        } => {
+            // A directory of our own unless one is named; removed on exit.
+            let (dir, owned) = match token_dir {
+                Some(d) => (d, false),
+                None => (
+                    std::env::temp_dir().join(format!(
+                        "keycloak-ci-sts-mcp.{}",
+                        uuid::Uuid::new_v4().simple()
+                    )),
+                    true,
+                ),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let served = rt.block_on(crate::mcp::serve(crate::mcp::McpSettings {
+                url,
+                subject_token_file,
+                token_dir: dir.clone(),
+                inline_tokens: return_tokens_inline,
+                max_wait_seconds,
+            }));
+            if owned {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            served.map(|()| ExitCode::SUCCESS)
         }
         Command::Keys {
             command: KeysCommand::Generate { out, alg },

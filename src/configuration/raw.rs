@@ -68,6 +68,7 @@ fn yes() -> bool {
 pub(super) struct RawLimits {
     pub per_step_per_minute: u32,
     pub per_repository_per_minute: u32,
+    pub grants_per_step_per_minute: u32,
 }
 
 impl Default for RawLimits {
@@ -75,6 +76,7 @@ impl Default for RawLimits {
         Self {
             per_step_per_minute: 20,
             per_repository_per_minute: 300,
+            grants_per_step_per_minute: 30,
         }
     }
 }

@@ -253,9 +253,14 @@ fn limits(raw: &RawLimits, p: &mut Problems) -> Option<Limits> {
     if per_repo.is_none() {
         p.error("limits.per_repository_per_minute", "must be at least 1");
     }
+    let grants = std::num::NonZeroU32::new(raw.grants_per_step_per_minute);
+    if grants.is_none() {
+        p.error("limits.grants_per_step_per_minute", "must be at least 1");
+    }
     Some(Limits {
         per_step_per_minute: per_step?,
         per_repository_per_minute: per_repo?,
+        grants_per_step_per_minute: grants?,
     })
 }
 

@@ -77,6 +77,9 @@ struct RawPolicy {
     /// Deny policies only: the audiences they cover (default: all).
     #[serde(default)]
     audiences: Option<Vec<String>>,
+    /// Deny policies only: the scopes they refuse (default: the whole audience).
+    #[serde(default)]
+    scopes: Option<Vec<StringOnly>>,
     grant: Option<RawGrant>,
 }
 
@@ -100,6 +103,8 @@ struct RawWhen {
     deployment_environment_uuid: Option<OneOrMany>,
     #[serde(rename = "branchName")]
     branch_name: Option<OneOrMany>,
+    /// Values one of which the token's `aud` must contain (audience markers).
+    aud: Option<OneOrMany>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +241,9 @@ pub fn compile_with(
             if raw.audiences.is_some() {
                 return Err(err.at("audiences", "only deny policies take `audiences`; an allow policy names its audience in grant.audience"));
             }
+            if raw.scopes.is_some() {
+                return Err(err.at("scopes", "only deny policies take `scopes`; an allow policy names its scopes in grant.scopes"));
+            }
             if when.workspace_uuid.is_none() && when.repository_uuid.is_none() {
                 return Err(err.at(
                     "when",
@@ -267,12 +275,31 @@ pub fn compile_with(
             (None, compile_deny_audiences(raw.audiences, &err)?)
         }
     };
+    let deny_scopes = raw
+        .scopes
+        .map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if is_scope_token(&s.0) {
+                        Ok(s.0)
+                    } else {
+                        Err(err.at(
+                            &format!("scopes[{i}]"),
+                            "must be an RFC 6749 scope token (no spaces or quotes)",
+                        ))
+                    }
+                })
+                .collect::<Result<BTreeSet<_>, _>>()
+        })
+        .transpose()?;
     Ok(Policy {
         id: id.to_string(),
         description: raw.description,
         effect: raw.effect,
         when,
         deny_audiences,
+        deny_scopes,
         grant,
         resolutions,
     })
@@ -447,7 +474,36 @@ fn compile_when(
         repository_uuid,
         deployment_environment_uuid,
         branch_name,
+        aud: compile_aud(w.aud, err)?,
     })
+}
+
+/// Longest `when.aud` value, in bytes (Bitbucket allows 150 characters per
+/// custom audience: Atlassian, "Bitbucket Pipelines OIDC now supports multiple
+/// audiences").
+pub const MAX_AUD_VALUE_BYTES: usize = 256;
+
+/// `when.aud`: exact values (no patterns: a marker is one string the pipeline
+/// file declares), each 1 to [`MAX_AUD_VALUE_BYTES`] bytes of visible
+/// characters without spaces.
+fn compile_aud(v: Option<OneOrMany>, err: &Located) -> Result<Option<Vec<String>>, PolicyError> {
+    let Some(v) = v else { return Ok(None) };
+    for (i, a) in v.0.iter().enumerate() {
+        let ok = (1..=MAX_AUD_VALUE_BYTES).contains(&a.len())
+            && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !ok {
+            return Err(err.at(
+                &format!("when.aud[{i}]"),
+                format!(
+                    "an audience the step declares (`oidc: audiences:`): 1 to \
+                     {MAX_AUD_VALUE_BYTES} bytes, no spaces or control characters; matched exactly"
+                ),
+            ));
+        }
+    }
+    let mut out = v.0;
+    out.dedup();
+    Ok(Some(out))
 }
 
 /// A deny policy may only use names that mean exactly one thing whatever the

@@ -58,6 +58,8 @@ pub enum DenyKind {
     BranchMissing,
     /// `branchName` not admitted.
     BranchNotAllowed,
+    /// The token's `aud` holds none of the audience markers the policy requires.
+    AudNotAllowed,
     /// Requested scopes exceed the grant (RFC 6749 `invalid_scope`).
     ScopeNotAllowed {
         /// The requested scopes not allowed.
@@ -77,6 +79,7 @@ impl DenyKind {
             Self::EnvironmentNotAllowed => "policy.environment_not_allowed",
             Self::BranchMissing => "policy.branch_missing",
             Self::BranchNotAllowed => "policy.branch_not_allowed",
+            Self::AudNotAllowed => "policy.aud_not_allowed",
             Self::ScopeNotAllowed { .. } => "policy.scope_not_allowed",
         }
     }
@@ -99,6 +102,7 @@ impl DenyKind {
                 "branchName `{}` may not obtain `{audience}`",
                 id.branch_name.as_deref().unwrap_or_default()
             ),
+            Self::AudNotAllowed => format!("this step's OIDC audiences (aud) may not obtain `{audience}`"),
             Self::ScopeNotAllowed { scopes } => format!("scope not allowed for `{audience}`: {}", scopes.join(" ")),
         }
     }
@@ -230,7 +234,20 @@ fn check(c: &Conditions, id: &Subject) -> Result<(), Failure> {
                     detail: format!("branchName `{b}` matches none of [{}]", branch_list(pats)),
                 })
             }
-            Some(_) => {}
+            Some(_) => passed += 1,
+        }
+    }
+    if let Some(want) = &c.aud {
+        if !id.aud.iter().any(|a| want.contains(a)) {
+            return Err(Failure {
+                kind: DenyKind::AudNotAllowed,
+                passed,
+                detail: format!(
+                    "aud [{}] holds none of [{}]",
+                    id.aud.join(", "),
+                    want.join(", ")
+                ),
+            });
         }
     }
     Ok(())
@@ -240,8 +257,11 @@ fn check(c: &Conditions, id: &Subject) -> Result<(), Failure> {
 #[derive(Default)]
 struct Scan<'p> {
     trace: Vec<TraceEntry>,
-    /// The first matching deny policy.
+    /// The first matching deny policy that refuses the whole audience.
     deny_hit: Option<String>,
+    /// Scopes refused by matching deny policies with `scopes`, each with the
+    /// first policy refusing it.
+    denied_scopes: std::collections::BTreeMap<String, String>,
     /// Allow policies for the audience whose conditions match, in order.
     allows: Vec<&'p super::Policy>,
     /// The most specific failed allow condition, and its policy.
@@ -267,7 +287,13 @@ impl PolicySet {
         if !scan.audience_known {
             return deny(DenyKind::UnknownAudience, None, scan.trace);
         }
+        // Explicitly requested scopes a deny policy refuses: denied whatever an
+        // allow policy says.
+        if let Some(by) = first_denied(&scan.denied_scopes, req.scopes) {
+            return deny(DenyKind::ExplicitDeny, Some(by), scan.trace);
+        }
         let mut scope_failure: Option<(Vec<String>, String)> = None;
+        let mut default_denied: Option<String> = None;
         for p in std::mem::take(&mut scan.allows) {
             let Some(g) = &p.grant else { continue };
             let requested: Scopes = if req.scopes.is_empty() {
@@ -275,6 +301,17 @@ impl PolicySet {
             } else {
                 req.scopes.clone()
             };
+            // The grant's default scopes include a refused one: this grant cannot
+            // serve a request without `scope`; a later one may.
+            if let Some(by) = first_denied(&scan.denied_scopes, &requested) {
+                scan.trace.push(TraceEntry {
+                    policy: p.id.clone(),
+                    effect: p.effect,
+                    result: format!("default scopes refused by {by}"),
+                });
+                default_denied.get_or_insert(by);
+                continue;
+            }
             let excess: Vec<String> = requested
                 .as_slice()
                 .iter()
@@ -293,6 +330,9 @@ impl PolicySet {
                 result: format!("scopes not granted: {}", excess.join(" ")),
             });
             scope_failure.get_or_insert((excess, p.id.clone()));
+        }
+        if let Some(by) = default_denied {
+            return deny(DenyKind::ExplicitDeny, Some(by), scan.trace);
         }
         let (reason, policy) = match (scope_failure, scan.best_failure) {
             (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
@@ -316,10 +356,23 @@ impl PolicySet {
                 continue;
             }
             match (p.effect, check(&p.when, req.subject)) {
-                (Effect::Deny, Ok(())) => {
-                    scan.trace.push(entry("matched: denies".into()));
-                    scan.deny_hit.get_or_insert_with(|| p.id.clone());
-                }
+                (Effect::Deny, Ok(())) => match &p.deny_scopes {
+                    None => {
+                        scan.trace.push(entry("matched: denies".into()));
+                        scan.deny_hit.get_or_insert_with(|| p.id.clone());
+                    }
+                    Some(scopes) => {
+                        scan.trace.push(entry(format!(
+                            "matched: denies scopes {}",
+                            scopes.iter().cloned().collect::<Vec<_>>().join(" ")
+                        )));
+                        for s in scopes {
+                            scan.denied_scopes
+                                .entry(s.clone())
+                                .or_insert_with(|| p.id.clone());
+                        }
+                    }
+                },
                 (Effect::Deny, Err(f)) => {
                     scan.trace.push(entry(format!("not matched: {}", f.detail)));
                 }
@@ -342,6 +395,91 @@ impl PolicySet {
             }
         }
         scan
+    }
+}
+
+/// The policy refusing the first of `scopes` that a matching deny policy refuses.
+fn first_denied(
+    denied: &std::collections::BTreeMap<String, String>,
+    scopes: &Scopes,
+) -> Option<String> {
+    scopes
+        .as_slice()
+        .iter()
+        .find_map(|s| denied.get(s).cloned())
+}
+
+/// What one identity may obtain for one audience from one allow policy, as
+/// `POST /grants` reports it: nothing about the policy itself.
+///
+/// A request for the audience with scopes `S` is allowed exactly when some offer
+/// (of the list [`PolicySet::offers`] returns, in its order) has `S ⊆ scopes`
+/// (the first such offer issues it), or, when `S` is empty, when some offer has
+/// `default_scopes` (the first such one issues them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Offer {
+    /// The RFC 8693 `audience` to send.
+    pub audience: String,
+    /// Scopes that may be requested (any subset), deny rules applied.
+    pub scopes: Vec<String>,
+    /// What a request without `scope` obtains; `None` when a deny rule refuses
+    /// one of them (then name the scopes).
+    pub default_scopes: Option<Vec<String>>,
+    /// Longest lifetime of the issued token, seconds.
+    pub max_lifetime_seconds: u64,
+}
+
+impl PolicySet {
+    /// Everything `subject` may obtain now, by audience (sorted) and then in
+    /// evaluation order: for each audience the allow policies whose conditions
+    /// match, unless a matching deny policy refuses the audience, with the scopes
+    /// deny policies refuse removed. Consistent with [`PolicySet::evaluate`] by
+    /// construction and by a property test; see [`Offer`] for how to read it.
+    pub fn offers(&self, subject: &Subject) -> Vec<Offer> {
+        let audiences: std::collections::BTreeSet<&str> = self
+            .policies()
+            .iter()
+            .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
+            .collect();
+        let mut out: Vec<Offer> = Vec::new();
+        let none = Scopes::default();
+        for audience in audiences {
+            let scan = self.scan(&EvalRequest {
+                subject,
+                audience,
+                scopes: &none,
+            });
+            if scan.deny_hit.is_some() {
+                continue;
+            }
+            for p in scan.allows {
+                let Some(g) = &p.grant else { continue };
+                let scopes: Vec<String> = g
+                    .scopes
+                    .iter()
+                    .filter(|s| !scan.denied_scopes.contains_key(*s))
+                    .cloned()
+                    .collect();
+                let default_scopes = g
+                    .default_scopes
+                    .iter()
+                    .all(|s| !scan.denied_scopes.contains_key(s))
+                    .then(|| g.default_scopes.clone());
+                if scopes.is_empty() {
+                    continue;
+                }
+                let offer = Offer {
+                    audience: audience.to_string(),
+                    scopes,
+                    default_scopes,
+                    max_lifetime_seconds: g.max_lifetime_seconds,
+                };
+                if !out.contains(&offer) {
+                    out.push(offer);
+                }
+            }
+        }
+        out
     }
 }
 

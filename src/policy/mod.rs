@@ -23,7 +23,7 @@ pub use crate::domain::oauth::is_scope_token;
 use crate::domain::BbUuid;
 use crate::inventory::Inventory;
 pub use compile::{compile_str, compile_with};
-pub use eval::{Decision, DenyKind, EvalRequest, Grant, Outcome, TraceEntry};
+pub use eval::{Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry};
 pub use pattern::{check_branch_pattern, BranchPattern};
 pub use store::PolicyStore;
 
@@ -45,6 +45,29 @@ pub struct Subject {
     /// `branchName`; `None` when absent or empty (tag builds).
     #[serde(rename = "branchName")]
     pub branch_name: Option<String>,
+    /// `aud`, as a list (Bitbucket sends a string, or an array when the step
+    /// declares `oidc: audiences:`): what a `when.aud` condition tests.
+    pub aud: Vec<String>,
+}
+
+/// `aud` as a token carries it: one string or an array (RFC 7519 §4.1.3).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AudClaim {
+    /// One audience.
+    One(String),
+    /// Several (Bitbucket, when the step declares `oidc: audiences:`).
+    Many(Vec<String>),
+}
+
+impl AudClaim {
+    /// The audiences as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(a) => vec![a],
+            Self::Many(v) => v,
+        }
+    }
 }
 
 /// The claims [`Subject::from_claims`] reads, as Bitbucket names them; any other
@@ -63,6 +86,9 @@ pub struct SubjectClaims {
     /// `branchName`.
     #[serde(rename = "branchName", default)]
     pub branch_name: Option<String>,
+    /// `aud`: a string or an array.
+    #[serde(default)]
+    pub aud: Option<AudClaim>,
 }
 
 impl Subject {
@@ -82,6 +108,7 @@ impl Subject {
                 .map(|e| uuid("deploymentEnvironmentUuid", &e))
                 .transpose()?,
             branch_name: c.branch_name.filter(|b| !b.is_empty()),
+            aud: c.aud.map(AudClaim::into_vec).unwrap_or_default(),
         })
     }
 }
@@ -113,6 +140,10 @@ pub struct Conditions {
     pub deployment_environment_uuid: Option<Vec<BbUuid>>,
     /// `branchName` matches one of these patterns.
     pub branch_name: Option<Vec<BranchPattern>>,
+    /// `aud` contains one of these values (exact): an audience marker a step
+    /// declares with `oidc: audiences:`. Anyone who can push a branch can add or
+    /// drop it, so it may only narrow (README "Agent-marked steps").
+    pub aud: Option<Vec<String>>,
 }
 
 impl Conditions {
@@ -121,6 +152,14 @@ impl Conditions {
             && self.repository_uuid.is_none()
             && self.deployment_environment_uuid.is_none()
             && self.branch_name.is_none()
+            && self.aud.is_none()
+    }
+
+    /// Whether a branch or deployment-environment condition gates the policy:
+    /// what a repository's pipeline file cannot choose on its own (protected
+    /// branches, environment permissions in Bitbucket).
+    pub fn has_branch_or_environment(&self) -> bool {
+        self.branch_name.is_some() || self.deployment_environment_uuid.is_some()
     }
 }
 
@@ -162,6 +201,10 @@ pub struct Policy {
     pub when: Conditions,
     /// Deny only: audiences covered (`None` = all).
     pub deny_audiences: Option<BTreeSet<String>>,
+    /// Deny only: the scopes refused (`None` = the whole audience). A request
+    /// whose scopes (requested, or the grant's defaults) include one is refused;
+    /// the rest of the grant stays obtainable.
+    pub deny_scopes: Option<BTreeSet<String>>,
     /// Allow only: the grant.
     pub grant: Option<GrantSpec>,
     /// How each name in the policy resolved (`when.repository[0] `acme/x` -> {uuid} acme/x`).
@@ -330,6 +373,7 @@ impl PolicySet {
             .iter()
             .map(|f| format!("{f}: not a policy file (only *.yaml and *.yml are read); ignored"))
             .collect();
+        out.extend(self.marker_warnings());
         for p in &self.policies {
             let Some(auds) = &p.deny_audiences else {
                 continue;
@@ -339,6 +383,59 @@ impl PolicySet {
                     out.push(format!(
                         "{}: `audiences`: no allow policy grants audience `{a}`; this deny rule covers nothing for it (a typo?)",
                         p.id
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// Policies whose only gate is an audience marker (`when.aud`), which the
+    /// pipeline file of any branch sets: an allow policy gated by a marker but by
+    /// no branch or deployment environment (anyone who can push a branch can add
+    /// the marker), and a deny policy on a marker where an allow policy grants
+    /// what it refuses without a branch or environment condition (a step that
+    /// drops the marker obtains it). README "Agent-marked steps".
+    pub fn marker_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.policies {
+            if p.when.aud.is_none() || p.when.has_branch_or_environment() {
+                continue;
+            }
+            if p.effect == Effect::Allow {
+                out.push(format!(
+                    "{}: `when.aud` is this allow policy's only gate besides the repository: a \
+                     pipeline file on any branch can declare that audience (an agent that can \
+                     push included); add a branchName (protected branch) or \
+                     deploymentEnvironment condition",
+                    p.id
+                ));
+                continue;
+            }
+            for a in &self.policies {
+                let Some(g) = &a.grant else { continue };
+                let covered = p
+                    .deny_audiences
+                    .as_ref()
+                    .is_none_or(|auds| auds.contains(&g.audience))
+                    && p.deny_scopes
+                        .as_ref()
+                        .is_none_or(|d| d.iter().any(|s| g.scopes.contains(s)));
+                let overlaps =
+                    |deny: &Option<Vec<BbUuid>>, allow: &Option<Vec<BbUuid>>| match (deny, allow) {
+                        (Some(d), Some(a)) => d.iter().any(|u| a.contains(u)),
+                        _ => true,
+                    };
+                if covered
+                    && overlaps(&p.when.workspace_uuid, &a.when.workspace_uuid)
+                    && overlaps(&p.when.repository_uuid, &a.when.repository_uuid)
+                    && !a.when.has_branch_or_environment()
+                {
+                    out.push(format!(
+                        "{}: this deny on `when.aud` is evaded by a step that does not declare the \
+                         audience, and {} grants `{}` without a branchName or deploymentEnvironment \
+                         condition; gate {} on a protected branch or a deployment environment",
+                        p.id, a.id, g.audience, a.id
                     ));
                 }
             }

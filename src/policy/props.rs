@@ -22,6 +22,12 @@ const BRANCHES: [&str; 7] = [
 ];
 const AUDIENCES: [&str; 2] = ["artifact-api", "deploy-api"];
 const SCOPES: [&str; 3] = ["a:read", "a:write", "d:prod"];
+/// Audience markers a step may declare (`oidc: audiences:`).
+const MARKERS: [&str; 2] = [
+    "https://sts.example.test/agent",
+    "https://sts.example.test/deploy",
+];
+const BASE_AUD: &str = "https://sts.example.test";
 
 fn uuid(i: usize) -> BbUuid {
     BbUuid::parse_lenient(UUIDS[i % UUIDS.len()]).unwrap()
@@ -33,13 +39,18 @@ fn identity() -> impl Strategy<Value = Subject> {
         0usize..4,
         proptest::option::of(0usize..4),
         proptest::option::of(0usize..4),
+        proptest::sample::subsequence(MARKERS.to_vec(), 0..=2),
     )
-        .prop_map(|(w, r, e, b)| Subject {
+        .prop_map(|(w, r, e, b, markers)| Subject {
             workspace_uuid: uuid(w),
             repository_uuid: uuid(r),
             // only concrete branch names (indices 0..4) appear in tokens
             branch_name: b.map(|i| BRANCHES[i].to_string()),
             deployment_environment_uuid: e.map(uuid),
+            aud: std::iter::once(BASE_AUD)
+                .chain(markers)
+                .map(str::to_string)
+                .collect(),
         })
 }
 
@@ -50,8 +61,9 @@ fn when_yaml() -> impl Strategy<Value = String> {
         proptest::option::of(proptest::collection::vec(0usize..4, 1..3)),
         proptest::option::of(proptest::collection::vec(0usize..4, 1..3)),
         proptest::option::of(proptest::collection::vec(0usize..7, 1..3)),
+        proptest::option::of(proptest::collection::vec(0usize..2, 1..3)),
     )
-        .prop_map(|(w, r, e, b)| {
+        .prop_map(|(w, r, e, b, m)| {
             let mut s = String::new();
             let list = |v: &[usize], f: &dyn Fn(usize) -> String| {
                 v.iter()
@@ -83,18 +95,29 @@ fn when_yaml() -> impl Strategy<Value = String> {
                     list(&v, &|i| BRANCHES[i].to_string())
                 );
             }
+            if let Some(v) = m {
+                s += &format!("  aud: [{}]\n", list(&v, &|i| MARKERS[i].to_string()));
+            }
             s
         })
 }
 
 fn allow_policy() -> impl Strategy<Value = Option<Policy>> {
-    (when_yaml(), 0usize..2, proptest::collection::vec(0usize..3, 1..3)).prop_map(|(when, aud, scopes)| {
+    (
+        when_yaml(),
+        0usize..2,
+        proptest::collection::vec(0usize..3, 1..3),
+        1usize..3,
+        0usize..3,
+    )
+        .prop_map(|(when, aud, scopes, defaults, lifetime)| {
         let scopes: Vec<&str> = scopes.iter().map(|i| SCOPES[*i]).collect();
         let yaml = format!(
-            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: 60\n",
+            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: {}\n",
             AUDIENCES[aud],
             scopes.join(", "),
-            scopes[0],
+            scopes[..defaults.min(scopes.len())].join(", "),
+            [60, 120, 300][lifetime],
         );
         // Some generated `when`s are invalid for allow (no workspace/repository): skipped.
         compile_str("allow", &yaml, None).ok()
@@ -102,17 +125,28 @@ fn allow_policy() -> impl Strategy<Value = Option<Policy>> {
 }
 
 fn deny_policy() -> impl Strategy<Value = Option<Policy>> {
-    (when_yaml(), proptest::option::of(0usize..2)).prop_map(|(when, aud)| {
-        let auds = aud
-            .map(|a| format!("audiences: [{}]\n", AUDIENCES[a]))
-            .unwrap_or_default();
-        compile_str(
-            "zz-deny",
-            &format!("effect: deny\nwhen:\n{when}{auds}"),
-            None,
-        )
-        .ok()
-    })
+    (
+        when_yaml(),
+        proptest::option::of(0usize..2),
+        proptest::option::of(proptest::collection::vec(0usize..3, 1..3)),
+    )
+        .prop_map(|(when, aud, scopes)| {
+            let auds = aud
+                .map(|a| format!("audiences: [{}]\n", AUDIENCES[a]))
+                .unwrap_or_default();
+            let scopes = scopes
+                .map(|v| {
+                    let v: Vec<&str> = v.iter().map(|i| SCOPES[*i]).collect();
+                    format!("scopes: [{}]\n", v.join(", "))
+                })
+                .unwrap_or_default();
+            compile_str(
+                "zz-deny",
+                &format!("effect: deny\nwhen:\n{when}{auds}{scopes}"),
+                None,
+            )
+            .ok()
+        })
 }
 
 fn request() -> impl Strategy<Value = (usize, Scopes)> {
@@ -179,6 +213,45 @@ proptest! {
         if let Outcome::Allow(g) = &d.outcome {
             // what is granted was requested (or is the default), and is within the grant
             prop_assert!(scopes.is_empty() || g.scopes.as_slice().iter().all(|s| scopes.contains(s)));
+        }
+    }
+
+    /// `POST /grants` is [`PolicySet::offers`]: what it lists is exactly what
+    /// [`PolicySet::evaluate`] then allows, for every audience and every set of
+    /// scopes (none included), with the lifetime and scopes of the offer that
+    /// [`Offer`]'s rule picks; and it never lists an audience a deny refuses.
+    #[test]
+    fn offers_predict_every_decision(
+        allows in proptest::collection::vec(allow_policy(), 0..5),
+        denies in proptest::collection::vec(deny_policy(), 0..3),
+        id in identity(),
+    ) {
+        let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
+        policies.extend(denies.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("deny-{i}"); p }));
+        let set = PolicySet::from_policies(policies);
+        let offers = set.offers(&id);
+        for aud in 0..3 {
+            let audience = audience(aud);
+            let mine: Vec<&Offer> = offers.iter().filter(|o| o.audience == audience).collect();
+            for mask in 0u8..8 {
+                let scopes: Scopes = (0..3).filter(|i| mask & (1 << i) != 0).map(|i| SCOPES[i]).collect();
+                let predicted = if scopes.is_empty() {
+                    mine.iter().find_map(|o| o.default_scopes.clone().map(|d| (d, o.max_lifetime_seconds)))
+                } else {
+                    mine.iter()
+                        .find(|o| scopes.as_slice().iter().all(|s| o.scopes.contains(s)))
+                        .map(|o| (scopes.as_slice().to_vec(), o.max_lifetime_seconds))
+                };
+                let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes });
+                match (&d.outcome, predicted) {
+                    (Outcome::Allow(g), Some((want_scopes, want_lifetime))) => {
+                        prop_assert_eq!(g.scopes.as_slice(), want_scopes.as_slice());
+                        prop_assert_eq!(g.max_lifetime_seconds, want_lifetime);
+                    }
+                    (Outcome::Deny { .. }, None) => {}
+                    (outcome, predicted) => prop_assert!(false, "{audience} {scopes:?}: evaluate {outcome:?}, offers predict {predicted:?}; offers {offers:?}"),
+                }
+            }
         }
     }
 
@@ -322,6 +395,7 @@ fn admitted(set: &PolicySet) -> BTreeSet<(usize, usize, usize, usize, usize, usi
                         repository_uuid: uuid(r),
                         branch_name: (b > 0).then(|| BRANCHES[b - 1].to_string()),
                         deployment_environment_uuid: (e > 0).then(|| uuid(e + 1)),
+                        aud: vec![BASE_AUD.to_string()],
                     };
                     for (a, aud) in AUDIENCES.iter().enumerate() {
                         for sc in 0..4 {
@@ -514,6 +588,7 @@ mod names {
                                 _ => None,
                             },
                             branch_name: (br > 0).then(|| BRANCHES[br - 1].to_string()),
+                            aud: vec![BASE_AUD.to_string()],
                         };
                         let req = EvalRequest { subject: &subject, audience: "artifact-api", scopes: &Scopes::default() };
                         let (da, db) = (a.evaluate(&req), b.evaluate(&req));

@@ -157,6 +157,8 @@ fn always_denied(
         p.effect == Effect::Deny
             && p.when.branch_name.is_none()
             && p.when.deployment_environment_uuid.is_none()
+            && p.when.aud.is_none()
+            && p.deny_scopes.is_none()
             && p.deny_audiences
                 .as_ref()
                 .is_none_or(|a| a.contains(audience))

@@ -147,6 +147,11 @@ pub fn check(
         branch_name: branch(c.branch_name)?,
         deployment_environment_uuid,
         pipeline_run_uuid,
+        aud: match c.aud {
+            Some(Audience::One(a)) => vec![a],
+            Some(Audience::Many(v)) => v,
+            None => Vec::new(),
+        },
         exp,
         iat,
     })

@@ -79,6 +79,8 @@ pub struct BitbucketIdentity {
     /// `pipelineRunUuid` (newer tokens only).
     #[serde(rename = "pipelineRunUuid")]
     pub pipeline_run_uuid: Option<BbUuid>,
+    /// `aud` as a list (a string claim becomes one element), in the token's order.
+    pub aud: Vec<String>,
     /// `exp`, seconds since the epoch.
     pub exp: u64,
     /// `iat`, seconds since the epoch.

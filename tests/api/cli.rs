@@ -31,7 +31,7 @@ fn policy_check_accepts_the_shipped_policies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 5 policies"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 6 policies"));
 }
 
 #[test]

@@ -410,7 +410,7 @@ async fn health_ready_and_jwks_endpoints() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["policies"], 5);
+    assert_eq!(body["policies"], 6);
     let jwks: Value = app
         .http
         .get(format!("{}/.well-known/jwks.json", app.address))

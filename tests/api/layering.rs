@@ -41,6 +41,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["domain", "http", "keycloak", "limits", "signing", "verify"],
     ),
     ("state", &["exchange", "metrics", "signing"]),
+    // The client side (a step's `token` command and MCP server): never the service's modules.
+    ("client", &["domain", "http", "telemetry"]),
+    ("mcp", &["client"]),
     // `keycloak plan/apply/export`: never used by the service.
     (
         "provision",
@@ -83,9 +86,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "cli",
         &[
+            "client",
             "configuration",
             "http",
             "keycloak",
+            "mcp",
             "provision",
             "domain",
             "inventory",

@@ -1,0 +1,255 @@
+//! `keycloak-ci-sts mcp`: a Model Context Protocol server over stdio (the
+//! official Rust SDK, `rmcp`) for an AI agent running inside a pipeline step.
+//!
+//! Tools:
+//! - `list_grants` {}: `POST /grants` — the audiences this step may obtain, with
+//!   scopes, default scopes and the longest lifetime;
+//! - `get_token` {audience, scopes}: `POST /token` — by default the access token
+//!   is written to a new 0600 file in a private (0700) directory and only its
+//!   path, expiry and scopes are returned, so the token never enters the model's
+//!   context (where prompt injection or provider logs could take it). With
+//!   `--return-tokens-inline` (the operator's choice, not the model's) the token
+//!   is returned in the result instead.
+//!
+//! The server uses the step's OIDC token from `$BITBUCKET_STEP_OIDC_TOKEN` (or
+//! `--subject-token-file`), read at each call; it never takes a token from the
+//! model and never returns the OIDC token. A refusal is a tool error whose
+//! structured content holds the service's `error`, `error_code`,
+//! `error_description`, `request_id` and HTTP `status`.
+//!
+//! Not a security boundary: the agent can read the step's environment. The
+//! boundary is the service's policies and the step's audience marker (README
+//! "Agent-marked steps"). Standard output is the protocol channel: everything
+//! else goes to standard error.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ServerCapabilities, ServerConfig};
+use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler, ServiceExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::client::{write_private, ClientError, StsClient};
+
+/// Instructions sent to the agent when it connects.
+const INSTRUCTIONS: &str = "Obtains short-lived access tokens for internal APIs on behalf of this \
+Bitbucket pipeline step. Call list_grants first to see which audiences and scopes this step may \
+obtain; then call get_token for one audience with the narrowest scopes your task needs. Tokens \
+are short-lived; request a new one when it expires instead of asking for a longer lifetime. Every \
+request is audited with this step's repository, branch and environment. A refusal names an \
+error_code and request_id: report them, do not retry with broader scopes.";
+
+/// Settings of the MCP server.
+#[derive(Debug, Clone)]
+pub struct McpSettings {
+    /// The service's base URL.
+    pub url: String,
+    /// File holding the step's OIDC token; `None`: `$BITBUCKET_STEP_OIDC_TOKEN`.
+    pub subject_token_file: Option<PathBuf>,
+    /// Directory for token files (created 0700 if missing; must not be
+    /// readable by others if it exists).
+    pub token_dir: PathBuf,
+    /// Return tokens in the tool result instead of writing files.
+    pub inline_tokens: bool,
+    /// Longest total wait for `Retry-After` per call, seconds.
+    pub max_wait_seconds: u64,
+}
+
+/// The `get_token` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct GetTokenArgs {
+    /// The audience to obtain a token for, exactly as list_grants names it.
+    pub audience: String,
+    /// The scopes to request: the fewest your task needs, each one list_grants
+    /// shows for the audience. Empty or omitted: the audience's default scopes.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// The MCP server.
+#[derive(Clone)]
+pub struct StsMcp {
+    settings: Arc<McpSettings>,
+    client: StsClient,
+    tool_router: ToolRouter<Self>,
+}
+
+fn refusal(e: &ClientError) -> CallToolResult {
+    let mut v = match e {
+        ClientError::Refused(r) | ClientError::Unavailable(r) => json!({
+            "status": r.status,
+            "error": r.error,
+            "error_code": r.error_code,
+            "error_description": r.error_description,
+            "request_id": r.request_id,
+        }),
+        _ => json!({ "error_description": e.to_string() }),
+    };
+    v["temporary"] = json!(e.is_temporary());
+    CallToolResult::structured_error(v)
+}
+
+fn usage_error(message: String) -> CallToolResult {
+    CallToolResult::structured_error(json!({ "error_description": message, "temporary": false }))
+}
+
+/// A file name for a token of `audience`: its safe characters, then a random part.
+fn token_file_name(audience: &str) -> String {
+    let safe: String = audience
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.{}.token", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates `dir` with mode 0700, or checks that an existing one is a directory
+/// no one else can read or write.
+///
+/// # Errors
+/// The reason, naming the directory.
+pub fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(format!("{} is not a directory", dir.display())),
+        Ok(m) if m.mode() & 0o077 != 0 => Err(format!(
+            "{} is readable or writable by others (mode {:o}); use a 0700 directory",
+            dir.display(),
+            m.mode() & 0o777
+        )),
+        Ok(_) => Ok(()),
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display())),
+    }
+}
+
+#[tool_router]
+impl StsMcp {
+    /// A server with `settings`.
+    ///
+    /// # Errors
+    /// An unusable URL or token directory.
+    pub fn new(settings: McpSettings) -> Result<Self, String> {
+        let client = StsClient::new(&settings.url, settings.max_wait_seconds)?;
+        if !settings.inline_tokens {
+            private_dir(&settings.token_dir)?;
+        }
+        Ok(Self {
+            settings: Arc::new(settings),
+            client,
+            tool_router: Self::tool_router(),
+        })
+    }
+
+    #[tool(
+        description = "Lists what this pipeline step may obtain: for each audience (an internal API), \
+        the scopes you may request, the default scopes granted when you name none (null: you must \
+        name scopes), and the longest token lifetime in seconds. Decided by reviewed policies for \
+        this repository, branch and deployment environment. Call it before get_token and pick the \
+        narrowest scopes that do the task."
+    )]
+    async fn list_grants(&self) -> Result<CallToolResult, ErrorData> {
+        let subject =
+            match crate::client::subject_token(self.settings.subject_token_file.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage_error(e)),
+            };
+        Ok(match self.client.grants(&subject).await {
+            Ok(g) => CallToolResult::structured(json!({
+                "repository": g.repository,
+                "identity": g.identity,
+                "grants": g.grants,
+            })),
+            Err(e) => refusal(&e),
+        })
+    }
+
+    #[tool(
+        description = "Obtains a short-lived access token for one audience with the narrowest scopes \
+        your task needs (name them; none means the audience's default scopes). The token is written \
+        to a private file (mode 0600) and the result gives its path, expiry and granted scopes: use \
+        it where you make the request, e.g. curl -H \"Authorization: Bearer $(cat PATH)\", and never \
+        print it. Tokens expire within minutes; ask again rather than for more. Every request is \
+        audited with this step's identity. A refusal returns error_code and request_id: report \
+        them; do not retry with broader scopes."
+    )]
+    async fn get_token(
+        &self,
+        Parameters(args): Parameters<GetTokenArgs>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let subject =
+            match crate::client::subject_token(self.settings.subject_token_file.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return Ok(usage_error(e)),
+            };
+        let issued = match self
+            .client
+            .token(&subject, &args.audience, &args.scopes)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => return Ok(refusal(&e)),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut answer = json!({
+            "audience": args.audience,
+            "scope": issued.scope.clone().unwrap_or_default(),
+            "expires_in": issued.expires_in,
+            "expires_at": now + issued.expires_in,
+            "token_type": "Bearer",
+        });
+        if self.settings.inline_tokens {
+            answer["access_token"] = json!(issued.access_token.expose());
+        } else {
+            let path = self
+                .settings
+                .token_dir
+                .join(token_file_name(&args.audience));
+            if let Err(e) = write_private(&path, issued.access_token.expose()) {
+                return Ok(usage_error(e));
+            }
+            answer["token_file"] = json!(path.display().to_string());
+        }
+        Ok(CallToolResult::structured(answer))
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for StsMcp {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_instructions(INSTRUCTIONS)
+    }
+}
+
+/// Serves MCP on standard input and output until the client disconnects.
+///
+/// # Errors
+/// Unusable settings, or the transport failing.
+pub async fn serve(settings: McpSettings) -> anyhow::Result<()> {
+    let server = StsMcp::new(settings).map_err(anyhow::Error::msg)?;
+    let running = server
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| anyhow::anyhow!("MCP initialisation failed: {e}"))?;
+    running
+        .waiting()
+        .await
+        .map_err(|e| anyhow::anyhow!("MCP server stopped: {e}"))?;
+    Ok(())
+}
