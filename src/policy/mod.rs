@@ -625,6 +625,127 @@ mod tests {
         compile_str("p", yaml, None)
     }
 
+    const MARKER: &str = "https://sts.example.test/agent";
+
+    fn subject(env: bool, aud: &[&str]) -> Subject {
+        Subject {
+            workspace_uuid: BbUuid::parse_lenient("03b741e3-cf4a-41f9-9a59-cec52e21bdc3").unwrap(),
+            repository_uuid: BbUuid::parse_lenient("d4e45493-4a33-477d-917b-a24e7e4bd39b").unwrap(),
+            deployment_environment_uuid: env
+                .then(|| BbUuid::parse_lenient("bd715740-c970-486b-b68a-b421ec2a1f8b").unwrap()),
+            branch_name: Some("main".into()),
+            aud: aud.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    fn decide(set: &PolicySet, s: &Subject, scopes: &str) -> Result<Vec<String>, String> {
+        let scopes = crate::domain::Scopes::parse(scopes).unwrap();
+        match set
+            .evaluate(&EvalRequest {
+                subject: s,
+                audience: "deploy-api",
+                scopes: &scopes,
+            })
+            .outcome
+        {
+            Outcome::Allow(g) => Ok(g.scopes.as_slice().to_vec()),
+            Outcome::Deny { reason, .. } => Err(reason.code().to_string()),
+        }
+    }
+
+    /// The agent example: a deny on the marker for deploy:production, a deploy
+    /// grant gated on an environment.
+    #[test]
+    fn an_audience_marker_narrows_allow_and_deny() {
+        let deploy = compile_str(
+            "deploy",
+            "effect: allow\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\n  deploymentEnvironmentUuid: \"{bd715740-c970-486b-b68a-b421ec2a1f8b}\"\ngrant:\n  client: c\n  audience: deploy-api\n  scopes: [deploy:production, deploy:read]\n  default_scopes: [deploy:production]\n  max_lifetime_seconds: 60\n",
+            None,
+        )
+        .unwrap();
+        let deny = compile_str(
+            "no-agent-deploy",
+            &format!("effect: deny\nwhen:\n  aud: \"{MARKER}\"\naudiences: [deploy-api]\nscopes: [deploy:production]\n"),
+            None,
+        )
+        .unwrap();
+        let set = PolicySet::from_policies(vec![deploy, deny]);
+        assert!(
+            set.marker_warnings().is_empty(),
+            "{:?}",
+            set.marker_warnings()
+        );
+        let plain = subject(true, &["https://sts.example.test"]);
+        let agent = subject(true, &["https://sts.example.test", MARKER]);
+        assert_eq!(
+            decide(&set, &plain, ""),
+            Ok(vec!["deploy:production".into()])
+        );
+        assert_eq!(decide(&set, &agent, ""), Err("policy.denied".into()));
+        assert_eq!(
+            decide(&set, &agent, "deploy:production"),
+            Err("policy.denied".into())
+        );
+        assert_eq!(
+            decide(&set, &agent, "deploy:read"),
+            Ok(vec!["deploy:read".into()])
+        );
+        let offers = set.offers(&agent);
+        assert_eq!(offers.len(), 1);
+        assert_eq!(offers[0].scopes, ["deploy:read"]);
+        assert_eq!(offers[0].default_scopes, None);
+
+        // An allow gated on the marker admits only marked steps (and is warned about).
+        let marked = compile_str(
+            "marked",
+            &format!("effect: allow\nwhen:\n  repositoryUuid: \"{{d4e45493-4a33-477d-917b-a24e7e4bd39b}}\"\n  aud: [\"{MARKER}\"]\ngrant:\n  client: c\n  audience: deploy-api\n  scopes: [deploy:read]\n  default_scopes: [deploy:read]\n  max_lifetime_seconds: 60\n"),
+            None,
+        )
+        .unwrap();
+        let set = PolicySet::from_policies(vec![marked]);
+        assert_eq!(decide(&set, &agent, ""), Ok(vec!["deploy:read".into()]));
+        assert_eq!(
+            decide(&set, &subject(false, &["https://sts.example.test"]), ""),
+            Err("policy.aud_not_allowed".into())
+        );
+        let w = set.marker_warnings();
+        assert!(
+            w.len() == 1 && w[0].starts_with("marked: `when.aud`"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn markers_and_deny_scopes_are_checked_at_load() {
+        let grant = "grant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n";
+        let repo = "  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\n";
+        for (yaml, key) in [
+            (
+                format!("effect: allow\nwhen:\n{repo}  aud: \"a b\"\n{grant}"),
+                "when.aud[0]",
+            ),
+            (
+                format!(
+                    "effect: allow\nwhen:\n{repo}  aud: \"{}\"\n{grant}",
+                    "x".repeat(300)
+                ),
+                "when.aud[0]",
+            ),
+            (
+                format!("effect: allow\nwhen:\n{repo}scopes: [s]\n{grant}"),
+                "scopes",
+            ),
+            (
+                format!("effect: deny\nwhen:\n{repo}scopes: [\"a b\"]\n"),
+                "scopes[0]",
+            ),
+            (format!("effect: deny\nwhen:\n{repo}scopes: []\n"), "scopes"),
+        ] {
+            let e = compile(&yaml).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+        }
+    }
+
     #[test]
     fn compile_errors_name_the_field() {
         let cases = [

@@ -142,6 +142,8 @@ pub struct Options {
     pub per_step_per_minute: u32,
     /// `[limits] per_repository_per_minute`.
     pub per_repository_per_minute: u32,
+    /// `[limits] grants_per_step_per_minute`.
+    pub grants_per_step_per_minute: u32,
     /// The `[audit]` table (default: a file in the test directory).
     pub audit_toml: Option<String>,
 }
@@ -166,6 +168,7 @@ impl Options {
             jwks_timeout: 5,
             per_step_per_minute: 1_000_000,
             per_repository_per_minute: 1_000_000,
+            grants_per_step_per_minute: 1_000_000,
             audit_toml: None,
         }
     }
@@ -243,6 +246,7 @@ accept_default_audience = true
 [limits]
 per_step_per_minute = {per_step}
 per_repository_per_minute = {per_repo}
+grants_per_step_per_minute = {grants_limit}
 
 [jwks]
 refetch_interval_seconds = {refetch}
@@ -284,6 +288,7 @@ key_files = ["{key}"]
             refetch = opts.jwks_refetch_interval,
             per_step = opts.per_step_per_minute,
             per_repo = opts.per_repository_per_minute,
+            grants_limit = opts.grants_per_step_per_minute,
             ttl = opts.jwks_cache_ttl,
             jwks_timeout = opts.jwks_timeout,
             kc = opts.keycloak_url,
@@ -322,6 +327,22 @@ key_files = ["{key}"]
         self.http
             .post(format!("{}/token", self.address))
             .form(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs `subject_token` to /grants (counted like `/token` requests for
+    /// [`TestApp::audit_lines`]).
+    pub async fn grants(&self, token: &str) -> reqwest::Response {
+        self.token_requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.http
+            .post(format!("{}/grants", self.address))
+            .form(&[
+                ("subject_token", token),
+                ("subject_token_type", ID_TOKEN_TYPE),
+            ])
             .send()
             .await
             .unwrap()

@@ -15,6 +15,7 @@ mod concurrency;
 mod exchange;
 mod faultkinds;
 mod faults;
+mod grants;
 mod helpers;
 mod identity;
 mod identity_real;
