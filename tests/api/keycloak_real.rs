@@ -206,7 +206,7 @@ pub fn lifetime(claims: &Value) -> u64 {
     claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap()
 }
 
-async fn setup(kc: &RealKeycloak, opts: Option<Options>) -> (Issuer, TestApp) {
+pub async fn setup(kc: &RealKeycloak, opts: Option<Options>) -> (Issuer, TestApp) {
     let issuer = Issuer::start().await;
     let app = TestApp::start(&issuer, opts.unwrap_or_else(|| Options::new(&kc.url))).await;
     kc.set_jwks_url(&app.http, &format!("{}/.well-known/jwks.json", app.address))

@@ -8,6 +8,7 @@
     reason = "tests fail by panicking"
 )]
 
+mod agents_real;
 mod attacks;
 mod cases;
 mod cli;
@@ -23,6 +24,7 @@ mod inventory;
 mod keycloak_real;
 mod layering;
 mod logs;
+mod mcp;
 mod ops;
 mod props;
 mod provision_real;

@@ -12,13 +12,13 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::helpers::*;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
 }
 
-async fn run(app: &TestApp, subject: Option<String>, args: &[&str]) -> Out {
+pub async fn run(app: &TestApp, subject: Option<String>, args: &[&str]) -> Out {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"));
     cmd.arg("token")
         .args(["--url", &app.address])
@@ -163,4 +163,38 @@ async fn a_503_with_retry_after_is_retried() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stderr.contains("retrying in 1 s"), "{}", out.stderr);
     assert!(file.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_prints_what_the_step_may_obtain_and_never_calls_keycloak() {
+    let (issuer, kc, app) = service().await;
+    kc.token_never_called().await;
+    let subject = issuer.mint(&issuer.step());
+    let out = run(&app, Some(subject.clone()), &["--list"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "artifact-api\tscopes: artifacts:read artifacts:write\tdefault: artifacts:read\tmax 300 s",
+            "release-api\tscopes: release:publish release:read\tdefault: release:read\tmax 120 s",
+        ]
+    );
+    let out = run(&app, Some(subject.clone()), &["--list", "--json"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["grants"][0]["audience"], "artifact-api");
+    assert_eq!(v["repository"], "acme/deploy-service");
+    assert!(!out.stdout.contains(&subject));
+    // --list with an audience or an output is a usage error.
+    let out = run(&app, Some(subject.clone()), &["--list", "--audience", "x"]).await;
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    // A refused listing names the code and the request id, exit 1.
+    let out = run(&app, Some("not-a-token".into()), &["--list"]).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("token.malformed") && out.stderr.contains("request_id"),
+        "{}",
+        out.stderr
+    );
 }
