@@ -135,7 +135,7 @@ impl Metrics {
         for r in ["ok", "error"] {
             self.policy_reloads.with_label_values(&[r]);
         }
-        for l in ["step", "repository"] {
+        for l in ["step", "repository", "grants"] {
             self.rate_limited.with_label_values(&[l]);
         }
         for o in ["allowed", "denied", "failed"] {
