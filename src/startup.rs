@@ -138,7 +138,16 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     )
     .map_err(StartupError::Policies)?;
     let current = policies.current();
-    for w in current.warnings() {
+    let accepted: Vec<String> = settings
+        .workspaces
+        .iter()
+        .flat_map(|w| w.audiences.iter().cloned())
+        .collect();
+    for w in current
+        .warnings()
+        .into_iter()
+        .chain(current.marker_audience_warnings(&accepted))
+    {
         tracing::warn!(warning = %w, "policy warning");
     }
     if current.policies().is_empty() {

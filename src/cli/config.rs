@@ -27,6 +27,12 @@ pub fn check(file: &Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
         match PolicySet::load_dir(&s.policies_dir, Some(&known)) {
             Ok(set) => {
                 warnings.extend(set.warnings());
+                let accepted: Vec<String> = s
+                    .workspaces
+                    .iter()
+                    .flat_map(|w| w.audiences.iter().cloned())
+                    .collect();
+                warnings.extend(set.marker_audience_warnings(&accepted));
                 errors.extend(
                     set.client_problems(&s.keycloak.jwt_clients())
                         .iter()

@@ -443,6 +443,29 @@ impl PolicySet {
         out
     }
 
+    /// Markers that mark nothing: a `when.aud` value that is an audience the
+    /// service accepts for verification (`accepted`: every workspace's
+    /// `audiences`), or Bitbucket's workspace audience
+    /// (`ari:cloud:bitbucket::workspace/…`, in every token). Such a value is in
+    /// the `aud` of ordinary steps too, so the condition does not tell agent
+    /// steps apart.
+    pub fn marker_audience_warnings(&self, accepted: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.policies {
+            for v in p.when.aud.iter().flatten() {
+                if accepted.contains(v) || v.starts_with("ari:cloud:bitbucket::workspace/") {
+                    out.push(format!(
+                        "{}: `when.aud` value `{v}` is an audience ordinary steps carry (the \
+                         service's own, or Bitbucket's workspace audience): it marks nothing; \
+                         use an audience of its own, e.g. `<service URL>/agent`",
+                        p.id
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Builds a set from compiled policies (sorted by id).
     pub fn from_policies(mut policies: Vec<Policy>) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));

@@ -471,3 +471,41 @@ fn what_grants_lists_is_exactly_what_token_then_allows() {
         })
         .unwrap();
 }
+
+/// A marker equal to an audience every ordinary step carries marks nothing:
+/// `config check` says so (the service logs the same warning at startup).
+#[tokio::test]
+async fn config_check_warns_about_markers_that_mark_nothing() {
+    let issuer = Issuer::start().await;
+    let mut opts = Options::new("http://127.0.0.1:9");
+    opts.identity = false;
+    opts.policies = vec![(
+        "marked.yaml".into(),
+        allow_policy(
+            &format!(
+                "{}  branchName: main\n  aud: [\"{STS_AUDIENCE}\", \"{AGENT_MARKER}\"]\n",
+                when_repo()
+            ),
+            "sts-artifacts",
+            "artifact-api",
+            "artifacts:read",
+            "artifacts:read",
+            60,
+        ),
+    )];
+    let (dir, _, _) = TestApp::write_config(&issuer, opts);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .args(["config", "check", "--no-secrets", "--config"])
+        .arg(dir.path().join("sts.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains(&format!("`when.aud` value `{STS_AUDIENCE}`"))
+            && warnings[0].contains("marks nothing"),
+        "{err}"
+    );
+}
