@@ -116,8 +116,9 @@ pub enum ClientError {
     /// Still 429/503 when the wait budget ran out.
     #[error("temporarily unavailable: {}", .0.line())]
     Unavailable(Refusal),
-    /// The service stayed unreachable for the whole wait budget (seconds).
-    #[error("the service stayed unreachable for {0} s")]
+    /// The service stayed unreachable; the seconds waited before giving up
+    /// (the next retry would have passed the wait budget).
+    #[error("the service stayed unreachable (gave up after {0} s)")]
     Unreachable(u64),
     /// A 200 answer that is not what the endpoint answers.
     #[error("the service answered 200 without a {0}")]
@@ -276,7 +277,8 @@ impl StsClient {
             .base
             .join(path)
             .map_err(|_| ClientError::Malformed("URL"))?;
-        let deadline = Instant::now() + self.max_wait;
+        let started = Instant::now();
+        let deadline = started + self.max_wait;
         let mut backoff = 1u64;
         loop {
             let (retry_after, last) = match self.http.post(endpoint.clone()).form(form).send().await
@@ -303,7 +305,7 @@ impl StsClient {
                         "keycloak-ci-sts: {endpoint} unreachable ({})",
                         crate::telemetry::chain(&e)
                     );
-                    (None, ClientError::Unreachable(self.max_wait.as_secs()))
+                    (None, ClientError::Unreachable(started.elapsed().as_secs()))
                 }
             };
             let wait = retry_after.unwrap_or(backoff).max(1);

@@ -112,26 +112,44 @@ fn token_file_name(audience: &str) -> String {
     format!("{safe}.{}.token", uuid::Uuid::new_v4().simple())
 }
 
-/// Creates `dir` with mode 0700, or checks that an existing one is a directory
-/// no one else can read or write.
+/// Creates `dir` (not its parents) with mode 0700 unless it exists, then checks
+/// what is there now: a directory, not a symbolic link, owned by this user, that
+/// no one else can read or write. Checking after creating closes the window in
+/// which another user could put a directory or link of their own in its place.
+/// (The default directory has a random name under `$TMPDIR`, so nobody can
+/// create it first; in a sticky `/tmp`, nobody else can rename it afterwards.)
 ///
 /// # Errors
 /// The reason, naming the directory.
 pub fn private_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if !m.is_dir() => Err(format!("{} is not a directory", dir.display())),
-        Ok(m) if m.mode() & 0o077 != 0 => Err(format!(
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    let m = std::fs::symlink_metadata(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !m.is_dir() {
+        Err(format!(
+            "{} is not a directory (or is a symbolic link)",
+            dir.display()
+        ))
+    } else if m.uid() != me {
+        Err(format!(
+            "{} belongs to user {}, not to this one ({me})",
+            dir.display(),
+            m.uid()
+        ))
+    } else if m.mode() & 0o077 != 0 {
+        Err(format!(
             "{} is readable or writable by others (mode {:o}); use a 0700 directory",
             dir.display(),
             m.mode() & 0o777
-        )),
-        Ok(_) => Ok(()),
-        Err(_) => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display())),
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -233,23 +251,39 @@ impl StsMcp {
 impl ServerHandler for StsMcp {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(rmcp::model::Implementation::new(
+                "keycloak-ci-sts",
+                env!("CARGO_PKG_VERSION"),
+            ))
             .with_instructions(INSTRUCTIONS)
     }
 }
 
-/// Serves MCP on standard input and output until the client disconnects.
+/// Serves MCP on standard input and output until the client disconnects, or
+/// SIGTERM or SIGINT arrives (then it stops serving and returns, so the caller
+/// can remove the token directory).
 ///
 /// # Errors
 /// Unusable settings, or the transport failing.
 pub async fn serve(settings: McpSettings) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let server = StsMcp::new(settings).map_err(anyhow::Error::msg)?;
-    let running = server
-        .serve(rmcp::transport::stdio())
-        .await
-        .map_err(|e| anyhow::anyhow!("MCP initialisation failed: {e}"))?;
-    running
-        .waiting()
-        .await
-        .map_err(|e| anyhow::anyhow!("MCP server stopped: {e}"))?;
+    let running = tokio::select! {
+        r = server.serve(rmcp::transport::stdio()) => {
+            r.map_err(|e| anyhow::anyhow!("MCP initialisation failed: {e}"))?
+        }
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
+    let token = running.cancellation_token();
+    tokio::select! {
+        r = running.waiting() => {
+            r.map_err(|e| anyhow::anyhow!("MCP server stopped: {e}"))?;
+        }
+        _ = term.recv() => token.cancel(),
+        _ = int.recv() => token.cancel(),
+    }
     Ok(())
 }

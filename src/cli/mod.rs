@@ -95,8 +95,8 @@ pub enum Command {
     },
     /// Model Context Protocol server over stdio for an AI agent in this step:
     /// tools list_grants and get_token (tokens go to 0600 files, not into the
-    /// model's context). A convenience, not a security boundary: the policies
-    /// and the step's audience marker are.
+    /// model's context). A convenience, not a security boundary (the boundary
+    /// is the policies and the step's audience marker).
     Mcp {
         /// The service's base URL.
         #[arg(long, env = "KCS_STS_URL")]
@@ -383,6 +383,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 inline_tokens: return_tokens_inline,
                 max_wait_seconds,
             }));
+            // Standard input may still be open (a signal ended the server): the
+            // runtime's blocking stdin reader would keep a plain drop waiting.
+            rt.shutdown_timeout(std::time::Duration::from_millis(500));
             if owned {
                 let _ = std::fs::remove_dir_all(&dir);
             }

@@ -138,15 +138,18 @@ fn print_grants(g: &Grants, json: bool) -> anyhow::Result<()> {
     if g.grants.is_empty() {
         eprintln!("keycloak-ci-sts token: this step may obtain nothing");
     }
+    // What the service sent, without control characters (a build log is a
+    // terminal: no escape sequences, no forged lines).
+    let clean = |s: &str| s.replace(|c: char| c.is_control(), "?");
     for o in &g.grants {
         let defaults = match &o.default_scopes {
-            Some(d) => d.join(" "),
+            Some(d) => clean(&d.join(" ")),
             None => "(none: name the scopes)".into(),
         };
         super::out(&format!(
             "{}\tscopes: {}\tdefault: {}\tmax {} s",
-            o.audience,
-            o.scopes.join(" "),
+            clean(&o.audience),
+            clean(&o.scopes.join(" ")),
             defaults,
             o.max_lifetime_seconds
         ))?;

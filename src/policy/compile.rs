@@ -478,25 +478,26 @@ fn compile_when(
     })
 }
 
-/// Longest `when.aud` value, in bytes (Bitbucket allows 150 characters per
-/// custom audience: Atlassian, "Bitbucket Pipelines OIDC now supports multiple
-/// audiences").
-pub const MAX_AUD_VALUE_BYTES: usize = 256;
+/// Longest `when.aud` value: Bitbucket allows 150 characters per custom
+/// audience (Atlassian, "Bitbucket Pipelines OIDC now supports multiple
+/// audiences"), so a longer marker could never be declared.
+pub const MAX_AUD_VALUE_BYTES: usize = 150;
 
 /// `when.aud`: exact values (no patterns: a marker is one string the pipeline
-/// file declares), each 1 to [`MAX_AUD_VALUE_BYTES`] bytes of visible
-/// characters without spaces.
+/// file declares), each 1 to [`MAX_AUD_VALUE_BYTES`] visible ASCII characters
+/// (no spaces): no lookalike letters or invisible characters that would make a
+/// deny read as covering a marker it never matches.
 fn compile_aud(v: Option<OneOrMany>, err: &Located) -> Result<Option<Vec<String>>, PolicyError> {
     let Some(v) = v else { return Ok(None) };
     for (i, a) in v.0.iter().enumerate() {
-        let ok = (1..=MAX_AUD_VALUE_BYTES).contains(&a.len())
-            && !a.chars().any(|c| c.is_whitespace() || c.is_control());
+        let ok =
+            (1..=MAX_AUD_VALUE_BYTES).contains(&a.len()) && a.bytes().all(|b| b.is_ascii_graphic());
         if !ok {
             return Err(err.at(
                 &format!("when.aud[{i}]"),
                 format!(
                     "an audience the step declares (`oidc: audiences:`): 1 to \
-                     {MAX_AUD_VALUE_BYTES} bytes, no spaces or control characters; matched exactly"
+                     {MAX_AUD_VALUE_BYTES} visible ASCII characters, no spaces; matched exactly"
                 ),
             ));
         }

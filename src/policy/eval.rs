@@ -46,6 +46,12 @@ pub enum DenyKind {
     UnknownAudience,
     /// A deny policy matched.
     ExplicitDeny,
+    /// A deny policy refuses these scopes (requested, or the grant's defaults);
+    /// the rest of the grant stays obtainable. Same code as [`DenyKind::ExplicitDeny`].
+    ScopesDenied {
+        /// The refused scopes among those the request would obtain.
+        scopes: Vec<String>,
+    },
     /// `workspaceUuid` not admitted.
     WorkspaceNotAllowed,
     /// `repositoryUuid` not admitted.
@@ -72,7 +78,7 @@ impl DenyKind {
     pub fn code(&self) -> &'static str {
         match self {
             Self::UnknownAudience => "policy.unknown_audience",
-            Self::ExplicitDeny => "policy.denied",
+            Self::ExplicitDeny | Self::ScopesDenied { .. } => "policy.denied",
             Self::WorkspaceNotAllowed => "policy.workspace_not_allowed",
             Self::RepositoryNotAllowed => "policy.repository_not_allowed",
             Self::EnvironmentMissing => "policy.environment_missing",
@@ -90,6 +96,10 @@ impl DenyKind {
         match self {
             Self::UnknownAudience => format!("no policy grants audience `{audience}`"),
             Self::ExplicitDeny => format!("a deny policy refuses this identity for audience `{audience}`"),
+            Self::ScopesDenied { scopes } => format!(
+                "a deny policy refuses scope {} of `{audience}` for this identity (ask for the others, by name)",
+                scopes.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            ),
             Self::WorkspaceNotAllowed => format!("workspaceUuid {} may not obtain `{audience}`", id.workspace_uuid),
             Self::RepositoryNotAllowed => format!("repositoryUuid {} may not obtain `{audience}`", id.repository_uuid),
             Self::EnvironmentMissing => format!("`{audience}` requires a deployment step; the token has no deploymentEnvironmentUuid"),
@@ -287,13 +297,8 @@ impl PolicySet {
         if !scan.audience_known {
             return deny(DenyKind::UnknownAudience, None, scan.trace);
         }
-        // Explicitly requested scopes a deny policy refuses: denied whatever an
-        // allow policy says.
-        if let Some(by) = first_denied(&scan.denied_scopes, req.scopes) {
-            return deny(DenyKind::ExplicitDeny, Some(by), scan.trace);
-        }
         let mut scope_failure: Option<(Vec<String>, String)> = None;
-        let mut default_denied: Option<String> = None;
+        let mut refused_by: Option<(String, Vec<String>)> = None;
         for p in std::mem::take(&mut scan.allows) {
             let Some(g) = &p.grant else { continue };
             let requested: Scopes = if req.scopes.is_empty() {
@@ -301,23 +306,28 @@ impl PolicySet {
             } else {
                 req.scopes.clone()
             };
-            // The grant's default scopes include a refused one: this grant cannot
-            // serve a request without `scope`; a later one may.
-            if let Some(by) = first_denied(&scan.denied_scopes, &requested) {
-                scan.trace.push(TraceEntry {
-                    policy: p.id.clone(),
-                    effect: p.effect,
-                    result: format!("default scopes refused by {by}"),
-                });
-                default_denied.get_or_insert(by);
-                continue;
-            }
             let excess: Vec<String> = requested
                 .as_slice()
                 .iter()
                 .filter(|s| !g.scopes.contains(*s))
                 .cloned()
                 .collect();
+            // The grant would serve the scopes, but a deny policy refuses one of
+            // them (named, or among the grant's defaults: then a later grant may
+            // serve a request without `scope`). Checked after the grant's own
+            // scopes, so a scope no grant offers is `scope_not_allowed` whether
+            // or not a deny names it: the answer does not reveal deny rules.
+            if excess.is_empty() {
+                if let Some((by, scopes)) = first_denied(&scan.denied_scopes, &requested) {
+                    scan.trace.push(TraceEntry {
+                        policy: p.id.clone(),
+                        effect: p.effect,
+                        result: format!("scopes {} refused by {by}", scopes.join(" ")),
+                    });
+                    refused_by.get_or_insert((by, scopes));
+                    continue;
+                }
+            }
             if excess.is_empty() {
                 return Decision {
                     outcome: Outcome::Allow(Grant::of(p, g, requested)),
@@ -331,8 +341,8 @@ impl PolicySet {
             });
             scope_failure.get_or_insert((excess, p.id.clone()));
         }
-        if let Some(by) = default_denied {
-            return deny(DenyKind::ExplicitDeny, Some(by), scan.trace);
+        if let Some((by, scopes)) = refused_by {
+            return deny(DenyKind::ScopesDenied { scopes }, Some(by), scan.trace);
         }
         let (reason, policy) = match (scope_failure, scan.best_failure) {
             (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
@@ -398,15 +408,20 @@ impl PolicySet {
     }
 }
 
-/// The policy refusing the first of `scopes` that a matching deny policy refuses.
+/// The scopes of `scopes` that matching deny policies refuse, with the policy
+/// refusing the first; `None` when none is refused.
 fn first_denied(
     denied: &std::collections::BTreeMap<String, String>,
     scopes: &Scopes,
-) -> Option<String> {
-    scopes
+) -> Option<(String, Vec<String>)> {
+    let refused: Vec<String> = scopes
         .as_slice()
         .iter()
-        .find_map(|s| denied.get(s).cloned())
+        .filter(|s| denied.contains_key(*s))
+        .cloned()
+        .collect();
+    let by = denied.get(refused.first()?)?.clone();
+    Some((by, refused))
 }
 
 /// What one identity may obtain for one audience from one allow policy, as

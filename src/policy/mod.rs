@@ -375,6 +375,23 @@ impl PolicySet {
             .collect();
         out.extend(self.marker_warnings());
         for p in &self.policies {
+            for s in p.deny_scopes.iter().flatten() {
+                let granted = self.policies.iter().any(|a| {
+                    a.grant.as_ref().is_some_and(|g| {
+                        g.scopes.contains(s)
+                            && p.deny_audiences
+                                .as_ref()
+                                .is_none_or(|auds| auds.contains(&g.audience))
+                    })
+                });
+                if !granted {
+                    out.push(format!(
+                        "{}: `scopes`: no allow policy grants scope `{s}` for the audiences this deny \
+                         covers; it refuses nothing (a typo?)",
+                        p.id
+                    ));
+                }
+            }
             let Some(auds) = &p.deny_audiences else {
                 continue;
             };
@@ -399,12 +416,18 @@ impl PolicySet {
     pub fn marker_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in &self.policies {
-            if p.when.aud.is_none() || p.when.has_branch_or_environment() {
+            if p.when.aud.is_none() {
+                continue;
+            }
+            // An allow gated by a branch or environment besides the marker is
+            // fine; a deny's own branch or environment condition gates nothing:
+            // what matters is whether the grants it covers are gated.
+            if p.effect == Effect::Allow && p.when.has_branch_or_environment() {
                 continue;
             }
             if p.effect == Effect::Allow {
                 out.push(format!(
-                    "{}: `when.aud` is this allow policy's only gate besides the repository: a \
+                    "{}: `when.aud` is this allow policy's only gate besides the workspace or repository: a \
                      pipeline file on any branch can declare that audience (an agent that can \
                      push included); add a branchName (protected branch) or \
                      deploymentEnvironment condition",
@@ -739,6 +762,73 @@ mod tests {
     }
 
     #[test]
+    fn a_deny_on_a_marker_warns_whatever_its_own_branch_and_a_misspelt_scope_warns() {
+        let open_grant = compile_str(
+            "open",
+            "effect: allow\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\ngrant:\n  client: c\n  audience: deploy-api\n  scopes: [deploy:production]\n  default_scopes: [deploy:production]\n  max_lifetime_seconds: 60\n",
+            None,
+        )
+        .unwrap();
+        let deny = |id: &str, scope: &str| {
+            compile_str(
+                id,
+                &format!("effect: deny\nwhen:\n  aud: \"{MARKER}\"\n  branchName: \"**\"\naudiences: [deploy-api]\nscopes: [{scope}]\n"),
+                None,
+            )
+            .unwrap()
+        };
+        let set = PolicySet::from_policies(vec![
+            open_grant.clone(),
+            deny("no-agent", "deploy:production"),
+        ]);
+        let w = set.warnings();
+        assert!(
+            w.len() == 1 && w[0].starts_with("no-agent: this deny on `when.aud` is evaded"),
+            "{w:?}"
+        );
+        let set = PolicySet::from_policies(vec![open_grant, deny("typo", "deploy:prodution")]);
+        let w = set.warnings();
+        assert!(
+            w.iter().any(|l| l
+                .starts_with("typo: `scopes`: no allow policy grants scope `deploy:prodution`")),
+            "{w:?}"
+        );
+    }
+
+    /// A scope no grant offers is `scope_not_allowed` whether or not a deny names
+    /// it: a caller cannot probe the deny rules.
+    #[test]
+    fn scopes_a_deny_names_are_not_revealed_to_callers() {
+        let grant = compile_str(
+            "g",
+            "effect: allow\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\ngrant:\n  client: c\n  audience: deploy-api\n  scopes: [deploy:read, deploy:production]\n  default_scopes: [deploy:read]\n  max_lifetime_seconds: 60\n",
+            None,
+        )
+        .unwrap();
+        let deny = compile_str(
+            "d",
+            "effect: deny\nwhen:\n  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\nscopes: [secret:admin, deploy:production]\n",
+            None,
+        )
+        .unwrap();
+        let set = PolicySet::from_policies(vec![grant, deny]);
+        let s = subject(false, &[]);
+        assert_eq!(
+            decide(&set, &s, "secret:admin"),
+            Err("policy.scope_not_allowed".into())
+        );
+        assert_eq!(
+            decide(&set, &s, "guess:scope"),
+            Err("policy.scope_not_allowed".into())
+        );
+        assert_eq!(
+            decide(&set, &s, "deploy:production"),
+            Err("policy.denied".into())
+        );
+        assert_eq!(decide(&set, &s, ""), Ok(vec!["deploy:read".into()]));
+    }
+
+    #[test]
     fn markers_and_deny_scopes_are_checked_at_load() {
         let grant = "grant:\n  client: c\n  audience: a\n  scopes: [s]\n  default_scopes: [s]\n  max_lifetime_seconds: 60\n";
         let repo = "  repositoryUuid: \"{d4e45493-4a33-477d-917b-a24e7e4bd39b}\"\n";
@@ -750,10 +840,12 @@ mod tests {
             (
                 format!(
                     "effect: allow\nwhen:\n{repo}  aud: \"{}\"\n{grant}",
-                    "x".repeat(300)
+                    "x".repeat(151)
                 ),
                 "when.aud[0]",
             ),
+            (format!("effect: allow\nwhen:\n{repo}  aud: \"https://sts.example.test/agent\u{200B}\"\n{grant}"), "when.aud[0]"),
+            (format!("effect: allow\nwhen:\n{repo}  aud: \"https://sts.exаmple.test/agent\"\n{grant}"), "when.aud[0]"),
             (
                 format!("effect: allow\nwhen:\n{repo}scopes: [s]\n{grant}"),
                 "scopes",

@@ -147,11 +147,7 @@ pub fn check(
         branch_name: branch(c.branch_name)?,
         deployment_environment_uuid,
         pipeline_run_uuid,
-        aud: match c.aud {
-            Some(Audience::One(a)) => vec![a],
-            Some(Audience::Many(v)) => v,
-            None => Vec::new(),
-        },
+        aud: audiences(c.aud)?,
         exp,
         iat,
     })
@@ -245,13 +241,48 @@ fn check_sub(
 /// characters, nor invisible or direction-changing ones (zero-width, bidi
 /// overrides, line/paragraph separators) that would make an audit line read
 /// differently from what it records.
+/// Control, invisible or bidi characters: they would make an audit line or a
+/// policy read other than it means.
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Most `aud` elements accepted (Bitbucket: at most 10 custom audiences plus
+/// the workspace's; Atlassian, "Bitbucket Pipelines OIDC now supports multiple
+/// audiences").
+pub const MAX_AUD_ELEMENTS: usize = 16;
+
+/// Longest `aud` element accepted, in bytes (Bitbucket: 150 characters).
+pub const MAX_AUD_ELEMENT_BYTES: usize = 256;
+
+/// `aud` as a list, each element at most [`MAX_AUD_ELEMENT_BYTES`] without
+/// control, invisible or bidi characters, at most [`MAX_AUD_ELEMENTS`]: the
+/// values reach policies (`when.aud`), the audit line and `/grants`.
+fn audiences(aud: Option<Audience>) -> Result<Vec<String>, VerifyError> {
+    let v = match aud {
+        Some(Audience::One(a)) => vec![a],
+        Some(Audience::Many(v)) => v,
+        None => Vec::new(),
+    };
+    let bad = v.len() > MAX_AUD_ELEMENTS
+        || v.iter()
+            .any(|a| a.len() > MAX_AUD_ELEMENT_BYTES || a.chars().any(deceptive));
+    if bad {
+        return Err(VerifyError::InvalidClaim {
+            claim: "aud",
+            reason: format!(
+                "more than {MAX_AUD_ELEMENTS} values, or a value longer than \
+                 {MAX_AUD_ELEMENT_BYTES} bytes or with control, invisible or bidi characters"
+            ),
+        });
+    }
+    Ok(v)
+}
+
 fn branch(b: Option<String>) -> Result<Option<String>, VerifyError> {
     let Some(b) = b.filter(|b| !b.is_empty()) else {
         return Ok(None);
-    };
-    let deceptive = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
     };
     if b.len() > 1024 || b.chars().any(deceptive) {
         return Err(VerifyError::InvalidClaim {
@@ -356,6 +387,28 @@ mod tests {
                 "token.audience_not_accepted",
             ),
             (json!({"aud": 5}), "token.invalid_claim"),
+            (
+                json!({"aud": ["https://sts.example.test", "https://sts.example.test/agent\u{200B}"]}),
+                "token.invalid_claim",
+            ),
+            (
+                json!({"aud": ["https://sts.example.test", "x\u{202E}y"]}),
+                "token.invalid_claim",
+            ),
+            (
+                json!({"aud": ["https://sts.example.test", "a\nb"]}),
+                "token.invalid_claim",
+            ),
+            (
+                json!({"aud": std::iter::once("https://sts.example.test".to_string())
+                    .chain((0..16).map(|i| format!("m{i}")))
+                    .collect::<Vec<_>>()}),
+                "token.invalid_claim",
+            ),
+            (
+                json!({"aud": ["https://sts.example.test", "x".repeat(257)]}),
+                "token.invalid_claim",
+            ),
             (json!({"sub": null}), "token.missing_claim"),
             (json!({"iat": null}), "token.missing_claim"),
             (

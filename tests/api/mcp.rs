@@ -229,3 +229,89 @@ async fn an_agent_marked_step_is_told_it_may_read_and_refused_deploy() {
     assert_eq!(got["scope"], "artifacts:read");
     client.cancel().await.unwrap();
 }
+
+/// The default token directory is the server's own: created fresh, 0700, and
+/// removed when it stops on SIGTERM (not only when standard input closes); a
+/// named directory open to others, or a symbolic link, is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_directory_is_private_and_removed_on_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    let (issuer, kc, app) = standard().await;
+    kc.token_ok(60, "artifacts:read", 1).await;
+    let tmp = app.dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .args(["mcp", "--url", &app.address])
+        .env("TMPDIR", &tmp)
+        .env("BITBUCKET_STEP_OIDC_TOKEN", issuer.mint(&issuer.step()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, Write};
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut send = |v: Value| {
+            writeln!(stdin, "{v}").unwrap();
+            stdin.flush().unwrap();
+        };
+        let mut line = String::new();
+        send(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"}}}),
+        );
+        stdout.read_line(&mut line).unwrap();
+        let init: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(init["result"]["serverInfo"]["name"], "keycloak-ci-sts");
+        send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
+        send(
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "get_token", "arguments": {"audience": "artifact-api"}}}),
+        );
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+        let got: Value = serde_json::from_str(&line).unwrap();
+        let file = got["result"]["structuredContent"]["token_file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{got}"))
+            .to_string();
+        let dir = std::path::Path::new(&file).parent().unwrap().to_path_buf();
+        assert!(dir.starts_with(&tmp));
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // SIGTERM while standard input stays open.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status:?}");
+        assert!(!dir.exists(), "token directory left behind");
+        drop(stdin);
+    }
+
+    // A named directory open to others, and a symbolic link, are refused.
+    let open = app.dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let link = app.dir.path().join("link");
+    std::os::unix::fs::symlink(&tmp, &link).unwrap();
+    for dir in [&open, &link] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+            .args(["mcp", "--url", &app.address, "--token-dir"])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("readable or writable by others") || err.contains("symbolic link"),
+            "{err}"
+        );
+    }
+}
