@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks (and where possible installs) what building and testing needs:
 # Rust with rustfmt and clippy, a C toolchain with OpenSSL headers (josekit links
-# OpenSSL), Java 17+, Maven, curl, unzip, jq. Debian packages are installed with
+# OpenSSL), Java 17+, Maven, curl, unzip, jq, redis-server and haproxy (the
+# replica tests). Debian packages are installed with
 # apt-get when running as root; otherwise the missing ones are named.
 set -euo pipefail
 
@@ -14,6 +15,10 @@ need_cmd curl curl
 need_cmd unzip unzip
 need_cmd jq jq
 need_cmd mvn maven
+# the replica tests: a shared limit store and a load balancer in front of three
+# service processes, all on 127.0.0.1
+need_cmd redis-server redis-server
+need_cmd haproxy haproxy
 if ! pkg-config --exists openssl 2>/dev/null; then missing_pkgs+=(libssl-dev); fi
 if ! command -v java >/dev/null 2>&1; then missing_pkgs+=(openjdk-17-jdk-headless); fi
 

@@ -24,8 +24,8 @@ use crate::domain::oauth::{
 };
 use crate::domain::{Scopes, SecretToken};
 use crate::keycloak::{GrantMode, KeycloakClient, KeycloakError};
-use crate::limits::ExchangeLimiter;
 use crate::limits::Limits;
+use crate::limits::{ExchangeLimiter, Refusal};
 use crate::metrics::Metrics;
 use crate::policy::{DenyKind, EvalRequest, Grant, Outcome, PolicyStore, Subject};
 use crate::verify::{BitbucketIdentity, Verifier, VerifyError};
@@ -354,6 +354,10 @@ pub enum ExchangeError {
         /// Seconds until the next exchange is allowed.
         retry_after_seconds: u64,
     },
+    /// The shared limit store (Redis) did not answer and `on_store_error =
+    /// "deny"`: the request cannot be counted, so it is refused.
+    #[error("limit store unavailable")]
+    LimitStoreUnavailable,
     /// Keycloak did not issue a usable token.
     #[error("Keycloak exchange failed")]
     Keycloak(#[source] KeycloakError),
@@ -382,6 +386,7 @@ impl ExchangeError {
                 ..
             } => "limit.grants_exceeded",
             Self::Keycloak(e) => e.code(),
+            Self::LimitStoreUnavailable => "limit.store_unavailable",
             Self::AuditUnavailable => "audit.unavailable",
         }
     }
@@ -392,6 +397,7 @@ impl ExchangeError {
         match self {
             Self::Token(VerifyError::KeysUnavailable(_))
             | Self::Keycloak(_)
+            | Self::LimitStoreUnavailable
             | Self::AuditUnavailable => AuditOutcome::Failed,
             _ => AuditOutcome::Denied,
         }
@@ -550,18 +556,7 @@ impl Exchange {
         let identity = self.verify(&req.subject_token, audit).await?;
         let per_minute = self.limits.grants_per_step_per_minute;
         let key = format!("grants:step:{}", identity.step_uuid.bare());
-        if let Err(wait) = self.limiter.check(&key, per_minute) {
-            self.metrics
-                .rate_limited
-                .with_label_values(&[LimitKind::Grants.as_str()])
-                .inc();
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return Err(ExchangeError::Limited {
-                limit: LimitKind::Grants,
-                per_minute,
-                retry_after_seconds: seconds.max(1),
-            });
-        }
+        self.count(LimitKind::Grants, &key, per_minute).await?;
         let subject = subject_of(&identity);
         let policies = self.policies.current();
         let repository = policies
@@ -601,7 +596,7 @@ impl Exchange {
             .repository(&identity.repository_uuid)
             .map(|r| r.full_name.clone());
         let grant = self.decide(&policies, &subject, &req, audit)?;
-        self.limit(&identity, &grant)?;
+        self.limit(&identity, &grant).await?;
         let issued = self.obtain(&grant, &identity, audit).await?;
         audit.granted_scopes = Scopes::parse(&issued.scope).unwrap_or_default();
         audit.expires_in = Some(issued.expires_in);
@@ -678,8 +673,34 @@ impl Exchange {
         }
     }
 
+    /// Counts one request against one limit.
+    async fn count(
+        &self,
+        limit: LimitKind,
+        key: &str,
+        per_minute: NonZeroU32,
+    ) -> Result<(), ExchangeError> {
+        match self.limiter.check(key, per_minute).await {
+            Ok(()) => Ok(()),
+            Err(Refusal::Exceeded(wait)) => {
+                self.metrics
+                    .rate_limited
+                    .with_label_values(&[limit.as_str()])
+                    .inc();
+                tracing::info!(limit = limit.as_str(), per_minute, "rate-limited");
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Err(ExchangeError::Limited {
+                    limit,
+                    per_minute,
+                    retry_after_seconds: seconds.max(1),
+                })
+            }
+            Err(Refusal::StoreUnavailable) => Err(ExchangeError::LimitStoreUnavailable),
+        }
+    }
+
     /// Step 3: per-identity limits (the grant's overrides, else the defaults).
-    fn limit(&self, id: &BitbucketIdentity, grant: &Grant) -> Result<(), ExchangeError> {
+    async fn limit(&self, id: &BitbucketIdentity, grant: &Grant) -> Result<(), ExchangeError> {
         let checks = [
             (
                 LimitKind::Step,
@@ -697,19 +718,7 @@ impl Exchange {
             ),
         ];
         for (limit, key, per_minute) in checks {
-            if let Err(wait) = self.limiter.check(&key, per_minute) {
-                self.metrics
-                    .rate_limited
-                    .with_label_values(&[limit.as_str()])
-                    .inc();
-                tracing::info!(limit = limit.as_str(), per_minute, "exchange rate-limited");
-                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                return Err(ExchangeError::Limited {
-                    limit,
-                    per_minute,
-                    retry_after_seconds: seconds.max(1),
-                });
-            }
+            self.count(limit, &key, per_minute).await?;
         }
         Ok(())
     }

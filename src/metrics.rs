@@ -36,6 +36,9 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
     pub rate_limited: IntCounterVec,
+    /// `sts_limit_store_errors_total{on_store_error}`: requests the shared limit
+    /// store (Redis) could not count, by what happened instead (`deny`, `local`).
+    pub limit_store_errors: IntCounterVec,
     /// `sts_audit_failures_total{outcome}`: audit lines that could not be queued
     /// (for `allowed`, the token was withheld instead).
     pub audit_failures: IntCounterVec,
@@ -58,6 +61,11 @@ impl Metrics {
             "sts_exchanges_total",
             "Token exchange decisions by outcome, error code and policy.",
             &["outcome", "error_code", "policy"],
+        )?;
+        let limit_store_errors = counter(
+            "sts_limit_store_errors_total",
+            "Requests the shared limit store (Redis) could not count, by on_store_error (deny, local).",
+            &["on_store_error"],
         )?;
         let grants = counter(
             "sts_grants_requests_total",
@@ -116,6 +124,7 @@ impl Metrics {
             registry,
             exchanges,
             grants,
+            limit_store_errors,
             exchanges_by_repository,
             phase_seconds,
             jwks_fetches,
@@ -137,6 +146,9 @@ impl Metrics {
         }
         for l in ["step", "repository", "grants"] {
             self.rate_limited.with_label_values(&[l]);
+        }
+        for l in ["deny", "local"] {
+            self.limit_store_errors.with_label_values(&[l]);
         }
         for o in ["allowed", "denied", "failed"] {
             self.audit_failures.with_label_values(&[o]);

@@ -38,6 +38,9 @@ pub enum StartupError {
     /// Metrics registration failed.
     #[error("metrics")]
     Metrics(#[from] prometheus::Error),
+    /// The limit store could not be set up (`[limits.redis]`).
+    #[error("limit store: {0}")]
+    LimitStore(String),
     /// The audit file could not be opened.
     #[error("cannot open audit file {path} (`audit.path`)")]
     Audit {
@@ -183,7 +186,7 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
             verifier,
             policies: Arc::new(policies),
             keycloak,
-            limiter: Arc::new(crate::limits::InMemoryLimiter::default()),
+            limiter: limiter(settings.limit_store, &metrics)?,
             limits: settings.limits,
             audit,
             metrics: metrics.clone(),
@@ -191,6 +194,30 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         signing,
         metrics,
         max_body_bytes: settings.max_token_bytes + 4096,
+    })
+}
+
+/// The limiter of `[limits] store`: in memory, or Redis with its store errors
+/// counted in `sts_limit_store_errors_total`.
+fn limiter(
+    store: crate::configuration::LimitStore,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> Result<Arc<dyn crate::limits::ExchangeLimiter>, StartupError> {
+    Ok(match store {
+        crate::configuration::LimitStore::Memory => {
+            Arc::new(crate::limits::InMemoryLimiter::default())
+        }
+        crate::configuration::LimitStore::Redis(r) => {
+            let m = metrics.clone();
+            let hook: crate::limits::StoreErrorHook = Arc::new(move |on| {
+                let label = match on {
+                    crate::limits::OnStoreError::Deny => "deny",
+                    crate::limits::OnStoreError::Local => "local",
+                };
+                m.limit_store_errors.with_label_values(&[label]).inc();
+            });
+            Arc::new(crate::limits::RedisLimiter::new(r, hook).map_err(StartupError::LimitStore)?)
+        }
     })
 }
 

@@ -105,6 +105,13 @@ impl ApiError {
             )
             .retry_after(*retry_after_seconds),
             ExchangeError::Keycloak(k) => keycloak(k),
+            ExchangeError::LimitStoreUnavailable => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TemporarilyUnavailable,
+                code,
+                "the shared limit store is unavailable; retry after the Retry-After delay",
+            )
+            .retry_after(DEFAULT_RETRY_AFTER),
             ExchangeError::AuditUnavailable => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 TemporarilyUnavailable,

@@ -43,6 +43,15 @@ pub type ConfigError = crate::domain::SourceError;
 
 // ---------------------------------------------------------------- validated form
 
+/// Where the per-identity limits are counted (`[limits] store`).
+#[derive(Debug, Clone)]
+pub enum LimitStore {
+    /// In this process (default; one instance).
+    Memory,
+    /// In Redis, shared by every replica (`[limits.redis]`).
+    Redis(crate::limits::RedisSettings),
+}
+
 /// Validated settings. Built only by [`Settings::load`] / [`Settings::from_toml_str`].
 #[derive(Debug)]
 pub struct Settings {
@@ -73,6 +82,8 @@ pub struct Settings {
     pub audit_queue_capacity: usize,
     /// Default per-identity limits (a policy's `grant.limits` overrides them).
     pub limits: Limits,
+    /// Where the limits are counted: this process, or Redis shared by replicas.
+    pub limit_store: LimitStore,
     /// On SIGTERM, how long in-flight exchanges may take before the process exits.
     /// Defaults to 30 s.
     pub shutdown_grace: Duration,

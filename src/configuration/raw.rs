@@ -69,6 +69,32 @@ pub(super) struct RawLimits {
     pub per_step_per_minute: u32,
     pub per_repository_per_minute: u32,
     pub grants_per_step_per_minute: u32,
+    /// `memory` (default) or `redis`.
+    pub store: String,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub url_file: Option<PathBuf>,
+    pub url_env: Option<String>,
+    #[serde(default = "redis_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "redis_on_store_error")]
+    pub on_store_error: crate::limits::OnStoreError,
+    #[serde(default = "redis_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn redis_timeout_ms() -> u64 {
+    250
+}
+fn redis_on_store_error() -> crate::limits::OnStoreError {
+    crate::limits::OnStoreError::Deny
+}
+fn redis_key_prefix() -> String {
+    "kcs".into()
 }
 
 impl Default for RawLimits {
@@ -77,6 +103,8 @@ impl Default for RawLimits {
             per_step_per_minute: 20,
             per_repository_per_minute: 300,
             grants_per_step_per_minute: 30,
+            store: "memory".into(),
+            redis: None,
         }
     }
 }

@@ -14,6 +14,7 @@ use super::raw::{
     RawClient, RawIdentity, RawJwks, RawKeycloak, RawLimits, RawSettings, RawWorkspace,
 };
 use super::secrets::{load_keys, load_signing_keys, read_secret};
+use super::LimitStore;
 use super::{
     resolve, ClientAuth, ConfigError, JwksSettings, KeycloakSettings, Limits, Secrets, Settings,
     WorkspaceSettings, ARI_WORKSPACE_PREFIX, BITBUCKET_API_HOST,
@@ -157,6 +158,7 @@ pub(super) fn settings(
         },
     };
     let limits = limits(&raw.limits, p);
+    let limit_store = limit_store(&raw.limits, base, secrets, p);
     let public_url = raw
         .public_url
         .as_deref()
@@ -210,6 +212,7 @@ pub(super) fn settings(
         audit_queue_capacity: raw.audit.queue_capacity.clamp(1, 1_000_000),
         audit_path: raw.audit.path.map(|a| resolve(base, &a)),
         limits: limits?,
+        limit_store: limit_store?,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
         watch_policies: raw.watch_policies,
         public_url,
@@ -241,6 +244,109 @@ fn grace(grace: u64, needed: u64, p: &mut Problems) {
                  so that an exchange in flight at SIGTERM can finish"
             ),
         );
+    }
+}
+
+/// `[limits] store` and `[limits.redis]`: the Redis URL from exactly one of
+/// `url_file` / `url_env` (read only when secrets are read; never echoed),
+/// `redis://` or `rediss://`; a plain `redis://` to a host other than loopback
+/// is a warning (credentials and counts in clear).
+fn limit_store(
+    raw: &RawLimits,
+    base: &Path,
+    secrets: Secrets,
+    p: &mut Problems,
+) -> Option<LimitStore> {
+    match (raw.store.as_str(), &raw.redis) {
+        ("memory", None) => Some(LimitStore::Memory),
+        ("memory", Some(_)) => {
+            p.error(
+                "limits.redis",
+                "set `store = \"redis\"` to use it, or remove it",
+            );
+            None
+        }
+        ("redis", None) => {
+            p.error(
+                "limits.redis",
+                "`store = \"redis\"` needs a [limits.redis] table with url_file or url_env",
+            );
+            None
+        }
+        ("redis", Some(r)) => {
+            if !(1..=10_000).contains(&r.timeout_ms) {
+                p.error("limits.redis.timeout_ms", "must be 1..=10000");
+            }
+            if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
+                p.error(
+                    "limits.redis.key_prefix",
+                    "non-empty, without braces or spaces",
+                );
+            }
+            let url = match secrets {
+                Secrets::Read => {
+                    match read_secret(r.url_file.as_deref(), r.url_env.as_deref(), base) {
+                        Ok(u) => secrecy::ExposeSecret::expose_secret(&u).to_string(),
+                        Err(e) => {
+                            p.error(
+                                "limits.redis",
+                                e.replace("secret_file", "url_file")
+                                    .replace("secret_env", "url_env")
+                                    .replace("client secret", "Redis URL"),
+                            );
+                            return None;
+                        }
+                    }
+                }
+                Secrets::Skip | Secrets::ClientSecrets => {
+                    if r.url_file.is_some() == r.url_env.is_some() {
+                        p.error("limits.redis", "set exactly one of url_file or url_env");
+                    }
+                    String::new()
+                }
+            };
+            if !url.is_empty() {
+                match url::Url::parse(&url) {
+                    Ok(u) if u.scheme() == "rediss" => {}
+                    Ok(u) if u.scheme() == "redis" => {
+                        // redis: is not a special scheme: its host is an opaque string.
+                        let host = u.host_str().unwrap_or_default();
+                        let loopback = host.eq_ignore_ascii_case("localhost")
+                            || host
+                                .trim_matches(['[', ']'])
+                                .parse::<std::net::IpAddr>()
+                                .is_ok_and(|ip| ip.is_loopback());
+                        if !loopback {
+                            p.warn(
+                                "limits.redis",
+                                "a plain redis:// URL to a host other than loopback: the password and the \
+                                 counts travel in clear; use rediss://",
+                            );
+                        }
+                    }
+                    _ => {
+                        p.error(
+                            "limits.redis",
+                            "the URL must be redis:// or rediss:// (not repeated here)",
+                        );
+                        return None;
+                    }
+                }
+            }
+            Some(LimitStore::Redis(crate::limits::RedisSettings {
+                url: crate::domain::SecretToken::new(url),
+                timeout: Duration::from_millis(r.timeout_ms),
+                on_store_error: r.on_store_error,
+                key_prefix: r.key_prefix.clone(),
+            }))
+        }
+        (other, _) => {
+            p.error(
+                "limits.store",
+                format!("`{other}`: use \"memory\" or \"redis\""),
+            );
+            None
+        }
     }
 }
 

@@ -144,6 +144,9 @@ pub struct Options {
     pub per_repository_per_minute: u32,
     /// `[limits] grants_per_step_per_minute`.
     pub grants_per_step_per_minute: u32,
+    /// More lines of the `[limits]` table (e.g. `store = "redis"`), which may end
+    /// with a `[limits.redis]` table.
+    pub limits_extra: String,
     /// The `[audit]` table (default: a file in the test directory).
     pub audit_toml: Option<String>,
 }
@@ -169,6 +172,7 @@ impl Options {
             per_step_per_minute: 1_000_000,
             per_repository_per_minute: 1_000_000,
             grants_per_step_per_minute: 1_000_000,
+            limits_extra: String::new(),
             audit_toml: None,
         }
     }
@@ -247,6 +251,7 @@ accept_default_audience = true
 per_step_per_minute = {per_step}
 per_repository_per_minute = {per_repo}
 grants_per_step_per_minute = {grants_limit}
+{limits_extra}
 
 [jwks]
 refetch_interval_seconds = {refetch}
@@ -289,6 +294,7 @@ key_files = ["{key}"]
             per_step = opts.per_step_per_minute,
             per_repo = opts.per_repository_per_minute,
             grants_limit = opts.grants_per_step_per_minute,
+            limits_extra = opts.limits_extra,
             ttl = opts.jwks_cache_ttl,
             jwks_timeout = opts.jwks_timeout,
             kc = opts.keycloak_url,
@@ -632,7 +638,10 @@ impl ServiceProcess {
                 // never leave the process behind when the test gives up on it
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("service did not start (no `listening` log line within 30 s)");
+                panic!(
+                    "service did not start (no `listening` log line within 30 s):\n{}",
+                    lines.join("\n")
+                );
             };
             lines.push(line.clone());
             let Ok(v) = serde_json::from_str::<Value>(&line) else {

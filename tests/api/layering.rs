@@ -13,7 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("http", &[]),
     ("metrics", &[]),
     ("telemetry", &[]),
-    ("limits", &[]),
+    ("limits", &["domain"]),
     ("audit", &["domain"]),
     ("signing", &["domain"]),
     ("inventory", &["domain", "http"]),

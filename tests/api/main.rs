@@ -28,5 +28,6 @@ mod mcp;
 mod ops;
 mod props;
 mod provision_real;
+mod replicas;
 mod token_cli;
 mod verification;

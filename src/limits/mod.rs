@@ -2,8 +2,14 @@
 //! `repositoryUuid` per minute, so one runaway pipeline cannot flood Keycloak.
 //! Checked after the policy allowed the exchange and before Keycloak is called.
 //!
-//! [`ExchangeLimiter`] is the seam for a shared store (e.g. Redis) when several
-//! instances run; [`InMemoryLimiter`] (governor's GCRA, keyed) is the default.
+//! [`ExchangeLimiter`] is the seam for the store: [`InMemoryLimiter`]
+//! (governor's GCRA, keyed) for one instance, the default; [`RedisLimiter`]
+//! (GCRA in one Lua script on Redis' clock) when several replicas must share
+//! the limits.
+
+mod redis;
+
+pub use self::redis::{OnStoreError, RedisLimiter, RedisSettings, StoreErrorHook};
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -26,13 +32,23 @@ pub struct Limits {
     pub grants_per_step_per_minute: std::num::NonZeroU32,
 }
 
+/// Why a limiter refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The limit is reached; retry after this long.
+    Exceeded(Duration),
+    /// The shared store did not answer and `on_store_error = "deny"`.
+    StoreUnavailable,
+}
+
 /// A rate limiter keyed by identity.
+#[async_trait::async_trait]
 pub trait ExchangeLimiter: Send + Sync {
     /// Counts one exchange for `key` under a limit of `per_minute`.
     ///
     /// # Errors
-    /// The time after which the caller may retry, when the limit is reached.
-    fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration>;
+    /// [`Refusal`]: the limit is reached, or the store is unavailable.
+    async fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Refusal>;
 
     /// Drops state of keys that are idle (bounded memory); called periodically.
     fn housekeeping(&self) {}
@@ -55,8 +71,12 @@ impl InMemoryLimiter {
     }
 }
 
-impl ExchangeLimiter for InMemoryLimiter {
-    fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
+impl InMemoryLimiter {
+    /// The synchronous check ([`ExchangeLimiter::check`]).
+    ///
+    /// # Errors
+    /// The time after which the caller may retry.
+    pub fn check_now(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Duration> {
         // A poisoned lock fails open for the limiter only (limits protect Keycloak's
         // capacity, not access decisions); it is logged.
         let Some(limiter) = self.limiter(per_minute) else {
@@ -67,6 +87,13 @@ impl ExchangeLimiter for InMemoryLimiter {
         limiter
             .check_key(&key.to_string())
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
+    }
+}
+
+#[async_trait::async_trait]
+impl ExchangeLimiter for InMemoryLimiter {
+    async fn check(&self, key: &str, per_minute: NonZeroU32) -> Result<(), Refusal> {
+        self.check_now(key, per_minute).map_err(Refusal::Exceeded)
     }
 
     fn housekeeping(&self) {
