@@ -180,6 +180,7 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let audit = audit_sink(
         settings.audit_path.as_deref(),
         settings.audit_queue_capacity,
+        settings.audit_fsync,
     )?;
     Ok(AppState {
         exchange: Exchange {
@@ -221,9 +222,13 @@ fn limiter(
     })
 }
 
-fn audit_sink(path: Option<&std::path::Path>, queue: usize) -> Result<AuditSink, StartupError> {
+fn audit_sink(
+    path: Option<&std::path::Path>,
+    queue: usize,
+    fsync: bool,
+) -> Result<AuditSink, StartupError> {
     let opened = match path {
-        Some(p) => AuditSink::file(p, queue),
+        Some(p) => AuditSink::file(p, queue, fsync),
         None => AuditSink::stdout(queue),
     };
     opened.map_err(|source| StartupError::Audit {

@@ -80,6 +80,9 @@ pub struct Settings {
     pub audit_path: Option<PathBuf>,
     /// Audit lines that may wait for the writer. Defaults to 8192.
     pub audit_queue_capacity: usize,
+    /// `[audit] fsync`: after each batch, wait until the audit file is on disk
+    /// (`fdatasync`), not only handed to the operating system. Defaults to false.
+    pub audit_fsync: bool,
     /// Default per-identity limits (a policy's `grant.limits` overrides them).
     pub limits: Limits,
     /// Where the limits are counted: this process, or Redis shared by replicas.

@@ -230,6 +230,7 @@ pub(super) struct RawSigning {
 pub(super) struct RawAudit {
     pub path: Option<PathBuf>,
     pub queue_capacity: usize,
+    pub fsync: bool,
 }
 
 impl Default for RawAudit {
@@ -237,6 +238,7 @@ impl Default for RawAudit {
         Self {
             path: None,
             queue_capacity: 8192,
+            fsync: false,
         }
     }
 }

@@ -210,6 +210,7 @@ pub(super) fn settings(
         keycloak: keycloak?,
         signing,
         audit_queue_capacity: raw.audit.queue_capacity.clamp(1, 1_000_000),
+        audit_fsync: raw.audit.fsync,
         audit_path: raw.audit.path.map(|a| resolve(base, &a)),
         limits: limits?,
         limit_store: limit_store?,

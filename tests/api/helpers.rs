@@ -144,6 +144,8 @@ pub struct Options {
     pub per_repository_per_minute: u32,
     /// `[limits] grants_per_step_per_minute`.
     pub grants_per_step_per_minute: u32,
+    /// `[audit] fsync` (with the default audit file).
+    pub audit_fsync: bool,
     /// More lines of the `[limits]` table (e.g. `store = "redis"`), which may end
     /// with a `[limits.redis]` table.
     pub limits_extra: String,
@@ -173,6 +175,7 @@ impl Options {
             per_repository_per_minute: 1_000_000,
             grants_per_step_per_minute: 1_000_000,
             limits_extra: String::new(),
+            audit_fsync: false,
             audit_toml: None,
         }
     }
@@ -302,10 +305,13 @@ key_files = ["{key}"]
             keycloak_extra = opts.keycloak_extra,
             secret = secret.display(),
             key = key.display(),
-            audit_table = opts
-                .audit_toml
-                .clone()
-                .unwrap_or_else(|| format!("[audit]\npath = \"{}\"", audit_path.display())),
+            audit_table = opts.audit_toml.clone().unwrap_or_else(|| {
+                format!(
+                    "[audit]\npath = \"{}\"\nfsync = {}",
+                    audit_path.display(),
+                    opts.audit_fsync
+                )
+            }),
         );
         std::fs::write(dir.path().join("sts.toml"), &toml).unwrap();
         (dir, toml, audit_path)

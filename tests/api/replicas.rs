@@ -167,6 +167,8 @@ pub fn replicas(
             opts.policies_dir = Some(policies.clone());
             opts.per_step_per_minute = per_step;
             opts.limits_extra = limits_extra.to_string();
+            // Lines on disk before each 200, as a cautious operator configures it.
+            opts.audit_fsync = true;
             let (dir, _, audit) = TestApp::write_config(issuer, opts);
             let process = ServiceProcess::start(&dir.path().join("sts.toml"), "info");
             Replica {
