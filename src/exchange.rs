@@ -673,6 +673,31 @@ impl Exchange {
         }
     }
 
+    /// The shared upstreams now, for `/upstreamz` and the `sts_upstream_up`
+    /// gauge: Keycloak's discovery (`Ok` or its error code) and the limit store
+    /// (its name, or a short reason).
+    pub async fn probe_upstreams(
+        &self,
+    ) -> (Result<(), &'static str>, Result<&'static str, String>) {
+        let kc = self
+            .keycloak
+            .check_discovery()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.code());
+        let store = self.limiter.health().await;
+        let up = |ok: bool| i64::from(ok);
+        self.metrics
+            .upstream_up
+            .with_label_values(&["keycloak"])
+            .set(up(kc.is_ok()));
+        self.metrics
+            .upstream_up
+            .with_label_values(&["limit_store"])
+            .set(up(store.is_ok()));
+        (kc, store)
+    }
+
     /// Counts one request against one limit.
     async fn count(
         &self,

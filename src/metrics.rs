@@ -36,6 +36,9 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
     pub rate_limited: IntCounterVec,
+    /// `sts_upstream_up{upstream}`: 1 when `keycloak` / `limit_store` answered
+    /// the last probe (`/upstreamz`, and every 10 s), else 0.
+    pub upstream_up: prometheus::IntGaugeVec,
     /// `sts_limit_store_errors_total{on_store_error}`: requests the shared limit
     /// store (Redis) could not count, by what happened instead (`deny`, `local`).
     pub limit_store_errors: IntCounterVec,
@@ -62,6 +65,14 @@ impl Metrics {
             "Token exchange decisions by outcome, error code and policy.",
             &["outcome", "error_code", "policy"],
         )?;
+        let upstream_up = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "sts_upstream_up",
+                "1 when the upstream (keycloak, limit_store) answered the last probe, else 0.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_up.clone()))?;
         let limit_store_errors = counter(
             "sts_limit_store_errors_total",
             "Requests the shared limit store (Redis) could not count, by on_store_error (deny, local).",
@@ -125,6 +136,7 @@ impl Metrics {
             exchanges,
             grants,
             limit_store_errors,
+            upstream_up,
             exchanges_by_repository,
             phase_seconds,
             jwks_fetches,

@@ -54,7 +54,8 @@ pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
 
 /// Runs until aborted: reloads on SIGHUP and (when `watch`) on changes in the
 /// policies directory or its `inventory/`,
-/// debounced by 250 ms; also runs limiter housekeeping every 60 s.
+/// debounced by 250 ms; also runs limiter housekeeping every 60 s and probes
+/// the upstreams every 10 s (the `sts_upstream_up` gauge).
 pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let _watcher = if watch {
@@ -70,6 +71,7 @@ pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
         }
     };
     let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut probe = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
@@ -82,6 +84,10 @@ pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
                 let _ = reload(&state);
             }
             _ = tick.tick() => state.exchange.limiter.housekeeping(),
+            _ = probe.tick() => {
+                let s = state.clone();
+                tokio::spawn(async move { s.exchange.probe_upstreams().await });
+            }
         }
     }
 }

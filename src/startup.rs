@@ -55,7 +55,9 @@ pub enum StartupError {
 /// A built, not yet running, application.
 pub struct Application {
     port: u16,
+    admin_port: Option<u16>,
     server: Server,
+    admin: Option<Server>,
     state: web::Data<AppState>,
     watch: bool,
 }
@@ -67,6 +69,7 @@ impl Application {
     /// [`StartupError`].
     pub fn build(settings: Settings) -> Result<Self, StartupError> {
         let listen = settings.listen.clone();
+        let admin_listen = settings.admin_listen.clone();
         let grace = settings.shutdown_grace;
         let watch = settings.watch_policies;
         let state = build_state(settings)?;
@@ -78,21 +81,56 @@ impl Application {
         let port = listener.local_addr().map_err(bind_err)?.port();
         let state = web::Data::new(state);
         let reload_state = state.clone();
+        let split = admin_listen.is_some();
+        let public_state = state.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(crate::api::add_request_id_header)
                 .wrap(TracingLogger::<crate::api::StsRootSpan>::new())
-                .app_data(state.clone())
-                .configure(crate::api::configure)
+                .app_data(public_state.clone())
+                .configure(if split {
+                    crate::api::configure_public
+                } else {
+                    crate::api::configure
+                })
         })
         .shutdown_timeout(grace.as_secs())
         .listen(listener)
         .map_err(bind_err)?
         .run();
-        tracing::info!(port, "listening");
+        let (admin, admin_port) = match admin_listen {
+            None => (None, None),
+            Some(addr) => {
+                let bind_err = |source| StartupError::Bind {
+                    addr: addr.clone(),
+                    source,
+                };
+                let l = TcpListener::bind(&addr).map_err(bind_err)?;
+                let admin_port = l.local_addr().map_err(bind_err)?.port();
+                let admin_state = state.clone();
+                let s = HttpServer::new(move || {
+                    App::new()
+                        .wrap_fn(crate::api::add_request_id_header)
+                        .app_data(admin_state.clone())
+                        .configure(crate::api::configure_admin)
+                })
+                .workers(1)
+                .shutdown_timeout(grace.as_secs())
+                .listen(l)
+                .map_err(bind_err)?
+                .run();
+                (Some(s), Some(admin_port))
+            }
+        };
+        match admin_port {
+            Some(admin_port) => tracing::info!(port, admin_port, "listening"),
+            None => tracing::info!(port, "listening"),
+        }
         Ok(Self {
             port,
+            admin_port,
             server,
+            admin,
             state: reload_state,
             watch,
         })
@@ -112,6 +150,11 @@ impl Application {
         self.port
     }
 
+    /// The port of `admin_listen`, when set.
+    pub fn admin_port(&self) -> Option<u16> {
+        self.admin_port
+    }
+
     /// Runs until stopped: on SIGTERM or SIGINT the server stops accepting, lets
     /// in-flight exchanges finish within `shutdown_grace_seconds`, then returns.
     /// Policies reload on SIGHUP and on changes meanwhile.
@@ -120,7 +163,13 @@ impl Application {
     /// I/O errors of the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let reloader = tokio::spawn(crate::reload::run(self.state.clone(), self.watch));
-        let result = self.server.await;
+        let result = match self.admin {
+            None => self.server.await,
+            // Both stop on SIGTERM/SIGINT (each server handles the signals).
+            Some(admin) => futures_util::future::try_join(self.server, admin)
+                .await
+                .map(|((), ())| ()),
+        };
         reloader.abort();
         tracing::info!("stopped");
         result

@@ -10,20 +10,35 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: 200 when policies are loaded and Keycloak's realm discovery
-/// document answers now (fetched on every probe, within Keycloak's timeouts);
-/// otherwise 503 with the failing check.
+/// `GET /readyz`: 200 `{"status":"ready","policies":N}` once the process can
+/// answer: its policies are compiled and loaded (it does not start otherwise).
+/// Deliberately independent of the shared upstreams (Keycloak, Redis): a blip
+/// of theirs must not take every replica out of the load balancer at once,
+/// which would turn our documented 503 + `Retry-After` into the ingress's own
+/// errors and stop a restarting Keycloak from fetching our JWKS. Upstream
+/// health is `GET /upstreamz` and the `sts_upstream_up` gauge.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let policies = state.exchange.policies.current().policies().len();
-    match state.exchange.keycloak.check_discovery().await {
-        Ok(_) => HttpResponse::Ok()
-            .json(json!({"status": "ready", "policies": policies, "keycloak": "ok"})),
-        Err(e) => {
-            tracing::warn!(error = %crate::telemetry::chain(&e), "readiness: Keycloak discovery failed");
-            HttpResponse::ServiceUnavailable()
-                .insert_header(("Retry-After", "5"))
-                .json(json!({"status": "not_ready", "policies": policies, "keycloak": e.code()}))
-        }
+    HttpResponse::Ok().json(json!({"status": "ready", "policies": policies}))
+}
+
+/// `GET /upstreamz`: the shared upstreams now: Keycloak's realm discovery
+/// (fetched, at most once a second) and the limit store (`memory`, or a Redis
+/// `PING`); 200 when all answer, else 503 with `Retry-After` and the failing
+/// codes. For dashboards and alerts, never for readiness. Also sets
+/// `sts_upstream_up{upstream}` (1 up, 0 down).
+pub async fn upstreamz(state: web::Data<AppState>) -> HttpResponse {
+    let (kc, store) = state.exchange.probe_upstreams().await;
+    let body = json!({
+        "keycloak": kc.as_ref().map_or_else(|c| *c, |()| "ok"),
+        "limit_store": store.as_ref().map_or_else(|c| c.as_str(), |s| *s),
+    });
+    if kc.is_ok() && store.is_ok() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(body)
     }
 }
 

@@ -7,7 +7,8 @@
 //! | `GET /.well-known/jwks.json` | the service's public signing keys (RFC 7517) |
 //! | `GET /.well-known/identity-jwks.json` | the keys of repository assertions (JWT Authorization Grant) |
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 when policies are loaded and Keycloak's discovery answers |
+//! | `GET /readyz` | 200 when policies are loaded (not tied to Keycloak or Redis) |
+//! | `GET /upstreamz` | 200 when Keycloak's discovery and the limit store answer, else 503 |
 //! | `GET /metrics` | Prometheus text exposition |
 
 pub mod error;
@@ -23,8 +24,27 @@ use tracing_actix_web::{RequestId, RootSpanBuilder};
 
 pub use error::ApiError;
 
-/// Registers every route.
+/// Registers every route (one listener serves all).
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    routes_public(cfg);
+    routes_admin(cfg);
+    cfg.default_service(web::to(not_found));
+}
+
+/// The public listener when `admin_listen` is set: what pipelines and Keycloak
+/// need (`/token`, `/grants`, the JWKS), nothing else.
+pub fn configure_public(cfg: &mut web::ServiceConfig) {
+    routes_public(cfg);
+    cfg.default_service(web::to(not_found));
+}
+
+/// The `admin_listen` listener: metrics and probes, for the cluster only.
+pub fn configure_admin(cfg: &mut web::ServiceConfig) {
+    routes_admin(cfg);
+    cfg.default_service(web::to(not_found));
+}
+
+fn routes_public(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/token")
             .route(web::post().to(token::exchange))
@@ -39,11 +59,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route(
         crate::keycloak::IDENTITY_JWKS_PATH,
         web::get().to(health::identity_jwks),
-    )
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(health::metrics))
-    .default_service(web::to(not_found));
+    );
+}
+
+fn routes_admin(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
+        .route("/upstreamz", web::get().to(health::upstreamz))
+        .route("/metrics", web::get().to(health::metrics));
 }
 
 /// The exchange context of a request: its id and TCP peer.
@@ -129,6 +152,7 @@ impl RootSpanBuilder for StsRootSpan {
             | "/.well-known/identity-jwks.json"
             | "/healthz"
             | "/readyz"
+            | "/upstreamz"
             | "/metrics") => p,
             _ => "(another path, not logged)",
         };

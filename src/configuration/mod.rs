@@ -57,6 +57,10 @@ pub enum LimitStore {
 pub struct Settings {
     /// Listen address (`host:port`; port 0 picks a free port). Defaults to `127.0.0.1:8080`.
     pub listen: String,
+    /// Optional second listener (`host:port`) for `/metrics`, `/healthz`,
+    /// `/readyz`, `/upstreamz`; when set, `listen` serves only `/token`,
+    /// `/grants` and the JWKS (a NetworkPolicy works on ports, not paths).
+    pub admin_listen: Option<String>,
     /// Directory of policy YAML files. Defaults to `policies` (relative to the config file).
     pub policies_dir: PathBuf,
     /// Clock leeway for `exp`, `iat`, `nbf`. Defaults to 60 s.

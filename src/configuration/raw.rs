@@ -14,6 +14,8 @@ use crate::signing::SigningAlgorithm;
 pub(super) struct RawSettings {
     #[serde(default = "default_listen")]
     pub listen: String,
+    #[serde(default)]
+    pub admin_listen: Option<String>,
     #[serde(default = "default_policies_dir")]
     pub policies_dir: PathBuf,
     #[serde(default = "default_leeway")]

@@ -200,6 +200,7 @@ pub(super) fn settings(
         return None;
     }
     Some(Settings {
+        admin_listen: raw.admin_listen,
         listen: raw.listen,
         policies_dir: resolve(base, &raw.policies_dir),
         clock_leeway: Duration::from_secs(leeway?),

@@ -52,6 +52,14 @@ pub trait ExchangeLimiter: Send + Sync {
 
     /// Drops state of keys that are idle (bounded memory); called periodically.
     fn housekeeping(&self) {}
+
+    /// The store's name and whether it answers now (`memory` always does).
+    ///
+    /// # Errors
+    /// A short reason (never the store's URL or password).
+    async fn health(&self) -> Result<&'static str, String> {
+        Ok("memory")
+    }
 }
 
 /// In-process limiter: one keyed GCRA limiter per distinct quota.

@@ -173,4 +173,16 @@ impl ExchangeLimiter for RedisLimiter {
     fn housekeeping(&self) {
         self.local.housekeeping();
     }
+
+    async fn health(&self) -> Result<&'static str, String> {
+        let ping = async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        };
+        match tokio::time::timeout(self.settings.timeout * 2, ping).await {
+            Ok(Ok(_)) => Ok("redis"),
+            Ok(Err(e)) => Err(format!("redis: {:?}", e.kind())),
+            Err(_) => Err("redis: timed out".into()),
+        }
+    }
 }

@@ -383,13 +383,24 @@ async fn keycloak_unreachable_is_503() {
         .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
         .await;
     assert_error(r, 503, "temporarily_unavailable", "keycloak.unavailable").await;
+    // Still ready (callers get our documented 503), but the upstream probe says why.
     let ready = app
         .http
         .get(format!("{}/readyz", app.address))
         .send()
         .await
         .unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    assert_eq!(ready.status().as_u16(), 200);
+    let up = app
+        .http
+        .get(format!("{}/upstreamz", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(up.status().as_u16(), 503);
+    let body: Value = up.json().await.unwrap();
+    assert_eq!(body["keycloak"], "keycloak.unavailable");
+    assert_eq!(body["limit_store"], "memory");
 }
 
 #[tokio::test]
@@ -543,20 +554,82 @@ async fn bad_requests_get_documented_errors_and_never_reach_keycloak() {
     assert_eq!(kc.token_calls().await, 0);
 }
 
+/// Readiness does not follow a shared upstream (every replica would leave the
+/// load balancer at once); `/upstreamz` and `sts_upstream_up` do.
 #[tokio::test]
-async fn readiness_follows_keycloak_going_down() {
+async fn upstreams_follow_keycloak_going_down_and_readiness_does_not() {
     let (_issuer, kc, app) = standard().await;
-    let url = format!("{}/readyz", app.address);
+    let ready = format!("{}/readyz", app.address);
+    let up = format!("{}/upstreamz", app.address);
     assert_eq!(
-        app.http.get(&url).send().await.unwrap().status().as_u16(),
+        app.http.get(&up).send().await.unwrap().status().as_u16(),
         200
     );
     // Keycloak's realm disappears (discovery now answers 404).
     kc.server.reset().await;
     tokio::time::sleep(Duration::from_millis(1100)).await; // a success answers probes for 1 s
-    let r = app.http.get(&url).send().await.unwrap();
+    let r = app.http.get(&up).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(
+        app.http.get(&ready).send().await.unwrap().status().as_u16(),
+        200
+    );
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sts_upstream_up{upstream=\"keycloak\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sts_upstream_up{upstream=\"limit_store\"} 1"));
+}
+
+/// With `admin_listen`, the public listener serves only what pipelines and
+/// Keycloak need; metrics and probes are on the other port.
+#[tokio::test]
+async fn admin_listen_splits_metrics_and_probes_from_the_public_port() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read", 1).await;
+    let mut opts = Options::new(&kc.uri());
+    opts.top_extra = "admin_listen = \"127.0.0.1:0\"".into();
+    let app = TestApp::start(&issuer, opts).await;
+    let admin = app.admin_address.clone().expect("admin port");
+    let get = |url: String| {
+        let http = app.http.clone();
+        async move { http.get(url).send().await.unwrap().status().as_u16() }
+    };
+    for path in ["/metrics", "/healthz", "/readyz", "/upstreamz"] {
+        assert_eq!(
+            get(format!("{}{path}", app.address)).await,
+            404,
+            "{path} public"
+        );
+        assert_eq!(get(format!("{admin}{path}")).await, 200, "{path} admin");
+    }
+    assert_eq!(
+        get(format!("{}/.well-known/jwks.json", app.address)).await,
+        200
+    );
+    assert_eq!(get(format!("{admin}/.well-known/jwks.json")).await, 404);
+    let r = app
+        .exchange(&issuer.mint(&issuer.step()), "artifact-api", None)
+        .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let r = app
+        .http
+        .post(format!("{admin}/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
 }
 
 #[tokio::test]

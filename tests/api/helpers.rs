@@ -184,6 +184,8 @@ impl Options {
 /// A running service.
 pub struct TestApp {
     pub address: String,
+    /// `http://127.0.0.1:<port>` of `admin_listen`, when configured.
+    pub admin_address: Option<String>,
     pub http: reqwest::Client,
     pub audit_path: PathBuf,
     /// The temporary directory (config `sts.toml`, keys, `policies/`, audit), kept alive.
@@ -322,9 +324,11 @@ key_files = ["{key}"]
         let settings = Settings::from_toml_str(&toml, dir.path()).unwrap();
         let app = Application::build(settings).unwrap();
         let port = app.port();
+        let admin_address = app.admin_port().map(|p| format!("http://127.0.0.1:{p}"));
         tokio::spawn(app.run_until_stopped());
         Self {
             address: format!("http://127.0.0.1:{port}"),
+            admin_address,
             http: reqwest::Client::new(),
             audit_path,
             dir,
