@@ -6,7 +6,10 @@
 #
 # Runs formatting and lint checks; starts Keycloak 26.7.3 (scripts/keycloak.sh:
 # fetched from Maven, cached outside the clone, run in dev mode on 127.0.0.1),
-# configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`;
+# configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`
+# (also the replica tests: redis-server, three service processes, haproxy);
+# checks the Dockerfile, the Helm chart and the image's runtime contract
+# (scripts/deploy-check.sh);
 # then runs the provisioning test on Keycloak 26.4.7 and 26.5.6
 # (KCS_KEYCLOAK_OLDER_VERSIONS, empty to skip them locally). The real-Keycloak
 # tests are #[ignore]d in a plain `cargo test` (reported as "ignored"); here they
@@ -39,9 +42,12 @@ eval "$(KC_VERSION="$KC_NEWEST" bash scripts/keycloak.sh env)"
 echo "== keycloak apply: realm ci from policies/ and policies/keycloak/realm.yaml"
 bash scripts/keycloak.sh provision
 
-echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST)"
+echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST, and the replica tests with redis-server and haproxy)"
 cargo test --locked --workspace -- --include-ignored
 bash scripts/keycloak.sh stop
+
+echo "== deployment: Dockerfile (hadolint), Helm chart (lint, template, schemas), the image's runtime contract"
+bash scripts/deploy-check.sh
 
 for v in $KC_OLDER; do
   echo "== Keycloak $v: provisioning and exchange test"

