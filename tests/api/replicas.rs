@@ -411,3 +411,57 @@ async fn a_killed_and_a_stopped_replica_lose_no_answered_exchange() {
     assert!(other.is_empty(), "undocumented answers: {other:?}");
     reps.clear();
 }
+
+/// A policy change reaches every replica through its file watch (the chart's
+/// ConfigMap updates the mounted files the same way), without restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs redis-server and haproxy: scripts/test.sh runs it"]
+async fn a_policy_change_reaches_every_replica() {
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    kc.token_ok(60, "artifacts:read", ..).await;
+    let redis = Redis::start();
+    let reps = replicas(&issuer, &kc, 3, 1000, &redis_limits(&redis, "deny"));
+    let http = reqwest::Client::new();
+    // A feature branch: artifacts-publish admits main and release/** only.
+    let mut step = issuer.step();
+    step.branch_name = Some("feature/x".into());
+    let token = issuer.mint(&step);
+    for r in &reps {
+        let url = format!("http://127.0.0.1:{}/token", r.process.port);
+        let (status, body) = exchange(&http, &url, &token).await;
+        assert_eq!(
+            (status, body["error_code"].as_str()),
+            (400, Some("policy.branch_not_allowed"))
+        );
+    }
+    let dir = reps[0]._policies.path().join("policies");
+    std::fs::write(
+        dir.join("feature-builds.yaml"),
+        allow_policy(
+            &format!("{}  branchName: \"feature/*\"\n", when_repo()),
+            "sts-artifacts",
+            "artifact-api",
+            "artifacts:read",
+            "artifacts:read",
+            300,
+        ),
+    )
+    .unwrap();
+    for r in &reps {
+        let url = format!("http://127.0.0.1:{}/token", r.process.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _) = exchange(&http, &url, &token).await;
+            if status == 200 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica on port {} did not reload",
+                r.process.port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
