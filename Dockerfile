@@ -2,7 +2,11 @@
 #
 #   docker build -t keycloak-ci-sts .
 #   docker run --read-only --user 65532:65532 -p 8080:8080 -p 9090:9090 \
-#     -v "$PWD/deploy/example:/etc/keycloak-ci-sts:ro" keycloak-ci-sts
+#     -v "/srv/keycloak-ci-sts:/etc/keycloak-ci-sts:ro" keycloak-ci-sts
+#
+# (/srv/keycloak-ci-sts: sts.toml with listen/admin_listen on 0.0.0.0:8080/9090,
+# policies/, keys.) The apt versions are pinned for a reproducible image; a
+# Debian security update retires them: bump them then (hadolint DL3008).
 #
 # Configuration and policies are mounted at /etc/keycloak-ci-sts (read-only);
 # secrets come from files under it or from environment variables the

@@ -59,6 +59,12 @@ for v in $K8S_VERSIONS; do
 done
 grep -q "kind: CronJob" "$work/all.yaml"
 grep -q "readOnlyRootFilesystem: true" "$work/default.yaml"
+# No namespaces for the admin port: no rule for it (an empty `from` opens it).
+"$HELM" template kcs "$CHART" --set 'networkPolicy.metricsNamespaces=null' >"$work/closed.yaml"
+if grep -q "port: admin" <(sed -n '/kind: NetworkPolicy/,/^---/p' "$work/closed.yaml"); then
+  echo "deploy-check: the NetworkPolicy opens the admin port without metricsNamespaces" >&2
+  exit 1
+fi
 
 echo "== the image's runtime contract (release binary, as ENTRYPOINT/CMD/USER/WORKDIR/ENV say)"
 cargo build --release --locked --bin keycloak-ci-sts
@@ -116,6 +122,7 @@ log="$work/service.log"
 # shellcheck disable=SC2086 # ENV's NAME=value words
 (cd "$conf" && exec env -i PATH=/usr/bin:/bin $env_line "${run[@]}" "$BIN" "${args[@]}" >"$log" 2>&1) &
 pid=$!
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 ok=""
 for _ in $(seq 1 100); do
   if curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; then ok=1; break; fi
@@ -123,12 +130,17 @@ for _ in $(seq 1 100); do
 done
 [[ -n "$ok" ]] || { echo "deploy-check: the service did not become ready:" >&2; cat "$log" >&2; kill "$pid" 2>/dev/null; exit 1; }
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
-[[ $(code "http://127.0.0.1:$admin/healthz") == 200 ]]
-[[ $(code "http://127.0.0.1:$admin/metrics") == 200 ]]
-[[ $(code "http://127.0.0.1:$port/.well-known/jwks.json") == 200 ]]
-[[ $(code "http://127.0.0.1:$port/metrics") == 404 ]]
-[[ $(code "http://127.0.0.1:$port/readyz") == 404 ]]
-[[ $(code -X POST "http://127.0.0.1:$port/token") == 400 ]]
+expect() { # STATUS METHOD URL
+  local got
+  got=$(code -X "$2" "$3")
+  [[ "$got" == "$1" ]] || { echo "deploy-check: $2 $3 answered $got, expected $1" >&2; cat "$log" >&2; exit 1; }
+}
+for p in /healthz /readyz /metrics; do expect 200 GET "http://127.0.0.1:$admin$p"; done
+for p in /healthz /readyz /upstreamz /metrics; do expect 404 GET "http://127.0.0.1:$port$p"; done
+expect 200 GET "http://127.0.0.1:$port/.well-known/jwks.json"
+expect 400 POST "http://127.0.0.1:$port/token"
+expect 404 POST "http://127.0.0.1:$admin/token"
+expect 404 GET "http://127.0.0.1:$admin/.well-known/jwks.json"
 if [[ $(id -u) -eq 0 ]]; then
   svc_uid=$(ps -o uid= -p "$pid" | tr -d ' ')
   [[ "$svc_uid" == "$user" ]] || { echo "deploy-check: runs as uid $svc_uid, not $user" >&2; exit 1; }

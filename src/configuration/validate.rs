@@ -159,6 +159,12 @@ pub(super) fn settings(
     };
     let limits = limits(&raw.limits, p);
     let limit_store = limit_store(&raw.limits, base, secrets, p);
+    if raw.audit.fsync && raw.audit.path.is_none() {
+        p.warn(
+            "audit.fsync",
+            "has no effect without audit.path: standard output is not synced",
+        );
+    }
     let public_url = raw
         .public_url
         .as_deref()

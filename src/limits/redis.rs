@@ -1,8 +1,10 @@
 //! Limits shared by several replicas, in Redis: GCRA (the algorithm of the
 //! in-memory limiter) run by one Lua script in one round trip, on Redis' own
-//! clock (`TIME`), so the replicas' clocks do not matter. Each key expires by
-//! itself when its bucket is full again; keys carry a hash tag (`{…}`) so a
-//! Redis Cluster keeps each one script's single key in one slot.
+//! clock (`TIME`, so Redis 5 or newer), so the replicas' clocks do not matter.
+//! Each key expires by itself when its bucket is full again. One Redis node (or
+//! a primary with failover in front); keys carry a hash tag (`{…}`) so that a
+//! cluster client could keep each script's single key in one slot, but the
+//! client here is not a Redis Cluster client.
 //!
 //! When Redis does not answer within the timeout, `on_store_error` decides:
 //! `deny` (refuse: 503 `limit.store_unavailable`), or `local` (this replica's
@@ -142,7 +144,7 @@ impl RedisLimiter {
                 .invoke_async::<u64>(&mut conn)
                 .await
         };
-        match tokio::time::timeout(self.settings.timeout * 2, run).await {
+        match tokio::time::timeout(self.settings.timeout, run).await {
             Ok(Ok(wait)) => Ok(wait),
             Ok(Err(e)) => Err(format!("{:?}", e.kind())),
             Err(_) => Err("timed out".into()),
@@ -179,7 +181,7 @@ impl ExchangeLimiter for RedisLimiter {
             let mut conn = self.connection().await?;
             redis::cmd("PING").query_async::<String>(&mut conn).await
         };
-        match tokio::time::timeout(self.settings.timeout * 2, ping).await {
+        match tokio::time::timeout(self.settings.timeout, ping).await {
             Ok(Ok(_)) => Ok("redis"),
             Ok(Err(e)) => Err(format!("redis: {:?}", e.kind())),
             Err(_) => Err("redis: timed out".into()),
