@@ -191,11 +191,13 @@ fn audit_lines(path: &Path) -> Vec<Value> {
 
 /// The `[limits]` lines for `redis`: the URL from a file (`url_file`), as a
 /// secret should come.
-fn redis_limits(redis: &Redis, on_error: &str) -> String {
+/// `timeout_ms`: generous where a slow answer on a loaded CI machine must not
+/// turn into a store error the test does not expect.
+fn redis_limits(redis: &Redis, on_error: &str, timeout_ms: u64) -> String {
     let file = redis.dir.path().join("redis-url");
     std::fs::write(&file, format!("{}\n", redis.url())).unwrap();
     format!(
-        "store = \"redis\"\n\n[limits.redis]\nurl_file = \"{}\"\ntimeout_ms = 200\non_store_error = \"{on_error}\"\n",
+        "store = \"redis\"\n\n[limits.redis]\nurl_file = \"{}\"\ntimeout_ms = {timeout_ms}\non_store_error = \"{on_error}\"\n",
         file.display()
     )
 }
@@ -215,7 +217,7 @@ async fn replicas_share_the_per_step_limit_and_survive_a_redis_outage() {
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "artifacts:read", ..).await;
     let mut redis = Redis::start();
-    let reps = replicas(&issuer, &kc, 3, 5, &redis_limits(&redis, "deny"));
+    let reps = replicas(&issuer, &kc, 3, 5, &redis_limits(&redis, "deny", 2000));
     let lb = Haproxy::start(&reps.iter().map(|r| r.process.port).collect::<Vec<_>>());
     let http = reqwest::Client::new();
 
@@ -310,7 +312,7 @@ async fn with_on_store_error_local_each_replica_limits_on_its_own_while_redis_is
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "artifacts:read", ..).await;
     let mut redis = Redis::start();
-    let reps = replicas(&issuer, &kc, 1, 2, &redis_limits(&redis, "local"));
+    let reps = replicas(&issuer, &kc, 1, 2, &redis_limits(&redis, "local", 2000));
     let url = format!("http://127.0.0.1:{}/token", reps[0].process.port);
     let http = reqwest::Client::new();
     redis.stop();
@@ -330,7 +332,7 @@ async fn a_killed_and_a_stopped_replica_lose_no_answered_exchange() {
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "artifacts:read", ..).await;
     let redis = Redis::start();
-    let mut reps = replicas(&issuer, &kc, 3, 1000, &redis_limits(&redis, "deny"));
+    let mut reps = replicas(&issuer, &kc, 3, 1000, &redis_limits(&redis, "deny", 250));
     let lb = Haproxy::start(&reps.iter().map(|r| r.process.port).collect::<Vec<_>>());
     let url = lb.url();
     let issuer = std::sync::Arc::new(issuer);
@@ -421,7 +423,7 @@ async fn a_policy_change_reaches_every_replica() {
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "artifacts:read", ..).await;
     let redis = Redis::start();
-    let reps = replicas(&issuer, &kc, 3, 1000, &redis_limits(&redis, "deny"));
+    let reps = replicas(&issuer, &kc, 3, 1000, &redis_limits(&redis, "deny", 2000));
     let http = reqwest::Client::new();
     // A feature branch: artifacts-publish admits main and release/** only.
     let mut step = issuer.step();
