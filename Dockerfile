@@ -1,11 +1,11 @@
 # keycloak-ci-sts container image: release build, minimal runtime, non-root.
 #
 #   docker build -t keycloak-ci-sts .
-#   docker run --read-only --user 65532:65532 -p 8080:8080 -p 9090:9090 \
+#   docker run --read-only --user 65532:65532 -p 8080:8080 -p 127.0.0.1:9090:9090 \
 #     -v "/srv/keycloak-ci-sts:/etc/keycloak-ci-sts:ro" keycloak-ci-sts
 #
 # (/srv/keycloak-ci-sts: sts.toml with listen/admin_listen on 0.0.0.0:8080/9090,
-# policies/, keys.) The apt versions are pinned for a reproducible image; a
+# policies/, keys readable by uid 65532, e.g. chown 65532 key.pem && chmod 0400.) The apt versions are pinned for a reproducible image; a
 # Debian security update retires them: bump them then (hadolint DL3008).
 #
 # Configuration and policies are mounted at /etc/keycloak-ci-sts (read-only);

