@@ -69,6 +69,49 @@ pub fn client(
         .build()
 }
 
+/// An outbound client per thread, for the hot path (the Keycloak token request).
+///
+/// A `reqwest::Client` runs each pooled connection as a task on the runtime that
+/// opened it. actix-web runs one single-threaded runtime per worker thread, so a
+/// client shared by all workers hands most requests to another thread's
+/// connection task: a wake-up and two context switches per request, measured at
+/// about a fifth of the service's CPU per exchange (`scripts/bench-cpu.sh`). One
+/// client (and so one connection pool) per thread keeps each request and its
+/// connection on the thread that serves it. Built lazily with the same settings;
+/// when building fails (it did not at startup), the shared client is used.
+pub struct PerThreadClient {
+    connect_timeout: Duration,
+    timeout: Duration,
+    shared: reqwest::Client,
+    clients: thread_local::ThreadLocal<reqwest::Client>,
+}
+
+impl PerThreadClient {
+    /// Builds the shared client now (so a TLS backend failure surfaces at
+    /// startup) and the per-thread ones on first use; settings as [`client`].
+    ///
+    /// # Errors
+    /// `reqwest::Error` when the client cannot be built.
+    pub fn new(connect_timeout: Duration, timeout: Duration) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            connect_timeout,
+            timeout,
+            shared: client(connect_timeout, timeout)?,
+            clients: thread_local::ThreadLocal::new(),
+        })
+    }
+
+    /// The calling thread's client.
+    pub fn get(&self) -> &reqwest::Client {
+        self.clients.get_or(|| {
+            client(self.connect_timeout, self.timeout).unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "cannot build a per-thread HTTP client; sharing one");
+                self.shared.clone()
+            })
+        })
+    }
+}
+
 /// Why a body could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {

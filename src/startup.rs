@@ -221,8 +221,10 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
             max_lifetime: settings.max_subject_token_lifetime,
         },
     );
-    let kc_http =
-        crate::http::client(settings.keycloak.connect_timeout, settings.keycloak.timeout)?;
+    let kc_http = crate::http::PerThreadClient::new(
+        settings.keycloak.connect_timeout,
+        settings.keycloak.timeout,
+    )?;
     let signing = settings.signing.map(Arc::new);
     let keycloak =
         KeycloakClient::new(kc_http, settings.keycloak, signing.clone(), metrics.clone());

@@ -452,7 +452,7 @@ struct AssertionClaims<'a> {
 
 /// Keycloak client. Cheap to share behind an `Arc`.
 pub struct KeycloakClient {
-    http: reqwest::Client,
+    http: crate::http::PerThreadClient,
     metrics: Arc<crate::metrics::Metrics>,
     settings: KeycloakSettings,
     signing: Option<Arc<SigningKeys>>,
@@ -463,7 +463,7 @@ pub struct KeycloakClient {
 impl KeycloakClient {
     /// Creates a client; nothing is fetched until first use.
     pub fn new(
-        http: reqwest::Client,
+        http: crate::http::PerThreadClient,
         settings: KeycloakSettings,
         signing: Option<Arc<SigningKeys>>,
         metrics: Arc<crate::metrics::Metrics>,
@@ -559,15 +559,12 @@ impl KeycloakClient {
             "{}/.well-known/openid-configuration",
             self.settings.realm_url()
         );
-        let resp =
-            self.http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|source| KeycloakError::Unavailable {
-                    url: url.clone(),
-                    source,
-                })?;
+        let resp = self.http.get().get(&url).send().await.map_err(|source| {
+            KeycloakError::Unavailable {
+                url: url.clone(),
+                source,
+            }
+        })?;
         let status = resp.status().as_u16();
         let retry_after =
             crate::http::retry_after_seconds(resp.headers(), self.settings.max_retry_after);
@@ -647,7 +644,7 @@ impl KeycloakClient {
         if !scope.is_empty() {
             form.push(("scope", scope.to_string()));
         }
-        let mut req = self.http.post(&ep.token_endpoint);
+        let mut req = self.http.get().post(&ep.token_endpoint);
         let mut assertion_jti = None;
         match auth {
             ClientAuth::PrivateKeyJwt => {

@@ -319,8 +319,10 @@ struct StubKeycloak {
 }
 
 fn stub_realm(req: &actix_web::HttpRequest, realm: &str) -> String {
-    let host = req.connection_info().host().to_string();
-    format!("http://{host}/realms/{realm}")
+    // Behind a TLS-terminating proxy (scripts/bench-cpu.sh) the scheme comes
+    // from `X-Forwarded-Proto`.
+    let info = req.connection_info();
+    format!("{}://{}/realms/{realm}", info.scheme(), info.host())
 }
 
 async fn stub_discovery(req: actix_web::HttpRequest, path: web::Path<String>) -> HttpResponse {

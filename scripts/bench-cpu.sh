@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# What one request costs the service, in CPU time rather than wall time: the
+# process's utime+stime (/proc/<pid>/stat) around a measured wrk run, divided by
+# the requests answered. Wall-clock throughput on a small machine cannot tell the
+# service's cost from the load generator's and the upstream's; CPU time can.
+#
+# Scenarios (no Keycloak: the local issuer's stub token endpoint answers at once):
+#   secret        allowed exchange, client sts-artifacts, client_secret_basic
+#   pkjwt         allowed exchange, client sts-deploy, private_key_jwt (ES256), scope
+#                 artifacts:read (the one scope the stub grants)
+#   secret-tls    the same two with the stub behind TLS (haproxy terminating,
+#   pkjwt-tls     a throw-away CA trusted through SSL_CERT_FILE)
+#   bad-signature refused: the step token's signature altered (token.invalid_signature)
+#   policy        refused: a step token of a feature branch (policy.branch_not_allowed)
+# next to the bare RS256 check and the verification + policy decision measured by
+# the criterion benchmark in the same run (cargo bench --bench verify), plus the
+# TCP connections opened (/proc/net/snmp ActiveOpens, whole machine) and the
+# service's context switches per request, and its peak RSS.
+#
+#   scripts/bench-cpu.sh   # BENCH_DURATION=10 BENCH_WARMUP=3 BENCH_CONNECTIONS=16
+#                          # BENCH_LOG=warn BENCH_CRITERION=1
+#
+# Results: target/bench-cpu/results.md. Needs what scripts/test.sh needs, plus wrk
+# (installed from Debian's packages when running as root) and openssl. Uses ports
+# 18094-18097. Run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+DURATION="${BENCH_DURATION:-10}"
+WARMUP="${BENCH_WARMUP:-3}"
+CONNECTIONS="${BENCH_CONNECTIONS:-16}"
+LOG="${BENCH_LOG:-warn}"
+CRITERION="${BENCH_CRITERION:-1}"
+OUT=target/bench-cpu
+STUB=127.0.0.1:18094
+TLS_STUB=127.0.0.1:18095
+WORKSPACE_UUID="{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}"
+REPOSITORY_UUID="{d4e45493-4a33-477d-917b-a24e7e4bd39b}"
+PRODUCTION_UUID="{bd715740-c970-486b-b68a-b421ec2a1f8b}"
+BIN="${CARGO_TARGET_DIR:-target}/release"
+
+bash scripts/bootstrap.sh
+for tool in wrk openssl; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+    else
+      echo "bench-cpu: $tool is required (apt-get install $tool)" >&2
+      exit 1
+    fi
+  fi
+done
+
+echo "== building (release)"
+cargo build --release --locked --workspace --bins
+mkdir -p "$OUT"
+rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.cpu "$OUT"/audit-*.jsonl
+[[ -f "$OUT/sts-signing-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-signing-key.pem" >/dev/null
+[[ -f "$OUT/sts-identity-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-identity-key.pem" >/dev/null
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+wait_http() {
+  local i
+  for ((i = 0; i < 300; i++)); do
+    curl -fsS -o /dev/null "$@" 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "timed out waiting for $*" >&2
+  return 1
+}
+
+echo "== the local issuer with a stub Keycloak realm ($STUB), TLS in front of it ($TLS_STUB)"
+"$BIN/bitbucket-dev-issuer" --listen "$STUB" --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
+pids+=($!)
+wait_http "http://$STUB/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
+
+# A throw-away CA and a certificate for 127.0.0.1, trusted by the service only
+# (SSL_CERT_FILE, read by rustls' platform verifier on Linux).
+if [[ ! -f "$OUT/tls/stub.pem" ]]; then
+  mkdir -p "$OUT/tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+    -subj /CN=bench-ca -keyout "$OUT/tls/ca.key" -out "$OUT/tls/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+    -keyout "$OUT/tls/stub.key" -out "$OUT/tls/stub.csr" 2>/dev/null
+  openssl x509 -req -in "$OUT/tls/stub.csr" -CA "$OUT/tls/ca.pem" -CAkey "$OUT/tls/ca.key" \
+    -CAcreateserial -days 30 -extfile <(printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n') \
+    -out "$OUT/tls/stub.crt" 2>/dev/null
+  cat "$OUT/tls/stub.crt" "$OUT/tls/stub.key" >"$OUT/tls/stub.pem"
+fi
+cat >"$OUT/haproxy.cfg" <<CFG
+global
+  maxconn 1024
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+frontend tls
+  bind $TLS_STUB ssl crt $PWD/$OUT/tls/stub.pem
+  http-request set-header X-Forwarded-Proto https
+  default_backend stub
+backend stub
+  http-reuse always
+  server stub $STUB
+CFG
+haproxy -f "$OUT/haproxy.cfg" -db 2>"$OUT/haproxy.log" &
+pids+=($!)
+wait_http --cacert "$OUT/tls/ca.pem" "https://$TLS_STUB/realms/ci/.well-known/openid-configuration"
+
+config() { # port keycloak_url
+  cat <<TOML
+listen = "127.0.0.1:$1"
+public_url = "http://127.0.0.1:$1"
+policies_dir = "$PWD/policies"
+
+[limits]
+per_step_per_minute = 1000000000
+per_repository_per_minute = 1000000000
+
+[[workspaces]]
+slug = "acme"
+uuid = "$WORKSPACE_UUID"
+issuer = "http://$STUB/2.0/workspaces/acme/pipelines-config/identity/oidc"
+audiences = ["https://sts.example.test"]
+
+[keycloak]
+base_url = "$2"
+realm = "ci"
+
+[keycloak.clients.sts-deploy]
+method = "private_key_jwt"
+
+[keycloak.clients.sts-artifacts]
+method = "client_secret_basic"
+secret_env = "KCS_BENCH_SECRET"
+
+[keycloak.clients.sts-repo]
+method = "private_key_jwt"
+grant = "jwt_authorization_grant"
+
+[identity]
+key_files = ["$PWD/$OUT/sts-identity-key.pem"]
+
+[signing]
+key_files = ["$PWD/$OUT/sts-signing-key.pem"]
+
+[audit]
+path = "$PWD/$OUT/audit-$1.jsonl"
+TOML
+}
+
+start_sts() { # port keycloak_url -> pid in STS_PID
+  config "$1" "$2" >"$OUT/sts-$1.toml"
+  RUST_LOG="$LOG" KCS_BENCH_SECRET=sts-artifacts-test-secret SSL_CERT_FILE="$PWD/$OUT/tls/ca.pem" \
+    "$BIN/keycloak-ci-sts" serve --config "$OUT/sts-$1.toml" 2>"$OUT/sts-$1.log" &
+  STS_PID=$!
+  pids+=("$STS_PID")
+  wait_http "http://127.0.0.1:$1/readyz"
+}
+
+mint() { # branch [deployment environment uuid]
+  local env=""
+  [[ -n "${2:-}" ]] && env=",\"deployment_environment_uuid\":\"$2\""
+  curl -fsS -X POST "http://$STUB/mint" -H 'Content-Type: application/json' \
+    -d "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"$REPOSITORY_UUID\",\"branch_name\":\"$1\"$env,\"audiences\":[\"https://sts.example.test\"],\"lifetime_seconds\":7200}"
+}
+form() { # audience token
+  printf 'grant_type=urn%%3Aietf%%3Aparams%%3Aoauth%%3Agrant-type%%3Atoken-exchange&subject_token_type=urn%%3Aietf%%3Aparams%%3Aoauth%%3Atoken-type%%3Aid_token&audience=%s&subject_token=%s' "$1" "$2"
+}
+MAIN=$(mint main)
+PRODUCTION=$(mint main "$PRODUCTION_UUID")
+FEATURE=$(mint feature/bench)
+# The same token with one signature character changed (in the middle, so no
+# padding bits are involved): a signature that does not verify, a known kid.
+sig=${MAIN##*.}
+c=${sig:40:1}
+[[ $c == A ]] && r=B || r=A
+FORGED="${MAIN%.*}.${sig:0:40}$r${sig:41}"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/_ctxt_switches/ {s += $2} END {print s + 0}'; }
+active_opens() { awk '/^Tcp:/ && $6 ~ /^[0-9]+$/ {print $6}' /proc/net/snmp; }
+CLK_TCK=$(getconf CLK_TCK)
+
+run() { # name url body expected-status: warm-up, then the measured run
+  local before after sw_before sw_after op_before op_after status
+  status=$(curl -sS -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/x-www-form-urlencoded' --data "$3" "$2")
+  if [[ "$status" != "$4" ]]; then
+    echo "bench-cpu: $1 answered $status, expected $4" >&2
+    exit 1
+  fi
+  BENCH_BODY="$3" BENCH_AUTH="" wrk -t2 -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/report.lua "$2" >/dev/null
+  before=$(cpu_ticks "$STS_PID")
+  sw_before=$(switches "$STS_PID")
+  op_before=$(active_opens)
+  BENCH_BODY="$3" BENCH_AUTH="" wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s bench/report.lua "$2" |
+    tail -n 1 >"$OUT/$1.json"
+  after=$(cpu_ticks "$STS_PID")
+  sw_after=$(switches "$STS_PID")
+  op_after=$(active_opens)
+  jq -c --argjson t "$((after - before))" --argjson hz "$CLK_TCK" \
+    --argjson sw "$((sw_after - sw_before))" --argjson op "$((op_after - op_before))" \
+    '. as $r | ($r.requests | if . < 1 then 1 else . end) as $n
+     | $r + {cpu_us: ($t / $hz * 1000000 / $n), switches: ($sw / $n), connects: ($op / $n)}' \
+    "$OUT/$1.json" >"$OUT/$1.cpu"
+  echo "$1: $(cat "$OUT/$1.cpu")"
+}
+
+peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+
+echo "== service against the stub over http"
+start_sts 18096 "http://$STUB"
+run secret http://127.0.0.1:18096/token "$(form artifact-api "$MAIN")" 200
+run pkjwt http://127.0.0.1:18096/token "$(form deploy-api "$PRODUCTION")&scope=artifacts%3Aread" 200
+run bad-signature http://127.0.0.1:18096/token "$(form artifact-api "$FORGED")" 400
+run policy http://127.0.0.1:18096/token "$(form artifact-api "$FEATURE")" 400
+RSS_HTTP=$(peak_rss_mib "$STS_PID")
+kill "$STS_PID"
+
+echo "== service against the stub over TLS"
+start_sts 18097 "https://$TLS_STUB"
+run secret-tls http://127.0.0.1:18097/token "$(form artifact-api "$MAIN")" 200
+run pkjwt-tls http://127.0.0.1:18097/token "$(form deploy-api "$PRODUCTION")&scope=artifacts%3Aread" 200
+RSS_TLS=$(peak_rss_mib "$STS_PID")
+kill "$STS_PID"
+cleanup
+pids=()
+
+BARE_US="" DECIDE_US=""
+if [[ "$CRITERION" == 1 ]]; then
+  echo "== criterion: bare RS256 check, verification + policy decision"
+  cargo bench --locked --bench verify -- --warm-up-time 2 --measurement-time 5 --noplot >"$OUT/criterion.log" 2>&1
+  est() { jq '.mean.point_estimate / 1000' "${CARGO_TARGET_DIR:-target}/criterion/one_token/$1/new/estimates.json"; }
+  BARE_US=$(est bare_rs256_signature_check)
+  DECIDE_US=$(est verify_and_decide)
+fi
+
+c() { jq -r ".$2" "$OUT/$1.cpu"; }
+{
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); wrk -t2 -c$CONNECTIONS -d${DURATION}s; RUST_LOG=$LOG; $(date -u +%Y-%m-%d)"
+  echo
+  echo "| request | service CPU µs per request | × bare RS256 | requests/s | p50 ms | TCP connects per request | context switches per request |"
+  echo "|---|---|---|---|---|---|---|"
+  for s in secret pkjwt secret-tls pkjwt-tls bad-signature policy; do
+    case $s in
+      secret) label="allowed, client_secret_basic, stub over http" ;;
+      pkjwt) label="allowed, private_key_jwt, stub over http" ;;
+      secret-tls) label="allowed, client_secret_basic, stub over TLS" ;;
+      pkjwt-tls) label="allowed, private_key_jwt, stub over TLS" ;;
+      bad-signature) label="refused: bad signature" ;;
+      policy) label="refused by policy" ;;
+    esac
+    awk -v l="$label" -v cpu="$(c "$s" cpu_us)" -v bare="${BARE_US:-0}" -v rps="$(c "$s" rps)" \
+      -v p50="$(c "$s" p50_ms)" -v con="$(c "$s" connects)" -v sw="$(c "$s" switches)" 'BEGIN {
+      printf "| %s | %.0f | %s | %.0f | %.2f | %.4f | %.2f |\n", l, cpu,
+        (bare > 0 ? sprintf("%.2f ×", cpu / bare) : "-"), rps, p50, con, sw }'
+  done
+  echo
+  if [[ -n "$BARE_US" ]]; then
+    awk -v b="$BARE_US" -v d="$DECIDE_US" 'BEGIN {
+      printf "criterion: bare RS256 signature check %.1f µs, verification (warm key cache) + policy decision %.1f µs (%.2f ×)\n\n", b, d, d / b }'
+  fi
+  awk -v s="$(c secret cpu_us)" -v p="$(c pkjwt cpu_us)" -v st="$(c secret-tls cpu_us)" \
+    -v pt="$(c pkjwt-tls cpu_us)" -v bs="$(c bad-signature cpu_us)" -v po="$(c policy cpu_us)" \
+    -v b="${BARE_US:-0}" -v d="${DECIDE_US:-0}" -v rh="$RSS_HTTP" -v rt="$RSS_TLS" 'BEGIN {
+    printf "| target | measured | met |\n|---|---|---|\n"
+    printf "| allowed, client secret ≤ 60 µs | %.0f µs (TLS: %.0f µs) | %s |\n", s, st, (s <= 60 ? "yes" : "no")
+    printf "| allowed, private_key_jwt ≤ 90 µs | %.0f µs (TLS: %.0f µs) | %s |\n", p, pt, (p <= 90 ? "yes" : "no")
+    if (b > 0) {
+      worst = (bs > po ? bs : po)
+      printf "| refused ≤ 1.5 × bare RS256 (%.1f µs) | bad signature %.2f ×, policy %.2f × | %s |\n", b, bs / b, po / b, (worst / b <= 1.5 ? "yes" : "no")
+      printf "| criterion decision ≤ 1.3 × bare RS256 | %.2f × | %s |\n", d / b, (d / b <= 1.3 ? "yes" : "no")
+    }
+    peak = (rh > rt ? rh : rt)
+    printf "| peak RSS ≤ 64 MB | %.1f MiB | %s |\n", peak, (peak * 1.048576 <= 64 ? "yes" : "no")
+  }'
+} | tee "$OUT/results.md"
