@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: an exchange allocates a few hundred
+/// small, short-lived objects (form, claims, JSON, HTTP); measured with
+/// `scripts/bench-cpu.sh`, glibc's malloc and free took about a tenth of the
+/// service's CPU per exchange.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = keycloak_ci_sts::cli::Cli::parse();
     match keycloak_ci_sts::cli::run(cli) {
