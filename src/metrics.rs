@@ -45,6 +45,20 @@ pub struct Metrics {
     /// `sts_audit_failures_total{outcome}`: audit lines that could not be queued
     /// (for `allowed`, the token was withheld instead).
     pub audit_failures: IntCounterVec,
+    /// The series every exchange touches, resolved once (a label lookup hashes
+    /// the label values on each call).
+    hot: HotSeries,
+}
+
+/// Series resolved at startup: `phase_seconds` by phase, the key cache hit
+/// counter and Keycloak's 200 answers.
+struct HotSeries {
+    verify: prometheus::Histogram,
+    policy: prometheus::Histogram,
+    keycloak: prometheus::Histogram,
+    total: prometheus::Histogram,
+    jwks_hit: prometheus::IntCounter,
+    keycloak_200: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -131,6 +145,14 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        let hot = HotSeries {
+            verify: phase_seconds.with_label_values(&["verify"]),
+            policy: phase_seconds.with_label_values(&["policy"]),
+            keycloak: phase_seconds.with_label_values(&["keycloak"]),
+            total: phase_seconds.with_label_values(&["total"]),
+            jwks_hit: jwks_cache.with_label_values(&["hit"]),
+            keycloak_200: keycloak_responses.with_label_values(&["200"]),
+        };
         let metrics = Self {
             registry,
             exchanges,
@@ -145,6 +167,7 @@ impl Metrics {
             policy_reloads,
             rate_limited,
             audit_failures,
+            hot,
         };
         metrics.export_known_series();
         Ok(metrics)
@@ -181,8 +204,32 @@ impl Metrics {
 
     /// Records one phase duration.
     pub fn observe(&self, phase: &str, started: std::time::Instant) {
-        self.phase_seconds
-            .with_label_values(&[phase])
-            .observe(started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        match phase {
+            "verify" => self.hot.verify.observe(seconds),
+            "policy" => self.hot.policy.observe(seconds),
+            "keycloak" => self.hot.keycloak.observe(seconds),
+            "total" => self.hot.total.observe(seconds),
+            other => self
+                .phase_seconds
+                .with_label_values(&[other])
+                .observe(seconds),
+        }
+    }
+
+    /// Counts a key lookup answered from the cache (`jwks_cache{result="hit"}`).
+    pub fn jwks_cache_hit(&self) {
+        self.hot.jwks_hit.inc();
+    }
+
+    /// Counts a token request answered with `status` (`keycloak_responses`).
+    pub fn keycloak_response(&self, status: u16) {
+        if status == 200 {
+            self.hot.keycloak_200.inc();
+        } else {
+            self.keycloak_responses
+                .with_label_values(&[status.to_string().as_str()])
+                .inc();
+        }
     }
 }

@@ -436,6 +436,8 @@ pub struct RealmEndpoints {
     pub issuer: String,
     /// Token endpoint.
     pub token_endpoint: String,
+    /// The token endpoint, parsed once (not on every request).
+    pub token_url: url::Url,
     /// Whether discovery lists the JWT Authorization Grant (`None`: no list).
     pub jwt_bearer_supported: Option<bool>,
 }
@@ -592,6 +594,7 @@ impl KeycloakClient {
                 .map(|g| g.iter().any(|t| t == JWT_BEARER_GRANT)),
             issuer: d.issuer,
             token_endpoint: d.token_endpoint,
+            token_url: endpoint,
         }))
     }
 
@@ -644,7 +647,7 @@ impl KeycloakClient {
         if !scope.is_empty() {
             form.push(("scope", scope.to_string()));
         }
-        let mut req = self.http.get().post(&ep.token_endpoint);
+        let mut req = self.http.get().post(ep.token_url.clone());
         let mut assertion_jti = None;
         match auth {
             ClientAuth::PrivateKeyJwt => {
@@ -781,10 +784,7 @@ impl KeycloakClient {
             }
         })?;
         let status = resp.status().as_u16();
-        self.metrics
-            .keycloak_responses
-            .with_label_values(&[status.to_string().as_str()])
-            .inc();
+        self.metrics.keycloak_response(status);
         let retry_after =
             crate::http::retry_after_seconds(resp.headers(), self.settings.max_retry_after);
         let body = read_capped(resp, self.settings.max_response_bytes)

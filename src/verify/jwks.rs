@@ -326,7 +326,7 @@ impl KeyCache {
             return stale.ok_or_else(|| self.backoff(last));
         }
         if let Some(set) = self.fresh.get(&ws.issuer).await {
-            self.metrics.jwks_cache.with_label_values(&["hit"]).inc();
+            self.metrics.jwks_cache_hit();
             return Ok(set);
         }
         let result = self
