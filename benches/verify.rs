@@ -14,6 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+
+/// The service's allocator (src/main.rs), so the benchmark measures what runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use keycloak_ci_sts::configuration::{JwksSettings, WorkspaceSettings};
 use keycloak_ci_sts::domain::{BbUuid, SecretToken};
 use keycloak_ci_sts::policy::{EvalRequest, PolicySet};

@@ -202,15 +202,24 @@ struct Inline {
     broken: bool,
 }
 
+/// One record as a JSON line (with its newline).
+fn line(rec: &AuditRecord) -> Result<Vec<u8>, AuditError> {
+    let mut buf = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut buf, rec).map_err(|e| AuditError::Write(e.to_string()))?;
+    buf.push(b'\n');
+    Ok(buf)
+}
+
 impl Inline {
-    fn append(&mut self, rec: &AuditRecord) -> Result<(), AuditError> {
-        let mut buf = Vec::with_capacity(1024);
-        if self.broken {
-            buf.push(b'\n');
-        }
-        serde_json::to_writer(&mut buf, rec).map_err(|e| AuditError::Write(e.to_string()))?;
-        buf.push(b'\n');
-        let result = self.file.write_all(&buf);
+    /// Appends one line (from [`line`]), after a newline when the last write failed.
+    fn append(&mut self, line: &[u8]) -> Result<(), AuditError> {
+        let result = if self.broken {
+            self.file
+                .write_all(b"\n")
+                .and_then(|()| self.file.write_all(line))
+        } else {
+            self.file.write_all(line)
+        };
         self.broken = result.is_err();
         result.map_err(|e| {
             tracing::error!(error = %e, "audit write failed");
@@ -269,9 +278,11 @@ impl AuditSink {
         })
     }
 
+    /// Serialises outside the lock; the lock covers only the write.
     fn inline(m: &std::sync::Mutex<Inline>, rec: &AuditRecord) -> Result<(), AuditError> {
+        let line = line(rec)?;
         let mut f = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        f.append(rec)
+        f.append(&line)
     }
 
     /// Writes one line and returns once it is written and flushed (through the
@@ -462,7 +473,7 @@ mod tests {
             .append(true)
             .open(&path)
             .unwrap();
-        inline.append(&record(3)).unwrap();
+        inline.append(&line(&record(3)).unwrap()).unwrap();
         assert!(!inline.broken);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with('\n') && text.ends_with("}\n"), "{text:?}");

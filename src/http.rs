@@ -105,7 +105,7 @@ impl PerThreadClient {
     pub fn get(&self) -> &reqwest::Client {
         self.clients.get_or(|| {
             client(self.connect_timeout, self.timeout).unwrap_or_else(|e| {
-                tracing::warn!(error = %crate::telemetry::chain(&e), "cannot build a per-thread HTTP client; sharing one");
+                tracing::warn!(error = %e, "cannot build a per-thread HTTP client; sharing one");
                 self.shared.clone()
             })
         })

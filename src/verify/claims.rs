@@ -2,46 +2,189 @@
 //! the clock reading `now` (seconds since the epoch) as an argument, so every
 //! rule is unit-testable with a fixed clock. Each check happens once.
 
-use serde::Deserialize;
+use std::borrow::Cow;
+
+use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::{BitbucketIdentity, TokenRules, VerifyError};
+use crate::domain::json::StrictObject;
 use crate::domain::BbUuid;
 use crate::verify::WorkspaceSettings;
 
-type Payload = serde_json::Map<String, serde_json::Value>;
+/// The payload of a token, read before any key is chosen.
+///
+/// `Typed` is the common case: the payload bytes read in one pass straight into
+/// [`RawClaims`] (every claim of the right type, no member name twice). Any
+/// payload that does not read that way is read again as a generic object with
+/// unique member names (`Object`), which yields the same answers with the exact
+/// error of the slower, claim-by-claim path: `precheck` reports `iss` and the
+/// NumericDates before the signature is checked, `check` names any other
+/// mistyped claim after it.
+pub enum Payload {
+    /// Read in one typed pass.
+    Typed(Box<RawClaims>),
+    /// A JSON object with unique member names, checked claim by claim.
+    Object(serde_json::Map<String, serde_json::Value>),
+}
+
+impl Payload {
+    /// Reads the decoded payload bytes (a JSON object with unique member names).
+    ///
+    /// # Errors
+    /// [`VerifyError::Malformed`]: not a JSON object, or a member name twice.
+    pub fn read(bytes: &[u8]) -> Result<Self, VerifyError> {
+        if let Ok(c) = serde_json::from_slice::<RawClaims>(bytes) {
+            return Ok(Self::Typed(Box::new(c)));
+        }
+        serde_json::from_slice::<StrictObject>(bytes)
+            .map(|o| Self::Object(o.0))
+            .map_err(|e| {
+                VerifyError::Malformed(format!(
+                    "payload is not a JSON object: {}",
+                    super::jws::classify(&e)
+                ))
+            })
+    }
+}
 
 /// `aud`: a string or an array of strings (RFC 7519 §4.1.3).
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum Audience {
     One(String),
     Many(Vec<String>),
 }
 
+/// Read by the JSON type it meets (not `#[serde(untagged)]`, which buffers the
+/// value and builds an error for each variant it tries first).
+impl<'de> Deserialize<'de> for Audience {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Audience;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Audience, E> {
+                Ok(Audience::One(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Audience, E> {
+                Ok(Audience::One(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Audience, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(2).min(16));
+                while let Some(s) = a.next_element::<String>()? {
+                    v.push(s);
+                }
+                Ok(Audience::Many(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Claims with strict types (numbers are numbers); presence and shape are
 /// checked afterwards so errors can name the claim. Names are Bitbucket's.
-#[derive(Deserialize)]
-struct RawClaims {
+/// Deserialised member by member: a name that appears twice (a claim we read
+/// or any other) is an error, as in [`StrictObject`].
+#[derive(Default)]
+pub struct RawClaims {
     iss: Option<String>,
     sub: Option<String>,
     exp: Option<u64>,
     iat: Option<u64>,
     nbf: Option<u64>,
     aud: Option<Audience>,
-    #[serde(rename = "workspaceUuid")]
     workspace_uuid: Option<String>,
-    #[serde(rename = "repositoryUuid")]
     repository_uuid: Option<String>,
-    #[serde(rename = "pipelineUuid")]
     pipeline_uuid: Option<String>,
-    #[serde(rename = "stepUuid")]
     step_uuid: Option<String>,
-    #[serde(rename = "branchName")]
     branch_name: Option<String>,
-    #[serde(rename = "deploymentEnvironmentUuid")]
     deployment_environment_uuid: Option<String>,
-    #[serde(rename = "pipelineRunUuid")]
     pipeline_run_uuid: Option<String>,
+}
+
+/// A member name, borrowed from the input unless it has escapes.
+pub(super) struct Name<'de>(pub(super) Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Name<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Name<'de>, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawClaims {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawClaims;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object of claims")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<RawClaims, A::Error> {
+                // A claim we read, of its type: `null` is an error here too
+                // (the claim-by-claim path decides what a null means).
+                fn put<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
+                    slot: &mut Option<T>,
+                    a: &mut A,
+                ) -> Result<(), A::Error> {
+                    if slot.is_some() {
+                        return Err(A::Error::custom("duplicate member"));
+                    }
+                    *slot = Some(a.next_value::<T>()?);
+                    Ok(())
+                }
+                let mut c = RawClaims::default();
+                let mut others: Vec<Cow<'de, str>> = Vec::new();
+                while let Some(Name(name)) = a.next_key::<Name<'de>>()? {
+                    match name.as_ref() {
+                        "iss" => put(&mut c.iss, &mut a)?,
+                        "sub" => put(&mut c.sub, &mut a)?,
+                        "exp" => put(&mut c.exp, &mut a)?,
+                        "iat" => put(&mut c.iat, &mut a)?,
+                        "nbf" => put(&mut c.nbf, &mut a)?,
+                        "aud" => put(&mut c.aud, &mut a)?,
+                        "workspaceUuid" => put(&mut c.workspace_uuid, &mut a)?,
+                        "repositoryUuid" => put(&mut c.repository_uuid, &mut a)?,
+                        "pipelineUuid" => put(&mut c.pipeline_uuid, &mut a)?,
+                        "stepUuid" => put(&mut c.step_uuid, &mut a)?,
+                        "branchName" => put(&mut c.branch_name, &mut a)?,
+                        "deploymentEnvironmentUuid" => {
+                            put(&mut c.deployment_environment_uuid, &mut a)?;
+                        }
+                        "pipelineRunUuid" => put(&mut c.pipeline_run_uuid, &mut a)?,
+                        _ => {
+                            if others.contains(&name) {
+                                return Err(A::Error::custom("duplicate member"));
+                            }
+                            others.push(name);
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(c)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Claim names [`RawClaims`] reads, for naming a mistyped one.
@@ -67,6 +210,10 @@ const CLAIMS: [&str; 13] = [
 /// # Errors
 /// [`VerifyError::MissingClaim`] (`iss`), [`VerifyError::InvalidClaim`].
 pub fn precheck(payload: &Payload) -> Result<&str, VerifyError> {
+    let payload = match payload {
+        Payload::Typed(c) => return c.iss.as_deref().ok_or(VerifyError::MissingClaim("iss")),
+        Payload::Object(m) => m,
+    };
     let iss = match payload.get("iss") {
         None => return Err(VerifyError::MissingClaim("iss")),
         Some(serde_json::Value::String(s)) => s.as_str(),
@@ -104,14 +251,17 @@ pub fn check(
     rules: &TokenRules,
     now: u64,
 ) -> Result<BitbucketIdentity, VerifyError> {
-    let c: RawClaims = serde_path_to_error::deserialize(serde_json::Value::Object(payload))
-        .map_err(|e| {
-            let path = e.path().to_string();
-            VerifyError::InvalidClaim {
-                claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
-                reason: "wrong type".into(),
-            }
-        })?;
+    let c: RawClaims = match payload {
+        Payload::Typed(c) => *c,
+        Payload::Object(m) => serde_path_to_error::deserialize(serde_json::Value::Object(m))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                VerifyError::InvalidClaim {
+                    claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
+                    reason: "wrong type".into(),
+                }
+            })?,
+    };
     let (exp, iat) = registered(&c, ws, rules, now)?;
     let sub = c.sub.clone().ok_or(VerifyError::MissingClaim("sub"))?;
     let issuer = c.iss.clone().ok_or(VerifyError::MissingClaim("iss"))?;
@@ -335,12 +485,30 @@ mod tests {
         })
     }
 
+    /// The claim-by-claim path, and the one-pass typed path of the same bytes:
+    /// both must give the same answer (the typed one falls back to the other
+    /// whenever it cannot read the payload).
     fn run(v: serde_json::Value) -> Result<BitbucketIdentity, VerifyError> {
+        let bytes = serde_json::to_vec(&v).unwrap();
         let serde_json::Value::Object(m) = v else {
             panic!("object")
         };
-        precheck(&m)?;
-        check(m, &ws(), &rules(), NOW)
+        let slow = (|| {
+            let p = Payload::Object(m);
+            precheck(&p)?;
+            check(p, &ws(), &rules(), NOW)
+        })();
+        let fast = (|| {
+            let p = Payload::read(&bytes)?;
+            precheck(&p)?;
+            check(p, &ws(), &rules(), NOW)
+        })();
+        match (&slow, &fast) {
+            (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+            _ => panic!("paths disagree: {slow:?} vs {fast:?}"),
+        }
+        slow
     }
 
     fn with(changes: serde_json::Value) -> serde_json::Value {

@@ -321,14 +321,14 @@ impl KeyCache {
     }
 
     async fn current(&self, ws: &WorkspaceSettings) -> Result<Arc<KeySet>, FetchError> {
-        let stale = self.stale(&ws.issuer);
         if let Some(last) = self.failure_gate.get(&ws.issuer) {
-            return stale.ok_or_else(|| self.backoff(last));
+            return self.stale(&ws.issuer).ok_or_else(|| self.backoff(last));
         }
         if let Some(set) = self.fresh.get(&ws.issuer).await {
             self.metrics.jwks_cache_hit();
             return Ok(set);
         }
+        let stale = self.stale(&ws.issuer);
         let result = self
             .fresh
             .try_get_with(ws.issuer.clone(), self.fetch(ws))

@@ -16,7 +16,7 @@ pub struct Jws<'a> {
     /// Header `kid`.
     pub kid: Option<String>,
     /// The payload: a JSON object with unique member names.
-    pub payload: serde_json::Map<String, serde_json::Value>,
+    pub payload: super::claims::Payload,
     /// `BASE64URL(header) || '.' || BASE64URL(payload)`, exactly as received.
     pub signing_input: &'a str,
     /// The third segment (base64url signature), as received.
@@ -38,13 +38,22 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Jws<'_>, VerifyError> {
             max: max_bytes,
         });
     }
-    let segments: Vec<&str> = raw.split('.').collect();
-    let [h, p, s] = segments.as_slice() else {
+    let mut segments = raw.split('.');
+    let (Some(h), Some(p), Some(s), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
         return Err(VerifyError::Malformed(format!(
             "{} segments, expected 3",
-            segments.len()
+            raw.split('.').count()
         )));
     };
+    let signing_input = raw.get(..h.len() + 1 + p.len()).unwrap_or_default();
+    if let Some(jws) = parse_typed(h, p, s, signing_input) {
+        return Ok(jws);
+    }
     let header = decode_segment(h, "header")?;
     if header.contains_key("crit") {
         return Err(VerifyError::CriticalHeader);
@@ -56,7 +65,7 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Jws<'_>, VerifyError> {
             )));
         }
     }
-    let payload = decode_segment(p, "payload")?;
+    let payload = super::claims::Payload::read(&decode(p, "payload")?)?;
     let kid = match header.get("kid") {
         None => None,
         Some(serde_json::Value::String(k)) => Some(k.clone()),
@@ -71,7 +80,76 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Jws<'_>, VerifyError> {
         alg,
         kid,
         payload,
-        signing_input: raw.get(..h.len() + 1 + p.len()).unwrap_or_default(),
+        signing_input,
+        signature: s,
+    })
+}
+
+/// The header members [`parse`] reads, read in one typed pass; a name twice
+/// (one of these or any other) is an error, as in [`StrictObject`].
+#[derive(Default)]
+struct Header {
+    alg: Option<String>,
+    kid: Option<String>,
+    crit: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Header {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Header;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JOSE header")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Header, A::Error> {
+                let mut h = Header::default();
+                let mut names: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+                while let Some(super::claims::Name(name)) = a.next_key()? {
+                    if names.contains(&name) {
+                        return Err(A::Error::custom("duplicate member"));
+                    }
+                    match name.as_ref() {
+                        "alg" => h.alg = Some(a.next_value()?),
+                        "kid" => h.kid = Some(a.next_value()?),
+                        // Strings, as the member-by-member path requires.
+                        "typ" | "cty" => {
+                            a.next_value::<super::claims::Name<'de>>()?;
+                        }
+                        "crit" => {
+                            h.crit = true;
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        _ => {
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    names.push(name);
+                }
+                Ok(h)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The common case in one pass: header and payload decoded and read typed.
+/// `None` for anything else (a header with `crit`, a member of another type, a
+/// name twice, bad base64 or JSON), which [`parse`] then reads member by member
+/// for its exact error.
+fn parse_typed<'a>(h: &str, p: &str, s: &'a str, signing_input: &'a str) -> Option<Jws<'a>> {
+    let header = serde_json::from_slice::<Header>(&decode(h, "header").ok()?).ok()?;
+    if header.crit {
+        return None;
+    }
+    let payload =
+        serde_json::from_slice::<super::claims::RawClaims>(&decode(p, "payload").ok()?).ok()?;
+    Some(Jws {
+        alg: header.alg?,
+        kid: header.kid,
+        payload: super::claims::Payload::Typed(Box::new(payload)),
+        signing_input,
         signature: s,
     })
 }
@@ -122,13 +200,17 @@ pub fn verify_signature(
     Err(VerifyError::BadSignature)
 }
 
+fn decode(seg: &str, what: &str) -> Result<Vec<u8>, VerifyError> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(seg)
+        .map_err(|_| VerifyError::Malformed(format!("{what} is not base64url")))
+}
+
 fn decode_segment(
     seg: &str,
     what: &str,
 ) -> Result<serde_json::Map<String, serde_json::Value>, VerifyError> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(seg)
-        .map_err(|_| VerifyError::Malformed(format!("{what} is not base64url")))?;
+    let bytes = decode(seg, what)?;
     serde_json::from_slice::<StrictObject>(&bytes)
         .map(|o| o.0)
         .map_err(|e| {
@@ -136,7 +218,8 @@ fn decode_segment(
         })
 }
 
-fn classify(e: &serde_json::Error) -> &'static str {
+/// A short, fixed description of a JSON error (no input echoed).
+pub(super) fn classify(e: &serde_json::Error) -> &'static str {
     if e.to_string().contains("duplicate") {
         return "duplicate member";
     }
@@ -177,7 +260,15 @@ mod tests {
         let jws = parse(&raw, 4096).unwrap();
         assert_eq!(jws.alg, "RS256");
         assert_eq!(jws.kid.as_deref(), Some("k1"));
-        assert_eq!(jws.payload["iss"], "i");
+        assert_eq!(
+            super::super::claims::precheck(&jws.payload).unwrap(),
+            "i",
+            "read in one typed pass"
+        );
+        assert!(matches!(
+            jws.payload,
+            super::super::claims::Payload::Typed(_)
+        ));
         assert_eq!(jws.signature, "c2ln");
         assert_eq!(format!("{}.c2ln", jws.signing_input), raw);
     }
@@ -216,6 +307,32 @@ mod tests {
         assert_eq!(
             code(&token(r#"{"alg":"RS256"}"#, "\"str\"")),
             "token.malformed"
+        );
+        // Names we do not read are unique too, in header and payload, escaped or not.
+        assert_eq!(
+            code(&token(
+                r#"{"alg":"RS256"}"#,
+                r#"{"iss":"i","x":1,"\u0078":2}"#
+            )),
+            "token.malformed"
+        );
+        assert_eq!(
+            code(&token(r#"{"alg":"RS256","x":1,"x":2}"#, ok_payload)),
+            "token.malformed"
+        );
+        // What the typed pass cannot read is read member by member, with the
+        // same answer as before: a null NumericDate is refused before any key.
+        let raw = token(r#"{"alg":"RS256"}"#, r#"{"iss":"i","exp":null}"#);
+        let jws = parse(&raw, 4096).unwrap();
+        assert!(matches!(
+            jws.payload,
+            super::super::claims::Payload::Object(_)
+        ));
+        assert_eq!(
+            super::super::claims::precheck(&jws.payload)
+                .unwrap_err()
+                .code(),
+            "token.invalid_claim"
         );
     }
 
