@@ -10,7 +10,9 @@
 #                 artifacts:read (the one scope the stub grants)
 #   secret-tls    the same two with the stub behind TLS (haproxy terminating,
 #   pkjwt-tls     a throw-away CA trusted through SSL_CERT_FILE)
-#   bad-signature refused: the step token's signature altered (token.invalid_signature)
+#   secret-stdout as secret, with the audit lines on standard output (a pipe or
+#                 file there goes through the writer thread; a file is written inline)
+#   bad-signature refused: the step token's signature altered (token.bad_signature)
 #   policy        refused: a step token of a feature branch (policy.branch_not_allowed)
 # next to the bare RS256 check and the verification + policy decision measured by
 # the criterion benchmark in the same run (cargo bench --bench verify), plus the
@@ -24,7 +26,7 @@
 #
 # Results: target/bench-cpu/results.md. Needs what scripts/test.sh needs, plus wrk
 # (installed from Debian's packages when running as root) and openssl. Uses ports
-# 18094-18097. Run it on an otherwise idle machine.
+# 18094-18098. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -150,9 +152,9 @@ key_files = ["$PWD/$OUT/sts-identity-key.pem"]
 [signing]
 key_files = ["$PWD/$OUT/sts-signing-key.pem"]
 
-[audit]
-path = "$PWD/$OUT/audit-$1.jsonl"
 TOML
+  # 18098: audit lines on standard output (the writer thread), else to a file (inline)
+  if [[ "$1" != 18098 ]]; then printf '\n[audit]\npath = "%s"\n' "$PWD/$OUT/audit-$1.jsonl"; fi
 }
 
 # PIN: empty (service, wrk and stub share every core, as a small machine runs
@@ -161,12 +163,14 @@ TOML
 PIN=""
 LAST_CPU=$(($(nproc) - 1))
 on_others() { if [[ -n "$PIN" && "$LAST_CPU" -gt 0 ]]; then taskset -c "0-$((LAST_CPU - 1))" "$@"; else "$@"; fi; }
-on_own() { if [[ -n "$PIN" && "$LAST_CPU" -gt 0 ]]; then taskset -c "$LAST_CPU" "$@"; else "$@"; fi; }
+# Only for commands started in the background: exec keeps the PID measured the
+# service's own.
+on_own() { if [[ -n "$PIN" && "$LAST_CPU" -gt 0 ]]; then exec taskset -c "$LAST_CPU" "$@"; else exec "$@"; fi; }
 
 start_sts() { # port keycloak_url -> pid in STS_PID
   config "$1" "$2" >"$OUT/sts-$1.toml"
   RUST_LOG="$LOG" KCS_BENCH_SECRET=sts-artifacts-test-secret SSL_CERT_FILE="$PWD/$OUT/tls/ca.pem" \
-    on_own "$BIN/keycloak-ci-sts" serve --config "$OUT/sts-$1.toml" 2>"$OUT/sts-$1.log" &
+    on_own "$BIN/keycloak-ci-sts" serve --config "$OUT/sts-$1.toml" >"$OUT/stdout-$1.jsonl" 2>"$OUT/sts-$1.log" &
   STS_PID=$!
   pids+=("$STS_PID")
   wait_http "http://127.0.0.1:$1/readyz"
@@ -238,6 +242,10 @@ scenarios() { # suffix for the result files ("" or "-pinned")
   run "pkjwt-tls$x" http://127.0.0.1:18097/token "$(form deploy-api "$PRODUCTION")&scope=artifacts%3Aread" 200
   peak_rss_mib "$STS_PID" >"$OUT/rss-tls$x"
   kill "$STS_PID"
+  echo "== audit lines on standard output${x:+ ($PIN)}"
+  start_sts 18098 "http://$STUB"
+  run "secret-stdout$x" http://127.0.0.1:18098/token "$(form artifact-api "$MAIN")" 200
+  kill "$STS_PID"
 }
 scenarios ""
 if [[ "$(nproc)" -gt 1 ]]; then
@@ -263,12 +271,13 @@ c() { jq -r ".$2" "$OUT/$1.cpu"; }
   echo
   echo "| request | service CPU µs per request | × bare RS256 | pinned: CPU µs per request | requests/s | p50 ms | TCP connects per request | context switches per request |"
   echo "|---|---|---|---|---|---|---|---|"
-  for s in secret pkjwt secret-tls pkjwt-tls bad-signature policy; do
+  for s in secret pkjwt secret-tls pkjwt-tls secret-stdout bad-signature policy; do
     case $s in
       secret) label="allowed, client_secret_basic, stub over http" ;;
       pkjwt) label="allowed, private_key_jwt, stub over http" ;;
       secret-tls) label="allowed, client_secret_basic, stub over TLS" ;;
       pkjwt-tls) label="allowed, private_key_jwt, stub over TLS" ;;
+      secret-stdout) label="allowed, client_secret_basic, audit on standard output (writer thread)" ;;
       bad-signature) label="refused: bad signature" ;;
       policy) label="refused by policy" ;;
     esac

@@ -252,7 +252,7 @@ impl AuditSink {
             .open(path)?;
         if fsync {
             Self::spawn(Box::new(Synced(f)), queue)
-        } else if f.metadata()?.file_type().is_file() {
+        } else if f.metadata()?.file_type().is_file() && !on_remote_filesystem(&f) {
             Ok(Self {
                 dest: Destination::Inline(std::sync::Mutex::new(Inline {
                     file: f,
@@ -336,6 +336,32 @@ impl AuditSink {
         if self.queue(rec).is_err() {
             tracing::error!("audit line of an abandoned request lost (queue full or write failed)");
         }
+    }
+}
+
+/// True when `f` lives on a network or userspace filesystem (NFS, SMB/CIFS,
+/// FUSE, 9p, Ceph, AFS, Lustre, GlusterFS is FUSE), where a write can hang for
+/// as long as the server is away: such a file goes to the writer thread, whose
+/// timeout bounds the wait, rather than being written by request threads.
+/// Magic numbers from Linux's `include/uapi/linux/magic.h` (`statfs(2)`); an
+/// unreadable type counts as remote.
+fn on_remote_filesystem(f: &std::fs::File) -> bool {
+    const REMOTE: [i64; 9] = [
+        0x6969,      // NFS_SUPER_MAGIC
+        0x517B,      // SMB_SUPER_MAGIC
+        0xFE53_4D42, // SMB2_MAGIC_NUMBER
+        0xFF53_4D42, // CIFS_SUPER_MAGIC
+        0x6573_5546, // FUSE_SUPER_MAGIC
+        0x0102_1997, // V9FS_MAGIC
+        0x00C3_6400, // CEPH_SUPER_MAGIC
+        0x5346_414F, // AFS_FS_MAGIC
+        0x0BD0_0BD0, // LL_SUPER_MAGIC (Lustre)
+    ];
+    match rustix::fs::fstatfs(f) {
+        // `f_type` is i64 on 64-bit Linux and narrower elsewhere.
+        #[allow(clippy::useless_conversion, reason = "not the same type on every target")]
+        Ok(st) => REMOTE.contains(&i64::from(st.f_type)),
+        Err(_) => true,
     }
 }
 
@@ -477,6 +503,12 @@ mod tests {
         assert!(!inline.broken);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with('\n') && text.ends_with("}\n"), "{text:?}");
+    }
+
+    #[test]
+    fn a_local_file_is_not_remote() {
+        let f = tempfile::tempfile().unwrap();
+        assert!(!on_remote_filesystem(&f));
     }
 
     #[tokio::test]

@@ -4,10 +4,11 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::{BitbucketIdentity, TokenRules, VerifyError};
+#[cfg(test)]
 use crate::domain::json::StrictObject;
 use crate::domain::BbUuid;
 use crate::verify::WorkspaceSettings;
@@ -29,10 +30,12 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// Reads the decoded payload bytes (a JSON object with unique member names).
+    /// Reads the decoded payload bytes as `jws::parse` does: typed, else as an
+    /// object with unique member names.
     ///
     /// # Errors
     /// [`VerifyError::Malformed`]: not a JSON object, or a member name twice.
+    #[cfg(test)]
     pub fn read(bytes: &[u8]) -> Result<Self, VerifyError> {
         if let Ok(c) = serde_json::from_slice::<RawClaims>(bytes) {
             return Ok(Self::Typed(Box::new(c)));
@@ -106,6 +109,58 @@ pub struct RawClaims {
     pipeline_run_uuid: Option<String>,
 }
 
+/// The claims as the member-by-member path reads them (serde's derive: `null`
+/// reads as absent, a mistyped claim is named by `serde_path_to_error`).
+#[derive(Deserialize)]
+struct NamedClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    exp: Option<u64>,
+    iat: Option<u64>,
+    nbf: Option<u64>,
+    aud: Option<Audience>,
+    #[serde(rename = "workspaceUuid")]
+    workspace_uuid: Option<String>,
+    #[serde(rename = "repositoryUuid")]
+    repository_uuid: Option<String>,
+    #[serde(rename = "pipelineUuid")]
+    pipeline_uuid: Option<String>,
+    #[serde(rename = "stepUuid")]
+    step_uuid: Option<String>,
+    #[serde(rename = "branchName")]
+    branch_name: Option<String>,
+    #[serde(rename = "deploymentEnvironmentUuid")]
+    deployment_environment_uuid: Option<String>,
+    #[serde(rename = "pipelineRunUuid")]
+    pipeline_run_uuid: Option<String>,
+}
+
+impl From<NamedClaims> for RawClaims {
+    fn from(c: NamedClaims) -> Self {
+        Self {
+            iss: c.iss,
+            sub: c.sub,
+            exp: c.exp,
+            iat: c.iat,
+            nbf: c.nbf,
+            aud: c.aud,
+            workspace_uuid: c.workspace_uuid,
+            repository_uuid: c.repository_uuid,
+            pipeline_uuid: c.pipeline_uuid,
+            step_uuid: c.step_uuid,
+            branch_name: c.branch_name,
+            deployment_environment_uuid: c.deployment_environment_uuid,
+            pipeline_run_uuid: c.pipeline_run_uuid,
+        }
+    }
+}
+
+/// Most names of members we do not read that the one-pass read tracks (for
+/// duplicates, by a linear scan); a payload or header with more is read by the
+/// member-by-member path instead (a sorted map), so the scan never grows
+/// quadratic on a hostile token.
+pub(super) const MAX_TRACKED_NAMES: usize = 16;
+
 /// A member name, borrowed from the input unless it has escapes.
 pub(super) struct Name<'de>(pub(super) Cow<'de, str>);
 
@@ -172,11 +227,13 @@ impl<'de> Deserialize<'de> for RawClaims {
                         }
                         "pipelineRunUuid" => put(&mut c.pipeline_run_uuid, &mut a)?,
                         _ => {
-                            if others.contains(&name) {
-                                return Err(A::Error::custom("duplicate member"));
+                            if others.contains(&name) || others.len() >= MAX_TRACKED_NAMES {
+                                return Err(A::Error::custom("duplicate member or too many"));
                             }
                             others.push(name);
-                            a.next_value::<IgnoredAny>()?;
+                            // Parsed (and dropped) as the member-by-member path
+                            // parses it: UTF-8, surrogates, number range, depth.
+                            a.next_value::<serde_json::Value>()?;
                         }
                     }
                 }
@@ -253,14 +310,17 @@ pub fn check(
 ) -> Result<BitbucketIdentity, VerifyError> {
     let c: RawClaims = match payload {
         Payload::Typed(c) => *c,
-        Payload::Object(m) => serde_path_to_error::deserialize(serde_json::Value::Object(m))
-            .map_err(|e| {
-                let path = e.path().to_string();
-                VerifyError::InvalidClaim {
-                    claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
-                    reason: "wrong type".into(),
-                }
-            })?,
+        Payload::Object(m) => {
+            serde_path_to_error::deserialize::<_, NamedClaims>(serde_json::Value::Object(m))
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    VerifyError::InvalidClaim {
+                        claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
+                        reason: "wrong type".into(),
+                    }
+                })?
+                .into()
+        }
     };
     let (exp, iat) = registered(&c, ws, rules, now)?;
     let sub = c.sub.clone().ok_or(VerifyError::MissingClaim("sub"))?;
@@ -521,6 +581,27 @@ mod tests {
             }
         }
         p
+    }
+
+    /// `null` reads as an absent claim (serde's derive on the member-by-member
+    /// path), whichever path the payload takes; a null NumericDate is refused
+    /// before any key (precheck).
+    #[test]
+    fn null_claims_read_as_absent() {
+        for claim in ["branchName", "deploymentEnvironmentUuid", "pipelineRunUuid"] {
+            let mut p = payload();
+            p[claim] = serde_json::Value::Null;
+            let got = run(p).map_or_else(|e| e.code(), |_| "ok");
+            assert_eq!(got, "ok", "{claim}: null");
+        }
+        for claim in ["sub", "aud", "workspaceUuid"] {
+            let mut p = payload();
+            p[claim] = serde_json::Value::Null;
+            assert_eq!(run(p).unwrap_err().code(), "token.missing_claim", "{claim}");
+        }
+        let mut p = payload();
+        p["exp"] = serde_json::Value::Null;
+        assert_eq!(run(p).unwrap_err().code(), "token.invalid_claim");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Jws<'_>, VerifyError> {
             )));
         }
     }
-    let payload = super::claims::Payload::read(&decode(p, "payload")?)?;
+    let payload = super::claims::Payload::Object(decode_segment(p, "payload")?);
     let kid = match header.get("kid") {
         None => None,
         Some(serde_json::Value::String(k)) => Some(k.clone()),
@@ -107,8 +107,8 @@ impl<'de> serde::Deserialize<'de> for Header {
                 let mut h = Header::default();
                 let mut names: Vec<std::borrow::Cow<'de, str>> = Vec::new();
                 while let Some(super::claims::Name(name)) = a.next_key()? {
-                    if names.contains(&name) {
-                        return Err(A::Error::custom("duplicate member"));
+                    if names.contains(&name) || names.len() >= super::claims::MAX_TRACKED_NAMES {
+                        return Err(A::Error::custom("duplicate member or too many"));
                     }
                     match name.as_ref() {
                         "alg" => h.alg = Some(a.next_value()?),
@@ -121,8 +121,10 @@ impl<'de> serde::Deserialize<'de> for Header {
                             h.crit = true;
                             a.next_value::<serde::de::IgnoredAny>()?;
                         }
+                        // Parsed (and dropped) as the member-by-member path
+                        // parses it: UTF-8, surrogates, number range, depth.
                         _ => {
-                            a.next_value::<serde::de::IgnoredAny>()?;
+                            a.next_value::<serde_json::Value>()?;
                         }
                     }
                     names.push(name);
@@ -245,7 +247,11 @@ mod tests {
     }
 
     fn code(raw: &str) -> &'static str {
-        match parse(raw, 4096) {
+        code_max(raw, 4096)
+    }
+
+    fn code_max(raw: &str, max: usize) -> &'static str {
+        match parse(raw, max) {
             Ok(_) => "ok",
             Err(e) => e.code(),
         }
@@ -320,6 +326,50 @@ mod tests {
             code(&token(r#"{"alg":"RS256","x":1,"x":2}"#, ok_payload)),
             "token.malformed"
         );
+        // Values of members we do not read are parsed as strictly as before:
+        // a lone surrogate, invalid UTF-8, a number out of range, deep nesting.
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        for extra in [
+            &br#","x":"\ud800""#[..],
+            br#","x":1e400"#,
+            b",\"x\":\"\xff\xfe\"",
+            format!(r#","x":{deep}"#).as_bytes(),
+        ] {
+            let p = [&br#"{"iss":"i""#[..], extra, b"}"].concat();
+            let h = [&br#"{"alg":"RS256""#[..], extra, b"}"].concat();
+            let b = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+            let raw = format!("{}.{}.c2ln", b(br#"{"alg":"RS256"}"#), b(&p));
+            assert_eq!(code(&raw), "token.malformed", "payload {extra:?}");
+            let raw = format!("{}.{}.c2ln", b(&h), b(br#"{"iss":"i"}"#));
+            assert_eq!(code(&raw), "token.malformed", "header {extra:?}");
+        }
+        // Many members we do not read: the one-pass read stops tracking them
+        // (its duplicate scan is linear per name) and the sorted-map path reads
+        // the token; duplicates among them are still found.
+        let many = |n: usize, dup: bool| {
+            let mut p = String::from(r#"{"iss":"i""#);
+            for i in 0..n {
+                p.push_str(&format!(r#","_{i:05}":0"#));
+            }
+            if dup {
+                p.push_str(r#","_00000":1"#);
+            }
+            p.push('}');
+            token(r#"{"alg":"RS256"}"#, &p)
+        };
+        let few = many(super::super::claims::MAX_TRACKED_NAMES, false);
+        let few = parse(&few, 1 << 20).unwrap();
+        assert!(matches!(
+            few.payload,
+            super::super::claims::Payload::Typed(_)
+        ));
+        let lots = many(20_000, false);
+        let lots = parse(&lots, 1 << 20).unwrap();
+        assert!(matches!(
+            lots.payload,
+            super::super::claims::Payload::Object(_)
+        ));
+        assert_eq!(code_max(&many(20_000, true), 1 << 20), "token.malformed");
         // What the typed pass cannot read is read member by member, with the
         // same answer as before: a null NumericDate is refused before any key.
         let raw = token(r#"{"alg":"RS256"}"#, r#"{"iss":"i","exp":null}"#);
