@@ -10,8 +10,9 @@
 #                 artifacts:read (the one scope the stub grants)
 #   secret-tls    the same two with the stub behind TLS (haproxy terminating,
 #   pkjwt-tls     a throw-away CA trusted through SSL_CERT_FILE)
-#   secret-stdout as secret, with the audit lines on standard output (a pipe or
-#                 file there goes through the writer thread; a file is written inline)
+#   secret-stdout as secret, with the audit lines on standard output (standard
+#                 output, pipe or file, goes through the writer thread; an
+#                 [audit] path file is written inline)
 #   bad-signature refused: the step token's signature altered (token.bad_signature)
 #   policy        refused: a step token of a feature branch (policy.branch_not_allowed)
 # next to the bare RS256 check and the verification + policy decision measured by
@@ -24,9 +25,11 @@
 #   scripts/bench-cpu.sh   # BENCH_DURATION=10 BENCH_WARMUP=3 BENCH_CONNECTIONS=16
 #                          # BENCH_LOG=warn BENCH_CRITERION=1
 #
-# Results: target/bench-cpu/results.md. Needs what scripts/test.sh needs, plus wrk
-# (installed from Debian's packages when running as root) and openssl. Uses ports
-# 18094-18098. Run it on an otherwise idle machine.
+# Results: ./target/bench-cpu/results.md (whatever CARGO_TARGET_DIR is). Needs
+# what scripts/test.sh needs (scripts/bootstrap.sh checks it), plus wrk and openssl
+# (installed from Debian's packages when running as root). Uses ports 18094-18098.
+# The audit files it writes (GBs) are removed at the end. Run it on an otherwise
+# idle machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -63,8 +66,12 @@ rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/*.cpu "$OUT"/audit-*.jsonl
 [[ -f "$OUT/sts-identity-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-identity-key.pem" >/dev/null
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -f "$OUT"/audit-*.jsonl "$OUT"/stdout-*.jsonl
+}
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 wait_http() {
   local i
@@ -167,6 +174,8 @@ on_others() { if [[ -n "$PIN" && "$LAST_CPU" -gt 0 ]]; then taskset -c "0-$((LAS
 # service's own.
 on_own() { if [[ -n "$PIN" && "$LAST_CPU" -gt 0 ]]; then exec taskset -c "$LAST_CPU" "$@"; else exec "$@"; fi; }
 
+stop_sts() { kill "$STS_PID" 2>/dev/null || true; wait "$STS_PID" 2>/dev/null || true; }
+
 start_sts() { # port keycloak_url -> pid in STS_PID
   config "$1" "$2" >"$OUT/sts-$1.toml"
   RUST_LOG="$LOG" KCS_BENCH_SECRET=sts-artifacts-test-secret SSL_CERT_FILE="$PWD/$OUT/tls/ca.pem" \
@@ -207,6 +216,10 @@ run() { # name url body expected-status: warm-up, then the measured run
     echo "bench-cpu: $1 answered $status, expected $4" >&2
     exit 1
   fi
+  # wrk counts answers other than 2xx/3xx (and socket errors) as errors: every
+  # answer of the measured run must be the expected one.
+  local expect_errors='0'
+  if [[ "$4" != 200 ]]; then expect_errors='.requests'; fi
   BENCH_BODY="$3" BENCH_AUTH="" on_others wrk -t2 -c"$CONNECTIONS" -d"${WARMUP}s" -s bench/report.lua "$2" >/dev/null
   before=$(cpu_ticks "$STS_PID")
   sw_before=$(switches "$STS_PID")
@@ -222,6 +235,10 @@ run() { # name url body expected-status: warm-up, then the measured run
      | $r + {cpu_us: ($t / $hz * 1000000 / $n), switches: ($sw / $n), connects: ($op / $n)}' \
     "$OUT/$1.json" >"$OUT/$1.cpu"
   echo "$1: $(cat "$OUT/$1.cpu")"
+  if ! jq -e ".errors == $expect_errors" "$OUT/$1.json" >/dev/null; then
+    echo "bench-cpu: $1: unexpected answers during the measured run (wrk errors: $(jq .errors "$OUT/$1.json"))" >&2
+    exit 1
+  fi
 }
 
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
@@ -235,21 +252,23 @@ scenarios() { # suffix for the result files ("" or "-pinned")
   run "bad-signature$x" http://127.0.0.1:18096/token "$(form artifact-api "$FORGED")" 400
   run "policy$x" http://127.0.0.1:18096/token "$(form artifact-api "$FEATURE")" 400
   peak_rss_mib "$STS_PID" >"$OUT/rss-http$x"
-  kill "$STS_PID"
+  stop_sts
   echo "== service against the stub over TLS${x:+ ($PIN)}"
   start_sts 18097 "https://$TLS_STUB"
   run "secret-tls$x" http://127.0.0.1:18097/token "$(form artifact-api "$MAIN")" 200
   run "pkjwt-tls$x" http://127.0.0.1:18097/token "$(form deploy-api "$PRODUCTION")&scope=artifacts%3Aread" 200
   peak_rss_mib "$STS_PID" >"$OUT/rss-tls$x"
-  kill "$STS_PID"
+  stop_sts
   echo "== audit lines on standard output${x:+ ($PIN)}"
   start_sts 18098 "http://$STUB"
   run "secret-stdout$x" http://127.0.0.1:18098/token "$(form artifact-api "$MAIN")" 200
-  kill "$STS_PID"
+  stop_sts
 }
 scenarios ""
 if [[ "$(nproc)" -gt 1 ]]; then
   PIN=pinned
+  # The issuer with its stub and haproxy (every thread) off the service's core.
+  for p in "${pids[@]}"; do taskset -a -p -c "0-$((LAST_CPU - 1))" "$p" >/dev/null 2>&1 || true; done
   scenarios -pinned
 fi
 RSS_HTTP=$(cat "$OUT/rss-http") RSS_TLS=$(cat "$OUT/rss-tls")

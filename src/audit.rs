@@ -359,7 +359,10 @@ fn on_remote_filesystem(f: &std::fs::File) -> bool {
     ];
     match rustix::fs::fstatfs(f) {
         // `f_type` is i64 on 64-bit Linux and narrower elsewhere.
-        #[allow(clippy::useless_conversion, reason = "not the same type on every target")]
+        #[allow(
+            clippy::useless_conversion,
+            reason = "not the same type on every target"
+        )]
         Ok(st) => REMOTE.contains(&i64::from(st.f_type)),
         Err(_) => true,
     }
