@@ -37,7 +37,7 @@ impl Payload {
     /// [`VerifyError::Malformed`]: not a JSON object, or a member name twice.
     #[cfg(test)]
     pub fn read(bytes: &[u8]) -> Result<Self, VerifyError> {
-        if let Ok(c) = serde_json::from_slice::<RawClaims>(bytes) {
+        if let Ok(OnePass(c)) = serde_json::from_slice::<OnePass>(bytes) {
             return Ok(Self::Typed(Box::new(c)));
         }
         serde_json::from_slice::<StrictObject>(bytes)
@@ -90,29 +90,11 @@ impl<'de> Deserialize<'de> for Audience {
 
 /// Claims with strict types (numbers are numbers); presence and shape are
 /// checked afterwards so errors can name the claim. Names are Bitbucket's.
-/// Deserialised member by member: a name that appears twice (a claim we read
-/// or any other) is an error, as in [`StrictObject`].
-#[derive(Default)]
+/// serde's derive is the member-by-member path (`null` reads as absent, a
+/// mistyped claim is named by `serde_path_to_error`); [`OnePass`] is the
+/// one-pass read of the same struct.
+#[derive(Default, Deserialize)]
 pub struct RawClaims {
-    iss: Option<String>,
-    sub: Option<String>,
-    exp: Option<u64>,
-    iat: Option<u64>,
-    nbf: Option<u64>,
-    aud: Option<Audience>,
-    workspace_uuid: Option<String>,
-    repository_uuid: Option<String>,
-    pipeline_uuid: Option<String>,
-    step_uuid: Option<String>,
-    branch_name: Option<String>,
-    deployment_environment_uuid: Option<String>,
-    pipeline_run_uuid: Option<String>,
-}
-
-/// The claims as the member-by-member path reads them (serde's derive: `null`
-/// reads as absent, a mistyped claim is named by `serde_path_to_error`).
-#[derive(Deserialize)]
-struct NamedClaims {
     iss: Option<String>,
     sub: Option<String>,
     exp: Option<u64>,
@@ -135,25 +117,11 @@ struct NamedClaims {
     pipeline_run_uuid: Option<String>,
 }
 
-impl From<NamedClaims> for RawClaims {
-    fn from(c: NamedClaims) -> Self {
-        Self {
-            iss: c.iss,
-            sub: c.sub,
-            exp: c.exp,
-            iat: c.iat,
-            nbf: c.nbf,
-            aud: c.aud,
-            workspace_uuid: c.workspace_uuid,
-            repository_uuid: c.repository_uuid,
-            pipeline_uuid: c.pipeline_uuid,
-            step_uuid: c.step_uuid,
-            branch_name: c.branch_name,
-            deployment_environment_uuid: c.deployment_environment_uuid,
-            pipeline_run_uuid: c.pipeline_run_uuid,
-        }
-    }
-}
+/// [`RawClaims`] read from the payload bytes in one pass: a name that appears
+/// twice (a claim we read or any other) is an error, as in `StrictObject`; so
+/// is a `null` claim or more than [`MAX_TRACKED_NAMES`] other members (the
+/// member-by-member path then decides).
+pub(super) struct OnePass(pub(super) RawClaims);
 
 /// Most names of members we do not read that the one-pass read tracks (for
 /// duplicates, by a linear scan); a payload or header with more is read by the
@@ -186,15 +154,15 @@ impl<'de> Deserialize<'de> for Name<'de> {
     }
 }
 
-impl<'de> Deserialize<'de> for RawClaims {
+impl<'de> Deserialize<'de> for OnePass {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = RawClaims;
+            type Value = OnePass;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object of claims")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<RawClaims, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<OnePass, A::Error> {
                 // A claim we read, of its type: `null` is an error here too
                 // (the claim-by-claim path decides what a null means).
                 fn put<'de, T: Deserialize<'de>, A: MapAccess<'de>>(
@@ -237,7 +205,7 @@ impl<'de> Deserialize<'de> for RawClaims {
                         }
                     }
                 }
-                Ok(c)
+                Ok(OnePass(c))
             }
         }
         d.deserialize_map(V)
@@ -310,17 +278,16 @@ pub fn check(
 ) -> Result<BitbucketIdentity, VerifyError> {
     let c: RawClaims = match payload {
         Payload::Typed(c) => *c,
-        Payload::Object(m) => {
-            serde_path_to_error::deserialize::<_, NamedClaims>(serde_json::Value::Object(m))
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    VerifyError::InvalidClaim {
-                        claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
-                        reason: "wrong type".into(),
-                    }
-                })?
-                .into()
-        }
+        Payload::Object(m) => serde_path_to_error::deserialize::<_, RawClaims>(
+            serde_json::Value::Object(m),
+        )
+        .map_err(|e| {
+            let path = e.path().to_string();
+            VerifyError::InvalidClaim {
+                claim: CLAIMS.into_iter().find(|n| *n == path).unwrap_or("payload"),
+                reason: "wrong type".into(),
+            }
+        })?,
     };
     let (exp, iat) = registered(&c, ws, rules, now)?;
     let sub = c.sub.clone().ok_or(VerifyError::MissingClaim("sub"))?;

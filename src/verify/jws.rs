@@ -145,8 +145,8 @@ fn parse_typed<'a>(h: &str, p: &str, s: &'a str, signing_input: &'a str) -> Opti
     if header.crit {
         return None;
     }
-    let payload =
-        serde_json::from_slice::<super::claims::RawClaims>(&decode(p, "payload").ok()?).ok()?;
+    let super::claims::OnePass(payload) =
+        serde_json::from_slice(&decode(p, "payload").ok()?).ok()?;
     Some(Jws {
         alg: header.alg?,
         kid: header.kid,
