@@ -284,6 +284,14 @@ if [[ "$CRITERION" == 1 ]]; then
   DECIDE_US=$(est verify_and_decide)
 fi
 
+# The audit rotation check (README "Audit rotation"): one stat(2) of the audit
+# path before every inline write, measured on its own (release build).
+echo "== the audit rotation check: one stat(2) per inline audit write"
+cargo test --release --locked --lib stat_cost -- --ignored --nocapture >"$OUT/stat-cost.log" 2>&1
+STAT_US=$(sed -nE 's/.*stat\(2\) of the audit path: ([0-9.]+)(ns|µs) per call.*/\1 \2/p' "$OUT/stat-cost.log" |
+  awk '{ print ($2 == "ns" ? $1 / 1000 : $1) }')
+[[ -n "$STAT_US" ]] || { echo "bench-cpu: no stat(2) measurement in $OUT/stat-cost.log" >&2; exit 1; }
+
 c() { jq -r ".$2" "$OUT/$1.cpu"; }
 {
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); wrk -t2 -c$CONNECTIONS -d${DURATION}s; RUST_LOG=$LOG; $(date -u +%Y-%m-%d)"
@@ -312,6 +320,8 @@ c() { jq -r ".$2" "$OUT/$1.cpu"; }
     awk -v b="$BARE_US" -v d="$DECIDE_US" 'BEGIN {
       printf "criterion: bare RS256 signature check %.1f µs, verification (warm key cache) + policy decision %.1f µs (%.2f ×)\n\n", b, d, d / b }'
   fi
+  awk -v st="$STAT_US" -v s="$(c secret cpu_us)" 'BEGIN {
+    printf "audit rotation check: one stat(2) of the audit path per inline write, %.2f µs (%.1f %% of an allowed exchange, client secret)\n\n", st, 100 * st / s }'
   cpin() { if [[ -f "$OUT/$1-pinned.cpu" ]]; then c "$1-pinned" cpu_us; else echo 0; fi; }
   awk -v s="$(c secret cpu_us)" -v p="$(c pkjwt cpu_us)" -v st="$(c secret-tls cpu_us)" \
     -v pt="$(c pkjwt-tls cpu_us)" -v bs="$(c bad-signature cpu_us)" -v po="$(c policy cpu_us)" \

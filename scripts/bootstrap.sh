@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks (and where possible installs) what building and testing needs:
 # Rust with rustfmt and clippy, a C toolchain with OpenSSL headers (josekit links
-# OpenSSL), Java 17+, Maven, curl, unzip, jq, redis-server and haproxy (the
+# OpenSSL), a C++ compiler (libFuzzer; scripts/fuzz.sh checks the nightly toolchain), Java 17+, Maven, curl, unzip, jq, redis-server and haproxy (the
 # replica tests). Debian packages are installed with
 # apt-get when running as root; otherwise the missing ones are named.
 set -euo pipefail
@@ -10,6 +10,8 @@ missing_pkgs=()
 need_cmd() { command -v "$1" >/dev/null 2>&1 || missing_pkgs+=("$2"); }
 
 need_cmd cc gcc
+# libFuzzer (scripts/fuzz.sh, the fuzz step of scripts/test.sh) is C++
+need_cmd c++ g++
 need_cmd pkg-config pkg-config
 need_cmd curl curl
 need_cmd unzip unzip

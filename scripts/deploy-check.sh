@@ -2,8 +2,9 @@
 # Checks what platform teams deploy (run by scripts/test.sh):
 #
 #   1. the Dockerfile with hadolint (warnings fail);
-#   2. the Helm chart: `helm lint --strict`, `helm template` with the defaults
-#      and with every optional part on, each rendering validated against the
+#   2. the Helm chart: `helm lint --strict`, `helm template` with the defaults,
+#      with every optional part on and with each policy source (ConfigMap,
+#      git-sync, volume; ci/*-values.yaml), each rendering validated against the
 #      Kubernetes schemas (kubernetes-validate, strict) of two Kubernetes versions;
 #   3. the image's runtime contract without a container engine: the release
 #      binary started exactly as the image's ENTRYPOINT and CMD say, as its USER
@@ -53,8 +54,11 @@ trap 'rm -rf "$work"' EXIT
   --set-file 'realmModel=policies/keycloak/realm.yaml' >"$work/all.yaml"
 "$HELM" template kcs "$CHART" --set podDisruptionBudget.enabled=false \
   --set networkPolicy.enabled=false >"$work/minimal.yaml"
+# Policy sets too large for a ConfigMap: a git-sync sidecar, the operator's volume.
+"$HELM" template kcs "$CHART" -f "$CHART/ci/git-sync-values.yaml" >"$work/git-sync.yaml"
+"$HELM" template kcs "$CHART" -f "$CHART/ci/volume-values.yaml" >"$work/volume.yaml"
 for v in $K8S_VERSIONS; do
-  for f in default all minimal; do
+  for f in default all minimal git-sync volume; do
     # ServiceMonitor is a CRD (Prometheus Operator): no schema ships; a warning.
     "$PYTOOLS/bin/kubernetes-validate" --strict --quiet -k "$v" "$work/$f.yaml"
   done
@@ -68,6 +72,24 @@ if sed -n '/kind: ConfigMap/,/^---/p' "$work/all.yaml" | grep -qE '^  [^ :]*/[^ 
   exit 1
 fi
 grep -q "readOnlyRootFilesystem: true" "$work/default.yaml"
+# With git-sync or a volume: no policies ConfigMap, policies_dir where they are.
+for f in git-sync volume; do
+  if grep -q -- "-policies$" <(sed -n '/kind: ConfigMap/,/^---/p' "$work/$f.yaml"); then
+    echo "deploy-check: $f: the policies ConfigMap is still rendered" >&2
+    exit 1
+  fi
+done
+grep -q 'policies_dir = "/etc/keycloak-ci-sts/git/current/policies"' "$work/git-sync.yaml"
+grep -q -- "--link=current" "$work/git-sync.yaml"
+grep -q -- "--one-time" "$work/git-sync.yaml"   # the CronJob syncs once first
+[[ $(grep -c "readOnlyRootFilesystem: true" "$work/git-sync.yaml") -ge 3 ]]
+grep -q 'policies_dir = "/etc/keycloak-ci-sts/policies-volume/policies"' "$work/volume.yaml"
+grep -q "claimName: keycloak-ci-sts-policies" "$work/volume.yaml"
+if "$HELM" template kcs "$CHART" -f "$CHART/ci/git-sync-values.yaml" \
+  --set policySource.volume.existingClaim=x >/dev/null 2>&1; then
+  echo "deploy-check: gitSync and volume together were accepted" >&2
+  exit 1
+fi
 # No namespaces for the admin port: no rule for it (an empty `from` opens it).
 "$HELM" template kcs "$CHART" --set 'networkPolicy.metricsNamespaces=null' >"$work/closed.yaml"
 if grep -q "port: admin" <(sed -n '/kind: NetworkPolicy/,/^---/p' "$work/closed.yaml"); then

@@ -13,8 +13,8 @@
 #   KC_BOOTSTRAP_ADMIN_PASSWORD   master-realm admin password (default admin)
 #   KC_JAVA_OPTS_APPEND           extra JVM options (default -Xmx512m); passed as JAVA_OPTS_APPEND
 #   KC_EXTRA_ARGS                 extra arguments for `kc.sh start-dev` (word-split)
-#   KCS_CACHE_DIR                 where the distribution zip is cached
-#                                 (default ${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts)
+#   KCS_CACHE_DIR                 where the distribution zip is cached (default: $KCS_CACHE,
+#                                 the cache of every script, ${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts)
 #
 # The distribution is unpacked per clone into target/keycloak/keycloak-$KC_VERSION;
 # its data/ directory (H2 database + import) is wiped on every start, so every run
@@ -39,7 +39,7 @@ KC_ADMIN_USER="${KC_BOOTSTRAP_ADMIN_USERNAME:-admin}"
 KC_ADMIN_PASSWORD="${KC_BOOTSTRAP_ADMIN_PASSWORD:-admin}"
 KC_JAVA_OPTS_APPEND="${KC_JAVA_OPTS_APPEND:--Xmx512m}"
 KC_EXTRA_ARGS="${KC_EXTRA_ARGS:-}"
-KCS_CACHE_DIR="${KCS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts}"
+KCS_CACHE_DIR="${KCS_CACHE_DIR:-${KCS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts}}"
 
 KC_BASE="$REPO_ROOT/target/keycloak"
 KC_HOME="$KC_BASE/keycloak-$KC_VERSION"

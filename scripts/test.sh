@@ -8,7 +8,8 @@
 # fetched from Maven, cached outside the clone, run in dev mode on 127.0.0.1),
 # configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`
 # (also the replica tests: redis-server, three service processes, haproxy);
-# checks the Dockerfile, the Helm chart and the image's runtime contract
+# builds the fuzz targets, replays their corpora and runs each 200,000 times from a fixed seed
+# (scripts/fuzz.sh --ci); checks the Dockerfile, the Helm chart and the image's runtime contract
 # (scripts/deploy-check.sh);
 # then runs the provisioning test on Keycloak 26.4.7 and 26.5.6
 # (KCS_KEYCLOAK_OLDER_VERSIONS, empty to skip them locally). The real-Keycloak
@@ -28,6 +29,12 @@ cargo test --locked --workspace --no-run
 
 cargo build --locked --workspace --bins
 
+# Every parser of outside input, coverage-guided: each target built once without
+# sanitizer (nightly, cached outside the clone), its corpus replayed, then fuzzed
+# 200,000 times from a fixed seed (README "Fuzzing"; scripts/fuzz.sh runs longer, with AddressSanitizer).
+echo "== fuzz targets (cargo +nightly fuzz: build, replay fuzz/corpus/, 200,000 runs each from seed 1)"
+bash scripts/fuzz.sh --ci
+
 # The newest supported Keycloak runs the whole suite; the older lines of the
 # support matrix run the provisioning test (blank realm -> plan -> apply -> real
 # exchanges with both authentication methods -> drift -> repair). Each
@@ -43,7 +50,13 @@ echo "== keycloak apply: realm ci from policies/ and policies/keycloak/realm.yam
 bash scripts/keycloak.sh provision
 
 echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST, and the replica tests with redis-server and haproxy)"
-cargo test --locked --workspace -- --include-ignored
+# Most tests wait on sockets, so four run at once on two cores. The load test
+# (thousands of exchanges over 200 connections) runs alone afterwards: on a
+# machine busy with other tests its client misses the server's 5 s header
+# timeout, which says nothing about the server.
+cargo test --locked --workspace -- --include-ignored --test-threads=4 --skip concurrency::
+echo "== the load test, alone"
+cargo test --locked --test api concurrency:: -- --include-ignored
 bash scripts/keycloak.sh stop
 
 echo "== deployment: Dockerfile (hadolint), Helm chart (lint, template, schemas), the image's runtime contract"

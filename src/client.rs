@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::domain::oauth::{GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ID_TOKEN};
+use crate::domain::regular_file::read_small_file;
 use crate::domain::SecretToken;
 
 /// Largest answer read from the service, in bytes.
@@ -123,6 +124,10 @@ pub enum ClientError {
     /// A 200 answer that is not what the endpoint answers.
     #[error("the service answered 200 without a {0}")]
     Malformed(&'static str),
+    /// A scope named is not an RFC 6749 §3.3 scope token: sent joined with the
+    /// others, the service would read other scopes from it. Nothing was sent.
+    #[error("scope `{0}` is not an RFC 6749 scope token (1 to 256 characters, no spaces, quotes or backslashes); nothing was sent")]
+    InvalidScope(String),
 }
 
 impl ClientError {
@@ -144,15 +149,20 @@ fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SecretToken, D::Erro
     String::deserialize(d).map(SecretToken::new)
 }
 
-/// The step's OIDC token: read from `file`, or from `$BITBUCKET_STEP_OIDC_TOKEN`;
+/// Largest subject token file read, in bytes (a Bitbucket OIDC token is about
+/// 1 KiB).
+pub const MAX_SUBJECT_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// The step's OIDC token: read from `file` ([`read_small_file`](crate::domain::regular_file::read_small_file), at most
+/// [`MAX_SUBJECT_TOKEN_FILE_BYTES`]), or from `$BITBUCKET_STEP_OIDC_TOKEN`;
 /// surrounding whitespace removed.
 ///
 /// # Errors
-/// The file is unreadable, the variable unset, or the token empty (the message
-/// never contains the token).
+/// The file is unreadable, not a regular file or too large, the variable unset,
+/// or the token empty (the message never contains the token).
 pub fn subject_token(file: Option<&Path>) -> Result<SecretToken, String> {
     let value = match file {
-        Some(f) => std::fs::read_to_string(f)
+        Some(f) => read_small_file(f, MAX_SUBJECT_TOKEN_FILE_BYTES)
             .map_err(|e| format!("cannot read --subject-token-file {}: {e}", f.display()))?,
         None => std::env::var(SUBJECT_TOKEN_ENV).map_err(|_| {
             format!(
@@ -167,40 +177,114 @@ pub fn subject_token(file: Option<&Path>) -> Result<SecretToken, String> {
     Ok(SecretToken::new(value))
 }
 
-/// Writes `text` to `path` with mode 0600, atomically: a new temporary file in
-/// the same directory (never an existing one, so no symlink is followed), then
-/// renamed over `path`.
+/// The file a result goes to (a token, an inventory), prepared **before** the
+/// request: a new temporary file with the given mode, created exclusively (`O_EXCL`: never an existing file, so
+/// no symbolic link or FIFO is opened) in the target's directory. [`OutputFile::write`]
+/// renames it over the target; dropped unwritten (a refusal, an error), it is
+/// removed. So a missing directory, a directory as target or an unwritable
+/// place is found before a token is issued, audited and counted.
+///
+/// Only a regular file is ever replaced: an existing target that is anything
+/// else (`check_target`: a directory, a FIFO, a socket, a device such as
+/// `/dev/null`, or a symbolic link) is refused before the request, and again
+/// just before the rename.
+pub struct OutputFile {
+    tmp: tempfile::NamedTempFile,
+    path: PathBuf,
+}
+
+impl OutputFile {
+    /// Creates the temporary file for `path` with `mode` (0600 for tokens).
+    ///
+    /// # Errors
+    /// `path` names no file or a directory, or the file cannot be created
+    /// (the message names the path).
+    pub fn create(path: &Path, mode: u32) -> Result<Self, String> {
+        use std::os::unix::fs::PermissionsExt;
+        if path.file_name().is_none() {
+            return Err(format!("{} is a directory", path.display()));
+        }
+        check_target(path)?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".keycloak-ci-sts.")
+            .suffix(".tmp")
+            .permissions(std::fs::Permissions::from_mode(mode))
+            .tempfile_in(dir)
+            .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
+        Ok(Self {
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The target path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `text`, syncs and renames the file over the target.
+    ///
+    /// # Errors
+    /// The I/O error, naming the path (the temporary file is removed).
+    pub fn write(self, text: &str) -> Result<(), String> {
+        let Self { mut tmp, path } = self;
+        let fail = |e: &dyn std::fmt::Display| format!("cannot write {}: {e}", path.display());
+        tmp.write_all(text.as_bytes())
+            .and_then(|()| tmp.as_file().sync_all())
+            .map_err(|e| fail(&e))?;
+        // The entry may have changed during the request: checked again.
+        check_target(&path)?;
+        tmp.persist(&path).map_err(|e| fail(&e.error))?;
+        Ok(())
+    }
+}
+
+/// What may be at an output path: nothing, or a regular file (replaced by the
+/// rename). Anything else is refused, looked at with `lstat(2)` (never opened,
+/// never followed): a rename would replace a device (`/dev/null` as root) or a
+/// FIFO (its reader would never get the token) with a file. A symbolic link is
+/// refused too, wherever it points: the rename would replace the link itself,
+/// not its target, so whoever reads through the target would get a stale token
+/// or none; naming the resolved path is the caller's simple, explicit choice.
 ///
 /// # Errors
-/// The I/O error, naming the path.
-pub fn write_private(path: &Path, text: &str) -> Result<(), String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
+/// The target is a directory, a symbolic link or another non-regular file, or
+/// cannot be inspected (the message names the path and what it is).
+fn check_target(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let shown = path.display();
+    let kind = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot inspect {shown}: {e}")),
+        Ok(m) => m.file_type(),
     };
-    let tmp = dir.join(format!(
-        ".keycloak-ci-sts-token.{}.{}.tmp",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(text.as_bytes())?;
-            f.sync_all()
-        });
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", tmp.display()));
+    if kind.is_file() {
+        return Ok(());
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot write {}: {e}", path.display())
-    })
+    if kind.is_dir() {
+        return Err(format!("{shown} is a directory"));
+    }
+    if kind.is_symlink() {
+        return Err(format!(
+            "{shown} is a symbolic link: it is never replaced, name the file itself"
+        ));
+    }
+    let what = if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "of another kind"
+    };
+    Err(format!(
+        "{shown} exists and is not a regular file ({what}): it is never replaced"
+    ))
 }
 
 /// A client of one service.
@@ -243,16 +327,9 @@ impl StsClient {
         audience: &str,
         scopes: &[String],
     ) -> Result<IssuedToken, ClientError> {
+        check_scopes(scopes)?;
         let scope = scopes.join(" ");
-        let mut form: Vec<(&str, &str)> = vec![
-            ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
-            ("subject_token_type", TOKEN_TYPE_ID_TOKEN),
-            ("subject_token", subject.expose()),
-            ("audience", audience),
-        ];
-        if !scope.is_empty() {
-            form.push(("scope", &scope));
-        }
+        let form = token_form(subject, audience, &scope);
         let body = self.post("token", &form).await?;
         serde_json::from_slice(&body).map_err(|_| ClientError::Malformed("token response"))
     }
@@ -315,6 +392,74 @@ impl StsClient {
             }
             eprintln!("keycloak-ci-sts: temporarily unavailable; retrying in {wait} s");
             tokio::time::sleep(Duration::from_secs(wait)).await;
+        }
+    }
+}
+
+/// Each scope must be one RFC 6749 §3.3 scope token, so that the joined
+/// `scope` parameter says exactly the scopes named (`["a b"]` is not `a` and `b`).
+///
+/// # Errors
+/// [`ClientError::InvalidScope`] naming the first other one (truncated).
+pub(crate) fn check_scopes(scopes: &[String]) -> Result<(), ClientError> {
+    match scopes
+        .iter()
+        .find(|s| !crate::domain::oauth::is_scope_token(s))
+    {
+        Some(s) => Err(ClientError::InvalidScope(crate::domain::truncate(
+            &s.escape_debug().to_string(),
+            64,
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The `POST /token` form (RFC 8693 §2.1) for `audience` and the space-joined
+/// `scope` (omitted when empty).
+pub(crate) fn token_form<'a>(
+    subject: &'a SecretToken,
+    audience: &'a str,
+    scope: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    let mut form = vec![
+        ("grant_type", GRANT_TYPE_TOKEN_EXCHANGE),
+        ("subject_token_type", TOKEN_TYPE_ID_TOKEN),
+        ("subject_token", subject.expose()),
+        ("audience", audience),
+    ];
+    if !scope.is_empty() {
+        form.push(("scope", scope));
+    }
+    form
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `mcp_args` fuzz target: `["deploy:api artifacts:write"]`
+    /// was sent as `scope=deploy:api artifacts:write`, two scopes the caller
+    /// did not name one by one. Refused before any request now.
+    #[test]
+    fn a_scope_that_is_not_one_scope_token_is_refused_before_sending() {
+        let client = StsClient::new("http://127.0.0.1:9", 0).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let subject = SecretToken::new("a.b.c");
+        for scopes in [
+            vec!["deploy:api artifacts:write"],
+            vec![""],
+            vec!["ok", "a\"b"],
+        ] {
+            let scopes: Vec<String> = scopes.into_iter().map(String::from).collect();
+            let got = rt.block_on(client.token(&subject, "deploy-api", &scopes));
+            assert!(
+                matches!(got, Err(ClientError::InvalidScope(_))),
+                "{scopes:?}: expected InvalidScope, got {:?}",
+                got.map(|_| "a token").map_err(|e| e.to_string())
+            );
         }
     }
 }

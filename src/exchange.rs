@@ -75,9 +75,9 @@ pub enum RequestError {
     /// The body is larger than the limit (bytes).
     #[error("body larger than {0} bytes")]
     TooLarge(usize),
-    /// The body did not arrive in time (seconds).
-    #[error("body not received within {0} s")]
-    BodyTimeout(u64),
+    /// The body did not arrive in time (milliseconds).
+    #[error("body not received within {0} ms")]
+    BodyTimeout(u128),
     /// The body broke off.
     #[error("body unreadable")]
     BodyUnreadable,
@@ -147,7 +147,7 @@ impl RequestError {
         match self {
             Self::ContentType => "Content-Type must be application/x-www-form-urlencoded (RFC 8693 §2.1)".into(),
             Self::TooLarge(max) => format!("request body is larger than {max} bytes"),
-            Self::BodyTimeout(s) => format!("request body not received within {s} s"),
+            Self::BodyTimeout(ms) => format!("request body not received within {ms} ms"),
             Self::BodyUnreadable => "request body could not be read".into(),
             Self::RepeatedParameter(k) => format!("parameter `{k}` is repeated; send it once"),
             Self::UnsupportedParameter(k) => format!("parameter `{k}` is not supported (no delegation or resource indicators)"),

@@ -51,6 +51,64 @@ pub fn check_upstream_url(s: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// How the path of a URL taken from an upstream's answer must relate to the
+/// path of the URL it is checked against ([`check_followed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathRule {
+    /// Any path on the same origin (the issuer's `jwks_uri`).
+    AnyPath,
+    /// The base's path or one under it (Keycloak's `token_endpoint` under
+    /// `<base>/realms/<realm>`).
+    Under,
+    /// The base's path itself: another page of the same list (Bitbucket's
+    /// `next`); only the query may differ.
+    Same,
+}
+
+/// The one rule for a URL an upstream names (in a discovery document or a
+/// page) before this service sends anything to it: the same origin as `base`
+/// (scheme, host and port; so plain http only where `base` already is plain
+/// http on loopback), no user name or password, and a path as `rule` says,
+/// compared **by segments** after the URL parser resolved `.` and `..` (so
+/// `/2.0-other` is not under `/2.0`; a trailing slash does not make another
+/// path). Redirects are never followed at all ([`client`]).
+///
+/// # Errors
+/// What is wrong, without the URL (it came from outside; callers name their own).
+pub fn check_followed(url: &Url, base: &Url, rule: PathRule) -> Result<(), &'static str> {
+    if !url.origin().is_tuple() || url.origin() != base.origin() {
+        return Err("another origin (scheme, host or port)");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("it carries credentials");
+    }
+    let (path, under) = (segments(url), segments(base));
+    let ok = match rule {
+        PathRule::AnyPath => true,
+        PathRule::Under => path.starts_with(&under),
+        PathRule::Same => path == under,
+    };
+    if !ok {
+        return Err(match rule {
+            PathRule::Same => "another path",
+            _ => "a path outside the expected one",
+        });
+    }
+    Ok(())
+}
+
+/// The path's segments, without the empty one a trailing slash leaves.
+fn segments(url: &Url) -> Vec<&str> {
+    let mut v: Vec<&str> = url
+        .path_segments()
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if v.last() == Some(&"") {
+        v.pop();
+    }
+    v
+}
+
 /// Builds an outbound client: redirects off (SSRF, see openidconnect-rs "Security
 /// Warning"), connect and total timeouts, rustls.
 ///
@@ -229,6 +287,61 @@ mod tests {
             retry_after_seconds(&reqwest::header::HeaderMap::new(), max),
             None
         );
+    }
+
+    #[test]
+    fn followed_urls_keep_the_origin_and_compare_paths_by_segments() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let api = u("https://api.example.com/2.0/repositories/acme");
+        let ok = |s: &str, r| check_followed(&u(s), &api, r).is_ok();
+        assert!(ok(
+            "https://api.example.com/2.0/repositories/acme?page=2",
+            PathRule::Same
+        ));
+        assert!(ok(
+            "https://API.example.com:443/2.0/repositories/acme/?page=2",
+            PathRule::Same
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acme-other",
+            PathRule::Same
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acme/x",
+            PathRule::Same
+        ));
+        assert!(ok(
+            "https://api.example.com/2.0/repositories/acme/x",
+            PathRule::Under
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acme%2Fx",
+            PathRule::Under
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acmex",
+            PathRule::Under
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acme/../x",
+            PathRule::Under
+        ));
+        assert!(!ok(
+            "https://api.example.com/2.0/repositories/acme/%2e%2e/x",
+            PathRule::Under
+        ));
+        assert!(ok("https://api.example.com/elsewhere", PathRule::AnyPath));
+        for other in [
+            "http://api.example.com/2.0/repositories/acme",
+            "https://api.example.com:8443/2.0/repositories/acme",
+            "https://api.example.com.evil/2.0/repositories/acme",
+            "https://u:p@api.example.com/2.0/repositories/acme",
+            "data:text/plain,x",
+        ] {
+            assert!(!ok(other, PathRule::AnyPath), "{other}");
+        }
+        let root = u("https://api.example.com");
+        assert!(check_followed(&u("https://api.example.com/x"), &root, PathRule::Under).is_ok());
     }
 
     #[test]

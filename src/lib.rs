@@ -26,6 +26,8 @@ pub mod client;
 pub mod configuration;
 pub mod domain;
 pub mod exchange;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod http;
 pub mod inventory;
 pub mod keycloak;

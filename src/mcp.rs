@@ -5,14 +5,16 @@
 //! - `list_grants` {}: `POST /grants` — the audiences this step may obtain, with
 //!   scopes, default scopes and the longest lifetime;
 //! - `get_token` {audience, scopes}: `POST /token` — by default the access token
-//!   is written to a new 0600 file in a private (0700) directory and only its
+//!   is written to a new 0600 file in a private (0700) directory (created before
+//!   the request, so a call that cannot store its token sends none) and only its
 //!   path, expiry and scopes are returned, so the token never enters the model's
 //!   context (where prompt injection or provider logs could take it). With
 //!   `--return-tokens-inline` (the operator's choice, not the model's) the token
 //!   is returned in the result instead.
 //!
 //! The server uses the step's OIDC token from `$BITBUCKET_STEP_OIDC_TOKEN` (or
-//! `--subject-token-file`), read at each call; it never takes a token from the
+//! `--subject-token-file`: a regular file of at most 64 KiB, opened without
+//! blocking), read at each call; it never takes a token from the
 //! model and never returns the OIDC token. A refusal is a tool error whose
 //! structured content holds the service's `error`, `error_code`,
 //! `error_description`, `request_id` and HTTP `status`.
@@ -32,7 +34,7 @@ use rmcp::{schemars, tool, tool_handler, tool_router, ErrorData, ServerHandler, 
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::client::{write_private, ClientError, StsClient};
+use crate::client::{ClientError, OutputFile, StsClient};
 
 /// Instructions sent to the agent when it connects.
 const INSTRUCTIONS: &str = "Obtains short-lived access tokens for internal APIs on behalf of this \
@@ -97,7 +99,7 @@ fn usage_error(message: String) -> CallToolResult {
 }
 
 /// A file name for a token of `audience`: its safe characters, then a random part.
-fn token_file_name(audience: &str) -> String {
+pub(crate) fn token_file_name(audience: &str) -> String {
     let safe: String = audience
         .chars()
         .take(64)
@@ -212,6 +214,19 @@ impl StsMcp {
                 Ok(s) => s,
                 Err(e) => return Ok(usage_error(e)),
             };
+        // The token file exists before the request (see `OutputFile`).
+        let file = if self.settings.inline_tokens {
+            None
+        } else {
+            let path = self
+                .settings
+                .token_dir
+                .join(token_file_name(&args.audience));
+            match OutputFile::create(&path, 0o600) {
+                Ok(f) => Some(f),
+                Err(e) => return Ok(usage_error(e)),
+            }
+        };
         let issued = match self
             .client
             .token(&subject, &args.audience, &args.scopes)
@@ -231,17 +246,15 @@ impl StsMcp {
             "expires_at": now + issued.expires_in,
             "token_type": "Bearer",
         });
-        if self.settings.inline_tokens {
-            answer["access_token"] = json!(issued.access_token.expose());
-        } else {
-            let path = self
-                .settings
-                .token_dir
-                .join(token_file_name(&args.audience));
-            if let Err(e) = write_private(&path, issued.access_token.expose()) {
-                return Ok(usage_error(e));
+        match file {
+            None => answer["access_token"] = json!(issued.access_token.expose()),
+            Some(f) => {
+                let path = f.path().display().to_string();
+                if let Err(e) = f.write(issued.access_token.expose()) {
+                    return Ok(usage_error(e));
+                }
+                answer["token_file"] = json!(path);
             }
-            answer["token_file"] = json!(path.display().to_string());
         }
         Ok(CallToolResult::structured(answer))
     }

@@ -32,7 +32,8 @@ pub struct Metrics {
     pub jwks_cache: IntCounterVec,
     /// `sts_keycloak_responses_total{status}`: HTTP status of token requests (`error` for transport failures).
     pub keycloak_responses: IntCounterVec,
-    /// `sts_policy_reloads_total{result}`: `ok`, `error`.
+    /// `sts_policy_reloads_total{result}`: `ok`, `error`, `unsettled` (a file or
+    /// the directory's target changed between the two reads; retried).
     pub policy_reloads: IntCounterVec,
     /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
     pub rate_limited: IntCounterVec,
@@ -45,6 +46,19 @@ pub struct Metrics {
     /// `sts_audit_failures_total{outcome}`: audit lines that could not be queued
     /// (for `allowed`, the token was withheld instead).
     pub audit_failures: IntCounterVec,
+    /// `sts_policy_set_info{digest}`: 1 for the digest of the active policy set
+    /// (one series; replaced at each applied reload).
+    pub policy_set: prometheus::IntGaugeVec,
+    /// `sts_limit_store_reconnects_total{result}`: connection attempts to the
+    /// shared limit store (Redis): `ok`, `error` (refused or no answer in
+    /// time), `refused` (the URL from `url_file` unreadable or failing the checks).
+    pub limit_store_reconnects: IntCounterVec,
+    /// `sts_audit_reopens_total{reason}`: audit file reopens (`signal`,
+    /// `rotated`, `reader_gone`, `retry`).
+    pub audit_reopens: IntCounterVec,
+    /// `sts_audit_available`: 1 while the audit destination is open, else 0
+    /// (tokens are withheld).
+    pub audit_available: prometheus::IntGauge,
     /// The series every exchange touches, resolved once (a label lookup hashes
     /// the label values on each call).
     hot: HotSeries,
@@ -132,6 +146,19 @@ impl Metrics {
             "Audit lines that could not be queued, by the outcome they recorded.",
             &["outcome"],
         )?;
+        let policy_set = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "sts_policy_set_info",
+                "The digest of the active policy set (sha256 over the sorted relative paths and contents).",
+            ),
+            &["digest"],
+        )?;
+        registry.register(Box::new(policy_set.clone()))?;
+        let limit_store_reconnects = counter(
+            "sts_limit_store_reconnects_total",
+            "Connection attempts to the shared limit store (Redis) by result (ok, error, refused).",
+            &["result"],
+        )?;
         let phase_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "sts_exchange_phase_duration_seconds",
@@ -141,6 +168,16 @@ impl Metrics {
             &["phase"],
         )?;
         registry.register(Box::new(phase_seconds.clone()))?;
+        let audit_reopens = counter(
+            "sts_audit_reopens_total",
+            "Audit file reopens by reason (signal, rotated, reader_gone, retry).",
+            &["reason"],
+        )?;
+        let audit_available = prometheus::IntGauge::new(
+            "sts_audit_available",
+            "1 while the audit destination is open, else 0 (tokens are withheld).",
+        )?;
+        registry.register(Box::new(audit_available.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -167,6 +204,10 @@ impl Metrics {
             policy_reloads,
             rate_limited,
             audit_failures,
+            policy_set,
+            limit_store_reconnects,
+            audit_reopens,
+            audit_available,
             hot,
         };
         metrics.export_known_series();
@@ -176,7 +217,7 @@ impl Metrics {
     /// Exports every known series from the start (at 0), so that alerts on
     /// `increase()` see the first event.
     fn export_known_series(&self) {
-        for r in ["ok", "error"] {
+        for r in ["ok", "error", "unsettled"] {
             self.policy_reloads.with_label_values(&[r]);
         }
         for l in ["step", "repository", "grants"] {
@@ -188,9 +229,21 @@ impl Metrics {
         for o in ["allowed", "denied", "failed"] {
             self.audit_failures.with_label_values(&[o]);
         }
+        for r in ["signal", "rotated", "reader_gone", "retry"] {
+            self.audit_reopens.with_label_values(&[r]);
+        }
         for r in ["hit", "miss", "stale", "unknown_kid"] {
             self.jwks_cache.with_label_values(&[r]);
         }
+        for r in ["ok", "error", "refused"] {
+            self.limit_store_reconnects.with_label_values(&[r]);
+        }
+    }
+
+    /// Shows `digest` as the active policy set's, replacing the previous series.
+    pub fn set_policy_digest(&self, digest: &str) {
+        self.policy_set.reset();
+        self.policy_set.with_label_values(&[digest]).set(1);
     }
 
     /// The text exposition of every metric.

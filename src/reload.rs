@@ -1,23 +1,57 @@
-//! Policy reload without restart: on SIGHUP and when a file in the policies
-//! directory changes. The new set is compiled first and swapped atomically; an
-//! invalid set is refused (logged, counted) and the old one stays active.
-//! Requests already running keep the set they started with (they hold an `Arc`).
+//! Policy reload without restart: on SIGHUP, when the file watch sees a change
+//! in the policies directory (or its link being swapped), and when the poll
+//! fallback sees the directory's content digest change. A set is applied only
+//! once it settled: two reads `settle` apart agree ([`PolicyStore::reload_settled`]);
+//! otherwise the reload is retried. The new set is compiled first and swapped
+//! atomically; an invalid set is refused (logged, counted) and the old one stays
+//! active. Requests already running keep the set they started with (they hold an
+//! `Arc`). Reads run on the blocking pool, never on the async workers.
+//!
+//! [`PolicyStore::reload_settled`]: crate::policy::PolicyStore::reload_settled
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::policy::PolicyError;
+use crate::policy::{PolicyError, Reloaded};
 use crate::state::AppState;
 
-/// Compiles the policies directory and, when valid, swaps it in.
+/// How the policies directory is followed (`watch_policies`, `[policies]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ReloadSettings {
+    /// Watch the directory, its resolved target and its parent (for a swapped link).
+    pub watch: bool,
+    /// Compare the directory's content digest this often (`None`: no polling).
+    pub poll: Option<Duration>,
+    /// Two reads this far apart must agree before a set is applied.
+    pub settle: Duration,
+}
+
+/// Retries of an unsettled reload after one trigger; later changes (watch,
+/// poll, SIGHUP) start again.
+const MAX_UNSETTLED_RETRIES: u32 = 40;
+
+/// Reads the policies directory twice, `settle` apart, and applies the set when
+/// it settled and compiles (blocking). `force` applies (and counts) even an
+/// unchanged set: SIGHUP.
 ///
 /// # Errors
 /// Every problem of the new set; the active set is unchanged then.
-pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
+pub fn reload(
+    state: &AppState,
+    settle: Duration,
+    force: bool,
+) -> Result<Reloaded, Vec<PolicyError>> {
     let before = state.exchange.policies.current();
-    match state.exchange.policies.reload() {
-        Ok(set) => {
-            let n = set.policies().len();
+    let outcome = state.exchange.policies.reload_settled(settle, force);
+    let count = |result: &str| {
+        state
+            .metrics
+            .policy_reloads
+            .with_label_values(&[result])
+            .inc()
+    };
+    match &outcome {
+        Ok(Reloaded::Applied(set)) => {
             let kept: std::collections::BTreeSet<&str> =
                 set.policies().iter().map(|p| p.id.as_str()).collect();
             for gone in before
@@ -30,38 +64,45 @@ pub fn reload(state: &AppState) -> Result<usize, Vec<PolicyError>> {
             for w in set.warnings() {
                 tracing::warn!(warning = %w, "policy warning");
             }
-            state
-                .metrics
-                .policy_reloads
-                .with_label_values(&["ok"])
-                .inc();
-            tracing::info!(policies = n, "policies reloaded");
-            Ok(n)
+            count("ok");
+            // Logged before the metric shows it: whoever sees the new digest
+            // can find its log line.
+            tracing::info!(policies = set.policies().len(), digest = %set.digest(), "policies reloaded");
+            state.metrics.set_policy_digest(set.digest());
+        }
+        Ok(Reloaded::Unchanged) => tracing::debug!("policies unchanged"),
+        Ok(Reloaded::Unsettled) => {
+            count("unsettled");
+            tracing::warn!(
+                settle_ms = settle.as_millis(),
+                "policy files changed while being read; not applied, retrying"
+            );
         }
         Err(errors) => {
-            state
-                .metrics
-                .policy_reloads
-                .with_label_values(&["error"])
-                .inc();
-            for e in &errors {
+            count("error");
+            for e in errors {
                 tracing::error!(error = %e, "policy reload refused; the previous policies stay active");
             }
-            Err(errors)
         }
     }
+    outcome
 }
 
-/// Runs until aborted: reloads on SIGHUP and (when `watch`) on changes in the
-/// policies directory or its `inventory/`,
-/// debounced by 250 ms; also runs limiter housekeeping every 60 s and probes
-/// the upstreams every 10 s (the `sts_upstream_up` gauge).
-pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
+/// Runs until aborted: reloads on SIGHUP, on watched changes (debounced by
+/// `settle`) and when the poll sees another digest; retries unsettled reloads;
+/// also runs limiter housekeeping every 60 s and probes the upstreams every
+/// 10 s (the `sts_upstream_up` gauge).
+pub async fn run(state: actix_web::web::Data<AppState>, cfg: ReloadSettings) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-    let _watcher = if watch {
-        watch_dir(state.exchange.policies.dir(), tx.clone())
-    } else {
-        None
+    let mut r = Reloader {
+        watch: cfg
+            .watch
+            .then(|| DirWatch::new(state.exchange.policies.dir(), tx.clone())),
+        last_seen: state.exchange.policies.current().digest().to_string(),
+        retry_at: None,
+        retries: 0,
+        state,
+        cfg,
     };
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -70,48 +111,165 @@ pub async fn run(state: actix_web::web::Data<AppState>, watch: bool) {
             None
         }
     };
+    let mut poll = cfg.poll.map(|p| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut probe = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(cfg.settle).await;
                 while rx.try_recv().is_ok() {}
-                let _ = reload(&state);
+                r.attempt(false, true).await;
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading policies");
-                let _ = reload(&state);
+                r.attempt(true, true).await;
             }
-            _ = tick.tick() => state.exchange.limiter.housekeeping(),
+            () = async { match poll.as_mut() { Some(p) => { p.tick().await; } None => std::future::pending().await } } => r.poll().await,
+            () = async { match r.retry_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                r.attempt(false, false).await;
+            }
+            _ = tick.tick() => r.state.exchange.limiter.housekeeping(),
             _ = probe.tick() => {
-                let s = state.clone();
+                let s = r.state.clone();
                 tokio::spawn(async move { s.exchange.probe_upstreams().await });
             }
         }
     }
 }
 
+/// The reload loop's state.
+struct Reloader {
+    state: actix_web::web::Data<AppState>,
+    cfg: ReloadSettings,
+    watch: Option<DirWatch>,
+    /// The fingerprint the poll saw last (or the digest last applied).
+    last_seen: String,
+    /// When an unsettled reload is tried again.
+    retry_at: Option<tokio::time::Instant>,
+    retries: u32,
+}
+
+impl Reloader {
+    /// One reload on the blocking pool; `fresh` when a new trigger (not a
+    /// retry) starts it, which resets the retry budget.
+    async fn attempt(&mut self, force: bool, fresh: bool) {
+        if fresh {
+            self.retries = 0;
+        }
+        self.retry_at = None;
+        let (state, settle) = (self.state.clone(), self.cfg.settle);
+        let outcome = tokio::task::spawn_blocking(move || reload(&state, settle, force)).await;
+        match outcome {
+            Ok(Ok(Reloaded::Applied(set))) => self.last_seen = set.digest().to_string(),
+            Ok(Ok(Reloaded::Unsettled)) if self.retries < MAX_UNSETTLED_RETRIES => {
+                self.retries += 1;
+                self.retry_at = Some(tokio::time::Instant::now() + settle);
+            }
+            Ok(Ok(Reloaded::Unsettled)) => tracing::error!(
+                retries = MAX_UNSETTLED_RETRIES,
+                "policy files kept changing; not applied until the next change, poll or SIGHUP"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+        }
+        if let Some(w) = self.watch.as_mut() {
+            w.follow();
+        }
+    }
+
+    /// The poll fallback: reloads when the directory's fingerprint differs from
+    /// the last one seen.
+    async fn poll(&mut self) {
+        let state = self.state.clone();
+        let seen = tokio::task::spawn_blocking(move || state.exchange.policies.fingerprint()).await;
+        match seen {
+            Ok(fp) if fp != self.last_seen => {
+                self.last_seen = fp;
+                self.attempt(false, true).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "policy poll task failed"),
+        }
+    }
+}
+
+/// A file watch on the policies directory (recursive; inotify follows a link to
+/// its target when the watch is added) and on its parent (not recursive: a
+/// swapped `current` link is an event there). Re-added when the directory
+/// resolves elsewhere, so that the new target is watched.
+struct DirWatch {
+    dir: PathBuf,
+    /// Where the directory resolved when watched: path, device and inode (a
+    /// directory replaced by rename, or deleted and made again, keeps its path).
+    root: Option<(PathBuf, u64, u64)>,
+    tx: tokio::sync::mpsc::Sender<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl DirWatch {
+    fn new(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Self {
+        let mut w = Self {
+            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            root: None,
+            tx,
+            _watcher: None,
+        };
+        w.follow();
+        w
+    }
+
+    /// Watches again when the directory now resolves to another directory:
+    /// another target of a link, or another directory at the same path.
+    fn follow(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::fs::canonicalize(&self.dir)
+            .and_then(|p| std::fs::metadata(&p).map(|m| (p, m.dev(), m.ino())))
+            .ok();
+        if root.is_some() && (root != self.root || self._watcher.is_none()) {
+            self._watcher = None; // drop the old watches first
+            self._watcher = watch_dir(&self.dir, self.tx.clone());
+            self.root = root;
+        }
+    }
+}
+
 fn watch_dir(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let mut watcher = match notify::recommended_watcher(
+    let this = dir.to_path_buf();
+    // Links below the directory are not followed by the recursive watch (a
+    // `.cache -> /` would watch a whole tree); the directory itself may be one.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = match notify::RecommendedWatcher::new(
         move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
-                if ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove() {
+                let relevant = ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove();
+                // The parent's events only when they concern the directory's own name.
+                if relevant && ev.paths.iter().any(|p| p.starts_with(&this)) {
                     let _ = tx.try_send(());
                 }
             }
         },
+        config,
     ) {
         Ok(w) => w,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the policies directory; SIGHUP still reloads");
+            tracing::warn!(error = %e, "cannot watch the policies directory; the poll and SIGHUP still reload");
             return None;
         }
     };
     if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policies directory; SIGHUP still reloads");
+        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policies directory; the poll and SIGHUP still reload");
         return None;
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, dir = %parent.display(), "cannot watch the parent of the policies directory; a swapped link is seen by the poll");
+        }
     }
     Some(watcher)
 }

@@ -59,7 +59,11 @@ pub struct Application {
     server: Server,
     admin: Option<Server>,
     state: web::Data<AppState>,
-    watch: bool,
+    reload: crate::reload::ReloadSettings,
+    audit_every: std::time::Duration,
+    /// SIGHUP, listened to from before the `listening` line: a SIGHUP (logrotate)
+    /// during startup must not end the process (its default action).
+    hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Application {
@@ -71,7 +75,19 @@ impl Application {
         let listen = settings.listen.clone();
         let admin_listen = settings.admin_listen.clone();
         let grace = settings.shutdown_grace;
-        let watch = settings.watch_policies;
+        let reload = crate::reload::ReloadSettings {
+            watch: settings.watch_policies,
+            poll: settings.policy_poll,
+            settle: settings.policy_settle,
+        };
+        let audit_every = settings.audit_reopen_interval;
+        let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the audit file is still reopened when renamed");
+                None
+            }
+        };
         let state = build_state(settings)?;
         let bind_err = |source| StartupError::Bind {
             addr: listen.clone(),
@@ -132,7 +148,9 @@ impl Application {
             server,
             admin,
             state: reload_state,
-            watch,
+            reload,
+            audit_every,
+            hup,
         })
     }
 
@@ -157,12 +175,14 @@ impl Application {
 
     /// Runs until stopped: on SIGTERM or SIGINT the server stops accepting, lets
     /// in-flight exchanges finish within `shutdown_grace_seconds`, then returns.
-    /// Policies reload on SIGHUP and on changes meanwhile.
+    /// Policies reload on SIGHUP and on changes meanwhile; SIGHUP also reopens
+    /// the audit file (its own listener, see `audit_upkeep`).
     ///
     /// # Errors
     /// I/O errors of the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let reloader = tokio::spawn(crate::reload::run(self.state.clone(), self.watch));
+        let reloader = tokio::spawn(crate::reload::run(self.state.clone(), self.reload));
+        let audit = tokio::spawn(audit_upkeep(self.state.clone(), self.audit_every, self.hup));
         let result = match self.admin {
             None => self.server.await,
             // Both stop on SIGTERM/SIGINT (each server handles the signals).
@@ -171,6 +191,7 @@ impl Application {
                 .map(|((), ())| ()),
         };
         reloader.abort();
+        audit.abort();
         tracing::info!("stopped");
         result
     }
@@ -206,6 +227,9 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         tracing::warn!(dir = %settings.policies_dir.display(), "no policies: every exchange will be denied");
     }
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    tracing::info!(policies = current.policies().len(), digest = %current.digest(), "policies loaded");
+    metrics.set_policy_digest(current.digest());
+    let audit = audit_sink(&settings, &metrics)?;
     let jwks_http = crate::http::client(settings.jwks.timeout, settings.jwks.timeout)?;
     let keys = Arc::new(KeyCache::new(
         jwks_http,
@@ -228,11 +252,6 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
     let signing = settings.signing.map(Arc::new);
     let keycloak =
         KeycloakClient::new(kc_http, settings.keycloak, signing.clone(), metrics.clone());
-    let audit = audit_sink(
-        settings.audit_path.as_deref(),
-        settings.audit_queue_capacity,
-        settings.audit_fsync,
-    )?;
     Ok(AppState {
         exchange: Exchange {
             verifier,
@@ -246,11 +265,13 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         signing,
         metrics,
         max_body_bytes: settings.max_token_bytes + 4096,
+        body_timeout: settings.body_timeout,
     })
 }
 
 /// The limiter of `[limits] store`: in memory, or Redis with its store errors
-/// counted in `sts_limit_store_errors_total`.
+/// counted in `sts_limit_store_errors_total` and its connection attempts in
+/// `sts_limit_store_reconnects_total`.
 fn limiter(
     store: crate::configuration::LimitStore,
     metrics: &Arc<crate::metrics::Metrics>,
@@ -261,29 +282,79 @@ fn limiter(
         }
         crate::configuration::LimitStore::Redis(r) => {
             let m = metrics.clone();
-            let hook: crate::limits::StoreErrorHook = Arc::new(move |on| {
-                let label = match on {
-                    crate::limits::OnStoreError::Deny => "deny",
-                    crate::limits::OnStoreError::Local => "local",
-                };
-                m.limit_store_errors.with_label_values(&[label]).inc();
+            let hook: crate::limits::StoreEventHook = Arc::new(move |event| match event {
+                crate::limits::StoreEvent::Error(on) => {
+                    let label = match on {
+                        crate::limits::OnStoreError::Deny => "deny",
+                        crate::limits::OnStoreError::Local => "local",
+                    };
+                    m.limit_store_errors.with_label_values(&[label]).inc();
+                }
+                crate::limits::StoreEvent::Reconnect(result) => m
+                    .limit_store_reconnects
+                    .with_label_values(&[result.as_str()])
+                    .inc(),
             });
             Arc::new(crate::limits::RedisLimiter::new(r, hook).map_err(StartupError::LimitStore)?)
         }
     })
 }
 
+/// The audit sink of `[audit]`, reporting reopens, availability and lost
+/// denial lines to the metrics (`sts_audit_reopens_total`,
+/// `sts_audit_available`, `sts_audit_failures_total`).
 fn audit_sink(
-    path: Option<&std::path::Path>,
-    queue: usize,
-    fsync: bool,
+    settings: &Settings,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Result<AuditSink, StartupError> {
+    let (reopens, available, lost) = (
+        metrics.audit_reopens.clone(),
+        metrics.audit_available.clone(),
+        metrics.audit_failures.clone(),
+    );
+    let hooks = crate::audit::AuditHooks {
+        reopened: Arc::new(move |r: crate::audit::ReopenReason| {
+            reopens.with_label_values(&[r.as_str()]).inc();
+        }),
+        availability: Arc::new(move |up| available.set(i64::from(up))),
+        lost: Arc::new(move |outcome| lost.with_label_values(&[outcome]).inc()),
+    };
+    let path = settings.audit_path.as_deref();
     let opened = match path {
-        Some(p) => AuditSink::file(p, queue, fsync),
-        None => AuditSink::stdout(queue),
+        Some(p) => AuditSink::file(
+            p,
+            &crate::audit::FileOptions {
+                queue: settings.audit_queue_capacity,
+                fsync: settings.audit_fsync,
+                retry: settings.audit_reopen_interval,
+                hooks,
+            },
+        ),
+        None => AuditSink::stdout(settings.audit_queue_capacity, hooks),
     };
     opened.map_err(|source| StartupError::Audit {
         path: path.map_or_else(|| "standard output".into(), |p| p.display().to_string()),
         source,
     })
+}
+
+/// The audit file's upkeep, independent of the policy reload (a failed or
+/// slow reload never delays a reopen): SIGHUP reopens the audit file
+/// (logrotate's `postrotate kill -HUP`), and every `every` the inline file is
+/// checked for a rotation and, while unavailable, opened again.
+async fn audit_upkeep(
+    state: web::Data<AppState>,
+    every: std::time::Duration,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reopening the audit file");
+                state.exchange.audit.reopen();
+            }
+            _ = tick.tick() => state.exchange.audit.maintain(),
+        }
+    }
 }

@@ -17,4 +17,6 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Largest `/token` body, bytes (`max_token_bytes` + 4096).
     pub max_body_bytes: usize,
+    /// Longest wait for a request body once its headers arrived (`body_timeout_ms`).
+    pub body_timeout: std::time::Duration,
 }

@@ -230,6 +230,11 @@ fn keycloak(e: &KeycloakError) -> ApiError {
         KeycloakError::UnknownClient(_) => "the policy's Keycloak client is not configured",
         KeycloakError::NotFound { .. } => "Keycloak has no such realm or endpoint; the operator must check keycloak.base_url and keycloak.realm",
         KeycloakError::Redirected { .. } => "Keycloak redirected the request; the operator must set keycloak.base_url to the server's own address",
+        KeycloakError::DiscoveryMismatch(_)
+        | KeycloakError::Discovery {
+            code: "keycloak.discovery_mismatch",
+            ..
+        } => "Keycloak's discovery names another issuer or a token endpoint outside keycloak.base_url's realm; nothing was sent there: the operator must set keycloak.base_url to Keycloak's frontend URL",
         _ if e.meaning() == Meaning::Malformed => "Keycloak answered with something that is not a valid token response; nothing was passed on",
         _ => "Keycloak refused the request; the operator must check the Keycloak client's configuration",
     };

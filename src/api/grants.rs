@@ -30,7 +30,7 @@ pub async fn list(
 ) -> HttpResponse {
     let ctx = super::context(&req);
     let exchange = &state.exchange;
-    let form = read_form(&req, payload, state.max_body_bytes).await;
+    let form = read_form(&req, payload, state.max_body_bytes, state.body_timeout).await;
     let result = match form.and_then(|body| GrantsRequest::from_form(&body)) {
         Ok(request) => exchange.grants(&ctx, request).await,
         Err(e) => Err(exchange.refuse_grants(&ctx, e).await),

@@ -11,7 +11,10 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// `GET /readyz`: 200 `{"status":"ready","policies":N}` once the process can
-/// answer: its policies are compiled and loaded (it does not start otherwise).
+/// answer: its policies are compiled and loaded (it does not start otherwise)
+/// and its audit destination is open. While the audit is unavailable (a FIFO
+/// without a reader: every token would be withheld) 503
+/// `{"status":"unavailable","reason":"audit.unavailable"}` with `Retry-After`.
 /// Deliberately independent of the shared upstreams (Keycloak, Redis): a blip
 /// of theirs must not take every replica out of the load balancer at once,
 /// which would turn our documented 503 + `Retry-After` into the ingress's own
@@ -19,6 +22,11 @@ pub async fn healthz() -> HttpResponse {
 /// health is `GET /upstreamz` and the `sts_upstream_up` gauge.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let policies = state.exchange.policies.current().policies().len();
+    if !state.exchange.audit.available() {
+        return HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(json!({"status": "unavailable", "reason": "audit.unavailable", "policies": policies}));
+    }
     HttpResponse::Ok().json(json!({"status": "ready", "policies": policies}))
 }
 

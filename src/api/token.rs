@@ -19,9 +19,6 @@ use crate::domain::oauth::TOKEN_TYPE_ACCESS_TOKEN;
 use crate::exchange::{Issued, RequestError, TokenRequest};
 use crate::state::AppState;
 
-/// Longest time a client may take to send the request body once its headers arrived.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Serialize)]
 struct Success<'a> {
     access_token: &'a str,
@@ -39,7 +36,7 @@ pub async fn exchange(
 ) -> HttpResponse {
     let ctx = super::context(&req);
     let exchange = &state.exchange;
-    let form = read_form(&req, payload, state.max_body_bytes).await;
+    let form = read_form(&req, payload, state.max_body_bytes, state.body_timeout).await;
     let result = match form.and_then(|body| TokenRequest::from_form(&body)) {
         Ok(request) => exchange.exchange(&ctx, request).await,
         Err(e) => Err(exchange.refuse(&ctx, e).await),
@@ -65,11 +62,12 @@ fn success(issued: &Issued) -> HttpResponse {
 
 /// The form body: `application/x-www-form-urlencoded`, at most `max` bytes
 /// (refused from `Content-Length` before reading, or while streaming), within
-/// [`BODY_READ_TIMEOUT`].
+/// `timeout` (`body_timeout_ms`).
 pub(super) async fn read_form(
     req: &HttpRequest,
     payload: web::Payload,
     max: usize,
+    timeout: Duration,
 ) -> Result<Vec<u8>, RequestError> {
     let ct = req
         .headers()
@@ -88,9 +86,9 @@ pub(super) async fn read_form(
     if declared.is_some_and(|len| len > max) {
         return Err(RequestError::TooLarge(max));
     }
-    tokio::time::timeout(BODY_READ_TIMEOUT, read_capped(payload, max))
+    tokio::time::timeout(timeout, read_capped(payload, max))
         .await
-        .unwrap_or(Err(RequestError::BodyTimeout(BODY_READ_TIMEOUT.as_secs())))
+        .unwrap_or(Err(RequestError::BodyTimeout(timeout.as_millis())))
 }
 
 async fn read_capped(mut payload: web::Payload, max: usize) -> Result<Vec<u8>, RequestError> {

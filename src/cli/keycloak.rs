@@ -212,20 +212,18 @@ pub fn apply(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCod
         out(line)?;
     }
     let realm = &settings.keycloak.realm;
+    // `= …` lines report what was found done already (a racing apply), not a change.
+    let changes = journal.iter().filter(|l| !l.starts_with("= ")).count();
     match result {
-        Ok(()) if journal.is_empty() => out(&format!(
+        Ok(()) if changes == 0 => out(&format!(
             "realm {realm} was already in sync; nothing changed"
         ))?,
-        Ok(()) => out(&format!(
-            "applied {} change(s) to realm {realm}",
-            journal.len()
-        ))?,
+        Ok(()) => out(&format!("applied {changes} change(s) to realm {realm}"))?,
         Err(e) => {
             eprintln!("error: {e}");
-            if !journal.is_empty() {
+            if changes > 0 {
                 eprintln!(
-                    "{} change(s) were made before the error (listed above); run apply again",
-                    journal.len()
+                    "{changes} change(s) were made before the error (listed above); run apply again"
                 );
             }
             return Ok(ExitCode::from(1));

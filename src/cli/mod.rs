@@ -149,6 +149,15 @@ pub enum BitbucketCommand {
         /// API base URL (https; http only on loopback, for tests).
         #[arg(long, default_value = crate::inventory::fetch::DEFAULT_API)]
         api: String,
+        /// Longest single wait for Bitbucket's rate limit, in seconds (fractions
+        /// allowed): a `Retry-After` beyond it stops the run, its progress saved
+        /// in `<out>.state` for the next run.
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::inventory::fetch::DEFAULT_MAX_WAIT_SECS as f64, value_parser = max_wait)]
+        max_wait: f64,
+        /// Read every repository's environments, not only those of repositories
+        /// new or updated since the state file (`<out>.state`) recorded them.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -276,6 +285,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     token_file,
                     token_env,
                     api,
+                    max_wait,
+                    full,
                 },
         } => bitbucket::inventory(bitbucket::InventoryArgs {
             workspace,
@@ -283,6 +294,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token_file,
             token_env,
             api,
+            max_wait: std::time::Duration::from_secs_f64(max_wait),
+            full,
         }),
         Command::Config {
             command: ConfigCommand::Check { config, no_secrets },
@@ -403,5 +416,13 @@ fn out(line: &str) -> anyhow::Result<()> {
     match writeln!(std::io::stdout().lock(), "{line}") {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other?),
+    }
+}
+
+/// `--max-wait`: seconds, 0 to a day.
+fn max_wait(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(s) if (0.0..=86_400.0).contains(&s) => Ok(s),
+        _ => Err("expected seconds from 0 to 86400".into()),
     }
 }

@@ -2,26 +2,37 @@
 //! the curl line ([`crate::client::StsClient`]). It sends the step's OIDC token
 //! to the service (RFC 8693 token exchange), retries 429 and 503 as the
 //! service's `Retry-After` says within a bounded total time, and writes the
-//! access token to a 0600 file (created atomically), or to standard output only
-//! when asked: in a pipeline, standard output is the build log. `--list` prints
+//! access token to a 0600 file (created before the request, renamed into place
+//! after it), or to standard output only when asked: in a pipeline, standard
+//! output is the build log. `--list` prints
 //! what the step may obtain (`POST /grants`) instead.
 //!
 //! Exit codes: 0 issued (or listed); 1 refused (the message names `error_code`
-//! and `request_id`); 2 usage (no subject token, no URL, bad output path); 75
-//! (`EX_TEMPFAIL`) still unavailable when the wait budget ran out.
+//! and `request_id`); 2 usage (no subject token, no URL, bad output path:
+//! all checked before any request); 75
+//! (`EX_TEMPFAIL`) still unavailable when the wait budget ran out; 130 / 143
+//! interrupted by SIGINT / SIGTERM while waiting (the temporary file removed).
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::client::{write_private, ClientError, Grants, StsClient};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::client::{ClientError, Grants, IssuedToken, OutputFile, StsClient};
 
 /// Exit code when the service stayed unavailable (sysexits `EX_TEMPFAIL`).
 pub const EXIT_TEMPORARY: u8 = 75;
+/// Exit code after SIGINT (128 + 2, as a shell reports it).
+pub const EXIT_SIGINT: u8 = 130;
+/// Exit code after SIGTERM (128 + 15).
+pub const EXIT_SIGTERM: u8 = 143;
 
 /// Where the access token goes.
 #[derive(Debug)]
 pub enum Output {
-    /// A file, mode 0600, written atomically (temporary file + rename).
+    /// A file, mode 0600: a temporary file created before the request, renamed
+    /// over it after.
     File(PathBuf),
     /// Standard output, the token alone.
     Stdout,
@@ -61,7 +72,10 @@ pub struct TokenArgs {
     pub max_wait_seconds: u64,
 }
 
-/// Runs `token`.
+/// Runs `token`. Every local precondition is checked before any request (so a
+/// token is never issued, audited and counted only to be lost): the subject
+/// token, the URL, and for `--output FILE` the 0600 file itself, created in the
+/// target directory ([`OutputFile`]) and renamed into place after the answer.
 ///
 /// # Errors
 /// Usage errors (exit 2): no subject token, an unusable URL or output path.
@@ -69,59 +83,113 @@ pub fn token(a: TokenArgs) -> anyhow::Result<ExitCode> {
     let subject = crate::client::subject_token(a.subject_token_file.as_deref())
         .map_err(anyhow::Error::msg)?;
     let client = StsClient::new(&a.url, a.max_wait_seconds).map_err(anyhow::Error::msg)?;
-    if let Action::Exchange {
-        output: Output::File(p),
-        ..
-    } = &a.action
-    {
-        if p.is_dir() {
-            anyhow::bail!("--output {} is a directory", p.display());
-        }
-    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Listening before the temporary file exists: from then on, SIGTERM and
+    // SIGINT end the wait and the file is removed (its `Drop`).
+    let mut interrupt = {
+        let _entered = rt.enter();
+        Interrupt::listen()?
+    };
+    let file = match &a.action {
+        Action::Exchange {
+            output: Output::File(p),
+            ..
+        } => Some(OutputFile::create(p, 0o600).map_err(|e| anyhow::anyhow!("--output: {e}"))?),
+        _ => None,
+    };
     match a.action {
-        Action::List { json } => match rt.block_on(client.grants(&subject)) {
-            Ok(g) => {
+        Action::List { json } => match rt.block_on(interrupt.race(client.grants(&subject))) {
+            Err(code) => Ok(code),
+            Ok(Ok(g)) => {
                 print_grants(&g, json)?;
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => Ok(failed(&e)),
+            Ok(Err(e)) => Ok(failed(&e)),
         },
         Action::Exchange {
             audience,
             scopes,
             output,
-        } => match rt.block_on(client.token(&subject, &audience, &scopes)) {
-            Ok(issued) => {
-                let scope = issued.scope.unwrap_or_default();
-                match &output {
-                    Output::File(p) => {
-                        write_private(p, issued.access_token.expose())
-                            .map_err(anyhow::Error::msg)?;
-                        println!(
-                            "wrote {} (expires in {} s, scope `{scope}`)",
-                            p.display(),
-                            issued.expires_in
-                        );
-                    }
-                    Output::Stdout => println!("{}", issued.access_token.expose()),
-                    Output::Json => println!(
-                        "{}",
-                        serde_json::json!({
-                            "access_token": issued.access_token.expose(),
-                            "expires_in": issued.expires_in,
-                            "scope": scope,
-                            "issued_token_type": issued.issued_token_type,
-                        })
-                    ),
-                }
+        } => match rt.block_on(interrupt.race(client.token(&subject, &audience, &scopes))) {
+            Err(code) => {
+                drop(file);
+                Ok(code)
+            }
+            Ok(Ok(issued)) => {
+                deliver(&issued, &output, file)?;
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => Ok(failed(&e)),
+            Ok(Err(e)) => Ok(failed(&e)),
         },
     }
+}
+
+/// SIGTERM and SIGINT, caught for the time of the request and its retries.
+pub(super) struct Interrupt {
+    term: Signal,
+    int: Signal,
+}
+
+impl Interrupt {
+    /// Installs the handlers (inside the runtime's context).
+    pub(super) fn listen() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// `work`'s result, or the exit code of the signal that came first.
+    async fn race<T>(&mut self, work: impl Future<Output = T>) -> Result<T, ExitCode> {
+        self.race_named(work).await.map_err(|(name, code)| {
+            eprintln!("keycloak-ci-sts token: interrupted by {name}, nothing written");
+            code
+        })
+    }
+
+    /// `work`'s result, or the name and exit code of the signal that came first.
+    pub(super) async fn race_named<T>(
+        &mut self,
+        work: impl Future<Output = T>,
+    ) -> Result<T, (&'static str, ExitCode)> {
+        let (name, code) = tokio::select! {
+            r = work => return Ok(r),
+            _ = self.term.recv() => ("SIGTERM", EXIT_SIGTERM),
+            _ = self.int.recv() => ("SIGINT", EXIT_SIGINT),
+        };
+        Err((name, ExitCode::from(code)))
+    }
+}
+
+/// Puts the issued token where `output` says (`file`: the one prepared for
+/// [`Output::File`]).
+fn deliver(issued: &IssuedToken, output: &Output, file: Option<OutputFile>) -> anyhow::Result<()> {
+    let scope = issued.scope.as_deref().unwrap_or_default();
+    match (output, file) {
+        (Output::File(_), Some(f)) => {
+            let shown = f.path().display().to_string();
+            f.write(issued.access_token.expose())
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "wrote {shown} (expires in {} s, scope `{scope}`)",
+                issued.expires_in
+            );
+        }
+        (Output::File(p), None) => anyhow::bail!("--output {}: not prepared", p.display()),
+        (Output::Stdout, _) => println!("{}", issued.access_token.expose()),
+        (Output::Json, _) => println!(
+            "{}",
+            serde_json::json!({
+                "access_token": issued.access_token.expose(),
+                "expires_in": issued.expires_in,
+                "scope": scope,
+                "issued_token_type": issued.issued_token_type,
+            })
+        ),
+    }
+    Ok(())
 }
 
 /// Reports `e` on standard error; exit 75 when temporary, else 1.

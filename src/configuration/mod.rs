@@ -72,6 +72,9 @@ pub struct Settings {
     /// minutes, so the default is generous: 86400 s (24 h). It refuses absurd
     /// values (`exp` of 2^64-1, `exp` in milliseconds), not Bitbucket's own.
     pub max_subject_token_lifetime: Duration,
+    /// Longest time a client may take to send the `/token` or `/grants` body once
+    /// its headers arrived (`body_timeout_ms`, 10 ms to 120 s). Defaults to 10 s.
+    pub body_timeout: Duration,
     /// Trusted Bitbucket workspaces; their issuers form the issuer allow-list.
     pub workspaces: Vec<WorkspaceSettings>,
     /// Issuer key fetching and caching.
@@ -87,6 +90,10 @@ pub struct Settings {
     /// `[audit] fsync`: after each batch, wait until the audit file is on disk
     /// (`fdatasync`), not only handed to the operating system. Defaults to false.
     pub audit_fsync: bool,
+    /// `[audit] reopen_interval_ms`: while the audit destination is unavailable
+    /// (a FIFO without a reader), how often opening it is retried; also how
+    /// often an idle writer checks the path for a rotation. Defaults to 1 s.
+    pub audit_reopen_interval: Duration,
     /// Default per-identity limits (a policy's `grant.limits` overrides them).
     pub limits: Limits,
     /// Where the limits are counted: this process, or Redis shared by replicas.
@@ -97,6 +104,13 @@ pub struct Settings {
     /// Reload policies when a file in `policies_dir` changes (SIGHUP always reloads).
     /// Defaults to true.
     pub watch_policies: bool,
+    /// `[policies] poll_ms`: how often the policies directory's content digest is
+    /// compared with the last one seen (the fallback for changes a watch cannot
+    /// see); `None` when 0. Defaults to 5000 ms.
+    pub policy_poll: Option<Duration>,
+    /// `[policies] settle_ms`: a changed set is applied only when two reads this
+    /// far apart agree (no writer busy). Defaults to 250 ms.
+    pub policy_settle: Duration,
     /// The service's base URL as Keycloak and callers reach it (https, or http on
     /// loopback), e.g. `https://sts.example.com`. `keycloak plan/apply` derive each
     /// `private_key_jwt` client's `jwks.url` from it (`<public_url>/.well-known/jwks.json`).
@@ -195,21 +209,24 @@ impl Settings {
     /// With [`Secrets::Skip`] no secret or key is read.
     pub fn check(file: &Path, secrets: Secrets) -> (Option<Self>, Report) {
         let fname = file.display().to_string();
-        if let Ok(meta) = std::fs::metadata(file) {
-            if meta.len() > MAX_CONFIG_FILE_BYTES {
+        // Read here, not by the config crate: never blocks on a FIFO, a regular
+        // file of at most MAX_CONFIG_FILE_BYTES.
+        let text = match crate::domain::regular_file::read_small_file(file, MAX_CONFIG_FILE_BYTES) {
+            Ok(text) => text,
+            Err(reason) => {
                 let report = Report {
                     errors: vec![ConfigError {
                         file: fname,
                         key: String::new(),
-                        reason: format!("larger than {MAX_CONFIG_FILE_BYTES} bytes"),
+                        reason: format!("cannot read the configuration file: {reason}"),
                     }],
                     warnings: Vec::new(),
                 };
                 return (None, report);
             }
-        }
+        };
         let builder = config::Config::builder()
-            .add_source(config::File::from(file).format(config::FileFormat::Toml))
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .add_source(env_source());
         let (settings, mut report) = Self::from_builder(builder, &fname, base_dir(file), secrets);
         for e in report.errors.iter_mut().chain(report.warnings.iter_mut()) {
@@ -236,7 +253,7 @@ impl Settings {
         }
     }
 
-    fn from_builder(
+    pub(crate) fn from_builder(
         builder: config::ConfigBuilder<config::builder::DefaultState>,
         fname: &str,
         base: PathBuf,
@@ -352,6 +369,28 @@ secret_env = "PATH"
 
     fn load(text: &str) -> Result<Settings, ConfigErrors> {
         Settings::from_toml_str(text, Path::new("."))
+    }
+
+    /// Found by the newcomer review of issue 19: an out-of-range
+    /// `reopen_interval_ms` was clamped silently, and a too large
+    /// `reconnect_max_ms` was reported under `reconnect_min_ms`.
+    #[test]
+    fn day2_intervals_out_of_range_are_refused_under_their_own_key() {
+        for (extra, key) in [
+            ("[audit]\nreopen_interval_ms = 5\n", "`audit.reopen_interval_ms`"),
+            ("[audit]\nreopen_interval_ms = 60001\n", "`audit.reopen_interval_ms`"),
+            (
+                "[limits]\nstore = \"redis\"\n[limits.redis]\nurl_env = \"PATH\"\nreconnect_max_ms = 60001\n",
+                "`limits.redis.reconnect_max_ms`",
+            ),
+            (
+                "[limits]\nstore = \"redis\"\n[limits.redis]\nurl_env = \"PATH\"\nreconnect_min_ms = 300\nreconnect_max_ms = 200\n",
+                "`limits.redis.reconnect_min_ms`",
+            ),
+        ] {
+            let e = load(&format!("{}{extra}", toml(""))).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]
@@ -638,6 +677,24 @@ secret_env = "PATH"
 #[cfg(test)]
 mod env_tests {
     use super::*;
+
+    /// Found by the `configuration` fuzz target (`checked-deterministically`):
+    /// with an unknown key in two tables, which one `config check` named
+    /// depended on hash-map order, so two runs could report different problems.
+    #[test]
+    fn the_same_file_always_gets_the_same_report() {
+        let text = "[keycloak]\nbase_url = \"http://127.0.0.1:8080\"\nrealm = \"ci\"\nnope = 1\n[keycloak.clients.a]\nmethod = \"client_secret_basic\"\nsecret_env = \"PATH\"\nlisten = 2\n[audit]\nzzz = 3\n[limits]\naaa = 4\n";
+        let report = |_| {
+            let builder = config::Config::builder()
+                .add_source(config::File::from_str(text, config::FileFormat::Toml));
+            let (_, r) = Settings::from_builder(builder, "t", PathBuf::from("/"), Secrets::Skip);
+            format!("{:?}", r.errors)
+        };
+        let first = report(0);
+        for i in 1..20 {
+            assert_eq!(report(i), first);
+        }
+    }
 
     #[test]
     fn client_ids_keep_their_case_and_env_overrides_apply() {

@@ -24,6 +24,8 @@ pub(super) struct RawSettings {
     pub max_token_bytes: usize,
     #[serde(default = "default_max_subject_token_lifetime")]
     pub max_subject_token_lifetime_seconds: u64,
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     #[serde(default)]
     pub workspaces: Vec<RawWorkspace>,
     #[serde(default)]
@@ -40,6 +42,27 @@ pub(super) struct RawSettings {
     #[serde(default = "yes")]
     pub watch_policies: bool,
     pub public_url: Option<String>,
+    #[serde(default)]
+    pub policies: RawPolicies,
+}
+
+/// `[policies]`: how a changed policies directory is noticed and applied.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawPolicies {
+    /// Poll fallback: compare the directory's content digest this often; 0 = off.
+    pub poll_ms: u64,
+    /// A set is applied only when two reads this far apart agree.
+    pub settle_ms: u64,
+}
+
+impl Default for RawPolicies {
+    fn default() -> Self {
+        Self {
+            poll_ms: 5_000,
+            settle_ms: 250,
+        }
+    }
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -53,6 +76,9 @@ fn default_policies_dir() -> PathBuf {
 }
 fn default_leeway() -> u64 {
     60
+}
+fn default_body_timeout_ms() -> u64 {
+    10_000
 }
 fn default_max_token_bytes() -> usize {
     16 * 1024
@@ -87,6 +113,10 @@ pub(super) struct RawRedis {
     pub on_store_error: crate::limits::OnStoreError,
     #[serde(default = "redis_key_prefix")]
     pub key_prefix: String,
+    #[serde(default = "redis_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "redis_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
 }
 
 fn redis_timeout_ms() -> u64 {
@@ -97,6 +127,12 @@ fn redis_on_store_error() -> crate::limits::OnStoreError {
 }
 fn redis_key_prefix() -> String {
     "kcs".into()
+}
+fn redis_reconnect_min_ms() -> u64 {
+    100
+}
+fn redis_reconnect_max_ms() -> u64 {
+    2000
 }
 
 impl Default for RawLimits {
@@ -233,6 +269,7 @@ pub(super) struct RawAudit {
     pub path: Option<PathBuf>,
     pub queue_capacity: usize,
     pub fsync: bool,
+    pub reopen_interval_ms: u64,
 }
 
 impl Default for RawAudit {
@@ -241,6 +278,7 @@ impl Default for RawAudit {
             path: None,
             queue_capacity: 8192,
             fsync: false,
+            reopen_interval_ms: 1000,
         }
     }
 }

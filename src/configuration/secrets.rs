@@ -10,6 +10,15 @@ use super::raw::RawSigning;
 use super::resolve;
 use crate::signing::{SigningKey, SigningKeys};
 
+/// Longest secret or key file read: a PEM RSA key of 4096 bits is about 3 KB.
+pub(super) const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads a secret or key file without ever blocking (a FIFO or device is
+/// refused), at most [`MAX_SECRET_FILE_BYTES`].
+fn read_small_file(path: &Path) -> Result<String, String> {
+    crate::domain::regular_file::read_small_file(path, MAX_SECRET_FILE_BYTES)
+}
+
 /// Reads a client secret from exactly one of `file` (relative to `base`) or the
 /// environment variable `env`; one trailing newline is dropped.
 ///
@@ -23,7 +32,7 @@ pub(super) fn read_secret(
     let value = match (file, env) {
         (Some(f), None) => {
             let path = resolve(base, f);
-            std::fs::read_to_string(&path)
+            read_small_file(&path)
                 .map_err(|e| format!("cannot read secret_file {}: {e}", path.display()))?
         }
         (None, Some(var)) => std::env::var(var)
@@ -84,7 +93,7 @@ pub(super) fn load_keys(
     for (i, p) in key_files.iter().enumerate() {
         let k = format!("{section}.key_files[{i}]");
         let path = resolve(base, p);
-        match std::fs::read_to_string(&path) {
+        match read_small_file(&path) {
             Err(e) => errors.push((k, format!("cannot read {}: {e}", path.display()))),
             Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), algorithm) {
                 Ok(key) => keys.push(key),

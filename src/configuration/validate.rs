@@ -133,6 +133,13 @@ pub(super) fn settings(
         raw.max_subject_token_lifetime_seconds,
         300..=7 * 86_400,
     );
+    let body_timeout_ms = in_range(p, "body_timeout_ms", raw.body_timeout_ms, 10..=120_000);
+    let audit_reopen_ms = in_range(
+        p,
+        "audit.reopen_interval_ms",
+        raw.audit.reopen_interval_ms,
+        10..=60_000,
+    );
     let workspaces = workspaces(raw.workspaces, p);
     let jwks = jwks(&raw.jwks, p);
     let keycloak_timeout = raw.keycloak.timeout_seconds;
@@ -158,6 +165,12 @@ pub(super) fn settings(
         },
     };
     let limits = limits(&raw.limits, p);
+    let policy_settle = in_range(p, "policies.settle_ms", raw.policies.settle_ms, 1..=10_000);
+    let policy_poll = match raw.policies.poll_ms {
+        0 => Some(None),
+        ms => in_range(p, "policies.poll_ms", ms, 10..=3_600_000)
+            .map(|ms| Some(Duration::from_millis(ms))),
+    };
     let limit_store = limit_store(&raw.limits, base, secrets, p);
     if raw.audit.fsync && raw.audit.path.is_none() {
         p.warn(
@@ -212,17 +225,21 @@ pub(super) fn settings(
         clock_leeway: Duration::from_secs(leeway?),
         max_token_bytes: max_token_bytes?,
         max_subject_token_lifetime: Duration::from_secs(max_lifetime?),
+        body_timeout: Duration::from_millis(body_timeout_ms?),
         workspaces: workspaces?,
         jwks: jwks?,
         keycloak: keycloak?,
         signing,
         audit_queue_capacity: raw.audit.queue_capacity.clamp(1, 1_000_000),
         audit_fsync: raw.audit.fsync,
+        audit_reopen_interval: Duration::from_millis(audit_reopen_ms?),
         audit_path: raw.audit.path.map(|a| resolve(base, &a)),
         limits: limits?,
         limit_store: limit_store?,
         shutdown_grace: Duration::from_secs(raw.shutdown_grace_seconds.min(3600)),
         watch_policies: raw.watch_policies,
+        policy_poll: policy_poll?,
+        policy_settle: Duration::from_millis(policy_settle?),
         public_url,
         signing_algorithm,
     })
@@ -285,6 +302,14 @@ fn limit_store(
             if !(1..=10_000).contains(&r.timeout_ms) {
                 p.error("limits.redis.timeout_ms", "must be 1..=10000");
             }
+            if !(1..=60_000).contains(&r.reconnect_max_ms) {
+                p.error("limits.redis.reconnect_max_ms", "must be 1..=60000");
+            } else if !(1..=r.reconnect_max_ms).contains(&r.reconnect_min_ms) {
+                p.error(
+                    "limits.redis.reconnect_min_ms",
+                    "must be 1..=reconnect_max_ms",
+                );
+            }
             if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
                 p.error(
                     "limits.redis.key_prefix",
@@ -314,36 +339,25 @@ fn limit_store(
                 }
             };
             if !url.is_empty() {
-                match url::Url::parse(&url) {
-                    Ok(u) if u.scheme() == "rediss" => {}
-                    Ok(u) if u.scheme() == "redis" => {
-                        // redis: is not a special scheme: its host is an opaque string.
-                        let host = u.host_str().unwrap_or_default();
-                        let loopback = host.eq_ignore_ascii_case("localhost")
-                            || host
-                                .trim_matches(['[', ']'])
-                                .parse::<std::net::IpAddr>()
-                                .is_ok_and(|ip| ip.is_loopback());
-                        if !loopback {
-                            p.warn(
-                                "limits.redis",
-                                "a plain redis:// URL to a host other than loopback: the password and the \
-                                 counts travel in clear; use rediss://",
-                            );
-                        }
-                    }
-                    _ => {
-                        p.error(
-                            "limits.redis",
-                            "the URL must be redis:// or rediss:// (not repeated here)",
-                        );
+                match crate::limits::check_url(&url) {
+                    Ok(crate::limits::UrlKind::Protected) => {}
+                    Ok(crate::limits::UrlKind::ClearTextRemote) => p.warn(
+                        "limits.redis",
+                        "a plain redis:// URL to a host other than loopback: the password and the \
+                         counts travel in clear; use rediss://",
+                    ),
+                    Err(e) => {
+                        p.error("limits.redis", e);
                         return None;
                     }
                 }
             }
             Some(LimitStore::Redis(crate::limits::RedisSettings {
                 url: crate::domain::SecretToken::new(url),
+                url_file: r.url_file.as_deref().map(|f| resolve(base, f)),
                 timeout: Duration::from_millis(r.timeout_ms),
+                reconnect_min: Duration::from_millis(r.reconnect_min_ms),
+                reconnect_max: Duration::from_millis(r.reconnect_max_ms),
                 on_store_error: r.on_store_error,
                 key_prefix: r.key_prefix.clone(),
             }))

@@ -6,6 +6,7 @@ pub mod bitbucket;
 pub mod identity;
 pub mod json;
 pub mod oauth;
+pub mod regular_file;
 pub mod secret;
 pub mod source;
 pub mod yaml;

@@ -3,7 +3,7 @@
 //!
 //! - `GET /2.0/workspaces/{workspace}`: the workspace UUID;
 //! - `GET /2.0/repositories/{workspace}?pagelen=100`: repositories (`uuid`,
-//!   `full_name`, `project.key`, `project.uuid`), following `next`;
+//!   `full_name`, `project.key`, `project.uuid`, `updated_on`), following `next`;
 //! - `GET /2.0/repositories/{workspace}/{repository uuid}/environments`:
 //!   deployment environments (`uuid`, `name`), following `next`.
 //!
@@ -11,18 +11,34 @@
 //! (Repositories: Read) for the repository list and `pipeline` (Pipelines: Read)
 //! for environments; a Workspace Access Token (or a Repository Access Token for a
 //! single repository) sent as `Authorization: Bearer`. Every request has a
-//! timeout; `next` links are followed only on the API's own origin, at most
-//! [`Limits::max_pages`] pages; 429 and 5xx are retried after `Retry-After`
-//! (bounded) at most [`Limits::max_retries`] times.
+//! timeout; a `next` link is followed only when it continues the same list
+//! (same origin, same path by segments, another query: [`check_followed`]), at
+//! most [`Limits::max_pages`] pages; anything else fails the run, nothing written.
+//!
+//! Rate limits (Atlassian, "API request limits" and "scaled rate limits": a
+//! rolling hour of 1,000 to 10,000 requests to `/2.0/repositories/*`): 429 and
+//! 5xx are retried after `Retry-After` (seconds or an HTTP date; 1, 2, 4 … s
+//! without one) at most [`Limits::max_retries`] times, and a wait longer than
+//! [`Limits::max_wait`] stops the run ([`FetchError::RateLimited`]) instead;
+//! once an answer says `X-RateLimit-NearLimit: true` (less than a fifth of the
+//! hour's `X-RateLimit-Limit` left), requests are spaced by an hour divided by
+//! that limit (bounded by `max_wait`) until an answer no longer says so.
+//!
+//! Environments are read only for repositories whose `updated_on` differs from
+//! the [`State`]'s (incremental, resumable); the state is updated as they are.
 
+use std::sync::Mutex;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::Deserialize;
 use url::Url;
 
+use super::state::{Entry, State};
 use super::{Environment, Project, Repository, WorkspaceInventory};
 use crate::domain::{BbUuid, SecretToken};
-use crate::http::{read_capped, retry_after_seconds, status_meaning, Meaning};
+use crate::http::{check_followed, read_capped, status_meaning, Meaning, PathRule};
 
 /// Most values one page may hold (Bitbucket's `pagelen` is at most 100).
 pub const MAX_PAGE_VALUES: usize = 1_000;
@@ -31,6 +47,9 @@ pub const MAX_LIST_VALUES: usize = super::MAX_REPOSITORIES;
 
 /// Bitbucket Cloud's API base.
 pub const DEFAULT_API: &str = "https://api.bitbucket.org/2.0";
+
+/// Default of [`Limits::max_wait`], seconds: the rate limit's rolling hour.
+pub const DEFAULT_MAX_WAIT_SECS: u64 = 3600;
 
 /// Bounds of one inventory run.
 #[derive(Debug, Clone, Copy)]
@@ -41,8 +60,11 @@ pub struct Limits {
     pub max_pages: usize,
     /// Most retries of one request after 429 or 5xx.
     pub max_retries: u32,
-    /// Longest wait before a retry, whatever `Retry-After` says.
-    pub max_retry_after: Duration,
+    /// Longest single wait: a `Retry-After` beyond it stops the run; the
+    /// backoff without one and the spacing near the limit are cut to it.
+    pub max_wait: Duration,
+    /// Environments read between two saves of the state.
+    pub checkpoint_every: usize,
     /// Largest response body, bytes.
     pub max_body_bytes: usize,
 }
@@ -51,9 +73,10 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             timeout: Duration::from_secs(20),
-            max_pages: 200,
+            max_pages: 500,
             max_retries: 5,
-            max_retry_after: Duration::from_secs(60),
+            max_wait: Duration::from_secs(DEFAULT_MAX_WAIT_SECS),
+            checkpoint_every: 100,
             max_body_bytes: 8 * 1024 * 1024,
         }
     }
@@ -87,13 +110,24 @@ pub enum FetchError {
         /// Status.
         status: u16,
     },
-    /// Not the documented JSON shape, a `next` link off the API's origin, or too large.
+    /// Not the documented JSON shape, a `next` link that does not continue the
+    /// same list, or too large.
     #[error("{url}: {reason}")]
     Malformed {
         /// URL.
         url: String,
         /// What is wrong.
         reason: String,
+    },
+    /// Bitbucket asked to wait longer than [`Limits::max_wait`].
+    #[error("{url}: rate limited, Bitbucket asks to wait {wait_secs} s, more than --max-wait ({max_secs} s)")]
+    RateLimited {
+        /// URL.
+        url: String,
+        /// `Retry-After`, seconds.
+        wait_secs: u64,
+        /// [`Limits::max_wait`], seconds.
+        max_secs: f64,
     },
     /// More pages than [`Limits::max_pages`].
     #[error("{url}: more than {max} pages")]
@@ -121,6 +155,8 @@ struct RawRepository {
     uuid: String,
     full_name: String,
     project: Option<RawProject>,
+    #[serde(default)]
+    updated_on: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +177,26 @@ pub struct Client {
     api: Url,
     token: SecretToken,
     limits: Limits,
+    pace: Mutex<Pace>,
+}
+
+/// Spacing of requests while Bitbucket says the limit is near.
+#[derive(Default)]
+struct Pace {
+    /// Time between two requests, when near the limit.
+    interval: Option<Duration>,
+    /// When the last request was sent.
+    last: Option<Instant>,
+}
+
+/// What a run read.
+pub struct Fetched {
+    /// The inventory.
+    pub inventory: WorkspaceInventory,
+    /// Repositories whose environments were read.
+    pub read: usize,
+    /// Repositories whose environments were reused from the state.
+    pub reused: usize,
 }
 
 impl Client {
@@ -157,14 +213,24 @@ impl Client {
             api,
             token,
             limits,
+            pace: Mutex::new(Pace::default()),
         })
     }
 
-    /// Reads the whole inventory of `workspace` (its slug).
+    /// Reads the whole inventory of `workspace` (its slug), reusing the
+    /// environments `state` holds for repositories whose `updated_on` is
+    /// unchanged; `state` is updated as environments are read (and pruned to the
+    /// listed repositories), and handed to `checkpoint` every
+    /// [`Limits::checkpoint_every`] repositories read.
     ///
     /// # Errors
-    /// [`FetchError`].
-    pub async fn inventory(&self, workspace: &str) -> Result<WorkspaceInventory, FetchError> {
+    /// [`FetchError`]; `state` then holds what was read so far.
+    pub async fn inventory(
+        &self,
+        workspace: &str,
+        state: &mut State,
+        checkpoint: &mut dyn FnMut(&State),
+    ) -> Result<Fetched, FetchError> {
         let slug_ok = !workspace.is_empty()
             && workspace
                 .chars()
@@ -181,50 +247,71 @@ impl Client {
         let ws_url = self.url(&["workspaces", workspace])?;
         let ws: RawWorkspace = self.get_json(&ws_url).await?;
         let workspace_uuid = uuid(&ws_url, &ws.uuid)?;
-        let repos_url = self.url(&["repositories", workspace])?;
-        let mut repositories = Vec::new();
-        for r in self.list::<RawRepository>(repos_url, true).await? {
-            let url = self.url(&["repositories", workspace])?;
-            let repo_uuid = uuid(&url, &r.uuid)?;
-            let env_url = self.url(&[
-                "repositories",
-                workspace,
-                &repo_uuid.braced(),
-                "environments",
-            ])?;
-            let mut environments = Vec::new();
-            for e in self.list::<RawEnvironment>(env_url.clone(), false).await? {
-                environments.push(Environment {
-                    uuid: uuid(&env_url, &e.uuid)?,
-                    name: e.name,
-                });
-            }
-            let project = match r.project {
-                None => None,
-                Some(p) => Some(Project {
-                    uuid: uuid(&url, &p.uuid)?,
-                    key: p.key,
-                }),
-            };
-            repositories.push(Repository {
-                uuid: repo_uuid,
-                full_name: r.full_name,
-                project,
-                environments,
-            });
+        let url = self.url(&["repositories", workspace])?;
+        let mut listed = Vec::new();
+        for r in self.list::<RawRepository>(url.clone(), true).await? {
+            listed.push((uuid(&url, &r.uuid)?, r));
         }
-        let mut inv = WorkspaceInventory {
+        state.retain(&listed.iter().map(|(u, _)| *u).collect());
+        let (mut read, mut reused) = (0, 0);
+        let mut repositories = Vec::new();
+        for (repo_uuid, r) in listed {
+            let environments = match state.reusable(&repo_uuid, r.updated_on.as_deref()) {
+                Some(envs) => {
+                    reused += 1;
+                    envs.to_vec()
+                }
+                None => {
+                    let envs = self.environments(workspace, &repo_uuid).await?;
+                    if let Some(updated_on) = &r.updated_on {
+                        let entry = Entry {
+                            updated_on: updated_on.clone(),
+                            environments: envs.clone(),
+                        };
+                        state.repositories.insert(repo_uuid, entry);
+                    }
+                    read += 1;
+                    if read % self.limits.checkpoint_every.max(1) == 0 {
+                        checkpoint(state);
+                    }
+                    envs
+                }
+            };
+            repositories.push(repository(&url, repo_uuid, r, environments)?);
+        }
+        let mut inventory = WorkspaceInventory {
             workspace: workspace.to_string(),
             workspace_uuid,
             repositories,
         };
-        inv.normalise();
+        inventory.normalise();
         // What the loader would refuse is never written.
-        super::Inventory::new(vec![inv.clone()]).map_err(|reason| FetchError::Malformed {
+        super::Inventory::new(vec![inventory.clone()]).map_err(|reason| FetchError::Malformed {
             url: self.api.to_string(),
             reason,
         })?;
-        Ok(inv)
+        Ok(Fetched {
+            inventory,
+            read,
+            reused,
+        })
+    }
+
+    /// The deployment environments of one repository.
+    async fn environments(
+        &self,
+        workspace: &str,
+        repo: &BbUuid,
+    ) -> Result<Vec<Environment>, FetchError> {
+        let env_url = self.url(&["repositories", workspace, &repo.braced(), "environments"])?;
+        let mut environments = Vec::new();
+        for e in self.list::<RawEnvironment>(env_url.clone(), false).await? {
+            environments.push(Environment {
+                uuid: uuid(&env_url, &e.uuid)?,
+                name: e.name,
+            });
+        }
+        Ok(environments)
     }
 
     fn url(&self, segments: &[&str]) -> Result<Url, FetchError> {
@@ -238,7 +325,7 @@ impl Client {
         Ok(url)
     }
 
-    /// Every value of a paginated list, following `next` on the API's origin.
+    /// Every value of a paginated list, following `next` while it continues the same list.
     async fn list<T: serde::de::DeserializeOwned>(
         &self,
         mut url: Url,
@@ -248,6 +335,7 @@ impl Client {
             url.query_pairs_mut().append_pair("pagelen", "100");
         }
         let first = url.to_string();
+        let list = url.clone();
         let mut out = Vec::new();
         for _ in 0..self.limits.max_pages {
             let page: Page<T> = self.get_json(&url).await?;
@@ -269,18 +357,13 @@ impl Client {
                 url: url.to_string(),
                 reason: format!("next: {e}"),
             })?;
-            if next.origin() != self.api.origin()
-                || !next.username().is_empty()
-                || next.password().is_some()
-                || !next.path().starts_with(self.api.path())
-            {
-                return Err(FetchError::Malformed {
-                    url: url.to_string(),
-                    reason:
-                        "a `next` link leaves the API's origin or base path, or carries credentials"
-                            .into(),
-                });
-            }
+            // The link is not printed: it came from outside and may carry anything.
+            check_followed(&next, &list, PathRule::Same).map_err(|why| FetchError::Malformed {
+                url: url.to_string(),
+                reason: format!(
+                    "its `next` link does not continue the same list ({why}); not followed"
+                ),
+            })?;
             url = next;
         }
         Err(FetchError::TooManyPages {
@@ -289,11 +372,12 @@ impl Client {
         })
     }
 
-    /// GET with the token, retrying 429 and transient statuses after their
-    /// `Retry-After` (or 2^n seconds), bounded.
+    /// GET with the token, spaced while near the rate limit, retrying 429 and
+    /// transient statuses after their `Retry-After` (or 2^n seconds), bounded.
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &Url) -> Result<T, FetchError> {
         let mut attempt = 0;
         loop {
+            self.wait_for_pace().await;
             let resp = self
                 .http
                 .get(url.clone())
@@ -305,6 +389,7 @@ impl Client {
                     url: url.to_string(),
                     source,
                 })?;
+            self.note_rate_limit(resp.headers());
             let status = resp.status().as_u16();
             if status == 200 {
                 let body = read_capped(resp, self.limits.max_body_bytes)
@@ -330,15 +415,125 @@ impl Client {
                     status,
                 });
             }
-            let wait = retry_after_seconds(resp.headers(), self.limits.max_retry_after)
-                .unwrap_or_else(|| {
-                    (1u64 << attempt.min(6)).min(self.limits.max_retry_after.as_secs())
-                });
-            tracing::info!(url = %url, status, wait, "Bitbucket asked to slow down; retrying");
-            tokio::time::sleep(Duration::from_secs(wait)).await;
+            let max = self.limits.max_wait;
+            let wait = match retry_after(resp.headers()) {
+                Some(w) if w > max => {
+                    return Err(FetchError::RateLimited {
+                        url: url.to_string(),
+                        wait_secs: w.as_secs(),
+                        max_secs: max.as_secs_f64(),
+                    })
+                }
+                Some(w) => w,
+                None => Duration::from_secs(1 << attempt.min(12)).min(max),
+            };
+            tracing::info!(url = %url, status, wait_ms = wait.as_millis(), "Bitbucket asked to slow down; retrying");
+            tokio::time::sleep(wait).await;
             attempt += 1;
         }
     }
+
+    /// Sleeps until the next request may be sent, when near the limit.
+    async fn wait_for_pace(&self) {
+        let until = {
+            let Ok(mut p) = self.pace.lock() else { return };
+            let now = Instant::now();
+            let until = match (p.interval, p.last) {
+                (Some(i), Some(last)) => (last + i).max(now),
+                _ => now,
+            };
+            p.last = Some(until);
+            until
+        };
+        tokio::time::sleep_until(until).await;
+    }
+
+    /// Reads Bitbucket's `X-RateLimit-NearLimit` and `X-RateLimit-Limit`.
+    fn note_rate_limit(&self, headers: &reqwest::header::HeaderMap) {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let near = text("x-ratelimit-nearlimit").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let interval = near.then(|| {
+            let per_hour = text("x-ratelimit-limit")
+                .and_then(|v| v.parse::<u64>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(1_000);
+            (Duration::from_secs(3600) / u32::try_from(per_hour).unwrap_or(u32::MAX))
+                .min(self.limits.max_wait)
+        });
+        if let Ok(mut p) = self.pace.lock() {
+            if interval.is_some() && p.interval.is_none() {
+                tracing::info!(
+                    resource = text("x-ratelimit-resource").unwrap_or_default(),
+                    "near Bitbucket's rate limit; spacing requests"
+                );
+            }
+            p.interval = interval;
+        }
+    }
+}
+
+/// `Retry-After` (delay-seconds or an HTTP date), unbounded.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// One repository of the list, with its environments.
+fn repository(
+    url: &Url,
+    uuid_: BbUuid,
+    r: RawRepository,
+    environments: Vec<Environment>,
+) -> Result<Repository, FetchError> {
+    let project = match r.project {
+        None => None,
+        Some(p) => Some(Project {
+            uuid: uuid(url, &p.uuid)?,
+            key: p.key,
+        }),
+    };
+    Ok(Repository {
+        uuid: uuid_,
+        full_name: r.full_name,
+        project,
+        environments,
+    })
+}
+
+/// For the fuzz target: one page of the repository list read as `get_json`
+/// reads it, its values turned into inventory entries as `inventory` does.
+#[cfg(fuzzing)]
+pub(crate) fn repositories_page(
+    body: &[u8],
+    url: &Url,
+) -> Result<(Vec<Repository>, Option<String>), FetchError> {
+    let page: Page<RawRepository> =
+        serde_json::from_slice(body).map_err(|e| FetchError::Malformed {
+            url: url.to_string(),
+            reason: format!("not the documented JSON: {e}"),
+        })?;
+    let mut out = Vec::new();
+    for r in page.values.into_iter().take(MAX_PAGE_VALUES) {
+        let u = uuid(url, &r.uuid)?;
+        out.push(repository(url, u, r, Vec::new())?);
+    }
+    Ok((out, page.next))
 }
 
 fn uuid(url: &Url, v: &str) -> Result<BbUuid, FetchError> {
@@ -346,4 +541,67 @@ fn uuid(url: &Url, v: &str) -> Result<BbUuid, FetchError> {
         url: url.to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn near_the_limit_requests_are_spaced_by_the_hour_over_the_limit_bounded() {
+        let limits = Limits {
+            max_wait: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let c = Client::new(
+            "http://127.0.0.1:1/2.0",
+            SecretToken::new("t".to_string()),
+            limits,
+        )
+        .unwrap();
+        let interval = |c: &Client| c.pace.lock().unwrap().interval;
+        c.note_rate_limit(&headers(&[("x-ratelimit-limit", "3600")]));
+        assert_eq!(interval(&c), None, "not near the limit: not spaced");
+        c.note_rate_limit(&headers(&[
+            ("x-ratelimit-limit", "3600"),
+            ("x-ratelimit-nearlimit", "true"),
+        ]));
+        assert_eq!(interval(&c), Some(Duration::from_secs(1)));
+        // 1,000 an hour (also the default without a limit): 3.6 s, cut to max_wait.
+        c.note_rate_limit(&headers(&[("x-ratelimit-nearlimit", "true")]));
+        assert_eq!(interval(&c), Some(Duration::from_secs(2)));
+        c.note_rate_limit(&headers(&[("x-ratelimit-nearlimit", "false")]));
+        assert_eq!(interval(&c), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_an_http_date_unbounded() {
+        let h = |v: &str| headers(&[("retry-after", v)]);
+        assert_eq!(retry_after(&h("0")), Some(Duration::ZERO));
+        assert_eq!(retry_after(&h("3600")), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            retry_after(&h("99999999999999999999")),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        let later = std::time::SystemTime::now() + Duration::from_secs(7200);
+        let w = retry_after(&h(&httpdate::fmt_http_date(later))).unwrap();
+        assert!(
+            w > Duration::from_secs(7000) && w <= Duration::from_secs(7200),
+            "{w:?}"
+        );
+        assert_eq!(
+            retry_after(&h("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&h("soon")), None);
+    }
 }

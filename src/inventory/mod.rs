@@ -11,9 +11,10 @@
 //! UUID, one field per line.
 
 pub mod fetch;
+pub mod state;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -205,12 +206,13 @@ impl Inventory {
         })
     }
 
-    /// Reads every `*.yaml` of `<policies_dir>/inventory/` (none is fine: an empty
-    /// inventory, and policies then use UUIDs only).
+    /// The inventory files of `<policies_dir>/inventory/`, sorted (none when the
+    /// directory is absent: an empty inventory, and policies then use UUIDs only).
     ///
     /// # Errors
-    /// Every file that cannot be read or parsed, naming it.
-    pub fn load_dir(policies_dir: &Path) -> Result<Self, Vec<SourceError>> {
+    /// Every entry that is not a regular `.yaml` file within the policies
+    /// directory, naming it.
+    pub fn files(policies_dir: &Path) -> Result<Vec<PathBuf>, Vec<SourceError>> {
         let dir = policies_dir.join(INVENTORY_DIR);
         let err = |file: &Path, reason: String| SourceError {
             file: file.display().to_string(),
@@ -218,7 +220,7 @@ impl Inventory {
             reason,
         };
         if !dir.is_dir() {
-            return Ok(Self::default());
+            return Ok(Vec::new());
         }
         let root = std::fs::canonicalize(policies_dir)
             .map_err(|e| vec![err(policies_dir, format!("cannot read: {e}"))])?;
@@ -261,18 +263,35 @@ impl Inventory {
             return Err(problems);
         }
         files.sort();
+        Ok(files)
+    }
+
+    /// The inventory of files already read (path for messages, content), as
+    /// [`Inventory::files`] listed them.
+    ///
+    /// # Errors
+    /// Every file that cannot be parsed, naming it.
+    pub fn from_texts<'a>(
+        policies_dir: &Path,
+        files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+    ) -> Result<Self, Vec<SourceError>> {
+        let err = |file: &Path, reason: String| SourceError {
+            file: file.display().to_string(),
+            key: String::new(),
+            reason,
+        };
         let mut workspaces = Vec::new();
         let mut errors = Vec::new();
-        for f in files {
-            match read_file(&f) {
+        for (f, text) in files {
+            match parse(text) {
                 Ok(w) => workspaces.push(w),
-                Err(reason) => errors.push(err(&f, reason)),
+                Err(reason) => errors.push(err(f, reason)),
             }
         }
         if !errors.is_empty() {
             return Err(errors);
         }
-        Self::new(workspaces).map_err(|reason| vec![err(&dir, reason)])
+        Self::new(workspaces).map_err(|reason| vec![err(&policies_dir.join(INVENTORY_DIR), reason)])
     }
 
     /// True when no repository is known.
@@ -294,14 +313,10 @@ impl Inventory {
     }
 }
 
-fn read_file(path: &Path) -> Result<WorkspaceInventory, String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
-    if meta.len() > MAX_INVENTORY_FILE_BYTES {
-        return Err(format!("larger than {MAX_INVENTORY_FILE_BYTES} bytes"));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    crate::domain::yaml::refuse_anchors_and_aliases(&text)?;
-    let de = serde_norway::Deserializer::from_str(&text);
+/// Reads an inventory file's text (anchors and aliases refused).
+pub(crate) fn parse(text: &str) -> Result<WorkspaceInventory, String> {
+    crate::domain::yaml::refuse_anchors_and_aliases(text)?;
+    let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         // No quoted values: a wrong file must not end up in logs.

@@ -15,7 +15,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{Scopes, SecretToken};
-use crate::http::{read_capped, BodyError, Meaning};
+use crate::http::{check_followed, read_capped, BodyError, Meaning, PathRule};
 use crate::signing::SigningKeys;
 
 mod identity;
@@ -202,6 +202,11 @@ pub enum KeycloakError {
         /// Cause chain as text (no secrets: discovery carries none).
         chain: String,
     },
+    /// Discovery names another issuer than `<keycloak.base_url>/realms/<realm>`,
+    /// or a `token_endpoint` off that origin or outside the realm's path: nothing
+    /// is sent there (Keycloak's frontend URL differs from `keycloak.base_url`).
+    #[error("Keycloak discovery does not match keycloak.base_url: {0}")]
+    DiscoveryMismatch(String),
     /// The policy names a client with no configured authentication.
     #[error("client `{0}` has no authentication configured")]
     UnknownClient(String),
@@ -256,6 +261,7 @@ impl KeycloakError {
             Self::ScopeExceedsGrant { .. } => "keycloak.scope_exceeds_grant",
             Self::Rejected { .. } => "keycloak.request_rejected",
             Self::BadResponse(_) | Self::Body(_) => "keycloak.bad_response",
+            Self::DiscoveryMismatch(_) => "keycloak.discovery_mismatch",
             Self::LifetimeTooLong { .. } => "keycloak.lifetime_exceeds_policy",
             Self::Discovery { code, .. } => code,
             Self::UnknownClient(_) => "keycloak.client_not_configured",
@@ -285,6 +291,7 @@ impl KeycloakError {
             }
             Self::Discovery { meaning, .. } => *meaning,
             Self::NotFound { .. }
+            | Self::DiscoveryMismatch(_)
             | Self::Redirected { .. }
             | Self::ClientRejected { .. }
             | Self::ScopeRejected { .. }
@@ -576,28 +583,60 @@ impl KeycloakClient {
         if status != 200 {
             return Err(classify_status(&url, status, retry_after, &body, None));
         }
-        let d: Discovery = serde_json::from_slice(&body)
-            .map_err(|e| KeycloakError::BadResponse(format!("discovery JSON: {e}")))?;
-        if d.issuer != self.settings.realm_url() {
-            tracing::warn!(expected = %self.settings.realm_url(), found = %d.issuer, "Keycloak discovery names another issuer (frontend URL?)");
-        }
-        let endpoint = url::Url::parse(&d.token_endpoint)
-            .map_err(|e| KeycloakError::BadResponse(format!("token_endpoint: {e}")))?;
-        if !crate::http::is_https_or_loopback_http(&endpoint) {
-            return Err(KeycloakError::BadResponse(
-                "token_endpoint must be https".into(),
-            ));
-        }
-        Ok(Arc::new(RealmEndpoints {
-            jwt_bearer_supported: d
-                .grant_types_supported
-                .map(|g| g.iter().any(|t| t == JWT_BEARER_GRANT)),
-            issuer: d.issuer,
-            token_endpoint: d.token_endpoint,
-            token_url: endpoint,
-        }))
+        read_discovery(&body, &self.settings).map(Arc::new)
     }
+}
 
+/// Reads and checks the realm's discovery document (the answer of a 200).
+///
+/// # Errors
+/// [`KeycloakError::BadResponse`] or [`KeycloakError::DiscoveryMismatch`]
+/// naming what is wrong.
+pub(crate) fn read_discovery(
+    body: &[u8],
+    settings: &KeycloakSettings,
+) -> Result<RealmEndpoints, KeycloakError> {
+    let d: Discovery = serde_json::from_slice(body)
+        .map_err(|e| KeycloakError::BadResponse(format!("discovery JSON: {e}")))?;
+    let endpoint = check_discovery_document(&d, settings)?;
+    Ok(RealmEndpoints {
+        jwt_bearer_supported: d
+            .grant_types_supported
+            .map(|g| g.iter().any(|t| t == JWT_BEARER_GRANT)),
+        issuer: d.issuer,
+        token_endpoint: d.token_endpoint,
+        token_url: endpoint,
+    })
+}
+
+/// Client secrets and assertions are POSTed where discovery says: its
+/// `token_endpoint` must share `keycloak.base_url`'s origin and lie under
+/// `<base>/realms/<realm>` by path segments, and its `issuer` must be that
+/// realm URL (RFC 8414 §3.3). Returns the parsed token endpoint.
+fn check_discovery_document(
+    d: &Discovery,
+    settings: &KeycloakSettings,
+) -> Result<url::Url, KeycloakError> {
+    let realm_url = settings.realm_url();
+    if d.issuer != realm_url {
+        return Err(KeycloakError::DiscoveryMismatch(format!(
+            "discovery names issuer `{}`, not `{realm_url}`",
+            crate::domain::truncate(&d.issuer, 200)
+        )));
+    }
+    let endpoint = url::Url::parse(&d.token_endpoint)
+        .map_err(|e| KeycloakError::BadResponse(format!("token_endpoint: {e}")))?;
+    let realm = url::Url::parse(&realm_url)
+        .map_err(|e| KeycloakError::DiscoveryMismatch(format!("realm URL: {e}")))?;
+    check_followed(&endpoint, &realm, PathRule::Under).map_err(|why| {
+        KeycloakError::DiscoveryMismatch(format!(
+            "token_endpoint is not under `{realm_url}`: {why}"
+        ))
+    })?;
+    Ok(endpoint)
+}
+
+impl KeycloakClient {
     /// Signs a client assertion for `client`: `iss` = `sub` = clientId, `aud` = realm
     /// issuer (a single value, as Keycloak requires), fresh `jti`, lifetime
     /// `assertion_lifetime` (≤ 60 s).

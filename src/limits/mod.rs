@@ -9,7 +9,10 @@
 
 mod redis;
 
-pub use self::redis::{OnStoreError, RedisLimiter, RedisSettings, StoreErrorHook};
+pub use self::redis::{
+    check_url, OnStoreError, ReconnectResult, RedisLimiter, RedisSettings, StoreEvent,
+    StoreEventHook, UrlKind,
+};
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;

@@ -12,6 +12,7 @@ mod eval;
 mod pattern;
 #[cfg(test)]
 mod props;
+mod snapshot;
 mod store;
 
 use std::collections::BTreeSet;
@@ -25,7 +26,8 @@ use crate::inventory::Inventory;
 pub use compile::{compile_str, compile_with};
 pub use eval::{Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry};
 pub use pattern::{check_branch_pattern, BranchPattern};
-pub use store::PolicyStore;
+pub use snapshot::Snapshot;
+pub use store::{PolicyStore, Reloaded};
 
 /// What policies decide on: the claims a condition can name, with Bitbucket's
 /// claim names (Atlassian, "Integrate Pipelines with resource servers using
@@ -218,6 +220,9 @@ pub struct PolicySet {
     inventory: std::sync::Arc<Inventory>,
     /// Files of the directory that are not policies (warned about).
     ignored: Vec<String>,
+    /// [`Snapshot::digest`] of the files it was compiled from (empty when built
+    /// from compiled policies).
+    digest: String,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -496,6 +501,7 @@ impl PolicySet {
             policies,
             inventory: std::sync::Arc::default(),
             ignored: Vec::new(),
+            digest: String::new(),
         }
     }
 
@@ -505,9 +511,16 @@ impl PolicySet {
         &self.inventory
     }
 
+    /// The SHA-256 (hex) of the files the set was compiled from
+    /// ([`Snapshot::digest`]): which set a replica serves.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
     /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive),
     /// resolving names through the inventories in `dir/inventory/`
-    /// ([`Inventory::load_dir`]).
+    /// ([`Inventory::files`]); files are read once, without blocking
+    /// ([`Snapshot::read`]).
     /// `known_clients`, when given, are the Keycloak clients of the configuration;
     /// a grant naming another client is an error.
     ///
@@ -517,12 +530,29 @@ impl PolicySet {
         dir: &Path,
         known_clients: Option<&BTreeSet<String>>,
     ) -> Result<Self, Vec<PolicyError>> {
-        let (files, ignored) = policy_files(dir)?;
-        let inventory = Inventory::load_dir(dir)?;
+        Self::from_snapshot(&Snapshot::read(dir)?, known_clients)
+    }
+
+    /// Compiles the files of a [`Snapshot`] (as [`PolicySet::load_dir`]).
+    ///
+    /// # Errors
+    /// Every [`PolicyError`] found.
+    pub fn from_snapshot(
+        snapshot: &Snapshot,
+        known_clients: Option<&BTreeSet<String>>,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let dir = &snapshot.dir;
+        let inventory = Inventory::from_texts(
+            dir,
+            snapshot
+                .inventory
+                .iter()
+                .map(|f| (f.path.as_path(), f.text.as_str())),
+        )?;
         let mut policies = Vec::new();
         let mut errors = Vec::new();
-        for f in files {
-            match load_file(&f, known_clients, &inventory) {
+        for f in &snapshot.policies {
+            match compile_file(&f.path, &f.text, known_clients, &inventory) {
                 Ok(p) => policies.push(p),
                 Err(e) => errors.push(e),
             }
@@ -540,7 +570,8 @@ impl PolicySet {
         if errors.is_empty() {
             let mut set = Self::from_policies(policies);
             set.inventory = std::sync::Arc::new(inventory);
-            set.ignored = ignored;
+            set.ignored = snapshot.ignored.clone();
+            set.digest = snapshot.digest();
             Ok(set)
         } else {
             Err(errors)
@@ -618,31 +649,19 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
     Ok((files, ignored))
 }
 
-fn load_file(
+fn compile_file(
     path: &Path,
+    text: &str,
     known_clients: Option<&BTreeSet<String>>,
     inventory: &Inventory,
 ) -> Result<Policy, PolicyError> {
     let file = path.display().to_string();
-    let err = |field: &str, reason: String| PolicyError {
-        file: file.clone(),
-        key: field.to_string(),
-        reason,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| err("", e.to_string()))?;
-    if meta.len() > MAX_POLICY_FILE_BYTES {
-        return Err(err(
-            "",
-            format!("file is larger than {MAX_POLICY_FILE_BYTES} bytes"),
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err("", e.to_string()))?;
     let id = path
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
-    compile_with(&id, &text, known_clients, inventory).map_err(|mut e| {
+    compile_with(&id, text, known_clients, inventory).map_err(|mut e| {
         e.file = file.clone();
         e
     })

@@ -7,7 +7,19 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{PolicyError, PolicySet};
+use super::{PolicyError, PolicySet, Snapshot};
+
+/// What a settled reload ([`PolicyStore::reload_settled`]) did.
+#[derive(Debug)]
+pub enum Reloaded {
+    /// The new set is active.
+    Applied(Arc<PolicySet>),
+    /// The files hold the active set (same digest): nothing swapped.
+    Unchanged,
+    /// A file or the directory's target changed between the two reads: nothing
+    /// applied; try again later.
+    Unsettled,
+}
 
 /// Holds the active [`PolicySet`]. Readers take an `Arc` of the set they started
 /// with, so a reload never changes a decision in flight.
@@ -16,6 +28,9 @@ pub struct PolicyStore {
     known_clients: BTreeSet<String>,
     jwt_clients: BTreeSet<String>,
     current: ArcSwap<PolicySet>,
+    /// The digest of the last set refused: a watch event or poll tick for the
+    /// same files does not refuse (log and count) it again; SIGHUP does.
+    refused: std::sync::Mutex<Option<String>>,
 }
 
 impl PolicyStore {
@@ -36,6 +51,7 @@ impl PolicyStore {
             known_clients,
             jwt_clients,
             current: ArcSwap::from_pointee(set),
+            refused: std::sync::Mutex::new(None),
         })
     }
 
@@ -44,7 +60,15 @@ impl PolicyStore {
         known: &BTreeSet<String>,
         jwt: &BTreeSet<String>,
     ) -> Result<PolicySet, Vec<PolicyError>> {
-        let set = PolicySet::load_dir(dir, Some(known))?;
+        Self::compile_snapshot(&Snapshot::read(dir)?, known, jwt)
+    }
+
+    fn compile_snapshot(
+        snapshot: &Snapshot,
+        known: &BTreeSet<String>,
+        jwt: &BTreeSet<String>,
+    ) -> Result<PolicySet, Vec<PolicyError>> {
+        let set = PolicySet::from_snapshot(snapshot, Some(known))?;
         let problems = set.client_problems(jwt);
         if problems.is_empty() {
             Ok(set)
@@ -63,18 +87,63 @@ impl PolicyStore {
         &self.dir
     }
 
-    /// Recompiles the directory and, when valid, makes it the active set and returns
-    /// the new set.
+    /// Reads the directory twice, `settle` apart (blocking: call it off the
+    /// async workers), and applies the first read only when both agree: the
+    /// directory resolved to the same place and every file kept its device,
+    /// inode, size, mtime and content ([`Snapshot::same_as`]). A writer busy in
+    /// between (a file truncated and rewritten in chunks, a link flipped) gives
+    /// [`Reloaded::Unsettled`]. With `force` false, files whose digest is the
+    /// active set's are [`Reloaded::Unchanged`].
     ///
     /// # Errors
-    /// Every problem of the new set; the active set is unchanged then.
-    pub fn reload(&self) -> Result<Arc<PolicySet>, Vec<PolicyError>> {
-        let set = Arc::new(Self::compile(
-            &self.dir,
-            &self.known_clients,
-            &self.jwt_clients,
-        )?);
+    /// Every problem of the new set (the first read); the active set is
+    /// unchanged then.
+    pub fn reload_settled(
+        &self,
+        settle: std::time::Duration,
+        force: bool,
+    ) -> Result<Reloaded, Vec<PolicyError>> {
+        let first = Snapshot::read(&self.dir);
+        std::thread::sleep(settle);
+        let second = Snapshot::read(&self.dir);
+        let first = match (first, second) {
+            (Ok(a), Ok(b)) if a.same_as(&b) => a,
+            (Err(a), Err(b)) if a == b => return Err(a),
+            _ => return Ok(Reloaded::Unsettled),
+        };
+        let digest = first.digest();
+        let refused_before = self
+            .refused
+            .lock()
+            .map(|r| r.as_deref() == Some(digest.as_str()))
+            .unwrap_or(false);
+        if !force && (digest == self.current().digest() || refused_before) {
+            return Ok(Reloaded::Unchanged);
+        }
+        let compiled = Self::compile_snapshot(&first, &self.known_clients, &self.jwt_clients)
+            .inspect_err(|_| {
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some(digest);
+                }
+            })?;
+        let set = Arc::new(compiled);
         self.current.store(set.clone());
-        Ok(set)
+        Ok(Reloaded::Applied(set))
+    }
+
+    /// The digest of the directory as it is now, or of why it cannot be read
+    /// (what the poll fallback compares between ticks).
+    pub fn fingerprint(&self) -> String {
+        match Snapshot::read(&self.dir) {
+            Ok(s) => s.digest(),
+            Err(errors) => format!(
+                "unreadable: {}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
     }
 }

@@ -48,6 +48,15 @@ pub struct Supplier {
     cached: tokio::sync::Mutex<Option<(SecretString, Instant)>>,
 }
 
+/// When a token of `expires_in` seconds is renewed: after three quarters of its
+/// own lifetime (a 5 s token after 3.75 s, Keycloak's default 60 s after 45 s),
+/// so a token is never used in its last quarter whatever the realm's admin
+/// lifespan. A missing `expires_in` counts as 60 s; more than an hour as an hour.
+pub fn renew_after(expires_in: Option<u64>) -> Duration {
+    let life = Duration::from_secs(expires_in.unwrap_or(60).min(3600));
+    life.mul_f64(0.75)
+}
+
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: SecretString,
@@ -106,15 +115,7 @@ impl Supplier {
                 "the admin token response is not a token response".into(),
             )
         })?;
-        // Renew 30 s before expiry (Keycloak's default admin token lives 60 s);
-        // never trust a huge expires_in.
-        let life = t
-            .expires_in
-            .unwrap_or(60)
-            .min(3600)
-            .saturating_sub(30)
-            .max(5);
-        Ok((t.access_token, Instant::now() + Duration::from_secs(life)))
+        Ok((t.access_token, Instant::now() + renew_after(t.expires_in)))
     }
 }
 
@@ -126,12 +127,30 @@ impl Supplier {
                 return Ok(token.expose_secret().to_string());
             }
         }
-        let (token, until) = self.fetch().await?;
+        let (token, until) = self.fetch().await.map_err(|e| {
+            // Marks the failure as the token endpoint's (see [`hint`]).
+            match e {
+                KeycloakError::HttpFailure { status, body, text } => KeycloakError::HttpFailure {
+                    status,
+                    body,
+                    text: format!("{TOKEN_ENDPOINT_MARK}{text}"),
+                },
+                other => other,
+            }
+        })?;
         let out = token.expose_secret().to_string();
         *cached = Some((token, until));
         Ok(out)
     }
+
+    /// Forgets the cached token: the next call fetches a fresh one.
+    async fn invalidate(&self) {
+        *self.cached.lock().await = None;
+    }
 }
+
+/// Prefix of the text of a failure at the token endpoint (not the Admin API).
+const TOKEN_ENDPOINT_MARK: &str = "token endpoint: ";
 
 /// The supplier shared between the crate's client and our capped reads.
 #[derive(Clone)]
@@ -147,6 +166,42 @@ impl KeycloakTokenSupplier for SharedSupplier {
 /// Largest Admin API list answer read by [`Admin::get_capped`], in bytes.
 pub const MAX_LIST_BYTES: usize = 16 * 1024 * 1024;
 
+/// How [`Admin::list`] reads a list: `page` elements per request, at most
+/// `max_items` in all (the command fails beyond that, naming the bound).
+#[derive(Debug, Clone, Copy)]
+pub struct ListBounds {
+    /// Elements per page (`max`).
+    pub page: usize,
+    /// Most elements one list may hold.
+    pub max_items: usize,
+}
+
+impl Default for ListBounds {
+    fn default() -> Self {
+        Self {
+            page: 500,
+            max_items: 1_000_000,
+        }
+    }
+}
+
+fn bound(action: &str, text: String) -> AdminError {
+    AdminError {
+        action: action.to_string(),
+        source: Box::new(KeycloakError::HttpFailure {
+            status: 0,
+            body: None,
+            text,
+        }),
+        retried: false,
+    }
+}
+
+/// A 401 from the Admin API itself (not from the token endpoint).
+fn is_admin_401(e: &KeycloakError) -> bool {
+    matches!(e, KeycloakError::HttpFailure { status: 401, text, .. } if !text.starts_with(TOKEN_ENDPOINT_MARK))
+}
+
 /// The typed Admin API of one realm.
 pub struct Admin {
     /// The crate's client.
@@ -157,6 +212,7 @@ pub struct Admin {
     http: reqwest::Client,
     base: String,
     client_id: String,
+    bounds: ListBounds,
 }
 
 impl Admin {
@@ -187,7 +243,20 @@ impl Admin {
             http,
             base,
             client_id,
+            bounds: ListBounds::default(),
         }
+    }
+
+    /// The same client with other list bounds (tests use small pages).
+    #[must_use]
+    pub fn with_list_bounds(mut self, bounds: ListBounds) -> Self {
+        self.bounds = bounds;
+        self
+    }
+
+    /// A path segment, percent-encoded (ids and names in URLs).
+    pub fn seg(s: &str) -> String {
+        url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
     }
 
     /// The admin client's `clientId` (never owned, changed or removed).
@@ -235,6 +304,7 @@ impl Admin {
             .map(Option::unwrap_or_default)
     }
 
+    /// One request with the size cap, retried once with a fresh token on 401.
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: reqwest::Method,
@@ -243,11 +313,18 @@ impl Admin {
         body: Option<&serde_json::Value>,
         action: &str,
     ) -> Result<T, AdminError> {
-        let fail = |source: KeycloakError| AdminError {
-            action: action.to_string(),
-            source: Box::new(source),
-        };
-        let token = self.supplier.0.token().await.map_err(fail)?;
+        self.run(action, || self.call_once(method.clone(), url, query, body))
+            .await
+    }
+
+    async fn call_once<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, KeycloakError> {
+        let token = self.supplier.0.token().await?;
         let mut req = self
             .http
             .request(method, url)
@@ -256,23 +333,89 @@ impl Admin {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| fail(e.into()))?;
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
         let bytes = crate::http::read_capped(resp, MAX_LIST_BYTES)
             .await
-            .map_err(|e| fail(failure(status, e.to_string())))?;
+            .map_err(|e| failure(status, e.to_string()))?;
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&bytes).into_owned();
             let parsed = serde_json::from_slice(&bytes).ok();
-            return Err(fail(KeycloakError::HttpFailure {
+            return Err(KeycloakError::HttpFailure {
                 status,
                 body: parsed,
                 text,
-            }));
+            });
         }
         let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-        serde_json::from_slice(bytes)
-            .map_err(|e| fail(failure(status, format!("unexpected JSON: {e}"))))
+        serde_json::from_slice(bytes).map_err(|e| failure(status, format!("unexpected JSON: {e}")))
+    }
+
+    /// Runs one Admin API call (`call` makes the request; the crate's calls fetch
+    /// the token from the shared supplier). A 401 from the Admin API is retried
+    /// once with a freshly fetched token (the cached one may have expired or been
+    /// invalidated, e.g. by a Keycloak restart); a second 401 is reported as such.
+    /// Safe for every method: a 401 means the request was not processed.
+    ///
+    /// # Errors
+    /// The call's failure, with `action`.
+    pub async fn run<T, F, Fut>(
+        &self,
+        action: impl Into<String>,
+        mut call: F,
+    ) -> Result<T, AdminError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, KeycloakError>>,
+    {
+        let fail = |source: KeycloakError, retried: bool, action: String| AdminError {
+            action,
+            source: Box::new(source),
+            retried,
+        };
+        match call().await {
+            Err(e) if is_admin_401(&e) => {
+                tracing::info!(
+                    "the Admin API refused the admin token (401); retrying once with a fresh token"
+                );
+                self.supplier.0.invalidate().await;
+                call().await.map_err(|e| fail(e, true, action.into()))
+            }
+            other => other.map_err(|e| fail(e, false, action.into())),
+        }
+    }
+
+    /// Every element of the list at `/admin/realms/<realm><path>`, read in pages
+    /// of [`ListBounds::page`] (`first`/`max`) until a short page.
+    ///
+    /// # Errors
+    /// A failed call, or a bound hit: more than [`ListBounds::max_items`]
+    /// elements, or a page longer than asked for (a server that ignores paging).
+    pub async fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        action: &str,
+    ) -> Result<Vec<T>, AdminError> {
+        let ListBounds { page, max_items } = self.bounds;
+        let mut out: Vec<T> = Vec::new();
+        loop {
+            let mut q = query.to_vec();
+            q.push(("first", out.len().to_string()));
+            q.push(("max", page.to_string()));
+            let got: Vec<T> = self.get_capped(path, &q, action).await?;
+            let n = got.len();
+            if n > page {
+                return Err(bound(action, format!("a page of {n} elements was answered for max={page}: the server ignores paging, so the list cannot be read completely")));
+            }
+            out.extend(got);
+            if out.len() > max_items {
+                return Err(bound(action, format!("more than {max_items} elements (the bound of one list read): nothing was decided on a partial list")));
+            }
+            if n < page {
+                return Ok(out);
+            }
+        }
     }
 
     /// `GET /admin/realms/<realm><path>` with a size cap ([`MAX_LIST_BYTES`]):
@@ -297,12 +440,14 @@ impl Admin {
 /// A failed Admin API call: what was attempted and Keycloak's answer (status and
 /// Keycloak's message; never a token or secret), with a hint for 401/403.
 #[derive(Debug, thiserror::Error)]
-#[error("{action}: {}{}", render(source), hint(source))]
+#[error("{action}: {}{}", render(source), hint(source, *retried))]
 pub struct AdminError {
     /// What was attempted (`read clients`, `create client scope deploy:production`).
     pub action: String,
     /// The crate's error (boxed: it is large).
     pub source: Box<KeycloakError>,
+    /// Whether this is the answer to the retry with a freshly fetched token.
+    pub retried: bool,
 }
 
 /// The failure as one safe line: the status and Keycloak's message, printable
@@ -363,10 +508,20 @@ pub fn sanitize(s: &str) -> String {
     crate::domain::truncate(&out.join(" "), 200)
 }
 
-fn hint(e: &KeycloakError) -> &'static str {
+fn hint(e: &KeycloakError, retried: bool) -> &'static str {
     match e {
+        KeycloakError::HttpFailure { status: 401, text, .. }
+            if text.starts_with(TOKEN_ENDPOINT_MARK) =>
+        {
+            " (the token endpoint refused the admin client: check the admin client's id, secret and --admin-realm)"
+        }
+        KeycloakError::HttpFailure { status: 401, .. } if retried => {
+            " (the Admin API refused the admin token, and again a token fetched just now: the admin \
+             client's credentials are accepted but its tokens are not; check that keycloak.base_url is \
+             the address Keycloak issues tokens for (its hostname setting) and that the clocks agree)"
+        }
         KeycloakError::HttpFailure { status: 401, .. } => {
-            " (the admin token was refused: check the admin client's id, secret and realm)"
+            " (the Admin API refused the admin token)"
         }
         KeycloakError::HttpFailure { status: 404, .. } => {
             " (no such realm or object: check keycloak.base_url, keycloak.realm and --admin-realm)"
@@ -379,17 +534,25 @@ fn hint(e: &KeycloakError) -> &'static str {
     }
 }
 
-/// Adds the action to a crate error.
-pub trait Context<T> {
-    /// Wraps the error with `action`.
-    fn ctx(self, action: impl Into<String>) -> Result<T, AdminError>;
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl<T> Context<T> for Result<T, KeycloakError> {
-    fn ctx(self, action: impl Into<String>) -> Result<T, AdminError> {
-        self.map_err(|source| AdminError {
-            action: action.into(),
-            source: Box::new(source),
-        })
+    /// A token is renewed before it expires whatever its lifespan, including
+    /// admin tokens of a few seconds (issue 19 §6c).
+    #[test]
+    fn admin_tokens_are_renewed_within_their_own_lifetime() {
+        for life in [1, 2, 4, 5, 10, 30, 60, 300, 3600] {
+            let renew = renew_after(Some(life));
+            assert!(
+                renew < Duration::from_secs(life),
+                "a {life} s token is used until {renew:?}"
+            );
+            assert!(
+                renew >= Duration::from_secs(life) / 2,
+                "{life} s: {renew:?}"
+            );
+        }
+        assert!(renew_after(Some(86_400)) < Duration::from_secs(3600));
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use ::keycloak::types::{ClientRepresentation, RoleRepresentation};
 use secrecy::ExposeSecret;
 
-use super::admin::{Admin, AdminError, Context};
+use super::admin::{Admin, AdminError};
 use super::desired::Desired;
 use super::live::{Live, REALM_KEY};
 use super::plan::{default_scopes, plan, Action, Change, Kind, Plan};
@@ -69,6 +69,7 @@ pub async fn apply(
         let live_ids = super::identities::LiveIdentities::read(admin, want, &alias).await?;
         let mut ids = Plan::default();
         super::identities::plan(want, &live_ids, &desired.owner, prune, &mut ids);
+        super::plan::keep_operator_switches(&mut ids, |kind, name| live_ids.enabled(kind, name));
         if !ids.problems.is_empty() {
             return Err(ApplyError::Refused(ids.problems));
         }
@@ -92,6 +93,7 @@ fn missing(what: &str) -> AdminError {
             body: None,
             text: "not found after it was created".into(),
         }),
+        retried: false,
     }
 }
 
@@ -128,10 +130,10 @@ async fn create(
                 .ok_or_else(|| missing(&e.name))?;
                 rep.enabled = Some(true);
                 admin
-                    .api
-                    .realm_clients_post(realm, rep)
-                    .await
-                    .ctx(format!("create {} {}", e.kind, e.name))?;
+                    .run(format!("create {} {}", e.kind, e.name), || {
+                        admin.api.realm_clients_post(realm, rep.clone())
+                    })
+                    .await?;
             }
             Kind::Scope => {
                 let s = desired
@@ -140,10 +142,10 @@ async fn create(
                     .find(|s| s.name == e.name)
                     .ok_or_else(|| missing(&e.name))?;
                 admin
-                    .api
-                    .realm_client_scopes_post(realm, s.rep.clone())
-                    .await
-                    .ctx(format!("create client scope {}", e.name))?;
+                    .run(format!("create client scope {}", e.name), || {
+                        admin.api.realm_client_scopes_post(realm, s.rep.clone())
+                    })
+                    .await?;
             }
             _ => continue,
         }
@@ -159,11 +161,13 @@ async fn roles_of(
     client_id: &str,
 ) -> Result<BTreeMap<String, RoleRepresentation>, AdminError> {
     let uuid = id_of(live, client_id)?;
-    let roles = admin
-        .api
-        .realm_clients_with_client_uuid_roles_get(&admin.realm, &uuid, Some(true), None, None, None)
-        .await
-        .ctx(format!("read roles of client {client_id}"))?;
+    let roles: Vec<RoleRepresentation> = admin
+        .list(
+            &format!("/clients/{}/roles", Admin::seg(&uuid)),
+            &[("briefRepresentation", "true".into())],
+            &format!("read roles of client {client_id}"),
+        )
+        .await?;
     Ok(roles
         .into_iter()
         .filter_map(|r| Some((r.name.clone()?, r)))
@@ -206,10 +210,12 @@ async fn update(
                 let mut rep = rs.rep.clone();
                 rep.id = Some(uuid.clone());
                 admin
-                    .api
-                    .realm_clients_with_client_uuid_put(realm, &uuid, rep)
-                    .await
-                    .ctx(format!("update resource server {name}"))?;
+                    .run(format!("update resource server {name}"), || {
+                        admin
+                            .api
+                            .realm_clients_with_client_uuid_put(realm, &uuid, rep.clone())
+                    })
+                    .await?;
             }
             if has("roles") {
                 let have = live.roles.get(name).cloned().unwrap_or_default();
@@ -219,17 +225,25 @@ async fn update(
                         ..Default::default()
                     };
                     admin
-                        .api
-                        .realm_clients_with_client_uuid_roles_post(realm, &uuid, role)
-                        .await
-                        .ctx(format!("create role {name}/{r}"))?;
+                        .run(format!("create role {name}/{r}"), || {
+                            admin.api.realm_clients_with_client_uuid_roles_post(
+                                realm,
+                                &uuid,
+                                role.clone(),
+                            )
+                        })
+                        .await?;
                 }
                 for r in have.difference(&rs.roles) {
                     admin
-                        .api
-                        .realm_clients_with_client_uuid_roles_with_role_name_delete(realm, &uuid, r)
-                        .await
-                        .ctx(format!("remove role {name}/{r}"))?;
+                        .run(format!("remove role {name}/{r}"), || {
+                            admin
+                                .api
+                                .realm_clients_with_client_uuid_roles_with_role_name_delete(
+                                    realm, &uuid, r,
+                                )
+                        })
+                        .await?;
                 }
             }
         }
@@ -248,31 +262,27 @@ async fn update(
                 let mut rep = s.rep.clone();
                 rep.id = Some(id.clone());
                 admin
-                    .api
-                    .realm_client_scopes_with_client_scope_id_put(realm, &id, rep)
-                    .await
-                    .ctx(format!("update client scope {name}"))?;
+                    .run(format!("update client scope {name}"), || {
+                        admin.api.realm_client_scopes_with_client_scope_id_put(
+                            realm,
+                            &id,
+                            rep.clone(),
+                        )
+                    })
+                    .await?;
             }
             if any("protocolMappers") {
                 let live_mappers = l.protocol_mappers.clone().unwrap_or_default();
                 for m in &s.mappers {
                     match live_mappers.iter().find(|x| x.name == m.name) {
                         None => {
-                            admin
-                                .api
-                                .realm_client_scopes_with_client_scope_id_protocol_mappers_models_post(realm, &id, m.clone())
-                                .await
-                                .ctx(format!("add mapper to client scope {name}"))?;
+                            admin.run(format!("add mapper to client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_post(realm, &id, m.clone())).await?;
                         }
                         Some(x) => {
                             let mut body = m.clone();
                             body.id = x.id.clone();
                             let mid = x.id.clone().unwrap_or_default();
-                            admin
-                                .api
-                                .realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_put(realm, &id, &mid, body)
-                                .await
-                                .ctx(format!("update mapper of client scope {name}"))?;
+                            admin.run(format!("update mapper of client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_put(realm, &id, &mid, body.clone())).await?;
                         }
                     }
                 }
@@ -281,11 +291,7 @@ async fn update(
                     .filter(|x| !s.mappers.iter().any(|m| m.name == x.name))
                 {
                     let mid = x.id.clone().unwrap_or_default();
-                    admin
-                        .api
-                        .realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_delete(realm, &id, &mid)
-                        .await
-                        .ctx(format!("remove mapper from client scope {name}"))?;
+                    admin.run(format!("remove mapper from client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_delete(realm, &id, &mid)).await?;
                 }
             }
             if has("scopeMappings") {
@@ -303,10 +309,12 @@ async fn update(
                 let mut rep = c.rep.clone();
                 rep.id = Some(uuid.clone());
                 admin
-                    .api
-                    .realm_clients_with_client_uuid_put(realm, &uuid, rep)
-                    .await
-                    .ctx(format!("update client {name}"))?;
+                    .run(format!("update client {name}"), || {
+                        admin
+                            .api
+                            .realm_clients_with_client_uuid_put(realm, &uuid, rep.clone())
+                    })
+                    .await?;
             }
             let d = live.details.get(name).cloned().unwrap_or_default();
             let scope_id = |n: &str| {
@@ -318,22 +326,26 @@ async fn update(
             let want_default = &default_scopes(c, live);
             if has("defaultClientScopes") {
                 for n in d.default_scopes.difference(want_default) {
-                    admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, &uuid, &scope_id(n)?).await.ctx(format!("detach default scope {n} from {name}"))?;
+                    let sid = scope_id(n)?;
+                    admin.run(format!("detach default scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, &uuid, &sid)).await?;
                 }
             }
             if has("optionalClientScopes") {
                 for n in d.optional_scopes.difference(&c.optional_scopes) {
-                    admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_delete(realm, &uuid, &scope_id(n)?).await.ctx(format!("detach optional scope {n} from {name}"))?;
+                    let sid = scope_id(n)?;
+                    admin.run(format!("detach optional scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_delete(realm, &uuid, &sid)).await?;
                 }
             }
             if has("defaultClientScopes") {
                 for n in want_default.difference(&d.default_scopes) {
-                    admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_put(realm, &uuid, &scope_id(n)?).await.ctx(format!("attach default scope {n} to {name}"))?;
+                    let sid = scope_id(n)?;
+                    admin.run(format!("attach default scope {n} to {name}"), || admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_put(realm, &uuid, &sid)).await?;
                 }
             }
             if has("optionalClientScopes") {
                 for n in c.optional_scopes.difference(&d.optional_scopes) {
-                    admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_put(realm, &uuid, &scope_id(n)?).await.ctx(format!("attach optional scope {n} to {name}"))?;
+                    let sid = scope_id(n)?;
+                    admin.run(format!("attach optional scope {n} to {name}"), || admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_put(realm, &uuid, &sid)).await?;
                 }
             }
             if has("protocolMappers") {
@@ -344,13 +356,9 @@ async fn update(
                     .unwrap_or_default()
                 {
                     let mid = m.id.unwrap_or_default();
-                    admin
-                        .api
-                        .realm_clients_with_client_uuid_protocol_mappers_models_with_id_delete(
+                    admin.run(format!("remove mapper from client {name}"), || admin.api.realm_clients_with_client_uuid_protocol_mappers_models_with_id_delete(
                             realm, &uuid, &mid,
-                        )
-                        .await
-                        .ctx(format!("remove mapper from client {name}"))?;
+                        )).await?;
                 }
             }
             if has("scopeMappings") {
@@ -360,10 +368,12 @@ async fn update(
                 // Read now: a service account switched on by the update above was
                 // just created.
                 let user = admin
-                    .api
-                    .realm_clients_with_client_uuid_service_account_user_get(realm, &uuid)
-                    .await
-                    .ctx(format!("read the service-account user of {name}"))?
+                    .run(format!("read the service-account user of {name}"), || {
+                        admin
+                            .api
+                            .realm_clients_with_client_uuid_service_account_user_get(realm, &uuid)
+                    })
+                    .await?
                     .id
                     .ok_or_else(|| missing(&format!("service-account user of {name}")))?;
                 service_account_roles(admin, live, &user, name, &c.roles).await?;
@@ -390,21 +400,28 @@ async fn scope_mappings(
     let realm = admin.realm.as_str();
     #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
     let m = admin
-        .api
-        .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, id)
-        .await
-        .ctx(format!("read scope mappings of {name}"))?;
+        .run(format!("read scope mappings of {name}"), || {
+            admin
+                .api
+                .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, id)
+        })
+        .await?;
     let realm_roles = m.realm_mappings.unwrap_or_default();
     if !realm_roles.is_empty() {
         admin
-            .api
-            .realm_client_scopes_with_client_scope_id_scope_mappings_realm_delete(
-                realm,
-                id,
-                realm_roles,
+            .run(
+                format!("remove realm-role scope mappings of {name}"),
+                || {
+                    admin
+                        .api
+                        .realm_client_scopes_with_client_scope_id_scope_mappings_realm_delete(
+                            realm,
+                            id,
+                            realm_roles.clone(),
+                        )
+                },
             )
-            .await
-            .ctx(format!("remove realm-role scope mappings of {name}"))?;
+            .await?;
     }
     let have = m.client_mappings.unwrap_or_default();
     for (client, mapped) in &have {
@@ -418,13 +435,9 @@ async fn scope_mappings(
             .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
             .collect();
         if !extra.is_empty() {
-            admin
-                .api
-                .realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_delete(
-                    realm, id, &uuid, extra,
-                )
-                .await
-                .ctx(format!("remove scope mappings of {name}"))?;
+            admin.run(format!("remove scope mappings of {name}"), || admin.api.realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_delete(
+                    realm, id, &uuid, extra.clone(),
+                )).await?;
         }
     }
     for (client, roles) in want {
@@ -442,13 +455,9 @@ async fn scope_mappings(
             .collect();
         if !add.is_empty() {
             let uuid = id_of(live, client)?;
-            admin
-                .api
-                .realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_post(
-                    realm, id, &uuid, add,
-                )
-                .await
-                .ctx(format!("add scope mappings to {name}"))?;
+            admin.run(format!("add scope mappings to {name}"), || admin.api.realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_post(
+                    realm, id, &uuid, add.clone(),
+                )).await?;
         }
     }
     Ok(())
@@ -460,29 +469,36 @@ async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<
     let realm = admin.realm.as_str();
     #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
     let m = admin
-        .api
-        .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
-        .await
-        .ctx(format!("read scope mappings of {name}"))?;
+        .run(format!("read scope mappings of {name}"), || {
+            admin
+                .api
+                .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
+        })
+        .await?;
     let realm_roles = m.realm_mappings.unwrap_or_default();
     if !realm_roles.is_empty() {
         admin
-            .api
-            .realm_clients_with_client_uuid_scope_mappings_realm_delete(realm, uuid, realm_roles)
-            .await
-            .ctx(format!("remove realm-role scope mappings of {name}"))?;
+            .run(
+                format!("remove realm-role scope mappings of {name}"),
+                || {
+                    admin
+                        .api
+                        .realm_clients_with_client_uuid_scope_mappings_realm_delete(
+                            realm,
+                            uuid,
+                            realm_roles.clone(),
+                        )
+                },
+            )
+            .await?;
     }
     for (client, mapped) in m.client_mappings.unwrap_or_default() {
         let other = mapped.id.clone().unwrap_or_default();
         let roles = mapped.mappings.unwrap_or_default();
         if !roles.is_empty() {
-            admin
-                .api
-                .realm_clients_with_client_uuid_scope_mappings_clients_with_client_delete(
-                    realm, uuid, &other, roles,
-                )
-                .await
-                .ctx(format!("remove scope mappings of {name} to {client}"))?;
+            admin.run(format!("remove scope mappings of {name} to {client}"), || admin.api.realm_clients_with_client_uuid_scope_mappings_clients_with_client_delete(
+                    realm, uuid, &other, roles.clone(),
+                )).await?;
         }
     }
     Ok(())
@@ -503,10 +519,12 @@ pub(super) async fn remove_direct_roles(
 > {
     let realm = admin.realm.as_str();
     let m = admin
-        .api
-        .realm_users_with_user_id_role_mappings_get(realm, user)
-        .await
-        .ctx(format!("read the roles of {name}"))?;
+        .run(format!("read the roles of {name}"), || {
+            admin
+                .api
+                .realm_users_with_user_id_role_mappings_get(realm, user)
+        })
+        .await?;
     let extra_realm: Vec<RoleRepresentation> = m
         .realm_mappings
         .clone()
@@ -516,10 +534,16 @@ pub(super) async fn remove_direct_roles(
         .collect();
     if !extra_realm.is_empty() {
         admin
-            .api
-            .realm_users_with_user_id_role_mappings_realm_delete(realm, user, extra_realm)
-            .await
-            .ctx(format!("remove the realm roles of {name}"))?;
+            .run(format!("remove the realm roles of {name}"), || {
+                admin
+                    .api
+                    .realm_users_with_user_id_role_mappings_realm_delete(
+                        realm,
+                        user,
+                        extra_realm.clone(),
+                    )
+            })
+            .await?;
     }
     let have = m.client_mappings.unwrap_or_default();
     let none = BTreeSet::new();
@@ -538,12 +562,17 @@ pub(super) async fn remove_direct_roles(
         if !extra.is_empty() {
             let other = mapped.id.clone().unwrap_or_default();
             admin
-                .api
-                .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                    realm, user, &other, extra,
-                )
-                .await
-                .ctx(format!("remove {client} roles of {name}"))?;
+                .run(format!("remove {client} roles of {name}"), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
+                            realm,
+                            user,
+                            &other,
+                            extra.clone(),
+                        )
+                })
+                .await?;
         }
     }
     Ok(have)
@@ -577,12 +606,17 @@ async fn service_account_roles(
                 .filter_map(|r| all.get(r).cloned())
                 .collect();
             admin
-                .api
-                .realm_users_with_user_id_role_mappings_clients_with_client_id_post(
-                    realm, user, &uuid, add,
-                )
-                .await
-                .ctx(format!("add service-account roles of {name}"))?;
+                .run(format!("add service-account roles of {name}"), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_role_mappings_clients_with_client_id_post(
+                            realm,
+                            user,
+                            &uuid,
+                            add.clone(),
+                        )
+                })
+                .await?;
         }
     }
     Ok(())
@@ -615,18 +649,20 @@ async fn remove(
                     .and_then(|s| s.id.clone())
                     .ok_or_else(|| missing(&e.name))?;
                 admin
-                    .api
-                    .realm_client_scopes_with_client_scope_id_delete(realm, &id)
-                    .await
-                    .ctx(format!("remove client scope {}", e.name))?;
+                    .run(format!("remove client scope {}", e.name), || {
+                        admin
+                            .api
+                            .realm_client_scopes_with_client_scope_id_delete(realm, &id)
+                    })
+                    .await?;
             }
             _ => {
                 let id = id_of(live, &e.name)?;
                 admin
-                    .api
-                    .realm_clients_with_client_uuid_delete(realm, &id)
-                    .await
-                    .ctx(format!("remove {} {}", e.kind, e.name))?;
+                    .run(format!("remove {} {}", e.kind, e.name), || {
+                        admin.api.realm_clients_with_client_uuid_delete(realm, &id)
+                    })
+                    .await?;
             }
         }
         journal.push(format!("- removed {} {}", e.kind, e.name));
@@ -647,10 +683,12 @@ async fn secrets(
         let Some(secret) = &c.secret else { continue };
         let uuid = id_of(live, &c.client_id)?;
         let current = admin
-            .api
-            .realm_clients_with_client_uuid_client_secret_get(realm, &uuid)
-            .await
-            .ctx(format!("read the secret of client {}", c.client_id))?;
+            .run(format!("read the secret of client {}", c.client_id), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_client_secret_get(realm, &uuid)
+            })
+            .await?;
         if current.value.as_deref() == Some(secret.expose_secret()) {
             continue;
         }
@@ -661,10 +699,12 @@ async fn secrets(
             ..Default::default()
         };
         admin
-            .api
-            .realm_clients_with_client_uuid_put(realm, &uuid, rep)
-            .await
-            .ctx(format!("set the secret of client {}", c.client_id))?;
+            .run(format!("set the secret of client {}", c.client_id), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_put(realm, &uuid, rep.clone())
+            })
+            .await?;
         journal.push(format!(
             "~ client {}: secret set to the configured one (value not shown)",
             c.client_id

@@ -23,7 +23,7 @@ use ::keycloak::types::{
 };
 use serde_json::{json, Value};
 
-use super::admin::{Admin, AdminError, Context};
+use super::admin::{Admin, AdminError};
 use super::desired::OWNER_ATTRIBUTE;
 use super::model::{join, RealmModel};
 use super::plan::{Action, Change, Entry, Kind, Plan};
@@ -339,8 +339,9 @@ pub struct LiveIdentities {
     pub users: BTreeMap<String, LiveUser>,
     /// Problems found while reading (duplicate links, a username taken by another user).
     pub problems: Vec<String>,
-    /// Users linked to the identity provider that no policy needs, by username.
-    pub unneeded: BTreeMap<String, String>,
+    /// Users linked to the identity provider that no policy needs, by username:
+    /// (id, `enabled`).
+    pub unneeded: BTreeMap<String, (String, Option<bool>)>,
     /// The server's JWT Authorization Grant support: problems when missing.
     pub version_problems: Vec<String>,
     /// What plan shows as notes.
@@ -420,10 +421,12 @@ impl LiveIdentities {
             ..Default::default()
         };
         live.provider = match admin
-            .api
-            .realm_identity_provider_instances_with_alias_get(realm, alias)
+            .run("read the identity provider", || {
+                admin
+                    .api
+                    .realm_identity_provider_instances_with_alias_get(realm, alias)
+            })
             .await
-            .ctx("read the identity provider")
         {
             Ok(p) => Some(p),
             Err(e) if not_found(&e) => None,
@@ -433,31 +436,19 @@ impl LiveIdentities {
             .get_capped("/users/profile", &[], "read the user profile")
             .await?;
         for g in &want.groups {
-            let found = admin
-                .api
-                .realm_groups_get(
-                    realm,
-                    Some(false),
-                    Some(true),
-                    None,
-                    Some(10),
-                    None,
-                    None,
-                    Some(g.name.clone()),
-                    None,
-                )
-                .await
-                .ctx(format!("read group {}", g.name))?;
+            let found = find_groups(admin, &g.name, false).await?;
             if let Some(rep) = found.into_iter().find(|r| {
                 r.name.as_deref() == Some(&g.name)
                     && r.path.as_deref() == Some(&format!("/{}", g.name))
             }) {
                 let id = rep.id.clone().unwrap_or_default();
                 let m = admin
-                    .api
-                    .realm_groups_with_group_id_role_mappings_get(realm, &id)
-                    .await
-                    .ctx(format!("read roles of group {}", g.name))?;
+                    .run(format!("read roles of group {}", g.name), || {
+                        admin
+                            .api
+                            .realm_groups_with_group_id_role_mappings_get(realm, &id)
+                    })
+                    .await?;
                 live.groups
                     .insert(g.name.clone(), (rep, super::live::mapping_roles(m)));
             }
@@ -466,7 +457,7 @@ impl LiveIdentities {
         for u in &want.users {
             let subject = u.identity.subject();
             let linked: Vec<UserRepresentation> = admin
-                .get_capped(
+                .list(
                     "/users",
                     &[
                         ("idpAlias", alias.to_string()),
@@ -489,7 +480,7 @@ impl LiveIdentities {
                 ));
             }
             let by_name: Vec<UserRepresentation> = admin
-                .get_capped(
+                .list(
                     "/users",
                     &[("username", u.username.clone()), ("exact", "true".into())],
                     "find user by username",
@@ -497,11 +488,7 @@ impl LiveIdentities {
                 .await?;
             let Some(rep) = by_name.into_iter().next() else {
                 // Renamed? The id is ours but the username is not.
-                match admin
-                    .api
-                    .realm_users_with_user_id_get(realm, &u.id, None)
-                    .await
-                    .ctx(format!("read user {}", u.id))
+                match admin.run(format!("read user {}", u.id), || admin.api.realm_users_with_user_id_get(realm, &u.id, None)).await
                 {
                     Ok(other) => live.problems.push(format!(
                         "user {} (the id of {}'s identity) is named {}: a renamed repository user; rename it back to {} by hand",
@@ -525,27 +512,26 @@ impl LiveIdentities {
                 continue;
             }
             let links = admin
-                .api
-                .realm_users_with_user_id_federated_identity_get(realm, &u.id)
-                .await
-                .ctx(format!("read links of {}", u.username))?;
-            let groups = admin
-                .api
-                .realm_users_with_user_id_groups_get(
-                    realm,
-                    &u.id,
-                    Some(true),
-                    None,
-                    Some(100),
-                    None,
+                .run(format!("read links of {}", u.username), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_federated_identity_get(realm, &u.id)
+                })
+                .await?;
+            let groups: Vec<GroupRepresentation> = admin
+                .list(
+                    &format!("/users/{}/groups", Admin::seg(&u.id)),
+                    &[("briefRepresentation", "true".into())],
+                    &format!("read groups of {}", u.username),
                 )
-                .await
-                .ctx(format!("read groups of {}", u.username))?;
+                .await?;
             let m = admin
-                .api
-                .realm_users_with_user_id_role_mappings_get(realm, &u.id)
-                .await
-                .ctx(format!("read roles of {}", u.username))?;
+                .run(format!("read roles of {}", u.username), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_role_mappings_get(realm, &u.id)
+                })
+                .await?;
             let roles = super::live::direct_roles(m);
             live.users.insert(
                 u.username.clone(),
@@ -558,12 +544,11 @@ impl LiveIdentities {
             );
         }
         let linked: Vec<UserRepresentation> = admin
-            .get_capped(
+            .list(
                 "/users",
                 &[
                     ("idpAlias", alias.to_string()),
                     ("briefRepresentation", "true".into()),
-                    ("max", "10000".into()),
                 ],
                 "list users linked to the identity provider",
             )
@@ -578,17 +563,29 @@ impl LiveIdentities {
             // Ours only if the id is the one apply gives that username's identity.
             let ours = RepositoryIdentity::from_username(&name)
                 .is_some_and(|i| i.user_id(&admin.realm) == id);
-            if !ours {
-                live.notes.push(format!("user {name} is linked to the identity provider but was not created by keycloak apply: left alone"));
-            } else if x.enabled == Some(false) {
-                live.notes.push(format!(
-                    "user {name} is no longer needed but disabled by an operator: kept, so that a later policy cannot bring it back enabled"
-                ));
+            if ours {
+                live.unneeded.insert(name, (id, x.enabled));
             } else {
-                live.unneeded.insert(name, id);
+                live.notes.push(format!("user {name} is linked to the identity provider but was not created by keycloak apply: left alone"));
             }
         }
         Ok(live)
+    }
+}
+
+impl LiveIdentities {
+    /// The live `enabled` of the identity object `plan` calls `kind` `name`
+    /// ([`super::plan::keep_operator_switches`]).
+    pub fn enabled(&self, kind: Kind, name: &str) -> Option<bool> {
+        match kind {
+            Kind::IdentityProvider => self.provider.as_ref()?.enabled,
+            Kind::User => self
+                .users
+                .get(name)
+                .and_then(|u| u.rep.enabled)
+                .or_else(|| self.unneeded.get(name)?.1),
+            _ => None,
+        }
     }
 }
 
@@ -602,6 +599,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         kind,
         name: name.to_string(),
         action,
+        operator_disabled: false,
     };
     match &live.provider {
         Some(p)
@@ -822,10 +820,15 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                 new: join(&u.groups),
             });
         }
-        if l.rep.enabled == Some(false) && ch.is_empty() {
-            plan.entries
-                .push(entry(Kind::User, &u.username, Action::Disabled));
-            continue;
+        if let Some(actions) = l.rep.required_actions.as_ref().filter(|a| !a.is_empty()) {
+            plan.notes.push(format!(
+                "user {} has pending required actions ({}): Keycloak refuses its tokens until they are \
+                 done, so its pipelines get identity.not_ready; remove them (Users -> {} -> Required user actions) \
+                 unless they were set on purpose",
+                u.username,
+                actions.iter().map(|a| crate::provision::admin::sanitize(a)).collect::<Vec<_>>().join(", "),
+                u.username
+            ));
         }
         plan.entries
             .push(entry(Kind::User, &u.username, action(true, ch)));
@@ -874,12 +877,12 @@ pub async fn apply(
         let changes = match &e.action {
             Action::Create(c) | Action::Update(c) => c,
             Action::Remove if e.kind == Kind::User => {
-                if let Some(id) = live.unneeded.get(&e.name) {
+                if let Some((id, _)) = live.unneeded.get(&e.name) {
                     admin
-                        .api
-                        .realm_users_with_user_id_delete(realm, id)
-                        .await
-                        .ctx(format!("remove user {}", e.name))?;
+                        .run(format!("remove user {}", e.name), || {
+                            admin.api.realm_users_with_user_id_delete(realm, id)
+                        })
+                        .await?;
                     journal.push(format!("- removed user {}", e.name));
                 }
                 continue;
@@ -889,21 +892,35 @@ pub async fn apply(
         match e.kind {
             Kind::IdentityProvider => {
                 if live.provider.is_some() {
+                    // A PUT replaces `enabled` (absent counts as true): send the
+                    // operator's value, read again just before (the kill switch).
+                    let now = admin
+                        .run("read the identity provider", || {
+                            admin
+                                .api
+                                .realm_identity_provider_instances_with_alias_get(realm, &alias)
+                        })
+                        .await?;
+                    let mut rep = want.provider.clone();
+                    rep.enabled = Some(now.enabled != Some(false));
                     admin
-                        .api
-                        .realm_identity_provider_instances_with_alias_put(
-                            realm,
-                            &alias,
-                            want.provider.clone(),
-                        )
-                        .await
-                        .ctx("update the identity provider")?;
+                        .run("update the identity provider", || {
+                            admin.api.realm_identity_provider_instances_with_alias_put(
+                                realm,
+                                &alias,
+                                rep.clone(),
+                            )
+                        })
+                        .await?;
                 } else {
                     admin
-                        .api
-                        .realm_identity_provider_instances_post(realm, want.provider.clone())
-                        .await
-                        .ctx("create the identity provider")?;
+                        .run("create the identity provider", || {
+                            admin.api.realm_identity_provider_instances_post(
+                                realm,
+                                want.provider.clone(),
+                            )
+                        })
+                        .await?;
                 }
             }
             Kind::UserProfile => {
@@ -940,7 +957,15 @@ pub async fn apply(
                     .await?;
             }
             Kind::Group => group(admin, want, live, &e.name, owner).await?,
-            Kind::User => user(admin, want, live, &e.name, &alias).await?,
+            Kind::User => {
+                if user(admin, want, live, &e.name, &alias).await? == UserOutcome::AlreadyPresent {
+                    journal.push(format!(
+                        "= user {}: already present (created after this run read the realm, e.g. by another apply): skipped; run plan to compare it",
+                        e.name
+                    ));
+                    continue;
+                }
+            }
             _ => continue,
         }
         journal.push(match &e.action {
@@ -986,18 +1011,20 @@ async fn group(
             let mut put = rep.clone();
             put.id = Some(id.clone());
             admin
-                .api
-                .realm_groups_with_group_id_put(realm, &id, put)
-                .await
-                .ctx(format!("update group {name}"))?;
+                .run(format!("update group {name}"), || {
+                    admin
+                        .api
+                        .realm_groups_with_group_id_put(realm, &id, put.clone())
+                })
+                .await?;
             (id, roles.clone())
         }
         None => {
             let r = admin
-                .api
-                .realm_groups_post(realm, rep)
-                .await
-                .ctx(format!("create group {name}"))?;
+                .run(format!("create group {name}"), || {
+                    admin.api.realm_groups_post(realm, rep.clone())
+                })
+                .await?;
             (r.to_id().unwrap_or_default().to_string(), BTreeMap::new())
         }
     };
@@ -1008,10 +1035,14 @@ async fn group(
         }
         let uuid = client_uuid(admin, rs).await?;
         let mapped = admin
-            .api
-            .realm_groups_with_group_id_role_mappings_clients_with_client_id_get(realm, &id, &uuid)
-            .await
-            .ctx(format!("read {rs} roles of group {name}"))?;
+            .run(format!("read {rs} roles of group {name}"), || {
+                admin
+                    .api
+                    .realm_groups_with_group_id_role_mappings_clients_with_client_id_get(
+                        realm, &id, &uuid,
+                    )
+            })
+            .await?;
         let none = BTreeSet::new();
         let wanted = g.roles.get(rs).unwrap_or(&none);
         let extra: Vec<RoleRepresentation> = mapped
@@ -1021,31 +1052,43 @@ async fn group(
             .collect();
         if !extra.is_empty() {
             admin
-                .api
-                .realm_groups_with_group_id_role_mappings_clients_with_client_id_delete(
-                    realm, &id, &uuid, extra,
-                )
-                .await
-                .ctx(format!("remove {rs} roles of group {name}"))?;
+                .run(format!("remove {rs} roles of group {name}"), || {
+                    admin
+                        .api
+                        .realm_groups_with_group_id_role_mappings_clients_with_client_id_delete(
+                            realm,
+                            &id,
+                            &uuid,
+                            extra.clone(),
+                        )
+                })
+                .await?;
         }
         let had: BTreeSet<String> = mapped.iter().filter_map(|r| r.name.clone()).collect();
         let mut add = Vec::new();
         for r in wanted.difference(&had) {
             let role = admin
-                .api
-                .realm_clients_with_client_uuid_roles_with_role_name_get(realm, &uuid, r)
-                .await
-                .ctx(format!("read role {rs}/{r}"))?;
+                .run(format!("read role {rs}/{r}"), || {
+                    admin
+                        .api
+                        .realm_clients_with_client_uuid_roles_with_role_name_get(realm, &uuid, r)
+                })
+                .await?;
             add.push(role);
         }
         if !add.is_empty() {
             admin
-                .api
-                .realm_groups_with_group_id_role_mappings_clients_with_client_id_post(
-                    realm, &id, &uuid, add,
-                )
-                .await
-                .ctx(format!("add {rs} roles to group {name}"))?;
+                .run(format!("add {rs} roles to group {name}"), || {
+                    admin
+                        .api
+                        .realm_groups_with_group_id_role_mappings_clients_with_client_id_post(
+                            realm,
+                            &id,
+                            &uuid,
+                            add.clone(),
+                        )
+                })
+                .await?;
         }
     }
     Ok(())
@@ -1053,18 +1096,18 @@ async fn group(
 
 async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, AdminError> {
     let found = admin
-        .api
-        .realm_clients_get(
-            &admin.realm,
-            Some(client_id.to_string()),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-        .await
-        .ctx(format!("find client {client_id}"))?;
+        .run(format!("find client {client_id}"), || {
+            admin.api.realm_clients_get(
+                &admin.realm,
+                Some(client_id.to_string()),
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+        })
+        .await?;
     Ok(found
         .into_iter()
         .find(|c| c.client_id.as_deref() == Some(client_id))
@@ -1072,26 +1115,57 @@ async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, AdminErro
         .unwrap_or_default())
 }
 
-async fn group_id(admin: &Admin, name: &str) -> Result<Option<String>, AdminError> {
-    let found = admin
-        .api
-        .realm_groups_get(
-            &admin.realm,
-            Some(true),
-            Some(true),
-            None,
-            Some(10),
-            None,
-            None,
-            Some(name.to_string()),
-            None,
+/// Top-level groups named exactly `name` (Keycloak's exact search, read to its
+/// end: the answer may hold parents of matching subgroups too).
+async fn find_groups(
+    admin: &Admin,
+    name: &str,
+    brief: bool,
+) -> Result<Vec<GroupRepresentation>, AdminError> {
+    admin
+        .list(
+            "/groups",
+            &[
+                ("briefRepresentation", brief.to_string()),
+                ("exact", "true".into()),
+                ("search", name.to_string()),
+            ],
+            &format!("find group {name}"),
         )
         .await
-        .ctx(format!("find group {name}"))?;
+}
+
+async fn group_id(admin: &Admin, name: &str) -> Result<Option<String>, AdminError> {
+    let found = find_groups(admin, name, true).await?;
     Ok(found
         .into_iter()
         .find(|g| g.path.as_deref() == Some(&format!("/{name}")))
         .and_then(|g| g.id))
+}
+
+/// What became of a user `apply` set out to create or update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserOutcome {
+    /// Created (`partialImport` answered `ADDED`) or updated.
+    Done,
+    /// `partialImport` skipped it: a user of that username or id exists, made
+    /// after this run read the realm (another `apply`, or by hand).
+    AlreadyPresent,
+}
+
+/// Reads `partialImport`'s answer for `username`: `SKIPPED` (or no `ADDED`
+/// result for it) means another run or a human created it meanwhile.
+pub fn import_outcome(answer: &Value, username: &str) -> UserOutcome {
+    let added = answer["results"].as_array().is_some_and(|r| {
+        r.iter().any(|x| {
+            x["resourceType"] == "USER" && x["resourceName"] == username && x["action"] == "ADDED"
+        })
+    });
+    if added {
+        UserOutcome::Done
+    } else {
+        UserOutcome::AlreadyPresent
+    }
 }
 
 async fn user(
@@ -1100,10 +1174,10 @@ async fn user(
     live: &LiveIdentities,
     username: &str,
     alias: &str,
-) -> Result<(), AdminError> {
+) -> Result<UserOutcome, AdminError> {
     let realm = admin.realm.as_str();
     let Some(u) = want.users.iter().find(|u| u.username == username) else {
-        return Ok(());
+        return Ok(UserOutcome::Done);
     };
     let subject = u.identity.subject();
     let link = FederatedIdentityRepresentation {
@@ -1125,7 +1199,7 @@ async fn user(
                 "federatedIdentities": [link],
             }]
         });
-        admin
+        let answer = admin
             .send_json(
                 reqwest::Method::POST,
                 "/partialImport",
@@ -1133,17 +1207,19 @@ async fn user(
                 &format!("create user {username}"),
             )
             .await?;
-        return Ok(());
+        return Ok(import_outcome(&answer, username));
     };
     let mut rep = l.rep.clone();
     rep.attributes = Some(attributes);
     // `enabled` is the operator's: never sent back (it may have changed since it was read).
     rep.enabled = None;
     admin
-        .api
-        .realm_users_with_user_id_put(realm, &u.id, rep)
-        .await
-        .ctx(format!("update user {username}"))?;
+        .run(format!("update user {username}"), || {
+            admin
+                .api
+                .realm_users_with_user_id_put(realm, &u.id, rep.clone())
+        })
+        .await?;
     if !l.roles.is_empty() {
         // Roles come from groups only.
         super::apply::remove_direct_roles(admin, &u.id, username, &BTreeMap::new()).await?;
@@ -1155,20 +1231,27 @@ async fn user(
     if current.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
         if current.is_some() {
             admin
-                .api
-                .realm_users_with_user_id_federated_identity_with_provider_delete(
-                    realm, &u.id, alias,
-                )
-                .await
-                .ctx(format!("remove the wrong link of {username}"))?;
+                .run(format!("remove the wrong link of {username}"), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_federated_identity_with_provider_delete(
+                            realm, &u.id, alias,
+                        )
+                })
+                .await?;
         }
         admin
-            .api
-            .realm_users_with_user_id_federated_identity_with_provider_post(
-                realm, &u.id, alias, link,
-            )
-            .await
-            .ctx(format!("link {username}"))?;
+            .run(format!("link {username}"), || {
+                admin
+                    .api
+                    .realm_users_with_user_id_federated_identity_with_provider_post(
+                        realm,
+                        &u.id,
+                        alias,
+                        link.clone(),
+                    )
+            })
+            .await?;
     }
     let owned: BTreeSet<String> = want.groups.iter().map(|g| g.name.clone()).collect();
     let have: BTreeSet<String> = l
@@ -1180,20 +1263,24 @@ async fn user(
     for g in have.difference(&u.groups) {
         if let Some(id) = group_id(admin, g).await? {
             admin
-                .api
-                .realm_users_with_user_id_groups_with_group_id_delete(realm, &u.id, &id)
-                .await
-                .ctx(format!("remove {username} from group {g}"))?;
+                .run(format!("remove {username} from group {g}"), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_groups_with_group_id_delete(realm, &u.id, &id)
+                })
+                .await?;
         }
     }
     for g in u.groups.difference(&have) {
         if let Some(id) = group_id(admin, g).await? {
             admin
-                .api
-                .realm_users_with_user_id_groups_with_group_id_put(realm, &u.id, &id)
-                .await
-                .ctx(format!("add {username} to group {g}"))?;
+                .run(format!("add {username} to group {g}"), || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_groups_with_group_id_put(realm, &u.id, &id)
+                })
+                .await?;
         }
     }
-    Ok(())
+    Ok(UserOutcome::Done)
 }

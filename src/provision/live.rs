@@ -1,16 +1,14 @@
 //! The live realm as `plan` needs it, read with view-only roles (`view-clients`,
-//! `view-users`). Bounded: at most [`MAX_CLIENTS`] clients are listed.
+//! `view-users`). Every list that grows with the realm is read to its end in
+//! pages ([`Admin::list`]) or, where Keycloak does not page it, whole with the
+//! size cap ([`Admin::get_capped`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ::keycloak::types::{ClientRepresentation, ClientScopeRepresentation, MappingsRepresentation};
 
-use super::admin::{Admin, AdminError, Context};
+use super::admin::{Admin, AdminError};
 use super::desired::{Desired, OWNER_ATTRIBUTE};
-
-/// Most clients a realm may hold for `plan` to read it.
-pub const MAX_CLIENTS: i32 = 10_000;
-const PAGE: i32 = 200;
 
 /// Details of one client that `plan` compares beyond its representation.
 #[derive(Debug, Default, Clone)]
@@ -120,42 +118,18 @@ impl Live {
     pub async fn read(admin: &Admin, desired: &Desired) -> Result<Self, AdminError> {
         let realm = admin.realm.as_str();
         let mut live = Live::default();
-        let mut first = 0;
-        loop {
-            let page: Vec<ClientRepresentation> = admin
-                .get_capped(
-                    "/clients",
-                    &[("first", first.to_string()), ("max", PAGE.to_string())],
-                    "read clients",
-                )
-                .await?;
-            let n = page.len() as i32;
-            for c in page {
-                if let Some(id) = c.client_id.clone() {
-                    live.clients.insert(id, c);
-                }
-            }
-            first += n;
-            if n < PAGE {
-                break;
-            }
-            if first >= MAX_CLIENTS {
-                return Err(AdminError {
-                    action: format!("read clients (more than {MAX_CLIENTS})"),
-                    source: Box::new(::keycloak::KeycloakError::HttpFailure {
-                        status: 0,
-                        body: None,
-                        text: "too many clients in the realm".into(),
-                    }),
-                });
+        let clients: Vec<ClientRepresentation> =
+            admin.list("/clients", &[], "read clients").await?;
+        for c in clients {
+            if let Some(id) = c.client_id.clone() {
+                live.clients.insert(id, c);
             }
         }
-        for s in admin
-            .api
-            .realm_client_scopes_get(realm)
-            .await
-            .ctx("read client scopes")?
-        {
+        // Not paged by Keycloak: read whole, with the size cap.
+        let scopes: Vec<ClientScopeRepresentation> = admin
+            .get_capped("/client-scopes", &[], "read client scopes")
+            .await?;
+        for s in scopes {
             if let Some(n) = s.name.clone() {
                 live.scopes.insert(n, s);
             }
@@ -188,18 +162,13 @@ impl Live {
             live.details.insert(id, d);
         }
         for (id, uuid) in role_ids {
-            let roles = admin
-                .api
-                .realm_clients_with_client_uuid_roles_get(
-                    realm,
-                    &uuid,
-                    Some(true),
-                    None,
-                    None,
-                    None,
+            let roles: Vec<::keycloak::types::RoleRepresentation> = admin
+                .list(
+                    &format!("/clients/{}/roles", Admin::seg(&uuid)),
+                    &[("briefRepresentation", "true".into())],
+                    &format!("read roles of client {id}"),
                 )
-                .await
-                .ctx(format!("read roles of client {id}"))?;
+                .await?;
             live.roles
                 .insert(id, roles.into_iter().filter_map(|r| r.name).collect());
         }
@@ -219,10 +188,15 @@ impl Live {
             // the one call that shows every role a scope maps, realm and client.
             #[allow(deprecated)]
             let m = admin
-                .api
-                .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, &id)
-                .await
-                .ctx(format!("read scope mappings of client scope {name}"))?;
+                .run(
+                    format!("read scope mappings of client scope {name}"),
+                    || {
+                        admin
+                            .api
+                            .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, &id)
+                    },
+                )
+                .await?;
             live.scope_mappings.insert(name, mapping_roles(m));
         }
         if let Some(want) = &desired.identities {
@@ -233,6 +207,16 @@ impl Live {
         Ok(live)
     }
 
+    /// The live `enabled` of the object `plan` calls `kind` `name` (`None` for
+    /// kinds without one, and for objects that do not exist).
+    pub fn enabled(&self, kind: super::plan::Kind, name: &str) -> Option<bool> {
+        use super::plan::Kind;
+        match kind {
+            Kind::ResourceServer | Kind::Client => self.clients.get(name)?.enabled,
+            _ => self.identities.as_ref()?.enabled(kind, name),
+        }
+    }
+
     async fn client_details(
         &self,
         admin: &Admin,
@@ -241,20 +225,23 @@ impl Live {
     ) -> Result<ClientDetails, AdminError> {
         let realm = admin.realm.as_str();
         let api = &admin.api;
-        let default_scopes = api
-            .realm_clients_with_client_uuid_default_client_scopes_get(realm, uuid)
-            .await
-            .ctx(format!("read default client scopes of {id}"))?;
-        let optional_scopes = api
-            .realm_clients_with_client_uuid_optional_client_scopes_get(realm, uuid)
-            .await
-            .ctx(format!("read optional client scopes of {id}"))?;
+        let default_scopes = admin
+            .run(format!("read default client scopes of {id}"), || {
+                api.realm_clients_with_client_uuid_default_client_scopes_get(realm, uuid)
+            })
+            .await?;
+        let optional_scopes = admin
+            .run(format!("read optional client scopes of {id}"), || {
+                api.realm_clients_with_client_uuid_optional_client_scopes_get(realm, uuid)
+            })
+            .await?;
         // Deprecated in the OpenAPI document, still served by 26.4-26.7 (tested).
         #[allow(deprecated)]
-        let own = api
-            .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
-            .await
-            .ctx(format!("read the scope mappings of {id}"))?;
+        let own = admin
+            .run(format!("read the scope mappings of {id}"), || {
+                api.realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
+            })
+            .await?;
         let mut d = ClientDetails {
             default_scopes: names(default_scopes),
             optional_scopes: names(optional_scopes),
@@ -267,27 +254,25 @@ impl Live {
             .and_then(|c| c.service_accounts_enabled)
             == Some(true);
         if has_sa {
-            let user = api
-                .realm_clients_with_client_uuid_service_account_user_get(realm, uuid)
-                .await
-                .ctx(format!("read the service-account user of {id}"))?;
+            let user = admin
+                .run(format!("read the service-account user of {id}"), || {
+                    api.realm_clients_with_client_uuid_service_account_user_get(realm, uuid)
+                })
+                .await?;
             if let Some(uid) = user.id {
-                let m = api
-                    .realm_users_with_user_id_role_mappings_get(realm, &uid)
-                    .await
-                    .ctx(format!("read the service-account roles of {id}"))?;
+                let m = admin
+                    .run(format!("read the service-account roles of {id}"), || {
+                        api.realm_users_with_user_id_role_mappings_get(realm, &uid)
+                    })
+                    .await?;
                 d.roles = direct_roles(m);
-                let groups = api
-                    .realm_users_with_user_id_groups_get(
-                        realm,
-                        &uid,
-                        Some(true),
-                        None,
-                        Some(100),
-                        None,
+                let groups: Vec<::keycloak::types::GroupRepresentation> = admin
+                    .list(
+                        &format!("/users/{}/groups", Admin::seg(&uid)),
+                        &[("briefRepresentation", "true".into())],
+                        &format!("read the service account's groups of {id}"),
                     )
-                    .await
-                    .ctx(format!("read the service account's groups of {id}"))?;
+                    .await?;
                 d.groups = groups.into_iter().filter_map(|g| g.path).collect();
                 d.service_account = Some(uid);
             }

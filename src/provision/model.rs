@@ -85,6 +85,11 @@ where
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a mapping")
         }
+        /// `key: null` means none, as `key:` (which YAML reads as an empty
+        /// mapping here) and a missing key do.
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
         fn visit_map<A: serde::de::MapAccess<'de>>(
             self,
             mut m: A,
@@ -99,7 +104,7 @@ where
             Ok(out)
         }
     }
-    d.deserialize_map(Visitor(std::marker::PhantomData))
+    d.deserialize_any(Visitor(std::marker::PhantomData))
 }
 
 fn default_owner() -> String {
@@ -182,9 +187,26 @@ impl RealmModel {
             reason,
         };
         crate::domain::yaml::refuse_anchors_and_aliases(text).map_err(|r| vec![err("", r)])?;
+        // Read as written (errors with line and column, a key listed twice),
+        // then as the document's values written again, where an empty value is
+        // `null`: the text reader alone takes `x:` as an empty mapping or list
+        // and refuses `x: null`; now both are refused the same way.
         let de = serde_norway::Deserializer::from_str(text);
-        let model: RealmModel = serde_path_to_error::deserialize(de)
+        let _: RealmModel = serde_path_to_error::deserialize(de)
             .map_err(|e| vec![err(&e.path().to_string(), e.inner().to_string())])?;
+        let canonical = serde_norway::from_str::<serde_norway::Value>(text)
+            .and_then(|v| serde_norway::to_string(&v))
+            .map_err(|e| vec![err("", e.to_string())])?;
+        let de = serde_norway::Deserializer::from_str(&canonical);
+        let model: RealmModel = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.inner().to_string();
+            let what = inner.split(" at line ").next().unwrap_or_default();
+            vec![err(
+                &key,
+                format!("{what} (an empty value is null: write `{{}}` or `[]` for none)"),
+            )]
+        })?;
         let problems = model.problems();
         if problems.is_empty() {
             Ok(model)
@@ -384,6 +406,31 @@ scopes:
     resource_server: deploy-api
     roles: [deploy]
 ";
+
+    /// Found by the `realm_model` fuzz target (`round-trips`): `groups:` (an
+    /// empty value) was accepted, `groups: null` (the same, written again)
+    /// refused. Both mean none, as a missing key does.
+    #[test]
+    fn an_empty_or_null_section_means_none() {
+        for text in ["groups:\n", "groups: null\n", "groups: ~\n", "owner: x\n"] {
+            let m = RealmModel::from_str(text, "m.yaml").unwrap();
+            assert!(m.groups.is_empty(), "{text}");
+        }
+    }
+
+    /// The same fuzz finding one level down: `sts-deploy:` (empty) was taken
+    /// as a client with default settings, `sts-deploy: null` refused.
+    #[test]
+    fn an_empty_entry_is_refused_as_null_is() {
+        for text in [
+            "clients:\n  sts-deploy:\n",
+            "clients:\n  sts-deploy: null\n",
+        ] {
+            let e = RealmModel::from_str(text, "m.yaml").unwrap_err();
+            assert_eq!(e[0].key, "clients.sts-deploy", "{text}: {e:?}");
+        }
+        assert!(RealmModel::from_str("clients:\n  sts-deploy: {}\n", "m.yaml").is_ok());
+    }
 
     #[test]
     fn a_good_model_parses_with_the_default_owner() {

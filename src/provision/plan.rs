@@ -75,10 +75,8 @@ pub enum Action {
     Conflict(String),
     /// Owned but no longer desired: removed by `apply --prune`.
     Remove,
-    /// Owned but no longer desired, kept (no `--prune`).
+    /// Owned but no longer desired, kept (no `--prune`, or disabled by an operator).
     Unneeded,
-    /// A repository user an operator disabled: left disabled (the kill switch).
-    Disabled,
 }
 
 /// One object's line in the plan.
@@ -90,6 +88,9 @@ pub struct Entry {
     pub name: String,
     /// What happens to it.
     pub action: Action,
+    /// An operator disabled it (`enabled: false`): it stays disabled and is never
+    /// removed ([`keep_operator_switches`]).
+    pub operator_disabled: bool,
 }
 
 /// The whole plan.
@@ -118,7 +119,12 @@ impl Plan {
     pub fn render(&self) -> Vec<String> {
         let mut out = Vec::new();
         for e in &self.entries {
-            let head = |sign: &str, what: &str| format!("{sign} {} {}{what}", e.kind, e.name);
+            let off = if e.operator_disabled {
+                " [disabled by an operator: left disabled, never removed]"
+            } else {
+                ""
+            };
+            let head = |sign: &str, what: &str| format!("{sign} {} {}{what}{off}", e.kind, e.name);
             match &e.action {
                 Action::Create(ch) => {
                     out.push(head("+", ": create"));
@@ -134,13 +140,12 @@ impl Plan {
                 Action::InSync => out.push(head("=", ": in sync")),
                 Action::Conflict(why) => out.push(head("!", &format!(": {why}"))),
                 Action::Remove => out.push(head("-", ": remove (owned, no longer needed)")),
+                Action::Unneeded if e.operator_disabled => {
+                    out.push(head(" ", ": owned but no longer needed; kept"));
+                }
                 Action::Unneeded => out.push(head(
                     " ",
                     ": owned but no longer needed; kept (`--prune` removes it)",
-                )),
-                Action::Disabled => out.push(head(
-                    "=",
-                    ": in sync, disabled by an operator (left disabled)",
                 )),
             }
         }
@@ -347,6 +352,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 kind: Kind::ResourceServer,
                 name: rs.client_id.clone(),
                 action: Action::Conflict(why),
+                operator_disabled: false,
             });
             continue;
         }
@@ -374,6 +380,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             kind: Kind::ResourceServer,
             name: rs.client_id.clone(),
             action: action(l.is_some(), ch),
+            operator_disabled: false,
         });
     }
     for c in &live.composite_roles {
@@ -388,6 +395,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 kind: Kind::Scope,
                 name: s.name.clone(),
                 action: Action::Conflict(why),
+                operator_disabled: false,
             });
             continue;
         }
@@ -422,6 +430,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             kind: Kind::Scope,
             name: s.name.clone(),
             action: action(l.is_some(), ch),
+            operator_disabled: false,
         });
     }
     let servers: BTreeSet<&String> = desired
@@ -448,6 +457,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 kind: Kind::Client,
                 name: c.client_id.clone(),
                 action: Action::Conflict(why),
+                operator_disabled: false,
             });
             continue;
         }
@@ -502,6 +512,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             kind: Kind::Client,
             name: c.client_id.clone(),
             action: action(l.is_some(), ch),
+            operator_disabled: false,
         });
     }
     let gone = if prune {
@@ -537,6 +548,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             kind,
             name: id.clone(),
             action: gone.clone(),
+            operator_disabled: false,
         });
     }
     for (name, s) in &live.scopes {
@@ -549,12 +561,14 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 kind: Kind::Scope,
                 name: name.clone(),
                 action: gone.clone(),
+                operator_disabled: false,
             });
         }
     }
     if let (Some(want), Some(l)) = (&desired.identities, &live.identities) {
         super::identities::plan(want, l, owner, prune, &mut plan);
     }
+    keep_operator_switches(&mut plan, |kind, name| live.enabled(kind, name));
     for e in &plan.entries {
         if let Action::Conflict(why) = &e.action {
             plan.problems.push(format!("{} {} {why}", e.kind, e.name));
@@ -562,6 +576,38 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
     }
     plan
 }
+
+/// The operator's off switch, one rule for every kind of object that has one
+/// (clients, resource servers, the identity provider, repository users):
+/// `enabled(kind, name)` is the live object's `enabled`, and where it is
+/// `false` the entry is marked, any `enabled` change is dropped (`plan` never
+/// proposes `false -> true`), and a removal becomes "kept" (`--prune` would
+/// delete the switch, and a later policy would bring the object back enabled).
+/// `apply` makes only the plan's changes and never sends `enabled: true` to an
+/// existing object (README "Kill switches").
+pub fn keep_operator_switches(plan: &mut Plan, enabled: impl Fn(Kind, &str) -> Option<bool>) {
+    for e in &mut plan.entries {
+        if enabled(e.kind, &e.name) != Some(false) {
+            continue;
+        }
+        e.operator_disabled = true;
+        e.action = match std::mem::replace(&mut e.action, Action::InSync) {
+            Action::Update(ch) => {
+                let ch: Vec<Change> = ch.into_iter().filter(|c| c.field != ENABLED).collect();
+                if ch.is_empty() {
+                    Action::InSync
+                } else {
+                    Action::Update(ch)
+                }
+            }
+            Action::Remove => Action::Unneeded,
+            other => other,
+        };
+    }
+}
+
+/// The field of every kind's off switch.
+pub const ENABLED: &str = "enabled";
 
 /// The realm's `basic` scope must exist, and the built-in default scopes
 /// (`basic`, `service_account`) must hold only Keycloak's own mappers and no role

@@ -8,7 +8,7 @@ use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::{BitbucketIdentity, TokenRules, VerifyError};
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 use crate::domain::json::StrictObject;
 use crate::domain::BbUuid;
 use crate::verify::WorkspaceSettings;
@@ -35,7 +35,7 @@ impl Payload {
     ///
     /// # Errors
     /// [`VerifyError::Malformed`]: not a JSON object, or a member name twice.
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     pub fn read(bytes: &[u8]) -> Result<Self, VerifyError> {
         if let Ok(OnePass(c)) = serde_json::from_slice::<OnePass>(bytes) {
             return Ok(Self::Typed(Box::new(c)));

@@ -9,7 +9,9 @@
 //! | `refetch_locks` | issuer → mutex | process | concurrent unknown-`kid` refetches share one fetch |
 //!
 //! Keys are only ever fetched for issuers from configuration: callers pass a
-//! [`WorkspaceSettings`], never a URL taken from a token.
+//! [`WorkspaceSettings`], never a URL taken from a token; discovery's
+//! `jwks_uri` is followed only on the issuer's own origin (scheme, host, port:
+//! [`crate::http::check_followed`]), else `issuer.keys_malformed`.
 //!
 //! **Unknown `kid`** (RFC 8725 §3.10; Bitbucket does not document rotation). A
 //! token's `kid` that the cached set lacks refetches the set, never more often
@@ -37,7 +39,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use super::WorkspaceSettings;
-use crate::http::{read_capped, BodyError, Meaning};
+use crate::http::{check_followed, read_capped, BodyError, Meaning, PathRule};
 
 /// Issuer key (JWKS) fetching and caching.
 #[derive(Debug, Clone)]
@@ -393,14 +395,15 @@ impl KeyCache {
             url: disc_url.clone(),
             reason: format!("jwks_uri: {e}"),
         })?;
-        // jwks_uri must be https, or http on loopback when the issuer itself is plain
-        // http on loopback (a local test issuer).
-        let ok_scheme = crate::http::is_https_or_loopback_http(&jwks_url)
-            && (jwks_url.scheme() == "https" || ws.issuer.starts_with("http://"));
-        if !ok_scheme {
+        // jwks_uri must share the issuer's origin (so plain http only where the
+        // issuer itself is plain http on loopback: a local test issuer).
+        let same_origin = url::Url::parse(&ws.issuer)
+            .map_err(|_| "the issuer is not a URL")
+            .and_then(|iss| check_followed(&jwks_url, &iss, PathRule::AnyPath));
+        if let Err(why) = same_origin {
             return Err(FetchError::Document {
                 url: disc_url,
-                reason: "jwks_uri must be https".into(),
+                reason: format!("jwks_uri is not on the issuer's origin: {why}"),
             });
         }
         let body = self.get(jwks_url.as_str()).await?;

@@ -12,9 +12,10 @@
 //! `POST /mint` (JSON [`StepClaims`]) returns a token, for shell demos.
 //! Keys can be rotated to exercise the service's key cache.
 
+use std::collections::HashSet;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
@@ -35,7 +36,9 @@ struct DevKey {
 /// The issuer state. Share it behind an `Arc`.
 pub struct DevIssuer {
     base: String,
-    keys: RwLock<Vec<DevKey>>,
+    keys: RwLock<Vec<Arc<DevKey>>>,
+    /// Every `kid` this issuer has had: a rotation never brings one back.
+    had: Mutex<HashSet<String>>,
     /// Number of discovery documents served.
     pub discovery_hits: AtomicUsize,
     /// Number of JWKS documents served.
@@ -95,6 +98,36 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// How many RSA keys one process generates at most. Generating an RSA-2048 key
+/// was about 70 % of the CPU of starting a service in a test (hundreds of issuers
+/// per test run), so a process generates at most this many and hands them out in
+/// turn. Issuers of different tests may share a key (each service trusts only its
+/// own issuer's URL); two issuers created one after the other get different keys
+/// unless `KEY_POOL` others were handed out in between, and one issuer never gets
+/// a key it had before ([`pooled_key`]).
+const KEY_POOL: usize = 64;
+static KEYS: [OnceLock<Arc<DevKey>>; KEY_POOL] = [const { OnceLock::new() }; KEY_POOL];
+static NEXT_KEY: AtomicUsize = AtomicUsize::new(0);
+
+/// The next pooled key that is not in `had` (a fresh key when this issuer has
+/// had them all).
+fn pooled_key(had: &HashSet<String>) -> Result<Arc<DevKey>, String> {
+    for _ in 0..KEY_POOL {
+        let slot = &KEYS[NEXT_KEY.fetch_add(1, Ordering::Relaxed) % KEY_POOL];
+        let key = match slot.get() {
+            Some(k) => k.clone(),
+            None => {
+                let k = Arc::new(new_key()?);
+                slot.get_or_init(|| k).clone()
+            }
+        };
+        if !had.contains(&key.kid) {
+            return Ok(key);
+        }
+    }
+    Ok(Arc::new(new_key()?))
+}
+
 fn new_key() -> Result<DevKey, String> {
     let pair = josekit::jws::RS256
         .generate_key_pair(2048)
@@ -138,9 +171,11 @@ impl DevIssuer {
     /// # Errors
     /// Key generation failure.
     pub fn new(base: &str) -> Result<Self, String> {
+        let first = pooled_key(&HashSet::new())?;
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
-            keys: RwLock::new(vec![new_key()?]),
+            keys: RwLock::new(vec![first.clone()]),
+            had: Mutex::new(HashSet::from([first.kid.clone()])),
             discovery_hits: AtomicUsize::new(0),
             jwks_hits: AtomicUsize::new(0),
         })
@@ -188,8 +223,10 @@ impl DevIssuer {
     /// # Errors
     /// Key generation failure.
     pub fn rotate(&self) -> Result<String, String> {
-        let k = new_key()?;
+        let mut had = self.had.lock().map_err(|_| "lock".to_string())?;
+        let k = pooled_key(&had)?;
         let kid = k.kid.clone();
+        had.insert(kid.clone());
         if let Ok(mut keys) = self.keys.write() {
             keys.push(k);
         }

@@ -539,3 +539,39 @@ fn policies_admitting_one_identity_with_different_groups_are_refused() {
         "{err}"
     );
 }
+
+/// Issue 19 §2c: the configuration file is read without blocking (a FIFO with
+/// no writer is refused at once) and bounded (a larger file is refused unread).
+#[test]
+fn config_check_never_blocks_on_a_fifo_or_reads_a_huge_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, "# x\n".repeat(300_000)).unwrap();
+    for (file, says) in [(&fifo, "not a regular file"), (&huge, "larger than")] {
+        let mut child = bin()
+            .args(["config", "check", "--config"])
+            .arg(file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("config check blocked on {}", file.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{}: {err}", file.display());
+    }
+}

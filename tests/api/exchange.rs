@@ -635,7 +635,12 @@ async fn admin_listen_splits_metrics_and_probes_from_the_public_port() {
 #[tokio::test]
 async fn a_stalled_request_body_is_cut_off_with_408() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_issuer, kc, app) = standard().await;
+    // The 10 s default is injected short: the test waits for the rule, not the clock.
+    let issuer = Issuer::start().await;
+    let kc = FakeKeycloak::start().await;
+    let mut opts = Options::new(&kc.uri());
+    opts.top_extra = "body_timeout_ms = 300".into();
+    let app = TestApp::start(&issuer, opts).await;
     kc.token_never_called().await;
     let addr = app.address.trim_start_matches("http://").to_string();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();

@@ -682,6 +682,32 @@ impl ServiceProcess {
     }
 
     /// Kills the process and returns every log line it wrote.
+    /// Waits (at most `within`) until a log line satisfying `pred` arrived;
+    /// the lines read stay collected for [`Self::stop_and_collect_logs`].
+    pub fn wait_for_line(
+        &mut self,
+        within: std::time::Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        if self.lines.iter().any(|l| pred(l)) {
+            return true;
+        }
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.rx.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = pred(&l);
+                    self.lines.push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
     pub fn stop_and_collect_logs(&mut self) -> Vec<String> {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -767,4 +793,229 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+impl TestApp {
+    /// The value of one series of `GET /metrics` (e.g.
+    /// `sts_limit_store_errors_total{on_store_error="deny"}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A `redis-server` on a loopback port, without persistence, optionally with a
+/// password (`requirepass`). `scripts/bootstrap.sh` installs the program;
+/// without it the tests that need it fail, they never skip.
+pub struct Redis {
+    child: Option<std::process::Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    password: Option<String>,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let mut r = Self {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            password: None,
+        };
+        r.restart();
+        r
+    }
+
+    /// Stops it (if running) and starts it again on the same port, now with
+    /// `password` (`None`: no password), with an empty data set.
+    pub fn restart_with_password(&mut self, password: Option<&str>) {
+        self.stop();
+        self.password = password.map(str::to_string);
+        self.restart();
+    }
+
+    /// Starts it (again) on the same port and waits until it answers.
+    pub fn restart(&mut self) {
+        use std::io::{Read, Write};
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(self.dir.path());
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/bootstrap.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            // PONG, or NOAUTH when a password is set: it answers.
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let mut buf = [0u8; 5];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && (&buf == b"+PONG" || &buf == b"-NOAU")
+                {
+                    return;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not answer"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (`Signal::STOP`, `Signal::CONT`) to the server process.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("running");
+        rustix::process::kill_process(rustix::process::Pid::from_child(child), signal).unwrap();
+    }
+
+    /// `redis://[:password@]127.0.0.1:port/0`.
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
+    }
+
+    /// A directory that lives as long as the server (for its URL file).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Runs one command (with the current password), bounded by 5 s.
+    pub fn cmd(&self, args: &[&str]) -> redis::Value {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client
+            .get_connection_with_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut conn).unwrap()
+    }
+
+    /// How many replies with this error the server sent since it started
+    /// (`INFO errorstats`: `WRONGPASS`, `NOAUTH`, `READONLY`, `MASTERDOWN`).
+    pub fn errors_sent(&self, prefix: &str) -> u64 {
+        let info: String = redis::from_redis_value(self.cmd(&["INFO", "errorstats"])).unwrap();
+        let series = format!("errorstat_{prefix}:count=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The keys matching `pattern` (`KEYS`; the data sets here are tiny).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        match self.cmd(&["KEYS", pattern]) {
+            redis::Value::Array(v) => v
+                .into_iter()
+                .map(|k| redis::from_redis_value(k).unwrap())
+                .collect(),
+            other => panic!("KEYS answered {other:?}"),
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A scripted RESP listener on a loopback port: reads whole commands (RESP
+/// arrays of bulk strings) and answers each with the same bytes (e.g.
+/// `-LOADING …\r\n`, or protocol garbage). Counts the connections it accepted.
+pub struct RespListener {
+    pub port: u16,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RespListener {
+    pub async fn start(answer: &'static [u8]) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(Self::serve(socket, answer));
+            }
+        });
+        Self {
+            port,
+            connections,
+            task,
+        }
+    }
+
+    async fn serve(socket: tokio::net::TcpStream, answer: &'static [u8]) {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let (read, mut write) = socket.into_split();
+        let mut read = tokio::io::BufReader::new(read);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let n: usize = line.trim_start_matches('*').trim().parse().unwrap_or(0);
+            for _ in 0..n {
+                line.clear();
+                if read.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let len: usize = line.trim_start_matches('$').trim().parse().unwrap_or(0);
+                let mut arg = vec![0u8; len + 2];
+                if read.read_exact(&mut arg).await.is_err() {
+                    return;
+                }
+            }
+            if write.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RespListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

@@ -256,7 +256,7 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     assert_eq!(plan.code, 0, "{}", plan.stdout);
     assert!(
         plan.stdout
-            .contains("disabled by an operator (left disabled)"),
+            .contains("in sync [disabled by an operator: left disabled"),
         "{}",
         plan.stdout
     );

@@ -10,8 +10,8 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::*;
 
-const TOKEN: &str = "bb-access-token-do-not-print";
-const WS_BRACED: &str = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}";
+pub const TOKEN: &str = "bb-access-token-do-not-print";
+pub const WS_BRACED: &str = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}";
 
 fn repo(uuid: &str, full_name: &str, project: &str) -> Value {
     json!({
@@ -88,7 +88,7 @@ async fn fake_bitbucket(deploy_name: &str) -> MockServer {
     server
 }
 
-fn inventory_cmd(api: &str, out: &std::path::Path) -> std::process::Output {
+pub fn inventory_cmd(api: &str, out: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
         .env("BITBUCKET_TOKEN", TOKEN)
         .args(["bitbucket", "inventory", "--workspace", "acme", "--api"])
@@ -230,7 +230,7 @@ async fn a_next_link_off_the_api_origin_is_not_followed() {
     let dir = tempfile::tempdir().unwrap();
     let out = inventory_cmd(&server.uri(), &dir.path().join("acme.yaml"));
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("leaves the API's origin"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not continue the same list"));
     assert!(
         trap.received_requests()
             .await
@@ -457,4 +457,273 @@ async fn an_inventory_the_loader_would_refuse_is_not_written() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a workspace ID"));
+}
+
+// ----- Issue 20 item 4: rate limits, incremental and resumable runs -----
+
+const NEW_REPO: &str = "7c6d5e4f-3a2b-4c1d-8e9f-0a1b2c3d4e5f";
+
+/// A fake workspace listing `repos` (UUID, `updated_on`) in one page, each
+/// with one environment; `refuse` answers 403 to that repository's environments.
+async fn fake_org(repos: &[(&str, &str)], refuse: Option<&str>) -> MockServer {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/2.0/workspaces/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"uuid": WS_BRACED})))
+        .mount(&server)
+        .await;
+    let values: Vec<Value> = repos
+        .iter()
+        .map(|(u, at)| {
+            let mut r = repo(u, &format!("acme/r-{}", &u[..8]), "OPS");
+            r["updated_on"] = json!(at);
+            r
+        })
+        .collect();
+    Mock::given(method("GET"))
+        .and(path("/2.0/repositories/acme"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"values": values})))
+        .mount(&server)
+        .await;
+    for (u, _) in repos {
+        let answer = if refuse == Some(*u) {
+            ResponseTemplate::new(403)
+        } else {
+            // an environment UUID derived from the repository's
+            let env = format!("{}-0000-4000-8000-000000000000", &u[..8]);
+            ResponseTemplate::new(200).set_body_json(
+                json!({"values": [{"uuid": format!("{{{env}}}"), "name": "Production"}]}),
+            )
+        };
+        Mock::given(method("GET"))
+            .and(path(format!(
+                "/2.0/repositories/acme/%7B{u}%7D/environments"
+            )))
+            .respond_with(answer)
+            .mount(&server)
+            .await;
+    }
+    server
+}
+
+/// The repositories (first 8 hex digits) whose environments were requested.
+async fn environment_calls(server: &MockServer) -> Vec<String> {
+    let mut calls: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.url.path().ends_with("/environments"))
+        .map(|r| r.url.path().split("%7B").nth(1).unwrap_or_default()[..8].to_string())
+        .collect();
+    calls.sort();
+    calls
+}
+
+fn short(u: &str) -> String {
+    u[..8].to_string()
+}
+
+#[tokio::test]
+async fn a_second_run_reads_environments_only_of_new_and_updated_repositories() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("acme.yaml");
+    let (t1, t2) = ("2026-01-01T00:00:00+00:00", "2026-02-01T00:00:00+00:00");
+    let first = fake_org(&[(REPO, t1), (OTHER_REPO, t1), (SANDBOX_REPO, t1)], None).await;
+    let out = inventory_cmd(&first.uri(), &out_file);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(environment_calls(&first).await.len(), 3);
+    // REPO updated, OTHER_REPO unchanged, SANDBOX_REPO gone, NEW_REPO new.
+    let second = fake_org(&[(REPO, t2), (OTHER_REPO, t1), (NEW_REPO, t1)], None).await;
+    let out = inventory_cmd(&second.uri(), &out_file);
+    assert!(out.status.success(), "{out:?}");
+    let mut want = vec![short(REPO), short(NEW_REPO)];
+    want.sort();
+    assert_eq!(
+        environment_calls(&second).await,
+        want,
+        "environments read again for an unchanged repository"
+    );
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    for u in [REPO, OTHER_REPO, NEW_REPO] {
+        let env = format!("{}-0000-4000-8000-000000000000", &u[..8]);
+        assert!(text.contains(&env), "{u}'s environment missing:\n{text}");
+    }
+    assert!(
+        !text.contains(SANDBOX_REPO),
+        "a deleted repository kept:\n{text}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("read for 2 repositories, unchanged for 1"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_run_stopped_midway_resumes_without_reading_again_what_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("acme.yaml");
+    let t = "2026-01-01T00:00:00+00:00";
+    let repos = [(REPO, t), (OTHER_REPO, t), (SANDBOX_REPO, t)];
+    // Listed order: REPO read, then OTHER_REPO's environments refused.
+    let failing = fake_org(&repos, Some(OTHER_REPO)).await;
+    let out = inventory_cmd(&failing.uri(), &out_file);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!out_file.exists(), "an incomplete inventory was written");
+    let stopped = String::from_utf8_lossy(&out.stderr).to_string();
+    let healthy = fake_org(&repos, None).await;
+    let out = inventory_cmd(&healthy.uri(), &out_file);
+    assert!(out.status.success(), "{out:?}");
+    let mut want = vec![short(OTHER_REPO), short(SANDBOX_REPO)];
+    want.sort();
+    assert_eq!(
+        environment_calls(&healthy).await,
+        want,
+        "the resumed run read again what the stopped one had read"
+    );
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    assert!(
+        text.contains("d4e45493-0000-4000-8000-000000000000"),
+        "{text}"
+    );
+    assert!(stopped.contains("run again to continue"), "{stopped}");
+}
+
+/// 429 and 503 with `Retry-After` are waited out (a short `--max-wait`
+/// injected: no real wait in the test); `X-RateLimit-NearLimit` spaces the
+/// requests; a `Retry-After` past `--max-wait` stops the run at once, its
+/// progress kept.
+#[tokio::test]
+async fn retry_after_is_honoured_up_to_max_wait_and_past_it_the_run_stops() {
+    let t = "2026-01-01T00:00:00+00:00";
+    let server = fake_org(&[(REPO, t), (OTHER_REPO, t)], None).await;
+    let env_path = format!("/2.0/repositories/acme/%7B{OTHER_REPO}%7D/environments");
+    for status in [429, 503] {
+        Mock::given(method("GET"))
+            .and(path(env_path.as_str()))
+            .respond_with(
+                ResponseTemplate::new(status)
+                    .insert_header("Retry-After", "0")
+                    .insert_header("X-RateLimit-NearLimit", "true")
+                    .insert_header("X-RateLimit-Limit", "1000")
+                    .insert_header("X-RateLimit-Resource", "api"),
+            )
+            .up_to_n_times(1)
+            .with_priority(1)
+            .mount(&server)
+            .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("acme.yaml");
+    let run = |uri: String, out_file: std::path::PathBuf| {
+        Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+            .env("BITBUCKET_TOKEN", TOKEN)
+            .args([
+                "bitbucket",
+                "inventory",
+                "--workspace",
+                "acme",
+                "--max-wait",
+                "0.05",
+                "--api",
+            ])
+            .arg(format!("{uri}/2.0"))
+            .arg("--out")
+            .arg(out_file)
+            .output()
+            .unwrap()
+    };
+    let out = run(server.uri(), out_file.clone());
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        environment_calls(&server).await,
+        vec![
+            short(OTHER_REPO),
+            short(OTHER_REPO),
+            short(OTHER_REPO),
+            short(REPO)
+        ]
+    );
+    // A wait of an hour asked, at most 0.05 s allowed: stopped, not waited.
+    let limited = fake_org(&[(REPO, t), (NEW_REPO, t)], None).await;
+    Mock::given(method("GET"))
+        .and(path(format!(
+            "/2.0/repositories/acme/%7B{NEW_REPO}%7D/environments"
+        )))
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "3600"))
+        .with_priority(1)
+        .mount(&limited)
+        .await;
+    let started = std::time::Instant::now();
+    let out = run(limited.uri(), out_file.clone());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("asks to wait 3600 s") && stderr.contains("run again to continue"),
+        "{stderr}"
+    );
+    assert_eq!(environment_calls(&limited).await, vec![short(NEW_REPO)]);
+}
+
+/// SIGTERM while a request is outstanding: exit 143, `--out` not written, the
+/// environments read so far kept in the state, and the next run reads only
+/// the rest.
+#[tokio::test]
+async fn a_run_ended_by_sigterm_keeps_its_progress_for_the_next_run() {
+    let t = "2026-01-01T00:00:00+00:00";
+    let repos = [(REPO, t), (OTHER_REPO, t), (SANDBOX_REPO, t)];
+    let stalled = fake_org(&repos, None).await;
+    Mock::given(method("GET"))
+        .and(path(format!(
+            "/2.0/repositories/acme/%7B{SANDBOX_REPO}%7D/environments"
+        )))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"values": []}))
+                .set_delay(std::time::Duration::from_secs(60)),
+        )
+        .with_priority(1)
+        .mount(&stalled)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("acme.yaml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .env("BITBUCKET_TOKEN", TOKEN)
+        .args(["bitbucket", "inventory", "--workspace", "acme", "--api"])
+        .arg(format!("{}/2.0", stalled.uri()))
+        .arg("--out")
+        .arg(&out_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded waits on conditions: the stalled request arrived; the process ended.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while environment_calls(&stalled).await.len() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(environment_calls(&stalled).await.len(), 3);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGTERM did not end the run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    assert!(!out_file.exists(), "an incomplete inventory was written");
+    let healthy = fake_org(&repos, None).await;
+    let out = inventory_cmd(&healthy.uri(), &out_file);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(environment_calls(&healthy).await, vec![short(SANDBOX_REPO)]);
 }

@@ -100,6 +100,24 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "telemetry",
         ],
     ),
+    // The fuzz targets' entry points (`--cfg fuzzing` only): a test harness
+    // over the parsers, above everything it reaches.
+    (
+        "fuzzing",
+        &[
+            "client",
+            "configuration",
+            "domain",
+            "exchange",
+            "http",
+            "inventory",
+            "keycloak",
+            "mcp",
+            "policy",
+            "provision",
+            "verify",
+        ],
+    ),
 ];
 
 /// `crate::x` imports of each top-level module, outside comments and test modules.

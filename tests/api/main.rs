@@ -10,9 +10,12 @@
 
 mod agents_real;
 mod attacks;
+mod audit_day2;
+mod bounds_day2;
 mod cases;
 mod cli;
 mod concurrency;
+mod day2_review;
 mod exchange;
 mod faultkinds;
 mod faults;
@@ -27,7 +30,10 @@ mod logs;
 mod mcp;
 mod ops;
 mod props;
+mod provision;
 mod provision_real;
+mod reload_day2;
 mod replicas;
+mod store_day2;
 mod token_cli;
 mod verification;

@@ -353,7 +353,7 @@ async fn sighup_reloads_policies_in_the_running_binary() {
     kc.token_ok(60, "artifacts:read", 1..).await;
     let mut opts = Options::new(&kc.uri());
     opts.policies = vec![("a.yaml".into(), artifact_policy("artifact-api"))];
-    opts.top_extra = "watch_policies = false".into();
+    opts.top_extra = "watch_policies = false\n[policies]\npoll_ms = 0".into();
     let (dir, _toml, _audit) = TestApp::write_config(&issuer, opts);
     let svc = ServiceProcess::start(&dir.path().join("sts.toml"), "info");
     let address = format!("http://127.0.0.1:{}", svc.port);

@@ -12,7 +12,6 @@
 //! - under steady load, one replica killed (SIGKILL) and one stopped (SIGTERM):
 //!   every 200 has its audit line, every other answer is a documented error.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,70 +21,6 @@ use keycloak_ci_sts::domain::SecretToken;
 use serde_json::Value;
 
 use crate::helpers::*;
-
-/// A `redis-server` on a loopback port, without persistence.
-pub struct Redis {
-    child: Option<Child>,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Redis {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut r = Self {
-            child: None,
-            port: free_port(),
-            dir,
-        };
-        r.restart();
-        r
-    }
-
-    /// Starts it (again) on the same port and waits for `PONG`.
-    pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/bootstrap.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"+PONG\r\n"
-                {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// `haproxy` in front of `backends`: round robin, health checks on `/healthz`
 /// every 200 ms, a failed connection or an empty answer retried on another
@@ -194,7 +129,7 @@ fn audit_lines(path: &Path) -> Vec<Value> {
 /// `timeout_ms`: generous where a slow answer on a loaded CI machine must not
 /// turn into a store error the test does not expect.
 fn redis_limits(redis: &Redis, on_error: &str, timeout_ms: u64) -> String {
-    let file = redis.dir.path().join("redis-url");
+    let file = redis.dir().join("redis-url");
     std::fs::write(&file, format!("{}\n", redis.url())).unwrap();
     format!(
         "store = \"redis\"\n\n[limits.redis]\nurl_file = \"{}\"\ntimeout_ms = {timeout_ms}\non_store_error = \"{on_error}\"\n",

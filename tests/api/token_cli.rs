@@ -198,3 +198,56 @@ async fn list_prints_what_the_step_may_obtain_and_never_calls_keycloak() {
         out.stderr
     );
 }
+
+/// SIGTERM or SIGINT while `token` waits for an answer (here from a listener
+/// that never accepts): the command removes its temporary file and exits
+/// promptly with the conventional code, 128 + the signal (143, 130).
+#[test]
+fn an_interrupted_token_removes_its_temporary_file_and_exits_128_plus_the_signal() {
+    use rustix::process::{kill_process, Pid, Signal};
+    use std::time::{Duration, Instant};
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    for (signal, code) in [(Signal::TERM, 143), (Signal::INT, 130)] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+            .arg("token")
+            .args(["--url", &url, "--audience", "artifact-api", "--output"])
+            .arg(&file)
+            .env("BITBUCKET_STEP_OIDC_TOKEN", "x.y.z")
+            .env_remove("KCS_STS_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let entries = || std::fs::read_dir(dir.path()).unwrap().count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while entries() == 0 {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{signal:?}: exited early"
+            );
+            assert!(Instant::now() < deadline, "no temporary file appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill_process(Pid::from_child(&child), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{signal:?}: still running 5 s after the signal");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code), "{signal:?}: {status:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{signal:?}: left behind {left:?}");
+    }
+}
