@@ -644,14 +644,19 @@ impl Exchange {
         audit: &mut AuditRecord,
     ) -> Result<Grant, ExchangeError> {
         let phase = Instant::now();
-        let decision = policies.evaluate(&EvalRequest {
+        let eval = EvalRequest {
             subject,
             audience: &req.audience,
             scopes: &req.scopes,
-        });
+        };
+        let outcome = policies.decide(&eval);
         self.metrics.observe("policy", phase);
-        tracing::debug!(trace = ?decision.trace, "policy decision trace");
-        match decision.outcome {
+        // The trace text is built only when it is logged.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let d = policies.evaluate(&eval);
+            tracing::debug!(trace = ?d.trace, omitted = d.omitted, excluded = d.excluded, "policy decision trace");
+        }
+        match outcome {
             Outcome::Allow(g) => {
                 audit.policy = Some(g.policy.clone());
                 audit.keycloak_client = Some(g.client.clone());

@@ -449,14 +449,25 @@ pub fn policy(data: &[u8]) {
     let audiences: Vec<String> = p.grant.iter().map(|g| g.audience.clone()).collect();
     let set = PolicySet::from_policies(vec![p]);
     let decide = |audience: &str, scopes: &Scopes| {
-        set.evaluate(&EvalRequest {
+        let req = EvalRequest {
             subject: &subject,
             audience,
             scopes,
-        })
-        .outcome
+        };
+        let outcome = set.decide(&req);
+        assert_eq!(
+            outcome,
+            set.evaluate_unindexed(&req).outcome,
+            "index-decides-as-a-scan"
+        );
+        outcome
     };
     let offers = set.offers(&subject);
+    assert_eq!(
+        offers,
+        set.offers_unindexed(&subject),
+        "index-decides-as-a-scan"
+    );
     for o in &offers {
         let scopes: Scopes = o.scopes.iter().map(String::as_str).collect();
         match decide(&o.audience, &scopes) {

@@ -157,6 +157,8 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
             Outcome::Allow(_) => None,
         },
         "trace": decision.trace,
+        "trace_omitted": decision.omitted,
+        "excluded_by_index": decision.excluded,
         "resolutions": set
             .policies()
             .iter()

@@ -18,7 +18,7 @@ pub struct EvalRequest<'a> {
 }
 
 /// An allowed exchange.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Grant {
     /// Policy that granted it.
     pub policy: String,
@@ -119,7 +119,7 @@ impl DenyKind {
 }
 
 /// Decision result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "decision", rename_all = "snake_case")]
 pub enum Outcome {
     /// Exchange allowed.
@@ -149,20 +149,20 @@ pub struct TraceEntry {
 pub struct Decision {
     /// Allow or deny.
     pub outcome: Outcome,
-    /// Every policy considered, in order.
+    /// The policies considered, in order (at most [`MAX_TRACE_ENTRIES`]).
     pub trace: Vec<TraceEntry>,
+    /// Trace entries left out over [`MAX_TRACE_ENTRIES`].
+    pub omitted: usize,
+    /// Policies the index did not consider: their repository condition does not
+    /// list the token's `repositoryUuid` (or they cover other audiences).
+    pub excluded: usize,
 }
 
 /// A failed condition with how many conditions passed before it (for choosing the
-/// most specific reason to report).
+/// most specific reason to report). Its text ([`detail`]) is built only for a trace.
 struct Failure {
     kind: DenyKind,
     passed: usize,
-    detail: String,
-}
-
-fn uuid_in(want: &Option<Vec<BbUuid>>, have: Option<BbUuid>) -> Option<bool> {
-    want.as_ref().map(|w| have.is_some_and(|h| w.contains(&h)))
 }
 
 fn list(v: &[BbUuid]) -> String {
@@ -179,94 +179,98 @@ fn branch_list(v: &[BranchPattern]) -> String {
 /// Checks conditions in a fixed order; the first failure is returned.
 fn check(c: &Conditions, id: &Subject) -> Result<(), Failure> {
     let mut passed = 0;
-    if let Some(false) = uuid_in(&c.workspace_uuid, Some(id.workspace_uuid)) {
-        return Err(Failure {
-            kind: DenyKind::WorkspaceNotAllowed,
-            passed,
-            detail: format!(
-                "workspaceUuid {} not in [{}]",
-                id.workspace_uuid,
-                list(c.workspace_uuid.as_deref().unwrap_or_default())
-            ),
-        });
+    let fail = |kind, passed| Err(Failure { kind, passed });
+    if let Some(want) = &c.workspace_uuid {
+        if !want.contains(&id.workspace_uuid) {
+            return fail(DenyKind::WorkspaceNotAllowed, passed);
+        }
+        passed += 1;
     }
-    passed += usize::from(c.workspace_uuid.is_some());
-    if let Some(false) = uuid_in(&c.repository_uuid, Some(id.repository_uuid)) {
-        return Err(Failure {
-            kind: DenyKind::RepositoryNotAllowed,
-            passed,
-            detail: format!(
-                "repositoryUuid {} not in [{}]",
-                id.repository_uuid,
-                list(c.repository_uuid.as_deref().unwrap_or_default())
-            ),
-        });
+    if let Some(want) = &c.repository_uuid {
+        if !want.contains(&id.repository_uuid) {
+            return fail(DenyKind::RepositoryNotAllowed, passed);
+        }
+        passed += 1;
     }
-    passed += usize::from(c.repository_uuid.is_some());
     if let Some(want) = &c.deployment_environment_uuid {
         match id.deployment_environment_uuid {
-            None => {
-                return Err(Failure {
-                    kind: DenyKind::EnvironmentMissing,
-                    passed,
-                    detail: format!(
-                        "token has no deploymentEnvironmentUuid; required one of [{}]",
-                        list(want)
-                    ),
-                })
-            }
-            Some(e) if !want.contains(&e) => {
-                return Err(Failure {
-                    kind: DenyKind::EnvironmentNotAllowed,
-                    passed,
-                    detail: format!("deploymentEnvironmentUuid {e} not in [{}]", list(want)),
-                })
-            }
+            None => return fail(DenyKind::EnvironmentMissing, passed),
+            Some(e) if !want.contains(&e) => return fail(DenyKind::EnvironmentNotAllowed, passed),
             Some(_) => passed += 1,
         }
     }
     if let Some(pats) = &c.branch_name {
         match &id.branch_name {
-            None => {
-                return Err(Failure {
-                    kind: DenyKind::BranchMissing,
-                    passed,
-                    detail: format!(
-                        "token has no branchName; required one of [{}]",
-                        branch_list(pats)
-                    ),
-                })
-            }
+            None => return fail(DenyKind::BranchMissing, passed),
             Some(b) if !pats.iter().any(|p| p.is_match(b)) => {
-                return Err(Failure {
-                    kind: DenyKind::BranchNotAllowed,
-                    passed,
-                    detail: format!("branchName `{b}` matches none of [{}]", branch_list(pats)),
-                })
+                return fail(DenyKind::BranchNotAllowed, passed)
             }
             Some(_) => passed += 1,
         }
     }
     if let Some(want) = &c.aud {
         if !id.aud.iter().any(|a| want.contains(a)) {
-            return Err(Failure {
-                kind: DenyKind::AudNotAllowed,
-                passed,
-                detail: format!(
-                    "aud [{}] holds none of [{}]",
-                    id.aud.join(", "),
-                    want.join(", ")
-                ),
-            });
+            return fail(DenyKind::AudNotAllowed, passed);
         }
     }
     Ok(())
 }
 
-/// What the scan over all policies found.
+/// The trace text of a failed condition (what [`check`] returned as `kind`).
+fn detail(c: &Conditions, id: &Subject, kind: &DenyKind) -> String {
+    let uuids = |v: &Option<Vec<BbUuid>>| list(v.as_deref().unwrap_or_default());
+    let branches = || branch_list(c.branch_name.as_deref().unwrap_or_default());
+    match kind {
+        DenyKind::WorkspaceNotAllowed => format!(
+            "workspaceUuid {} not in [{}]",
+            id.workspace_uuid,
+            uuids(&c.workspace_uuid)
+        ),
+        DenyKind::RepositoryNotAllowed => format!(
+            "repositoryUuid {} not in [{}]",
+            id.repository_uuid,
+            uuids(&c.repository_uuid)
+        ),
+        DenyKind::EnvironmentMissing => format!(
+            "token has no deploymentEnvironmentUuid; required one of [{}]",
+            uuids(&c.deployment_environment_uuid)
+        ),
+        DenyKind::EnvironmentNotAllowed => format!(
+            "deploymentEnvironmentUuid {} not in [{}]",
+            id.deployment_environment_uuid
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            uuids(&c.deployment_environment_uuid)
+        ),
+        DenyKind::BranchMissing => {
+            format!("token has no branchName; required one of [{}]", branches())
+        }
+        DenyKind::BranchNotAllowed => format!(
+            "branchName `{}` matches none of [{}]",
+            id.branch_name.as_deref().unwrap_or_default(),
+            branches()
+        ),
+        DenyKind::AudNotAllowed => format!(
+            "aud [{}] holds none of [{}]",
+            id.aud.join(", "),
+            c.aud.as_deref().unwrap_or_default().join(", ")
+        ),
+        other => other.code().to_string(),
+    }
+}
+
+/// Longest trace a decision carries: the rest is counted in
+/// [`Decision::omitted`] (a residual list of thousands of glob policies must not
+/// make one refusal's log line megabytes long).
+pub const MAX_TRACE_ENTRIES: usize = 256;
+
+/// What the scan over the policies that can apply found.
 #[derive(Default)]
 struct Scan<'p> {
-    trace: Vec<TraceEntry>,
+    /// `None` when no trace is wanted (the exchange's hot path).
+    trace: Option<Vec<TraceEntry>>,
+    /// Trace entries not kept (over [`MAX_TRACE_ENTRIES`]).
+    omitted: usize,
     /// The first matching deny policy that refuses the whole audience.
     deny_hit: Option<String>,
     /// Scopes refused by matching deny policies with `scopes`, each with the
@@ -274,10 +278,46 @@ struct Scan<'p> {
     denied_scopes: std::collections::BTreeMap<String, String>,
     /// Allow policies for the audience whose conditions match, in order.
     allows: Vec<&'p super::Policy>,
-    /// The most specific failed allow condition, and its policy.
-    best_failure: Option<(Failure, String)>,
+    /// The most specific failed allow condition (most conditions passed, then
+    /// earliest position), its position and policy.
+    best_failure: Option<(Failure, usize, &'p super::Policy)>,
     /// Some allow policy grants the audience.
     audience_known: bool,
+}
+
+impl<'p> Scan<'p> {
+    fn note(&mut self, p: &super::Policy, result: impl FnOnce() -> String) {
+        let Some(trace) = &mut self.trace else { return };
+        if trace.len() >= MAX_TRACE_ENTRIES {
+            self.omitted += 1;
+            return;
+        }
+        trace.push(TraceEntry {
+            policy: p.id.clone(),
+            effect: p.effect,
+            result: result(),
+        });
+    }
+
+    /// Records a failed allow; the scan keeps the one with the most conditions
+    /// passed, and among those the earliest.
+    fn fail(&mut self, f: Failure, pos: usize, p: &'p super::Policy) {
+        let better = self.best_failure.as_ref().is_none_or(|(b, bpos, _)| {
+            f.passed > b.passed || (f.passed == b.passed && pos < *bpos)
+        });
+        if better {
+            self.best_failure = Some((f, pos, p));
+        }
+    }
+}
+
+/// Which policies a decision considers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The index's candidates (see [`super::index`]).
+    Indexed,
+    /// Every policy, in order: the reference the index is tested against.
+    Plain,
 }
 
 impl PolicySet {
@@ -285,17 +325,53 @@ impl PolicySet {
     /// among matching allow policies for the audience the first (by id) whose scopes
     /// admit the request wins. Requested scopes must be a subset of the grant's
     /// `scopes`; none requested means the grant's `default_scopes`.
+    ///
+    /// Only the policies the index finds for the audience and `repositoryUuid` are
+    /// considered ([`Decision::excluded`] counts the others: their repository
+    /// condition cannot match); the trace lists those, at most
+    /// [`MAX_TRACE_ENTRIES`] of them. The exchange calls [`PolicySet::decide`],
+    /// which builds no trace.
     pub fn evaluate(&self, req: &EvalRequest<'_>) -> Decision {
-        let mut scan = self.scan(req);
-        let deny = |reason, policy, trace| Decision {
+        self.run(req, Reach::Indexed, true)
+    }
+
+    /// [`PolicySet::evaluate`]'s outcome without building a trace: what the
+    /// exchange pays per request.
+    pub fn decide(&self, req: &EvalRequest<'_>) -> Outcome {
+        self.run(req, Reach::Indexed, false).outcome
+    }
+
+    /// The same decision by a plain scan of every policy, with every policy in the
+    /// trace: the reference the index is tested against (and `policy explain
+    /// --all`).
+    pub fn evaluate_unindexed(&self, req: &EvalRequest<'_>) -> Decision {
+        self.run(req, Reach::Plain, true)
+    }
+
+    fn run(&self, req: &EvalRequest<'_>, reach: Reach, traced: bool) -> Decision {
+        let mut scan = self.scan(req, reach, traced);
+        let excluded = match reach {
+            Reach::Indexed => self.policies().len().saturating_sub(scan.considered),
+            Reach::Plain => 0,
+        };
+        let mut decision = self.conclude(req, &mut scan.scan);
+        decision.excluded = excluded;
+        decision
+    }
+
+    fn conclude<'p>(&'p self, req: &EvalRequest<'_>, scan: &mut Scan<'p>) -> Decision {
+        let trace = |scan: &mut Scan<'p>| scan.trace.take().unwrap_or_default();
+        let deny = |reason, policy, scan: &mut Scan<'p>| Decision {
             outcome: Outcome::Deny { reason, policy },
-            trace,
+            trace: trace(scan),
+            omitted: scan.omitted,
+            excluded: 0,
         };
         if let Some(policy) = scan.deny_hit.take() {
-            return deny(DenyKind::ExplicitDeny, Some(policy), scan.trace);
+            return deny(DenyKind::ExplicitDeny, Some(policy), scan);
         }
         if !scan.audience_known {
-            return deny(DenyKind::UnknownAudience, None, scan.trace);
+            return deny(DenyKind::UnknownAudience, None, scan);
         }
         let mut scope_failure: Option<(Vec<String>, String)> = None;
         let mut refused_by: Option<(String, Vec<String>)> = None;
@@ -319,92 +395,123 @@ impl PolicySet {
             // or not a deny names it: the answer does not reveal deny rules.
             if excess.is_empty() {
                 if let Some((by, scopes)) = first_denied(&scan.denied_scopes, &requested) {
-                    scan.trace.push(TraceEntry {
-                        policy: p.id.clone(),
-                        effect: p.effect,
-                        result: format!("scopes {} refused by {by}", scopes.join(" ")),
-                    });
+                    scan.note(p, || format!("scopes {} refused by {by}", scopes.join(" ")));
                     refused_by.get_or_insert((by, scopes));
                     continue;
                 }
-            }
-            if excess.is_empty() {
                 return Decision {
                     outcome: Outcome::Allow(Grant::of(p, g, requested)),
-                    trace: scan.trace,
+                    trace: trace(scan),
+                    omitted: scan.omitted,
+                    excluded: 0,
                 };
             }
-            scan.trace.push(TraceEntry {
-                policy: p.id.clone(),
-                effect: p.effect,
-                result: format!("scopes not granted: {}", excess.join(" ")),
-            });
+            scan.note(p, || format!("scopes not granted: {}", excess.join(" ")));
             scope_failure.get_or_insert((excess, p.id.clone()));
         }
         if let Some((by, scopes)) = refused_by {
-            return deny(DenyKind::ScopesDenied { scopes }, Some(by), scan.trace);
+            return deny(DenyKind::ScopesDenied { scopes }, Some(by), scan);
         }
-        let (reason, policy) = match (scope_failure, scan.best_failure) {
+        let (reason, policy) = match (scope_failure, scan.best_failure.take()) {
             (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
-            (None, Some((f, pid))) => (f.kind, Some(pid)),
+            (None, Some((f, _, p))) => (f.kind, Some(p.id.clone())),
             (None, None) => (DenyKind::UnknownAudience, None),
         };
-        deny(reason, policy, scan.trace)
+        deny(reason, policy, scan)
     }
 
-    /// Checks every policy's conditions once, in order, recording the trace.
-    fn scan(&self, req: &EvalRequest<'_>) -> Scan<'_> {
-        let mut scan = Scan::default();
-        for p in self.policies() {
-            let entry = |result: String| TraceEntry {
-                policy: p.id.clone(),
-                effect: p.effect,
-                result,
-            };
-            if let Some(skip) = skipped(p, req.audience) {
-                scan.trace.push(entry(skip));
-                continue;
+    /// Checks the conditions of every policy `reach` considers, once, in order.
+    fn scan(&self, req: &EvalRequest<'_>, reach: Reach, traced: bool) -> Counted<'_> {
+        let mut scan = Scan {
+            trace: traced.then(Vec::new),
+            ..Scan::default()
+        };
+        let policies = self.policies();
+        let considered = match reach {
+            Reach::Plain => {
+                for (pos, p) in policies.iter().enumerate() {
+                    scan_one(&mut scan, req, pos, p);
+                }
+                policies.len()
             }
-            match (p.effect, check(&p.when, req.subject)) {
-                (Effect::Deny, Ok(())) => match &p.deny_scopes {
-                    None => {
-                        scan.trace.push(entry("matched: denies".into()));
-                        scan.deny_hit.get_or_insert_with(|| p.id.clone());
+            Reach::Indexed => {
+                let c = self.index.candidates(req.audience, req.subject);
+                for &pos in &c.positions {
+                    if let Some(p) = policies.get(pos) {
+                        scan_one(&mut scan, req, pos, p);
                     }
-                    Some(scopes) => {
-                        scan.trace.push(entry(format!(
-                            "matched: denies scopes {}",
-                            scopes.iter().cloned().collect::<Vec<_>>().join(" ")
-                        )));
-                        for s in scopes {
-                            scan.denied_scopes
-                                .entry(s.clone())
-                                .or_insert_with(|| p.id.clone());
+                }
+                scan.audience_known = c.audience_known;
+                // The allows left out fail at the workspace or the repository;
+                // they still compete for the refusal's "closest allow".
+                for pos in self
+                    .index
+                    .excluded_failures(req.audience, req.subject, &c.positions)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(p) = policies.get(pos) {
+                        if let Err(f) = check(&p.when, req.subject) {
+                            scan.fail(f, pos, p);
                         }
                     }
-                },
-                (Effect::Deny, Err(f)) => {
-                    scan.trace.push(entry(format!("not matched: {}", f.detail)));
                 }
-                (Effect::Allow, Ok(())) => {
-                    scan.audience_known = true;
-                    scan.trace.push(entry("matched".into()));
-                    scan.allows.push(p);
-                }
-                (Effect::Allow, Err(f)) => {
-                    scan.audience_known = true;
-                    scan.trace.push(entry(format!("failed: {}", f.detail)));
-                    let better = scan
-                        .best_failure
-                        .as_ref()
-                        .is_none_or(|(b, _)| f.passed > b.passed);
-                    if better {
-                        scan.best_failure = Some((f, p.id.clone()));
-                    }
+                c.positions.len()
+            }
+        };
+        Counted { scan, considered }
+    }
+}
+
+/// A scan and how many policies it considered.
+struct Counted<'p> {
+    scan: Scan<'p>,
+    considered: usize,
+}
+
+/// One policy of a scan.
+fn scan_one<'p>(scan: &mut Scan<'p>, req: &EvalRequest<'_>, pos: usize, p: &'p super::Policy) {
+    if let Some(skip) = skipped(p, req.audience) {
+        scan.note(p, || skip);
+        return;
+    }
+    match (p.effect, check(&p.when, req.subject)) {
+        (Effect::Deny, Ok(())) => match &p.deny_scopes {
+            None => {
+                scan.note(p, || "matched: denies".into());
+                scan.deny_hit.get_or_insert_with(|| p.id.clone());
+            }
+            Some(scopes) => {
+                scan.note(p, || {
+                    format!(
+                        "matched: denies scopes {}",
+                        scopes.iter().cloned().collect::<Vec<_>>().join(" ")
+                    )
+                });
+                for s in scopes {
+                    scan.denied_scopes
+                        .entry(s.clone())
+                        .or_insert_with(|| p.id.clone());
                 }
             }
+        },
+        (Effect::Deny, Err(f)) => {
+            scan.note(p, || {
+                format!("not matched: {}", detail(&p.when, req.subject, &f.kind))
+            });
         }
-        scan
+        (Effect::Allow, Ok(())) => {
+            scan.audience_known = true;
+            scan.note(p, || "matched".into());
+            scan.allows.push(p);
+        }
+        (Effect::Allow, Err(f)) => {
+            scan.audience_known = true;
+            scan.note(p, || {
+                format!("failed: {}", detail(&p.when, req.subject, &f.kind))
+            });
+            scan.fail(f, pos, p);
+        }
     }
 }
 
@@ -451,19 +558,24 @@ impl PolicySet {
     /// deny policies refuse removed. Consistent with [`PolicySet::evaluate`] by
     /// construction and by a property test; see [`Offer`] for how to read it.
     pub fn offers(&self, subject: &Subject) -> Vec<Offer> {
-        let audiences: std::collections::BTreeSet<&str> = self
-            .policies()
-            .iter()
-            .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
-            .collect();
+        self.offers_by(subject, Reach::Indexed)
+    }
+
+    /// [`PolicySet::offers`] by a plain scan of every policy (the reference).
+    pub fn offers_unindexed(&self, subject: &Subject) -> Vec<Offer> {
+        self.offers_by(subject, Reach::Plain)
+    }
+
+    fn offers_by(&self, subject: &Subject, reach: Reach) -> Vec<Offer> {
         let mut out: Vec<Offer> = Vec::new();
         let none = Scopes::default();
-        for audience in audiences {
-            let scan = self.scan(&EvalRequest {
+        for audience in self.index.granted_audiences() {
+            let req = EvalRequest {
                 subject,
                 audience,
                 scopes: &none,
-            });
+            };
+            let scan = self.scan(&req, reach, false).scan;
             if scan.deny_hit.is_some() {
                 continue;
             }

@@ -9,6 +9,9 @@
 
 mod compile;
 mod eval;
+mod index;
+#[cfg(test)]
+mod index_props;
 mod pattern;
 #[cfg(test)]
 mod props;
@@ -24,7 +27,9 @@ pub use crate::domain::oauth::is_scope_token;
 use crate::domain::BbUuid;
 use crate::inventory::Inventory;
 pub use compile::{compile_str, compile_with};
-pub use eval::{Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry};
+pub use eval::{
+    Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
+};
 pub use pattern::{check_branch_pattern, BranchPattern};
 pub use snapshot::Snapshot;
 pub use store::{PolicyStore, Reloaded};
@@ -223,6 +228,8 @@ pub struct PolicySet {
     /// [`Snapshot::digest`] of the files it was compiled from (empty when built
     /// from compiled policies).
     digest: String,
+    /// Which policies can decide a request ([`index`]).
+    index: index::Index,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -497,11 +504,13 @@ impl PolicySet {
     /// Builds a set from compiled policies (sorted by id).
     pub fn from_policies(mut policies: Vec<Policy>) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
+        let index = index::Index::build(&policies);
         Self {
             policies,
             inventory: std::sync::Arc::default(),
             ignored: Vec::new(),
             digest: String::new(),
+            index,
         }
     }
 
