@@ -29,6 +29,12 @@ cargo test --locked --workspace --no-run
 
 cargo build --locked --workspace --bins
 
+# Organisation scale (README "Organisation scale"): a small synthetic organisation
+# in the real formats, served (allowed and refused exchanges), reloaded and
+# checked with the binaries just built; the measured sizes are scripts/bench-scale.sh's.
+echo "== scale smoke (scripts/bench-scale.sh --smoke)"
+bash scripts/bench-scale.sh --smoke
+
 # Every parser of outside input, coverage-guided: each target built once without
 # sanitizer (nightly, cached outside the clone), its corpus replayed, then fuzzed
 # 200,000 times from a fixed seed (README "Fuzzing"; scripts/fuzz.sh runs longer, with AddressSanitizer).

@@ -35,6 +35,9 @@ pub struct Metrics {
     /// `sts_policy_reloads_total{result}`: `ok`, `error`, `unsettled` (a file or
     /// the directory's target changed between the two reads; retried).
     pub policy_reloads: IntCounterVec,
+    /// `sts_policy_reload_duration_seconds`: an applied reload's read, compile
+    /// (index included) and swap, without the settle delay between the reads.
+    pub policy_reload_seconds: prometheus::Histogram,
     /// `sts_rate_limited_total{limit}`: refusals by `step` or `repository` limit.
     pub rate_limited: IntCounterVec,
     /// `sts_upstream_up{upstream}`: 1 when `keycloak` / `limit_store` answered
@@ -168,6 +171,14 @@ impl Metrics {
             &["phase"],
         )?;
         registry.register(Box::new(phase_seconds.clone()))?;
+        let policy_reload_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "sts_policy_reload_duration_seconds",
+                "Applied policy reloads: read, compile and swap, in seconds (the settle delay excluded).",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(policy_reload_seconds.clone()))?;
         let audit_reopens = counter(
             "sts_audit_reopens_total",
             "Audit file reopens by reason (signal, rotated, reader_gone, retry).",
@@ -202,6 +213,7 @@ impl Metrics {
             jwks_cache,
             keycloak_responses,
             policy_reloads,
+            policy_reload_seconds,
             rate_limited,
             audit_failures,
             policy_set,

@@ -42,7 +42,9 @@ pub fn reload(
     force: bool,
 ) -> Result<Reloaded, Vec<PolicyError>> {
     let before = state.exchange.policies.current();
+    let started = std::time::Instant::now();
     let outcome = state.exchange.policies.reload_settled(settle, force);
+    let took = started.elapsed().saturating_sub(settle);
     let count = |result: &str| {
         state
             .metrics
@@ -67,7 +69,11 @@ pub fn reload(
             count("ok");
             // Logged before the metric shows it: whoever sees the new digest
             // can find its log line.
-            tracing::info!(policies = set.policies().len(), digest = %set.digest(), "policies reloaded");
+            state
+                .metrics
+                .policy_reload_seconds
+                .observe(took.as_secs_f64());
+            tracing::info!(policies = set.policies().len(), digest = %set.digest(), duration_ms = took.as_millis(), "policies reloaded");
             state.metrics.set_policy_digest(set.digest());
         }
         Ok(Reloaded::Unchanged) => tracing::debug!("policies unchanged"),

@@ -13,7 +13,7 @@
 pub mod fetch;
 pub mod state;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -166,11 +166,16 @@ impl WorkspaceInventory {
     }
 }
 
-/// Every inventory the policies may use, indexed for resolving names.
+/// Every inventory the policies may use, indexed for resolving names: by
+/// repository UUID, by lower-case `full_name` and by project key, so that
+/// compiling thousands of policies against thousands of repositories costs a
+/// lookup per name, not a scan.
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
     workspaces: Vec<WorkspaceInventory>,
-    by_repository: BTreeMap<BbUuid, (usize, usize)>,
+    by_repository: HashMap<BbUuid, (usize, usize)>,
+    by_name: HashMap<String, (usize, usize)>,
+    by_project_key: HashMap<String, Vec<(usize, usize)>>,
 }
 
 impl Inventory {
@@ -179,8 +184,9 @@ impl Inventory {
     /// # Errors
     /// A reason when two entries name the same repository UUID or `full_name`.
     pub fn new(workspaces: Vec<WorkspaceInventory>) -> Result<Self, String> {
-        let mut by_repository = BTreeMap::new();
-        let mut names = BTreeMap::new();
+        let mut by_repository = HashMap::new();
+        let mut by_name = HashMap::new();
+        let mut by_project_key: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
         for ws in &workspaces {
             ws.validate()?;
         }
@@ -189,8 +195,8 @@ impl Inventory {
                 if by_repository.insert(repo.uuid, (w, r)).is_some() {
                     return Err(format!("repository {} is listed twice", repo.uuid));
                 }
-                if names
-                    .insert(repo.full_name.to_ascii_lowercase(), repo.uuid)
+                if by_name
+                    .insert(repo.full_name.to_ascii_lowercase(), (w, r))
                     .is_some()
                 {
                     return Err(format!(
@@ -198,12 +204,57 @@ impl Inventory {
                         repo.full_name
                     ));
                 }
+                if let Some(p) = &repo.project {
+                    by_project_key
+                        .entry(p.key.clone())
+                        .or_default()
+                        .push((w, r));
+                }
             }
         }
         Ok(Self {
             workspaces,
             by_repository,
+            by_name,
+            by_project_key,
         })
+    }
+
+    fn at(&self, (w, r): (usize, usize)) -> Option<(&WorkspaceInventory, &Repository)> {
+        let ws = self.workspaces.get(w)?;
+        Some((ws, ws.repositories.get(r)?))
+    }
+
+    /// The repository whose `full_name` is `name`, ignoring ASCII case.
+    pub fn repository_named(&self, name: &str) -> Option<(&WorkspaceInventory, &Repository)> {
+        let lower = name.to_ascii_lowercase();
+        self.at(*self.by_name.get(&lower)?)
+    }
+
+    /// The repositories of project `key` (keys are unique within a workspace only).
+    pub fn in_project<'a>(
+        &'a self,
+        key: &str,
+    ) -> impl Iterator<Item = (&'a WorkspaceInventory, &'a Repository)> + 'a {
+        self.by_project_key
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|at| self.at(*at))
+    }
+
+    /// The UUIDs of the workspaces with ID `slug` that list a repository.
+    pub fn workspace_uuids(&self, slug: &str) -> std::collections::BTreeSet<BbUuid> {
+        self.workspaces
+            .iter()
+            .filter(|w| w.workspace == slug && !w.repositories.is_empty())
+            .map(|w| w.workspace_uuid)
+            .collect()
+    }
+
+    /// The repository with this UUID, with its workspace.
+    pub fn located(&self, uuid: &BbUuid) -> Option<(&WorkspaceInventory, &Repository)> {
+        self.at(*self.by_repository.get(uuid)?)
     }
 
     /// The inventory files of `<policies_dir>/inventory/`, sorted (none when the
@@ -308,19 +359,40 @@ impl Inventory {
 
     /// The repository with this UUID.
     pub fn repository(&self, uuid: &BbUuid) -> Option<&Repository> {
-        let (w, r) = self.by_repository.get(uuid)?;
-        self.workspaces.get(*w)?.repositories.get(*r)
+        self.located(uuid).map(|(_, r)| r)
     }
 }
 
-/// Reads an inventory file's text (anchors and aliases refused).
+/// Reads an inventory file's text (anchors and aliases refused), streaming:
+/// memory stays near the size of the result, not of the document's events
+/// (serde-saphyr; every budget bounded, duplicate keys refused).
 pub(crate) fn parse(text: &str) -> Result<WorkspaceInventory, String> {
     crate::domain::yaml::refuse_anchors_and_aliases(text)?;
-    let de = serde_norway::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    let mut budget = serde_saphyr::Budget::default();
+    // The file is at most MAX_INVENTORY_FILE_BYTES: no more nodes or scalar
+    // bytes than it has bytes; no anchors, aliases or further documents.
+    let max = usize::try_from(MAX_INVENTORY_FILE_BYTES).unwrap_or(usize::MAX);
+    budget.max_nodes = max;
+    budget.max_events = 2 * max;
+    budget.max_total_scalar_bytes = max;
+    budget.max_depth = 16;
+    budget.max_documents = 1;
+    budget.max_anchors = 0;
+    budget.max_aliases = 0;
+    options.budget = Some(budget);
+    let mut path = String::new();
+    serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
         // No quoted values: a wrong file must not end up in logs.
-        let msg = e.into_inner().to_string();
+        let msg = e.without_snippet().to_string();
         let msg: String = msg.split('"').step_by(2).collect::<Vec<_>>().join("\"…\"");
         format!("`{path}`: {msg}")
     })
@@ -381,7 +453,7 @@ pub(crate) mod tests {
         let deploy = text.find("acme/deploy-service").unwrap();
         let web = text.find("acme/web").unwrap();
         assert!(deploy < web, "sorted by uuid:\n{text}");
-        let back: WorkspaceInventory = serde_norway::from_str(&text).unwrap();
+        let back: WorkspaceInventory = parse(&text).unwrap();
         let mut normalised = inv.clone();
         normalised.normalise();
         assert_eq!(back, normalised);

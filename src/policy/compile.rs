@@ -547,6 +547,15 @@ fn one_way(
     }
 }
 
+/// `name` in ASCII lower case, without a copy when it already is.
+fn lower(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
 /// Resolves names through the inventory, recording each resolution.
 struct Names<'a> {
     inventory: &'a Inventory,
@@ -570,12 +579,7 @@ impl Names<'_> {
         self.need_inventory("when.workspace")?;
         let mut out = Vec::new();
         for (i, n) in names.0.iter().enumerate() {
-            let found: BTreeSet<BbUuid> = self
-                .inventory
-                .repositories()
-                .filter(|(w, _)| w.workspace == *n)
-                .map(|(w, _)| w.workspace_uuid)
-                .collect();
+            let found = self.inventory.workspace_uuids(n);
             let Some(u) = found.first().copied().filter(|_| found.len() == 1) else {
                 return Err(self.err.at(
                     &format!("when.workspace[{i}]"),
@@ -615,11 +619,8 @@ impl Names<'_> {
                     // Project keys are unique within a workspace only.
                     let repos: Vec<_> = self
                         .inventory
-                        .repositories()
-                        .filter(|(w, r)| {
-                            r.project.as_ref().is_some_and(|p| p.key == *k)
-                                && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid))
-                        })
+                        .in_project(k)
+                        .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
                         .collect();
                     let in_workspaces: BTreeSet<BbUuid> =
                         repos.iter().map(|(w, _)| w.workspace_uuid).collect();
@@ -680,20 +681,25 @@ impl Names<'_> {
         } else {
             None
         };
-        let wanted = name.to_ascii_lowercase();
-        let found: Vec<(BbUuid, String)> = self
-            .inventory
-            .repositories()
-            .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
-            .filter(|(_, r)| {
-                let have = r.full_name.to_ascii_lowercase();
-                match &matcher {
-                    Some(m) => m.is_match(&have),
-                    None => have == wanted,
-                }
-            })
-            .map(|(_, r)| (r.uuid, r.full_name.clone()))
-            .collect();
+        let in_scope = |w: &crate::inventory::WorkspaceInventory| {
+            workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid))
+        };
+        let found: Vec<(BbUuid, String)> = match &matcher {
+            // A glob is matched against every repository's name.
+            Some(m) => self
+                .inventory
+                .repositories()
+                .filter(|(w, r)| in_scope(w) && m.is_match(&lower(&r.full_name)))
+                .map(|(_, r)| (r.uuid, r.full_name.clone()))
+                .collect(),
+            None => self
+                .inventory
+                .repository_named(name)
+                .filter(|(w, _)| in_scope(w))
+                .map(|(_, r)| (r.uuid, r.full_name.clone()))
+                .into_iter()
+                .collect(),
+        };
         if found.is_empty() {
             return Err(self.err.at(
                 &field,
@@ -718,26 +724,32 @@ impl Names<'_> {
         let Some(names) = names else { return Ok(None) };
         self.need_inventory("when.deploymentEnvironment")?;
         let mut out = BTreeSet::new();
+        // The policy's repositories (looked up), or every repository.
+        let scope: Vec<(
+            &crate::inventory::WorkspaceInventory,
+            &crate::inventory::Repository,
+        )> = match repositories {
+            Some(rs) => rs
+                .iter()
+                .filter_map(|u| self.inventory.located(u))
+                .collect(),
+            None => self.inventory.repositories().collect(),
+        };
+        let scope: Vec<_> = scope
+            .into_iter()
+            .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
+            .collect();
         for (i, n) in names.0.iter().enumerate() {
             let mut found = Vec::new();
-            for (w, r) in self.inventory.repositories() {
-                let in_scope = repositories.is_none_or(|rs| rs.contains(&r.uuid))
-                    && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid));
-                if !in_scope {
-                    continue;
-                }
+            for (_, r) in &scope {
                 for e in r.environments.iter().filter(|e| e.name == *n) {
                     found.push((e.uuid, r.full_name.clone()));
                 }
             }
             if found.is_empty() {
                 let mut known: BTreeSet<&str> = BTreeSet::new();
-                for (w, r) in self.inventory.repositories() {
-                    let in_scope = repositories.is_none_or(|rs| rs.contains(&r.uuid))
-                        && workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid));
-                    if in_scope {
-                        known.extend(r.environments.iter().map(|e| e.name.as_str()));
-                    }
+                for (_, r) in &scope {
+                    known.extend(r.environments.iter().map(|e| e.name.as_str()));
                 }
                 let known: Vec<&str> = known.into_iter().collect();
                 return Err(self.err.at(

@@ -230,6 +230,8 @@ pub struct PolicySet {
     digest: String,
     /// Which policies can decide a request ([`index`]).
     index: index::Index,
+    /// [`Snapshot::inventory_digest`] of the inventory it was compiled with.
+    inventory_digest: String,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -511,6 +513,7 @@ impl PolicySet {
             ignored: Vec::new(),
             digest: String::new(),
             index,
+            inventory_digest: String::new(),
         }
     }
 
@@ -550,14 +553,32 @@ impl PolicySet {
         snapshot: &Snapshot,
         known_clients: Option<&BTreeSet<String>>,
     ) -> Result<Self, Vec<PolicyError>> {
+        Self::from_snapshot_after(snapshot, known_clients, None)
+    }
+
+    /// [`PolicySet::from_snapshot`] for a reload: when the inventory files are
+    /// those `previous` was compiled with (same [`Snapshot::inventory_digest`]),
+    /// their parsed inventory is shared instead of parsed again.
+    ///
+    /// # Errors
+    /// Every [`PolicyError`] found.
+    pub fn from_snapshot_after(
+        snapshot: &Snapshot,
+        known_clients: Option<&BTreeSet<String>>,
+        previous: Option<&PolicySet>,
+    ) -> Result<Self, Vec<PolicyError>> {
         let dir = &snapshot.dir;
-        let inventory = Inventory::from_texts(
-            dir,
-            snapshot
-                .inventory
-                .iter()
-                .map(|f| (f.path.as_path(), f.text.as_str())),
-        )?;
+        let inventory_digest = snapshot.inventory_digest();
+        let inventory = match previous.filter(|p| p.inventory_digest == inventory_digest) {
+            Some(p) => p.inventory.clone(),
+            None => std::sync::Arc::new(Inventory::from_texts(
+                dir,
+                snapshot
+                    .inventory
+                    .iter()
+                    .map(|f| (f.path.as_path(), f.text.as_str())),
+            )?),
+        };
         let mut policies = Vec::new();
         let mut errors = Vec::new();
         for f in &snapshot.policies {
@@ -578,7 +599,8 @@ impl PolicySet {
         }
         if errors.is_empty() {
             let mut set = Self::from_policies(policies);
-            set.inventory = std::sync::Arc::new(inventory);
+            set.inventory = inventory;
+            set.inventory_digest = inventory_digest;
             set.ignored = snapshot.ignored.clone();
             set.digest = snapshot.digest();
             Ok(set)
@@ -679,6 +701,37 @@ fn compile_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload whose inventory files did not change shares the parsed
+    /// inventory; one whose inventory changed parses it again.
+    #[test]
+    fn an_unchanged_inventory_is_shared_by_the_next_set() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("inventory")).unwrap();
+        let inv = crate::inventory::tests::sample();
+        std::fs::write(d.path().join("inventory/acme.yaml"), inv.to_yaml().unwrap()).unwrap();
+        let policy = "effect: allow\nwhen:\n  repository: acme/web\ngrant: {client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 60}\n";
+        std::fs::write(d.path().join("p.yaml"), policy).unwrap();
+        let first = PolicySet::from_snapshot(&Snapshot::read(d.path()).unwrap(), None).unwrap();
+        std::fs::write(d.path().join("q.yaml"), policy).unwrap();
+        let second =
+            PolicySet::from_snapshot_after(&Snapshot::read(d.path()).unwrap(), None, Some(&first))
+                .unwrap();
+        assert_eq!(second.policies().len(), 2);
+        assert!(std::sync::Arc::ptr_eq(&first.inventory, &second.inventory));
+        let mut renamed = inv.clone();
+        renamed.repositories[0].full_name = "acme/web-2".into();
+        std::fs::write(
+            d.path().join("inventory/acme.yaml"),
+            renamed.to_yaml().unwrap(),
+        )
+        .unwrap();
+        std::fs::remove_file(d.path().join("q.yaml")).unwrap();
+        let third =
+            PolicySet::from_snapshot_after(&Snapshot::read(d.path()).unwrap(), None, Some(&second));
+        // acme/web is gone from the new inventory: the policy naming it is refused
+        assert!(third.is_err(), "the new inventory was used");
+    }
 
     #[test]
     fn single_star_never_crosses_a_slash_double_star_does() {

@@ -114,6 +114,19 @@ impl Snapshot {
         hex::encode(h.finalize())
     }
 
+    /// SHA-256 (hex) over the inventory files alone (as [`Snapshot::digest`]):
+    /// a reload whose inventory did not change keeps the parsed one.
+    pub fn inventory_digest(&self) -> String {
+        let mut h = Sha256::new();
+        for f in &self.inventory {
+            h.update(f.rel.as_bytes());
+            h.update([0]);
+            h.update((f.text.len() as u64).to_be_bytes());
+            h.update(f.text.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Whether `other` read the same directory (resolved to the same place) with
     /// the same files, each with equal device, inode, size, mtime and content.
     pub fn same_as(&self, other: &Self) -> bool {

@@ -60,15 +60,16 @@ impl PolicyStore {
         known: &BTreeSet<String>,
         jwt: &BTreeSet<String>,
     ) -> Result<PolicySet, Vec<PolicyError>> {
-        Self::compile_snapshot(&Snapshot::read(dir)?, known, jwt)
+        Self::compile_snapshot(&Snapshot::read(dir)?, known, jwt, None)
     }
 
     fn compile_snapshot(
         snapshot: &Snapshot,
         known: &BTreeSet<String>,
         jwt: &BTreeSet<String>,
+        previous: Option<&PolicySet>,
     ) -> Result<PolicySet, Vec<PolicyError>> {
-        let set = PolicySet::from_snapshot(snapshot, Some(known))?;
+        let set = PolicySet::from_snapshot_after(snapshot, Some(known), previous)?;
         let problems = set.client_problems(jwt);
         if problems.is_empty() {
             Ok(set)
@@ -120,12 +121,17 @@ impl PolicyStore {
         if !force && (digest == self.current().digest() || refused_before) {
             return Ok(Reloaded::Unchanged);
         }
-        let compiled = Self::compile_snapshot(&first, &self.known_clients, &self.jwt_clients)
-            .inspect_err(|_| {
-                if let Ok(mut r) = self.refused.lock() {
-                    *r = Some(digest);
-                }
-            })?;
+        let compiled = Self::compile_snapshot(
+            &first,
+            &self.known_clients,
+            &self.jwt_clients,
+            Some(&self.current()),
+        )
+        .inspect_err(|_| {
+            if let Ok(mut r) = self.refused.lock() {
+                *r = Some(digest);
+            }
+        })?;
         let set = Arc::new(compiled);
         self.current.store(set.clone());
         Ok(Reloaded::Applied(set))
