@@ -152,7 +152,7 @@ impl Metrics {
         let policy_set = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "sts_policy_set_info",
-                "The digest of the active policy set (sha256 over the sorted relative paths and contents).",
+                "The digest of the active policy set (sha256 over the sorted relative paths, sizes and content sha256s).",
             ),
             &["digest"],
         )?;

@@ -33,8 +33,49 @@ pub struct FileStamp {
 /// A reason for messages (never the content): cannot be opened, not a regular
 /// file (FIFO, socket, device, directory), larger than `max`, not UTF-8.
 pub fn read_regular_file(path: &Path, max: u64) -> Result<(FileStamp, String), String> {
+    let (file, meta) = open_regular(path, max)?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("file is larger than {max} bytes"));
+    }
+    let stamp = stamp_of(&meta, Sha256::digest(&bytes).into());
+    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+    Ok((stamp, text))
+}
+
+/// The [`FileStamp`] of the regular file at `path` as [`read_regular_file`]
+/// would give it, hashing the content in chunks without keeping it (a settle
+/// check or a poll need not hold a second copy of every file).
+///
+/// # Errors
+/// As [`read_regular_file`], except that the content is not checked for UTF-8.
+pub fn stamp_regular_file(path: &Path, max: u64) -> Result<FileStamp, String> {
+    let (file, meta) = open_regular(path, max)?;
+    let mut reader = file.take(max.saturating_add(1));
+    let mut hasher = Sha256::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        hasher.update(buf.get(..n).unwrap_or_default());
+    }
+    if total > max {
+        return Err(format!("file is larger than {max} bytes"));
+    }
+    Ok(stamp_of(&meta, hasher.finalize().into()))
+}
+
+/// Opens `path` without blocking and checks that it is a regular file of at
+/// most `max` bytes.
+fn open_regular(path: &Path, max: u64) -> Result<(std::fs::File, std::fs::Metadata), String> {
     use rustix::fs::{Mode, OFlags};
-    use std::os::unix::fs::MetadataExt;
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
@@ -49,22 +90,18 @@ pub fn read_regular_file(path: &Path, max: u64) -> Result<(FileStamp, String), S
     if meta.len() > max {
         return Err(format!("file is larger than {max} bytes"));
     }
-    let mut bytes = Vec::new();
-    file.take(max.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > max {
-        return Err(format!("file is larger than {max} bytes"));
-    }
-    let stamp = FileStamp {
+    Ok((file, meta))
+}
+
+fn stamp_of(meta: &std::fs::Metadata, sha256: [u8; 32]) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    FileStamp {
         dev: meta.dev(),
         ino: meta.ino(),
         size: meta.len(),
         mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        sha256: Sha256::digest(&bytes).into(),
-    };
-    let text = String::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
-    Ok((stamp, text))
+        sha256,
+    }
 }
 
 /// [`read_regular_file`] for a file whose content is all that matters (a
@@ -99,6 +136,22 @@ mod tests {
         assert_eq!(
             read_regular_file(dir.path(), 10).unwrap_err(),
             "not a regular file"
+        );
+    }
+
+    #[test]
+    fn a_stamp_without_the_content_is_the_stamp_of_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.yaml");
+        let text = "x".repeat(200_000);
+        std::fs::write(&f, &text).unwrap();
+        let (stamp, _) = read_regular_file(&f, 300_000).unwrap();
+        assert_eq!(stamp_regular_file(&f, 300_000).unwrap(), stamp);
+        assert!(stamp_regular_file(&f, 100_000).is_err());
+        std::fs::write(&f, "y".repeat(200_000)).unwrap();
+        assert_ne!(
+            stamp_regular_file(&f, 300_000).unwrap().sha256,
+            stamp.sha256
         );
     }
 

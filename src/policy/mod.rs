@@ -31,7 +31,7 @@ pub use eval::{
     Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
 };
 pub use pattern::{check_branch_pattern, BranchPattern};
-pub use snapshot::Snapshot;
+pub use snapshot::{Snapshot, Stamps};
 pub use store::{PolicyStore, Reloaded};
 
 /// What policies decide on: the claims a condition can name, with Bitbucket's
@@ -529,6 +529,12 @@ impl PolicySet {
         &self.digest
     }
 
+    /// [`Snapshot::inventory_digest`] of the inventory files it was compiled
+    /// with (what lets a reload keep the parsed inventory).
+    pub fn inventory_digest(&self) -> &str {
+        &self.inventory_digest
+    }
+
     /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive),
     /// resolving names through the inventories in `dir/inventory/`
     /// ([`Inventory::files`]); files are read once, without blocking
@@ -553,12 +559,14 @@ impl PolicySet {
         snapshot: &Snapshot,
         known_clients: Option<&BTreeSet<String>>,
     ) -> Result<Self, Vec<PolicyError>> {
-        Self::from_snapshot_after(snapshot, known_clients, None)
+        Self::compile_snapshot(snapshot, known_clients, None, true)
     }
 
-    /// [`PolicySet::from_snapshot`] for a reload: when the inventory files are
-    /// those `previous` was compiled with (same [`Snapshot::inventory_digest`]),
-    /// their parsed inventory is shared instead of parsed again.
+    /// [`PolicySet::from_snapshot`] for the service: when the inventory files
+    /// are those `previous` was compiled with (same
+    /// [`Snapshot::inventory_digest`]), their parsed inventory is shared instead
+    /// of parsed again; and each policy's [`Policy::resolutions`] (text for
+    /// `policy check` and `policy explain`) is not kept.
     ///
     /// # Errors
     /// Every [`PolicyError`] found.
@@ -567,10 +575,32 @@ impl PolicySet {
         known_clients: Option<&BTreeSet<String>>,
         previous: Option<&PolicySet>,
     ) -> Result<Self, Vec<PolicyError>> {
+        Self::compile_snapshot(snapshot, known_clients, previous, false)
+    }
+
+    fn compile_snapshot(
+        snapshot: &Snapshot,
+        known_clients: Option<&BTreeSet<String>>,
+        previous: Option<&PolicySet>,
+        keep_resolutions: bool,
+    ) -> Result<Self, Vec<PolicyError>> {
         let dir = &snapshot.dir;
         let inventory_digest = snapshot.inventory_digest();
-        let inventory = match previous.filter(|p| p.inventory_digest == inventory_digest) {
+        let known = previous.filter(|p| p.inventory_digest == inventory_digest);
+        let inventory = match known {
             Some(p) => p.inventory.clone(),
+            // Only stamped for a set it does not belong to: cannot happen (the
+            // store passes the active set's digest and that set), refused.
+            None if snapshot.inventory_known => {
+                return Err(vec![PolicyError {
+                    file: dir
+                        .join(crate::inventory::INVENTORY_DIR)
+                        .display()
+                        .to_string(),
+                    key: String::new(),
+                    reason: "the inventory was not read; reload again".into(),
+                }])
+            }
             None => std::sync::Arc::new(Inventory::from_texts(
                 dir,
                 snapshot
@@ -583,7 +613,12 @@ impl PolicySet {
         let mut errors = Vec::new();
         for f in &snapshot.policies {
             match compile_file(&f.path, &f.text, known_clients, &inventory) {
-                Ok(p) => policies.push(p),
+                Ok(mut p) => {
+                    if !keep_resolutions {
+                        p.resolutions = Vec::new();
+                    }
+                    policies.push(p)
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -719,6 +754,13 @@ mod tests {
                 .unwrap();
         assert_eq!(second.policies().len(), 2);
         assert!(std::sync::Arc::ptr_eq(&first.inventory, &second.inventory));
+        // A reload's read only stamps inventory files the active set knows.
+        let stamped = Snapshot::read_after(d.path(), Some(first.inventory_digest())).unwrap();
+        assert!(stamped.inventory_known);
+        assert_eq!(stamped.digest(), Snapshot::read(d.path()).unwrap().digest());
+        let again = PolicySet::from_snapshot_after(&stamped, None, Some(&second)).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first.inventory, &again.inventory));
+        assert!(PolicySet::from_snapshot_after(&stamped, None, None).is_err());
         let mut renamed = inv.clone();
         renamed.repositories[0].full_name = "acme/web-2".into();
         std::fs::write(

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::{policy_files, PolicyError, MAX_POLICY_FILE_BYTES};
-use crate::domain::regular_file::{read_regular_file, FileStamp};
+use crate::domain::regular_file::{read_regular_file, stamp_regular_file, FileStamp};
 use crate::inventory::{Inventory, INVENTORY_DIR, MAX_INVENTORY_FILE_BYTES};
 
 /// A file of the set as it was read.
@@ -34,10 +34,86 @@ pub struct Snapshot {
     root: PathBuf,
     /// Policy files, sorted.
     pub(super) policies: Vec<SourceFile>,
-    /// Inventory files, sorted.
+    /// Inventory files, sorted. Their `text` is empty when `inventory_known`.
     pub(super) inventory: Vec<SourceFile>,
+    /// The inventory files were only stamped: their digest is the one
+    /// [`Snapshot::read_after`] was given, so the parsed inventory is reused.
+    pub(super) inventory_known: bool,
     /// Other files of the directory (warned about, not read).
     pub(super) ignored: Vec<String>,
+}
+
+/// The policies directory as a settle check or the poll sees it: each file's
+/// [`FileStamp`] without its content (no second copy of every file in memory).
+#[derive(Debug)]
+pub struct Stamps {
+    root: PathBuf,
+    files: Vec<(String, FileStamp)>,
+    ignored: Vec<String>,
+}
+
+/// What one listing of the directory found.
+struct Listing {
+    root: PathBuf,
+    policies: Vec<PathBuf>,
+    inventory: Vec<PathBuf>,
+    ignored: Vec<String>,
+}
+
+fn list(dir: &Path) -> Result<Listing, Vec<PolicyError>> {
+    let root = std::fs::canonicalize(dir).map_err(|e| {
+        vec![PolicyError {
+            file: dir.display().to_string(),
+            key: String::new(),
+            reason: format!("cannot read policies directory: {e}"),
+        }]
+    })?;
+    let (policies, ignored) = policy_files(dir)?;
+    let inventory = Inventory::files(dir)?;
+    Ok(Listing {
+        root,
+        policies,
+        inventory,
+        ignored,
+    })
+}
+
+/// Reads (or stamps) every listed file with `read`, collecting the errors.
+fn read_each<T>(
+    dir: &Path,
+    paths: Vec<PathBuf>,
+    max: u64,
+    errors: &mut Vec<PolicyError>,
+    read: impl Fn(&Path, u64) -> Result<T, String>,
+) -> Vec<(String, PathBuf, T)> {
+    paths
+        .into_iter()
+        .filter_map(|path| match read(&path, max) {
+            Ok(v) => Some((relative(dir, &path), path, v)),
+            Err(reason) => {
+                errors.push(PolicyError {
+                    file: path.display().to_string(),
+                    key: String::new(),
+                    reason,
+                });
+                None
+            }
+        })
+        .collect()
+}
+
+/// SHA-256 (hex) over sorted (relative path, size, content SHA-256) triples.
+fn digest_of<'a>(files: impl Iterator<Item = (&'a str, &'a FileStamp)>) -> String {
+    let mut all: Vec<(&str, &FileStamp)> = files.collect();
+    all.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    for (rel, stamp) in all {
+        h.update(rel.as_bytes());
+        h.update([0]);
+        h.update(stamp.size.to_be_bytes());
+        h.update(stamp.sha256);
+    }
+    hex::encode(h.finalize())
 }
 
 impl Snapshot {
@@ -48,95 +124,156 @@ impl Snapshot {
     /// Every entry that cannot be read: not a regular file, too large, not UTF-8,
     /// a dangling or outside link.
     pub fn read(dir: &Path) -> Result<Self, Vec<PolicyError>> {
-        let root = std::fs::canonicalize(dir).map_err(|e| {
-            vec![PolicyError {
-                file: dir.display().to_string(),
-                key: String::new(),
-                reason: format!("cannot read policies directory: {e}"),
-            }]
-        })?;
-        let (policy_paths, ignored) = policy_files(dir)?;
-        let inventory_paths = Inventory::files(dir)?;
+        Self::read_after(dir, None)
+    }
+
+    /// [`Snapshot::read`] for a reload: when the inventory files' digest is
+    /// `known_inventory` (the active set's), they are only stamped, not kept in
+    /// memory (megabytes at organisation size), and `inventory_known` is set.
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`].
+    pub fn read_after(dir: &Path, known_inventory: Option<&str>) -> Result<Self, Vec<PolicyError>> {
+        let l = list(dir)?;
         let mut errors = Vec::new();
-        let mut read_all = |paths: Vec<PathBuf>, max: u64| -> Vec<SourceFile> {
-            paths
-                .into_iter()
-                .filter_map(|path| match read_regular_file(&path, max) {
-                    Ok((stamp, text)) => Some(SourceFile {
-                        rel: relative(dir, &path),
+        let file = |(rel, path, (stamp, text))| SourceFile {
+            rel,
+            path,
+            stamp,
+            text,
+        };
+        let policies = read_each(
+            dir,
+            l.policies,
+            MAX_POLICY_FILE_BYTES,
+            &mut errors,
+            read_regular_file,
+        );
+        let stamped = known_inventory.map(|known| {
+            let files = read_each(
+                dir,
+                l.inventory.clone(),
+                MAX_INVENTORY_FILE_BYTES,
+                &mut Vec::new(),
+                stamp_regular_file,
+            );
+            let digest = digest_of(files.iter().map(|(rel, _, s)| (rel.as_str(), s)));
+            (files, digest == known)
+        });
+        let (inventory, inventory_known) = match stamped {
+            Some((files, true)) if files.len() == l.inventory.len() => (
+                files
+                    .into_iter()
+                    .map(|(rel, path, stamp)| SourceFile {
+                        rel,
                         path,
                         stamp,
-                        text,
-                    }),
-                    Err(reason) => {
-                        errors.push(PolicyError {
-                            file: path.display().to_string(),
-                            key: String::new(),
-                            reason,
-                        });
-                        None
-                    }
-                })
-                .collect()
+                        text: String::new(),
+                    })
+                    .collect(),
+                true,
+            ),
+            _ => (
+                read_each(
+                    dir,
+                    l.inventory,
+                    MAX_INVENTORY_FILE_BYTES,
+                    &mut errors,
+                    read_regular_file,
+                )
+                .into_iter()
+                .map(file)
+                .collect(),
+                false,
+            ),
         };
-        let policies = read_all(policy_paths, MAX_POLICY_FILE_BYTES);
-        let inventory = read_all(inventory_paths, MAX_INVENTORY_FILE_BYTES);
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
-            root,
-            policies,
+            root: l.root,
+            policies: policies.into_iter().map(file).collect(),
             inventory,
-            ignored,
+            inventory_known,
+            ignored: l.ignored,
         })
     }
 
-    /// Every file read, sorted by relative path.
-    fn files(&self) -> Vec<&SourceFile> {
-        let mut all: Vec<&SourceFile> = self.policies.iter().chain(&self.inventory).collect();
-        all.sort_by(|a, b| a.rel.cmp(&b.rel));
-        all
-    }
-
-    /// SHA-256 (hex) over the sorted (relative path, content) pairs: the same
-    /// files with the same bytes give the same digest on every replica, wherever
-    /// the directory is mounted.
+    /// SHA-256 (hex) over the sorted (relative path, size, content SHA-256) of
+    /// every file: the same files with the same bytes give the same digest on
+    /// every replica, wherever the directory is mounted.
     pub fn digest(&self) -> String {
-        let mut h = Sha256::new();
-        for f in self.files() {
-            h.update(f.rel.as_bytes());
-            h.update([0]);
-            h.update((f.text.len() as u64).to_be_bytes());
-            h.update(f.text.as_bytes());
-        }
-        hex::encode(h.finalize())
+        digest_of(
+            self.policies
+                .iter()
+                .chain(&self.inventory)
+                .map(|f| (f.rel.as_str(), &f.stamp)),
+        )
     }
 
-    /// SHA-256 (hex) over the inventory files alone (as [`Snapshot::digest`]):
-    /// a reload whose inventory did not change keeps the parsed one.
+    /// The same digest over the inventory files alone: a reload whose
+    /// inventory did not change keeps the parsed one.
     pub fn inventory_digest(&self) -> String {
-        let mut h = Sha256::new();
-        for f in &self.inventory {
-            h.update(f.rel.as_bytes());
-            h.update([0]);
-            h.update((f.text.len() as u64).to_be_bytes());
-            h.update(f.text.as_bytes());
-        }
-        hex::encode(h.finalize())
+        digest_of(self.inventory.iter().map(|f| (f.rel.as_str(), &f.stamp)))
     }
 
-    /// Whether `other` read the same directory (resolved to the same place) with
+    /// Whether `stamps` saw the same directory (resolved to the same place) with
     /// the same files, each with equal device, inode, size, mtime and content.
-    pub fn same_as(&self, other: &Self) -> bool {
-        let stamps = |s: &Self| -> Vec<(String, FileStamp)> {
-            s.files()
-                .into_iter()
-                .map(|f| (f.rel.clone(), f.stamp))
-                .collect()
-        };
-        self.root == other.root && self.ignored == other.ignored && stamps(self) == stamps(other)
+    pub fn same_as(&self, stamps: &Stamps) -> bool {
+        let mut mine: Vec<(&str, &FileStamp)> = self
+            .policies
+            .iter()
+            .chain(&self.inventory)
+            .map(|f| (f.rel.as_str(), &f.stamp))
+            .collect();
+        mine.sort_by(|a, b| a.0.cmp(b.0));
+        let theirs: Vec<(&str, &FileStamp)> =
+            stamps.files.iter().map(|(r, s)| (r.as_str(), s)).collect();
+        self.root == stamps.root && self.ignored == stamps.ignored && mine == theirs
+    }
+}
+
+impl Stamps {
+    /// Lists `dir` as [`Snapshot::read`] does and stamps every file, hashing
+    /// its content in chunks without keeping it.
+    ///
+    /// # Errors
+    /// As [`Snapshot::read`] (a file that is not UTF-8 is not noticed here).
+    pub fn read(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        let l = list(dir)?;
+        let mut errors = Vec::new();
+        let mut files: Vec<(String, FileStamp)> = read_each(
+            dir,
+            l.policies,
+            MAX_POLICY_FILE_BYTES,
+            &mut errors,
+            stamp_regular_file,
+        )
+        .into_iter()
+        .chain(read_each(
+            dir,
+            l.inventory,
+            MAX_INVENTORY_FILE_BYTES,
+            &mut errors,
+            stamp_regular_file,
+        ))
+        .map(|(rel, _, stamp)| (rel, stamp))
+        .collect();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self {
+            root: l.root,
+            files,
+            ignored: l.ignored,
+        })
+    }
+
+    /// [`Snapshot::digest`] of what was stamped.
+    pub fn digest(&self) -> String {
+        digest_of(self.files.iter().map(|(r, s)| (r.as_str(), s)))
     }
 }
 
@@ -170,8 +307,12 @@ mod tests {
         let sa = Snapshot::read(a.path()).unwrap();
         let sb = Snapshot::read(b.path()).unwrap();
         assert_eq!(sa.digest(), sb.digest());
-        assert!(!sa.same_as(&sb), "another directory");
-        assert!(sa.same_as(&Snapshot::read(a.path()).unwrap()));
+        assert!(
+            !sa.same_as(&Stamps::read(b.path()).unwrap()),
+            "another directory"
+        );
+        assert!(sa.same_as(&Stamps::read(a.path()).unwrap()));
+        assert_eq!(Stamps::read(a.path()).unwrap().digest(), sa.digest());
         std::fs::rename(b.path().join("y.yaml"), b.path().join("z.yaml")).unwrap();
         assert_ne!(sa.digest(), Snapshot::read(b.path()).unwrap().digest());
     }
@@ -184,7 +325,7 @@ mod tests {
         let first = Snapshot::read(d.path()).unwrap();
         std::fs::write(d.path().join("tmp"), POLICY).unwrap();
         std::fs::rename(d.path().join("tmp"), &f).unwrap();
-        let second = Snapshot::read(d.path()).unwrap();
+        let second = Stamps::read(d.path()).unwrap();
         assert_eq!(first.digest(), second.digest());
         assert!(!first.same_as(&second), "another inode");
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{PolicyError, PolicySet, Snapshot};
+use super::{PolicyError, PolicySet, Snapshot, Stamps};
 
 /// What a settled reload ([`PolicyStore::reload_settled`]) did.
 #[derive(Debug)]
@@ -104,12 +104,14 @@ impl PolicyStore {
         settle: std::time::Duration,
         force: bool,
     ) -> Result<Reloaded, Vec<PolicyError>> {
-        let first = Snapshot::read(&self.dir);
+        let active = self.current();
+        let first = Snapshot::read_after(&self.dir, Some(active.inventory_digest()));
         std::thread::sleep(settle);
-        let second = Snapshot::read(&self.dir);
+        // The second look stamps the files without keeping them.
+        let second = Stamps::read(&self.dir);
         let first = match (first, second) {
             (Ok(a), Ok(b)) if a.same_as(&b) => a,
-            (Err(a), Err(b)) if a == b => return Err(a),
+            (Err(a), Err(_)) => return Err(a),
             _ => return Ok(Reloaded::Unsettled),
         };
         let digest = first.digest();
@@ -125,7 +127,7 @@ impl PolicyStore {
             &first,
             &self.known_clients,
             &self.jwt_clients,
-            Some(&self.current()),
+            Some(&active),
         )
         .inspect_err(|_| {
             if let Ok(mut r) = self.refused.lock() {
@@ -140,7 +142,7 @@ impl PolicyStore {
     /// The digest of the directory as it is now, or of why it cannot be read
     /// (what the poll fallback compares between ticks).
     pub fn fingerprint(&self) -> String {
-        match Snapshot::read(&self.dir) {
+        match Stamps::read(&self.dir) {
             Ok(s) => s.digest(),
             Err(errors) => format!(
                 "unreadable: {}",
