@@ -84,9 +84,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_http() {
-  local i
+wait_http() { # pid log url...: until the URL answers, while the process lives
+  local i pid=$1 log=$2
+  shift 2
   for ((i = 0; i < 3000; i++)); do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      # e.g. its port taken by another process: never measure someone else
+      echo "bench-scale: the process for $* exited:" >&2
+      tail -n 5 "$log" >&2
+      return 1
+    fi
     curl -fsS -o /dev/null "$@" 2>/dev/null && return 0
     sleep 0.01
   done
@@ -97,7 +104,7 @@ now_ms() { date +%s%3N; }
 
 "$BIN/bitbucket-dev-issuer" --listen "$STUB" --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
 pids+=($!)
-wait_http "http://$STUB/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
+wait_http "$!" "$OUT/issuer.log" "http://$STUB/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
 
 config() { # policies_dir
   cat <<TOML
@@ -214,7 +221,7 @@ one_run() { # n p run
     >/dev/null 2>"$OUT/sts.log" &
   STS_PID=$!
   pids+=("$STS_PID")
-  wait_http "http://127.0.0.1:$PORT/readyz"
+  wait_http "$STS_PID" "$OUT/sts.log" "http://127.0.0.1:$PORT/readyz"
   ready_ms=$(($(now_ms) - t0))
   expect "$ALLOWED" 200
   expect "$REFUSED" 400

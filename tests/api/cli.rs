@@ -116,6 +116,18 @@ fn policy_explain_prints_the_trace_for_a_claims_file() {
         s.contains("feature/login") && s.contains("release/**"),
         "the operator trace shows patterns: {s}"
     );
+    // The decision index leaves out the policies of other audiences, and says
+    // how many.
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    let traced: Vec<&str> = v["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["policy"].as_str())
+        .collect();
+    assert!(!traced.contains(&"deploy-production"), "{s}");
+    assert!(v["excluded_by_index"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(v["trace_omitted"], 0);
     assert!(String::from_utf8_lossy(&out.stderr).contains("NOT verified"));
 }
 
