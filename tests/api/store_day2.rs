@@ -60,6 +60,10 @@ impl Service {
         let url_file = dir.path().join("redis-url");
         std::fs::write(&url_file, format!("{url}\n")).unwrap();
         let mut opts = Options::new(&kc.uri());
+        // Each exchange is a fresh step, so this never refuses; its Redis key
+        // lives 10 s (the GCRA interval), long enough to be seen with KEYS
+        // (at the default million a minute it expires 2 ms after the answer).
+        opts.per_step_per_minute = 6;
         opts.limits_extra = format!(
             "store = \"redis\"\n\n[limits.redis]\nurl_file = \"{}\"\ntimeout_ms = {TIMEOUT_MS}\non_store_error = \"{}\"\n{BACKOFF}",
             url_file.display(),
