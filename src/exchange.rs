@@ -562,7 +562,7 @@ impl Exchange {
         let repository = policies
             .inventory()
             .repository(&identity.repository_uuid)
-            .map(|r| r.full_name.clone());
+            .map(|r| r.full_name().to_string());
         audit.repository_full_name = repository.clone();
         let phase = Instant::now();
         let grants = policies.offers(&subject);
@@ -594,7 +594,7 @@ impl Exchange {
         audit.repository_full_name = policies
             .inventory()
             .repository(&identity.repository_uuid)
-            .map(|r| r.full_name.clone());
+            .map(|r| r.full_name().to_string());
         let grant = self.decide(&policies, &subject, &req, audit)?;
         self.limit(&identity, &grant).await?;
         let issued = self.obtain(&grant, &identity, audit).await?;

@@ -11,9 +11,11 @@
 //! UUID, one field per line.
 
 pub mod fetch;
+mod memory;
 pub mod state;
 
-use std::collections::HashMap;
+pub use memory::{EnvironmentRef, Inventory, RepositoryRef, Workspace};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -166,97 +168,7 @@ impl WorkspaceInventory {
     }
 }
 
-/// Every inventory the policies may use, indexed for resolving names: by
-/// repository UUID, by lower-case `full_name` and by project key, so that
-/// compiling thousands of policies against thousands of repositories costs a
-/// lookup per name, not a scan.
-#[derive(Debug, Clone, Default)]
-pub struct Inventory {
-    workspaces: Vec<WorkspaceInventory>,
-    by_repository: HashMap<BbUuid, (usize, usize)>,
-    by_name: HashMap<String, (usize, usize)>,
-    by_project_key: HashMap<String, Vec<(usize, usize)>>,
-}
-
 impl Inventory {
-    /// Builds the index over `workspaces`.
-    ///
-    /// # Errors
-    /// A reason when two entries name the same repository UUID or `full_name`.
-    pub fn new(workspaces: Vec<WorkspaceInventory>) -> Result<Self, String> {
-        let mut by_repository = HashMap::new();
-        let mut by_name = HashMap::new();
-        let mut by_project_key: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
-        for ws in &workspaces {
-            ws.validate()?;
-        }
-        for (w, ws) in workspaces.iter().enumerate() {
-            for (r, repo) in ws.repositories.iter().enumerate() {
-                if by_repository.insert(repo.uuid, (w, r)).is_some() {
-                    return Err(format!("repository {} is listed twice", repo.uuid));
-                }
-                if by_name
-                    .insert(repo.full_name.to_ascii_lowercase(), (w, r))
-                    .is_some()
-                {
-                    return Err(format!(
-                        "two repositories are named `{}` (a stale inventory?)",
-                        repo.full_name
-                    ));
-                }
-                if let Some(p) = &repo.project {
-                    by_project_key
-                        .entry(p.key.clone())
-                        .or_default()
-                        .push((w, r));
-                }
-            }
-        }
-        Ok(Self {
-            workspaces,
-            by_repository,
-            by_name,
-            by_project_key,
-        })
-    }
-
-    fn at(&self, (w, r): (usize, usize)) -> Option<(&WorkspaceInventory, &Repository)> {
-        let ws = self.workspaces.get(w)?;
-        Some((ws, ws.repositories.get(r)?))
-    }
-
-    /// The repository whose `full_name` is `name`, ignoring ASCII case.
-    pub fn repository_named(&self, name: &str) -> Option<(&WorkspaceInventory, &Repository)> {
-        let lower = name.to_ascii_lowercase();
-        self.at(*self.by_name.get(&lower)?)
-    }
-
-    /// The repositories of project `key` (keys are unique within a workspace only).
-    pub fn in_project<'a>(
-        &'a self,
-        key: &str,
-    ) -> impl Iterator<Item = (&'a WorkspaceInventory, &'a Repository)> + 'a {
-        self.by_project_key
-            .get(key)
-            .into_iter()
-            .flatten()
-            .filter_map(|at| self.at(*at))
-    }
-
-    /// The UUIDs of the workspaces with ID `slug` that list a repository.
-    pub fn workspace_uuids(&self, slug: &str) -> std::collections::BTreeSet<BbUuid> {
-        self.workspaces
-            .iter()
-            .filter(|w| w.workspace == slug && !w.repositories.is_empty())
-            .map(|w| w.workspace_uuid)
-            .collect()
-    }
-
-    /// The repository with this UUID, with its workspace.
-    pub fn located(&self, uuid: &BbUuid) -> Option<(&WorkspaceInventory, &Repository)> {
-        self.at(*self.by_repository.get(uuid)?)
-    }
-
     /// The inventory files of `<policies_dir>/inventory/`, sorted (none when the
     /// directory is absent: an empty inventory, and policies then use UUIDs only).
     ///
@@ -343,23 +255,6 @@ impl Inventory {
             return Err(errors);
         }
         Self::new(workspaces).map_err(|reason| vec![err(&policies_dir.join(INVENTORY_DIR), reason)])
-    }
-
-    /// True when no repository is known.
-    pub fn is_empty(&self) -> bool {
-        self.by_repository.is_empty()
-    }
-
-    /// Every repository, with its workspace.
-    pub fn repositories(&self) -> impl Iterator<Item = (&WorkspaceInventory, &Repository)> {
-        self.workspaces
-            .iter()
-            .flat_map(|w| w.repositories.iter().map(move |r| (w, r)))
-    }
-
-    /// The repository with this UUID.
-    pub fn repository(&self, uuid: &BbUuid) -> Option<&Repository> {
-        self.located(uuid).map(|(_, r)| r)
     }
 }
 

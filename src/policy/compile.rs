@@ -620,17 +620,18 @@ impl Names<'_> {
                     let repos: Vec<_> = self
                         .inventory
                         .in_project(k)
-                        .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
+                        .filter(|r| {
+                            workspaces.is_none_or(|ws| ws.contains(&r.workspace().workspace_uuid))
+                        })
                         .collect();
                     let in_workspaces: BTreeSet<BbUuid> =
-                        repos.iter().map(|(w, _)| w.workspace_uuid).collect();
+                        repos.iter().map(|r| r.workspace().workspace_uuid).collect();
                     if in_workspaces.len() > 1 {
                         return Err(self.err.at(
                             &format!("when.project[{i}]"),
                             format!("project `{k}` exists in several workspaces: name the workspace too (`workspace:`)"),
                         ));
                     }
-                    let repos: Vec<_> = repos.into_iter().map(|(_, r)| r).collect();
                     if repos.is_empty() {
                         return Err(self.err.at(
                             &format!("when.project[{i}]"),
@@ -640,9 +641,10 @@ impl Names<'_> {
                     for r in repos {
                         self.resolutions.push(format!(
                             "when.project[{i}] `{k}` -> {} {}",
-                            r.uuid, r.full_name
+                            r.uuid(),
+                            r.full_name()
                         ));
-                        set.insert(r.uuid);
+                        set.insert(r.uuid());
                     }
                 }
                 Some(set)
@@ -681,22 +683,22 @@ impl Names<'_> {
         } else {
             None
         };
-        let in_scope = |w: &crate::inventory::WorkspaceInventory| {
-            workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid))
+        let in_scope = |r: &crate::inventory::RepositoryRef<'_>| {
+            workspaces.is_none_or(|ws| ws.contains(&r.workspace().workspace_uuid))
         };
         let found: Vec<(BbUuid, String)> = match &matcher {
             // A glob is matched against every repository's name.
             Some(m) => self
                 .inventory
                 .repositories()
-                .filter(|(w, r)| in_scope(w) && m.is_match(&lower(&r.full_name)))
-                .map(|(_, r)| (r.uuid, r.full_name.clone()))
+                .filter(|r| in_scope(r) && m.is_match(&lower(r.full_name())))
+                .map(|r| (r.uuid(), r.full_name().to_string()))
                 .collect(),
             None => self
                 .inventory
                 .repository_named(name)
-                .filter(|(w, _)| in_scope(w))
-                .map(|(_, r)| (r.uuid, r.full_name.clone()))
+                .filter(in_scope)
+                .map(|r| (r.uuid(), r.full_name().to_string()))
                 .into_iter()
                 .collect(),
         };
@@ -725,31 +727,28 @@ impl Names<'_> {
         self.need_inventory("when.deploymentEnvironment")?;
         let mut out = BTreeSet::new();
         // The policy's repositories (looked up), or every repository.
-        let scope: Vec<(
-            &crate::inventory::WorkspaceInventory,
-            &crate::inventory::Repository,
-        )> = match repositories {
+        let scope: Vec<crate::inventory::RepositoryRef<'_>> = match repositories {
             Some(rs) => rs
                 .iter()
-                .filter_map(|u| self.inventory.located(u))
+                .filter_map(|u| self.inventory.repository(u))
                 .collect(),
             None => self.inventory.repositories().collect(),
         };
         let scope: Vec<_> = scope
             .into_iter()
-            .filter(|(w, _)| workspaces.is_none_or(|ws| ws.contains(&w.workspace_uuid)))
+            .filter(|r| workspaces.is_none_or(|ws| ws.contains(&r.workspace().workspace_uuid)))
             .collect();
         for (i, n) in names.0.iter().enumerate() {
             let mut found = Vec::new();
-            for (_, r) in &scope {
-                for e in r.environments.iter().filter(|e| e.name == *n) {
-                    found.push((e.uuid, r.full_name.clone()));
+            for r in &scope {
+                for e in r.environments().filter(|e| e.name == n.as_str()) {
+                    found.push((e.uuid, r.full_name().to_string()));
                 }
             }
             if found.is_empty() {
                 let mut known: BTreeSet<&str> = BTreeSet::new();
-                for (_, r) in &scope {
-                    known.extend(r.environments.iter().map(|e| e.name.as_str()));
+                for r in &scope {
+                    known.extend(r.environments().map(|e| e.name));
                 }
                 let known: Vec<&str> = known.into_iter().collect();
                 return Err(self.err.at(

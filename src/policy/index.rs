@@ -88,7 +88,7 @@ pub(crate) struct Candidates {
 impl Index {
     /// Files every policy of `policies` (in evaluation order). It cannot fail:
     /// every policy lands somewhere.
-    pub(crate) fn build(policies: &[Policy]) -> Self {
+    pub(crate) fn build(policies: &[std::sync::Arc<Policy>]) -> Self {
         let mut index = Self::default();
         for (pos, p) in policies.iter().enumerate() {
             match (p.effect, &p.grant, &p.deny_audiences) {

@@ -221,7 +221,9 @@ pub struct Policy {
 /// All compiled policies, in file-name order.
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
-    policies: Vec<Policy>,
+    /// Shared with the next set when their files did not change (a reload holds
+    /// only what changed twice).
+    policies: Vec<std::sync::Arc<Policy>>,
     inventory: std::sync::Arc<Inventory>,
     /// Files of the directory that are not policies (warned about).
     ignored: Vec<String>,
@@ -232,6 +234,9 @@ pub struct PolicySet {
     index: index::Index,
     /// [`Snapshot::inventory_digest`] of the inventory it was compiled with.
     inventory_digest: String,
+    /// What each policy was compiled from (path, content SHA-256), for the next
+    /// reload to reuse the policies of files that did not change.
+    sources: std::collections::HashMap<std::path::PathBuf, ([u8; 32], usize)>,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -303,7 +308,7 @@ impl PolicySet {
             .iter()
             .filter_map(|p| {
                 Some((
-                    p,
+                    &**p,
                     p.grant
                         .as_ref()
                         .filter(|g| jwt_clients.contains(&g.client))?,
@@ -327,9 +332,10 @@ impl PolicySet {
                 if ga.groups == gb.groups {
                     continue;
                 }
-                let shared = self.inventory.repositories().find_map(|(ws, repo)| {
+                let shared = self.inventory.repositories().find_map(|repo| {
+                    let ws = repo.workspace();
                     let envs: Vec<Option<BbUuid>> = std::iter::once(None)
-                        .chain(repo.environments.iter().map(|e| Some(e.uuid)))
+                        .chain(repo.environments().map(|e| Some(e.uuid)))
                         .collect();
                     envs.into_iter()
                         .find(|env| {
@@ -340,10 +346,10 @@ impl PolicySet {
                             // per repository and the same environment.
                             per_env(ga) == per_env(gb)
                                 && (per_env(ga) == env.is_some())
-                                && a.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref())
-                                && b.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref())
+                                && a.admits(&ws.workspace_uuid, &repo.uuid(), env.as_ref())
+                                && b.admits(&ws.workspace_uuid, &repo.uuid(), env.as_ref())
                         })
-                        .map(|_| repo.full_name.clone())
+                        .map(|_| repo.full_name().to_string())
                 });
                 if let Some(repo) = shared {
                     let names =
@@ -367,7 +373,7 @@ impl PolicySet {
     }
 
     /// The compiled policies, in evaluation order.
-    pub fn policies(&self) -> &[Policy] {
+    pub fn policies(&self) -> &[std::sync::Arc<Policy>] {
         &self.policies
     }
 
@@ -504,7 +510,11 @@ impl PolicySet {
     }
 
     /// Builds a set from compiled policies (sorted by id).
-    pub fn from_policies(mut policies: Vec<Policy>) -> Self {
+    pub fn from_policies(policies: Vec<Policy>) -> Self {
+        Self::from_shared(policies.into_iter().map(std::sync::Arc::new).collect())
+    }
+
+    fn from_shared(mut policies: Vec<std::sync::Arc<Policy>>) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
         let index = index::Index::build(&policies);
         Self {
@@ -514,6 +524,7 @@ impl PolicySet {
             digest: String::new(),
             index,
             inventory_digest: String::new(),
+            sources: std::collections::HashMap::new(),
         }
     }
 
@@ -609,14 +620,30 @@ impl PolicySet {
                     .map(|f| (f.path.as_path(), f.text.as_str())),
             )?),
         };
+        // A file unchanged since the previous set, compiled against the same
+        // inventory (and, from the store, the same clients), compiles to the same
+        // policy: reused, so a reload costs what changed (issue #20).
+        let reusable = known.filter(|_| !keep_resolutions);
         let mut policies = Vec::new();
         let mut errors = Vec::new();
+        let mut sources = Vec::with_capacity(snapshot.policies.len());
         for f in &snapshot.policies {
-            match compile_file(&f.path, &f.text, known_clients, &inventory) {
-                Ok(mut p) => {
+            let before = reusable.and_then(|p| {
+                let (sha, i) = p.sources.get(&f.path)?;
+                p.policies.get(*i).filter(|_| *sha == f.stamp.sha256)
+            });
+            let compiled = match before {
+                Some(p) => Ok(p.clone()),
+                None => compile_file(&f.path, &f.text, known_clients, &inventory).map(|mut p| {
                     if !keep_resolutions {
                         p.resolutions = Vec::new();
                     }
+                    std::sync::Arc::new(p)
+                }),
+            };
+            match compiled {
+                Ok(p) => {
+                    sources.push((f.path.clone(), f.stamp.sha256, p.id.clone()));
                     policies.push(p)
                 }
                 Err(e) => errors.push(e),
@@ -633,7 +660,17 @@ impl PolicySet {
             }
         }
         if errors.is_empty() {
-            let mut set = Self::from_policies(policies);
+            let mut set = Self::from_shared(policies);
+            let at: std::collections::HashMap<&str, usize> = set
+                .policies
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.id.as_str(), i))
+                .collect();
+            set.sources = sources
+                .into_iter()
+                .filter_map(|(path, sha, id)| Some((path, (sha, *at.get(id.as_str())?))))
+                .collect();
             set.inventory = inventory;
             set.inventory_digest = inventory_digest;
             set.ignored = snapshot.ignored.clone();
@@ -669,8 +706,8 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
         .map_err(|e| vec![err(dir, &format!("cannot read policies directory: {e}"))])?;
     let (mut files, mut ignored, mut errors) = (Vec::new(), Vec::new(), Vec::new());
     for entry in entries {
-        let path = match entry {
-            Ok(e) => e.path(),
+        let (path, kind) = match entry {
+            Ok(e) => (e.path(), e.file_type().ok()),
             Err(e) => {
                 errors.push(err(dir, &format!("an entry cannot be read: {e}")));
                 continue;
@@ -686,12 +723,21 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
         {
             continue;
         }
+        // An entry that is itself a regular file is within the directory: only
+        // links need resolving (a reload of thousands of files otherwise spends
+        // most of its time in readlink(2); the file is opened as a regular file
+        // without following anything else when read).
+        let target = if kind.is_some_and(|k| k.is_file()) {
+            Ok(root.join(name))
+        } else {
+            std::fs::canonicalize(&path)
+        };
         let ext = path
             .extension()
             .and_then(|e| e.to_str())
             .unwrap_or_default();
         let is_policy_name = ext.eq_ignore_ascii_case("yaml") || ext.eq_ignore_ascii_case("yml");
-        match std::fs::canonicalize(&path) {
+        match target {
             Err(_) => errors.push(err(&path, "a dangling symbolic link")),
             Ok(target) if !target.starts_with(&root) => errors.push(err(
                 &path,
@@ -700,7 +746,9 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
             Ok(_) if is_policy_name && ext != "yaml" && ext != "yml" => {
                 errors.push(err(&path, "use a lower-case .yaml or .yml extension"))
             }
-            Ok(target) if is_policy_name && !target.is_file() => {
+            Ok(target)
+                if is_policy_name && !kind.is_some_and(|k| k.is_file()) && !target.is_file() =>
+            {
                 errors.push(err(&path, "not a regular file"))
             }
             Ok(_) if is_policy_name => files.push(path),
@@ -737,14 +785,20 @@ fn compile_file(
 mod tests {
     use super::*;
 
-    /// A reload whose inventory files did not change shares the parsed
-    /// inventory; one whose inventory changed parses it again.
-    #[test]
-    fn an_unchanged_inventory_is_shared_by_the_next_set() {
+    /// A policies directory holding the sample inventory as `inventory/acme.yaml`.
+    fn with_sample_inventory() -> (tempfile::TempDir, crate::inventory::WorkspaceInventory) {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("inventory")).unwrap();
         let inv = crate::inventory::tests::sample();
         std::fs::write(d.path().join("inventory/acme.yaml"), inv.to_yaml().unwrap()).unwrap();
+        (d, inv)
+    }
+
+    /// A reload whose inventory files did not change shares the parsed
+    /// inventory; one whose inventory changed parses it again.
+    #[test]
+    fn an_unchanged_inventory_is_shared_by_the_next_set() {
+        let (d, inv) = with_sample_inventory();
         let policy = "effect: allow\nwhen:\n  repository: acme/web\ngrant: {client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 60}\n";
         std::fs::write(d.path().join("p.yaml"), policy).unwrap();
         let first = PolicySet::from_snapshot(&Snapshot::read(d.path()).unwrap(), None).unwrap();
@@ -773,6 +827,64 @@ mod tests {
             PolicySet::from_snapshot_after(&Snapshot::read(d.path()).unwrap(), None, Some(&second));
         // acme/web is gone from the new inventory: the policy naming it is refused
         assert!(third.is_err(), "the new inventory was used");
+    }
+
+    #[test]
+    fn a_reload_shares_the_policies_of_unchanged_files_and_compiles_the_rest() {
+        let (d, inv) = with_sample_inventory();
+        let policy = |repo: &str, lifetime: u64| {
+            format!("effect: allow\nwhen:\n  repository: {repo}\ngrant: {{client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: {lifetime}}}\n")
+        };
+        std::fs::write(d.path().join("p.yaml"), policy("acme/web", 60)).unwrap();
+        std::fs::write(d.path().join("q.yaml"), policy("acme/web", 60)).unwrap();
+        let read = || Snapshot::read(d.path()).unwrap();
+        let first = PolicySet::from_snapshot_after(&read(), None, None).unwrap();
+        std::fs::write(d.path().join("q.yaml"), policy("acme/web", 90)).unwrap();
+        let second = PolicySet::from_snapshot_after(&read(), None, Some(&first)).unwrap();
+        let lifetime =
+            |s: &PolicySet, i: usize| s.policies()[i].grant.as_ref().unwrap().max_lifetime_seconds;
+        assert!(
+            std::sync::Arc::ptr_eq(&first.policies()[0], &second.policies()[0]),
+            "p.yaml shared"
+        );
+        assert!(!std::sync::Arc::ptr_eq(
+            &first.policies()[1],
+            &second.policies()[1]
+        ));
+        assert_eq!(
+            (lifetime(&first, 1), lifetime(&second, 1)),
+            (60, 90),
+            "q.yaml compiled again"
+        );
+        // Compiled without a previous set: the same decisions.
+        assert_eq!(
+            format!("{:?}", second.policies()),
+            format!(
+                "{:?}",
+                PolicySet::from_snapshot_after(&read(), None, None)
+                    .unwrap()
+                    .policies()
+            )
+        );
+        // Another inventory: nothing is shared (names resolve anew).
+        let mut moved = inv.clone();
+        moved.repositories[1].full_name = "acme/web".into();
+        moved.repositories[0].full_name = "acme/web-old".into();
+        std::fs::write(
+            d.path().join("inventory/acme.yaml"),
+            moved.to_yaml().unwrap(),
+        )
+        .unwrap();
+        let third = PolicySet::from_snapshot_after(&read(), None, Some(&second)).unwrap();
+        assert!(!std::sync::Arc::ptr_eq(
+            &second.policies()[0],
+            &third.policies()[0]
+        ));
+        assert_ne!(
+            second.policies()[0].when.repository_uuid,
+            third.policies()[0].when.repository_uuid,
+            "acme/web resolved through the new inventory"
+        );
     }
 
     #[test]

@@ -124,7 +124,7 @@ struct Granted {
 /// a `private_key_jwt` client without `public_url`, ...).
 pub fn derive(
     inputs: Inputs<'_>,
-    policies: &[Policy],
+    policies: &[std::sync::Arc<Policy>],
     inventory: &crate::inventory::Inventory,
     model: &RealmModel,
 ) -> Result<Desired, Vec<String>> {
@@ -539,7 +539,7 @@ scopes:
         ];
         let d = derive(
             inputs(Some(&url)),
-            &policies,
+            &policies.map(std::sync::Arc::new),
             &crate::inventory::Inventory::default(),
             &model(""),
         )
@@ -629,7 +629,7 @@ scopes:
         let m = model("clients:\n  sts-artifacts: {access_token_lifespan_seconds: 900}\n");
         let e = derive(
             inputs(None),
-            &policies,
+            &policies.map(std::sync::Arc::new),
             &crate::inventory::Inventory::default(),
             &m,
         )
@@ -707,8 +707,8 @@ scopes:
         let e = derive(
             i,
             &[
-                jwt_policy("main", "main", "a"),
-                jwt_policy("any", "**", "b"),
+                jwt_policy("main", "main", "a").into(),
+                jwt_policy("any", "**", "b").into(),
             ],
             &inventory,
             &m,

@@ -148,7 +148,7 @@ pub fn identity_scope(
 /// A deny policy without branch or environment conditions that covers the
 /// grant's audience refuses the repository always: no user for it.
 fn always_denied(
-    policies: &[Policy],
+    policies: &[std::sync::Arc<Policy>],
     ws: &crate::domain::BbUuid,
     repo: &crate::domain::BbUuid,
     audience: &str,
@@ -175,7 +175,7 @@ fn always_denied(
 pub fn derive(
     inputs: Option<&IdentityInputs>,
     jwt_clients: &BTreeSet<String>,
-    policies: &[Policy],
+    policies: &[std::sync::Arc<Policy>],
     inventory: &Inventory,
     model: &RealmModel,
 ) -> Result<Option<Identities>, Vec<String>> {
@@ -203,36 +203,37 @@ pub fn derive(
                 p.id
             ));
         }
-        for (ws, repo) in inventory.repositories() {
-            if always_denied(policies, &ws.workspace_uuid, &repo.uuid, &g.audience) {
+        for repo in inventory.repositories() {
+            let ws = repo.workspace();
+            if always_denied(policies, &ws.workspace_uuid, &repo.uuid(), &g.audience) {
                 continue;
             }
             let envs: Vec<Option<crate::domain::BbUuid>> = match g.identity.unwrap_or_default() {
                 IdentityKind::Repository => vec![None],
                 IdentityKind::RepositoryEnvironment => {
-                    repo.environments.iter().map(|e| Some(e.uuid)).collect()
+                    repo.environments().map(|e| Some(e.uuid)).collect()
                 }
             };
             for env in envs {
-                if !p.admits(&ws.workspace_uuid, &repo.uuid, env.as_ref()) {
+                if !p.admits(&ws.workspace_uuid, &repo.uuid(), env.as_ref()) {
                     continue;
                 }
                 let identity = RepositoryIdentity {
                     workspace: ws.workspace_uuid,
-                    repository: repo.uuid,
+                    repository: repo.uuid(),
                     environment: env,
                 };
                 let username = identity.username();
                 let user = users.entry(username.clone()).or_insert_with(|| {
                     let mut attributes = BTreeMap::from([
-                        ("repositoryUuid".to_string(), vec![repo.uuid.braced()]),
+                        ("repositoryUuid".to_string(), vec![repo.uuid().braced()]),
                         (
                             "workspaceUuid".to_string(),
                             vec![ws.workspace_uuid.braced()],
                         ),
                         (
                             "repositoryFullName".to_string(),
-                            vec![repo.full_name.clone()],
+                            vec![repo.full_name().to_string()],
                         ),
                     ]);
                     if let Some(e) = env {

@@ -691,7 +691,7 @@ mod tests {
         };
         derive(
             inputs,
-            &[policy],
+            &[policy.into()],
             &crate::inventory::Inventory::default(),
             &model,
         )
