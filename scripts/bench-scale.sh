@@ -10,6 +10,10 @@
 #     method); the allowed one is repository 0's main branch deploying to
 #     Production, the refused one the same repository's feature branch, refused
 #     after every policy that can apply is considered;
+#   - service CPU per allowed client-secret exchange (repository 0's main branch
+#     to artifact-api through its project's glob), as a ratio to the floor of
+#     the stack (bench/floor, measured once in every run under the same load:
+#     what any implementation of the exchange does on these crates);
 #   - p99 latency of allowed exchanges, and again while the policies are
 #     reloaded every RELOAD_EVERY seconds (the ratio is the reload's cost to
 #     requests in flight);
@@ -26,7 +30,7 @@
 #
 # Results: ./target/bench-scale/results.md. Needs what scripts/bench-cpu.sh needs
 # (wrk, installed from Debian's packages when running as root). Uses ports
-# 18110-18111. Run it on an otherwise idle machine.
+# 18110-18112. Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -48,28 +52,21 @@ CONNECTIONS="${BENCH_CONNECTIONS:-16}"
 RELOAD_EVERY="${BENCH_RELOAD_EVERY:-1}"
 STUB=127.0.0.1:18110
 PORT=18111
-WORKSPACE_UUID="{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}"
-REPOSITORY_UUID="{d4e45493-4a33-477d-917b-a24e7e4bd39b}"
-PRODUCTION_UUID="{bd715740-c970-486b-b68a-b421ec2a1f8b}"
+FLOOR_PORT=18112
+# shellcheck source=scripts/lib/bench.sh
+source scripts/lib/bench.sh
 
 if [[ $SMOKE == 0 ]]; then
   bash scripts/bootstrap.sh
-  if ! command -v wrk >/dev/null 2>&1; then
-    if [[ $(id -u) -eq 0 ]]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-    else
-      echo "bench-scale: wrk is required (apt-get install wrk)" >&2
-      exit 1
-    fi
-  fi
+  need_wrk bench-scale
   echo "== building (release)"
   cargo build --release --locked --workspace --bins
 fi
-for b in keycloak-ci-sts bitbucket-dev-issuer; do
+for b in keycloak-ci-sts bitbucket-dev-issuer $([[ $SMOKE == 0 ]] && echo sts-floor); do
   [[ -x "$BIN/$b" ]] || { echo "bench-scale: $BIN/$b is not built" >&2; exit 1; }
 done
 mkdir -p "$OUT"
-rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/rows.tsv
+rm -f "$OUT"/*.log "$OUT"/*.json "$OUT"/rows.tsv "$OUT"/floor.tsv
 [[ -f "$OUT/sts-signing-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-signing-key.pem" >/dev/null
 [[ -f "$OUT/sts-identity-key.pem" ]] || "$BIN/keycloak-ci-sts" keys generate --out "$OUT/sts-identity-key.pem" >/dev/null
 
@@ -79,32 +76,16 @@ RELOADER=""
 cleanup() {
   [[ -n "$RELOADER" ]] && kill "$RELOADER" 2>/dev/null
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  rm -f "$OUT"/audit.jsonl
+  rm -f "$OUT"/audit.jsonl "$OUT"/floor-audit.jsonl
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_http() { # pid log url...: until the URL answers, while the process lives
-  local i pid=$1 log=$2
-  shift 2
-  for ((i = 0; i < 3000; i++)); do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      # e.g. its port taken by another process: never measure someone else
-      echo "bench-scale: the process for $* exited:" >&2
-      tail -n 5 "$log" >&2
-      return 1
-    fi
-    curl -fsS -o /dev/null "$@" 2>/dev/null && return 0
-    sleep 0.01
-  done
-  echo "bench-scale: timed out waiting for $*" >&2
-  return 1
-}
 now_ms() { date +%s%3N; }
 
 "$BIN/bitbucket-dev-issuer" --listen "$STUB" --keycloak-stub --workers 1 2>"$OUT/issuer.log" &
 pids+=($!)
-wait_http "$!" "$OUT/issuer.log" "http://$STUB/2.0/workspaces/acme/pipelines-config/identity/oidc/keys.json"
+wait_http "$!" "$OUT/issuer.log" "http://$STUB$ISSUER_PATH/keys.json"
 
 config() { # policies_dir
   cat <<TOML
@@ -151,22 +132,11 @@ path = "$PWD/$OUT/audit.jsonl"
 TOML
 }
 
-mint() { # branch [deployment environment uuid]
-  local env=""
-  [[ -n "${2:-}" ]] && env=",\"deployment_environment_uuid\":\"$2\""
-  curl -fsS -X POST "http://$STUB/mint" -H 'Content-Type: application/json' \
-    -d "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"$REPOSITORY_UUID\",\"branch_name\":\"$1\"$env,\"audiences\":[\"https://sts.example.test\"],\"lifetime_seconds\":7200}"
-}
-form() { # audience token
-  printf 'grant_type=urn%%3Aietf%%3Aparams%%3Aoauth%%3Agrant-type%%3Atoken-exchange&subject_token_type=urn%%3Aietf%%3Aparams%%3Aoauth%%3Atoken-type%%3Aid_token&audience=%s&subject_token=%s' "$1" "$2"
-}
 # the stub grants artifacts:read, a scope every deploy-api grant offers
 ALLOWED="$(form deploy-api "$(mint main "$PRODUCTION_UUID")")&scope=artifacts%3Aread"
 REFUSED=$(form deploy-api "$(mint feature/bench "$PRODUCTION_UUID")")
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-CLK_TCK=$(getconf CLK_TCK)
-peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+# client secret: the floor's kind of exchange (repository 0's project glob)
+SECRET=$(form artifact-api "$(mint main)")
 metric() { # name: the value of an unlabelled series
   curl -fsS "http://127.0.0.1:$PORT/metrics" | awk -v n="$1" '$1 == n {print $2}'
 }
@@ -178,14 +148,14 @@ expect() { # body expected-status
   [[ "$status" == "$2" ]] || { echo "bench-scale: answered $status, expected $2" >&2; return 1; }
 }
 
-load() { # name body expected-status -> "cpu_us p99_ms"
-  local before after expect_errors='0'
+load() { # name body expected-status [port pid] -> "cpu_us p99_ms"
+  local before after expect_errors='0' port=${4:-$PORT} pid=${5:-$STS_PID}
   [[ "$3" != 200 ]] && expect_errors='.requests'
-  BENCH_BODY="$2" BENCH_AUTH="" wrk -t2 -c"$CONNECTIONS" -d1s -s bench/report.lua "http://127.0.0.1:$PORT/token" >/dev/null
-  before=$(cpu_ticks "$STS_PID")
+  BENCH_BODY="$2" BENCH_AUTH="" wrk -t2 -c"$CONNECTIONS" -d1s -s bench/report.lua "http://127.0.0.1:$port/token" >/dev/null
+  before=$(cpu_ticks "$pid")
   BENCH_BODY="$2" BENCH_AUTH="" wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s bench/report.lua \
-    "http://127.0.0.1:$PORT/token" | tail -n 1 >"$OUT/$1.json"
-  after=$(cpu_ticks "$STS_PID")
+    "http://127.0.0.1:$port/token" | tail -n 1 >"$OUT/$1.json"
+  after=$(cpu_ticks "$pid")
   jq -e ".errors == $expect_errors" "$OUT/$1.json" >/dev/null ||
     { echo "bench-scale: $1: unexpected answers (wrk errors: $(jq .errors "$OUT/$1.json"))" >&2; return 1; }
   jq -r --argjson t "$((after - before))" --argjson hz "$CLK_TCK" \
@@ -204,7 +174,7 @@ reload_loop() { # policies_dir
 }
 
 one_run() { # n p run
-  local n=$1 p=$2 dir="$OUT/org-$1-$2" t0 ready_ms check reload_s reload_n cpu_ok cpu_no p99 p99r
+  local n=$1 p=$2 dir="$OUT/org-$1-$2" t0 ready_ms check reload_s reload_n cpu_ok cpu_no cpu_secret p99 p99r
   if [[ ! -d "$dir" ]]; then
     python3 bench/scale/generate.py "$n" "$p" "$dir"
   fi
@@ -225,6 +195,7 @@ one_run() { # n p run
   ready_ms=$(($(now_ms) - t0))
   expect "$ALLOWED" 200
   expect "$REFUSED" 400
+  expect "$SECRET" 200
   if [[ $SMOKE == 1 ]]; then
     # one reload, applied; then the same answers
     echo "# smoke reload" >>"$dir/deny-wip-branches.yaml"
@@ -237,10 +208,11 @@ one_run() { # n p run
     [[ "$(metric sts_policy_reload_duration_seconds_count)" == 1 ]] || { echo "bench-scale: no reload applied" >&2; return 1; }
     expect "$ALLOWED" 200
     expect "$REFUSED" 400
-    cpu_ok=- cpu_no=- p99=- p99r=-
+    cpu_ok=- cpu_no=- cpu_secret=- p99=- p99r=-
   else
     read -r cpu_ok p99 < <(load "allowed-$n-$p" "$ALLOWED" 200)
     read -r cpu_no _ < <(load "refused-$n-$p" "$REFUSED" 400)
+    read -r cpu_secret _ < <(load "secret-$n-$p" "$SECRET" 200)
     reload_loop "$dir" &
     RELOADER=$!
     read -r _ p99r < <(load "allowed-reloading-$n-$p" "$ALLOWED" 200)
@@ -250,17 +222,25 @@ one_run() { # n p run
   reload_s=$(metric sts_policy_reload_duration_seconds_sum)
   reload_n=$(metric sts_policy_reload_duration_seconds_count)
   [[ "${reload_n:-0}" -gt 0 ]] || { echo "bench-scale: no reload was applied" >&2; return 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$p" "$3" "$cpu_ok" "$cpu_no" "$p99" "$p99r" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$p" "$3" "$cpu_ok" "$cpu_no" "$p99" "$p99r" \
     "$(peak_rss_mib "$STS_PID")" "$ready_ms" \
     "$(awk -v s="$reload_s" -v c="$reload_n" 'BEGIN {printf "%.0f", 1000 * s / c}')" \
     "$(awk -v c="${check% *}" 'BEGIN {printf "%.0f", 1000 * c}')" \
-    "$(awk -v k="${check#* }" 'BEGIN {printf "%.1f", k / 1024}')" | tee -a "$OUT/rows.tsv"
+    "$(awk -v k="${check#* }" 'BEGIN {printf "%.1f", k / 1024}')" "$cpu_secret" | tee -a "$OUT/rows.tsv"
   kill "$STS_PID"; wait "$STS_PID" 2>/dev/null || true
   STS_PID=""
 }
 
-echo "n	p	run	cpu_allowed_us	cpu_refused_us	p99_ms	p99_reloading_ms	peak_rss_mib	ready_ms	reload_ms	check_ms	check_rss_mib"
+floor_run() { # run: the floor of the stack under the same load, once per run
+  start_floor "$FLOOR_PORT"
+  read -r cpu _ < <(load "floor-$1" "$SECRET" 200 "$FLOOR_PORT" "$FLOOR_PID")
+  printf 'floor\t-\t%s\t%s\n' "$1" "$cpu" | tee -a "$OUT/floor.tsv"
+  stop_floor
+}
+
+echo "n	p	run	cpu_allowed_us	cpu_refused_us	p99_ms	p99_reloading_ms	peak_rss_mib	ready_ms	reload_ms	check_ms	check_rss_mib	cpu_secret_us"
 for ((run = 1; run <= RUNS; run++)); do
+  [[ $SMOKE == 0 ]] && floor_run "$run"
   for size in $SIZES; do
     one_run "${size%:*}" "${size#*:}" "$run"
   done
@@ -269,25 +249,32 @@ done
 [[ $SMOKE == 1 ]] && { echo "bench-scale: smoke passed"; exit 0; }
 
 # min / median / max per size and column
-stats() { # n p column
-  awk -F'\t' -v n="$1" -v p="$2" -v c="$3" '$1 == n && $2 == p {print $c}' "$OUT/rows.tsv" | sort -g |
+stats() { # n p column [file]
+  awk -F'\t' -v n="$1" -v p="$2" -v c="$3" '$1 == n && $2 == p {print $c}' "${4:-$OUT/rows.tsv}" | sort -g |
     awk '{v[NR] = $1} END {m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
       printf "%.4g / %.4g / %.4g", v[1], m, v[NR]}'
 }
-median() { # n p column
-  awk -F'\t' -v n="$1" -v p="$2" -v c="$3" '$1 == n && $2 == p {print $c}' "$OUT/rows.tsv" | sort -g |
+median() { # n p column [file]
+  awk -F'\t' -v n="$1" -v p="$2" -v c="$3" '$1 == n && $2 == p {print $c}' "${4:-$OUT/rows.tsv}" | sort -g |
     awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 {
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); wrk -t2 -c$CONNECTIONS -d${DURATION}s; $RUNS runs per size, alternating; min / median / max; $(date -u +%Y-%m-%d)"
   echo
-  echo "| repositories | policies | CPU µs per allowed exchange | CPU µs per refused exchange | p99 ms | p99 ms, reloading every ${RELOAD_EVERY} s | peak RSS MiB | start to ready ms | reload ms | policy check ms | policy check RSS MiB |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| repositories | policies | CPU µs per allowed exchange | CPU µs per refused exchange | CPU µs per allowed exchange, client secret | p99 ms | p99 ms, reloading every ${RELOAD_EVERY} s | peak RSS MiB | start to ready ms | reload ms | policy check ms | policy check RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
   for size in $SIZES; do
     n=${size%:*} p=${size#*:}
     printf '| %s | %s |' "$n" "$p"
-    for c in 4 5 6 7 8 9 10 11 12; do printf ' %s |' "$(stats "$n" "$p" "$c")"; done
+    for c in 4 5 13 6 7 8 9 10 11 12; do printf ' %s |' "$(stats "$n" "$p" "$c")"; done
     echo
+  done
+  echo
+  floor=$(median floor - 4 "$OUT/floor.tsv")
+  echo "the floor of the stack (bench/floor), CPU µs per exchange: $(stats floor - 4 "$OUT/floor.tsv") (min / median / max)"
+  for size in $SIZES; do
+    awk -v s="$(median "${size%:*}" "${size#*:}" 13)" -v f="$floor" -v z="$size" 'BEGIN {
+      printf "%s: median CPU per allowed client-secret exchange / the floor: %.0f / %.0f µs = %.2f × (target ≤ 1.3 ×)\n", z, s, f, s / f }'
   done
   echo
   first=${SIZES%% *} last=${SIZES##* }
