@@ -8,6 +8,8 @@
 //! [`keycloak`] (the client_credentials grant), [`limits`], [`audit`] →
 //! [`domain`]. [`configuration`] builds the lower modules' settings.
 
+// No unsafe code in the library (the binary sets one allocator option: main.rs).
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
     test,
