@@ -93,6 +93,7 @@ pub struct Inventory {
 pub struct RepositoryRef<'a> {
     inv: &'a Inventory,
     row: &'a Row,
+    workspace: &'a Workspace,
 }
 
 /// A deployment environment of a [`RepositoryRef`].
@@ -117,8 +118,7 @@ impl<'a> RepositoryRef<'a> {
 
     /// Its workspace.
     pub fn workspace(&self) -> &'a Workspace {
-        // Every row's workspace index was checked when the inventory was built.
-        &self.inv.workspaces[self.row.workspace as usize]
+        self.workspace
     }
 
     /// Its project's key and UUID, when it has one.
@@ -324,11 +324,18 @@ impl Inventory {
         Some(self.str(p.key))
     }
 
-    fn at(&self, r: u32) -> Option<RepositoryRef<'_>> {
+    /// The view of a row (`None` only for a row whose workspace index is out of
+    /// range, which building the inventory never writes).
+    fn view<'a>(&'a self, row: &'a Row) -> Option<RepositoryRef<'a>> {
         Some(RepositoryRef {
             inv: self,
-            row: self.row(r)?,
+            row,
+            workspace: self.workspaces.get(row.workspace as usize)?,
         })
+    }
+
+    fn at(&self, r: u32) -> Option<RepositoryRef<'_>> {
+        self.view(self.row(r)?)
     }
 
     /// The repository whose `full_name` is `name`, ignoring ASCII case.
@@ -365,10 +372,7 @@ impl Inventory {
     /// The repository with this UUID.
     pub fn repository(&self, uuid: &BbUuid) -> Option<RepositoryRef<'_>> {
         let i = self.rows.binary_search_by_key(uuid, |r| r.uuid).ok()?;
-        Some(RepositoryRef {
-            inv: self,
-            row: self.rows.get(i)?,
-        })
+        self.view(self.rows.get(i)?)
     }
 
     /// True when no repository is known.
@@ -383,13 +387,11 @@ impl Inventory {
 
     /// Every repository, sorted by UUID.
     pub fn repositories(&self) -> impl Iterator<Item = RepositoryRef<'_>> {
-        self.rows
-            .iter()
-            .map(move |row| RepositoryRef { inv: self, row })
+        self.rows.iter().filter_map(move |row| self.view(row))
     }
 
-    /// Bytes this inventory holds on the heap (its tables and text), for the
-    /// memory test and `policy check`.
+    /// Bytes this inventory holds on the heap (its tables and text): what the
+    /// memory test holds to a bound.
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
         self.workspaces.capacity() * size_of::<Workspace>()
