@@ -5,7 +5,9 @@
 //! otherwise the reload is retried. The new set is compiled first and swapped
 //! atomically; an invalid set is refused (logged, counted) and the old one stays
 //! active. Requests already running keep the set they started with (they hold an
-//! `Arc`). Reads run on the blocking pool, never on the async workers.
+//! `Arc`). Reads and compiles run on one background thread of lower priority
+//! ([`Background`]), never on the async workers: a reload under full load
+//! takes longer instead of delaying requests.
 //!
 //! [`PolicyStore::reload_settled`]: crate::policy::PolicyStore::reload_settled
 
@@ -29,6 +31,56 @@ pub struct ReloadSettings {
 /// Retries of an unsettled reload after one trigger; later changes (watch,
 /// poll, SIGHUP) start again.
 const MAX_UNSETTLED_RETRIES: u32 = 40;
+
+/// The nice value the reload thread adds to the service's: under the kernel's
+/// fair scheduler a thread at +5 gets about a third of a request worker's share
+/// of a busy CPU (weights 335 against 1024) and all of an idle one.
+const RELOAD_NICE: i32 = 5;
+
+/// One thread for the reload's blocking work (reading the directory,
+/// compiling, the poll's stamps), at a lower priority than the request
+/// workers ([`RELOAD_NICE`]). Jobs run one at a time, in order.
+struct Background {
+    jobs: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Background {
+    /// Starts the thread (startup).
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    fn start() -> std::io::Result<Self> {
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(4);
+        std::thread::Builder::new()
+            .name("policy-reload".into())
+            .spawn(move || {
+                // This thread only (Linux: a nice value is per thread).
+                let this =
+                    rustix::process::Pid::from_raw(rustix::thread::gettid().as_raw_nonzero().get());
+                let now = rustix::process::getpriority_process(this).unwrap_or(0);
+                if let Err(e) = rustix::process::setpriority_process(this, now + RELOAD_NICE) {
+                    tracing::warn!(error = %e, "cannot lower the reload thread's priority");
+                }
+                while let Ok(job) = rx.recv() {
+                    // A job that panics loses its answer (the caller logs a
+                    // failed task), not the thread.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Runs `f` on the thread and waits for its result without blocking the
+    /// caller's executor; `None` when the thread is gone or busy.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.try_send(job).ok()?;
+        rx.await.ok()
+    }
+}
 
 /// Reads the policies directory twice, `settle` apart, and applies the set when
 /// it settled and compiles (blocking). `force` applies (and counts) even an
@@ -100,7 +152,15 @@ pub fn reload(
 /// 10 s (the `sts_upstream_up` gauge).
 pub async fn run(state: actix_web::web::Data<AppState>, cfg: ReloadSettings) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let background = match Background::start() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the reload thread; policies are not reloaded");
+            return;
+        }
+    };
     let mut r = Reloader {
+        background,
         watch: cfg
             .watch
             .then(|| DirWatch::new(state.exchange.policies.dir(), tx.clone())),
@@ -150,6 +210,7 @@ pub async fn run(state: actix_web::web::Data<AppState>, cfg: ReloadSettings) {
 
 /// The reload loop's state.
 struct Reloader {
+    background: Background,
     state: actix_web::web::Data<AppState>,
     cfg: ReloadSettings,
     watch: Option<DirWatch>,
@@ -169,19 +230,22 @@ impl Reloader {
         }
         self.retry_at = None;
         let (state, settle) = (self.state.clone(), self.cfg.settle);
-        let outcome = tokio::task::spawn_blocking(move || reload(&state, settle, force)).await;
+        let outcome = self
+            .background
+            .run(move || reload(&state, settle, force))
+            .await;
         match outcome {
-            Ok(Ok(Reloaded::Applied(set))) => self.last_seen = set.digest().to_string(),
-            Ok(Ok(Reloaded::Unsettled)) if self.retries < MAX_UNSETTLED_RETRIES => {
+            Some(Ok(Reloaded::Applied(set))) => self.last_seen = set.digest().to_string(),
+            Some(Ok(Reloaded::Unsettled)) if self.retries < MAX_UNSETTLED_RETRIES => {
                 self.retries += 1;
                 self.retry_at = Some(tokio::time::Instant::now() + settle);
             }
-            Ok(Ok(Reloaded::Unsettled)) => tracing::error!(
+            Some(Ok(Reloaded::Unsettled)) => tracing::error!(
                 retries = MAX_UNSETTLED_RETRIES,
                 "policy files kept changing; not applied until the next change, poll or SIGHUP"
             ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "policy reload task failed"),
+            Some(_) => {}
+            None => tracing::error!("policy reload task failed"),
         }
         if let Some(w) = self.watch.as_mut() {
             w.follow();
@@ -192,14 +256,17 @@ impl Reloader {
     /// the last one seen.
     async fn poll(&mut self) {
         let state = self.state.clone();
-        let seen = tokio::task::spawn_blocking(move || state.exchange.policies.fingerprint()).await;
+        let seen = self
+            .background
+            .run(move || state.exchange.policies.fingerprint())
+            .await;
         match seen {
-            Ok(fp) if fp != self.last_seen => {
+            Some(fp) if fp != self.last_seen => {
                 self.last_seen = fp;
                 self.attempt(false, true).await;
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "policy poll task failed"),
+            Some(_) => {}
+            None => tracing::error!("policy poll task failed"),
         }
     }
 }

@@ -10,8 +10,9 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 /// What identifies the version of a file that was read: device, inode, size,
-/// modification time (of the opened file, `fstat`) and the SHA-256 of the bytes
-/// read. Two equal stamps `settle_ms` apart mean nobody wrote in between.
+/// modification and change times (of the opened file, `fstat`) and the SHA-256
+/// of the bytes read. Two equal stamps `settle_ms` apart mean nobody wrote in
+/// between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     /// `st_dev`.
@@ -22,8 +23,45 @@ pub struct FileStamp {
     pub size: u64,
     /// `st_mtime` in nanoseconds.
     pub mtime_ns: i128,
+    /// `st_ctime` in nanoseconds: set by the kernel on every write, rename or
+    /// `chmod`, never by a program (`touch -d` and `cp -p` keep an mtime).
+    pub ctime_ns: i128,
     /// SHA-256 of the content read.
     pub sha256: [u8; 32],
+}
+
+/// How far a file's `st_ctime` must lie before the moment it was read for its
+/// stamp to be trusted without reading it again
+/// ([`FileStamp::settled_before`]): the coarsest timestamp a Linux file system
+/// keeps (FAT: 2 s; ext4, XFS and tmpfs take the kernel's coarse clock, a few
+/// milliseconds). A file changed in the same tick as it was read could keep
+/// every field of its stat; one whose change time is older cannot.
+pub const TIMESTAMP_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl FileStamp {
+    /// Whether this stamp, taken by a read that started at `read_at`, may stand
+    /// for the file as long as its stat stays the same: its change time is at
+    /// least [`TIMESTAMP_GRANULARITY`] older than the read (git's "racily
+    /// clean" rule). A change time in the future is never trusted.
+    pub fn settled_before(&self, read_at: std::time::SystemTime) -> bool {
+        let Ok(at) = read_at.duration_since(std::time::UNIX_EPOCH) else {
+            return false;
+        };
+        let at = i128::try_from(at.as_nanos()).unwrap_or(i128::MAX);
+        let margin = i128::try_from(TIMESTAMP_GRANULARITY.as_nanos()).unwrap_or(i128::MAX);
+        self.ctime_ns < at.saturating_sub(margin)
+    }
+
+    /// Whether `path` (links followed) is still this version of the file as far
+    /// as `stat` can tell: the same device, inode, size and times. Only
+    /// meaningful for a stamp that [`settled_before`](Self::settled_before) its
+    /// read; no file is opened (a FIFO is not waited for, and nothing is read).
+    pub fn still_at(&self, path: &Path) -> bool {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => stamp_of(&meta, self.sha256) == *self,
+            _ => false,
+        }
+    }
 }
 
 /// Reads the regular file at `path` (links followed), at most `max` bytes, as
@@ -100,6 +138,7 @@ fn stamp_of(meta: &std::fs::Metadata, sha256: [u8; 32]) -> FileStamp {
         ino: meta.ino(),
         size: meta.len(),
         mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
         sha256,
     }
 }
@@ -113,6 +152,19 @@ pub fn read_small_file(path: &Path, max: u64) -> Result<String, String> {
     read_regular_file(path, max).map(|(_, text)| text)
 }
 
+/// Makes a FIFO at `path` (tests: a file that would block a plain `open`).
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,14 +173,7 @@ mod tests {
     fn a_fifo_is_refused_without_waiting_for_a_writer() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("x.yaml");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &fifo,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
-            0,
-        )
-        .unwrap();
+        make_fifo(&fifo);
         assert_eq!(
             read_regular_file(&fifo, 10).unwrap_err(),
             "not a regular file"
@@ -155,11 +200,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn size_bound_stamp_and_content() {
+    /// A temporary directory with `a.yaml` holding `text`.
+    fn written(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("a.yaml");
-        std::fs::write(&f, "hello").unwrap();
+        std::fs::write(&f, text).unwrap();
+        (dir, f)
+    }
+
+    #[test]
+    fn size_bound_stamp_and_content() {
+        let (_dir, f) = written("hello");
         let (a, text) = read_regular_file(&f, 5).unwrap();
         assert_eq!(text, "hello");
         assert_eq!(a.size, 5);
@@ -169,5 +220,54 @@ mod tests {
         assert_ne!(read_regular_file(&f, 5).unwrap().0.sha256, a.sha256);
         std::fs::write(&f, [0xff, 0xfe]).unwrap();
         assert_eq!(read_regular_file(&f, 5).unwrap_err(), "not UTF-8 text");
+    }
+
+    #[test]
+    fn a_stamp_stands_for_its_file_until_a_stat_field_changes() {
+        use std::time::{Duration, SystemTime};
+        let (dir, f) = written("hello");
+        let (stamp, _) = read_regular_file(&f, 5).unwrap();
+        assert!(stamp.still_at(&f));
+        // Read in the tick it was written: not trusted; read later: trusted.
+        assert!(!stamp.settled_before(SystemTime::now()));
+        let later = SystemTime::now() + TIMESTAMP_GRANULARITY + Duration::from_millis(10);
+        assert!(stamp.settled_before(later));
+        assert!(!stamp.settled_before(SystemTime::UNIX_EPOCH));
+        // The same bytes written again, the old mtime put back (`cp -p`,
+        // `touch -d`): the change time still tells.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, "hello").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let again = read_regular_file(&f, 5).unwrap().0;
+        assert_eq!(
+            (again.mtime_ns, again.sha256),
+            (stamp.mtime_ns, stamp.sha256)
+        );
+        assert!(again.still_at(&f));
+        let older = FileStamp {
+            ctime_ns: again.ctime_ns - 1,
+            ..again
+        };
+        assert!(
+            !older.still_at(&f),
+            "another change time is another version"
+        );
+        // A mode change, a link to another file, a FIFO: not the same file.
+        let other = dir.path().join("b.yaml");
+        std::fs::write(&other, "hello").unwrap();
+        let b = read_regular_file(&other, 5).unwrap().0;
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink(&other, &f).unwrap();
+        assert!(!again.still_at(&f));
+        assert!(b.still_at(&f), "links are followed, as a read does");
+        std::fs::remove_file(&f).unwrap();
+        make_fifo(&f);
+        assert!(!b.still_at(&f));
+        assert!(!b.still_at(&dir.path().join("gone.yaml")));
     }
 }

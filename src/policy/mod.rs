@@ -31,7 +31,7 @@ pub use eval::{
     Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
 };
 pub use pattern::{check_branch_pattern, BranchPattern};
-pub use snapshot::{Snapshot, Stamps};
+pub use snapshot::{Seen, Snapshot, Stamps};
 pub use store::{PolicyStore, Reloaded};
 
 /// What policies decide on: the claims a condition can name, with Bitbucket's
@@ -234,9 +234,13 @@ pub struct PolicySet {
     index: index::Index,
     /// [`Snapshot::inventory_digest`] of the inventory it was compiled with.
     inventory_digest: String,
-    /// What each policy was compiled from (path, content SHA-256), for the next
-    /// reload to reuse the policies of files that did not change.
-    sources: std::collections::HashMap<std::path::PathBuf, ([u8; 32], usize)>,
+    /// What each policy was compiled from (path relative to the directory,
+    /// content SHA-256), for the next reload to reuse the policies of files
+    /// that did not change.
+    sources: std::collections::HashMap<String, ([u8; 32], usize)>,
+    /// The stamps that stand for its files until their stat changes (what the
+    /// next reload need not read again).
+    seen: snapshot::Seen,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -525,6 +529,7 @@ impl PolicySet {
             index,
             inventory_digest: String::new(),
             sources: std::collections::HashMap::new(),
+            seen: snapshot::Seen::default(),
         }
     }
 
@@ -544,6 +549,12 @@ impl PolicySet {
     /// with (what lets a reload keep the parsed inventory).
     pub fn inventory_digest(&self) -> &str {
         &self.inventory_digest
+    }
+
+    /// The stamps a reload may keep for its files without reading them again
+    /// ([`Snapshot::read_after`]).
+    pub fn seen(&self) -> &Seen {
+        &self.seen
     }
 
     /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive),
@@ -617,7 +628,7 @@ impl PolicySet {
                 snapshot
                     .inventory
                     .iter()
-                    .map(|f| (f.path.as_path(), f.text.as_str())),
+                    .map(|f| (f.path.as_path(), f.text.as_deref().unwrap_or_default())),
             )?),
         };
         // A file unchanged since the previous set, compiled against the same
@@ -629,29 +640,37 @@ impl PolicySet {
         let mut sources = Vec::with_capacity(snapshot.policies.len());
         for f in &snapshot.policies {
             let before = reusable.and_then(|p| {
-                let (sha, i) = p.sources.get(&f.path)?;
+                let (sha, i) = p.sources.get(&f.rel)?;
                 p.policies.get(*i).filter(|_| *sha == f.stamp.sha256)
             });
-            let compiled = match before {
-                Some(p) => Ok(p.clone()),
-                None => compile_file(&f.path, &f.text, known_clients, &inventory).map(|mut p| {
-                    if !keep_resolutions {
-                        p.resolutions = Vec::new();
-                    }
-                    std::sync::Arc::new(p)
+            let compiled = match (before, &f.text) {
+                (Some(p), _) => Ok(p.clone()),
+                (None, Some(text)) => {
+                    compile_file(&f.path, text, known_clients, &inventory).map(|mut p| {
+                        if !keep_resolutions {
+                            p.resolutions = Vec::new();
+                        }
+                        std::sync::Arc::new(p)
+                    })
+                }
+                // Not read because the previous set had compiled it: not this set.
+                (None, None) => Err(PolicyError {
+                    file: f.path.display().to_string(),
+                    key: String::new(),
+                    reason: "the file was not read; reload again".into(),
                 }),
             };
             match compiled {
                 Ok(p) => {
-                    sources.push((f.path.clone(), f.stamp.sha256, p.id.clone()));
+                    sources.push((f.rel.clone(), f.stamp.sha256, p.id.clone()));
                     policies.push(p)
                 }
                 Err(e) => errors.push(e),
             }
         }
-        let mut ids = BTreeSet::new();
+        let mut ids = std::collections::HashSet::with_capacity(policies.len());
         for p in &policies {
-            if !ids.insert(p.id.clone()) {
+            if !ids.insert(p.id.as_str()) {
                 errors.push(PolicyError {
                     file: dir.display().to_string(),
                     key: String::new(),
@@ -675,6 +694,7 @@ impl PolicySet {
             set.inventory_digest = inventory_digest;
             set.ignored = snapshot.ignored.clone();
             set.digest = snapshot.digest();
+            set.seen = snapshot::Seen::of(snapshot);
             Ok(set)
         } else {
             Err(errors)
@@ -727,8 +747,9 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
         // links need resolving (a reload of thousands of files otherwise spends
         // most of its time in readlink(2); the file is opened as a regular file
         // without following anything else when read).
-        let target = if kind.is_some_and(|k| k.is_file()) {
-            Ok(root.join(name))
+        let regular = kind.is_some_and(|k| k.is_file());
+        let target = if regular {
+            Ok(root.clone())
         } else {
             std::fs::canonicalize(&path)
         };
@@ -746,9 +767,7 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
             Ok(_) if is_policy_name && ext != "yaml" && ext != "yml" => {
                 errors.push(err(&path, "use a lower-case .yaml or .yml extension"))
             }
-            Ok(target)
-                if is_policy_name && !kind.is_some_and(|k| k.is_file()) && !target.is_file() =>
-            {
+            Ok(target) if is_policy_name && !regular && !target.is_file() => {
                 errors.push(err(&path, "not a regular file"))
             }
             Ok(_) if is_policy_name => files.push(path),
@@ -758,7 +777,9 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
     if !errors.is_empty() {
         return Err(errors);
     }
-    files.sort();
+    // All of `dir`: the names decide the order (bytes, as `Path`'s order of
+    // their last component).
+    files.sort_unstable_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     ignored.sort();
     Ok((files, ignored))
 }
@@ -809,7 +830,8 @@ mod tests {
         assert_eq!(second.policies().len(), 2);
         assert!(std::sync::Arc::ptr_eq(&first.inventory, &second.inventory));
         // A reload's read only stamps inventory files the active set knows.
-        let stamped = Snapshot::read_after(d.path(), Some(first.inventory_digest())).unwrap();
+        let stamped =
+            Snapshot::read_after(d.path(), Some(first.inventory_digest()), first.seen()).unwrap();
         assert!(stamped.inventory_known);
         assert_eq!(stamped.digest(), Snapshot::read(d.path()).unwrap().digest());
         let again = PolicySet::from_snapshot_after(&stamped, None, Some(&second)).unwrap();

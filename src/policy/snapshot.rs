@@ -3,8 +3,16 @@
 //! and without blocking ([`read_regular_file`]). Two snapshots compare equal
 //! ([`Snapshot::same_as`]) when the directory resolved to the same place and no
 //! file changed: how a reload knows that no writer was busy.
+//!
+//! A reload after a watch event or a poll tick reads only what changed: a file
+//! whose stat (device, inode, size, mtime, ctime) is the one the active set
+//! recorded ([`Seen`], only for files whose change time was already old when
+//! read: [`FileStamp::settled_before`]) keeps that stamp and is neither opened
+//! nor hashed again, and its compiled policy is reused. SIGHUP reads every file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use sha2::{Digest, Sha256};
 
@@ -21,8 +29,43 @@ pub(super) struct SourceFile {
     pub rel: String,
     /// What identifies this version of the file.
     pub stamp: FileStamp,
-    /// The content.
-    pub text: String,
+    /// The content; `None` when the file was not read: an inventory file of a
+    /// known inventory, or a policy file whose [`Seen`] stamp still stands.
+    pub text: Option<String>,
+}
+
+/// The stamps of a compiled set's files that may stand for them while their
+/// stat does not change (those [`FileStamp::settled_before`] their read), by
+/// path relative to the policies directory.
+#[derive(Debug, Clone, Default)]
+pub struct Seen(HashMap<String, FileStamp>);
+
+impl Seen {
+    /// The settled stamps of `snapshot`'s files.
+    pub(super) fn of(snapshot: &Snapshot) -> Self {
+        Self(
+            snapshot
+                .policies
+                .iter()
+                .chain(&snapshot.inventory)
+                .filter(|f| f.stamp.settled_before(snapshot.read_at))
+                .map(|f| (f.rel.clone(), f.stamp))
+                .collect(),
+        )
+    }
+
+    /// The stamp recorded for `rel` when the file at `path` still has its stat.
+    fn still(&self, rel: &str, path: &Path) -> Option<FileStamp> {
+        self.0.get(rel).filter(|s| s.still_at(path)).copied()
+    }
+
+    /// The file's stamp: the recorded one while it still stands, else hashed.
+    fn stamp(&self, rel: &str, path: &Path, max: u64) -> Result<FileStamp, String> {
+        match self.still(rel, path) {
+            Some(s) => Ok(s),
+            None => stamp_regular_file(path, max),
+        }
+    }
 }
 
 /// The policies directory as one read saw it.
@@ -34,13 +77,15 @@ pub struct Snapshot {
     root: PathBuf,
     /// Policy files, sorted.
     pub(super) policies: Vec<SourceFile>,
-    /// Inventory files, sorted. Their `text` is empty when `inventory_known`.
+    /// Inventory files, sorted. Their `text` is `None` when `inventory_known`.
     pub(super) inventory: Vec<SourceFile>,
     /// The inventory files were only stamped: their digest is the one
     /// [`Snapshot::read_after`] was given, so the parsed inventory is reused.
     pub(super) inventory_known: bool,
     /// Other files of the directory (warned about, not read).
     pub(super) ignored: Vec<String>,
+    /// When the read started (before any file was looked at).
+    read_at: SystemTime,
 }
 
 /// The policies directory as a settle check or the poll sees it: each file's
@@ -55,8 +100,10 @@ pub struct Stamps {
 /// What one listing of the directory found.
 struct Listing {
     root: PathBuf,
-    policies: Vec<PathBuf>,
-    inventory: Vec<PathBuf>,
+    /// (path relative to the directory, path) of each policy file.
+    policies: Vec<(String, PathBuf)>,
+    /// The same of each inventory file.
+    inventory: Vec<(String, PathBuf)>,
     ignored: Vec<String>,
 }
 
@@ -72,34 +119,55 @@ fn list(dir: &Path) -> Result<Listing, Vec<PolicyError>> {
     let inventory = Inventory::files(dir)?;
     Ok(Listing {
         root,
-        policies,
-        inventory,
+        policies: named(policies, ""),
+        inventory: named(inventory, &format!("{INVENTORY_DIR}/")),
         ignored,
     })
 }
 
 /// Reads (or stamps) every listed file with `read`, collecting the errors.
 fn read_each<T>(
-    dir: &Path,
-    paths: Vec<PathBuf>,
+    paths: Vec<(String, PathBuf)>,
     max: u64,
     errors: &mut Vec<PolicyError>,
-    read: impl Fn(&Path, u64) -> Result<T, String>,
+    read: impl Fn(&str, &Path, u64) -> Result<T, String>,
 ) -> Vec<(String, PathBuf, T)> {
     paths
         .into_iter()
-        .filter_map(|path| match read(&path, max) {
-            Ok(v) => Some((relative(dir, &path), path, v)),
-            Err(reason) => {
-                errors.push(PolicyError {
-                    file: path.display().to_string(),
-                    key: String::new(),
-                    reason,
-                });
-                None
+        .enumerate()
+        .filter_map(|(i, (rel, path))| {
+            if i % 32 == 31 {
+                std::thread::yield_now();
+            }
+            match read(&rel, &path, max) {
+                Ok(v) => Some((rel, path, v)),
+                Err(reason) => {
+                    errors.push(PolicyError {
+                        file: path.display().to_string(),
+                        key: String::new(),
+                        reason,
+                    });
+                    None
+                }
             }
         })
         .collect()
+}
+
+/// Reads a file in full: its stamp and its text.
+fn read_full(_: &str, path: &Path, max: u64) -> Result<(FileStamp, Option<String>), String> {
+    read_regular_file(path, max).map(|(stamp, text)| (stamp, Some(text)))
+}
+
+fn source_file(
+    (rel, path, (stamp, text)): (String, PathBuf, (FileStamp, Option<String>)),
+) -> SourceFile {
+    SourceFile {
+        rel,
+        path,
+        stamp,
+        text,
+    }
 }
 
 /// SHA-256 (hex) over sorted (relative path, size, content SHA-256) triples.
@@ -124,38 +192,32 @@ impl Snapshot {
     /// Every entry that cannot be read: not a regular file, too large, not UTF-8,
     /// a dangling or outside link.
     pub fn read(dir: &Path) -> Result<Self, Vec<PolicyError>> {
-        Self::read_after(dir, None)
+        Self::read_after(dir, None, &Seen::default())
     }
 
-    /// [`Snapshot::read`] for a reload: when the inventory files' digest is
+    /// [`Snapshot::read`] for a reload. When the inventory files' digest is
     /// `known_inventory` (the active set's), they are only stamped, not kept in
-    /// memory (megabytes at organisation size), and `inventory_known` is set.
+    /// memory (megabytes at organisation size), and `inventory_known` is set;
+    /// then a policy file whose `seen` stamp still stands is not read either
+    /// (its compiled policy is reused). Inventory files are stamped through
+    /// `seen` too.
     ///
     /// # Errors
     /// As [`Snapshot::read`].
-    pub fn read_after(dir: &Path, known_inventory: Option<&str>) -> Result<Self, Vec<PolicyError>> {
+    pub fn read_after(
+        dir: &Path,
+        known_inventory: Option<&str>,
+        seen: &Seen,
+    ) -> Result<Self, Vec<PolicyError>> {
+        let read_at = SystemTime::now();
         let l = list(dir)?;
         let mut errors = Vec::new();
-        let file = |(rel, path, (stamp, text))| SourceFile {
-            rel,
-            path,
-            stamp,
-            text,
-        };
-        let policies = read_each(
-            dir,
-            l.policies,
-            MAX_POLICY_FILE_BYTES,
-            &mut errors,
-            read_regular_file,
-        );
         let stamped = known_inventory.map(|known| {
             let files = read_each(
-                dir,
                 l.inventory.clone(),
                 MAX_INVENTORY_FILE_BYTES,
                 &mut Vec::new(),
-                stamp_regular_file,
+                |rel, path, max| seen.stamp(rel, path, max),
             );
             let digest = digest_of(files.iter().map(|(rel, _, s)| (rel.as_str(), s)));
             (files, digest == known)
@@ -164,39 +226,44 @@ impl Snapshot {
             Some((files, true)) if files.len() == l.inventory.len() => (
                 files
                     .into_iter()
-                    .map(|(rel, path, stamp)| SourceFile {
-                        rel,
-                        path,
-                        stamp,
-                        text: String::new(),
-                    })
+                    .map(|(rel, path, stamp)| source_file((rel, path, (stamp, None))))
                     .collect(),
                 true,
             ),
             _ => (
                 read_each(
-                    dir,
                     l.inventory,
                     MAX_INVENTORY_FILE_BYTES,
                     &mut errors,
-                    read_regular_file,
+                    read_full,
                 )
                 .into_iter()
-                .map(file)
+                .map(source_file)
                 .collect(),
                 false,
             ),
         };
+        // Compiling reuses a policy only against the same inventory.
+        let policies = read_each(
+            l.policies,
+            MAX_POLICY_FILE_BYTES,
+            &mut errors,
+            |rel, path, max| match seen.still(rel, path).filter(|_| inventory_known) {
+                Some(stamp) => Ok((stamp, None)),
+                None => read_full(rel, path, max),
+            },
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             root: l.root,
-            policies: policies.into_iter().map(file).collect(),
+            policies: policies.into_iter().map(source_file).collect(),
             inventory,
             inventory_known,
             ignored: l.ignored,
+            read_at,
         })
     }
 
@@ -219,7 +286,7 @@ impl Snapshot {
     }
 
     /// Whether `stamps` saw the same directory (resolved to the same place) with
-    /// the same files, each with equal device, inode, size, mtime and content.
+    /// the same files, each with equal device, inode, size, times and content.
     pub fn same_as(&self, stamps: &Stamps) -> bool {
         let mut mine: Vec<(&str, &FileStamp)> = self
             .policies
@@ -241,25 +308,29 @@ impl Stamps {
     /// # Errors
     /// As [`Snapshot::read`] (a file that is not UTF-8 is not noticed here).
     pub fn read(dir: &Path) -> Result<Self, Vec<PolicyError>> {
+        Self::read_seen(dir, &Seen::default())
+    }
+
+    /// [`Stamps::read`] where a file whose `seen` stamp still stands keeps it
+    /// without being opened.
+    ///
+    /// # Errors
+    /// As [`Stamps::read`].
+    pub fn read_seen(dir: &Path, seen: &Seen) -> Result<Self, Vec<PolicyError>> {
         let l = list(dir)?;
         let mut errors = Vec::new();
-        let mut files: Vec<(String, FileStamp)> = read_each(
-            dir,
-            l.policies,
-            MAX_POLICY_FILE_BYTES,
-            &mut errors,
-            stamp_regular_file,
-        )
-        .into_iter()
-        .chain(read_each(
-            dir,
-            l.inventory,
-            MAX_INVENTORY_FILE_BYTES,
-            &mut errors,
-            stamp_regular_file,
-        ))
-        .map(|(rel, _, stamp)| (rel, stamp))
-        .collect();
+        let stamp = |rel: &str, path: &Path, max| seen.stamp(rel, path, max);
+        let mut files: Vec<(String, FileStamp)> =
+            read_each(l.policies, MAX_POLICY_FILE_BYTES, &mut errors, stamp)
+                .into_iter()
+                .chain(read_each(
+                    l.inventory,
+                    MAX_INVENTORY_FILE_BYTES,
+                    &mut errors,
+                    stamp,
+                ))
+                .map(|(rel, _, stamp)| (rel, stamp))
+                .collect();
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -277,17 +348,17 @@ impl Stamps {
     }
 }
 
-fn relative(dir: &Path, path: &Path) -> String {
-    let rel = path.strip_prefix(dir).unwrap_or(path);
-    match rel.parent() {
-        Some(p) if p == Path::new(INVENTORY_DIR) => {
-            format!(
-                "{INVENTORY_DIR}/{}",
-                rel.file_name().unwrap_or_default().to_string_lossy()
-            )
-        }
-        _ => rel.to_string_lossy().into_owned(),
-    }
+/// Each file's path with its path relative to the policies directory: its
+/// name after `prefix` (every listed file is directly in the directory or in
+/// `inventory/`).
+fn named(paths: Vec<PathBuf>, prefix: &str) -> Vec<(String, PathBuf)> {
+    paths
+        .into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            (format!("{prefix}{name}"), p)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,5 +399,84 @@ mod tests {
         let second = Stamps::read(d.path()).unwrap();
         assert_eq!(first.digest(), second.digest());
         assert!(!first.same_as(&second), "another inode");
+    }
+
+    /// `snapshot` as if it had been read once its files' change times were
+    /// old (a test cannot wait for the file system's clock).
+    fn aged(mut snapshot: Snapshot) -> Snapshot {
+        snapshot.read_at +=
+            crate::domain::regular_file::TIMESTAMP_GRANULARITY + std::time::Duration::from_secs(1);
+        snapshot
+    }
+
+    fn read_again(s: &Snapshot) -> Vec<&str> {
+        s.policies
+            .iter()
+            .filter(|f| f.text.is_some())
+            .map(|f| f.rel.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_reload_reads_again_only_the_files_whose_stat_changed() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["a.yaml", "b.yaml", "c.yaml"] {
+            std::fs::write(d.path().join(name), POLICY).unwrap();
+        }
+        // Read in the tick the files were written: nothing may stand for them.
+        assert!(Seen::of(&Snapshot::read(d.path()).unwrap()).0.is_empty());
+        let first = aged(Snapshot::read(d.path()).unwrap());
+        let seen = Seen::of(&first);
+        assert_eq!(seen.0.len(), 3);
+        let inventory = first.inventory_digest();
+        let unchanged = Snapshot::read_after(d.path(), Some(&inventory), &seen).unwrap();
+        assert!(read_again(&unchanged).is_empty());
+        assert_eq!(unchanged.digest(), first.digest());
+        // b rewritten with the same bytes (another inode), c appended to
+        std::fs::write(d.path().join("tmp"), POLICY).unwrap();
+        std::fs::rename(d.path().join("tmp"), d.path().join("b.yaml")).unwrap();
+        let mut c = std::fs::OpenOptions::new()
+            .append(true)
+            .open(d.path().join("c.yaml"))
+            .unwrap();
+        std::io::Write::write_all(&mut c, b"# changed\n").unwrap();
+        let again = Snapshot::read_after(d.path(), Some(&inventory), &seen).unwrap();
+        assert_eq!(read_again(&again), ["b.yaml", "c.yaml"]);
+        assert_eq!(again.digest(), Snapshot::read(d.path()).unwrap().digest());
+        // The settle check's second look agrees without reading a.yaml.
+        assert!(again.same_as(&Stamps::read_seen(d.path(), &seen).unwrap()));
+        assert_eq!(
+            Stamps::read_seen(d.path(), &seen).unwrap().digest(),
+            again.digest()
+        );
+        // The set compiled from the first read reuses a.yaml's policy as it
+        // was; without that set, a file not read cannot be compiled.
+        let set = super::super::PolicySet::from_snapshot_after(&first, None, None).unwrap();
+        assert_eq!(set.seen().0.len(), 3);
+        let next = super::super::PolicySet::from_snapshot_after(&again, None, Some(&set)).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&set.policies[0], &next.policies[0]));
+        assert_eq!(next.digest(), again.digest());
+        assert!(super::super::PolicySet::from_snapshot_after(&unchanged, None, None).is_err());
+        // Another inventory: every policy is compiled again, so read again.
+        let other = Snapshot::read_after(d.path(), Some("another"), &seen).unwrap();
+        assert_eq!(read_again(&other), ["a.yaml", "b.yaml", "c.yaml"]);
+    }
+
+    #[test]
+    fn a_seen_file_replaced_by_a_fifo_or_removed_is_noticed() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.yaml"), POLICY).unwrap();
+        std::fs::write(d.path().join("b.yaml"), POLICY).unwrap();
+        let first = aged(Snapshot::read(d.path()).unwrap());
+        let seen = Seen::of(&first);
+        let inventory = first.inventory_digest();
+        std::fs::remove_file(d.path().join("b.yaml")).unwrap();
+        let fewer = Snapshot::read_after(d.path(), Some(&inventory), &seen).unwrap();
+        assert_eq!(fewer.policies.len(), 1);
+        assert_ne!(fewer.digest(), first.digest());
+        std::fs::remove_file(d.path().join("a.yaml")).unwrap();
+        crate::domain::regular_file::make_fifo(&d.path().join("a.yaml"));
+        assert!(Snapshot::read_after(d.path(), Some(&inventory), &seen).is_err());
+        assert!(Stamps::read_seen(d.path(), &seen).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::{PolicyError, PolicySet, Snapshot, Stamps};
+use super::{PolicyError, PolicySet, Seen, Snapshot, Stamps};
 
 /// What a settled reload ([`PolicyStore::reload_settled`]) did.
 #[derive(Debug)]
@@ -94,7 +94,9 @@ impl PolicyStore {
     /// inode, size, mtime and content ([`Snapshot::same_as`]). A writer busy in
     /// between (a file truncated and rewritten in chunks, a link flipped) gives
     /// [`Reloaded::Unsettled`]. With `force` false, files whose digest is the
-    /// active set's are [`Reloaded::Unchanged`].
+    /// active set's are [`Reloaded::Unchanged`], and a file whose stat is the
+    /// one the active set recorded is not read again ([`PolicySet::seen`]);
+    /// with `force` (SIGHUP) every file is read and hashed.
     ///
     /// # Errors
     /// Every problem of the new set (the first read); the active set is
@@ -105,10 +107,12 @@ impl PolicyStore {
         force: bool,
     ) -> Result<Reloaded, Vec<PolicyError>> {
         let active = self.current();
-        let first = Snapshot::read_after(&self.dir, Some(active.inventory_digest()));
+        let none = Seen::default();
+        let seen = if force { &none } else { active.seen() };
+        let first = Snapshot::read_after(&self.dir, Some(active.inventory_digest()), seen);
         std::thread::sleep(settle);
         // The second look stamps the files without keeping them.
-        let second = Stamps::read(&self.dir);
+        let second = Stamps::read_seen(&self.dir, seen);
         let first = match (first, second) {
             (Ok(a), Ok(b)) if a.same_as(&b) => a,
             (Err(a), Err(_)) => return Err(a),
@@ -140,9 +144,10 @@ impl PolicyStore {
     }
 
     /// The digest of the directory as it is now, or of why it cannot be read
-    /// (what the poll fallback compares between ticks).
+    /// (what the poll fallback compares between ticks); files whose stat is
+    /// the one the active set recorded are not read.
     pub fn fingerprint(&self) -> String {
-        match Stamps::read(&self.dir) {
+        match Stamps::read_seen(&self.dir, self.current().seen()) {
             Ok(s) => s.digest(),
             Err(errors) => format!(
                 "unreadable: {}",
