@@ -38,10 +38,16 @@ impl Haproxy {
         let servers: String = backends
             .iter()
             .enumerate()
-            .map(|(i, p)| format!("  server r{i} 127.0.0.1:{p} check inter 200ms fall 1 rise 2\n"))
+            // A server is marked down after two failed checks, each allowed 2 s
+            // (`timeout check`): one slow /healthz of the last replica left
+            // under load on a busy 2-core runner once marked every server down,
+            // and haproxy answered its own 503 (no JSON body) until it rose
+            // again. A killed replica's refused connections are retried on
+            // another server meanwhile (`retry-on conn-failure`, `redispatch`).
+            .map(|(i, p)| format!("  server r{i} 127.0.0.1:{p} check inter 200ms fall 2 rise 2\n"))
             .collect();
         let cfg = format!(
-            "global\n  maxconn 2000\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response response-timeout\n\nfrontend sts\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\nbackend replicas\n  balance roundrobin\n  option httpchk GET /healthz\n{servers}"
+            "global\n  maxconn 2000\n\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  timeout check 2s\n  retries 3\n  option redispatch 1\n  retry-on conn-failure empty-response response-timeout\n\nfrontend sts\n  bind 127.0.0.1:{port}\n  default_backend replicas\n\nbackend replicas\n  balance roundrobin\n  option httpchk GET /healthz\n{servers}"
         );
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
