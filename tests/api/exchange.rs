@@ -136,11 +136,8 @@ async fn private_key_jwt_assertion_is_well_formed_and_verifies_with_published_jw
 
     // Verify with the JWKS the service publishes (what Keycloak's "JWKS URL" reads).
     let jwks: jsonwebtoken::jwk::JwkSet = app
-        .http
-        .get(format!("{}/.well-known/jwks.json", app.address))
-        .send()
+        .get("/.well-known/jwks.json")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -384,19 +381,9 @@ async fn keycloak_unreachable_is_503() {
         .await;
     assert_error(r, 503, "temporarily_unavailable", "keycloak.unavailable").await;
     // Still ready (callers get our documented 503), but the upstream probe says why.
-    let ready = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status().as_u16(), 200);
-    let up = app
-        .http
-        .get(format!("{}/upstreamz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let up = app.get("/upstreamz").await;
     assert_eq!(up.status().as_u16(), 503);
     let body: Value = up.json().await.unwrap();
     assert_eq!(body["keycloak"], "keycloak.unavailable");
@@ -406,28 +393,15 @@ async fn keycloak_unreachable_is_503() {
 #[tokio::test]
 async fn health_ready_and_jwks_endpoints() {
     let (_issuer, _kc, app) = standard().await;
-    let h = app
-        .http
-        .get(format!("{}/healthz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let h = app.get("/healthz").await;
     assert_eq!(h.status().as_u16(), 200);
-    let r = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/readyz").await;
     assert_eq!(r.status().as_u16(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["policies"], 6);
     let jwks: Value = app
-        .http
-        .get(format!("{}/.well-known/jwks.json", app.address))
-        .send()
+        .get("/.well-known/jwks.json")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -444,12 +418,7 @@ async fn bad_requests_get_documented_errors_and_never_reach_keycloak() {
     kc.token_never_called().await;
     let token = issuer.mint(&issuer.step());
 
-    let r = app
-        .http
-        .get(format!("{}/token", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/token").await;
     assert_eq!(r.headers().get("allow").unwrap(), "POST");
     assert_error(r, 405, "invalid_request", "request.method_not_allowed").await;
 
@@ -544,12 +513,7 @@ async fn bad_requests_get_documented_errors_and_never_reach_keycloak() {
     let r = app.exchange(&big, "artifact-api", None).await;
     assert_error(r, 413, "invalid_request", "request.too_large").await;
 
-    let r = app
-        .http
-        .get(format!("{}/nope", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/nope").await;
     assert_error(r, 404, "invalid_request", "request.not_found").await;
     assert_eq!(kc.token_calls().await, 0);
 }
@@ -575,15 +539,7 @@ async fn upstreams_follow_keycloak_going_down_and_readiness_does_not() {
         app.http.get(&ready).send().await.unwrap().status().as_u16(),
         200
     );
-    let metrics = app
-        .http
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains("sts_upstream_up{upstream=\"keycloak\"} 0"),
         "{metrics}"

@@ -187,12 +187,7 @@ async fn bad_subject_tokens_get_the_same_codes_as_on_token() {
         "request.unsupported_subject_token_type",
     )
     .await;
-    let r = app
-        .http
-        .get(format!("{}/grants", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/grants").await;
     assert_eq!(r.status().as_u16(), 405);
     let lines = app.audit_lines();
     assert!(lines

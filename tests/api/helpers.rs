@@ -796,18 +796,19 @@ pub fn free_port() -> u16 {
 }
 
 impl TestApp {
-    /// The value of one series of `GET /metrics` (e.g.
-    /// `sts_limit_store_errors_total{on_store_error="deny"}`), 0 when absent.
-    pub async fn metric(&self, series: &str) -> u64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.address))
+    /// `GET <path>` on the service's listener.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.address))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap();
+    }
+
+    /// The value of one series of `GET /metrics` (e.g.
+    /// `sts_limit_store_errors_total{on_store_error="deny"}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
             .unwrap_or(0)

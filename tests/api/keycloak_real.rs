@@ -370,11 +370,6 @@ async fn real_keycloak_readiness() {
     let kc = real_keycloak();
     let issuer = Issuer::start().await;
     let app = TestApp::start(&issuer, Options::new(&kc.url)).await;
-    let r = app
-        .http
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .unwrap();
+    let r = app.get("/readyz").await;
     assert_eq!(r.status().as_u16(), 200);
 }

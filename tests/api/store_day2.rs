@@ -188,13 +188,7 @@ impl Service {
 
     /// `limit_store` of `GET /upstreamz`.
     async fn upstream_store(&self) -> String {
-        let up = self
-            .app
-            .http
-            .get(format!("{}/upstreamz", self.app.address))
-            .send()
-            .await
-            .unwrap();
+        let up = self.app.get("/upstreamz").await;
         let body: serde_json::Value = up.json().await.unwrap();
         body["limit_store"].as_str().unwrap_or("").to_string()
     }
