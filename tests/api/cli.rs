@@ -5,6 +5,18 @@ use std::process::Command;
 
 use crate::helpers::*;
 
+/// Runs `cmd` and asserts that it succeeded, showing its standard error
+/// otherwise.
+fn succeeded(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
 }
@@ -21,15 +33,10 @@ fn run(args: &[&str], path: &std::path::Path) -> (Option<i32>, String, String) {
 
 #[test]
 fn policy_check_accepts_the_shipped_policies() {
-    let out = bin()
-        .args(["policy", "check", "--dir"])
-        .arg(repo_policies_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        bin()
+            .args(["policy", "check", "--dir"])
+            .arg(repo_policies_dir()),
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 6 policies"));
 }
@@ -201,18 +208,13 @@ fn policy_explain_takes_only_the_claims_policies_use_and_prints_json() {
         .to_string(),
     )
     .unwrap();
-    let out = bin()
-        .args(["policy", "explain", "--dir"])
-        .arg(repo_policies_dir())
-        .arg("--claims")
-        .arg(&claims)
-        .args(["--audience", "artifact-api"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        bin()
+            .args(["policy", "explain", "--dir"])
+            .arg(repo_policies_dir())
+            .arg("--claims")
+            .arg(&claims)
+            .args(["--audience", "artifact-api"]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     assert_eq!(v["outcome"]["decision"], "allow");
@@ -235,17 +237,12 @@ fn policy_check_with_config_needs_no_secrets_or_keys() {
         ),
     )
     .unwrap();
-    let out = bin()
-        .args(["policy", "check", "--dir"])
-        .arg(repo_policies_dir())
-        .arg("--config")
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeeded(
+        bin()
+            .args(["policy", "check", "--dir"])
+            .arg(repo_policies_dir())
+            .arg("--config")
+            .arg(&cfg),
     );
     // A grant naming a client the configuration lacks is caught.
     let pol = tempfile::tempdir().unwrap();
@@ -375,16 +372,11 @@ fn config_check_prints_every_problem_and_fails() {
 #[test]
 fn config_check_accepts_the_demo_configuration_and_its_policies() {
     let cfg = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/sts.toml");
-    let out = bin()
-        .env("KCS_DEMO_STS_ARTIFACTS_SECRET", "x")
-        .args(["config", "check", "--no-secrets", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeded(
+        bin()
+            .env("KCS_DEMO_STS_ARTIFACTS_SECRET", "x")
+            .args(["config", "check", "--no-secrets", "--config"])
+            .arg(&cfg),
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
 }
