@@ -146,11 +146,18 @@ pub fn reload(
     outcome
 }
 
-/// Runs until aborted: reloads on SIGHUP, on watched changes (debounced by
-/// `settle`) and when the poll sees another digest; retries unsettled reloads;
-/// also runs limiter housekeeping every 60 s and probes the upstreams every
-/// 10 s (the `sts_upstream_up` gauge).
-pub async fn run(state: actix_web::web::Data<AppState>, cfg: ReloadSettings) {
+/// Runs until aborted: reloads on SIGHUP (`hup`, listened to since before the
+/// startup read), on watched changes (debounced by `settle`) and when the poll
+/// sees another digest; retries unsettled reloads; also runs limiter
+/// housekeeping every 60 s and probes the upstreams every 10 s (the
+/// `sts_upstream_up` gauge). Once the watch is in place it looks at the
+/// directory once: a change made while the service started is applied
+/// without waiting for another event.
+pub async fn run(
+    state: actix_web::web::Data<AppState>,
+    cfg: ReloadSettings,
+    hup: Option<tokio::signal::unix::Signal>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let background = match Background::start() {
         Ok(b) => b,
@@ -170,18 +177,18 @@ pub async fn run(state: actix_web::web::Data<AppState>, cfg: ReloadSettings) {
         state,
         cfg,
     };
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP");
-            None
-        }
-    };
+    let mut hup = hup;
     let mut poll = cfg.poll.map(|p| {
         let mut i = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
+    // What changed since the startup read, before the watch existed (the poll
+    // compares with the startup digest anyway); a SIGHUP received meanwhile is
+    // waiting in `hup`.
+    if r.watch.is_some() {
+        r.attempt(false, true).await;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     let mut probe = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -222,7 +229,7 @@ struct Reloader {
 }
 
 impl Reloader {
-    /// One reload on the blocking pool; `fresh` when a new trigger (not a
+    /// One reload on the reload thread; `fresh` when a new trigger (not a
     /// retry) starts it, which resets the retry budget.
     async fn attempt(&mut self, force: bool, fresh: bool) {
         if fresh {
@@ -303,26 +310,42 @@ impl DirWatch {
         let root = std::fs::canonicalize(&self.dir)
             .and_then(|p| std::fs::metadata(&p).map(|m| (p, m.dev(), m.ino())))
             .ok();
-        if root.is_some() && (root != self.root || self._watcher.is_none()) {
+        if let Some((target, ..)) = root
+            .as_ref()
+            .filter(|r| Some(*r) != self.root.as_ref() || self._watcher.is_none())
+        {
             self._watcher = None; // drop the old watches first
-            self._watcher = watch_dir(&self.dir, self.tx.clone());
+            self._watcher = watch_dir(&self.dir, target, self.tx.clone());
             self.root = root;
         }
     }
 }
 
-fn watch_dir(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+/// Watches `target` (where `dir` resolves) recursively, and `dir`'s parent when
+/// `dir` is itself a link (its swap is an event there).
+fn watch_dir(
+    dir: &Path,
+    target: &Path,
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let this = dir.to_path_buf();
+    let (this, resolved) = (dir.to_path_buf(), target.to_path_buf());
     // Links below the directory are not followed by the recursive watch (a
-    // `.cache -> /` would watch a whole tree); the directory itself may be one.
+    // `.cache -> /` would watch a whole tree). The directory itself is watched
+    // where it resolves: a watch on a link's own path sees no edits made in
+    // its target.
     let config = notify::Config::default().with_follow_symlinks(false);
     let mut watcher = match notify::RecommendedWatcher::new(
         move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res {
                 let relevant = ev.kind.is_create() || ev.kind.is_modify() || ev.kind.is_remove();
-                // The parent's events only when they concern the directory's own name.
-                if relevant && ev.paths.iter().any(|p| p.starts_with(&this)) {
+                // The parent's events only when they concern the link's own name.
+                if relevant
+                    && ev
+                        .paths
+                        .iter()
+                        .any(|p| p.starts_with(&resolved) || p.starts_with(&this))
+                {
                     let _ = tx.try_send(());
                 }
             }
@@ -335,11 +358,17 @@ fn watch_dir(dir: &Path, tx: tokio::sync::mpsc::Sender<()>) -> Option<notify::Re
             return None;
         }
     };
-    if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
-        tracing::warn!(error = %e, dir = %dir.display(), "cannot watch the policies directory; the poll and SIGHUP still reload");
+    if let Err(e) = watcher.watch(target, RecursiveMode::Recursive) {
+        tracing::warn!(error = %e, dir = %target.display(), "cannot watch the policies directory; the poll and SIGHUP still reload");
         return None;
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+    // Only for a link: every write next to a plain directory (an audit file in
+    // the same parent) would otherwise wake the watch.
+    let is_link = std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink());
+    if let Some(parent) = dir
+        .parent()
+        .filter(|p| is_link && !p.as_os_str().is_empty())
+    {
         if let Err(e) = watcher.watch(parent, RecursiveMode::NonRecursive) {
             tracing::warn!(error = %e, dir = %parent.display(), "cannot watch the parent of the policies directory; a swapped link is seen by the poll");
         }

@@ -64,6 +64,9 @@ pub struct Application {
     /// SIGHUP, listened to from before the `listening` line: a SIGHUP (logrotate)
     /// during startup must not end the process (its default action).
     hup: Option<tokio::signal::unix::Signal>,
+    /// SIGHUP for the policy reload, listened to from before the startup read:
+    /// one received while the policies are compiled reloads them once running.
+    policy_hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Application {
@@ -85,6 +88,14 @@ impl Application {
             Ok(s) => Some(s),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot listen for SIGHUP; the audit file is still reopened when renamed");
+                None
+            }
+        };
+        let policy_hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; policies still reload on changes");
                 None
             }
         };
@@ -151,6 +162,7 @@ impl Application {
             reload,
             audit_every,
             hup,
+            policy_hup,
         })
     }
 
@@ -181,7 +193,11 @@ impl Application {
     /// # Errors
     /// I/O errors of the server.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let reloader = tokio::spawn(crate::reload::run(self.state.clone(), self.reload));
+        let reloader = tokio::spawn(crate::reload::run(
+            self.state.clone(),
+            self.reload,
+            self.policy_hup,
+        ));
         let audit = tokio::spawn(audit_upkeep(self.state.clone(), self.audit_every, self.hup));
         let result = match self.admin {
             None => self.server.await,

@@ -32,7 +32,7 @@ pub struct FileStamp {
 
 /// How far a file's `st_ctime` must lie before the moment it was read for its
 /// stamp to be trusted without reading it again
-/// ([`FileStamp::settled_before`]): the coarsest timestamp a Linux file system
+/// ([`FileStamp::settled_before`]'s margin): the coarsest timestamp a Linux file system
 /// keeps (FAT: 2 s; ext4, XFS and tmpfs take the kernel's coarse clock, a few
 /// milliseconds). A file changed in the same tick as it was read could keep
 /// every field of its stat; one whose change time is older cannot.
@@ -41,14 +41,18 @@ pub const TIMESTAMP_GRANULARITY: std::time::Duration = std::time::Duration::from
 impl FileStamp {
     /// Whether this stamp, taken by a read that started at `read_at`, may stand
     /// for the file as long as its stat stays the same: its change time is at
-    /// least [`TIMESTAMP_GRANULARITY`] older than the read (git's "racily
-    /// clean" rule). A change time in the future is never trusted.
-    pub fn settled_before(&self, read_at: std::time::SystemTime) -> bool {
+    /// least `margin` ([`TIMESTAMP_GRANULARITY`]) older than the read (git's
+    /// "racily clean" rule). A change time in the future is never trusted.
+    pub fn settled_before(
+        &self,
+        read_at: std::time::SystemTime,
+        margin: std::time::Duration,
+    ) -> bool {
         let Ok(at) = read_at.duration_since(std::time::UNIX_EPOCH) else {
             return false;
         };
         let at = i128::try_from(at.as_nanos()).unwrap_or(i128::MAX);
-        let margin = i128::try_from(TIMESTAMP_GRANULARITY.as_nanos()).unwrap_or(i128::MAX);
+        let margin = i128::try_from(margin.as_nanos()).unwrap_or(i128::MAX);
         self.ctime_ns < at.saturating_sub(margin)
     }
 
@@ -229,10 +233,11 @@ mod tests {
         let (stamp, _) = read_regular_file(&f, 5).unwrap();
         assert!(stamp.still_at(&f));
         // Read in the tick it was written: not trusted; read later: trusted.
-        assert!(!stamp.settled_before(SystemTime::now()));
+        let margin = TIMESTAMP_GRANULARITY;
+        assert!(!stamp.settled_before(SystemTime::now(), margin));
         let later = SystemTime::now() + TIMESTAMP_GRANULARITY + Duration::from_millis(10);
-        assert!(stamp.settled_before(later));
-        assert!(!stamp.settled_before(SystemTime::UNIX_EPOCH));
+        assert!(stamp.settled_before(later, margin));
+        assert!(!stamp.settled_before(SystemTime::UNIX_EPOCH, margin));
         // The same bytes written again, the old mtime put back (`cp -p`,
         // `touch -d`): the change time still tells.
         let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();

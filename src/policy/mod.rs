@@ -238,9 +238,6 @@ pub struct PolicySet {
     /// content SHA-256), for the next reload to reuse the policies of files
     /// that did not change.
     sources: std::collections::HashMap<String, ([u8; 32], usize)>,
-    /// The stamps that stand for its files until their stat changes (what the
-    /// next reload need not read again).
-    seen: snapshot::Seen,
 }
 
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
@@ -529,7 +526,6 @@ impl PolicySet {
             index,
             inventory_digest: String::new(),
             sources: std::collections::HashMap::new(),
-            seen: snapshot::Seen::default(),
         }
     }
 
@@ -549,12 +545,6 @@ impl PolicySet {
     /// with (what lets a reload keep the parsed inventory).
     pub fn inventory_digest(&self) -> &str {
         &self.inventory_digest
-    }
-
-    /// The stamps a reload may keep for its files without reading them again
-    /// ([`Snapshot::read_after`]).
-    pub fn seen(&self) -> &Seen {
-        &self.seen
     }
 
     /// Loads and compiles every `*.yaml` / `*.yml` file of `dir` (not recursive),
@@ -694,7 +684,6 @@ impl PolicySet {
             set.inventory_digest = inventory_digest;
             set.ignored = snapshot.ignored.clone();
             set.digest = snapshot.digest();
-            set.seen = snapshot::Seen::of(snapshot);
             Ok(set)
         } else {
             Err(errors)
@@ -831,7 +820,8 @@ mod tests {
         assert!(std::sync::Arc::ptr_eq(&first.inventory, &second.inventory));
         // A reload's read only stamps inventory files the active set knows.
         let stamped =
-            Snapshot::read_after(d.path(), Some(first.inventory_digest()), first.seen()).unwrap();
+            Snapshot::read_after(d.path(), Some(first.inventory_digest()), &Seen::default())
+                .unwrap();
         assert!(stamped.inventory_known);
         assert_eq!(stamped.digest(), Snapshot::read(d.path()).unwrap().digest());
         let again = PolicySet::from_snapshot_after(&stamped, None, Some(&second)).unwrap();

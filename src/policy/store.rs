@@ -31,6 +31,16 @@ pub struct PolicyStore {
     /// The digest of the last set refused: a watch event or poll tick for the
     /// same files does not refuse (log and count) it again; SIGHUP does.
     refused: std::sync::Mutex<Option<String>>,
+    /// The stamps that stand for the active set's files until their stat
+    /// changes ([`Seen`]): from the read that compiled it, refreshed by every
+    /// later look that found the same digest (files deployed a moment before
+    /// a reload are not trusted by it, but by the next look).
+    seen: std::sync::Mutex<Arc<Seen>>,
+    /// How much older than a read a file's change time must be for its stamp
+    /// to be kept ([`TIMESTAMP_GRANULARITY`]; tests set 0).
+    ///
+    /// [`TIMESTAMP_GRANULARITY`]: crate::domain::regular_file::TIMESTAMP_GRANULARITY
+    margin: std::time::Duration,
 }
 
 impl PolicyStore {
@@ -45,22 +55,29 @@ impl PolicyStore {
         known_clients: BTreeSet<String>,
         jwt_clients: BTreeSet<String>,
     ) -> Result<Self, Vec<PolicyError>> {
-        let set = Self::compile(dir, &known_clients, &jwt_clients)?;
+        let margin = crate::domain::regular_file::TIMESTAMP_GRANULARITY;
+        let snapshot = Snapshot::read(dir)?;
+        let set = Self::compile_snapshot(&snapshot, &known_clients, &jwt_clients, None)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             known_clients,
             jwt_clients,
             current: ArcSwap::from_pointee(set),
             refused: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new(Arc::new(Seen::of(&snapshot, margin))),
+            margin,
         })
     }
 
-    fn compile(
-        dir: &Path,
-        known: &BTreeSet<String>,
-        jwt: &BTreeSet<String>,
-    ) -> Result<PolicySet, Vec<PolicyError>> {
-        Self::compile_snapshot(&Snapshot::read(dir)?, known, jwt, None)
+    /// The stamps a look at the directory may keep without reading the files.
+    pub fn seen(&self) -> Arc<Seen> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn remember(&self, seen: Seen) {
+        if let Ok(mut s) = self.seen.lock() {
+            *s = Arc::new(seen);
+        }
     }
 
     fn compile_snapshot(
@@ -107,12 +124,11 @@ impl PolicyStore {
         force: bool,
     ) -> Result<Reloaded, Vec<PolicyError>> {
         let active = self.current();
-        let none = Seen::default();
-        let seen = if force { &none } else { active.seen() };
-        let first = Snapshot::read_after(&self.dir, Some(active.inventory_digest()), seen);
+        let seen = if force { Arc::default() } else { self.seen() };
+        let first = Snapshot::read_after(&self.dir, Some(active.inventory_digest()), &seen);
         std::thread::sleep(settle);
         // The second look stamps the files without keeping them.
-        let second = Stamps::read_seen(&self.dir, seen);
+        let second = Stamps::read_seen(&self.dir, &seen);
         let first = match (first, second) {
             (Ok(a), Ok(b)) if a.same_as(&b) => a,
             (Err(a), Err(_)) => return Err(a),
@@ -124,7 +140,11 @@ impl PolicyStore {
             .lock()
             .map(|r| r.as_deref() == Some(digest.as_str()))
             .unwrap_or(false);
-        if !force && (digest == self.current().digest() || refused_before) {
+        if digest == active.digest() {
+            // The active set's files: their stamps may have settled since.
+            self.remember(Seen::of(&first, self.margin));
+        }
+        if !force && (digest == active.digest() || refused_before) {
             return Ok(Reloaded::Unchanged);
         }
         let compiled = Self::compile_snapshot(
@@ -140,6 +160,7 @@ impl PolicyStore {
         })?;
         let set = Arc::new(compiled);
         self.current.store(set.clone());
+        self.remember(Seen::of(&first, self.margin));
         Ok(Reloaded::Applied(set))
     }
 
@@ -147,8 +168,14 @@ impl PolicyStore {
     /// (what the poll fallback compares between ticks); files whose stat is
     /// the one the active set recorded are not read.
     pub fn fingerprint(&self) -> String {
-        match Stamps::read_seen(&self.dir, self.current().seen()) {
-            Ok(s) => s.digest(),
+        match Stamps::read_seen(&self.dir, &self.seen()) {
+            Ok(s) => {
+                let digest = s.digest();
+                if digest == self.current().digest() {
+                    self.remember(Seen::of_stamps(&s, self.margin));
+                }
+                digest
+            }
             Err(errors) => format!(
                 "unreadable: {}",
                 errors
@@ -158,5 +185,55 @@ impl PolicyStore {
                     .join("; ")
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const POLICY: &str = "effect: deny\nwhen:\n  branchName: main\n";
+
+    #[test]
+    fn each_look_at_the_active_sets_files_records_the_stamps_that_settled() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["a.yaml", "b.yaml"] {
+            std::fs::write(d.path().join(name), POLICY).unwrap();
+        }
+        let mut store = PolicyStore::load(d.path(), BTreeSet::new(), BTreeSet::new()).unwrap();
+        // Read in the tick they were written: nothing recorded.
+        assert!(store.seen().is_empty());
+        // Time passes (the margin is 0 here instead): an unchanged reload
+        // records them, as does the poll.
+        store.margin = Duration::ZERO;
+        assert!(matches!(
+            store.reload_settled(Duration::ZERO, false),
+            Ok(Reloaded::Unchanged)
+        ));
+        assert_eq!(store.seen().len(), 2);
+        store.remember(Seen::default());
+        assert_eq!(store.fingerprint(), store.current().digest());
+        assert_eq!(store.seen().len(), 2);
+        // An applied set: its files' stamps.
+        std::fs::write(d.path().join("c.yaml"), POLICY).unwrap();
+        assert!(matches!(
+            store.reload_settled(Duration::ZERO, false),
+            Ok(Reloaded::Applied(_))
+        ));
+        assert_eq!(store.seen().len(), 3);
+        // A refused set or another digest seen by the poll leave them as
+        // they are: they are the active set's.
+        std::fs::write(d.path().join("d.yaml"), "effect: maybe\n").unwrap();
+        assert!(store.reload_settled(Duration::ZERO, false).is_err());
+        assert_ne!(store.fingerprint(), store.current().digest());
+        assert_eq!(store.seen().len(), 3);
+        // SIGHUP reads everything again and applies the same set.
+        std::fs::remove_file(d.path().join("d.yaml")).unwrap();
+        assert!(matches!(
+            store.reload_settled(Duration::ZERO, true),
+            Ok(Reloaded::Applied(_))
+        ));
+        assert_eq!(store.seen().len(), 3);
     }
 }

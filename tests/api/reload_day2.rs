@@ -84,10 +84,9 @@ fn flip(root: &Path, n: u32) {
     assert!(ok.success());
 }
 
-/// Three consecutive `current -> release-N` swaps with the old target kept,
-/// then three with the old target deleted; each applied within the delay, and
-/// the digest metric follows each one.
-async fn three_swaps_each_way(watch: bool, poll_ms: u64) {
+/// A service whose `policies_dir` is `<root>/current -> release-1`, with the
+/// upstreams it uses (kept alive).
+async fn linked(watch: bool, poll_ms: u64) -> ((Issuer, FakeKeycloak), tempfile::TempDir, TestApp) {
     let issuer = Issuer::start().await;
     let kc = FakeKeycloak::start().await;
     kc.token_ok(60, "artifacts:read", 1..).await;
@@ -98,6 +97,15 @@ async fn three_swaps_each_way(watch: bool, poll_ms: u64) {
     opts.policies_dir = Some(root.path().join("current"));
     opts.top_extra = reload_table(watch, poll_ms, SETTLE_MS);
     let app = TestApp::start(&issuer, opts).await;
+    ((issuer, kc), root, app)
+}
+
+/// Three consecutive `current -> release-N` swaps with the old target kept,
+/// then three with the old target deleted; each applied within the delay, and
+/// the digest metric follows each one.
+async fn three_swaps_each_way(watch: bool, poll_ms: u64) {
+    let (upstreams, root, app) = linked(watch, poll_ms).await;
+    let issuer = &upstreams.0;
     let token = issuer.mint(&issuer.step());
     assert_eq!(status(&app, &token, "rel-1-api").await, 200);
     let mut digest = set_digest(&app.address).await;
@@ -122,6 +130,34 @@ async fn three_swaps_each_way(watch: bool, poll_ms: u64) {
 #[tokio::test]
 async fn link_swaps_are_applied_by_the_watch_alone() {
     three_swaps_each_way(true, 0).await;
+}
+
+/// `policies_dir` is a link (git-sync's `current`): a file changed inside its
+/// target, before and after a swap, is applied by the watch alone. The watch is
+/// on the resolved directory: one on the link's own path sees no such edit.
+#[tokio::test]
+async fn edits_inside_a_linked_directory_are_applied_by_the_watch_alone() {
+    let (upstreams, root, app) = linked(true, 0).await;
+    let issuer = &upstreams.0;
+    let token = issuer.mint(&issuer.step());
+    let edit = |n: u32, audience: &str| {
+        let dir = root.path().join(format!("release-{n}"));
+        std::fs::write(dir.join("a.yaml.tmp"), policy_for(audience)).unwrap();
+        std::fs::rename(dir.join("a.yaml.tmp"), dir.join("a.yaml")).unwrap();
+    };
+    edit(1, "edited-1-api");
+    assert!(
+        applied(&app, &token, "edited-1-api", "rel-1-api").await,
+        "an edit inside the link's target not applied"
+    );
+    release(root.path(), 2);
+    flip(root.path(), 2);
+    assert!(applied(&app, &token, "rel-2-api", "edited-1-api").await);
+    edit(2, "edited-2-api");
+    assert!(
+        applied(&app, &token, "edited-2-api", "rel-2-api").await,
+        "an edit inside the new target not applied"
+    );
 }
 
 #[tokio::test]
