@@ -240,6 +240,10 @@ pub struct PolicySet {
     sources: std::collections::HashMap<String, ([u8; 32], usize)>,
 }
 
+/// Above this many repository and environment UUIDs one policy lists, the set
+/// warns about its memory ([`PolicySet::warnings`]).
+pub const LARGE_EXPANSION: usize = 5_000;
+
 /// Shortest `max_lifetime_seconds` of a JWT Authorization Grant client's grant.
 pub const MIN_IDENTITY_LIFETIME_SECONDS: u64 = 30;
 
@@ -395,6 +399,7 @@ impl PolicySet {
             .map(|f| format!("{f}: not a policy file (only *.yaml and *.yml are read); ignored"))
             .collect();
         out.extend(self.marker_warnings());
+        out.extend(self.expansion_warning());
         for p in &self.policies {
             for s in p.deny_scopes.iter().flatten() {
                 let granted = self.policies.iter().any(|a| {
@@ -426,6 +431,30 @@ impl PolicySet {
             }
         }
         out
+    }
+
+    /// One line when some policies list more than [`LARGE_EXPANSION`]
+    /// repository and environment UUIDs (names, projects and globs expand to
+    /// them at load): memory grows with policies times what each matches, not
+    /// with the files' size (README "Organisation scale").
+    fn expansion_warning(&self) -> Option<String> {
+        let sizes = self.policies.iter().map(|p| {
+            let w = &p.when;
+            let n = w.repository_uuid.as_ref().map_or(0, Vec::len)
+                + w.deployment_environment_uuid.as_ref().map_or(0, Vec::len);
+            (n, p.id.as_str())
+        });
+        let large: Vec<(usize, &str)> = sizes.filter(|(n, _)| *n > LARGE_EXPANSION).collect();
+        let (most, id) = large.iter().max()?;
+        let total: usize = large.iter().map(|(n, _)| n).sum();
+        Some(format!(
+            "{} policies list more than {LARGE_EXPANSION} repository and environment UUIDs \
+             each once names, projects and globs are expanded ({total} in all; the most: \
+             `{id}`, {most}); each costs about 100 bytes of memory per policy listing it \
+             (about {} MiB), and a reload holds the old and new sets at once",
+            large.len(),
+            total * 100 / (1024 * 1024)
+        ))
     }
 
     /// Policies whose only gate is an audience marker (`when.aud`), which the
@@ -794,6 +823,53 @@ fn compile_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policies_listing_many_uuids_are_warned_about_once() {
+        let uuids = |n: usize, base: usize| -> String {
+            (base..base + n)
+                .map(|i| format!("\"00000000-0000-4000-8000-{i:012x}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let allow = |n, base| {
+            format!(
+                "effect: allow\nwhen:\n  repositoryUuid: [{}]\ngrant: {{client: c, audience: a, scopes: [s], default_scopes: [s], max_lifetime_seconds: 60}}\n",
+                uuids(n, base)
+            )
+        };
+        let set = |texts: &[String]| {
+            PolicySet::from_shared(
+                texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        std::sync::Arc::new(compile_str(&format!("p{i}"), t, None).unwrap())
+                    })
+                    .collect(),
+            )
+        };
+        let large = |s: &PolicySet| -> Vec<String> {
+            s.warnings()
+                .into_iter()
+                .filter(|w| w.contains("UUIDs"))
+                .collect()
+        };
+        assert!(large(&set(&[allow(LARGE_EXPANSION, 0)])).is_empty());
+        let warned = large(&set(&[
+            allow(LARGE_EXPANSION + 1, 0),
+            allow(LARGE_EXPANSION + 2, 10_000),
+            allow(3, 30_000),
+        ]));
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].starts_with("2 policies")
+                && warned[0].contains("`p1`, 5002")
+                && warned[0].contains("10003 in all"),
+            "{}",
+            warned[0]
+        );
+    }
 
     /// A policies directory holding the sample inventory as `inventory/acme.yaml`.
     fn with_sample_inventory() -> (tempfile::TempDir, crate::inventory::WorkspaceInventory) {
