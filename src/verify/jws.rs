@@ -216,21 +216,11 @@ fn decode_segment(
     serde_json::from_slice::<StrictObject>(&bytes)
         .map(|o| o.0)
         .map_err(|e| {
-            VerifyError::Malformed(format!("{what} is not a JSON object: {}", classify(&e)))
+            VerifyError::Malformed(format!(
+                "{what} is not a JSON object: {}",
+                super::claims::classify(&e)
+            ))
         })
-}
-
-/// A short, fixed description of a JSON error (no input echoed).
-pub(super) fn classify(e: &serde_json::Error) -> &'static str {
-    if e.to_string().contains("duplicate") {
-        return "duplicate member";
-    }
-    match e.classify() {
-        serde_json::error::Category::Io => "io",
-        serde_json::error::Category::Syntax => "syntax error",
-        serde_json::error::Category::Data => "wrong shape",
-        serde_json::error::Category::Eof => "truncated",
-    }
 }
 
 #[cfg(test)]
