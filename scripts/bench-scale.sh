@@ -20,7 +20,9 @@
 #     (the reload's cost to requests in flight), with how many reloads applied;
 #   - peak RSS (VmHWM) after all of it, reloads included;
 #   - time from start to ready (/readyz), and the reload time the service
-#     measures (sts_policy_reload_duration_seconds: read, compile, swap);
+#     measures (sts_policy_reload_duration_seconds: read, compile, swap) of one
+#     changed file and of a SIGHUP without load, and the mean under the load
+#     windows (where the reload thread runs on what CPU the workers leave);
 #   - `policy check` wall time and peak RSS.
 # The table gives min, median and max over the runs.
 #
@@ -169,7 +171,7 @@ load() { # name body expected-status [port pid] -> "cpu_us p99_ms"
 # ConfigMap update or git-sync would: a changed digest, so each is a real
 # reload, seen by the service's file watch (settle_ms later). The service
 # reads again only that file (the others keep their stat); SIGHUP, which reads
-# every file, is measured by the smoke below, not under load.
+# every file, is measured without load after the windows (idle_reload_ms).
 reload_loop() { # policies_dir
   local f="$1/deny-wip-branches.yaml" i=0
   while sleep "$RELOAD_EVERY"; do
@@ -179,12 +181,33 @@ reload_loop() { # policies_dir
   done
 }
 
+# One reload without load, in ms as the service measured it (read, compile,
+# swap): "change" rewrites one policy file as reload_loop does (the file watch;
+# the others keep their stat), "hup" sends SIGHUP (every file read and hashed).
+idle_reload_ms() { # policies_dir change|hup
+  local s0 n0 i f="$1/deny-wip-branches.yaml"
+  s0=$(metric sts_policy_reload_duration_seconds_sum)
+  n0=$(metric sts_policy_reload_duration_seconds_count)
+  if [[ $2 == hup ]]; then
+    kill -HUP "$STS_PID"
+  else
+    { grep -v '^# bench reload' "$f"; echo "# bench reload idle $RANDOM"; } >"$f.tmp" && mv "$f.tmp" "$f"
+  fi
+  for ((i = 0; i < 3000; i++)); do
+    [[ "$(metric sts_policy_reload_duration_seconds_count)" -gt "$n0" ]] && break
+    sleep 0.01
+  done
+  [[ "$(metric sts_policy_reload_duration_seconds_count)" -gt "$n0" ]] ||
+    { echo "bench-scale: no reload applied ($2)" >&2; return 1; }
+  awk -v a="$s0" -v b="$(metric sts_policy_reload_duration_seconds_sum)" 'BEGIN {printf "%.0f", 1000 * (b - a)}'
+}
+
 median_of() { # numbers on stdin, one a line -> their median
   sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'
 }
 
 one_run() { # n p run
-  local n=$1 p=$2 dir="$OUT/org-$1-$2" t0 ready_ms check reload_s reload_n cpu_ok cpu_no cpu_secret p99 p99r
+  local n=$1 p=$2 dir="$OUT/org-$1-$2" t0 ready_ms check reload_s reload_n cpu_ok cpu_no cpu_secret p99 p99r idle hup
   if [[ ! -d "$dir" ]]; then
     python3 bench/scale/generate.py "$n" "$p" "$dir"
   fi
@@ -243,11 +266,19 @@ one_run() { # n p run
   reload_s=$(metric sts_policy_reload_duration_seconds_sum)
   reload_n=$(metric sts_policy_reload_duration_seconds_count)
   [[ "${reload_n:-0}" -gt 0 ]] || { echo "bench-scale: no reload was applied" >&2; return 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$p" "$3" "$cpu_ok" "$cpu_no" "$p99" "$p99r" \
+  if [[ $SMOKE == 1 ]]; then
+    idle=- hup=-
+  else
+    # a reload the last window's change started (or its retry) finishes first
+    sleep 3
+    idle=$(idle_reload_ms "$dir" change)
+    hup=$(idle_reload_ms "$dir" hup)
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$n" "$p" "$3" "$cpu_ok" "$cpu_no" "$p99" "$p99r" \
     "$(peak_rss_mib "$STS_PID")" "$ready_ms" \
     "$(awk -v s="$reload_s" -v c="$reload_n" 'BEGIN {printf "%.0f", 1000 * s / c}')" \
     "$(awk -v c="${check% *}" 'BEGIN {printf "%.0f", 1000 * c}')" \
-    "$(awk -v k="${check#* }" 'BEGIN {printf "%.1f", k / 1024}')" "$cpu_secret" | tee -a "$OUT/rows.tsv"
+    "$(awk -v k="${check#* }" 'BEGIN {printf "%.1f", k / 1024}')" "$cpu_secret" "$idle" "$hup" | tee -a "$OUT/rows.tsv"
   kill "$STS_PID"; wait "$STS_PID" 2>/dev/null || true
   STS_PID=""
 }
@@ -259,7 +290,7 @@ floor_run() { # run: the floor of the stack under the same load, once per run
   stop_floor
 }
 
-echo "n	p	run	cpu_allowed_us	cpu_refused_us	p99_ms	p99_reloading_ms	peak_rss_mib	ready_ms	reload_ms	check_ms	check_rss_mib	cpu_secret_us"
+echo "n	p	run	cpu_allowed_us	cpu_refused_us	p99_ms	p99_reloading_ms	peak_rss_mib	ready_ms	reload_ms	check_ms	check_rss_mib	cpu_secret_us	reload_idle_ms	reload_hup_ms"
 for ((run = 1; run <= RUNS; run++)); do
   [[ $SMOKE == 0 ]] && floor_run "$run"
   for size in $SIZES; do
@@ -282,12 +313,12 @@ median() { # n p column [file]
 {
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(uname -sr); wrk -t2 -c$CONNECTIONS -d${DURATION}s; $RUNS runs per size, alternating; min / median / max; $(date -u +%Y-%m-%d)"
   echo
-  echo "| repositories | policies | CPU µs per allowed exchange | CPU µs per refused exchange | CPU µs per allowed exchange, client secret | p99 ms, quiet (median of ${PAIRS} windows) | p99 ms, a policy file changed every ${RELOAD_EVERY} s | peak RSS MiB | start to ready ms | reload ms | policy check ms | policy check RSS MiB |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| repositories | policies | CPU µs per allowed exchange | CPU µs per refused exchange | CPU µs per allowed exchange, client secret | p99 ms, quiet (median of ${PAIRS} windows) | p99 ms, a policy file changed every ${RELOAD_EVERY} s | peak RSS MiB | start to ready ms | reload ms, one file changed, idle | reload ms, SIGHUP (every file), idle | reload ms, under the load windows (mean) | policy check ms | policy check RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   for size in $SIZES; do
     n=${size%:*} p=${size#*:}
     printf '| %s | %s |' "$n" "$p"
-    for c in 4 5 13 6 7 8 9 10 11 12; do printf ' %s |' "$(stats "$n" "$p" "$c")"; done
+    for c in 4 5 13 6 7 8 9 14 15 10 11 12; do printf ' %s |' "$(stats "$n" "$p" "$c")"; done
     echo
   done
   echo

@@ -66,6 +66,32 @@ impl FileStamp {
             _ => false,
         }
     }
+
+    /// [`still_at`](Self::still_at) for `rel` under the open directory `dir`
+    /// (`fstatat`, links followed): the kernel walks only `rel`'s components,
+    /// not the directory's whole path again for each of thousands of files.
+    pub fn still_in(&self, dir: std::os::fd::BorrowedFd<'_>, rel: &str) -> bool {
+        match rustix::fs::statat(dir, rel, rustix::fs::AtFlags::empty()) {
+            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {
+                stamp_of_stat(&st, self.sha256) == *self
+            }
+            _ => false,
+        }
+    }
+}
+
+/// [`stamp_of`] from `fstatat`'s answer (the fields' integer types differ
+/// between targets, hence the conversions some of which are no-ops here).
+#[allow(clippy::useless_conversion)]
+fn stamp_of_stat(st: &rustix::fs::Stat, sha256: [u8; 32]) -> FileStamp {
+    FileStamp {
+        dev: u64::from(st.st_dev),
+        ino: u64::from(st.st_ino),
+        size: u64::try_from(st.st_size).unwrap_or(u64::MAX),
+        mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
+        sha256,
+    }
 }
 
 /// Reads the regular file at `path` (links followed), at most `max` bytes, as

@@ -767,9 +767,9 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
         // without following anything else when read).
         let regular = kind.is_some_and(|k| k.is_file());
         let target = if regular {
-            Ok(root.clone())
+            Ok(None)
         } else {
-            std::fs::canonicalize(&path)
+            std::fs::canonicalize(&path).map(Some)
         };
         let ext = path
             .extension()
@@ -778,14 +778,14 @@ fn policy_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Vec<PolicyErr
         let is_policy_name = ext.eq_ignore_ascii_case("yaml") || ext.eq_ignore_ascii_case("yml");
         match target {
             Err(_) => errors.push(err(&path, "a dangling symbolic link")),
-            Ok(target) if !target.starts_with(&root) => errors.push(err(
+            Ok(Some(target)) if !target.starts_with(&root) => errors.push(err(
                 &path,
                 "a symbolic link leading outside the policies directory; not followed",
             )),
             Ok(_) if is_policy_name && ext != "yaml" && ext != "yml" => {
                 errors.push(err(&path, "use a lower-case .yaml or .yml extension"))
             }
-            Ok(target) if is_policy_name && !regular && !target.is_file() => {
+            Ok(Some(target)) if is_policy_name && !target.is_file() => {
                 errors.push(err(&path, "not a regular file"))
             }
             Ok(_) if is_policy_name => files.push(path),

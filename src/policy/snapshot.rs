@@ -11,9 +11,11 @@
 //! nor hashed again, and its compiled policy is reused. SIGHUP reads every file.
 
 use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use rustix::fs::{Mode, OFlags};
 use sha2::{Digest, Sha256};
 
 use super::{policy_files, PolicyError, MAX_POLICY_FILE_BYTES};
@@ -79,14 +81,27 @@ impl Seen {
         self.0.is_empty()
     }
 
-    /// The stamp recorded for `rel` when the file at `path` still has its stat.
-    fn still(&self, rel: &str, path: &Path) -> Option<FileStamp> {
-        self.0.get(rel).filter(|s| s.still_at(path)).copied()
+    /// The stamp recorded for `rel` when the file at `path` (`rel` under the
+    /// listing's open directory `at`, when it could be opened) still has its stat.
+    fn still(&self, rel: &str, path: &Path, at: Option<&OwnedFd>) -> Option<FileStamp> {
+        self.0
+            .get(rel)
+            .filter(|s| match at {
+                Some(dir) => s.still_in(dir.as_fd(), rel),
+                None => s.still_at(path),
+            })
+            .copied()
     }
 
     /// The file's stamp: the recorded one while it still stands, else hashed.
-    fn stamp(&self, rel: &str, path: &Path, max: u64) -> Result<FileStamp, String> {
-        match self.still(rel, path) {
+    fn stamp(
+        &self,
+        rel: &str,
+        path: &Path,
+        at: Option<&OwnedFd>,
+        max: u64,
+    ) -> Result<FileStamp, String> {
+        match self.still(rel, path, at) {
             Some(s) => Ok(s),
             None => stamp_regular_file(path, max),
         }
@@ -127,6 +142,9 @@ pub struct Stamps {
 /// What one listing of the directory found.
 struct Listing {
     root: PathBuf,
+    /// The directory, open (`O_PATH`) when listed: a [`Seen`] stamp is checked
+    /// relative to it.
+    at: Option<OwnedFd>,
     /// (path relative to the directory, path) of each policy file.
     policies: Vec<(String, PathBuf)>,
     /// The same of each inventory file.
@@ -144,8 +162,16 @@ fn list(dir: &Path) -> Result<Listing, Vec<PolicyError>> {
     })?;
     let (policies, ignored) = policy_files(dir)?;
     let inventory = Inventory::files(dir)?;
+    // Not opened: each file is stat'ed by its whole path instead.
+    let at = rustix::fs::open(
+        dir,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok();
     Ok(Listing {
         root,
+        at,
         policies: named(policies, ""),
         inventory: named(inventory, &format!("{INVENTORY_DIR}/")),
         ignored,
@@ -244,7 +270,7 @@ impl Snapshot {
                 l.inventory.clone(),
                 MAX_INVENTORY_FILE_BYTES,
                 &mut Vec::new(),
-                |rel, path, max| seen.stamp(rel, path, max),
+                |rel, path, max| seen.stamp(rel, path, l.at.as_ref(), max),
             );
             let digest = digest_of(files.iter().map(|(rel, _, s)| (rel.as_str(), s)));
             (files, digest == known)
@@ -275,7 +301,10 @@ impl Snapshot {
             l.policies,
             MAX_POLICY_FILE_BYTES,
             &mut errors,
-            |rel, path, max| match seen.still(rel, path).filter(|_| inventory_known) {
+            |rel, path, max| match seen
+                .still(rel, path, l.at.as_ref())
+                .filter(|_| inventory_known)
+            {
                 Some(stamp) => Ok((stamp, None)),
                 None => read_full(rel, path, max),
             },
@@ -347,7 +376,7 @@ impl Stamps {
         let read_at = SystemTime::now();
         let l = list(dir)?;
         let mut errors = Vec::new();
-        let stamp = |rel: &str, path: &Path, max| seen.stamp(rel, path, max);
+        let stamp = |rel: &str, path: &Path, max| seen.stamp(rel, path, l.at.as_ref(), max);
         let mut files: Vec<(String, FileStamp)> =
             read_each(l.policies, MAX_POLICY_FILE_BYTES, &mut errors, stamp)
                 .into_iter()
