@@ -112,7 +112,7 @@ impl PolicyStore {
     /// between (a file truncated and rewritten in chunks, a link flipped) gives
     /// [`Reloaded::Unsettled`]. With `force` false, files whose digest is the
     /// active set's are [`Reloaded::Unchanged`], and a file whose stat is the
-    /// one the active set recorded is not read again ([`PolicySet::seen`]);
+    /// one the active set recorded is not read again ([`Seen`]);
     /// with `force` (SIGHUP) every file is read and hashed.
     ///
     /// # Errors

@@ -10,8 +10,10 @@ use secrecy::ExposeSecret;
 
 use super::admin::{Admin, AdminError};
 use super::desired::Desired;
-use super::live::{Live, REALM_KEY};
-use super::plan::{default_scopes, plan, Action, Change, Kind, Plan};
+use super::diff::{Action, Change, Kind, Plan};
+use super::live::Live;
+use super::plan::{default_scopes, plan};
+use super::realm::{remove_direct_roles, REALM_KEY};
 
 /// Why `apply` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -502,80 +504,6 @@ async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<
         }
     }
     Ok(())
-}
-
-/// Removes the roles mapped directly to `user` that `keep` (clientId → roles)
-/// does not list: every realm role but `default-roles-<realm>`, and every client
-/// role outside `keep`. Roles of Keycloak's own clients are left to a human
-/// (`plan` reports them as problems). Returns the client mappings read.
-pub(super) async fn remove_direct_roles(
-    admin: &Admin,
-    user: &str,
-    name: &str,
-    keep: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<
-    std::collections::HashMap<String, ::keycloak::types::ClientMappingsRepresentation>,
-    AdminError,
-> {
-    let realm = admin.realm.as_str();
-    let m = admin
-        .run(format!("read the roles of {name}"), || {
-            admin
-                .api
-                .realm_users_with_user_id_role_mappings_get(realm, user)
-        })
-        .await?;
-    let extra_realm: Vec<RoleRepresentation> = m
-        .realm_mappings
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| !super::live::is_default_role(r.name.as_deref().unwrap_or_default()))
-        .collect();
-    if !extra_realm.is_empty() {
-        admin
-            .run(format!("remove the realm roles of {name}"), || {
-                admin
-                    .api
-                    .realm_users_with_user_id_role_mappings_realm_delete(
-                        realm,
-                        user,
-                        extra_realm.clone(),
-                    )
-            })
-            .await?;
-    }
-    let have = m.client_mappings.unwrap_or_default();
-    let none = BTreeSet::new();
-    for (client, mapped) in have
-        .iter()
-        .filter(|(c, _)| !super::model::is_reserved_client(c))
-    {
-        let wanted = keep.get(client).unwrap_or(&none);
-        let extra: Vec<RoleRepresentation> = mapped
-            .mappings
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
-            .collect();
-        if !extra.is_empty() {
-            let other = mapped.id.clone().unwrap_or_default();
-            admin
-                .run(format!("remove {client} roles of {name}"), || {
-                    admin
-                        .api
-                        .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                            realm,
-                            user,
-                            &other,
-                            extra.clone(),
-                        )
-                })
-                .await?;
-        }
-    }
-    Ok(have)
 }
 
 /// Makes the service account's roles exactly `want`, the roles its scopes carry:

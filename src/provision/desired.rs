@@ -10,15 +10,8 @@ use ::keycloak::types::{
 use secrecy::{ExposeSecret, SecretString};
 
 use super::model::{join, RealmModel};
+use super::realm::{BASIC_SCOPE, OWNER_ATTRIBUTE};
 use crate::policy::Policy;
-
-/// The attribute that marks an object as created and owned by `keycloak apply`;
-/// its value is the model's `owner`. Only objects carrying it are changed or removed.
-pub const OWNER_ATTRIBUTE: &str = "keycloak-ci-sts.owner";
-
-/// The built-in scope every client gets as its only default scope: it carries
-/// `sub` (Keycloak 25+; without it tokens lack `sub`, keycloak#31082).
-pub const BASIC_SCOPE: &str = "basic";
 
 /// Shortest client secret `apply` sets, in characters.
 pub const MIN_SECRET_LEN: usize = 16;

@@ -78,7 +78,7 @@ pub fn realm_json(realm: &str, desired: &Desired) -> Value {
                     json!({
                         "name": g.name,
                         "description": g.description,
-                        "attributes": { super::desired::OWNER_ATTRIBUTE: [desired.owner] },
+                        "attributes": { super::realm::OWNER_ATTRIBUTE: [desired.owner] },
                         "clientRoles": g.roles,
                     })
                 })

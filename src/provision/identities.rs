@@ -24,9 +24,9 @@ use ::keycloak::types::{
 use serde_json::{json, Value};
 
 use super::admin::{Admin, AdminError};
-use super::desired::OWNER_ATTRIBUTE;
+use super::diff::{Action, Change, Entry, Kind, Plan};
 use super::model::{join, RealmModel};
-use super::plan::{Action, Change, Entry, Kind, Plan};
+use super::realm::{direct_roles, mapping_roles, remove_direct_roles, OWNER_ATTRIBUTE, REALM_KEY};
 use crate::domain::identity::{IdentityKind, RepositoryIdentity};
 use crate::inventory::Inventory;
 use crate::policy::{Effect, Policy};
@@ -450,8 +450,7 @@ impl LiveIdentities {
                             .realm_groups_with_group_id_role_mappings_get(realm, &id)
                     })
                     .await?;
-                live.groups
-                    .insert(g.name.clone(), (rep, super::live::mapping_roles(m)));
+                live.groups.insert(g.name.clone(), (rep, mapping_roles(m)));
             }
         }
         let wanted: BTreeSet<&str> = want.users.iter().map(|u| u.username.as_str()).collect();
@@ -533,7 +532,7 @@ impl LiveIdentities {
                         .realm_users_with_user_id_role_mappings_get(realm, &u.id)
                 })
                 .await?;
-            let roles = super::live::direct_roles(m);
+            let roles = direct_roles(m);
             live.users.insert(
                 u.username.clone(),
                 LiveUser {
@@ -576,7 +575,7 @@ impl LiveIdentities {
 
 impl LiveIdentities {
     /// The live `enabled` of the identity object `plan` calls `kind` `name`
-    /// ([`super::plan::keep_operator_switches`]).
+    /// (`plan::keep_operator_switches`).
     pub fn enabled(&self, kind: Kind, name: &str) -> Option<bool> {
         match kind {
             Kind::IdentityProvider => self.provider.as_ref()?.enabled,
@@ -698,8 +697,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                 let mut ch = Vec::new();
                 let have = l.map(|(_, r)| r.clone()).unwrap_or_default();
                 for (client, roles) in &have {
-                    if super::model::is_reserved_client(client) || client == super::live::REALM_KEY
-                    {
+                    if super::model::is_reserved_client(client) || client == REALM_KEY {
                         plan.problems.push(format!(
                             "group {} holds {} roles ({}): its members' tokens could carry them; remove them by hand",
                             g.name, client, join(roles)
@@ -1031,7 +1029,7 @@ async fn group(
     };
     let servers: BTreeSet<&String> = g.roles.keys().chain(have.keys()).collect();
     for rs in servers {
-        if super::model::is_reserved_client(rs) || rs == super::live::REALM_KEY {
+        if super::model::is_reserved_client(rs) || rs == REALM_KEY {
             continue;
         }
         let uuid = client_uuid(admin, rs).await?;
@@ -1223,7 +1221,7 @@ async fn user(
         .await?;
     if !l.roles.is_empty() {
         // Roles come from groups only.
-        super::apply::remove_direct_roles(admin, &u.id, username, &BTreeMap::new()).await?;
+        remove_direct_roles(admin, &u.id, username, &BTreeMap::new()).await?;
     }
     let current = l
         .links

@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ::keycloak::types::{ClientRepresentation, ClientScopeRepresentation, MappingsRepresentation};
+use ::keycloak::types::{ClientRepresentation, ClientScopeRepresentation};
 
 use super::admin::{Admin, AdminError};
-use super::desired::{Desired, OWNER_ATTRIBUTE};
+use super::desired::Desired;
+use super::realm::{direct_roles, mapping_roles, owned_by};
 
 /// Details of one client that `plan` compares beyond its representation.
 #[derive(Debug, Default, Clone)]
@@ -20,11 +21,11 @@ pub struct ClientDetails {
     /// Its service-account user's id, when service accounts are on.
     pub service_account: Option<String>,
     /// The service account's roles, by `clientId` (realm roles under
-    /// [`REALM_KEY`], without the realm's `default-roles-<realm>`).
+    /// [`super::realm::REALM_KEY`], without the realm's `default-roles-<realm>`).
     pub roles: BTreeMap<String, BTreeSet<String>>,
     /// The service account's group paths.
     pub groups: BTreeSet<String>,
-    /// The client's own role scope mappings, by `clientId` (realm under [`REALM_KEY`]).
+    /// The client's own role scope mappings, by `clientId` (realm under [`super::realm::REALM_KEY`]).
     pub scope_mappings: BTreeMap<String, BTreeSet<String>>,
 }
 
@@ -48,66 +49,9 @@ pub struct Live {
     pub identities: Option<super::identities::LiveIdentities>,
 }
 
-/// Whether a representation's attributes carry the ownership marker `owner`.
-pub fn owned_by(
-    attributes: Option<&std::collections::HashMap<String, String>>,
-    owner: &str,
-) -> bool {
-    attributes
-        .and_then(|a| a.get(OWNER_ATTRIBUTE))
-        .is_some_and(|v| v == owner)
-}
-
 fn names(v: Vec<ClientScopeRepresentation>) -> BTreeSet<String> {
     v.into_iter().filter_map(|s| s.name).collect()
 }
-
-/// `clientId` → role names of a mappings representation; realm roles under `(realm)`.
-pub fn mapping_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for (client, c) in m.client_mappings.unwrap_or_default() {
-        let roles: BTreeSet<String> = c
-            .mappings
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|r| r.name)
-            .collect();
-        if !roles.is_empty() {
-            out.insert(client, roles);
-        }
-    }
-    let realm: BTreeSet<String> = m
-        .realm_mappings
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| r.name)
-        .collect();
-    if !realm.is_empty() {
-        out.insert(REALM_KEY.to_string(), realm);
-    }
-    out
-}
-
-/// Whether a realm role is the one Keycloak gives every user (`default-roles-<realm>`).
-pub fn is_default_role(name: &str) -> bool {
-    name.starts_with("default-roles-")
-}
-
-/// A user's directly mapped roles ([`mapping_roles`]) without the realm's
-/// default role.
-pub fn direct_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<String>> {
-    let mut roles = mapping_roles(m);
-    if let Some(r) = roles.get_mut(REALM_KEY) {
-        r.retain(|n| !is_default_role(n));
-        if r.is_empty() {
-            roles.remove(REALM_KEY);
-        }
-    }
-    roles
-}
-
-/// The key of realm-role mappings in [`mapping_roles`].
-pub const REALM_KEY: &str = "(realm)";
 
 impl Live {
     /// Reads every client and client scope, then the details of the objects the
@@ -179,7 +123,7 @@ impl Live {
             .filter(|(n, s)| {
                 wanted.contains(n.as_str())
                     || owned_by(s.attributes.as_ref(), owner)
-                    || super::plan::BUILT_IN_DEFAULTS.iter().any(|(b, _)| b == n)
+                    || super::realm::BUILT_IN_DEFAULTS.iter().any(|(b, _)| b == n)
             })
             .filter_map(|(n, s)| Some((n.clone(), s.id.clone()?)))
             .collect();
@@ -209,8 +153,8 @@ impl Live {
 
     /// The live `enabled` of the object `plan` calls `kind` `name` (`None` for
     /// kinds without one, and for objects that do not exist).
-    pub fn enabled(&self, kind: super::plan::Kind, name: &str) -> Option<bool> {
-        use super::plan::Kind;
+    pub fn enabled(&self, kind: super::diff::Kind, name: &str) -> Option<bool> {
+        use super::diff::Kind;
         match kind {
             Kind::ResourceServer | Kind::Client => self.clients.get(name)?.enabled,
             _ => self.identities.as_ref()?.enabled(kind, name),

@@ -7,14 +7,16 @@
 //! [`model`]); [`live::Live::read`] reads the realm with view-only roles;
 //! [`plan::plan`] compares them field by field; [`apply::apply`] makes exactly
 //! those changes; [`export::realm_json`] writes the desired state as realm-import
-//! JSON. Objects created carry the attribute [`desired::OWNER_ATTRIBUTE`]; only
+//! JSON. Objects created carry the attribute [`realm::OWNER_ATTRIBUTE`]; only
 //! those are ever changed or removed.
 
 pub mod admin;
 pub mod apply;
 pub mod desired;
+pub mod diff;
 pub mod export;
 pub mod identities;
 pub mod live;
 pub mod model;
 pub mod plan;
+pub mod realm;

@@ -5,8 +5,7 @@
 //! `configuration` building the lower modules' settings and never imported by
 //! them. This test reads `src/` and fails on any import outside that order,
 //! and on any import cycle between modules, submodules included (`crate::`
-//! and `super::` paths, brace groups): the provision modules' circle is the
-//! one exception, until issue #21 removes it.
+//! and `super::` paths, brace groups).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -318,13 +317,8 @@ fn cycles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
     found
 }
 
-/// The provision modules' import circle, which issue #21 removes (its
-/// rebuild as a two-pass pipeline): until then the graph's cycles are allowed
-/// only there. Nothing else may join one.
-const CYCLES_ALLOWED_UNTIL_ISSUE_21: &str = "provision";
-
 #[test]
-fn the_import_graph_has_no_cycle_outside_provision() {
+fn the_import_graph_has_no_cycle() {
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let graph = import_graph(&src);
     assert!(
@@ -332,18 +326,7 @@ fn the_import_graph_has_no_cycle_outside_provision() {
         "submodules are nodes of the graph"
     );
     let all = cycles(&graph);
-    assert!(
-        !all.is_empty(),
-        "no cycle left in provision: remove CYCLES_ALLOWED_UNTIL_ISSUE_21 and this check"
-    );
-    let outside: Vec<Vec<String>> = all
-        .into_iter()
-        .filter(|c| {
-            !c.iter()
-                .all(|m| m.split("::").next() == Some(CYCLES_ALLOWED_UNTIL_ISSUE_21))
-        })
-        .collect();
-    assert!(outside.is_empty(), "import cycles: {outside:#?}");
+    assert!(all.is_empty(), "import cycles: {all:#?}");
 }
 
 /// The reader sees what the cycle test needs: `super::` from a submodule,

@@ -247,8 +247,8 @@ async fn provision_admin_api_401_twice_says_what_happened() {
 /// "+ created".
 #[tokio::test]
 async fn provision_racing_apply_reports_skipped_users_as_already_present() {
+    use keycloak_ci_sts::provision::diff::Plan;
     use keycloak_ci_sts::provision::identities::User;
-    use keycloak_ci_sts::provision::plan::Plan;
     let server = MockServer::start().await;
     token_endpoint(&server, 300).await;
     let raced = stale_users(1).remove(0);
@@ -312,9 +312,10 @@ fn operator_switched_off() -> (
     keycloak_ci_sts::provision::live::Live,
 ) {
     use keycloak::types::{ClientRepresentation, IdentityProviderRepresentation};
-    use keycloak_ci_sts::provision::desired::{Desired, OWNER_ATTRIBUTE};
+    use keycloak_ci_sts::provision::desired::Desired;
     use keycloak_ci_sts::provision::identities::PROFILE_ATTRIBUTES;
     use keycloak_ci_sts::provision::live::Live;
+    use keycloak_ci_sts::provision::realm::OWNER_ATTRIBUTE;
     let owner = "keycloak-ci-sts";
     let marker =
         std::collections::HashMap::from([(OWNER_ATTRIBUTE.to_string(), owner.to_string())]);
