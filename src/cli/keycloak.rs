@@ -177,6 +177,18 @@ pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode
         }
     };
     let p = plan::plan(&desired, &live, prune, admin.client_id());
+    let removals = p.removals();
+    if removals > 0 {
+        let over = if removals > apply::DEFAULT_MAX_REMOVALS {
+            format!(
+                "; more than {}: apply needs --max-removals {removals}",
+                apply::DEFAULT_MAX_REMOVALS
+            )
+        } else {
+            String::new()
+        };
+        out(&format!("{removals} object(s) to remove{over}"))?;
+    }
     for line in p.render() {
         out(&line)?;
     }
@@ -202,12 +214,23 @@ pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode
 ///
 /// # Errors
 /// Configuration, policy, model or credential errors (exit 2).
-pub fn apply(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
+pub fn apply(
+    config: &Path,
+    prune: bool,
+    max_removals: usize,
+    a: AdminArgs,
+) -> anyhow::Result<ExitCode> {
     let (settings, desired) = desired(config, Secrets::ClientSecrets)?;
     let admin = admin(&settings, a)?;
     refuse_admin_client(&desired, &admin)?;
     let mut journal = Vec::new();
-    let result = runtime()?.block_on(apply::apply(&admin, &desired, prune, &mut journal));
+    let result = runtime()?.block_on(apply::apply(
+        &admin,
+        &desired,
+        prune,
+        max_removals,
+        &mut journal,
+    ));
     for line in &journal {
         out(line)?;
     }

@@ -241,6 +241,11 @@ pub enum KeycloakCommand {
         /// Also remove owned objects no policy needs any more.
         #[arg(long)]
         prune: bool,
+        /// Refuse, before changing anything, a plan that removes more objects
+        /// than this (a policy directory mounted empty by mistake must not
+        /// prune a realm); a larger number is the explicit consent.
+        #[arg(long, default_value_t = crate::provision::apply::DEFAULT_MAX_REMOVALS)]
+        max_removals: usize,
         /// Admin credentials.
         #[command(flatten)]
         admin: keycloak::AdminArgs,
@@ -330,8 +335,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             KeycloakCommand::Apply {
                 config,
                 prune,
+                max_removals,
                 admin,
-            } => keycloak::apply(&config, prune, admin),
+            } => keycloak::apply(&config, prune, max_removals, admin),
             KeycloakCommand::Export { config, out } => keycloak::export(&config, out.as_deref()),
         },
         Command::Token {

@@ -530,7 +530,7 @@ fn hint(e: &KeycloakError, retried: bool) -> &'static str {
             " (the admin client lacks a realm-management role; README \"Admin credentials\" lists \
              the roles plan and apply need)"
         }
-        _ => "",
+        KeycloakError::HttpFailure { .. } | KeycloakError::ReqwestFailure(_) => "",
     }
 }
 

@@ -8,25 +8,28 @@ use std::collections::{BTreeMap, BTreeSet};
 use ::keycloak::types::{ClientRepresentation, RoleRepresentation};
 use secrecy::ExposeSecret;
 
-use super::admin::{Admin, AdminError};
+use super::admin::Admin;
 use super::desired::Desired;
-use super::diff::{Action, Change, Kind, Plan};
+pub use super::diff::ApplyError;
+use super::diff::{Action, Change, Kind, Op, Plan};
 use super::live::Live;
 use super::plan::{default_scopes, plan};
 use super::realm::{remove_direct_roles, REALM_KEY};
 
-/// Why `apply` stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    /// The plan has problems; nothing was changed.
-    #[error("the plan has problems; nothing was changed:\n{}", .0.join("\n"))]
-    Refused(Vec<String>),
-    /// An Admin API call failed; the journal says what was done before it.
-    #[error(transparent)]
-    Admin(#[from] AdminError),
+/// `--max-removals` when not given: a few objects a policy change may retire
+/// at once, far fewer than an empty or wrongly mounted policy directory would.
+pub const DEFAULT_MAX_REMOVALS: usize = 10;
+
+/// Refuses a plan that removes more than `max` objects.
+fn within(plan: &Plan, max: usize) -> Result<(), ApplyError> {
+    match plan.removals() {
+        count if count > max => Err(ApplyError::TooManyRemovals { count, max }),
+        _ => Ok(()),
+    }
 }
 
-/// Applies the plan for `desired`; each change made is appended to `journal`.
+/// Applies the plan for `desired`, removing at most `max_removals` objects;
+/// each change made is appended to `journal`.
 ///
 /// # Errors
 /// [`ApplyError`].
@@ -34,6 +37,7 @@ pub async fn apply(
     admin: &Admin,
     desired: &Desired,
     prune: bool,
+    max_removals: usize,
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
     let live = Live::read(admin, desired).await?;
@@ -41,9 +45,12 @@ pub async fn apply(
     if !first.problems.is_empty() {
         return Err(ApplyError::Refused(first.problems));
     }
+    // The whole plan (identities included) before any change.
+    within(&first, max_removals)?;
     create(admin, desired, &first, journal).await?;
     let live = Live::read(admin, desired).await?;
     let second = plan(desired, &live, prune, admin.client_id());
+    within(&second, max_removals)?;
     for e in &second.entries {
         match &e.action {
             Action::Update(changes) | Action::Create(changes) => {
@@ -57,10 +64,10 @@ pub async fn apply(
                         e.name,
                         fields.join(", ")
                     ));
-                    return Err(err.into());
+                    return Err(err);
                 }
             }
-            _ => {}
+            Action::InSync | Action::Conflict(_) | Action::Remove | Action::Unneeded => {}
         }
     }
     remove(admin, &live, &second, journal).await?;
@@ -75,27 +82,27 @@ pub async fn apply(
         if !ids.problems.is_empty() {
             return Err(ApplyError::Refused(ids.problems));
         }
+        within(&ids, max_removals)?;
         super::identities::apply(admin, want, &live_ids, &ids, &desired.owner, journal).await?;
     }
     Ok(())
 }
 
-fn id_of(live: &Live, client_id: &str) -> Result<String, AdminError> {
+fn id_of(live: &Live, client_id: &str) -> Result<String, ApplyError> {
     live.clients
         .get(client_id)
         .and_then(|c| c.id.clone())
         .ok_or_else(|| missing(&format!("client {client_id}")))
 }
 
-fn missing(what: &str) -> AdminError {
-    AdminError {
-        action: format!("find {what}"),
-        source: Box::new(::keycloak::KeycloakError::HttpFailure {
-            status: 404,
-            body: None,
-            text: "not found after it was created".into(),
-        }),
-        retried: false,
+fn missing(what: &str) -> ApplyError {
+    ApplyError::Missing(what.to_string())
+}
+
+fn not_for(kind: Kind, name: &str, op: Op) -> ApplyError {
+    ApplyError::NotApplicable {
+        object: format!("{kind} {name}"),
+        op,
     }
 }
 
@@ -104,7 +111,7 @@ async fn create(
     desired: &Desired,
     plan: &Plan,
     journal: &mut Vec<String>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     for e in plan
         .entries
@@ -119,15 +126,23 @@ async fn create(
                         .iter()
                         .find(|r| r.client_id == e.name)
                         .map(|r| r.rep.clone()),
-                    _ => desired
-                        .clients
-                        .iter()
-                        .find(|c| c.client_id == e.name)
-                        .map(|c| {
-                            let mut rep = c.rep.clone();
-                            rep.secret = c.secret.as_ref().map(|s| s.expose_secret().to_string());
-                            rep
-                        }),
+                    Kind::Client
+                    | Kind::Scope
+                    | Kind::IdentityProvider
+                    | Kind::UserProfile
+                    | Kind::Group
+                    | Kind::User => {
+                        desired
+                            .clients
+                            .iter()
+                            .find(|c| c.client_id == e.name)
+                            .map(|c| {
+                                let mut rep = c.rep.clone();
+                                rep.secret =
+                                    c.secret.as_ref().map(|s| s.expose_secret().to_string());
+                                rep
+                            })
+                    }
                 }
                 .ok_or_else(|| missing(&e.name))?;
                 rep.enabled = Some(true);
@@ -149,7 +164,8 @@ async fn create(
                     })
                     .await?;
             }
-            _ => continue,
+            // The identities' own apply creates them.
+            Kind::IdentityProvider | Kind::UserProfile | Kind::Group | Kind::User => continue,
         }
         journal.push(format!("+ created {} {}", e.kind, e.name));
     }
@@ -161,7 +177,7 @@ async fn roles_of(
     admin: &Admin,
     live: &Live,
     client_id: &str,
-) -> Result<BTreeMap<String, RoleRepresentation>, AdminError> {
+) -> Result<BTreeMap<String, RoleRepresentation>, ApplyError> {
     let uuid = id_of(live, client_id)?;
     let roles: Vec<RoleRepresentation> = admin
         .list(
@@ -176,16 +192,9 @@ async fn roles_of(
         .collect())
 }
 
-fn rep_field(field: &str) -> bool {
-    !(field == "roles"
-        || field == "scopeMappings"
-        || field == "defaultClientScopes"
-        || field == "optionalClientScopes"
-        || field.starts_with("protocolMappers")
-        || field.starts_with("serviceAccountRoles["))
-}
-
-#[allow(clippy::too_many_arguments)]
+/// Makes one object's changes, each kind of operation once, in [`Op`]'s order
+/// (the representation first: a service account switched on there exists
+/// for the roles after it).
 async fn update(
     admin: &Admin,
     desired: &Desired,
@@ -194,21 +203,42 @@ async fn update(
     name: &str,
     changes: &[Change],
     journal: &mut Vec<String>,
-) -> Result<(), AdminError> {
-    let realm = admin.realm.as_str();
-    let has = |f: &str| changes.iter().any(|c| c.field == f);
-    let any = |p: &str| changes.iter().any(|c| c.field.starts_with(p));
-    let rep_changed = changes.iter().any(|c| rep_field(&c.field));
+) -> Result<(), ApplyError> {
+    let ops: BTreeSet<Op> = changes.iter().map(|c| c.op).collect();
     match kind {
+        Kind::ResourceServer => resource_server(admin, desired, live, name, &ops).await?,
+        Kind::Scope => scope(admin, desired, live, name, &ops).await?,
+        Kind::Client => client(admin, desired, live, name, &ops).await?,
+        // Applied by the identities' own apply, after this pass.
         Kind::IdentityProvider | Kind::UserProfile | Kind::Group | Kind::User => return Ok(()),
-        Kind::ResourceServer => {
-            let rs = desired
-                .resource_servers
-                .iter()
-                .find(|r| r.client_id == name)
-                .ok_or_else(|| missing(name))?;
-            let uuid = id_of(live, name)?;
-            if rep_changed {
+    }
+    for ch in changes {
+        journal.push(format!(
+            "~ {kind} {name}: {}: {} -> {}",
+            ch.field, ch.old, ch.new
+        ));
+    }
+    Ok(())
+}
+
+/// A resource server's operations: its representation and its roles.
+async fn resource_server(
+    admin: &Admin,
+    desired: &Desired,
+    live: &Live,
+    name: &str,
+    ops: &BTreeSet<Op>,
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let rs = desired
+        .resource_servers
+        .iter()
+        .find(|r| r.client_id == name)
+        .ok_or_else(|| missing(name))?;
+    let uuid = id_of(live, name)?;
+    for &op in ops {
+        match op {
+            Op::Representation => {
                 let mut rep = rs.rep.clone();
                 rep.id = Some(uuid.clone());
                 admin
@@ -219,48 +249,84 @@ async fn update(
                     })
                     .await?;
             }
-            if has("roles") {
-                let have = live.roles.get(name).cloned().unwrap_or_default();
-                for r in rs.roles.difference(&have) {
-                    let role = RoleRepresentation {
-                        name: Some(r.clone()),
-                        ..Default::default()
-                    };
-                    admin
-                        .run(format!("create role {name}/{r}"), || {
-                            admin.api.realm_clients_with_client_uuid_roles_post(
-                                realm,
-                                &uuid,
-                                role.clone(),
-                            )
-                        })
-                        .await?;
-                }
-                for r in have.difference(&rs.roles) {
-                    admin
-                        .run(format!("remove role {name}/{r}"), || {
-                            admin
-                                .api
-                                .realm_clients_with_client_uuid_roles_with_role_name_delete(
-                                    realm, &uuid, r,
-                                )
-                        })
-                        .await?;
-                }
-            }
+            Op::ClientRoles => client_roles(admin, live, &uuid, name, &rs.roles).await?,
+            Op::ScopeMappers
+            | Op::ClientMappers
+            | Op::ScopeRoleMappings
+            | Op::ClientRoleMappings
+            | Op::ClientScopes
+            | Op::ServiceAccountRoles
+            | Op::ServiceAccountGroups
+            | Op::IdentityProvider
+            | Op::ProfileAttributes
+            | Op::GroupRoles
+            | Op::UserCreate
+            | Op::UserAttributes
+            | Op::UserLink
+            | Op::UserRoles
+            | Op::UserGroups => return Err(not_for(Kind::ResourceServer, name, op)),
         }
-        Kind::Scope => {
-            let s = desired
-                .scopes
-                .iter()
-                .find(|s| s.name == name)
-                .ok_or_else(|| missing(name))?;
-            let l = live
-                .scopes
-                .get(name)
-                .ok_or_else(|| missing(&format!("client scope {name}")))?;
-            let id = l.id.clone().ok_or_else(|| missing(name))?;
-            if rep_changed {
+    }
+    Ok(())
+}
+
+/// Creates the roles of `want` that `name` lacks and removes the others.
+async fn client_roles(
+    admin: &Admin,
+    live: &Live,
+    uuid: &str,
+    name: &str,
+    want: &BTreeSet<String>,
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let have = live.roles.get(name).cloned().unwrap_or_default();
+    for r in want.difference(&have) {
+        let role = RoleRepresentation {
+            name: Some(r.clone()),
+            ..Default::default()
+        };
+        admin
+            .run(format!("create role {name}/{r}"), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_roles_post(realm, uuid, role.clone())
+            })
+            .await?;
+    }
+    for r in have.difference(want) {
+        admin
+            .run(format!("remove role {name}/{r}"), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_roles_with_role_name_delete(realm, uuid, r)
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// A client scope's operations: its representation, mappers and role scope mappings.
+async fn scope(
+    admin: &Admin,
+    desired: &Desired,
+    live: &Live,
+    name: &str,
+    ops: &BTreeSet<Op>,
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let s = desired
+        .scopes
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| missing(name))?;
+    let l = live
+        .scopes
+        .get(name)
+        .ok_or_else(|| missing(&format!("client scope {name}")))?;
+    let id = l.id.clone().ok_or_else(|| missing(name))?;
+    for &op in ops {
+        match op {
+            Op::Representation => {
                 let mut rep = s.rep.clone();
                 rep.id = Some(id.clone());
                 admin
@@ -273,41 +339,92 @@ async fn update(
                     })
                     .await?;
             }
-            if any("protocolMappers") {
-                let live_mappers = l.protocol_mappers.clone().unwrap_or_default();
-                for m in &s.mappers {
-                    match live_mappers.iter().find(|x| x.name == m.name) {
-                        None => {
-                            admin.run(format!("add mapper to client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_post(realm, &id, m.clone())).await?;
-                        }
-                        Some(x) => {
-                            let mut body = m.clone();
-                            body.id = x.id.clone();
-                            let mid = x.id.clone().unwrap_or_default();
-                            admin.run(format!("update mapper of client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_put(realm, &id, &mid, body.clone())).await?;
-                        }
-                    }
-                }
-                for x in live_mappers
-                    .iter()
-                    .filter(|x| !s.mappers.iter().any(|m| m.name == x.name))
-                {
-                    let mid = x.id.clone().unwrap_or_default();
-                    admin.run(format!("remove mapper from client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_delete(realm, &id, &mid)).await?;
-                }
-            }
-            if has("scopeMappings") {
+            Op::ScopeMappers => scope_mappers(admin, l, &id, name, &s.mappers).await?,
+            Op::ScopeRoleMappings => {
                 scope_mappings(admin, live, &id, name, &s.scope_mappings).await?;
             }
+            Op::ClientRoles
+            | Op::ClientMappers
+            | Op::ClientRoleMappings
+            | Op::ClientScopes
+            | Op::ServiceAccountRoles
+            | Op::ServiceAccountGroups
+            | Op::IdentityProvider
+            | Op::ProfileAttributes
+            | Op::GroupRoles
+            | Op::UserCreate
+            | Op::UserAttributes
+            | Op::UserLink
+            | Op::UserRoles
+            | Op::UserGroups => return Err(not_for(Kind::Scope, name, op)),
         }
-        Kind::Client => {
-            let c = desired
-                .clients
-                .iter()
-                .find(|c| c.client_id == name)
-                .ok_or_else(|| missing(name))?;
-            let uuid = id_of(live, name)?;
-            if rep_changed {
+    }
+    Ok(())
+}
+
+/// Makes the scope's protocol mappers the desired ones: added, updated in
+/// place (same id), extra ones removed.
+async fn scope_mappers(
+    admin: &Admin,
+    live: &::keycloak::types::ClientScopeRepresentation,
+    id: &str,
+    name: &str,
+    want: &[::keycloak::types::ProtocolMapperRepresentation],
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let live_mappers = live.protocol_mappers.clone().unwrap_or_default();
+    for m in want {
+        match live_mappers.iter().find(|x| x.name == m.name) {
+            None => {
+                admin
+                    .run(format!("add mapper to client scope {name}"), || {
+                        admin
+                            .api
+                            .realm_client_scopes_with_client_scope_id_protocol_mappers_models_post(
+                                realm,
+                                id,
+                                m.clone(),
+                            )
+                    })
+                    .await?;
+            }
+            Some(x) => {
+                let mut body = m.clone();
+                body.id = x.id.clone();
+                let mid = x.id.clone().unwrap_or_default();
+                admin.run(format!("update mapper of client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_put(realm, id, &mid, body.clone())).await?;
+            }
+        }
+    }
+    for x in live_mappers
+        .iter()
+        .filter(|x| !want.iter().any(|m| m.name == x.name))
+    {
+        let mid = x.id.clone().unwrap_or_default();
+        admin.run(format!("remove mapper from client scope {name}"), || admin.api.realm_client_scopes_with_client_scope_id_protocol_mappers_models_with_id_delete(realm, id, &mid)).await?;
+    }
+    Ok(())
+}
+
+/// A client's operations: its representation, scopes, own mappers and scope
+/// mappings (removed), and its service account's roles and groups.
+async fn client(
+    admin: &Admin,
+    desired: &Desired,
+    live: &Live,
+    name: &str,
+    ops: &BTreeSet<Op>,
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let c = desired
+        .clients
+        .iter()
+        .find(|c| c.client_id == name)
+        .ok_or_else(|| missing(name))?;
+    let uuid = id_of(live, name)?;
+    for &op in ops {
+        match op {
+            Op::Representation => {
                 let mut rep = c.rep.clone();
                 rep.id = Some(uuid.clone());
                 admin
@@ -318,39 +435,8 @@ async fn update(
                     })
                     .await?;
             }
-            let d = live.details.get(name).cloned().unwrap_or_default();
-            let scope_id = |n: &str| {
-                live.scopes
-                    .get(n)
-                    .and_then(|s| s.id.clone())
-                    .ok_or_else(|| missing(&format!("client scope {n}")))
-            };
-            let want_default = &default_scopes(c, live);
-            if has("defaultClientScopes") {
-                for n in d.default_scopes.difference(want_default) {
-                    let sid = scope_id(n)?;
-                    admin.run(format!("detach default scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, &uuid, &sid)).await?;
-                }
-            }
-            if has("optionalClientScopes") {
-                for n in d.optional_scopes.difference(&c.optional_scopes) {
-                    let sid = scope_id(n)?;
-                    admin.run(format!("detach optional scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_delete(realm, &uuid, &sid)).await?;
-                }
-            }
-            if has("defaultClientScopes") {
-                for n in want_default.difference(&d.default_scopes) {
-                    let sid = scope_id(n)?;
-                    admin.run(format!("attach default scope {n} to {name}"), || admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_put(realm, &uuid, &sid)).await?;
-                }
-            }
-            if has("optionalClientScopes") {
-                for n in c.optional_scopes.difference(&d.optional_scopes) {
-                    let sid = scope_id(n)?;
-                    admin.run(format!("attach optional scope {n} to {name}"), || admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_put(realm, &uuid, &sid)).await?;
-                }
-            }
-            if has("protocolMappers") {
+            Op::ClientScopes => client_scopes(admin, live, c, &uuid).await?,
+            Op::ClientMappers => {
                 for m in live
                     .clients
                     .get(name)
@@ -363,30 +449,124 @@ async fn update(
                         )).await?;
                 }
             }
-            if has("scopeMappings") {
-                client_scope_mappings(admin, &uuid, name).await?;
-            }
-            if any("serviceAccountRoles[") {
-                // Read now: a service account switched on by the update above was
-                // just created.
-                let user = admin
-                    .run(format!("read the service-account user of {name}"), || {
-                        admin
-                            .api
-                            .realm_clients_with_client_uuid_service_account_user_get(realm, &uuid)
-                    })
-                    .await?
-                    .id
-                    .ok_or_else(|| missing(&format!("service-account user of {name}")))?;
+            Op::ClientRoleMappings => client_scope_mappings(admin, &uuid, name).await?,
+            Op::ServiceAccountRoles => {
+                let user = service_account(admin, &uuid, name).await?;
                 service_account_roles(admin, live, &user, name, &c.roles).await?;
             }
+            Op::ServiceAccountGroups => {
+                let user = service_account(admin, &uuid, name).await?;
+                leave_groups(admin, &user, name).await?;
+            }
+            Op::ClientRoles
+            | Op::ScopeMappers
+            | Op::ScopeRoleMappings
+            | Op::IdentityProvider
+            | Op::ProfileAttributes
+            | Op::GroupRoles
+            | Op::UserCreate
+            | Op::UserAttributes
+            | Op::UserLink
+            | Op::UserRoles
+            | Op::UserGroups => return Err(not_for(Kind::Client, name, op)),
         }
     }
-    for ch in changes {
-        journal.push(format!(
-            "~ {kind} {name}: {}: {} -> {}",
-            ch.field, ch.old, ch.new
-        ));
+    Ok(())
+}
+
+/// The id of the client's service-account user, read now: a service account
+/// switched on by the representation's update was just created.
+async fn service_account(admin: &Admin, uuid: &str, name: &str) -> Result<String, ApplyError> {
+    let realm = admin.realm.as_str();
+    admin
+        .run(format!("read the service-account user of {name}"), || {
+            admin
+                .api
+                .realm_clients_with_client_uuid_service_account_user_get(realm, uuid)
+        })
+        .await?
+        .id
+        .ok_or_else(|| missing(&format!("service-account user of {name}")))
+}
+
+/// Takes the service account out of every group (a group's roles would reach
+/// the client's tokens).
+async fn leave_groups(admin: &Admin, user: &str, name: &str) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let groups: Vec<::keycloak::types::GroupRepresentation> = admin
+        .list(
+            &format!("/users/{}/groups", Admin::seg(user)),
+            &[],
+            &format!("read the groups of the service account of {name}"),
+        )
+        .await?;
+    for g in groups {
+        let (Some(gid), path) = (g.id, g.path.unwrap_or_default()) else {
+            continue;
+        };
+        admin
+            .run(
+                format!("remove the service account of {name} from group {path}"),
+                || {
+                    admin
+                        .api
+                        .realm_users_with_user_id_groups_with_group_id_delete(realm, user, &gid)
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Makes the client's default and optional scopes the desired ones: every
+/// detach before any attach (a scope moving between the two lists).
+async fn client_scopes(
+    admin: &Admin,
+    live: &Live,
+    c: &super::desired::Client,
+    uuid: &str,
+) -> Result<(), ApplyError> {
+    let realm = admin.realm.as_str();
+    let name = c.client_id.as_str();
+    let d = live.details.get(name).cloned().unwrap_or_default();
+    let scope_id = |n: &str| {
+        live.scopes
+            .get(n)
+            .and_then(|s| s.id.clone())
+            .ok_or_else(|| missing(&format!("client scope {n}")))
+    };
+    let want_default = &default_scopes(c, live);
+    for n in d.default_scopes.difference(want_default) {
+        let sid = scope_id(n)?;
+        admin.run(format!("detach default scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_delete(realm, uuid, &sid)).await?;
+    }
+    for n in d.optional_scopes.difference(&c.optional_scopes) {
+        let sid = scope_id(n)?;
+        admin.run(format!("detach optional scope {n} from {name}"), || admin.api.realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_delete(realm, uuid, &sid)).await?;
+    }
+    for n in want_default.difference(&d.default_scopes) {
+        let sid = scope_id(n)?;
+        admin
+            .run(format!("attach default scope {n} to {name}"), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_default_client_scopes_with_client_scope_id_put(
+                        realm, uuid, &sid,
+                    )
+            })
+            .await?;
+    }
+    for n in c.optional_scopes.difference(&d.optional_scopes) {
+        let sid = scope_id(n)?;
+        admin
+            .run(format!("attach optional scope {n} to {name}"), || {
+                admin
+                    .api
+                    .realm_clients_with_client_uuid_optional_client_scopes_with_client_scope_id_put(
+                        realm, uuid, &sid,
+                    )
+            })
+            .await?;
     }
     Ok(())
 }
@@ -398,7 +578,7 @@ async fn scope_mappings(
     id: &str,
     name: &str,
     want: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
     let m = admin
@@ -467,7 +647,7 @@ async fn scope_mappings(
 
 /// Removes every role scope mapping of client `uuid` (desired: none, since
 /// `fullScopeAllowed` is off and the scopes carry the roles).
-async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<(), AdminError> {
+async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
     let m = admin
@@ -514,7 +694,7 @@ async fn service_account_roles(
     user: &str,
     name: &str,
     want: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let have =
         remove_direct_roles(admin, user, &format!("the service account of {name}"), want).await?;
@@ -555,7 +735,7 @@ async fn remove(
     live: &Live,
     plan: &Plan,
     journal: &mut Vec<String>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let mut order: Vec<_> = plan
         .entries
@@ -566,7 +746,11 @@ async fn remove(
     order.sort_by_key(|e| match e.kind {
         Kind::Client => 0,
         Kind::Scope => 1,
-        _ => 2,
+        Kind::ResourceServer
+        | Kind::IdentityProvider
+        | Kind::UserProfile
+        | Kind::Group
+        | Kind::User => 2,
     });
     for e in order {
         match e.kind {
@@ -584,7 +768,12 @@ async fn remove(
                     })
                     .await?;
             }
-            _ => {
+            Kind::Client
+            | Kind::ResourceServer
+            | Kind::IdentityProvider
+            | Kind::UserProfile
+            | Kind::Group
+            | Kind::User => {
                 let id = id_of(live, &e.name)?;
                 admin
                     .run(format!("remove {} {}", e.kind, e.name), || {
@@ -605,7 +794,7 @@ async fn secrets(
     desired: &Desired,
     live: &Live,
     journal: &mut Vec<String>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     for c in &desired.clients {
         let Some(secret) = &c.secret else { continue };

@@ -1,5 +1,8 @@
 //! What `plan` finds and `apply` makes: one [`Entry`] per object with its
-//! [`Action`], gathered in a [`Plan`] with its problems and notes.
+//! [`Action`] and typed [`Change`]s, gathered in a [`Plan`] with its problems
+//! and notes; and why `apply` stops ([`ApplyError`]).
+
+use super::admin::AdminError;
 
 /// The kind of a managed object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,9 +45,55 @@ impl std::fmt::Display for Kind {
     }
 }
 
+/// What `apply` does to make a change: one variant per kind of Admin API
+/// operation. `apply` matches on it exhaustively (no wildcard arm: the
+/// provision module denies `clippy::wildcard_enum_match_arm`), so an operation
+/// that `plan` can propose and `apply` cannot make does not compile; the
+/// change's `field` is only its text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    /// A field of the object's own representation: the desired one is PUT.
+    Representation,
+    /// A resource server's client roles: missing ones created, extra removed.
+    ClientRoles,
+    /// A client scope's protocol mappers: added, updated, extra removed.
+    ScopeMappers,
+    /// A client's own protocol mappers: removed (its claims come from scopes).
+    ClientMappers,
+    /// A client scope's role scope mappings: made exactly the desired ones.
+    ScopeRoleMappings,
+    /// A client's own role scope mappings: removed.
+    ClientRoleMappings,
+    /// A client's default and optional client scopes: detached, then attached.
+    ClientScopes,
+    /// The roles mapped to a client's service account: made exactly the desired ones.
+    ServiceAccountRoles,
+    /// The groups of a client's service account: it leaves them (`plan` also
+    /// reports such a membership as a problem, so `apply` stops before it).
+    ServiceAccountGroups,
+    /// The identity provider's representation (PUT whole).
+    IdentityProvider,
+    /// Attributes the user profile declares: the missing ones added.
+    ProfileAttributes,
+    /// A group's role mappings: made exactly the desired ones.
+    GroupRoles,
+    /// A repository user that does not exist yet, with its fixed id.
+    UserCreate,
+    /// A repository user's attributes.
+    UserAttributes,
+    /// A repository user's link to the identity provider.
+    UserLink,
+    /// Roles mapped directly to a repository user: removed (roles come from groups).
+    UserRoles,
+    /// A repository user's groups.
+    UserGroups,
+}
+
 /// One field that differs: `old` is the live value (`(unset)` when absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
+    /// What `apply` does to make it.
+    pub op: Op,
     /// `attributes.access.token.lifespan`, `optionalClientScopes`, ...
     pub field: String,
     /// Live value.
@@ -106,6 +155,14 @@ impl Plan {
         })
     }
 
+    /// How many objects `apply` would remove (only `--prune` proposes removals).
+    pub fn removals(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e.action, Action::Remove))
+            .count()
+    }
+
     /// Renders the plan, one object per line and one indented line per field.
     pub fn render(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -144,4 +201,52 @@ impl Plan {
         out.extend(self.problems.iter().map(|p| format!("! {p}")));
         out
     }
+}
+
+/// A live or desired JSON value as a plan line shows it: a string bare,
+/// nothing as `(unset)`, anything else as JSON.
+pub fn value_text(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "(unset)".to_string(),
+        other @ (Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_)) => {
+            other.to_string()
+        }
+    }
+}
+
+/// Why `apply` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The plan has problems; nothing was changed.
+    #[error("the plan has problems; nothing was changed:\n{}", .0.join("\n"))]
+    Refused(Vec<String>),
+    /// The plan removes more objects than `--max-removals`; nothing was changed.
+    #[error(
+        "the plan removes {count} object(s), more than --max-removals {max}; nothing was changed \
+         (check the plan with `keycloak plan --prune`, then pass --max-removals {count} to consent)"
+    )]
+    TooManyRemovals {
+        /// Removals the plan holds.
+        count: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// An Admin API call failed; the journal says what was done before it.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// An object the plan counts on was not found (created above, or read
+    /// moments ago, and gone: another hand in the realm); run apply again.
+    #[error("{0} was not found (changed by someone else meanwhile?); run apply again")]
+    Missing(String),
+    /// The plan holds an operation for an object it does not apply to: a bug
+    /// in `plan`, stopped before anything is sent.
+    #[error("{object}: {op:?} does not apply to it (a plan bug); nothing more was changed")]
+    NotApplicable {
+        /// Kind and name.
+        object: String,
+        /// The operation.
+        op: Op,
+    },
 }

@@ -113,6 +113,6 @@ fn sorted(v: Value) -> Value {
             Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
         }
         Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
-        other => other,
+        leaf @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)) => leaf,
     }
 }

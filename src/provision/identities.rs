@@ -24,7 +24,7 @@ use ::keycloak::types::{
 use serde_json::{json, Value};
 
 use super::admin::{Admin, AdminError};
-use super::diff::{Action, Change, Entry, Kind, Plan};
+use super::diff::{value_text, Action, ApplyError, Change, Entry, Kind, Op, Plan};
 use super::model::{join, RealmModel};
 use super::realm::{direct_roles, mapping_roles, remove_direct_roles, OWNER_ATTRIBUTE, REALM_KEY};
 use crate::domain::identity::{IdentityKind, RepositoryIdentity};
@@ -584,7 +584,9 @@ impl LiveIdentities {
                 .get(name)
                 .and_then(|u| u.rep.enabled)
                 .or_else(|| self.unneeded.get(name)?.1),
-            _ => None,
+            Kind::ResourceServer | Kind::Scope | Kind::Client | Kind::UserProfile | Kind::Group => {
+                None
+            }
         }
     }
 }
@@ -623,9 +625,10 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
             for k in ["providerId", "enabled"] {
                 if d[k] != lv[k] {
                     ch.push(Change {
+                        op: Op::IdentityProvider,
                         field: k.into(),
-                        old: text(&lv[k]),
-                        new: text(&d[k]),
+                        old: value_text(&lv[k]),
+                        new: value_text(&d[k]),
                     });
                 }
             }
@@ -643,6 +646,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                 );
                 if o != n {
                     ch.push(Change {
+                        op: Op::IdentityProvider,
                         field: format!("config.{k}"),
                         old: o,
                         new: n,
@@ -673,6 +677,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         Action::InSync
     } else {
         Action::Update(vec![Change {
+            op: Op::ProfileAttributes,
             field: "attributes".into(),
             old: "(missing) ".to_string() + &join(&missing),
             new: join(&needed),
@@ -713,6 +718,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                     );
                     if o != n {
                         ch.push(Change {
+                            op: Op::GroupRoles,
                             field: format!("roles[{rs}]"),
                             old: join(o),
                             new: join(n),
@@ -730,23 +736,27 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         let Some(l) = live.users.get(&u.username) else {
             let mut ch = vec![
                 Change {
+                    op: Op::UserCreate,
                     field: "id (the tokens' sub)".into(),
                     old: "(unset)".into(),
                     new: u.id.clone(),
                 },
                 Change {
+                    op: Op::UserLink,
                     field: "link".into(),
                     old: "(unset)".into(),
                     new: format!("{alias}: {}", u.identity.subject()),
                 },
             ];
             ch.extend(u.attributes.iter().map(|(k, v)| Change {
+                op: Op::UserAttributes,
                 field: format!("attributes.{k}"),
                 old: "(unset)".into(),
                 new: v.join(", "),
             }));
             if !u.groups.is_empty() {
                 ch.push(Change {
+                    op: Op::UserGroups,
                     field: "groups".into(),
                     old: "(none)".into(),
                     new: join(&u.groups),
@@ -762,6 +772,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
             let old = have_attrs.get(k).cloned().unwrap_or_default();
             if &old != v {
                 ch.push(Change {
+                    op: Op::UserAttributes,
                     field: format!("attributes.{k}"),
                     old: if old.is_empty() {
                         "(unset)".into()
@@ -779,6 +790,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         let subject = u.identity.subject();
         if link.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
             ch.push(Change {
+                op: Op::UserLink,
                 field: "link".into(),
                 old: link
                     .and_then(|f| f.user_id.clone())
@@ -795,6 +807,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                 ));
             } else {
                 ch.push(Change {
+                    op: Op::UserRoles,
                     field: format!("roles[{client}]"),
                     old: join(roles),
                     new: "(none: roles come from groups)".into(),
@@ -814,6 +827,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
             .collect();
         if have_groups != u.groups {
             ch.push(Change {
+                op: Op::UserGroups,
                 field: "groups".into(),
                 old: join(&have_groups),
                 new: join(&u.groups),
@@ -842,19 +856,33 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
     }
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "(unset)".into(),
-        o => o.to_string(),
-    }
-}
-
 fn action(exists: bool, changes: Vec<Change>) -> Action {
     match (exists, changes.is_empty()) {
         (false, _) => Action::Create(changes),
         (true, true) => Action::InSync,
         (true, false) => Action::Update(changes),
+    }
+}
+
+/// The kind of object whose convergence here makes `op` (`None`: an operation
+/// of the first pass). Exhaustive: a new operation must say where it is made.
+fn converged_by(op: Op) -> Option<Kind> {
+    match op {
+        Op::IdentityProvider => Some(Kind::IdentityProvider),
+        Op::ProfileAttributes => Some(Kind::UserProfile),
+        Op::GroupRoles => Some(Kind::Group),
+        Op::UserCreate | Op::UserAttributes | Op::UserLink | Op::UserRoles | Op::UserGroups => {
+            Some(Kind::User)
+        }
+        Op::Representation
+        | Op::ClientRoles
+        | Op::ScopeMappers
+        | Op::ClientMappers
+        | Op::ScopeRoleMappings
+        | Op::ClientRoleMappings
+        | Op::ClientScopes
+        | Op::ServiceAccountRoles
+        | Op::ServiceAccountGroups => None,
     }
 }
 
@@ -869,7 +897,7 @@ pub async fn apply(
     plan: &Plan,
     owner: &str,
     journal: &mut Vec<String>,
-) -> Result<(), AdminError> {
+) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let alias = want.provider.alias.clone().unwrap_or_default();
     for e in &plan.entries {
@@ -886,8 +914,14 @@ pub async fn apply(
                 }
                 continue;
             }
-            _ => continue,
+            Action::Remove | Action::InSync | Action::Conflict(_) | Action::Unneeded => continue,
         };
+        if let Some(c) = changes.iter().find(|c| converged_by(c.op) != Some(e.kind)) {
+            return Err(ApplyError::NotApplicable {
+                object: format!("{} {}", e.kind, e.name),
+                op: c.op,
+            });
+        }
         match e.kind {
             Kind::IdentityProvider => {
                 if live.provider.is_some() {
@@ -965,11 +999,16 @@ pub async fn apply(
                     continue;
                 }
             }
-            _ => continue,
+            // Made by the first pass.
+            Kind::ResourceServer | Kind::Scope | Kind::Client => continue,
         }
         journal.push(match &e.action {
             Action::Create(_) => format!("+ created {} {}", e.kind, e.name),
-            _ => format!(
+            Action::Update(_)
+            | Action::InSync
+            | Action::Conflict(_)
+            | Action::Remove
+            | Action::Unneeded => format!(
                 "~ {} {}: {}",
                 e.kind,
                 e.name,

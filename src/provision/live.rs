@@ -157,7 +157,9 @@ impl Live {
         use super::diff::Kind;
         match kind {
             Kind::ResourceServer | Kind::Client => self.clients.get(name)?.enabled,
-            _ => self.identities.as_ref()?.enabled(kind, name),
+            Kind::Scope | Kind::IdentityProvider | Kind::UserProfile | Kind::Group | Kind::User => {
+                self.identities.as_ref()?.enabled(kind, name)
+            }
         }
     }
 

@@ -10,6 +10,10 @@
 //! JSON. Objects created carry the attribute [`realm::OWNER_ATTRIBUTE`]; only
 //! those are ever changed or removed.
 
+// `apply` matches every operation of a plan (`diff::Op`) and every kind and
+// action without a catch-all arm: what `plan` can propose, `apply` implements.
+#![deny(clippy::wildcard_enum_match_arm)]
+
 pub mod admin;
 pub mod apply;
 pub mod desired;

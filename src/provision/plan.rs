@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::desired::Desired;
-use super::diff::{Action, Change, Entry, Kind, Plan};
+use super::diff::{value_text as render, Action, Change, Entry, Kind, Op, Plan};
 use super::live::Live;
 use super::model::join;
 use super::realm::{
@@ -16,18 +16,10 @@ use super::realm::{
 
 const UNSET: &str = "(unset)";
 
-fn render(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => UNSET.to_string(),
-        other => other.to_string(),
-    }
-}
-
 /// Field-by-field comparison of a desired partial representation with the live
 /// one: every top-level field the desired one sets, and each of its `attributes`
 /// (or `config`) entries.
-fn compare_rep<T: Serialize>(desired: &T, live: Option<&T>, prefix: &str) -> Vec<Change> {
+fn compare_rep<T: Serialize>(desired: &T, live: Option<&T>, prefix: &str, op: Op) -> Vec<Change> {
     let d = serde_json::to_value(desired).unwrap_or(Value::Null);
     let l = live
         .and_then(|l| serde_json::to_value(l).ok())
@@ -45,6 +37,7 @@ fn compare_rep<T: Serialize>(desired: &T, live: Option<&T>, prefix: &str) -> Vec
                         .unwrap_or(Value::Null);
                     if &old != av {
                         out.push(Change {
+                            op,
                             field: format!("{prefix}{k}.{ak}"),
                             old: render(&old),
                             new: render(av),
@@ -53,10 +46,11 @@ fn compare_rep<T: Serialize>(desired: &T, live: Option<&T>, prefix: &str) -> Vec
                 }
             }
             Value::Array(_) => {}
-            v => {
+            v @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)) => {
                 let old = l.get(k).cloned().unwrap_or(Value::Null);
                 if &old != v {
                     out.push(Change {
+                        op,
                         field: format!("{prefix}{k}"),
                         old: render(&old),
                         new: render(v),
@@ -69,8 +63,14 @@ fn compare_rep<T: Serialize>(desired: &T, live: Option<&T>, prefix: &str) -> Vec
     out
 }
 
-fn set_change(field: &str, live: &BTreeSet<String>, desired: &BTreeSet<String>) -> Option<Change> {
+fn set_change(
+    op: Op,
+    field: &str,
+    live: &BTreeSet<String>,
+    desired: &BTreeSet<String>,
+) -> Option<Change> {
     (live != desired).then(|| Change {
+        op,
         field: field.to_string(),
         old: join(live),
         new: join(desired),
@@ -95,7 +95,12 @@ fn mapper_changes(
     let names = |v: &[ProtocolMapperRepresentation]| -> BTreeSet<String> {
         v.iter().filter_map(|m| m.name.clone()).collect()
     };
-    if let Some(c) = set_change("protocolMappers", &names(live), &names(desired)) {
+    if let Some(c) = set_change(
+        Op::ScopeMappers,
+        "protocolMappers",
+        &names(live),
+        &names(desired),
+    ) {
         out.push(c);
     }
     for m in desired {
@@ -106,6 +111,7 @@ fn mapper_changes(
                 m,
                 Some(l),
                 &format!("protocolMappers[{name}]."),
+                Op::ScopeMappers,
             ));
             // Keys the desired mapper does not set change its output too
             // (a `rolePrefix`, a `lightweight` flag): any of them is drift.
@@ -118,6 +124,7 @@ fn mapper_changes(
                 .collect();
             extra.sort();
             out.extend(extra.into_iter().map(|(k, v)| Change {
+                op: Op::ScopeMappers,
                 field: format!("protocolMappers[{name}].config.{k}"),
                 old: v.clone(),
                 new: UNSET.into(),
@@ -197,7 +204,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             });
             continue;
         }
-        let mut ch = compare_rep(&rs.rep, l, "");
+        let mut ch = compare_rep(&rs.rep, l, "", Op::Representation);
         let live_roles = live.roles.get(&rs.client_id).unwrap_or(&none);
         for odd in live_roles.iter().filter(|r| !super::model::role_name_ok(r)) {
             plan.problems.push(format!(
@@ -215,7 +222,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
         }
         let wanted_missing = !rs.roles.is_subset(live_roles);
         if wanted_missing || (prune && live_roles != &rs.roles) {
-            ch.extend(set_change("roles", live_roles, &rs.roles));
+            ch.extend(set_change(Op::ClientRoles, "roles", live_roles, &rs.roles));
         }
         plan.entries.push(Entry {
             kind: Kind::ResourceServer,
@@ -240,7 +247,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             });
             continue;
         }
-        let mut ch = compare_rep(&s.rep, l, "");
+        let mut ch = compare_rep(&s.rep, l, "", Op::Representation);
         let live_mappers = l
             .and_then(|l| l.protocol_mappers.clone())
             .unwrap_or_default();
@@ -262,6 +269,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             .collect();
         if client_maps != s.scope_mappings {
             ch.push(Change {
+                op: Op::ScopeRoleMappings,
                 field: "scopeMappings".into(),
                 old: mappings_text(&client_maps),
                 new: mappings_text(&s.scope_mappings),
@@ -304,13 +312,15 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
         }
         let d = live.details.get(&c.client_id).cloned().unwrap_or_default();
         admin_rights(&c.client_id, &d, &mut plan);
-        let mut ch = compare_rep(&c.rep, l, "");
+        let mut ch = compare_rep(&c.rep, l, "", Op::Representation);
         ch.extend(set_change(
+            Op::ClientScopes,
             "defaultClientScopes",
             &d.default_scopes,
             &default_scopes(c, live),
         ));
         ch.extend(set_change(
+            Op::ClientScopes,
             "optionalClientScopes",
             &d.optional_scopes,
             &c.optional_scopes,
@@ -322,12 +332,14 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             .filter_map(|m| m.name)
             .collect();
         ch.extend(set_change(
+            Op::ClientMappers,
             "protocolMappers",
             &live_mappers,
             &BTreeSet::new(),
         ));
         if !d.scope_mappings.is_empty() {
             ch.push(Change {
+                op: Op::ClientRoleMappings,
                 field: "scopeMappings".into(),
                 old: mappings_text(&d.scope_mappings),
                 new: "(none)".into(),
@@ -343,12 +355,18 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             let want = c.roles.get(rs).unwrap_or(&none);
             let have = d.roles.get(rs).unwrap_or(&none);
             ch.extend(set_change(
+                Op::ServiceAccountRoles,
                 &format!("serviceAccountRoles[{rs}]"),
                 have,
                 want,
             ));
         }
-        ch.extend(set_change("serviceAccountGroups", &d.groups, &none));
+        ch.extend(set_change(
+            Op::ServiceAccountGroups,
+            "serviceAccountGroups",
+            &d.groups,
+            &none,
+        ));
         plan.entries.push(Entry {
             kind: Kind::Client,
             name: c.client_id.clone(),
@@ -442,7 +460,10 @@ pub fn keep_operator_switches(plan: &mut Plan, enabled: impl Fn(Kind, &str) -> O
                 }
             }
             Action::Remove => Action::Unneeded,
-            other => other,
+            other @ (Action::Create(_)
+            | Action::InSync
+            | Action::Conflict(_)
+            | Action::Unneeded) => other,
         };
     }
 }
@@ -642,9 +663,13 @@ mod tests {
             .flat_map(|e| match &e.action {
                 Action::Update(ch) => ch
                     .iter()
-                    .map(|c| format!("{}: {} -> {}", c.field, c.old, c.new))
+                    .map(|c| format!("{:?} {}: {} -> {}", c.op, c.field, c.old, c.new))
                     .collect(),
-                _ => Vec::new(),
+                Action::Create(_)
+                | Action::InSync
+                | Action::Conflict(_)
+                | Action::Remove
+                | Action::Unneeded => Vec::new(),
             })
             .collect();
         assert!(
@@ -654,11 +679,12 @@ mod tests {
         );
         assert_eq!(
             changes,
+            // Each change carries the operation apply makes for it.
             [
-                "attributes.access.token.lifespan: 3600 -> 300",
-                "fullScopeAllowed: true -> false",
-                "optionalClientScopes: (none) -> deploy:production",
-                "protocolMappers: hardcoded -> (none)",
+                "Representation attributes.access.token.lifespan: 3600 -> 300",
+                "Representation fullScopeAllowed: true -> false",
+                "ClientScopes optionalClientScopes: (none) -> deploy:production",
+                "ClientMappers protocolMappers: hardcoded -> (none)",
             ]
         );
     }
@@ -711,19 +737,28 @@ mod tests {
             .entries
             .iter()
             .flat_map(|e| match &e.action {
-                Action::Update(ch) => ch.iter().map(|c| c.field.clone()).collect(),
-                _ => Vec::new(),
+                Action::Update(ch) => ch
+                    .iter()
+                    .map(|c| format!("{:?} {}", c.op, c.field))
+                    .collect(),
+                Action::Create(_)
+                | Action::InSync
+                | Action::Conflict(_)
+                | Action::Remove
+                | Action::Unneeded => Vec::new(),
             })
             .collect();
-        assert!(fields.contains(&"scopeMappings".to_string()), "{fields:?}");
         assert!(
-            fields.contains(&"serviceAccountRoles[other-app]".to_string()),
+            fields.contains(&"ClientRoleMappings scopeMappings".to_string()),
             "{fields:?}"
         );
         assert!(
-            fields
-                .iter()
-                .any(|f| f.ends_with("config.usermodel.clientRoleMapping.rolePrefix")),
+            fields.contains(&"ServiceAccountRoles serviceAccountRoles[other-app]".to_string()),
+            "{fields:?}"
+        );
+        assert!(
+            fields.iter().any(|f| f.starts_with("ScopeMappers ")
+                && f.ends_with("config.usermodel.clientRoleMapping.rolePrefix")),
             "{fields:?}"
         );
         assert!(p.problems.is_empty(), "{:?}", p.problems);
@@ -735,6 +770,12 @@ mod tests {
         );
         det.groups.insert("/sneaky".into());
         live.composite_roles.insert("deploy-api/deploy".into());
+        // A service account's group is a typed change (apply could make it)
+        // and a problem (apply stops before any change).
+        let sneaky = plan(&d, &live, false, "kcs-admin");
+        assert!(sneaky.entries.iter().any(|e| matches!(&e.action,
+            Action::Update(ch) if ch.iter().any(|c| c.op == Op::ServiceAccountGroups
+                && c.field == "serviceAccountGroups"))));
         let mut basic = live.scopes[BASIC_SCOPE].clone();
         basic.protocol_mappers = Some(vec![::keycloak::types::ProtocolMapperRepresentation {
             name: Some("aud".into()),

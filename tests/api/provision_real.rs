@@ -440,17 +440,20 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
     assert_eq!(s, 204);
     assert_eq!(kc_cli(&config, &["plan"], VIEW).await.code, 0);
 
-    // 8. An owned object no policy needs: kept and listed; --prune removes it.
-    let (s, _) = kc
-        .admin(
-            http,
-            Method::POST,
-            "/client-scopes",
-            Some(json!({"name": "old:scope", "protocol": "openid-connect",
-                "attributes": {"keycloak-ci-sts.owner": "keycloak-ci-sts"}})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    // 8. Owned objects no policy needs: kept and listed; --prune removes them,
+    // at most --max-removals of them (the count comes first in the plan).
+    for name in ["old:scope", "old:scope-2"] {
+        let (s, _) = kc
+            .admin(
+                http,
+                Method::POST,
+                "/client-scopes",
+                Some(json!({"name": name, "protocol": "openid-connect",
+                    "attributes": {"keycloak-ci-sts.owner": "keycloak-ci-sts"}})),
+            )
+            .await;
+        assert_eq!(s, 201);
+    }
     let plan = kc_cli(&config, &["plan"], VIEW).await;
     assert_eq!(plan.code, 0, "{}", plan.stdout);
     assert!(plan
@@ -458,13 +461,40 @@ async fn keycloak_provision_blank_realm_plan_apply_exchange_drift_repair() {
         .contains("client scope old:scope: owned but no longer needed; kept"));
     let plan = kc_cli(&config, &["plan", "--prune"], VIEW).await;
     assert_eq!(plan.code, 3);
+    assert_eq!(
+        plan.stdout.lines().next(),
+        Some("2 object(s) to remove"),
+        "{}",
+        plan.stdout
+    );
     assert!(
         plan.stdout.contains("- client scope old:scope: remove"),
+        "{}",
+        plan.stdout
+    );
+    let refused = kc_cli(
+        &config,
+        &["apply", "--prune", "--max-removals", "1"],
+        MANAGE,
+    )
+    .await;
+    assert_eq!(refused.code, 1, "{}", refused.stdout);
+    assert!(
+        refused
+            .stderr
+            .contains("removes 2 object(s), more than --max-removals 1; nothing was changed"),
+        "{}",
+        refused.stderr
+    );
+    let plan = kc_cli(&config, &["plan", "--prune"], VIEW).await;
+    assert!(
+        plan.stdout.starts_with("2 object(s) to remove"),
         "{}",
         plan.stdout
     );
     let pruned = kc_cli(&config, &["apply", "--prune"], MANAGE).await;
     assert_eq!(pruned.code, 0, "{}", pruned.stderr);
     assert!(pruned.stdout.contains("- removed client scope old:scope"));
+    assert!(pruned.stdout.contains("- removed client scope old:scope-2"));
     assert_eq!(kc_cli(&config, &["plan", "--prune"], VIEW).await.code, 0);
 }
