@@ -531,6 +531,18 @@ mod tests {
     use crate::provision::live::ClientDetails;
     use crate::provision::model::RealmModel;
 
+    /// Every change of the plan's updates.
+    fn updates(p: &Plan) -> impl Iterator<Item = &Change> {
+        p.entries.iter().flat_map(|e| match &e.action {
+            Action::Update(ch) => ch.as_slice(),
+            Action::Create(_)
+            | Action::InSync
+            | Action::Conflict(_)
+            | Action::Remove
+            | Action::Unneeded => &[],
+        })
+    }
+
     fn desired() -> Desired {
         let model = RealmModel::from_str(
             "resource_servers:\n  deploy-api: {roles: [deploy]}\nscopes:\n  deploy:production: {resource_server: deploy-api, roles: [deploy]}\n",
@@ -657,20 +669,8 @@ mod tests {
                 BTreeSet::from(["admin".to_string()]),
             );
         let p = plan(&d, &live, false, "kcs-admin");
-        let changes: Vec<String> = p
-            .entries
-            .iter()
-            .flat_map(|e| match &e.action {
-                Action::Update(ch) => ch
-                    .iter()
-                    .map(|c| format!("{:?} {}: {} -> {}", c.op, c.field, c.old, c.new))
-                    .collect(),
-                Action::Create(_)
-                | Action::InSync
-                | Action::Conflict(_)
-                | Action::Remove
-                | Action::Unneeded => Vec::new(),
-            })
+        let changes: Vec<String> = updates(&p)
+            .map(|c| format!("{:?} {}: {} -> {}", c.op, c.field, c.old, c.new))
             .collect();
         assert!(
             p.problems[0].contains("maps realm roles (admin)"),
@@ -733,20 +733,8 @@ mod tests {
             );
         live.scopes.insert("deploy:production".into(), m);
         let p = plan(&d, &live, false, "kcs-admin");
-        let fields: Vec<String> = p
-            .entries
-            .iter()
-            .flat_map(|e| match &e.action {
-                Action::Update(ch) => ch
-                    .iter()
-                    .map(|c| format!("{:?} {}", c.op, c.field))
-                    .collect(),
-                Action::Create(_)
-                | Action::InSync
-                | Action::Conflict(_)
-                | Action::Remove
-                | Action::Unneeded => Vec::new(),
-            })
+        let fields: Vec<String> = updates(&p)
+            .map(|c| format!("{:?} {}", c.op, c.field))
             .collect();
         assert!(
             fields.contains(&"ClientRoleMappings scopeMappings".to_string()),
