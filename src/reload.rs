@@ -47,8 +47,20 @@ const RELOAD_NICE: i32 = 5;
 /// 1.27x, `SCHED_IDLE` 1.03x of the quiet p99). Under full load a reload takes
 /// longer (about a second at that size) instead of delaying requests. Where
 /// the policy cannot be set, [`RELOAD_NICE`]. Jobs run one at a time, in order.
+#[derive(Clone)]
 struct Background {
     jobs: std::sync::mpsc::SyncSender<Box<dyn FnOnce() + Send>>,
+}
+
+/// How far below the request workers a [`Background`] thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Priority {
+    /// `SCHED_IDLE` (else [`RELOAD_NICE`]): the watch's and the poll's reloads.
+    Idle,
+    /// [`RELOAD_NICE`] under the fair scheduler: SIGHUP's reloads, which an
+    /// operator sends when a change must apply now, so they get a share of a
+    /// saturated CPU where an idle-policy thread would wait.
+    Nice,
 }
 
 impl Background {
@@ -56,12 +68,19 @@ impl Background {
     ///
     /// # Errors
     /// The thread cannot be started.
-    fn start() -> std::io::Result<Self> {
+    fn start(priority: Priority) -> std::io::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::sync_channel::<Box<dyn FnOnce() + Send>>(4);
+        let name = match priority {
+            Priority::Idle => "policy-reload",
+            Priority::Nice => "policy-sighup",
+        };
         std::thread::Builder::new()
-            .name("policy-reload".into())
+            .name(name.into())
             .spawn(move || {
-                lower_this_threads_priority();
+                match priority {
+                    Priority::Idle => lower_this_threads_priority(),
+                    Priority::Nice => nice_this_thread(),
+                }
                 while let Ok(job) = rx.recv() {
                     // A job that panics loses its answer (the caller logs a
                     // failed task), not the thread.
@@ -95,7 +114,17 @@ fn lower_this_threads_priority() {
     else {
         return;
     };
+    // The crate sets the policy, then the nice value: in a niced process the
+    // second step can fail (lowering nice needs a privilege) with the policy set.
+    if thread_priority::thread_schedule_policy().is_ok_and(|p| p == idle) {
+        return;
+    }
     tracing::info!(error = ?e, "SCHED_IDLE refused for the reload thread; lowering its nice value instead");
+    nice_this_thread();
+}
+
+/// Lowers the calling thread's priority by [`RELOAD_NICE`] (Linux: per thread).
+fn nice_this_thread() {
     let this = rustix::process::Pid::from_raw(rustix::thread::gettid().as_raw_nonzero().get());
     let now = rustix::process::getpriority_process(this).unwrap_or(0);
     if let Err(e) = rustix::process::setpriority_process(this, now + RELOAD_NICE) {
@@ -169,9 +198,9 @@ pub fn reload(
 
 /// Runs until aborted: reloads on SIGHUP (`hup`, listened to since before the
 /// startup read), on watched changes (debounced by `settle`) and when the poll
-/// sees another digest; retries unsettled reloads; also runs limiter
-/// housekeeping every 60 s and probes the upstreams every 10 s (the
-/// `sts_upstream_up` gauge). Once the watch is in place it looks at the
+/// sees another digest; retries unsettled reloads; starts [`maintain`] (limiter
+/// housekeeping, upstream probes) as a task of its own. SIGHUP's reloads run
+/// on a second thread ([`Priority::Nice`]) beside the others. Once the watch is in place it looks at the
 /// directory once: a change made while the service started is applied
 /// without waiting for another event.
 pub async fn run(
@@ -180,15 +209,21 @@ pub async fn run(
     hup: Option<tokio::signal::unix::Signal>,
 ) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-    let background = match Background::start() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the reload thread; policies are not reloaded");
+    let (background, forced) = match (
+        Background::start(Priority::Idle),
+        Background::start(Priority::Nice),
+    ) {
+        (Ok(b), Ok(f)) => (b, f),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot start the reload threads; policies are not reloaded");
             return;
         }
     };
+    // Not behind a reload waiting for CPU.
+    tokio::spawn(maintain(state.clone()));
     let mut r = Reloader {
         background,
+        forced,
         watch: cfg
             .watch
             .then(|| DirWatch::new(state.exchange.policies.dir(), tx.clone())),
@@ -210,8 +245,6 @@ pub async fn run(
     if r.watch.is_some() {
         r.attempt(false, true).await;
     }
-    let mut tick = tokio::time::interval(Duration::from_secs(60));
-    let mut probe = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
@@ -221,24 +254,66 @@ pub async fn run(
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading policies");
-                r.attempt(true, true).await;
+                tokio::spawn(forced_reload(r.forced.clone(), r.state.clone(), cfg.settle));
             }
             () = async { match poll.as_mut() { Some(p) => { p.tick().await; } None => std::future::pending().await } } => r.poll().await,
             () = async { match r.retry_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 r.attempt(false, false).await;
             }
-            _ = tick.tick() => r.state.exchange.limiter.housekeeping(),
+        }
+    }
+}
+
+/// Limiter housekeeping every 60 s and the upstream probes every 10 s (the
+/// `sts_upstream_up` gauge), on a task of their own.
+async fn maintain(state: actix_web::web::Data<AppState>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut probe = tokio::time::interval(Duration::from_secs(10));
+    for i in [&mut tick, &mut probe] {
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = tick.tick() => state.exchange.limiter.housekeeping(),
             _ = probe.tick() => {
-                let s = r.state.clone();
+                let s = state.clone();
                 tokio::spawn(async move { s.exchange.probe_upstreams().await });
             }
         }
     }
 }
 
+/// A SIGHUP's reload (every file read and hashed, applied even when unchanged)
+/// on its own thread, beside a watch or poll reload that may be waiting for
+/// CPU; retried while unsettled (files still changing, or the other thread
+/// applied a set meanwhile: the store never replaces a newer set).
+async fn forced_reload(
+    thread: Background,
+    state: actix_web::web::Data<AppState>,
+    settle: Duration,
+) {
+    for _ in 0..=MAX_UNSETTLED_RETRIES {
+        let s = state.clone();
+        match thread.run(move || reload(&s, settle, true)).await {
+            Some(Ok(Reloaded::Unsettled)) => tokio::time::sleep(settle).await,
+            Some(_) => return,
+            None => {
+                tracing::error!("SIGHUP reload task failed (another SIGHUP's still running?)");
+                return;
+            }
+        }
+    }
+    tracing::error!(
+        retries = MAX_UNSETTLED_RETRIES,
+        "policy files kept changing; SIGHUP reload not applied"
+    );
+}
+
 /// The reload loop's state.
 struct Reloader {
     background: Background,
+    /// SIGHUP's thread ([`Priority::Nice`]).
+    forced: Background,
     state: actix_web::web::Data<AppState>,
     cfg: ReloadSettings,
     watch: Option<DirWatch>,
@@ -399,7 +474,7 @@ fn watch_dir(
 
 #[cfg(test)]
 mod tests {
-    use super::Background;
+    use super::{Background, Priority};
 
     /// The scheduling policy of the calling thread: field 41 of
     /// `/proc/thread-self/stat` (after the name in parentheses, field 3 on).
@@ -418,8 +493,23 @@ mod tests {
     async fn reload_jobs_run_under_sched_idle_and_request_threads_do_not() {
         const SCHED_OTHER: u32 = 0;
         const SCHED_IDLE: u32 = 5;
-        let background = Background::start().unwrap();
+        let background = Background::start(Priority::Idle).unwrap();
         assert_eq!(background.run(this_threads_policy).await, Some(SCHED_IDLE));
         assert_eq!(this_threads_policy(), SCHED_OTHER);
+        // SIGHUP's thread: the fair scheduler, a lower nice value.
+        let forced = Background::start(Priority::Nice).unwrap();
+        assert_eq!(forced.run(this_threads_policy).await, Some(SCHED_OTHER));
+        let nice = |t: &str| -> i64 {
+            let after_name = &t[t.rfind(')').unwrap() + 1..];
+            after_name
+                .split_whitespace()
+                .nth(19 - 3)
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let read = || std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        let mine = nice(&read());
+        assert_eq!(forced.run(move || nice(&read())).await, Some(mine + 5));
     }
 }

@@ -159,7 +159,13 @@ impl PolicyStore {
             }
         })?;
         let set = Arc::new(compiled);
-        self.current.store(set.clone());
+        // Only over the set this reload started from: a reload that ran at
+        // the same time (SIGHUP's thread beside the watch's) and applied a
+        // set first is never replaced by an older read.
+        let before = self.current.compare_and_swap(&active, set.clone());
+        if !Arc::ptr_eq(&before, &active) {
+            return Ok(Reloaded::Unsettled);
+        }
         self.remember(Seen::of(&first, self.margin));
         Ok(Reloaded::Applied(set))
     }

@@ -11,7 +11,7 @@ use secrecy::ExposeSecret;
 use super::admin::Admin;
 use super::desired::Desired;
 pub use super::diff::ApplyError;
-use super::diff::{Action, Change, Kind, Op, Plan};
+use super::diff::{Action, Change, Entry, Kind, Op, Plan};
 use super::live::Live;
 use super::plan::{default_scopes, plan};
 use super::realm::{remove_direct_roles, REALM_KEY};
@@ -20,11 +20,56 @@ use super::realm::{remove_direct_roles, REALM_KEY};
 /// at once, far fewer than an empty or wrongly mounted policy directory would.
 pub const DEFAULT_MAX_REMOVALS: usize = 10;
 
-/// Refuses a plan that removes more than `max` objects.
-fn within(plan: &Plan, max: usize) -> Result<(), ApplyError> {
+/// The objects a checked plan removes, as (kind, name).
+type Approved = BTreeSet<(Kind, String)>;
+
+/// Checks the plan read before any change: no problem, every operation on
+/// an object it applies to, at most `max` removals. Returns the removals
+/// it approves.
+fn check_first(plan: &Plan, max: usize) -> Result<Approved, ApplyError> {
+    if !plan.problems.is_empty() {
+        return Err(ApplyError::Refused(plan.problems.clone()));
+    }
+    well_formed(plan)?;
     match plan.removals() {
         count if count > max => Err(ApplyError::TooManyRemovals { count, max }),
-        _ => Ok(()),
+        _ => Ok(plan
+            .removed()
+            .map(|(kind, name)| (kind, name.to_string()))
+            .collect()),
+    }
+}
+
+/// Checks a plan read again after changes were made: as [`check_first`], and
+/// it removes nothing the first plan did not (another apply or an
+/// administrator changed the realm meanwhile).
+fn check_again(plan: &Plan, approved: &Approved, max: usize) -> Result<(), ApplyError> {
+    if !plan.problems.is_empty() {
+        return Err(ApplyError::ChangedMeanwhile(plan.problems.clone()));
+    }
+    well_formed(plan)?;
+    let mut new: Vec<String> = plan
+        .removed()
+        .filter(|(kind, name)| !approved.contains(&(*kind, (*name).to_string())))
+        .map(|(kind, name)| format!("{kind} {name} became a removal after the plan was checked"))
+        .collect();
+    if plan.removals() > max {
+        new.push(format!(
+            "{} removals, more than --max-removals {max}",
+            plan.removals()
+        ));
+    }
+    match new.is_empty() {
+        true => Ok(()),
+        false => Err(ApplyError::ChangedMeanwhile(new)),
+    }
+}
+
+/// Refuses a plan with an operation on an object it does not apply to.
+fn well_formed(plan: &Plan) -> Result<(), ApplyError> {
+    match plan.misplaced() {
+        Some((kind, name, op)) => Err(not_for(kind, name, op)),
+        None => Ok(()),
     }
 }
 
@@ -42,21 +87,16 @@ pub async fn apply(
 ) -> Result<(), ApplyError> {
     let live = Live::read(admin, desired).await?;
     let first = plan(desired, &live, prune, admin.client_id());
-    if !first.problems.is_empty() {
-        return Err(ApplyError::Refused(first.problems));
-    }
     // The whole plan (identities included) before any change.
-    within(&first, max_removals)?;
+    let approved = check_first(&first, max_removals)?;
     create(admin, desired, &first, journal).await?;
     let live = Live::read(admin, desired).await?;
     let second = plan(desired, &live, prune, admin.client_id());
-    within(&second, max_removals)?;
+    check_again(&second, &approved, max_removals)?;
     for e in &second.entries {
         match &e.action {
             Action::Update(changes) | Action::Create(changes) => {
-                if let Err(err) =
-                    update(admin, desired, &live, e.kind, &e.name, changes, journal).await
-                {
+                if let Err(err) = update(admin, desired, &live, e, changes, prune, journal).await {
                     let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
                     journal.push(format!(
                         "! {} {}: stopped part-way; some of these may have changed: {}",
@@ -79,10 +119,7 @@ pub async fn apply(
         let mut ids = Plan::default();
         super::identities::plan(want, &live_ids, &desired.owner, prune, &mut ids);
         super::plan::keep_operator_switches(&mut ids, |kind, name| live_ids.enabled(kind, name));
-        if !ids.problems.is_empty() {
-            return Err(ApplyError::Refused(ids.problems));
-        }
-        within(&ids, max_removals)?;
+        check_again(&ids, &approved, max_removals)?;
         super::identities::apply(admin, want, &live_ids, &ids, &desired.owner, journal).await?;
     }
     Ok(())
@@ -199,14 +236,17 @@ async fn update(
     admin: &Admin,
     desired: &Desired,
     live: &Live,
-    kind: Kind,
-    name: &str,
+    e: &Entry,
     changes: &[Change],
+    prune: bool,
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
+    let (kind, name) = (e.kind, e.name.as_str());
     let ops: BTreeSet<Op> = changes.iter().map(|c| c.op).collect();
     match kind {
-        Kind::ResourceServer => resource_server(admin, desired, live, name, &ops).await?,
+        Kind::ResourceServer => {
+            resource_server(admin, desired, live, name, &ops, prune).await?;
+        }
         Kind::Scope => scope(admin, desired, live, name, &ops).await?,
         Kind::Client => client(admin, desired, live, name, &ops).await?,
         // Applied by the identities' own apply, after this pass.
@@ -228,6 +268,7 @@ async fn resource_server(
     live: &Live,
     name: &str,
     ops: &BTreeSet<Op>,
+    prune: bool,
 ) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let rs = desired
@@ -249,7 +290,7 @@ async fn resource_server(
                     })
                     .await?;
             }
-            Op::ClientRoles => client_roles(admin, live, &uuid, name, &rs.roles).await?,
+            Op::ClientRoles => client_roles(admin, live, &uuid, name, &rs.roles, prune).await?,
             Op::ScopeMappers
             | Op::ClientMappers
             | Op::ScopeRoleMappings
@@ -270,13 +311,15 @@ async fn resource_server(
     Ok(())
 }
 
-/// Creates the roles of `want` that `name` lacks and removes the others.
+/// Creates the roles of `want` that `name` lacks and, with `prune`, removes
+/// the others (the plan counted them as removals).
 async fn client_roles(
     admin: &Admin,
     live: &Live,
     uuid: &str,
     name: &str,
     want: &BTreeSet<String>,
+    prune: bool,
 ) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let have = live.roles.get(name).cloned().unwrap_or_default();
@@ -293,7 +336,7 @@ async fn client_roles(
             })
             .await?;
     }
-    for r in have.difference(want) {
+    for r in have.difference(want).filter(|_| prune) {
         admin
             .run(format!("remove role {name}/{r}"), || {
                 admin
@@ -450,6 +493,10 @@ async fn client(
                 }
             }
             Op::ClientRoleMappings => client_scope_mappings(admin, &uuid, name).await?,
+            // A service account switched off by the representation's update is
+            // gone with its roles and groups (Keycloak deletes its user).
+            Op::ServiceAccountRoles | Op::ServiceAccountGroups
+                if c.rep.service_accounts_enabled != Some(true) => {}
             Op::ServiceAccountRoles => {
                 let user = service_account(admin, &uuid, name).await?;
                 service_account_roles(admin, live, &user, name, &c.roles).await?;
@@ -768,12 +815,14 @@ async fn remove(
                     })
                     .await?;
             }
-            Kind::Client
-            | Kind::ResourceServer
-            | Kind::IdentityProvider
-            | Kind::UserProfile
-            | Kind::Group
-            | Kind::User => {
+            // The identities' own apply removes users; other identity objects are kept.
+            Kind::IdentityProvider | Kind::UserProfile | Kind::Group | Kind::User => {
+                return Err(ApplyError::NotApplicable {
+                    object: format!("{} {}", e.kind, e.name),
+                    op: Op::Representation,
+                });
+            }
+            Kind::Client | Kind::ResourceServer => {
                 let id = id_of(live, &e.name)?;
                 admin
                     .run(format!("remove {} {}", e.kind, e.name), || {

@@ -89,6 +89,32 @@ pub enum Op {
     UserGroups,
 }
 
+impl Op {
+    /// Whether `apply` makes this operation on an object of `kind`.
+    pub fn applies_to(self, kind: Kind) -> bool {
+        match self {
+            Self::Representation => {
+                kind == Kind::ResourceServer || kind == Kind::Scope || kind == Kind::Client
+            }
+            Self::ClientRoles => kind == Kind::ResourceServer,
+            Self::ScopeMappers | Self::ScopeRoleMappings => kind == Kind::Scope,
+            Self::ClientMappers
+            | Self::ClientRoleMappings
+            | Self::ClientScopes
+            | Self::ServiceAccountRoles
+            | Self::ServiceAccountGroups => kind == Kind::Client,
+            Self::IdentityProvider => kind == Kind::IdentityProvider,
+            Self::ProfileAttributes => kind == Kind::UserProfile,
+            Self::GroupRoles => kind == Kind::Group,
+            Self::UserCreate
+            | Self::UserAttributes
+            | Self::UserLink
+            | Self::UserRoles
+            | Self::UserGroups => kind == Kind::User,
+        }
+    }
+}
+
 /// One field that differs: `old` is the live value (`(unset)` when absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
@@ -142,6 +168,9 @@ pub struct Plan {
     pub problems: Vec<String>,
     /// What `plan` does not show as a change but an operator should know.
     pub notes: Vec<String>,
+    /// Client roles of owned resource servers that `--prune` deletes (each
+    /// also drops every mapping to it); counted by [`Plan::removals`].
+    pub role_removals: usize,
 }
 
 impl Plan {
@@ -155,12 +184,30 @@ impl Plan {
         })
     }
 
-    /// How many objects `apply` would remove (only `--prune` proposes removals).
+    /// How many objects `apply` would remove (only `--prune` proposes
+    /// removals): removed entries and deleted client roles.
     pub fn removals(&self) -> usize {
+        self.removed().count() + self.role_removals
+    }
+
+    /// The entries `apply` would remove, as (kind, name).
+    pub fn removed(&self) -> impl Iterator<Item = (Kind, &str)> {
         self.entries
             .iter()
             .filter(|e| matches!(e.action, Action::Remove))
-            .count()
+            .map(|e| (e.kind, e.name.as_str()))
+    }
+
+    /// The first change whose operation does not apply to its object's kind
+    /// (a `plan` bug), as (kind, name, op).
+    pub fn misplaced(&self) -> Option<(Kind, &str, Op)> {
+        self.entries.iter().find_map(|e| match &e.action {
+            Action::Create(ch) | Action::Update(ch) => ch
+                .iter()
+                .find(|c| !c.op.applies_to(e.kind))
+                .map(|c| (e.kind, e.name.as_str(), c.op)),
+            Action::InSync | Action::Conflict(_) | Action::Remove | Action::Unneeded => None,
+        })
     }
 
     /// Renders the plan, one object per line and one indented line per field.
@@ -236,12 +283,16 @@ pub enum ApplyError {
     /// An Admin API call failed; the journal says what was done before it.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The realm changed while apply ran (another apply, an administrator):
+    /// what the plan read again shows; some changes were made (the journal).
+    #[error("the realm changed while apply ran; stopped:\n{}", .0.join("\n"))]
+    ChangedMeanwhile(Vec<String>),
     /// An object the plan counts on was not found (created above, or read
     /// moments ago, and gone: another hand in the realm); run apply again.
     #[error("{0} was not found (changed by someone else meanwhile?); run apply again")]
     Missing(String),
     /// The plan holds an operation for an object it does not apply to: a bug
-    /// in `plan`, stopped before anything is sent.
+    /// in `plan`; every plan is checked before its first write.
     #[error("{object}: {op:?} does not apply to it (a plan bug); nothing more was changed")]
     NotApplicable {
         /// Kind and name.

@@ -864,28 +864,6 @@ fn action(exists: bool, changes: Vec<Change>) -> Action {
     }
 }
 
-/// The kind of object whose convergence here makes `op` (`None`: an operation
-/// of the first pass). Exhaustive: a new operation must say where it is made.
-fn converged_by(op: Op) -> Option<Kind> {
-    match op {
-        Op::IdentityProvider => Some(Kind::IdentityProvider),
-        Op::ProfileAttributes => Some(Kind::UserProfile),
-        Op::GroupRoles => Some(Kind::Group),
-        Op::UserCreate | Op::UserAttributes | Op::UserLink | Op::UserRoles | Op::UserGroups => {
-            Some(Kind::User)
-        }
-        Op::Representation
-        | Op::ClientRoles
-        | Op::ScopeMappers
-        | Op::ClientMappers
-        | Op::ScopeRoleMappings
-        | Op::ClientRoleMappings
-        | Op::ClientScopes
-        | Op::ServiceAccountRoles
-        | Op::ServiceAccountGroups => None,
-    }
-}
-
 /// Makes the identity entries of `plan` true; appends each change to `journal`.
 ///
 /// # Errors
@@ -916,7 +894,7 @@ pub async fn apply(
             }
             Action::Remove | Action::InSync | Action::Conflict(_) | Action::Unneeded => continue,
         };
-        if let Some(c) = changes.iter().find(|c| converged_by(c.op) != Some(e.kind)) {
+        if let Some(c) = changes.iter().find(|c| !c.op.applies_to(e.kind)) {
             return Err(ApplyError::NotApplicable {
                 object: format!("{} {}", e.kind, e.name),
                 op: c.op,

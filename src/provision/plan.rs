@@ -220,10 +220,17 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
                 join(&extra)
             ));
         }
-        let wanted_missing = !rs.roles.is_subset(live_roles);
-        if wanted_missing || (prune && live_roles != &rs.roles) {
-            ch.extend(set_change(Op::ClientRoles, "roles", live_roles, &rs.roles));
+        // Without --prune the roles no longer in the model stay (the note
+        // above); with it each is a removal `--max-removals` counts.
+        let want: BTreeSet<String> = if prune {
+            rs.roles.clone()
+        } else {
+            live_roles.union(&rs.roles).cloned().collect()
+        };
+        if prune {
+            plan.role_removals += extra.len();
         }
+        ch.extend(set_change(Op::ClientRoles, "roles", live_roles, &want));
         plan.entries.push(Entry {
             kind: Kind::ResourceServer,
             name: rs.client_id.clone(),
