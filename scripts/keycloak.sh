@@ -2,7 +2,7 @@
 # Run a throw-away Keycloak (Maven-distributed Quarkus dist, dev mode, embedded H2)
 # for the integration tests of keycloak-ci-sts. No Docker needed.
 #
-# Usage: scripts/keycloak.sh start|stop|status|env|provision
+# Usage: scripts/keycloak.sh start|stop|status|env|provision|plan
 #
 # Environment (all optional):
 #   KC_VERSION                    Keycloak version (default 26.7.3)
@@ -13,6 +13,9 @@
 #   KC_BOOTSTRAP_ADMIN_PASSWORD   master-realm admin password (default admin)
 #   KC_JAVA_OPTS_APPEND           extra JVM options (default -Xmx512m); passed as JAVA_OPTS_APPEND
 #   KC_EXTRA_ARGS                 extra arguments for `kc.sh start-dev` (word-split)
+#   KC_REALM_DIR                  the realm files `start` imports (default tests/keycloak;
+#                                 tests/keycloak/exported holds realm ci as an earlier
+#                                 build's `keycloak apply` left it)
 #   KCS_CACHE_DIR                 where the distribution zip is cached (default: $KCS_CACHE,
 #                                 the cache of every script, ${XDG_CACHE_HOME:-$HOME/.cache}/keycloak-ci-sts)
 #
@@ -48,7 +51,7 @@ KC_PIDFILE="$KC_BASE/keycloak.pid"
 KC_LOCKFILE="$KC_BASE/.lock"
 KC_ZIP_NAME="keycloak-quarkus-dist-$KC_VERSION.zip"
 KC_ARTIFACT="org.keycloak:keycloak-quarkus-dist:$KC_VERSION:zip"
-REALM_DIR="$REPO_ROOT/tests/keycloak"
+REALM_DIR="${KC_REALM_DIR:-$REPO_ROOT/tests/keycloak}"
 
 HTTP_URL="http://127.0.0.1:$KC_HTTP_PORT"
 MGMT_URL="http://127.0.0.1:$KC_MGMT_PORT"
@@ -60,13 +63,15 @@ die() { log "error: $*"; exit 1; }
 
 usage() {
   cat >&2 <<EOF
-usage: $0 start|stop|status|env|provision
+usage: $0 start|stop|status|env|provision|plan
   start   download (if needed), unpack (if needed), wipe data/, import realm, start, wait until ready
   stop    stop the Keycloak started from this clone (TERM, then KILL after ${KC_STOP_TIMEOUT}s)
   status  exit 0 if running and ready, 1 if running but not ready, 3 if not running
   env     print export lines for the integration tests
   provision  create the service's clients, scopes and resource servers in realm ci
           (keycloak-ci-sts keycloak apply --config demo/sts.toml; needs target/debug/keycloak-ci-sts)
+  plan    keycloak-ci-sts keycloak plan --config demo/sts.toml with the view client; its exit
+          code (0 in sync, 3 changes pending, 1 problems)
 EOF
   exit 2
 }
@@ -391,11 +396,21 @@ cmd_provision() {
     "$bin" keycloak apply --config "$REPO_ROOT/demo/sts.toml" >&2
 }
 
+cmd_plan() {
+  local bin="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/keycloak-ci-sts"
+  [ -x "$bin" ] || die "$bin not found: run cargo build first"
+  is_ready || die "Keycloak is not running from this clone: run $0 start first"
+  KCS_ADMIN_CLIENT_ID=kcs-admin-view \
+    KCS_ADMIN_CLIENT_SECRET=kcs-admin-view-test-secret \
+    "$bin" keycloak plan --config "$REPO_ROOT/demo/sts.toml"
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
   provision) cmd_provision ;;
+  plan) cmd_plan ;;
   *) usage ;;
 esac

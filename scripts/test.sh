@@ -52,6 +52,8 @@ trap 'bash scripts/keycloak.sh stop || true' EXIT
 echo "== starting Keycloak $KC_NEWEST"
 KC_VERSION="$KC_NEWEST" bash scripts/keycloak.sh start
 eval "$(KC_VERSION="$KC_NEWEST" bash scripts/keycloak.sh env)"
+echo "== keycloak plan on the blank realm: the golden text (tests/keycloak/golden)"
+bash scripts/plan-golden.sh blank 3
 echo "== keycloak apply: realm ci from policies/ and policies/keycloak/realm.yaml"
 bash scripts/keycloak.sh provision
 
@@ -64,6 +66,9 @@ cargo test --locked --workspace -- --include-ignored --test-threads=4 --skip con
 echo "== the load test, alone"
 cargo test --locked --test api concurrency:: -- --include-ignored
 bash scripts/keycloak.sh stop
+
+echo "== provisioning compatibility: realm ci as an earlier apply left it, then drifted (golden plans)"
+KC_VERSION="$KC_NEWEST" bash scripts/keycloak-compat.sh
 
 echo "== deployment: Dockerfile (hadolint), Helm chart (lint, template, schemas), the image's runtime contract"
 bash scripts/deploy-check.sh
