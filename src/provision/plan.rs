@@ -114,13 +114,19 @@ fn mapper_changes(
                 Op::ScopeMappers,
             ));
             // Keys the desired mapper does not set change its output too
-            // (a `rolePrefix`, a `lightweight` flag): any of them is drift.
+            // (a `rolePrefix`, a `lightweight` flag): any of them is drift,
+            // except a claim switched off (`userinfo.token.claim: false`, which
+            // Keycloak adds to mappers of a realm it imports): it can only
+            // leave a claim out of a token, never add one.
             let want = m.config.clone().unwrap_or_default();
             let mut extra: Vec<(&String, &String)> = l
                 .config
                 .iter()
                 .flatten()
-                .filter(|(k, _)| !want.contains_key(*k))
+                .filter(|(k, v)| {
+                    let off = k.ends_with(".claim") && *v == "false";
+                    !want.contains_key(*k) && !off
+                })
                 .collect();
             extra.sort();
             out.extend(extra.into_iter().map(|(k, v)| Change {
@@ -786,6 +792,28 @@ mod tests {
             "client scope basic holds mapper `aud`",
         ] {
             assert!(all.contains(needle), "{needle}: {all}");
+        }
+    }
+
+    #[test]
+    fn a_claim_switched_off_by_an_import_is_not_drift_and_one_switched_on_is() {
+        let d = desired();
+        for (value, drift) in [("false", false), ("true", true)] {
+            let mut live = in_sync(&d);
+            let mut s = live.scopes["deploy:production"].clone();
+            for m in s.protocol_mappers.as_mut().unwrap() {
+                m.config
+                    .as_mut()
+                    .unwrap()
+                    .insert("userinfo.token.claim".into(), value.into());
+            }
+            live.scopes.insert("deploy:production".into(), s);
+            let p = plan(&d, &live, false, "kcs-admin");
+            assert_eq!(
+                updates(&p).any(|c| c.field.ends_with("config.userinfo.token.claim")),
+                drift,
+                "{value}"
+            );
         }
     }
 
