@@ -597,12 +597,37 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
     plan.problems.extend(live.problems.iter().cloned());
     plan.notes.extend(live.notes.iter().cloned());
     let alias = want.provider.alias.clone().unwrap_or_default();
-    let entry = |kind, name: &str, action| Entry {
+    provider_entry(want, live, owner, &alias, plan);
+    profile_entry(live, plan);
+    group_entries(want, live, owner, plan);
+    user_entries(want, live, &alias, plan);
+    let gone = if prune {
+        Action::Remove
+    } else {
+        Action::Unneeded
+    };
+    for name in live.unneeded.keys() {
+        plan.entries.push(entry(Kind::User, name, gone.clone()));
+    }
+}
+
+fn entry(kind: Kind, name: &str, action: Action) -> Entry {
+    Entry {
         kind,
         name: name.to_string(),
         action,
         operator_disabled: false,
-    };
+    }
+}
+
+/// The identity provider's entry: its kind, `enabled` and every config key.
+fn provider_entry(
+    want: &Identities,
+    live: &LiveIdentities,
+    owner: &str,
+    alias: &str,
+    plan: &mut Plan,
+) {
     match &live.provider {
         Some(p)
             if p.config
@@ -611,7 +636,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
                 .map(String::as_str)
                 != Some(owner) =>
         {
-            plan.entries.push(entry(Kind::IdentityProvider, &alias, Action::Conflict(format!(
+            plan.entries.push(entry(Kind::IdentityProvider, alias, Action::Conflict(format!(
                 "exists and was not created by keycloak apply (no config key {OWNER_ATTRIBUTE} = `{owner}`): left alone"
             ))));
         }
@@ -655,11 +680,15 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
             }
             plan.entries.push(entry(
                 Kind::IdentityProvider,
-                &alias,
+                alias,
                 action(l.is_some(), ch),
             ));
         }
     }
+}
+
+/// The user profile's entry: the attributes it must declare.
+fn profile_entry(live: &LiveIdentities, plan: &mut Plan) {
     let declared: BTreeSet<String> = live.profile["attributes"]
         .as_array()
         .map(|a| {
@@ -685,6 +714,10 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
     };
     plan.entries
         .push(entry(Kind::UserProfile, "attributes", profile));
+}
+
+/// The groups' entries: their role mappings (realm and built-in roles are problems).
+fn group_entries(want: &Identities, live: &LiveIdentities, owner: &str, plan: &mut Plan) {
     for g in &want.groups {
         match live.groups.get(&g.name) {
             Some((rep, _))
@@ -730,38 +763,49 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
             }
         }
     }
+}
+
+/// A repository user's fields when it is created.
+fn new_user(u: &User, alias: &str) -> Vec<Change> {
+    let mut ch = vec![
+        Change {
+            op: Op::UserCreate,
+            field: "id (the tokens' sub)".into(),
+            old: "(unset)".into(),
+            new: u.id.clone(),
+        },
+        Change {
+            op: Op::UserLink,
+            field: "link".into(),
+            old: "(unset)".into(),
+            new: format!("{alias}: {}", u.identity.subject()),
+        },
+    ];
+    ch.extend(u.attributes.iter().map(|(k, v)| Change {
+        op: Op::UserAttributes,
+        field: format!("attributes.{k}"),
+        old: "(unset)".into(),
+        new: v.join(", "),
+    }));
+    if !u.groups.is_empty() {
+        ch.push(Change {
+            op: Op::UserGroups,
+            field: "groups".into(),
+            old: "(none)".into(),
+            new: join(&u.groups),
+        });
+    }
+    ch
+}
+
+/// The repository users' entries: created with id, link, attributes and
+/// groups, or compared field by field.
+fn user_entries(want: &Identities, live: &LiveIdentities, alias: &str, plan: &mut Plan) {
     let owned_groups: BTreeSet<String> =
         want.groups.iter().map(|g| format!("/{}", g.name)).collect();
     for u in &want.users {
         let Some(l) = live.users.get(&u.username) else {
-            let mut ch = vec![
-                Change {
-                    op: Op::UserCreate,
-                    field: "id (the tokens' sub)".into(),
-                    old: "(unset)".into(),
-                    new: u.id.clone(),
-                },
-                Change {
-                    op: Op::UserLink,
-                    field: "link".into(),
-                    old: "(unset)".into(),
-                    new: format!("{alias}: {}", u.identity.subject()),
-                },
-            ];
-            ch.extend(u.attributes.iter().map(|(k, v)| Change {
-                op: Op::UserAttributes,
-                field: format!("attributes.{k}"),
-                old: "(unset)".into(),
-                new: v.join(", "),
-            }));
-            if !u.groups.is_empty() {
-                ch.push(Change {
-                    op: Op::UserGroups,
-                    field: "groups".into(),
-                    old: "(none)".into(),
-                    new: join(&u.groups),
-                });
-            }
+            let ch = new_user(u, alias);
             plan.entries
                 .push(entry(Kind::User, &u.username, Action::Create(ch)));
             continue;
@@ -786,7 +830,7 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         let link = l
             .links
             .iter()
-            .find(|f| f.identity_provider.as_deref() == Some(alias.as_str()));
+            .find(|f| f.identity_provider.as_deref() == Some(alias));
         let subject = u.identity.subject();
         if link.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
             ch.push(Change {
@@ -845,14 +889,6 @@ pub fn plan(want: &Identities, live: &LiveIdentities, owner: &str, prune: bool, 
         }
         plan.entries
             .push(entry(Kind::User, &u.username, action(true, ch)));
-    }
-    let gone = if prune {
-        Action::Remove
-    } else {
-        Action::Unneeded
-    };
-    for name in live.unneeded.keys() {
-        plan.entries.push(entry(Kind::User, name, gone.clone()));
     }
 }
 

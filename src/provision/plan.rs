@@ -195,9 +195,29 @@ fn untouchable(id: &str, admin_client: &str) -> bool {
 /// are removed and extra roles of owned resource servers count as changes.
 /// `admin_client` is the `clientId` of the admin client in use: never touched.
 pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> Plan {
-    let owner = desired.owner.as_str();
     let mut plan = Plan::default();
     check_basic(live, &mut plan);
+    resource_servers(desired, live, prune, &mut plan);
+    scopes(desired, live, &mut plan);
+    clients(desired, live, &mut plan);
+    leftovers(desired, live, prune, admin_client, &mut plan);
+    let owner = desired.owner.as_str();
+    if let (Some(want), Some(l)) = (&desired.identities, &live.identities) {
+        super::identities::plan(want, l, owner, prune, &mut plan);
+    }
+    keep_operator_switches(&mut plan, |kind, name| live.enabled(kind, name));
+    for e in &plan.entries {
+        if let Action::Conflict(why) = &e.action {
+            plan.problems.push(format!("{} {} {why}", e.kind, e.name));
+        }
+    }
+    plan
+}
+
+/// The resource servers' entries: representation and roles (with `prune`,
+/// the roles no longer in the model are removals); composite roles are problems.
+fn resource_servers(desired: &Desired, live: &Live, prune: bool, plan: &mut Plan) {
+    let owner = desired.owner.as_str();
     let none = BTreeSet::new();
     for rs in &desired.resource_servers {
         let l = live.clients.get(&rs.client_id);
@@ -249,6 +269,11 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             "role {c} of an owned resource server is composite (it grants other roles to every token that carries it): remove its associated roles by hand"
         ));
     }
+}
+
+/// The client scopes' entries: representation, mappers, role scope mappings.
+fn scopes(desired: &Desired, live: &Live, plan: &mut Plan) {
+    let owner = desired.owner.as_str();
     for s in &desired.scopes {
         let l = live.scopes.get(&s.name);
         if let Some(why) = l.and_then(|l| conflict(l.attributes.as_ref(), owner, &s.name)) {
@@ -295,6 +320,13 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             operator_disabled: false,
         });
     }
+}
+
+/// The clients' entries: representation, scopes, own mappers and scope
+/// mappings, the service account's roles and groups.
+fn clients(desired: &Desired, live: &Live, plan: &mut Plan) {
+    let owner = desired.owner.as_str();
+    let none = BTreeSet::new();
     let servers: BTreeSet<&String> = desired
         .resource_servers
         .iter()
@@ -324,7 +356,7 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             continue;
         }
         let d = live.details.get(&c.client_id).cloned().unwrap_or_default();
-        admin_rights(&c.client_id, &d, &mut plan);
+        admin_rights(&c.client_id, &d, plan);
         let mut ch = compare_rep(&c.rep, l, "", Op::Representation);
         ch.extend(set_change(
             Op::ClientScopes,
@@ -387,6 +419,17 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             operator_disabled: false,
         });
     }
+}
+
+/// Owned clients, resource servers and scopes no longer desired: removed
+/// with `prune`, else kept; built-in, admin and admin-holding ones are problems.
+fn leftovers(desired: &Desired, live: &Live, prune: bool, admin_client: &str, plan: &mut Plan) {
+    let owner = desired.owner.as_str();
+    let servers: BTreeSet<&String> = desired
+        .resource_servers
+        .iter()
+        .map(|r| &r.client_id)
+        .collect();
     let gone = if prune {
         Action::Remove
     } else {
@@ -437,16 +480,6 @@ pub fn plan(desired: &Desired, live: &Live, prune: bool, admin_client: &str) -> 
             });
         }
     }
-    if let (Some(want), Some(l)) = (&desired.identities, &live.identities) {
-        super::identities::plan(want, l, owner, prune, &mut plan);
-    }
-    keep_operator_switches(&mut plan, |kind, name| live.enabled(kind, name));
-    for e in &plan.entries {
-        if let Action::Conflict(why) = &e.action {
-            plan.problems.push(format!("{} {} {why}", e.kind, e.name));
-        }
-    }
-    plan
 }
 
 /// The operator's off switch, one rule for every kind of object that has one
