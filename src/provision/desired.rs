@@ -108,25 +108,17 @@ struct Granted {
     policies: Vec<String>,
 }
 
-/// Derives the desired state.
-///
-/// # Errors
-/// Every inconsistency between the configuration, the policies and the model, one
-/// line each (a grant's scope the model does not declare, a grant whose audience
-/// none of its scopes carries, a lifespan above a grant's `max_lifetime_seconds`,
-/// a `private_key_jwt` client without `public_url`, ...).
-pub fn derive(
-    inputs: Inputs<'_>,
-    policies: &[std::sync::Arc<Policy>],
-    inventory: &crate::inventory::Inventory,
+/// What each configured client's grants add up to, from the policies.
+fn grants<'p>(
+    policies: &'p [std::sync::Arc<Policy>],
+    clients: &BTreeMap<String, Auth>,
     model: &RealmModel,
-) -> Result<Desired, Vec<String>> {
-    let mut errors = Vec::new();
-    let mut warnings = Vec::new();
+    errors: &mut Vec<String>,
+) -> BTreeMap<&'p str, Granted> {
     let mut granted: BTreeMap<&str, Granted> = BTreeMap::new();
     for p in policies {
         let Some(g) = &p.grant else { continue };
-        if !inputs.clients.contains_key(&g.client) {
+        if !clients.contains_key(&g.client) {
             errors.push(format!(
                 "policy `{}`: client `{}` is not configured under [keycloak.clients]",
                 p.id, g.client
@@ -167,8 +159,17 @@ pub fn derive(
         );
         e.policies.push(p.id.clone());
     }
-    for id in inputs
-        .clients
+    granted
+}
+
+/// The clients the service acts as may not be built-in ones, resource
+/// servers, or model clients the configuration does not name.
+fn check_client_names(
+    clients: &BTreeMap<String, Auth>,
+    model: &RealmModel,
+    errors: &mut Vec<String>,
+) {
+    for id in clients
         .keys()
         .filter(|id| super::model::is_reserved_client(id))
     {
@@ -179,19 +180,144 @@ pub fn derive(
     for id in model
         .resource_servers
         .keys()
-        .filter(|id| inputs.clients.contains_key(*id))
+        .filter(|id| clients.contains_key(*id))
     {
         errors.push(format!(
             "keycloak/realm.yaml: resource server `{id}` is also a client the service acts as ([keycloak.clients.{id}]); use two clients"
         ));
     }
     for id in model.clients.keys() {
-        if !inputs.clients.contains_key(id) {
+        if !clients.contains_key(id) {
             errors.push(format!(
                 "keycloak/realm.yaml: `clients.{id}` is not configured under [keycloak.clients]"
             ));
         }
     }
+}
+
+/// The model's resource servers: bearer-only clients with their roles.
+fn resource_servers(model: &RealmModel, owner: &str) -> Vec<ResourceServer> {
+    model
+        .resource_servers
+        .iter()
+        .map(|(id, spec)| ResourceServer {
+            client_id: id.clone(),
+            rep: ClientRepresentation {
+                client_id: Some(id.clone()),
+                name: Some(id.clone()),
+                description: Some(spec.description.clone().unwrap_or_else(|| {
+                    "resource server (audience of keycloak-ci-sts tokens)".into()
+                })),
+                protocol: Some("openid-connect".into()),
+                public_client: Some(false),
+                bearer_only: Some(true),
+                consent_required: Some(false),
+                standard_flow_enabled: Some(false),
+                implicit_flow_enabled: Some(false),
+                direct_access_grants_enabled: Some(false),
+                service_accounts_enabled: Some(false),
+                full_scope_allowed: Some(false),
+                attributes: Some(to_map(base_attributes(owner))),
+                ..Default::default()
+            },
+            roles: spec.roles.clone(),
+        })
+        .collect()
+}
+
+/// A client's access-token lifespan: the model's, which may not exceed its
+/// grants' smallest `max_lifetime_seconds`; else (JWT Authorization Grant:
+/// the identity provider cuts each token at its assertion's exp) the longest
+/// grant's, or (client_credentials) the shortest's, or 60 s.
+fn lifespan(
+    id: &str,
+    spec: Option<&super::model::ClientSpec>,
+    g: &Granted,
+    jwt: bool,
+    errors: &mut Vec<String>,
+) -> u64 {
+    let smallest = if jwt { None } else { g.min_lifetime };
+    match (spec.and_then(|s| s.access_token_lifespan_seconds), smallest) {
+        (Some(l), Some(max)) if l > max => {
+            errors.push(format!(
+                "keycloak/realm.yaml: `clients.{id}.access_token_lifespan_seconds` = {l} exceeds \
+                 the smallest max_lifetime_seconds of its grants ({max}, policies {}): \
+                 the service would refuse its tokens (keycloak.lifetime_exceeds_policy)",
+                g.policies.join(", ")
+            ));
+            l
+        }
+        (Some(l), _) => l,
+        (None, _) => g
+            .max_lifetime
+            .filter(|_| jwt)
+            .or(g.min_lifetime)
+            .unwrap_or(60),
+    }
+}
+
+/// How a client authenticates: Keycloak's authenticator, the secret to set
+/// and the attributes; `None` (with an error) for `private_key_jwt` without
+/// `public_url`.
+#[allow(clippy::type_complexity)]
+fn authentication(
+    id: &str,
+    auth: Auth,
+    jwks_url: Option<&str>,
+    signing_alg: &str,
+    errors: &mut Vec<String>,
+) -> Option<(
+    &'static str,
+    Option<SecretString>,
+    Vec<(&'static str, String)>,
+)> {
+    Some(match auth {
+        Auth::PrivateKeyJwt => {
+            let Some(url) = jwks_url else {
+                errors.push(format!(
+                    "client `{id}` uses private_key_jwt: set `public_url` in the configuration \
+                     (Keycloak fetches <public_url>/.well-known/jwks.json)"
+                ));
+                return None;
+            };
+            let attrs = vec![
+                ("use.jwks.url", "true".to_string()),
+                ("jwks.url", url.to_string()),
+                ("token.endpoint.auth.signing.alg", signing_alg.to_string()),
+            ];
+            ("client-jwt", None, attrs)
+        }
+        Auth::ClientSecret(secret) => {
+            if secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret().len() < MIN_SECRET_LEN)
+            {
+                errors.push(format!(
+                    "client `{id}`: the configured secret is shorter than {MIN_SECRET_LEN} characters; apply will not set it"
+                ));
+            }
+            ("client-secret", secret, Vec::new())
+        }
+    })
+}
+
+/// Derives the desired state.
+///
+/// # Errors
+/// Every inconsistency between the configuration, the policies and the model, one
+/// line each (a grant's scope the model does not declare, a grant whose audience
+/// none of its scopes carries, a lifespan above a grant's `max_lifetime_seconds`,
+/// a `private_key_jwt` client without `public_url`, ...).
+pub fn derive(
+    inputs: Inputs<'_>,
+    policies: &[std::sync::Arc<Policy>],
+    inventory: &crate::inventory::Inventory,
+    model: &RealmModel,
+) -> Result<Desired, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut warnings = Vec::new();
+    let mut granted = grants(policies, &inputs.clients, model, &mut errors);
+    check_client_names(&inputs.clients, model, &mut errors);
     let jwks_url = inputs
         .public_url
         .map(|u| format!("{}/.well-known/jwks.json", u.as_str().trim_end_matches('/')));
@@ -206,27 +332,7 @@ pub fn derive(
             ));
         }
         let jwt = inputs.jwt_clients.contains(&id);
-        // JWT Authorization Grant: the identity provider cuts each token at its
-        // assertion's exp (= the grant's max_lifetime_seconds), so the client's
-        // lifespan is the longest grant's; client_credentials: the shortest's.
-        let smallest = if jwt { None } else { g.min_lifetime };
-        let lifespan = match (spec.and_then(|s| s.access_token_lifespan_seconds), smallest) {
-            (Some(l), Some(max)) if l > max => {
-                errors.push(format!(
-                    "keycloak/realm.yaml: `clients.{id}.access_token_lifespan_seconds` = {l} exceeds \
-                     the smallest max_lifetime_seconds of its grants ({max}, policies {}): \
-                     the service would refuse its tokens (keycloak.lifetime_exceeds_policy)",
-                    g.policies.join(", ")
-                ));
-                l
-            }
-            (Some(l), _) => l,
-            (None, _) => g
-                .max_lifetime
-                .filter(|_| jwt)
-                .or(g.min_lifetime)
-                .unwrap_or(60),
-        };
+        let lifespan = lifespan(&id, spec, &g, jwt, &mut errors);
         let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for s in &g.scopes {
             if let Some(spec) = model.scopes.get(s) {
@@ -236,36 +342,14 @@ pub fn derive(
                     .extend(spec.roles.iter().cloned());
             }
         }
-        let (authenticator, secret, auth_attrs) = match auth {
-            Auth::PrivateKeyJwt => {
-                let Some(url) = &jwks_url else {
-                    errors.push(format!(
-                        "client `{id}` uses private_key_jwt: set `public_url` in the configuration \
-                         (Keycloak fetches <public_url>/.well-known/jwks.json)"
-                    ));
-                    continue;
-                };
-                let attrs = vec![
-                    ("use.jwks.url", "true".to_string()),
-                    ("jwks.url", url.clone()),
-                    (
-                        "token.endpoint.auth.signing.alg",
-                        inputs.signing_alg.to_string(),
-                    ),
-                ];
-                ("client-jwt", None, attrs)
-            }
-            Auth::ClientSecret(secret) => {
-                if secret
-                    .as_ref()
-                    .is_some_and(|s| s.expose_secret().len() < MIN_SECRET_LEN)
-                {
-                    errors.push(format!(
-                        "client `{id}`: the configured secret is shorter than {MIN_SECRET_LEN} characters; apply will not set it"
-                    ));
-                }
-                ("client-secret", secret, Vec::new())
-            }
+        let Some((authenticator, secret, auth_attrs)) = authentication(
+            &id,
+            auth,
+            jwks_url.as_deref(),
+            inputs.signing_alg,
+            &mut errors,
+        ) else {
+            continue;
         };
         let mut attributes = base_attributes(&owner);
         attributes.extend([
@@ -318,32 +402,7 @@ pub fn derive(
             secret,
         });
     }
-    let resource_servers = model
-        .resource_servers
-        .iter()
-        .map(|(id, spec)| ResourceServer {
-            client_id: id.clone(),
-            rep: ClientRepresentation {
-                client_id: Some(id.clone()),
-                name: Some(id.clone()),
-                description: Some(spec.description.clone().unwrap_or_else(|| {
-                    "resource server (audience of keycloak-ci-sts tokens)".into()
-                })),
-                protocol: Some("openid-connect".into()),
-                public_client: Some(false),
-                bearer_only: Some(true),
-                consent_required: Some(false),
-                standard_flow_enabled: Some(false),
-                implicit_flow_enabled: Some(false),
-                direct_access_grants_enabled: Some(false),
-                service_accounts_enabled: Some(false),
-                full_scope_allowed: Some(false),
-                attributes: Some(to_map(base_attributes(&owner))),
-                ..Default::default()
-            },
-            roles: spec.roles.clone(),
-        })
-        .collect();
+    let resource_servers = resource_servers(model, &owner);
     let used: BTreeSet<&String> = clients
         .iter()
         .flat_map(|c| c.optional_scopes.iter())
