@@ -937,72 +937,8 @@ pub async fn apply(
             });
         }
         match e.kind {
-            Kind::IdentityProvider => {
-                if live.provider.is_some() {
-                    // A PUT replaces `enabled` (absent counts as true): send the
-                    // operator's value, read again just before (the kill switch).
-                    let now = admin
-                        .run("read the identity provider", || {
-                            admin
-                                .api
-                                .realm_identity_provider_instances_with_alias_get(realm, &alias)
-                        })
-                        .await?;
-                    let mut rep = want.provider.clone();
-                    rep.enabled = Some(now.enabled != Some(false));
-                    admin
-                        .run("update the identity provider", || {
-                            admin.api.realm_identity_provider_instances_with_alias_put(
-                                realm,
-                                &alias,
-                                rep.clone(),
-                            )
-                        })
-                        .await?;
-                } else {
-                    admin
-                        .run("create the identity provider", || {
-                            admin.api.realm_identity_provider_instances_post(
-                                realm,
-                                want.provider.clone(),
-                            )
-                        })
-                        .await?;
-                }
-            }
-            Kind::UserProfile => {
-                let mut profile = live.profile.clone();
-                let declared: BTreeSet<String> = profile["attributes"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x["name"].as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if let Some(attrs) = profile["attributes"].as_array_mut() {
-                    for (name, _) in PROFILE_ATTRIBUTES
-                        .iter()
-                        .filter(|(n, _)| !declared.contains(*n))
-                    {
-                        attrs.push(json!({
-                            "name": name,
-                            "displayName": name,
-                            "validations": {"length": {"max": 255}},
-                            "permissions": {"view": ["admin"], "edit": ["admin"]},
-                            "multivalued": false
-                        }));
-                    }
-                }
-                admin
-                    .send_json(
-                        reqwest::Method::PUT,
-                        "/users/profile",
-                        &profile,
-                        "declare the identity attributes in the user profile",
-                    )
-                    .await?;
-            }
+            Kind::IdentityProvider => provider(admin, want, live, &alias).await?,
+            Kind::UserProfile => profile(admin, live).await?,
             Kind::Group => group(admin, want, live, &e.name, owner).await?,
             Kind::User => {
                 if user(admin, want, live, &e.name, &alias).await? == UserOutcome::AlreadyPresent {
@@ -1034,6 +970,85 @@ pub async fn apply(
             ),
         });
     }
+    Ok(())
+}
+
+/// Creates the identity provider, or updates it keeping the operator's
+/// `enabled` (read again just before: a PUT replaces it).
+async fn provider(
+    admin: &Admin,
+    want: &Identities,
+    live: &LiveIdentities,
+    alias: &str,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    if live.provider.is_some() {
+        // A PUT replaces `enabled` (absent counts as true): send the
+        // operator's value, read again just before (the kill switch).
+        let now = admin
+            .run("read the identity provider", || {
+                admin
+                    .api
+                    .realm_identity_provider_instances_with_alias_get(realm, alias)
+            })
+            .await?;
+        let mut rep = want.provider.clone();
+        rep.enabled = Some(now.enabled != Some(false));
+        admin
+            .run("update the identity provider", || {
+                admin.api.realm_identity_provider_instances_with_alias_put(
+                    realm,
+                    alias,
+                    rep.clone(),
+                )
+            })
+            .await?;
+    } else {
+        admin
+            .run("create the identity provider", || {
+                admin
+                    .api
+                    .realm_identity_provider_instances_post(realm, want.provider.clone())
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Declares the identity attributes the user profile lacks (the profile is
+/// PUT whole, every other field as read).
+async fn profile(admin: &Admin, live: &LiveIdentities) -> Result<(), AdminError> {
+    let mut profile = live.profile.clone();
+    let declared: BTreeSet<String> = profile["attributes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(attrs) = profile["attributes"].as_array_mut() {
+        for (name, _) in PROFILE_ATTRIBUTES
+            .iter()
+            .filter(|(n, _)| !declared.contains(*n))
+        {
+            attrs.push(json!({
+                "name": name,
+                "displayName": name,
+                "validations": {"length": {"max": 255}},
+                "permissions": {"view": ["admin"], "edit": ["admin"]},
+                "multivalued": false
+            }));
+        }
+    }
+    admin
+        .send_json(
+            reqwest::Method::PUT,
+            "/users/profile",
+            &profile,
+            "declare the identity attributes in the user profile",
+        )
+        .await?;
     Ok(())
 }
 
