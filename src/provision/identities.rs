@@ -687,16 +687,21 @@ fn provider_entry(
     }
 }
 
-/// The user profile's entry: the attributes it must declare.
-fn profile_entry(live: &LiveIdentities, plan: &mut Plan) {
-    let declared: BTreeSet<String> = live.profile["attributes"]
+/// The attribute names a user-profile configuration declares.
+fn declared_attributes(profile: &Value) -> BTreeSet<String> {
+    profile["attributes"]
         .as_array()
         .map(|a| {
             a.iter()
                 .filter_map(|x| x["name"].as_str().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// The user profile's entry: the attributes it must declare.
+fn profile_entry(live: &LiveIdentities, plan: &mut Plan) {
+    let declared = declared_attributes(&live.profile);
     let needed: BTreeSet<String> = PROFILE_ATTRIBUTES
         .iter()
         .map(|(a, _)| a.to_string())
@@ -1019,14 +1024,7 @@ async fn provider(
 /// PUT whole, every other field as read).
 async fn profile(admin: &Admin, live: &LiveIdentities) -> Result<(), AdminError> {
     let mut profile = live.profile.clone();
-    let declared: BTreeSet<String> = profile["attributes"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let declared = declared_attributes(&profile);
     if let Some(attrs) = profile["attributes"].as_array_mut() {
         for (name, _) in PROFILE_ATTRIBUTES
             .iter()
