@@ -5,8 +5,9 @@
 //! otherwise the reload is retried. The new set is compiled first and swapped
 //! atomically; an invalid set is refused (logged, counted) and the old one stays
 //! active. Requests already running keep the set they started with (they hold an
-//! `Arc`). Reads and compiles run on one background thread of lower priority
-//! ([`Background`]), never on the async workers: a reload under full load
+//! `Arc`). Reads and compiles run on background threads of lower priority
+//! ([`Background`]: `SCHED_IDLE` for the watch's and the poll's reloads, nice
+//! +5 for SIGHUP's), never on the async workers: a reload under full load
 //! takes longer instead of delaying requests.
 //!
 //! [`PolicyStore::reload_settled`]: crate::policy::PolicyStore::reload_settled
