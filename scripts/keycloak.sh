@@ -22,7 +22,7 @@
 # The distribution is unpacked per clone into target/keycloak/keycloak-$KC_VERSION;
 # its data/ directory (H2 database + import) is wiped on every start, so every run
 # starts from the realm(s) in tests/keycloak/*.json: each holds the realm and two
-# admin clients only (kcs-admin-view: view-clients, view-users,
+# admin clients only (kcs-admin-view: view-clients, view-users, view-realm,
 # view-identity-providers, for `keycloak plan`; kcs-admin-manage: manage-clients,
 # manage-users, manage-identity-providers, manage-realm, for `keycloak apply`).
 # Everything the service needs in realm `ci` is created by `provision`, which runs

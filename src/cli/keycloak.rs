@@ -39,6 +39,12 @@ pub struct AdminArgs {
     /// Realm the admin client lives in. Defaults to the configured realm.
     #[arg(long)]
     pub admin_realm: Option<String>,
+    /// Independent Admin API calls in flight at once (reads of users' links,
+    /// groups' members, roles' holders; batches of new users). Keycloak's busy
+    /// answers (429, 503) are retried with backoff whatever the value.
+    #[arg(long, default_value_t = crate::provision::admin::DEFAULT_CONCURRENCY as u16,
+          value_parser = clap::value_parser!(u16).range(1..=crate::provision::admin::MAX_CONCURRENCY as i64))]
+    pub concurrency: u16,
 }
 
 /// Reads the configuration (client secrets only with `secrets`), the policies and
@@ -140,7 +146,8 @@ fn admin(settings: &Settings, a: AdminArgs) -> anyhow::Result<Admin> {
         client_id: a.admin_client_id,
         secret: SecretString::from(secret),
     };
-    Ok(Admin::new(&kc.base_url, &kc.realm, creds, http))
+    Ok(Admin::new(&kc.base_url, &kc.realm, creds, http)
+        .with_concurrency(usize::from(a.concurrency)))
 }
 
 /// The admin client is never one of the objects the desired state names.
@@ -165,11 +172,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 ///
 /// # Errors
 /// Configuration, policy, model or credential errors (exit 2).
-pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
+pub fn plan(config: &Path, prune: bool, verbose: bool, a: AdminArgs) -> anyhow::Result<ExitCode> {
     let (settings, desired) = desired(config, Secrets::Skip)?;
     let admin = admin(&settings, a)?;
     refuse_admin_client(&desired, &admin)?;
-    let live = match runtime()?.block_on(Live::read(&admin, &desired)) {
+    let read = runtime()?.block_on(Live::read(&admin, &desired));
+    eprintln!("Admin API calls: {}", admin.calls());
+    let live = match read {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
@@ -189,7 +198,11 @@ pub fn plan(config: &Path, prune: bool, a: AdminArgs) -> anyhow::Result<ExitCode
         };
         out(&format!("{removals} object(s) to remove{over}"))?;
     }
-    for line in p.render() {
+    let lines = match verbose {
+        true => p.render(),
+        false => p.render_summary(),
+    };
+    for line in lines {
         out(&line)?;
     }
     let realm = &settings.keycloak.realm;
@@ -218,10 +231,11 @@ pub fn apply(
     config: &Path,
     prune: bool,
     max_removals: usize,
+    interrupt_after_calls: Option<u64>,
     a: AdminArgs,
 ) -> anyhow::Result<ExitCode> {
     let (settings, desired) = desired(config, Secrets::ClientSecrets)?;
-    let admin = admin(&settings, a)?;
+    let admin = admin(&settings, a)?.interrupted_after(interrupt_after_calls);
     refuse_admin_client(&desired, &admin)?;
     let mut journal = Vec::new();
     let result = runtime()?.block_on(apply::apply(
@@ -234,6 +248,7 @@ pub fn apply(
     for line in &journal {
         out(line)?;
     }
+    eprintln!("Admin API calls: {}", admin.calls());
     let realm = &settings.keycloak.realm;
     // `= …` lines report what was found done already (a racing apply), not a change.
     let changes = journal.iter().filter(|l| !l.starts_with("= ")).count();

@@ -228,6 +228,10 @@ pub enum KeycloakCommand {
         /// Also list owned objects no policy needs any more as removals.
         #[arg(long)]
         prune: bool,
+        /// List every object, also when more than 20 of one kind are created,
+        /// in sync or removed (by default one line says how many).
+        #[arg(long)]
+        verbose: bool,
         /// Admin credentials.
         #[command(flatten)]
         admin: keycloak::AdminArgs,
@@ -246,6 +250,10 @@ pub enum KeycloakCommand {
         /// prune a realm); a larger number is the explicit consent.
         #[arg(long, default_value_t = crate::provision::apply::DEFAULT_MAX_REMOVALS)]
         max_removals: usize,
+        /// Test hook: stop before the Admin API call after this many, as a
+        /// kill between two calls would (the interrupted-apply test).
+        #[arg(long, hide = true)]
+        interrupt_after_calls: Option<u64>,
         /// Admin credentials.
         #[command(flatten)]
         admin: keycloak::AdminArgs,
@@ -330,14 +338,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             KeycloakCommand::Plan {
                 config,
                 prune,
+                verbose,
                 admin,
-            } => keycloak::plan(&config, prune, admin),
+            } => keycloak::plan(&config, prune, verbose, admin),
             KeycloakCommand::Apply {
                 config,
                 prune,
                 max_removals,
+                interrupt_after_calls,
                 admin,
-            } => keycloak::apply(&config, prune, max_removals, admin),
+            } => keycloak::apply(&config, prune, max_removals, interrupt_after_calls, admin),
             KeycloakCommand::Export { config, out } => keycloak::export(&config, out.as_deref()),
         },
         Command::Token {

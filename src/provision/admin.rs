@@ -7,7 +7,8 @@
 //! would print a client's `secret`, so none is ever logged or formatted; its own
 //! token helpers keep the secret in a plain `String` and fetch a token per call.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ::keycloak::{KeycloakAdmin, KeycloakError, KeycloakTokenSupplier};
@@ -202,6 +203,85 @@ fn is_admin_401(e: &KeycloakError) -> bool {
     matches!(e, KeycloakError::HttpFailure { status: 401, text, .. } if !text.starts_with(TOKEN_ENDPOINT_MARK))
 }
 
+/// `--concurrency` when not given: independent reads (a repository user's
+/// links, a group's members, a role's holders) in flight at once. Four keeps a
+/// 2-core Keycloak busy without queueing on its worker pool, and is a small
+/// share of a shared production server's; measured in the README's table.
+pub const DEFAULT_CONCURRENCY: usize = 4;
+
+/// Most independent calls `--concurrency` may put in flight.
+pub const MAX_CONCURRENCY: usize = 32;
+
+/// How often a call Keycloak answered 429 or 503 (busy: not processed) is
+/// tried again, waiting [`Admin::with_backoff`]'s base, doubled each time.
+pub const BUSY_RETRIES: u32 = 5;
+
+/// Admin API requests made, by object kind ([`kind_of`]); every attempt counts.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Calls {
+    /// Requests per kind.
+    pub by_kind: BTreeMap<&'static str, u64>,
+}
+
+impl Calls {
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.by_kind.values().sum()
+    }
+}
+
+impl std::fmt::Display for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .by_kind
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        write!(f, "{} ({})", self.total(), parts.join(", "))
+    }
+}
+
+/// The object kind an Admin call is counted under, from the action it was
+/// made for (every call names its action; see [`Admin::run`]).
+pub fn kind_of(action: &str) -> &'static str {
+    const KINDS: [(&str, &str); 18] = [
+        ("features", "server info"),
+        ("user profile", "user profile"),
+        ("link", "users"),
+        ("identity provider", "identity provider"),
+        ("service account", "clients"),
+        ("service-account", "clients"),
+        ("user", "users"),
+        ("bitbucket.", "users"),
+        ("group", "groups"),
+        ("default scope", "clients"),
+        ("optional scope", "clients"),
+        ("client scope", "client scopes"),
+        ("role", "roles"),
+        ("secret", "clients"),
+        ("resource server", "clients"),
+        ("client", "clients"),
+        ("scope", "client scopes"),
+        ("mapper", "client scopes"),
+    ];
+    let a = action.to_ascii_lowercase();
+    KINDS
+        .iter()
+        .find(|(word, _)| a.contains(word))
+        .map_or("realm", |(_, kind)| kind)
+}
+
+/// A 429 or 503: Keycloak (or a proxy before it) did not process the request.
+fn is_busy(e: &KeycloakError) -> bool {
+    matches!(
+        e,
+        KeycloakError::HttpFailure {
+            status: 429 | 503,
+            ..
+        }
+    )
+}
+
 /// The typed Admin API of one realm.
 pub struct Admin {
     /// The crate's client.
@@ -213,6 +293,10 @@ pub struct Admin {
     base: String,
     client_id: String,
     bounds: ListBounds,
+    concurrency: usize,
+    backoff: Duration,
+    calls: Mutex<Calls>,
+    stop_after: Option<u64>,
 }
 
 impl Admin {
@@ -244,7 +328,58 @@ impl Admin {
             base,
             client_id,
             bounds: ListBounds::default(),
+            concurrency: DEFAULT_CONCURRENCY,
+            backoff: Duration::from_millis(250),
+            calls: Mutex::new(Calls::default()),
+            stop_after: None,
         }
+    }
+
+    /// The same client refusing every call after the first `n` (a test hook:
+    /// what a command killed between two calls leaves behind).
+    #[must_use]
+    pub fn interrupted_after(mut self, n: Option<u64>) -> Self {
+        self.stop_after = n;
+        self
+    }
+
+    /// The same client with `n` independent calls in flight at once (1 to
+    /// [`MAX_CONCURRENCY`]).
+    #[must_use]
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.clamp(1, MAX_CONCURRENCY);
+        self
+    }
+
+    /// Independent calls in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The same client waiting `base` (doubled per attempt) before trying a
+    /// busy answer again (tests use a millisecond).
+    #[must_use]
+    pub fn with_backoff(mut self, base: Duration) -> Self {
+        self.backoff = base;
+        self
+    }
+
+    /// The Admin API requests made so far, by kind.
+    pub fn calls(&self) -> Calls {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Counts a call under `kind`; `false` when the call must not be made
+    /// ([`Admin::interrupted_after`]).
+    fn count(&self, kind: &'static str) -> bool {
+        let Ok(mut c) = self.calls.lock() else {
+            return true;
+        };
+        if self.stop_after.is_some_and(|n| c.total() >= n) {
+            return false;
+        }
+        *c.by_kind.entry(kind).or_default() += 1;
+        true
     }
 
     /// The same client with other list bounds (tests use small pages).
@@ -254,9 +389,15 @@ impl Admin {
         self
     }
 
-    /// A path segment, percent-encoded (ids and names in URLs).
+    /// A path segment, percent-encoded (ids and names in URLs): everything
+    /// but RFC 3986's unreserved characters, so a space is `%20`, never `+`.
     pub fn seg(s: &str) -> String {
-        url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+        const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'.')
+            .remove(b'_')
+            .remove(b'~');
+        percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
     }
 
     /// The admin client's `clientId` (never owned, changed or removed).
@@ -352,10 +493,13 @@ impl Admin {
     }
 
     /// Runs one Admin API call (`call` makes the request; the crate's calls fetch
-    /// the token from the shared supplier). A 401 from the Admin API is retried
-    /// once with a freshly fetched token (the cached one may have expired or been
-    /// invalidated, e.g. by a Keycloak restart); a second 401 is reported as such.
-    /// Safe for every method: a 401 means the request was not processed.
+    /// the token from the shared supplier), counted under [`kind_of`] its
+    /// action. A 401 from the Admin API is retried once with a freshly fetched
+    /// token (the cached one may have expired or been invalidated, e.g. by a
+    /// Keycloak restart); a second 401 is reported as such. A 429 or 503 (busy)
+    /// is tried again up to [`BUSY_RETRIES`] times, waiting the backoff doubled
+    /// each time, so a loaded shared Keycloak is not stormed. Safe for every
+    /// method: a 401, 429 or 503 means the request was not processed.
     ///
     /// # Errors
     /// The call's failure, with `action`.
@@ -368,20 +512,45 @@ impl Admin {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, KeycloakError>>,
     {
-        let fail = |source: KeycloakError, retried: bool, action: String| AdminError {
-            action,
-            source: Box::new(source),
-            retried,
-        };
-        match call().await {
-            Err(e) if is_admin_401(&e) => {
+        let action = action.into();
+        let kind = kind_of(&action);
+        let mut retried = false;
+        let mut busy = 0;
+        loop {
+            if !self.count(kind) {
+                return Err(bound(
+                    &action,
+                    format!(
+                        "interrupted after {} Admin API calls (--interrupt-after-calls)",
+                        self.calls().total()
+                    ),
+                ));
+            }
+            let source = match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if is_admin_401(&source) && !retried {
                 tracing::info!(
                     "the Admin API refused the admin token (401); retrying once with a fresh token"
                 );
                 self.supplier.0.invalidate().await;
-                call().await.map_err(|e| fail(e, true, action.into()))
+                retried = true;
+            } else if is_busy(&source) && busy < BUSY_RETRIES {
+                let wait = self.backoff.saturating_mul(1 << busy);
+                tracing::info!(
+                    wait_ms = wait.as_millis() as u64,
+                    "Keycloak answered busy (429/503); trying again"
+                );
+                tokio::time::sleep(wait).await;
+                busy += 1;
+            } else {
+                return Err(AdminError {
+                    action,
+                    source: Box::new(source),
+                    retried,
+                });
             }
-            other => other.map_err(|e| fail(e, false, action.into())),
         }
     }
 
@@ -448,6 +617,29 @@ pub struct AdminError {
     pub source: Box<KeycloakError>,
     /// Whether this is the answer to the retry with a freshly fetched token.
     pub retried: bool,
+}
+
+impl AdminError {
+    /// A 404 found by reading: what `action` needed does not exist (`text`).
+    pub fn not_found(action: String, text: String) -> Self {
+        AdminError {
+            action,
+            source: Box::new(KeycloakError::HttpFailure {
+                status: 404,
+                body: None,
+                text,
+            }),
+            retried: false,
+        }
+    }
+
+    /// The HTTP status Keycloak answered, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        match *self.source {
+            KeycloakError::HttpFailure { status, .. } if status != 0 => Some(status),
+            KeycloakError::HttpFailure { .. } | KeycloakError::ReqwestFailure(_) => None,
+        }
+    }
 }
 
 /// The failure as one safe line: the status and Keycloak's message, printable
@@ -537,6 +729,47 @@ fn hint(e: &KeycloakError, retried: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every action the provisioning code names is counted under the kind of
+    /// object it reads or changes.
+    #[test]
+    fn admin_calls_are_counted_by_object_kind() {
+        for (action, kind) in [
+            ("read the server's features", "server info"),
+            ("read the user profile", "user profile"),
+            (
+                "declare the identity attributes in the user profile",
+                "user profile",
+            ),
+            ("update the identity provider", "identity provider"),
+            ("list users linked to the identity provider", "users"),
+            ("read the links of user 1f0c", "users"),
+            ("read the repository users", "users"),
+            ("create 100 users", "users"),
+            ("update user bitbucket.a.b", "users"),
+            ("read the role mappings of bitbucket.a.b", "users"),
+            ("read the service-account user of sts-deploy", "clients"),
+            (
+                "add release-api roles to the service account of sts-deploy",
+                "clients",
+            ),
+            ("read members of group /release-readers", "groups"),
+            ("add release-api roles to group release-readers", "groups"),
+            ("attach default scope deploy to sts-deploy", "clients"),
+            ("read default client scopes of 1f0c", "client scopes"),
+            ("update client scope deploy:production", "client scopes"),
+            ("read holders of role deploy-api/deploy", "roles"),
+            ("create role deploy-api/deploy", "roles"),
+            ("set the secret of client sts-artifacts", "clients"),
+            ("update resource server deploy-api", "clients"),
+            ("read clients", "clients"),
+            ("remove mapper from client sts-deploy", "clients"),
+            ("add mapper to client scope deploy", "client scopes"),
+            ("read realm roles", "roles"),
+        ] {
+            assert_eq!(kind_of(action), kind, "{action}");
+        }
+    }
 
     /// A token is renewed before it expires whatever its lifespan, including
     /// admin tokens of a few seconds (issue 19 §6c).

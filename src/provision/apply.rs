@@ -14,7 +14,7 @@ pub use super::diff::ApplyError;
 use super::diff::{Action, Change, Entry, Kind, Op, Plan};
 use super::live::Live;
 use super::plan::{default_scopes, plan};
-use super::realm::{remove_direct_roles, REALM_KEY};
+use super::realm::{reconcile_roles, Holder, Leave};
 
 /// `--max-removals` when not given: a few objects a policy change may retire
 /// at once, far fewer than an empty or wrongly mounted policy directory would.
@@ -85,12 +85,14 @@ pub async fn apply(
     max_removals: usize,
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
-    let live = Live::read(admin, desired).await?;
+    let mut live = Live::read(admin, desired).await?;
     let first = plan(desired, &live, prune, admin.client_id());
     // The whole plan (identities included) before any change.
     let approved = check_first(&first, max_removals)?;
+    let identities = live.identities.take();
     create(admin, desired, &first, journal).await?;
-    let live = Live::read(admin, desired).await?;
+    // The first pass read again (without the identities: it changes none).
+    let live = Live::read_realm(admin, desired).await?;
     let second = plan(desired, &live, prune, admin.client_id());
     check_again(&second, &approved, max_removals)?;
     for e in &second.entries {
@@ -112,14 +114,19 @@ pub async fn apply(
     }
     remove(admin, &live, &second, journal).await?;
     secrets(admin, desired, &live, journal).await?;
-    if let Some(want) = &desired.identities {
-        // Read again: groups need the resource servers' roles created above.
-        let alias = want.provider.alias.clone().unwrap_or_default();
-        let live_ids = super::identities::LiveIdentities::read(admin, want, &alias).await?;
-        let mut ids = Plan::default();
-        super::identities::plan(want, &live_ids, &desired.owner, prune, &mut ids);
-        super::plan::keep_operator_switches(&mut ids, |kind, name| live_ids.enabled(kind, name));
-        check_again(&ids, &approved, max_removals)?;
+    if let (Some(want), Some(live_ids)) = (&desired.identities, identities) {
+        // The second pass, on the identities as read once at the start (the
+        // first pass changes none of them; a group's roles are looked up
+        // when it is changed, after the first pass made them).
+        let ids = Plan {
+            entries: first
+                .entries
+                .iter()
+                .filter(|e| !e.kind.is_client_side())
+                .cloned()
+                .collect(),
+            ..Plan::default()
+        };
         super::identities::apply(admin, want, &live_ids, &ids, &desired.owner, journal).await?;
     }
     Ok(())
@@ -207,26 +214,6 @@ async fn create(
         journal.push(format!("+ created {} {}", e.kind, e.name));
     }
     Ok(())
-}
-
-/// Client roles of `client_id` by name (id and name only).
-async fn roles_of(
-    admin: &Admin,
-    live: &Live,
-    client_id: &str,
-) -> Result<BTreeMap<String, RoleRepresentation>, ApplyError> {
-    let uuid = id_of(live, client_id)?;
-    let roles: Vec<RoleRepresentation> = admin
-        .list(
-            &format!("/clients/{}/roles", Admin::seg(&uuid)),
-            &[("briefRepresentation", "true".into())],
-            &format!("read roles of client {client_id}"),
-        )
-        .await?;
-    Ok(roles
-        .into_iter()
-        .filter_map(|r| Some((r.name.clone()?, r)))
-        .collect())
 }
 
 /// Makes one object's changes, each kind of operation once, in [`Op`]'s order
@@ -384,7 +371,9 @@ async fn scope(
             }
             Op::ScopeMappers => scope_mappers(admin, l, &id, name, &s.mappers).await?,
             Op::ScopeRoleMappings => {
-                scope_mappings(admin, live, &id, name, &s.scope_mappings).await?;
+                let holder = Holder::ClientScope(&id);
+                let what = format!("client scope {name}");
+                reconcile_roles(admin, holder, &what, &s.scope_mappings, Leave::NOTHING).await?;
             }
             Op::ClientRoles
             | Op::ClientMappers
@@ -492,14 +481,21 @@ async fn client(
                         )).await?;
                 }
             }
-            Op::ClientRoleMappings => client_scope_mappings(admin, &uuid, name).await?,
+            // None: `fullScopeAllowed` is off and the scopes carry the roles.
+            Op::ClientRoleMappings => {
+                let holder = Holder::Client(&uuid);
+                reconcile_roles(admin, holder, name, &BTreeMap::new(), Leave::NOTHING).await?;
+            }
             // A service account switched off by the representation's update is
             // gone with its roles and groups (Keycloak deletes its user).
             Op::ServiceAccountRoles | Op::ServiceAccountGroups
                 if c.rep.service_accounts_enabled != Some(true) => {}
+            // Exactly the roles its scopes carry.
             Op::ServiceAccountRoles => {
                 let user = service_account(admin, &uuid, name).await?;
-                service_account_roles(admin, live, &user, name, &c.roles).await?;
+                let what = format!("the service account of {name}");
+                let holder = Holder::User(&user);
+                reconcile_roles(admin, holder, &what, &c.roles, Leave::BUILT_IN).await?;
             }
             Op::ServiceAccountGroups => {
                 let user = service_account(admin, &uuid, name).await?;
@@ -614,165 +610,6 @@ async fn client_scopes(
                     )
             })
             .await?;
-    }
-    Ok(())
-}
-
-/// Makes the scope's role scope mappings exactly `want` (resource server → roles).
-async fn scope_mappings(
-    admin: &Admin,
-    live: &Live,
-    id: &str,
-    name: &str,
-    want: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), ApplyError> {
-    let realm = admin.realm.as_str();
-    #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
-    let m = admin
-        .run(format!("read scope mappings of {name}"), || {
-            admin
-                .api
-                .realm_client_scopes_with_client_scope_id_scope_mappings_get(realm, id)
-        })
-        .await?;
-    let realm_roles = m.realm_mappings.unwrap_or_default();
-    if !realm_roles.is_empty() {
-        admin
-            .run(
-                format!("remove realm-role scope mappings of {name}"),
-                || {
-                    admin
-                        .api
-                        .realm_client_scopes_with_client_scope_id_scope_mappings_realm_delete(
-                            realm,
-                            id,
-                            realm_roles.clone(),
-                        )
-                },
-            )
-            .await?;
-    }
-    let have = m.client_mappings.unwrap_or_default();
-    for (client, mapped) in &have {
-        let uuid = mapped.id.clone().unwrap_or_default();
-        let wanted = want.get(client).cloned().unwrap_or_default();
-        let extra: Vec<RoleRepresentation> = mapped
-            .mappings
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
-            .collect();
-        if !extra.is_empty() {
-            admin.run(format!("remove scope mappings of {name}"), || admin.api.realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_delete(
-                    realm, id, &uuid, extra.clone(),
-                )).await?;
-        }
-    }
-    for (client, roles) in want {
-        let had: BTreeSet<String> = have
-            .get(client)
-            .and_then(|m| m.mappings.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|r| r.name)
-            .collect();
-        let all = roles_of(admin, live, client).await?;
-        let add: Vec<RoleRepresentation> = roles
-            .difference(&had)
-            .filter_map(|r| all.get(r).cloned())
-            .collect();
-        if !add.is_empty() {
-            let uuid = id_of(live, client)?;
-            admin.run(format!("add scope mappings to {name}"), || admin.api.realm_client_scopes_with_client_scope_id_scope_mappings_clients_with_client_post(
-                    realm, id, &uuid, add.clone(),
-                )).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Removes every role scope mapping of client `uuid` (desired: none, since
-/// `fullScopeAllowed` is off and the scopes carry the roles).
-async fn client_scope_mappings(admin: &Admin, uuid: &str, name: &str) -> Result<(), ApplyError> {
-    let realm = admin.realm.as_str();
-    #[allow(deprecated)] // the all-mappings read; still served by 26.4-26.7 (tested)
-    let m = admin
-        .run(format!("read scope mappings of {name}"), || {
-            admin
-                .api
-                .realm_clients_with_client_uuid_scope_mappings_get(realm, uuid)
-        })
-        .await?;
-    let realm_roles = m.realm_mappings.unwrap_or_default();
-    if !realm_roles.is_empty() {
-        admin
-            .run(
-                format!("remove realm-role scope mappings of {name}"),
-                || {
-                    admin
-                        .api
-                        .realm_clients_with_client_uuid_scope_mappings_realm_delete(
-                            realm,
-                            uuid,
-                            realm_roles.clone(),
-                        )
-                },
-            )
-            .await?;
-    }
-    for (client, mapped) in m.client_mappings.unwrap_or_default() {
-        let other = mapped.id.clone().unwrap_or_default();
-        let roles = mapped.mappings.unwrap_or_default();
-        if !roles.is_empty() {
-            admin.run(format!("remove scope mappings of {name} to {client}"), || admin.api.realm_clients_with_client_uuid_scope_mappings_clients_with_client_delete(
-                    realm, uuid, &other, roles.clone(),
-                )).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Makes the service account's roles exactly `want`, the roles its scopes carry:
-/// any other client role and any realm role but `default-roles-<realm>` removed.
-async fn service_account_roles(
-    admin: &Admin,
-    live: &Live,
-    user: &str,
-    name: &str,
-    want: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<(), ApplyError> {
-    let realm = admin.realm.as_str();
-    let have =
-        remove_direct_roles(admin, user, &format!("the service account of {name}"), want).await?;
-    for (rs, wanted) in want.iter().filter(|(k, _)| k.as_str() != REALM_KEY) {
-        let had: BTreeSet<String> = have
-            .get(rs)
-            .and_then(|m| m.mappings.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|r| r.name)
-            .collect();
-        if !wanted.is_subset(&had) {
-            let uuid = id_of(live, rs)?;
-            let all = roles_of(admin, live, rs).await?;
-            let add: Vec<RoleRepresentation> = wanted
-                .difference(&had)
-                .filter_map(|r| all.get(r).cloned())
-                .collect();
-            admin
-                .run(format!("add service-account roles of {name}"), || {
-                    admin
-                        .api
-                        .realm_users_with_user_id_role_mappings_clients_with_client_id_post(
-                            realm,
-                            user,
-                            &uuid,
-                            add.clone(),
-                        )
-                })
-                .await?;
-        }
     }
     Ok(())
 }

@@ -212,8 +212,34 @@ impl Plan {
 
     /// Renders the plan, one object per line and one indented line per field.
     pub fn render(&self) -> Vec<String> {
+        self.render_lines(true)
+    }
+
+    /// Renders the plan as [`Plan::render`] does, except that more than
+    /// [`SUMMARY_AT`] objects of one kind created, in sync, removed or kept
+    /// unneeded are one line each (at the first of them): how many, and the
+    /// first and last names. Changes of existing objects are always listed.
+    pub fn render_summary(&self) -> Vec<String> {
+        self.render_lines(false)
+    }
+
+    fn render_lines(&self, verbose: bool) -> Vec<String> {
+        let mut groups: std::collections::BTreeMap<(Kind, &str), Vec<&str>> = Default::default();
+        for e in self.entries.iter().filter(|e| !e.operator_disabled) {
+            if let Some(class) = e.action.summary_class() {
+                groups.entry((e.kind, class)).or_default().push(&e.name);
+            }
+        }
+        groups.retain(|_, names| !verbose && names.len() > SUMMARY_AT);
         let mut out = Vec::new();
         for e in &self.entries {
+            let class = e.action.summary_class().filter(|_| !e.operator_disabled);
+            if let Some(names) = class.and_then(|c| groups.get(&(e.kind, c))) {
+                if names.first() == Some(&e.name.as_str()) {
+                    out.push(summary_line(e, names));
+                }
+                continue;
+            }
             let off = if e.operator_disabled {
                 " [disabled by an operator: left disabled, never removed]"
             } else {
@@ -248,6 +274,45 @@ impl Plan {
         out.extend(self.problems.iter().map(|p| format!("! {p}")));
         out
     }
+}
+
+/// More objects than this of one kind and action are summarised in one line
+/// (`keycloak plan --verbose` lists each).
+pub const SUMMARY_AT: usize = 20;
+
+impl Action {
+    /// The actions [`Plan::render_summary`] may summarise.
+    fn summary_class(&self) -> Option<&'static str> {
+        match self {
+            Action::Create(_) => Some("create"),
+            Action::InSync => Some("in sync"),
+            Action::Remove => Some("remove"),
+            Action::Unneeded => Some("unneeded"),
+            Action::Update(_) | Action::Conflict(_) => None,
+        }
+    }
+}
+
+/// One line for `names` (all of `e`'s kind and action).
+fn summary_line(e: &Entry, names: &[&str]) -> String {
+    let (n, first, last) = (
+        names.len(),
+        names.first().copied().unwrap_or_default(),
+        names.last().copied().unwrap_or_default(),
+    );
+    let what = match e.action {
+        Action::Create(_) => ("+", "to create"),
+        Action::InSync => ("=", "in sync"),
+        Action::Remove => ("-", "to remove (owned, no longer needed)"),
+        Action::Unneeded | Action::Update(_) | Action::Conflict(_) => (
+            " ",
+            "owned but no longer needed; kept (`--prune` removes them)",
+        ),
+    };
+    format!(
+        "{} {n} {}s {}: {first} ... {last} (--verbose lists each)",
+        what.0, e.kind, what.1
+    )
 }
 
 /// A live or desired JSON value as a plan line shows it: a string bare,

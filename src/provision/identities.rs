@@ -17,16 +17,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ::keycloak::types::{
-    ClientScopeRepresentation, FederatedIdentityRepresentation, GroupRepresentation,
-    IdentityProviderRepresentation, ProtocolMapperRepresentation, RoleRepresentation,
+    ClientRepresentation, ClientScopeRepresentation, FederatedIdentityRepresentation,
+    GroupRepresentation, IdentityProviderRepresentation, ProtocolMapperRepresentation,
     UserRepresentation,
 };
+use futures_util::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
 use super::admin::{Admin, AdminError};
+use super::bulk;
 use super::diff::{value_text, Action, ApplyError, Change, Entry, Kind, Op, Plan};
 use super::model::{join, RealmModel};
-use super::realm::{direct_roles, mapping_roles, remove_direct_roles, OWNER_ATTRIBUTE, REALM_KEY};
+use super::realm::{mapping_roles, reconcile_roles, Holder, Leave, OWNER_ATTRIBUTE, REALM_KEY};
 use crate::domain::identity::{IdentityKind, RepositoryIdentity};
 use crate::inventory::Inventory;
 use crate::policy::{Effect, Policy};
@@ -411,148 +413,150 @@ async fn check_version(admin: &Admin) -> Result<Vec<String>, AdminError> {
 }
 
 impl LiveIdentities {
-    /// Reads the identity objects (view-users, view-identity-providers).
+    /// Reads the identity objects (view-users, view-identity-providers,
+    /// view-clients): the provider, the profile and the declared groups one by
+    /// one; the users, group members and role holders in pages
+    /// ([`super::bulk`]); and the links of each user linked to the provider,
+    /// the one read Keycloak has per user. `clients` is the realm's clients (by
+    /// `clientId`), whose roles' holders are read.
     ///
     /// # Errors
     /// The first failed call.
-    pub async fn read(admin: &Admin, want: &Identities, alias: &str) -> Result<Self, AdminError> {
-        let realm = admin.realm.as_str();
+    pub async fn read(
+        admin: &Admin,
+        want: &Identities,
+        alias: &str,
+        clients: &BTreeMap<String, ClientRepresentation>,
+    ) -> Result<Self, AdminError> {
         let mut live = LiveIdentities {
             version_problems: check_version(admin).await?,
+            provider: read_provider(admin, alias).await?,
+            profile: admin
+                .get_capped("/users/profile", &[], "read the user profile")
+                .await?,
+            groups: declared_groups(admin, want).await?,
             ..Default::default()
         };
-        live.provider = match admin
-            .run("read the identity provider", || {
-                admin
-                    .api
-                    .realm_identity_provider_instances_with_alias_get(realm, alias)
-            })
-            .await
-        {
-            Ok(p) => Some(p),
-            Err(e) if not_found(&e) => None,
-            Err(e) => return Err(e),
+        let linked = bulk::linked_users(admin, alias).await?;
+        let links =
+            bulk::links(admin, linked.iter().filter_map(|u| u.id.clone()).collect()).await?;
+        let by_name = match want.users.is_empty() {
+            true => BTreeMap::new(),
+            false => bulk::repository_users(admin).await?,
         };
-        live.profile = admin
-            .get_capped("/users/profile", &[], "read the user profile")
-            .await?;
-        for g in &want.groups {
-            let found = find_groups(admin, &g.name, false).await?;
-            if let Some(rep) = found.into_iter().find(|r| {
-                r.name.as_deref() == Some(&g.name)
-                    && r.path.as_deref() == Some(&format!("/{}", g.name))
-            }) {
-                let id = rep.id.clone().unwrap_or_default();
-                let m = admin
-                    .run(format!("read roles of group {}", g.name), || {
-                        admin
-                            .api
-                            .realm_groups_with_group_id_role_mappings_get(realm, &id)
-                    })
-                    .await?;
-                live.groups.insert(g.name.clone(), (rep, mapping_roles(m)));
-            }
+        let found = live.match_users(want, by_name, &linked);
+        let ids: BTreeSet<String> = found.iter().filter_map(|r| r.id.clone()).collect();
+        let (mut groups, (mut roles, per_user)) = match ids.is_empty() {
+            true => Default::default(),
+            false => (
+                bulk::group_paths(admin, &ids).await?,
+                bulk::direct_roles(admin, clients, &ids).await?,
+            ),
+        };
+        if per_user {
+            live.notes.push(format!(
+                "the admin client may not list realm roles (no view-realm): the realm roles of the {} repository users were read one user at a time; give it view-realm to read them in pages",
+                ids.len()
+            ));
         }
-        let wanted: BTreeSet<&str> = want.users.iter().map(|u| u.username.as_str()).collect();
+        for rep in found {
+            let (Some(name), Some(id)) = (rep.username.clone(), rep.id.clone()) else {
+                continue;
+            };
+            let user = LiveUser {
+                links: links.get(&id).cloned().unwrap_or_default(),
+                groups: groups.remove(&id).unwrap_or_default(),
+                roles: roles.remove(&id).unwrap_or_default(),
+                rep,
+            };
+            live.users.insert(name, user);
+        }
+        live.shared_links(want, &linked, &links, alias);
+        live.sort_linked(want, linked, &admin.realm);
+        Ok(live)
+    }
+
+    /// The desired users that exist with the id `apply` gives them; the others
+    /// of their usernames or ids are problems (renamed, or created by hand).
+    fn match_users(
+        &mut self,
+        want: &Identities,
+        mut by_name: BTreeMap<String, UserRepresentation>,
+        linked: &[UserRepresentation],
+    ) -> Vec<UserRepresentation> {
+        let mut found = Vec::new();
         for u in &want.users {
             let subject = u.identity.subject();
-            let linked: Vec<UserRepresentation> = admin
-                .list(
-                    "/users",
-                    &[
-                        ("idpAlias", alias.to_string()),
-                        ("idpUserId", subject.clone()),
-                        ("briefRepresentation", "true".into()),
-                    ],
-                    "find users by federated link",
-                )
-                .await?;
-            let others: Vec<String> = linked
-                .iter()
-                .filter(|x| x.username.as_deref() != Some(&u.username))
-                .filter_map(|x| x.username.clone())
+            match by_name.remove(&u.username) {
+                None => {
+                    // Renamed? The id is ours but the username is not.
+                    if let Some(other) = linked.iter().find(|x| x.id.as_deref() == Some(&u.id)) {
+                        self.problems.push(format!(
+                            "user {} (the id of {}'s identity) is named {}: a renamed repository user; rename it back to {} by hand",
+                            u.id,
+                            subject,
+                            other.username.as_deref().unwrap_or("?"),
+                            u.username
+                        ));
+                    }
+                }
+                Some(rep) if rep.id.as_deref() != Some(&u.id) => self.problems.push(format!(
+                    "user {} exists with id {} instead of {} (created outside keycloak apply): its tokens would not carry the stable sub; delete it by hand",
+                    u.username,
+                    rep.id.as_deref().unwrap_or("?"),
+                    u.id
+                )),
+                Some(rep) => found.push(rep),
+            }
+        }
+        found
+    }
+
+    /// A desired identity whose subject other users are linked to as well:
+    /// Keycloak would issue its tokens for any of them.
+    fn shared_links(
+        &mut self,
+        want: &Identities,
+        linked: &[UserRepresentation],
+        links: &BTreeMap<String, Vec<FederatedIdentityRepresentation>>,
+        alias: &str,
+    ) {
+        let mut by_subject: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for u in linked {
+            let (Some(id), Some(name)) = (u.id.as_deref(), u.username.as_deref()) else {
+                continue;
+            };
+            for l in links.get(id).into_iter().flatten() {
+                if let (Some(a), Some(s)) = (l.identity_provider.as_deref(), l.user_id.as_deref()) {
+                    if a == alias {
+                        by_subject.entry(s).or_default().insert(name);
+                    }
+                }
+            }
+        }
+        for u in &want.users {
+            let subject = u.identity.subject();
+            let others: Vec<&str> = by_subject
+                .get(subject.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|n| **n != u.username)
+                .copied()
                 .collect();
             if !others.is_empty() {
-                live.problems.push(format!(
+                self.problems.push(format!(
                     "identity {subject} is also linked to user(s) {} besides {}: Keycloak would issue tokens for any of them; delete the extra link(s) by hand",
                     others.join(", "),
                     u.username
                 ));
             }
-            let by_name: Vec<UserRepresentation> = admin
-                .list(
-                    "/users",
-                    &[("username", u.username.clone()), ("exact", "true".into())],
-                    "find user by username",
-                )
-                .await?;
-            let Some(rep) = by_name.into_iter().next() else {
-                // Renamed? The id is ours but the username is not.
-                match admin.run(format!("read user {}", u.id), || admin.api.realm_users_with_user_id_get(realm, &u.id, None)).await
-                {
-                    Ok(other) => live.problems.push(format!(
-                        "user {} (the id of {}'s identity) is named {}: a renamed repository user; rename it back to {} by hand",
-                        u.id,
-                        subject,
-                        other.username.as_deref().unwrap_or("?"),
-                        u.username
-                    )),
-                    Err(e) if not_found(&e) => {}
-                    Err(e) => return Err(e),
-                }
-                continue;
-            };
-            if rep.id.as_deref() != Some(&u.id) {
-                live.problems.push(format!(
-                    "user {} exists with id {} instead of {} (created outside keycloak apply): its tokens would not carry the stable sub; delete it by hand",
-                    u.username,
-                    rep.id.as_deref().unwrap_or("?"),
-                    u.id
-                ));
-                continue;
-            }
-            let links = admin
-                .run(format!("read links of {}", u.username), || {
-                    admin
-                        .api
-                        .realm_users_with_user_id_federated_identity_get(realm, &u.id)
-                })
-                .await?;
-            let groups: Vec<GroupRepresentation> = admin
-                .list(
-                    &format!("/users/{}/groups", Admin::seg(&u.id)),
-                    &[("briefRepresentation", "true".into())],
-                    &format!("read groups of {}", u.username),
-                )
-                .await?;
-            let m = admin
-                .run(format!("read roles of {}", u.username), || {
-                    admin
-                        .api
-                        .realm_users_with_user_id_role_mappings_get(realm, &u.id)
-                })
-                .await?;
-            let roles = direct_roles(m);
-            live.users.insert(
-                u.username.clone(),
-                LiveUser {
-                    rep,
-                    links,
-                    groups: groups.into_iter().filter_map(|g| g.path).collect(),
-                    roles,
-                },
-            );
         }
-        let linked: Vec<UserRepresentation> = admin
-            .list(
-                "/users",
-                &[
-                    ("idpAlias", alias.to_string()),
-                    ("briefRepresentation", "true".into()),
-                ],
-                "list users linked to the identity provider",
-            )
-            .await?;
+    }
+
+    /// The users linked to the provider that no policy needs: ours (the id
+    /// `apply` gives that username's identity) are unneeded, others noted.
+    fn sort_linked(&mut self, want: &Identities, linked: Vec<UserRepresentation>, realm: &str) {
+        let wanted: BTreeSet<&str> = want.users.iter().map(|u| u.username.as_str()).collect();
         for x in linked {
             let (Some(name), Some(id)) = (x.username, x.id) else {
                 continue;
@@ -560,17 +564,66 @@ impl LiveIdentities {
             if wanted.contains(name.as_str()) {
                 continue;
             }
-            // Ours only if the id is the one apply gives that username's identity.
-            let ours = RepositoryIdentity::from_username(&name)
-                .is_some_and(|i| i.user_id(&admin.realm) == id);
+            let ours =
+                RepositoryIdentity::from_username(&name).is_some_and(|i| i.user_id(realm) == id);
             if ours {
-                live.unneeded.insert(name, (id, x.enabled));
+                self.unneeded.insert(name, (id, x.enabled));
             } else {
-                live.notes.push(format!("user {name} is linked to the identity provider but was not created by keycloak apply: left alone"));
+                self.notes.push(format!("user {name} is linked to the identity provider but was not created by keycloak apply: left alone"));
             }
         }
-        Ok(live)
     }
+}
+
+/// The identity provider `alias`, when it exists.
+async fn read_provider(
+    admin: &Admin,
+    alias: &str,
+) -> Result<Option<IdentityProviderRepresentation>, AdminError> {
+    let realm = admin.realm.as_str();
+    match admin
+        .run("read the identity provider", || {
+            admin
+                .api
+                .realm_identity_provider_instances_with_alias_get(realm, alias)
+        })
+        .await
+    {
+        Ok(p) => Ok(Some(p)),
+        Err(e) if not_found(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The declared groups that exist (top level, exact name), with their role
+/// mappings by `clientId`.
+async fn declared_groups(
+    admin: &Admin,
+    want: &Identities,
+) -> Result<BTreeMap<String, (GroupRepresentation, BTreeMap<String, BTreeSet<String>>)>, AdminError>
+{
+    let realm = admin.realm.as_str();
+    let mut out = BTreeMap::new();
+    for g in &want.groups {
+        let found = find_groups(admin, &g.name, false).await?;
+        let top = format!("/{}", g.name);
+        let Some(rep) = found
+            .into_iter()
+            .find(|r| r.name.as_deref() == Some(&g.name) && r.path.as_deref() == Some(&top))
+        else {
+            continue;
+        };
+        let id = rep.id.clone().unwrap_or_default();
+        let m = admin
+            .run(format!("read roles of group {}", g.name), || {
+                admin
+                    .api
+                    .realm_groups_with_group_id_role_mappings_get(realm, &id)
+            })
+            .await?;
+        out.insert(g.name.clone(), (rep, mapping_roles(m)));
+    }
+    Ok(out)
 }
 
 impl LiveIdentities {
@@ -917,20 +970,18 @@ pub async fn apply(
     owner: &str,
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
-    let realm = admin.realm.as_str();
     let alias = want.provider.alias.clone().unwrap_or_default();
+    let users: HashMap<&str, &User> = want
+        .users
+        .iter()
+        .map(|u| (u.username.as_str(), u))
+        .collect();
+    let mut new_users = Vec::new();
     for e in &plan.entries {
         let changes = match &e.action {
             Action::Create(c) | Action::Update(c) => c,
             Action::Remove if e.kind == Kind::User => {
-                if let Some((id, _)) = live.unneeded.get(&e.name) {
-                    admin
-                        .run(format!("remove user {}", e.name), || {
-                            admin.api.realm_users_with_user_id_delete(realm, id)
-                        })
-                        .await?;
-                    journal.push(format!("- removed user {}", e.name));
-                }
+                remove_user(admin, live, &e.name, journal).await?;
                 continue;
             }
             Action::Remove | Action::InSync | Action::Conflict(_) | Action::Unneeded => continue,
@@ -945,15 +996,15 @@ pub async fn apply(
             Kind::IdentityProvider => provider(admin, want, live, &alias).await?,
             Kind::UserProfile => profile(admin, live).await?,
             Kind::Group => group(admin, want, live, &e.name, owner).await?,
-            Kind::User => {
-                if user(admin, want, live, &e.name, &alias).await? == UserOutcome::AlreadyPresent {
-                    journal.push(format!(
-                        "= user {}: already present (created after this run read the realm, e.g. by another apply): skipped; run plan to compare it",
-                        e.name
-                    ));
+            Kind::User => match (live.users.get(&e.name), users.get(e.name.as_str())) {
+                (Some(l), Some(u)) => update_user(admin, want, u, l, &alias).await?,
+                // Created in batches below, after the groups they join.
+                (None, Some(u)) => {
+                    new_users.push(*u);
                     continue;
                 }
-            }
+                (_, None) => continue,
+            },
             // Made by the first pass.
             Kind::ResourceServer | Kind::Scope | Kind::Client => continue,
         }
@@ -974,6 +1025,87 @@ pub async fn apply(
                     .join("; ")
             ),
         });
+    }
+    create_users(admin, &new_users, &alias, journal).await?;
+    Ok(())
+}
+
+async fn remove_user(
+    admin: &Admin,
+    live: &LiveIdentities,
+    name: &str,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let realm = admin.realm.as_str();
+    if let Some((id, _)) = live.unneeded.get(name) {
+        admin
+            .run(format!("remove user {name}"), || {
+                admin.api.realm_users_with_user_id_delete(realm, id)
+            })
+            .await?;
+        journal.push(format!("- removed user {name}"));
+    }
+    Ok(())
+}
+
+/// Users created per `partialImport` request: one transaction each, so an
+/// interrupted apply leaves whole batches, and the next run skips them.
+pub const IMPORT_BATCH: usize = 100;
+
+/// A new user as `partialImport` reads it: its id (the tokens' `sub`;
+/// `POST /users` would ignore it), attributes, groups and link.
+fn import_rep(u: &User, alias: &str) -> Value {
+    let attributes: HashMap<&String, &Vec<String>> = u.attributes.iter().collect();
+    json!({
+        "id": u.id,
+        "username": u.username,
+        "enabled": true,
+        "attributes": attributes,
+        "groups": u.groups.iter().map(|g| format!("/{g}")).collect::<Vec<_>>(),
+        "federatedIdentities": [{
+            "identityProvider": alias,
+            "userId": u.identity.subject(),
+            "userName": u.username,
+        }],
+    })
+}
+
+/// Creates `users` with `partialImport`, [`IMPORT_BATCH`] per request and
+/// `--concurrency` requests at once; journals each user in order, stopping at
+/// the first failed request (the batches before it are journaled).
+async fn create_users(
+    admin: &Admin,
+    users: &[&User],
+    alias: &str,
+    journal: &mut Vec<String>,
+) -> Result<(), AdminError> {
+    let mut answers = stream::iter(users.chunks(IMPORT_BATCH))
+        .map(|chunk| async move {
+            let body = json!({
+                "ifResourceExists": "SKIP",
+                "users": chunk.iter().map(|u| import_rep(u, alias)).collect::<Vec<_>>(),
+            });
+            let what = match chunk {
+                [one] => format!("create user {}", one.username),
+                _ => format!("create {} users", chunk.len()),
+            };
+            let answer = admin
+                .send_json(reqwest::Method::POST, "/partialImport", &body, &what)
+                .await;
+            (chunk, answer)
+        })
+        .buffered(admin.concurrency());
+    while let Some((chunk, answer)) = answers.next().await {
+        let answer = answer?;
+        for u in chunk {
+            journal.push(match import_outcome(&answer, &u.username) {
+                UserOutcome::Done => format!("+ created {} {}", Kind::User, u.username),
+                UserOutcome::AlreadyPresent => format!(
+                    "= user {}: already present (created after this run read the realm, e.g. by another apply): skipped; run plan to compare it",
+                    u.username
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -1070,8 +1202,8 @@ async fn group(
         )])),
         ..Default::default()
     };
-    let (id, have) = match live.groups.get(name) {
-        Some((l, roles)) => {
+    let id = match live.groups.get(name) {
+        Some((l, _)) => {
             let id = l.id.clone().unwrap_or_default();
             let mut put = rep.clone();
             put.id = Some(id.clone());
@@ -1082,7 +1214,7 @@ async fn group(
                         .realm_groups_with_group_id_put(realm, &id, put.clone())
                 })
                 .await?;
-            (id, roles.clone())
+            id
         }
         None => {
             let r = admin
@@ -1090,94 +1222,19 @@ async fn group(
                     admin.api.realm_groups_post(realm, rep.clone())
                 })
                 .await?;
-            (r.to_id().unwrap_or_default().to_string(), BTreeMap::new())
+            r.to_id().unwrap_or_default().to_string()
         }
     };
-    let servers: BTreeSet<&String> = g.roles.keys().chain(have.keys()).collect();
-    for rs in servers {
-        if super::model::is_reserved_client(rs) || rs == REALM_KEY {
-            continue;
-        }
-        let uuid = client_uuid(admin, rs).await?;
-        let mapped = admin
-            .run(format!("read {rs} roles of group {name}"), || {
-                admin
-                    .api
-                    .realm_groups_with_group_id_role_mappings_clients_with_client_id_get(
-                        realm, &id, &uuid,
-                    )
-            })
-            .await?;
-        let none = BTreeSet::new();
-        let wanted = g.roles.get(rs).unwrap_or(&none);
-        let extra: Vec<RoleRepresentation> = mapped
-            .iter()
-            .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
-            .cloned()
-            .collect();
-        if !extra.is_empty() {
-            admin
-                .run(format!("remove {rs} roles of group {name}"), || {
-                    admin
-                        .api
-                        .realm_groups_with_group_id_role_mappings_clients_with_client_id_delete(
-                            realm,
-                            &id,
-                            &uuid,
-                            extra.clone(),
-                        )
-                })
-                .await?;
-        }
-        let had: BTreeSet<String> = mapped.iter().filter_map(|r| r.name.clone()).collect();
-        let mut add = Vec::new();
-        for r in wanted.difference(&had) {
-            let role = admin
-                .run(format!("read role {rs}/{r}"), || {
-                    admin
-                        .api
-                        .realm_clients_with_client_uuid_roles_with_role_name_get(realm, &uuid, r)
-                })
-                .await?;
-            add.push(role);
-        }
-        if !add.is_empty() {
-            admin
-                .run(format!("add {rs} roles to group {name}"), || {
-                    admin
-                        .api
-                        .realm_groups_with_group_id_role_mappings_clients_with_client_id_post(
-                            realm,
-                            &id,
-                            &uuid,
-                            add.clone(),
-                        )
-                })
-                .await?;
-        }
-    }
-    Ok(())
-}
-
-async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, AdminError> {
-    let found = admin
-        .run(format!("find client {client_id}"), || {
-            admin.api.realm_clients_get(
-                &admin.realm,
-                Some(client_id.to_string()),
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        })
-        .await?;
-    Ok(found
-        .into_iter()
-        .find(|c| c.client_id.as_deref() == Some(client_id))
-        .and_then(|c| c.id)
-        .unwrap_or_default())
+    // Realm roles and Keycloak's own clients' roles are problems for a human.
+    let what = format!("group {name}");
+    reconcile_roles(
+        admin,
+        Holder::Group(&id),
+        &what,
+        &g.roles,
+        Leave::REALM_AND_BUILT_IN,
+    )
+    .await
 }
 
 /// Top-level groups named exactly `name` (Keycloak's exact search, read to its
@@ -1233,17 +1290,17 @@ pub fn import_outcome(answer: &Value, username: &str) -> UserOutcome {
     }
 }
 
-async fn user(
+/// Updates an existing repository user: attributes, direct roles (none),
+/// its link, its memberships of the declared groups.
+async fn update_user(
     admin: &Admin,
     want: &Identities,
-    live: &LiveIdentities,
-    username: &str,
+    u: &User,
+    l: &LiveUser,
     alias: &str,
-) -> Result<UserOutcome, AdminError> {
+) -> Result<(), AdminError> {
     let realm = admin.realm.as_str();
-    let Some(u) = want.users.iter().find(|u| u.username == username) else {
-        return Ok(UserOutcome::Done);
-    };
+    let username = u.username.as_str();
     let subject = u.identity.subject();
     let link = FederatedIdentityRepresentation {
         identity_provider: Some(alias.to_string()),
@@ -1251,29 +1308,6 @@ async fn user(
         user_name: Some(u.username.clone()),
     };
     let attributes: HashMap<String, Vec<String>> = u.attributes.clone().into_iter().collect();
-    let Some(l) = live.users.get(username) else {
-        // partialImport honours `id` (POST /users ignores it): sub = the user id.
-        let body = json!({
-            "ifResourceExists": "SKIP",
-            "users": [{
-                "id": u.id,
-                "username": u.username,
-                "enabled": true,
-                "attributes": attributes,
-                "groups": u.groups.iter().map(|g| format!("/{g}")).collect::<Vec<_>>(),
-                "federatedIdentities": [link],
-            }]
-        });
-        let answer = admin
-            .send_json(
-                reqwest::Method::POST,
-                "/partialImport",
-                &body,
-                &format!("create user {username}"),
-            )
-            .await?;
-        return Ok(import_outcome(&answer, username));
-    };
     let mut rep = l.rep.clone();
     rep.attributes = Some(attributes);
     // `enabled` is the operator's: never sent back (it may have changed since it was read).
@@ -1287,7 +1321,8 @@ async fn user(
         .await?;
     if !l.roles.is_empty() {
         // Roles come from groups only.
-        remove_direct_roles(admin, &u.id, username, &BTreeMap::new()).await?;
+        let holder = Holder::User(&u.id);
+        reconcile_roles(admin, holder, username, &BTreeMap::new(), Leave::BUILT_IN).await?;
     }
     let current = l
         .links
@@ -1347,5 +1382,5 @@ async fn user(
                 .await?;
         }
     }
-    Ok(UserOutcome::Done)
+    Ok(())
 }

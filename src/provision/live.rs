@@ -55,11 +55,28 @@ fn names(v: Vec<ClientScopeRepresentation>) -> BTreeSet<String> {
 
 impl Live {
     /// Reads every client and client scope, then the details of the objects the
-    /// desired state names or `owner` owns.
+    /// desired state names or `owner` owns, then the identity objects when the
+    /// desired state has identities.
     ///
     /// # Errors
     /// The first refused or failed call.
     pub async fn read(admin: &Admin, desired: &Desired) -> Result<Self, AdminError> {
+        let mut live = Self::read_realm(admin, desired).await?;
+        if let Some(want) = &desired.identities {
+            let alias = want.provider.alias.clone().unwrap_or_default();
+            live.identities = Some(
+                super::identities::LiveIdentities::read(admin, want, &alias, &live.clients).await?,
+            );
+        }
+        Ok(live)
+    }
+
+    /// As [`Live::read`] without the identity objects: what the first pass
+    /// (clients, scopes, resource servers) compares.
+    ///
+    /// # Errors
+    /// The first refused or failed call.
+    pub async fn read_realm(admin: &Admin, desired: &Desired) -> Result<Self, AdminError> {
         let realm = admin.realm.as_str();
         let mut live = Live::default();
         let clients: Vec<ClientRepresentation> =
@@ -142,11 +159,6 @@ impl Live {
                 )
                 .await?;
             live.scope_mappings.insert(name, mapping_roles(m));
-        }
-        if let Some(want) = &desired.identities {
-            let alias = want.provider.alias.clone().unwrap_or_default();
-            live.identities =
-                Some(super::identities::LiveIdentities::read(admin, want, &alias).await?);
         }
         Ok(live)
     }

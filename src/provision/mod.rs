@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod bulk;
 pub mod desired;
 pub mod diff;
 pub mod export;

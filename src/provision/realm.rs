@@ -1,6 +1,6 @@
 //! The ground floor of provisioning, shared by every phase and both passes:
 //! the owner marker and how it is read, the names Keycloak gives role
-//! mappings, and the one reconciler of a user's direct role mappings.
+//! mappings, and the one reconciler of role mappings ([`reconcile_roles`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -91,76 +91,210 @@ pub fn direct_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<Stri
 /// The key of realm-role mappings in [`mapping_roles`].
 pub const REALM_KEY: &str = "(realm)";
 
-/// Removes the roles mapped directly to `user` that `keep` (clientId → roles)
-/// does not list: every realm role but `default-roles-<realm>`, and every client
-/// role outside `keep`. Roles of Keycloak's own clients are left to a human
-/// (`plan` reports them as problems). Returns the client mappings read.
-pub async fn remove_direct_roles(
+/// An object that holds role mappings: a user's or group's role mappings, a
+/// client scope's or client's role scope mappings. Keycloak serves all four
+/// the same way under [`Holder::path`]: `GET` every mapping, then per realm
+/// or client `DELETE` and `POST` with a list of roles.
+#[derive(Debug, Clone, Copy)]
+pub enum Holder<'a> {
+    /// A user (its id).
+    User(&'a str),
+    /// A group (its id).
+    Group(&'a str),
+    /// A client scope (its id).
+    ClientScope(&'a str),
+    /// A client (its internal id).
+    Client(&'a str),
+}
+
+impl Holder<'_> {
+    fn path(self) -> String {
+        match self {
+            Holder::User(id) => format!("/users/{}/role-mappings", Admin::seg(id)),
+            Holder::Group(id) => format!("/groups/{}/role-mappings", Admin::seg(id)),
+            Holder::ClientScope(id) => format!("/client-scopes/{}/scope-mappings", Admin::seg(id)),
+            Holder::Client(id) => format!("/clients/{}/scope-mappings", Admin::seg(id)),
+        }
+    }
+}
+
+/// What [`reconcile_roles`] leaves alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Leave {
+    /// Realm roles (a group's: `plan` reports them as problems for a human).
+    pub realm_roles: bool,
+    /// Roles of Keycloak's own clients (a user's or group's: reported the same way).
+    pub reserved_clients: bool,
+}
+
+impl Leave {
+    /// Every mapping is ours to reconcile (a client scope's or client's scope mappings).
+    pub const NOTHING: Leave = Leave {
+        realm_roles: false,
+        reserved_clients: false,
+    };
+    /// Roles of Keycloak's own clients are left to a human (a user's).
+    pub const BUILT_IN: Leave = Leave {
+        realm_roles: false,
+        reserved_clients: true,
+    };
+    /// Realm roles and roles of Keycloak's own clients are left to a human (a group's).
+    pub const REALM_AND_BUILT_IN: Leave = Leave {
+        realm_roles: true,
+        reserved_clients: true,
+    };
+}
+
+/// Makes `holder`'s role mappings exactly `want` (`clientId` → role names):
+/// realm roles other than `default-roles-<realm>` and client roles outside
+/// `want` removed, the missing ones added, except what `leave` names. The one
+/// reconciler of role mappings: a service account's roles, a group's roles, a
+/// repository user's (none: groups give them), a client scope's or client's
+/// scope mappings.
+///
+/// # Errors
+/// The first failed call; a wanted role or client that does not exist.
+pub async fn reconcile_roles(
     admin: &Admin,
-    user: &str,
+    holder: Holder<'_>,
     name: &str,
-    keep: &BTreeMap<String, BTreeSet<String>>,
-) -> Result<
-    std::collections::HashMap<String, ::keycloak::types::ClientMappingsRepresentation>,
-    AdminError,
-> {
-    let realm = admin.realm.as_str();
-    let m = admin
-        .run(format!("read the roles of {name}"), || {
-            admin
-                .api
-                .realm_users_with_user_id_role_mappings_get(realm, user)
-        })
+    want: &BTreeMap<String, BTreeSet<String>>,
+    leave: Leave,
+) -> Result<(), AdminError> {
+    let base = holder.path();
+    let m: MappingsRepresentation = admin
+        .get_capped(&base, &[], &format!("read the role mappings of {name}"))
         .await?;
     let extra_realm: Vec<RoleRepresentation> = m
         .realm_mappings
-        .clone()
         .unwrap_or_default()
         .into_iter()
         .filter(|r| !is_default_role(r.name.as_deref().unwrap_or_default()))
         .collect();
-    if !extra_realm.is_empty() {
-        admin
-            .run(format!("remove the realm roles of {name}"), || {
-                admin
-                    .api
-                    .realm_users_with_user_id_role_mappings_realm_delete(
-                        realm,
-                        user,
-                        extra_realm.clone(),
-                    )
-            })
-            .await?;
+    if !extra_realm.is_empty() && !leave.realm_roles {
+        let path = format!("{base}/realm");
+        send_roles(
+            admin,
+            reqwest::Method::DELETE,
+            &path,
+            &extra_realm,
+            &format!("remove the realm roles of {name}"),
+        )
+        .await?;
     }
     let have = m.client_mappings.unwrap_or_default();
     let none = BTreeSet::new();
-    for (client, mapped) in have
-        .iter()
-        .filter(|(c, _)| !super::model::is_reserved_client(c))
-    {
-        let wanted = keep.get(client).unwrap_or(&none);
-        let extra: Vec<RoleRepresentation> = mapped
-            .mappings
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
+    let mut had: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (client, mapped) in &have {
+        if leave.reserved_clients && super::model::is_reserved_client(client) {
+            continue;
+        }
+        let wanted = want.get(client).unwrap_or(&none);
+        let mappings = mapped.mappings.as_deref().unwrap_or_default();
+        had.insert(
+            client,
+            mappings.iter().filter_map(|r| r.name.as_deref()).collect(),
+        );
+        let extra: Vec<RoleRepresentation> = mappings
+            .iter()
             .filter(|r| r.name.as_ref().is_some_and(|n| !wanted.contains(n)))
+            .cloned()
             .collect();
         if !extra.is_empty() {
-            let other = mapped.id.clone().unwrap_or_default();
-            admin
-                .run(format!("remove {client} roles of {name}"), || {
-                    admin
-                        .api
-                        .realm_users_with_user_id_role_mappings_clients_with_client_id_delete(
-                            realm,
-                            user,
-                            &other,
-                            extra.clone(),
-                        )
-                })
-                .await?;
+            let path = format!(
+                "{base}/clients/{}",
+                Admin::seg(mapped.id.as_deref().unwrap_or_default())
+            );
+            send_roles(
+                admin,
+                reqwest::Method::DELETE,
+                &path,
+                &extra,
+                &format!("remove {client} roles of {name}"),
+            )
+            .await?;
         }
     }
-    Ok(have)
+    for (client, roles) in want.iter().filter(|(c, _)| c.as_str() != REALM_KEY) {
+        let had = had.get(client.as_str());
+        let missing: BTreeSet<&str> = roles
+            .iter()
+            .map(String::as_str)
+            .filter(|r| !had.is_some_and(|h| h.contains(r)))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let uuid = client_uuid(admin, client).await?;
+        let all: Vec<RoleRepresentation> = admin
+            .list(
+                &format!("/clients/{}/roles", Admin::seg(&uuid)),
+                &[("briefRepresentation", "true".into())],
+                &format!("read roles of client {client}"),
+            )
+            .await?;
+        let add: Vec<RoleRepresentation> = all
+            .into_iter()
+            .filter(|r| r.name.as_deref().is_some_and(|n| missing.contains(n)))
+            .collect();
+        if add.len() != missing.len() {
+            return Err(absent(name, client, &missing));
+        }
+        let path = format!("{base}/clients/{}", Admin::seg(&uuid));
+        send_roles(
+            admin,
+            reqwest::Method::POST,
+            &path,
+            &add,
+            &format!("add {client} roles to {name}"),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn send_roles(
+    admin: &Admin,
+    method: reqwest::Method,
+    path: &str,
+    roles: &[RoleRepresentation],
+    action: &str,
+) -> Result<(), AdminError> {
+    let body = serde_json::to_value(roles).unwrap_or_default();
+    admin.send_json(method, path, &body, action).await.map(drop)
+}
+
+/// The internal id of client `client_id` (an exact search).
+///
+/// # Errors
+/// A failed call; no such client.
+pub async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, AdminError> {
+    let found: Vec<::keycloak::types::ClientRepresentation> = admin
+        .get_capped(
+            "/clients",
+            &[("clientId", client_id.to_string())],
+            &format!("find client {client_id}"),
+        )
+        .await?;
+    found
+        .into_iter()
+        .find(|c| c.client_id.as_deref() == Some(client_id))
+        .and_then(|c| c.id)
+        .ok_or_else(|| {
+            AdminError::not_found(
+                format!("find client {client_id}"),
+                format!("no client {client_id}"),
+            )
+        })
+}
+
+fn absent(name: &str, client: &str, roles: &BTreeSet<&str>) -> AdminError {
+    let roles: Vec<&str> = roles.iter().copied().collect();
+    AdminError::not_found(
+        format!("add {client} roles to {name}"),
+        format!(
+            "client {client} has not all of the roles {}",
+            roles.join(", ")
+        ),
+    )
 }

@@ -12,7 +12,7 @@ use keycloak_ci_sts::domain::BbUuid;
 use keycloak_ci_sts::provision::admin::{Admin, Credentials};
 use keycloak_ci_sts::provision::identities::{Identities, LiveIdentities};
 use serde_json::{json, Value};
-use wiremock::matchers::{header, method, path};
+use wiremock::matchers::{header, method, path, path_regex};
 use wiremock::{Mock, MockServer, Request, ResponseTemplate};
 
 const REALM: &str = "ci";
@@ -103,6 +103,14 @@ async fn identity_basics(server: &MockServer) {
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"attributes": []})))
         .mount(server)
         .await;
+    // Each linked user's links (the one read Keycloak has per user).
+    Mock::given(method("GET"))
+        .and(path_regex(format!(
+            "^/admin/realms/{REALM}/users/[^/]+/federated-identity$"
+        )))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .mount(server)
+        .await;
 }
 
 fn no_identities() -> Identities {
@@ -126,9 +134,14 @@ async fn provision_reads_every_user_linked_to_the_identity_provider() {
         .respond_with(paged(users))
         .mount(&server)
         .await;
-    let live = LiveIdentities::read(&admin(&server), &no_identities(), "keycloak-ci-sts")
-        .await
-        .unwrap();
+    let live = LiveIdentities::read(
+        &admin(&server),
+        &no_identities(),
+        "keycloak-ci-sts",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         live.unneeded.len(),
         10_050,
@@ -153,10 +166,15 @@ async fn provision_list_reads_fail_at_their_bound_naming_it() {
         page: 100,
         max_items: 200,
     });
-    let err = LiveIdentities::read(&small, &no_identities(), "keycloak-ci-sts")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = LiveIdentities::read(
+        &small,
+        &no_identities(),
+        "keycloak-ci-sts",
+        &Default::default(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("more than 200 elements"), "{err}");
     assert!(err.contains("list users linked"), "{err}");
 
@@ -164,9 +182,14 @@ async fn provision_list_reads_fail_at_their_bound_naming_it() {
         page: 100,
         max_items: 1000,
     });
-    let live = LiveIdentities::read(&paged_ok, &no_identities(), "keycloak-ci-sts")
-        .await
-        .unwrap();
+    let live = LiveIdentities::read(
+        &paged_ok,
+        &no_identities(),
+        "keycloak-ci-sts",
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(live.unneeded.len(), 250, "three pages of 100, 100, 50");
 
     let deaf = MockServer::start().await;
@@ -185,6 +208,7 @@ async fn provision_list_reads_fail_at_their_bound_naming_it() {
         }),
         &no_identities(),
         "keycloak-ci-sts",
+        &Default::default(),
     )
     .await
     .unwrap_err()
@@ -289,17 +313,7 @@ async fn provision_racing_apply_reports_skipped_users_as_already_present() {
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
         .mount(&server)
         .await;
-    let mut journal = Vec::new();
-    keycloak_ci_sts::provision::identities::apply(
-        &admin(&server),
-        &want,
-        &live,
-        &plan,
-        "keycloak-ci-sts",
-        &mut journal,
-    )
-    .await
-    .unwrap();
+    let journal = apply_identities(&server, &want, &live, &plan).await;
     let text = journal.join("\n");
     assert!(!text.contains("+ created user"), "{text}");
     assert!(text.contains("already present"), "{text}");
@@ -433,4 +447,134 @@ fn provision_plan_reports_users_with_pending_required_actions() {
         "{text}"
     );
     assert!(text.contains("identity.not_ready"), "{text}");
+}
+
+/// Runs the identities' apply of `plan` against `server`; its journal.
+async fn apply_identities(
+    server: &MockServer,
+    want: &Identities,
+    live: &LiveIdentities,
+    plan: &keycloak_ci_sts::provision::diff::Plan,
+) -> Vec<String> {
+    let mut journal = Vec::new();
+    keycloak_ci_sts::provision::identities::apply(
+        &admin(server),
+        want,
+        live,
+        plan,
+        "keycloak-ci-sts",
+        &mut journal,
+    )
+    .await
+    .unwrap();
+    journal
+}
+
+/// Busy answers (503 from a proxy or a loaded Keycloak, 429) are asked again
+/// with backoff; each attempt is counted under its object kind.
+#[tokio::test]
+async fn provision_busy_answers_are_retried_with_backoff_and_counted() {
+    use keycloak_ci_sts::provision::admin::BUSY_RETRIES;
+    let server = MockServer::start().await;
+    token_endpoint(&server, 300).await;
+    let clients = format!("/admin/realms/{REALM}/clients");
+    for (status, times) in [(503, 2), (429, 1)] {
+        Mock::given(method("GET"))
+            .and(path(clients.clone()))
+            .respond_with(ResponseTemplate::new(status))
+            .up_to_n_times(times)
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("GET"))
+        .and(path(clients))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([{"clientId": "x"}])))
+        .mount(&server)
+        .await;
+    let admin = admin(&server).with_backoff(Duration::from_millis(1));
+    let got: Vec<Value> = admin
+        .get_capped("/clients", &[], "read clients")
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        admin.calls().by_kind.get("clients"),
+        Some(&4),
+        "{}",
+        admin.calls()
+    );
+
+    let busy = MockServer::start().await;
+    token_endpoint(&busy, 300).await;
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&busy)
+        .await;
+    let admin = self::admin(&busy).with_backoff(Duration::from_millis(1));
+    let err = admin
+        .get_capped::<Vec<Value>>("/groups", &[], "read groups")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("503"), "{err}");
+    assert_eq!(admin.calls().total(), u64::from(BUSY_RETRIES) + 1);
+}
+
+/// New repository users are created in batches: 250 users are three
+/// `partialImport` requests, each user journaled once, in order.
+#[tokio::test]
+async fn provision_new_users_are_created_in_batches() {
+    use keycloak_ci_sts::provision::diff::Plan;
+    use keycloak_ci_sts::provision::identities::{User, IMPORT_BATCH};
+    let server = MockServer::start().await;
+    token_endpoint(&server, 300).await;
+    Mock::given(method("POST"))
+        .and(path(format!("/admin/realms/{REALM}/partialImport")))
+        .respond_with(|req: &Request| {
+            let body: Value = serde_json::from_slice(&req.body).unwrap();
+            let results: Vec<Value> = body["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| json!({"action": "ADDED", "resourceType": "USER", "resourceName": u["username"], "id": u["id"]}))
+                .collect();
+            ResponseTemplate::new(200).set_body_json(json!({"results": results}))
+        })
+        .expect(3)
+        .mount(&server)
+        .await;
+    let users: Vec<User> = stale_users(250)
+        .into_iter()
+        .map(|u| {
+            let identity =
+                RepositoryIdentity::from_username(u["username"].as_str().unwrap()).unwrap();
+            User {
+                identity,
+                username: identity.username(),
+                id: identity.user_id(REALM),
+                attributes: Default::default(),
+                groups: Default::default(),
+            }
+        })
+        .collect();
+    assert!(users.len() > 2 * IMPORT_BATCH);
+    let want = Identities {
+        users,
+        ..no_identities()
+    };
+    let live = LiveIdentities {
+        profile: json!({"attributes": []}),
+        ..Default::default()
+    };
+    let mut plan = Plan::default();
+    keycloak_ci_sts::provision::identities::plan(&want, &live, "keycloak-ci-sts", false, &mut plan);
+    plan.entries
+        .retain(|e| e.kind == keycloak_ci_sts::provision::diff::Kind::User);
+    let journal = apply_identities(&server, &want, &live, &plan).await;
+    let expected: Vec<String> = want
+        .users
+        .iter()
+        .map(|u| format!("+ created user {}", u.username))
+        .collect();
+    assert_eq!(journal, expected);
 }
