@@ -262,6 +262,32 @@ impl Policy {
     }
 }
 
+/// Whether `policies` refuse repository `repo` of workspace `ws` every token
+/// for `audience`, whatever the branch, environment, audience markers and
+/// scopes: a deny without branch, environment or marker conditions and
+/// without a scope list admits the repository and covers the audience.
+/// `keycloak apply` makes no user for such a repository. A sufficient
+/// condition (property-tested against [`PolicySet::evaluate`]): `false` does
+/// not mean some request is allowed.
+pub fn always_denied(
+    policies: &[std::sync::Arc<Policy>],
+    ws: &BbUuid,
+    repo: &BbUuid,
+    audience: &str,
+) -> bool {
+    policies.iter().any(|p| {
+        p.effect == Effect::Deny
+            && p.when.branch_name.is_none()
+            && p.when.deployment_environment_uuid.is_none()
+            && p.when.aud.is_none()
+            && p.deny_scopes.is_none()
+            && p.deny_audiences
+                .as_ref()
+                .is_none_or(|a| a.contains(audience))
+            && p.admits(ws, repo, None)
+    })
+}
+
 impl PolicySet {
     /// Every problem of the set that depends on which clients use the JWT
     /// Authorization Grant: [`PolicySet::grant_mode_problems`] and

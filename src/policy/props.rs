@@ -256,6 +256,27 @@ proptest! {
         }
     }
 
+    /// [`always_denied`] (which repositories `keycloak apply` makes no user
+    /// for) predicts only refusals: every request of such a repository for
+    /// that audience, on any branch and environment, with any markers and
+    /// scopes, is denied by [`PolicySet::evaluate`].
+    #[test]
+    fn always_denied_predicts_only_refusals(
+        allows in proptest::collection::vec(allow_policy(), 0..4),
+        denies in proptest::collection::vec(deny_policy(), 0..3),
+        id in identity(),
+        (aud, scopes) in request(),
+    ) {
+        let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
+        policies.extend(denies.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("deny-{i}"); p }));
+        let set = PolicySet::from_policies(policies);
+        let audience = audience(aud);
+        if always_denied(set.policies(), &id.workspace_uuid, &id.repository_uuid, audience) {
+            let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes });
+            prop_assert!(!is_allow(&d), "{audience} {scopes:?} for {id:?}: {:?}", d.outcome);
+        }
+    }
+
     #[test]
     fn a_single_star_never_matches_across_a_slash(
         prefix in "[a-z0-9._-]{0,8}",

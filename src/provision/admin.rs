@@ -187,15 +187,7 @@ impl Default for ListBounds {
 }
 
 fn bound(action: &str, text: String) -> AdminError {
-    AdminError {
-        action: action.to_string(),
-        source: Box::new(KeycloakError::HttpFailure {
-            status: 0,
-            body: None,
-            text,
-        }),
-        retried: false,
-    }
+    AdminError::new(action.to_string(), Cause::Bound(text))
 }
 
 /// A 401 from the Admin API itself (not from the token endpoint).
@@ -518,13 +510,8 @@ impl Admin {
         let mut busy = 0;
         loop {
             if !self.count(kind) {
-                return Err(bound(
-                    &action,
-                    format!(
-                        "interrupted after {} Admin API calls (--interrupt-after-calls)",
-                        self.calls().total()
-                    ),
-                ));
+                let n = self.calls().total();
+                return Err(AdminError::new(action, Cause::Interrupted(n)));
             }
             let source = match call().await {
                 Ok(v) => return Ok(v),
@@ -547,7 +534,7 @@ impl Admin {
             } else {
                 return Err(AdminError {
                     action,
-                    source: Box::new(source),
+                    cause: Box::new(Cause::Keycloak(source)),
                     retried,
                 });
             }
@@ -609,35 +596,74 @@ impl Admin {
 /// A failed Admin API call: what was attempted and Keycloak's answer (status and
 /// Keycloak's message; never a token or secret), with a hint for 401/403.
 #[derive(Debug, thiserror::Error)]
-#[error("{action}: {}{}", render(source), hint(source, *retried))]
+#[error("{action}: {}{}", cause.render(), cause.hint(*retried))]
 pub struct AdminError {
     /// What was attempted (`read clients`, `create client scope deploy:production`).
     pub action: String,
-    /// The crate's error (boxed: it is large).
-    pub source: Box<KeycloakError>,
+    /// Why it failed (boxed: Keycloak's error is large).
+    pub cause: Box<Cause>,
     /// Whether this is the answer to the retry with a freshly fetched token.
     pub retried: bool,
 }
 
+/// Why an Admin API action failed.
+#[derive(Debug)]
+pub enum Cause {
+    /// Keycloak's answer (status and message) or a transport failure.
+    Keycloak(KeycloakError),
+    /// A bound of a list read was hit (the text names it): nothing is decided
+    /// on a partial list.
+    Bound(String),
+    /// What the action needs does not exist (found by reading, not by a 404).
+    Missing(String),
+    /// The `--interrupt-after-calls` test hook stopped the command after this
+    /// many calls.
+    Interrupted(u64),
+}
+
 impl AdminError {
-    /// A 404 found by reading: what `action` needed does not exist (`text`).
-    pub fn not_found(action: String, text: String) -> Self {
+    /// `action` failed for `cause`.
+    pub fn new(action: String, cause: Cause) -> Self {
         AdminError {
             action,
-            source: Box::new(KeycloakError::HttpFailure {
-                status: 404,
-                body: None,
-                text,
-            }),
+            cause: Box::new(cause),
             retried: false,
         }
     }
 
+    /// What `action` needs does not exist (`text` says what).
+    pub fn missing(action: String, text: String) -> Self {
+        Self::new(action, Cause::Missing(text))
+    }
+
     /// The HTTP status Keycloak answered, when it answered.
     pub fn status(&self) -> Option<u16> {
-        match *self.source {
-            KeycloakError::HttpFailure { status, .. } if status != 0 => Some(status),
-            KeycloakError::HttpFailure { .. } | KeycloakError::ReqwestFailure(_) => None,
+        match &*self.cause {
+            Cause::Keycloak(KeycloakError::HttpFailure { status, .. }) => Some(*status),
+            Cause::Keycloak(KeycloakError::ReqwestFailure(_))
+            | Cause::Bound(_)
+            | Cause::Missing(_)
+            | Cause::Interrupted(_) => None,
+        }
+    }
+}
+
+impl Cause {
+    fn render(&self) -> String {
+        match self {
+            Cause::Keycloak(e) => render(e),
+            Cause::Bound(text) => text.clone(),
+            Cause::Missing(text) => format!("not found: {}", sanitize(text)),
+            Cause::Interrupted(n) => {
+                format!("interrupted after {n} Admin API calls (--interrupt-after-calls)")
+            }
+        }
+    }
+
+    fn hint(&self, retried: bool) -> &'static str {
+        match self {
+            Cause::Keycloak(e) => hint(e, retried),
+            Cause::Bound(_) | Cause::Missing(_) | Cause::Interrupted(_) => "",
         }
     }
 }

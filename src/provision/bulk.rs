@@ -136,15 +136,8 @@ async fn all_groups(admin: &Admin) -> Result<Vec<(String, String)>, AdminError> 
 }
 
 fn too_deep() -> AdminError {
-    AdminError {
-        action: "read groups".into(),
-        source: Box::new(::keycloak::KeycloakError::HttpFailure {
-            status: 0,
-            body: None,
-            text: format!("groups nested deeper than {MAX_GROUP_DEPTH} levels: not read partly"),
-        }),
-        retried: false,
-    }
+    let text = format!("groups nested deeper than {MAX_GROUP_DEPTH} levels: not read partly");
+    AdminError::new("read groups".into(), super::admin::Cause::Bound(text))
 }
 
 /// The group paths of each user in `of`, by user id, from every group's

@@ -31,7 +31,7 @@ use super::model::{join, RealmModel};
 use super::realm::{mapping_roles, reconcile_roles, Holder, Leave, OWNER_ATTRIBUTE, REALM_KEY};
 use crate::domain::identity::{IdentityKind, RepositoryIdentity};
 use crate::inventory::Inventory;
-use crate::policy::{Effect, Policy};
+use crate::policy::{always_denied, Policy};
 
 /// The client scope that puts the identity into the token (a default scope of
 /// every `jwt_authorization_grant` client; not listed in `scope`).
@@ -147,33 +147,12 @@ pub fn identity_scope(
     (rep, mappers)
 }
 
-/// A deny policy without branch or environment conditions that covers the
-/// grant's audience refuses the repository always: no user for it.
-fn always_denied(
-    policies: &[std::sync::Arc<Policy>],
-    ws: &crate::domain::BbUuid,
-    repo: &crate::domain::BbUuid,
-    audience: &str,
-) -> bool {
-    policies.iter().any(|p| {
-        p.effect == Effect::Deny
-            && p.when.branch_name.is_none()
-            && p.when.deployment_environment_uuid.is_none()
-            && p.when.aud.is_none()
-            && p.deny_scopes.is_none()
-            && p.deny_audiences
-                .as_ref()
-                .is_none_or(|a| a.contains(audience))
-            && p.admits(ws, repo, None)
-    })
-}
-
 /// The identities the policies of `jwt_clients` can admit among the inventory's
 /// repositories, with the groups their grants name.
 ///
 /// # Errors
 /// A grant naming a group the realm model does not declare; a jwt client
-/// without `[identity]`.
+/// without `[identity]`; two policies giving one identity different groups.
 pub fn derive(
     inputs: Option<&IdentityInputs>,
     jwt_clients: &BTreeSet<String>,
@@ -205,59 +184,112 @@ pub fn derive(
                 p.id
             ));
         }
-        for repo in inventory.repositories() {
-            let ws = repo.workspace();
-            if always_denied(policies, &ws.workspace_uuid, &repo.uuid(), &g.audience) {
-                continue;
-            }
-            let envs: Vec<Option<crate::domain::BbUuid>> = match g.identity.unwrap_or_default() {
-                IdentityKind::Repository => vec![None],
-                IdentityKind::RepositoryEnvironment => {
-                    repo.environments().map(|e| Some(e.uuid)).collect()
-                }
-            };
-            for env in envs {
-                if !p.admits(&ws.workspace_uuid, &repo.uuid(), env.as_ref()) {
-                    continue;
-                }
-                let identity = RepositoryIdentity {
-                    workspace: ws.workspace_uuid,
-                    repository: repo.uuid(),
-                    environment: env,
-                };
-                let username = identity.username();
-                let user = users.entry(username.clone()).or_insert_with(|| {
-                    let mut attributes = BTreeMap::from([
-                        ("repositoryUuid".to_string(), vec![repo.uuid().braced()]),
-                        (
-                            "workspaceUuid".to_string(),
-                            vec![ws.workspace_uuid.braced()],
-                        ),
-                        (
-                            "repositoryFullName".to_string(),
-                            vec![repo.full_name().to_string()],
-                        ),
-                    ]);
-                    if let Some(e) = env {
-                        attributes.insert("deploymentEnvironmentUuid".into(), vec![e.braced()]);
-                    }
-                    User {
-                        identity,
-                        id: identity.user_id(&inputs.realm),
-                        username,
-                        attributes,
-                        groups: BTreeSet::new(),
-                    }
-                });
-                user.groups.extend(g.groups.iter().cloned());
-                named
-                    .entry(user.username.clone())
-                    .or_default()
-                    .push((p.id.clone(), g.groups.clone()));
-            }
+        for (identity, full_name) in admitted(p, g, policies, inventory) {
+            let user = users
+                .entry(identity.username())
+                .or_insert_with(|| new_identity_user(identity, full_name, &inputs.realm));
+            user.groups.extend(g.groups.iter().cloned());
+            named
+                .entry(user.username.clone())
+                .or_default()
+                .push((p.id.clone(), g.groups.clone()));
         }
     }
-    for (username, by_policy) in &named {
+    errors.extend(group_disagreements(&named, &users));
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let groups = model
+        .groups
+        .iter()
+        .map(|(name, spec)| Group {
+            name: name.clone(),
+            description: spec
+                .description
+                .clone()
+                .unwrap_or_else(|| "repository identities (keycloak-ci-sts)".into()),
+            roles: spec.roles.clone(),
+        })
+        .collect();
+    Ok(Some(Identities {
+        provider: provider_rep(inputs, &model.owner),
+        groups,
+        users: users.into_values().collect(),
+    }))
+}
+
+/// The identities policy `p` (granting `g`) admits among the inventory's
+/// repositories (and their environments), less those every policy denies;
+/// each with its repository's full name.
+fn admitted<'a>(
+    p: &Policy,
+    g: &crate::policy::GrantSpec,
+    policies: &[std::sync::Arc<Policy>],
+    inventory: &'a Inventory,
+) -> Vec<(RepositoryIdentity, &'a str)> {
+    let mut out = Vec::new();
+    for repo in inventory.repositories() {
+        let ws = repo.workspace().workspace_uuid;
+        if always_denied(policies, &ws, &repo.uuid(), &g.audience) {
+            continue;
+        }
+        let envs: Vec<Option<crate::domain::BbUuid>> = match g.identity.unwrap_or_default() {
+            IdentityKind::Repository => vec![None],
+            IdentityKind::RepositoryEnvironment => {
+                repo.environments().map(|e| Some(e.uuid)).collect()
+            }
+        };
+        out.extend(
+            envs.into_iter()
+                .filter(|env| p.admits(&ws, &repo.uuid(), env.as_ref()))
+                .map(|environment| {
+                    let identity = RepositoryIdentity {
+                        workspace: ws,
+                        repository: repo.uuid(),
+                        environment,
+                    };
+                    (identity, repo.full_name())
+                }),
+        );
+    }
+    out
+}
+
+/// The user of `identity` (of repository `full_name`), without groups.
+fn new_identity_user(identity: RepositoryIdentity, full_name: &str, realm: &str) -> User {
+    let mut attributes = BTreeMap::from([
+        (
+            "repositoryUuid".to_string(),
+            vec![identity.repository.braced()],
+        ),
+        (
+            "workspaceUuid".to_string(),
+            vec![identity.workspace.braced()],
+        ),
+        (
+            "repositoryFullName".to_string(),
+            vec![full_name.to_string()],
+        ),
+    ]);
+    if let Some(e) = identity.environment {
+        attributes.insert("deploymentEnvironmentUuid".into(), vec![e.braced()]);
+    }
+    User {
+        identity,
+        id: identity.user_id(realm),
+        username: identity.username(),
+        attributes,
+        groups: BTreeSet::new(),
+    }
+}
+
+/// Policies that admit one identity but name different groups.
+fn group_disagreements(
+    named: &BTreeMap<String, Vec<(String, BTreeSet<String>)>>,
+    users: &BTreeMap<String, User>,
+) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (username, by_policy) in named {
         let first = &by_policy[0];
         if let Some(other) = by_policy.iter().find(|(_, g)| g != &first.1) {
             let repo = users
@@ -275,16 +307,18 @@ pub fn derive(
             ));
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let provider = IdentityProviderRepresentation {
+    errors
+}
+
+/// The identity provider that trusts the service's assertions.
+fn provider_rep(inputs: &IdentityInputs, owner: &str) -> IdentityProviderRepresentation {
+    IdentityProviderRepresentation {
         alias: Some(inputs.alias.clone()),
         display_name: Some("keycloak-ci-sts (repository identities)".into()),
         provider_id: Some("jwt-authorization-grant".into()),
         enabled: Some(true),
         config: Some(to_map(vec![
-            (OWNER_ATTRIBUTE, model.owner.clone()),
+            (OWNER_ATTRIBUTE, owner.to_string()),
             ("issuer", inputs.issuer.clone()),
             ("useJwksUrl", "true".into()),
             (
@@ -309,24 +343,7 @@ pub fn derive(
             ("jwtAuthorizationGrantAllowedClockSkew", "5".into()),
         ])),
         ..Default::default()
-    };
-    let groups = model
-        .groups
-        .iter()
-        .map(|(name, spec)| Group {
-            name: name.clone(),
-            description: spec
-                .description
-                .clone()
-                .unwrap_or_else(|| "repository identities (keycloak-ci-sts)".into()),
-            roles: spec.roles.clone(),
-        })
-        .collect();
-    Ok(Some(Identities {
-        provider,
-        groups,
-        users: users.into_values().collect(),
-    }))
+    }
 }
 
 /// The live state of the identity objects.
@@ -366,10 +383,7 @@ pub struct LiveUser {
 }
 
 fn not_found(e: &AdminError) -> bool {
-    matches!(
-        *e.source,
-        ::keycloak::KeycloakError::HttpFailure { status: 404, .. }
-    )
+    e.status() == Some(404)
 }
 
 /// Parses `26.7.3` (or `26.7.3-SNAPSHOT`).
@@ -868,73 +882,8 @@ fn user_entries(want: &Identities, live: &LiveIdentities, alias: &str, plan: &mu
                 .push(entry(Kind::User, &u.username, Action::Create(ch)));
             continue;
         };
-        let mut ch = Vec::new();
-        let have_attrs = l.rep.attributes.clone().unwrap_or_default();
-        for (k, v) in &u.attributes {
-            let old = have_attrs.get(k).cloned().unwrap_or_default();
-            if &old != v {
-                ch.push(Change {
-                    op: Op::UserAttributes,
-                    field: format!("attributes.{k}"),
-                    old: if old.is_empty() {
-                        "(unset)".into()
-                    } else {
-                        old.join(", ")
-                    },
-                    new: v.join(", "),
-                });
-            }
-        }
-        let link = l
-            .links
-            .iter()
-            .find(|f| f.identity_provider.as_deref() == Some(alias));
-        let subject = u.identity.subject();
-        if link.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
-            ch.push(Change {
-                op: Op::UserLink,
-                field: "link".into(),
-                old: link
-                    .and_then(|f| f.user_id.clone())
-                    .unwrap_or_else(|| "(unset)".into()),
-                new: format!("{alias}: {subject}"),
-            });
-        }
-        for (client, roles) in &l.roles {
-            if super::model::is_reserved_client(client) {
-                plan.problems.push(format!(
-                    "user {} holds roles of Keycloak's built-in client {client} ({}): remove them by hand and find out who added them",
-                    u.username,
-                    join(roles)
-                ));
-            } else {
-                ch.push(Change {
-                    op: Op::UserRoles,
-                    field: format!("roles[{client}]"),
-                    old: join(roles),
-                    new: "(none: roles come from groups)".into(),
-                });
-            }
-        }
-        for g in l.groups.difference(&owned_groups) {
-            plan.problems.push(format!(
-                "user {} is a member of group {g}, which keycloak/realm.yaml does not declare: its roles would reach the repository's tokens; remove the membership by hand",
-                u.username
-            ));
-        }
-        let have_groups: BTreeSet<String> = l
-            .groups
-            .intersection(&owned_groups)
-            .map(|p| p.trim_start_matches('/').to_string())
-            .collect();
-        if have_groups != u.groups {
-            ch.push(Change {
-                op: Op::UserGroups,
-                field: "groups".into(),
-                old: join(&have_groups),
-                new: join(&u.groups),
-            });
-        }
+        let mut ch = identity_changes(u, l, alias);
+        ch.extend(membership_changes(u, l, &owned_groups, plan));
         if let Some(actions) = l.rep.required_actions.as_ref().filter(|a| !a.is_empty()) {
             plan.notes.push(format!(
                 "user {} has pending required actions ({}): Keycloak refuses its tokens until they are \
@@ -948,6 +897,91 @@ fn user_entries(want: &Identities, live: &LiveIdentities, alias: &str, plan: &mu
         plan.entries
             .push(entry(Kind::User, &u.username, action(true, ch)));
     }
+}
+
+/// An existing user's attribute and link changes.
+fn identity_changes(u: &User, l: &LiveUser, alias: &str) -> Vec<Change> {
+    let mut ch = Vec::new();
+    let have_attrs = l.rep.attributes.clone().unwrap_or_default();
+    for (k, v) in &u.attributes {
+        let old = have_attrs.get(k).cloned().unwrap_or_default();
+        if &old != v {
+            ch.push(Change {
+                op: Op::UserAttributes,
+                field: format!("attributes.{k}"),
+                old: if old.is_empty() {
+                    "(unset)".into()
+                } else {
+                    old.join(", ")
+                },
+                new: v.join(", "),
+            });
+        }
+    }
+    let link = l
+        .links
+        .iter()
+        .find(|f| f.identity_provider.as_deref() == Some(alias));
+    let subject = u.identity.subject();
+    if link.and_then(|f| f.user_id.as_deref()) != Some(subject.as_str()) {
+        ch.push(Change {
+            op: Op::UserLink,
+            field: "link".into(),
+            old: link
+                .and_then(|f| f.user_id.clone())
+                .unwrap_or_else(|| "(unset)".into()),
+            new: format!("{alias}: {subject}"),
+        });
+    }
+    ch
+}
+
+/// An existing user's direct roles (none wanted: groups give them) and group
+/// memberships; roles of Keycloak's own clients and undeclared groups are
+/// problems for a human.
+fn membership_changes(
+    u: &User,
+    l: &LiveUser,
+    owned_groups: &BTreeSet<String>,
+    plan: &mut Plan,
+) -> Vec<Change> {
+    let mut ch = Vec::new();
+    for (client, roles) in &l.roles {
+        if super::model::is_reserved_client(client) {
+            plan.problems.push(format!(
+                "user {} holds roles of Keycloak's built-in client {client} ({}): remove them by hand and find out who added them",
+                u.username,
+                join(roles)
+            ));
+        } else {
+            ch.push(Change {
+                op: Op::UserRoles,
+                field: format!("roles[{client}]"),
+                old: join(roles),
+                new: "(none: roles come from groups)".into(),
+            });
+        }
+    }
+    for g in l.groups.difference(owned_groups) {
+        plan.problems.push(format!(
+            "user {} is a member of group {g}, which keycloak/realm.yaml does not declare: its roles would reach the repository's tokens; remove the membership by hand",
+            u.username
+        ));
+    }
+    let have_groups: BTreeSet<String> = l
+        .groups
+        .intersection(owned_groups)
+        .map(|p| p.trim_start_matches('/').to_string())
+        .collect();
+    if have_groups != u.groups {
+        ch.push(Change {
+            op: Op::UserGroups,
+            field: "groups".into(),
+            old: join(&have_groups),
+            new: join(&u.groups),
+        });
+    }
+    ch
 }
 
 fn action(exists: bool, changes: Vec<Change>) -> Action {
@@ -1301,12 +1335,6 @@ async fn update_user(
 ) -> Result<(), AdminError> {
     let realm = admin.realm.as_str();
     let username = u.username.as_str();
-    let subject = u.identity.subject();
-    let link = FederatedIdentityRepresentation {
-        identity_provider: Some(alias.to_string()),
-        user_id: Some(subject.clone()),
-        user_name: Some(u.username.clone()),
-    };
     let attributes: HashMap<String, Vec<String>> = u.attributes.clone().into_iter().collect();
     let mut rep = l.rep.clone();
     rep.attributes = Some(attributes);
@@ -1324,6 +1352,19 @@ async fn update_user(
         let holder = Holder::User(&u.id);
         reconcile_roles(admin, holder, username, &BTreeMap::new(), Leave::BUILT_IN).await?;
     }
+    relink(admin, u, l, alias).await?;
+    regroup(admin, want, u, l).await
+}
+
+/// Links `u` to its subject at the identity provider, replacing a wrong link.
+async fn relink(admin: &Admin, u: &User, l: &LiveUser, alias: &str) -> Result<(), AdminError> {
+    let (realm, username) = (admin.realm.as_str(), u.username.as_str());
+    let subject = u.identity.subject();
+    let link = FederatedIdentityRepresentation {
+        identity_provider: Some(alias.to_string()),
+        user_id: Some(subject.clone()),
+        user_name: Some(u.username.clone()),
+    };
     let current = l
         .links
         .iter()
@@ -1353,6 +1394,17 @@ async fn update_user(
             })
             .await?;
     }
+    Ok(())
+}
+
+/// Makes `u`'s memberships of the declared groups its grants' groups.
+async fn regroup(
+    admin: &Admin,
+    want: &Identities,
+    u: &User,
+    l: &LiveUser,
+) -> Result<(), AdminError> {
+    let (realm, username) = (admin.realm.as_str(), u.username.as_str());
     let owned: BTreeSet<String> = want.groups.iter().map(|g| g.name.clone()).collect();
     let have: BTreeSet<String> = l
         .groups

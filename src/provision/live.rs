@@ -77,7 +77,6 @@ impl Live {
     /// # Errors
     /// The first refused or failed call.
     pub async fn read_realm(admin: &Admin, desired: &Desired) -> Result<Self, AdminError> {
-        let realm = admin.realm.as_str();
         let mut live = Live::default();
         let clients: Vec<ClientRepresentation> =
             admin.list("/clients", &[], "read clients").await?;
@@ -95,6 +94,16 @@ impl Live {
                 live.scopes.insert(n, s);
             }
         }
+        live.read_clients(admin, desired).await?;
+        live.read_scope_mappings(admin, desired).await?;
+        Ok(live)
+    }
+
+    /// The details of the clients the service acts as (desired, or owned
+    /// with a service account), and the roles of resource servers (desired,
+    /// or owned and bearer-only).
+    async fn read_clients(&mut self, admin: &Admin, desired: &Desired) -> Result<(), AdminError> {
+        let live = self;
         let owner = desired.owner.as_str();
         let acting: BTreeSet<&str> = desired
             .clients
@@ -133,6 +142,16 @@ impl Live {
             live.roles
                 .insert(id, roles.into_iter().filter_map(|r| r.name).collect());
         }
+        Ok(())
+    }
+
+    /// The role scope mappings of the desired, owned and built-in default scopes.
+    async fn read_scope_mappings(
+        &mut self,
+        admin: &Admin,
+        desired: &Desired,
+    ) -> Result<(), AdminError> {
+        let (live, realm, owner) = (self, admin.realm.as_str(), desired.owner.as_str());
         let wanted: BTreeSet<&str> = desired.scopes.iter().map(|s| s.name.as_str()).collect();
         let scope_ids: Vec<(String, String)> = live
             .scopes
@@ -160,7 +179,7 @@ impl Live {
                 .await?;
             live.scope_mappings.insert(name, mapping_roles(m));
         }
-        Ok(live)
+        Ok(())
     }
 
     /// The live `enabled` of the object `plan` calls `kind` `name` (`None` for

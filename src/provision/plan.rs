@@ -2,13 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ::keycloak::types::ProtocolMapperRepresentation;
+use ::keycloak::types::{ClientRepresentation, ProtocolMapperRepresentation};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::desired::Desired;
+use super::desired::{Client, Desired};
 use super::diff::{value_text as render, Action, Change, Entry, Kind, Op, Plan};
-use super::live::Live;
+use super::live::{ClientDetails, Live};
 use super::model::join;
 use super::realm::{
     owned_by, BASIC_SCOPE, BUILT_IN_DEFAULTS, OWNER_ATTRIBUTE, REALM_KEY, SERVICE_ACCOUNT_SCOPE,
@@ -326,7 +326,6 @@ fn scopes(desired: &Desired, live: &Live, plan: &mut Plan) {
 /// mappings, the service account's roles and groups.
 fn clients(desired: &Desired, live: &Live, plan: &mut Plan) {
     let owner = desired.owner.as_str();
-    let none = BTreeSet::new();
     let servers: BTreeSet<&String> = desired
         .resource_servers
         .iter()
@@ -358,60 +357,8 @@ fn clients(desired: &Desired, live: &Live, plan: &mut Plan) {
         let d = live.details.get(&c.client_id).cloned().unwrap_or_default();
         admin_rights(&c.client_id, &d, plan);
         let mut ch = compare_rep(&c.rep, l, "", Op::Representation);
-        ch.extend(set_change(
-            Op::ClientScopes,
-            "defaultClientScopes",
-            &d.default_scopes,
-            &default_scopes(c, live),
-        ));
-        ch.extend(set_change(
-            Op::ClientScopes,
-            "optionalClientScopes",
-            &d.optional_scopes,
-            &c.optional_scopes,
-        ));
-        let live_mappers: BTreeSet<String> = l
-            .and_then(|l| l.protocol_mappers.clone())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|m| m.name)
-            .collect();
-        ch.extend(set_change(
-            Op::ClientMappers,
-            "protocolMappers",
-            &live_mappers,
-            &BTreeSet::new(),
-        ));
-        if !d.scope_mappings.is_empty() {
-            ch.push(Change {
-                op: Op::ClientRoleMappings,
-                field: "scopeMappings".into(),
-                old: mappings_text(&d.scope_mappings),
-                new: "(none)".into(),
-            });
-        }
-        let holders: BTreeSet<&String> = servers
-            .iter()
-            .copied()
-            .chain(c.roles.keys())
-            .chain(d.roles.keys())
-            .collect();
-        for rs in holders {
-            let want = c.roles.get(rs).unwrap_or(&none);
-            let have = d.roles.get(rs).unwrap_or(&none);
-            ch.extend(set_change(
-                Op::ServiceAccountRoles,
-                &format!("serviceAccountRoles[{rs}]"),
-                have,
-                want,
-            ));
-        }
-        ch.extend(set_change(
-            Op::ServiceAccountGroups,
-            "serviceAccountGroups",
-            &d.groups,
-            &none,
-        ));
+        ch.extend(client_scope_changes(c, l, &d, live));
+        ch.extend(service_account_changes(c, &d, &servers));
         plan.entries.push(Entry {
             kind: Kind::Client,
             name: c.client_id.clone(),
@@ -419,6 +366,84 @@ fn clients(desired: &Desired, live: &Live, plan: &mut Plan) {
             operator_disabled: false,
         });
     }
+}
+
+/// A client's default and optional scopes, mappers (none: the scopes carry
+/// them) and role scope mappings (none).
+fn client_scope_changes(
+    c: &Client,
+    l: Option<&ClientRepresentation>,
+    d: &ClientDetails,
+    live: &Live,
+) -> Vec<Change> {
+    let mut ch = Vec::new();
+    ch.extend(set_change(
+        Op::ClientScopes,
+        "defaultClientScopes",
+        &d.default_scopes,
+        &default_scopes(c, live),
+    ));
+    ch.extend(set_change(
+        Op::ClientScopes,
+        "optionalClientScopes",
+        &d.optional_scopes,
+        &c.optional_scopes,
+    ));
+    let live_mappers: BTreeSet<String> = l
+        .and_then(|l| l.protocol_mappers.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.name)
+        .collect();
+    ch.extend(set_change(
+        Op::ClientMappers,
+        "protocolMappers",
+        &live_mappers,
+        &BTreeSet::new(),
+    ));
+    if !d.scope_mappings.is_empty() {
+        ch.push(Change {
+            op: Op::ClientRoleMappings,
+            field: "scopeMappings".into(),
+            old: mappings_text(&d.scope_mappings),
+            new: "(none)".into(),
+        });
+    }
+    ch
+}
+
+/// A client's service-account roles (those its scopes carry, per resource
+/// server) and groups (none).
+fn service_account_changes(
+    c: &Client,
+    d: &ClientDetails,
+    servers: &BTreeSet<&String>,
+) -> Vec<Change> {
+    let none = BTreeSet::new();
+    let mut ch = Vec::new();
+    let holders: BTreeSet<&String> = servers
+        .iter()
+        .copied()
+        .chain(c.roles.keys())
+        .chain(d.roles.keys())
+        .collect();
+    for rs in holders {
+        let want = c.roles.get(rs).unwrap_or(&none);
+        let have = d.roles.get(rs).unwrap_or(&none);
+        ch.extend(set_change(
+            Op::ServiceAccountRoles,
+            &format!("serviceAccountRoles[{rs}]"),
+            have,
+            want,
+        ));
+    }
+    ch.extend(set_change(
+        Op::ServiceAccountGroups,
+        "serviceAccountGroups",
+        &d.groups,
+        &none,
+    ));
+    ch
 }
 
 /// Owned clients, resource servers and scopes no longer desired: removed

@@ -215,6 +215,17 @@ pub async fn reconcile_roles(
             .await?;
         }
     }
+    add_roles(admin, &base, name, want, &had).await
+}
+
+/// Adds to the holder at `base` the roles of `want` it does not hold (`had`).
+async fn add_roles(
+    admin: &Admin,
+    base: &str,
+    name: &str,
+    want: &BTreeMap<String, BTreeSet<String>>,
+    had: &BTreeMap<&str, BTreeSet<&str>>,
+) -> Result<(), AdminError> {
     for (client, roles) in want.iter().filter(|(c, _)| c.as_str() != REALM_KEY) {
         let had = had.get(client.as_str());
         let missing: BTreeSet<&str> = roles
@@ -281,7 +292,7 @@ pub async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, Admin
         .find(|c| c.client_id.as_deref() == Some(client_id))
         .and_then(|c| c.id)
         .ok_or_else(|| {
-            AdminError::not_found(
+            AdminError::missing(
                 format!("find client {client_id}"),
                 format!("no client {client_id}"),
             )
@@ -290,7 +301,7 @@ pub async fn client_uuid(admin: &Admin, client_id: &str) -> Result<String, Admin
 
 fn absent(name: &str, client: &str, roles: &BTreeSet<&str>) -> AdminError {
     let roles: Vec<&str> = roles.iter().copied().collect();
-    AdminError::not_found(
+    AdminError::missing(
         format!("add {client} roles to {name}"),
         format!(
             "client {client} has not all of the roles {}",
