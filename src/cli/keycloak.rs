@@ -14,11 +14,11 @@ use crate::configuration::{Secrets, Settings};
 use crate::keycloak::ClientAuth;
 use crate::policy::PolicySet;
 use crate::provision::admin::{Admin, Credentials};
+use crate::provision::apply::DEFAULT_MAX_REMOVALS;
 use crate::provision::desired::{derive, Auth, Desired, Inputs};
 use crate::provision::identities::IdentityInputs;
-use crate::provision::live::Live;
 use crate::provision::model::RealmModel;
-use crate::provision::{apply, export, plan};
+use crate::provision::{self, export};
 
 /// Exit code of `keycloak plan` when changes are pending.
 pub const EXIT_CHANGES_PENDING: u8 = 3;
@@ -176,22 +176,21 @@ pub fn plan(config: &Path, prune: bool, verbose: bool, a: AdminArgs) -> anyhow::
     let (settings, desired) = desired(config, Secrets::Skip)?;
     let admin = admin(&settings, a)?;
     refuse_admin_client(&desired, &admin)?;
-    let read = runtime()?.block_on(Live::read(&admin, &desired));
+    let read = runtime()?.block_on(provision::plan(&admin, &desired, prune));
     eprintln!("Admin API calls: {}", admin.calls());
-    let live = match read {
-        Ok(l) => l,
+    let p = match read {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(1));
         }
     };
-    let p = plan::plan(&desired, &live, prune, admin.client_id());
     let removals = p.removals();
     if removals > 0 {
-        let over = if removals > apply::DEFAULT_MAX_REMOVALS {
+        let over = if removals > DEFAULT_MAX_REMOVALS {
             format!(
                 "; more than {}: apply needs --max-removals {removals}",
-                apply::DEFAULT_MAX_REMOVALS
+                DEFAULT_MAX_REMOVALS
             )
         } else {
             String::new()
@@ -238,7 +237,7 @@ pub fn apply(
     let admin = admin(&settings, a)?.interrupted_after(interrupt_after_calls);
     refuse_admin_client(&desired, &admin)?;
     let mut journal = Vec::new();
-    let result = runtime()?.block_on(apply::apply(
+    let result = runtime()?.block_on(provision::apply(
         &admin,
         &desired,
         prune,

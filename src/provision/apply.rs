@@ -21,12 +21,12 @@ use super::realm::{reconcile_roles, Holder, Leave};
 pub const DEFAULT_MAX_REMOVALS: usize = 10;
 
 /// The objects a checked plan removes, as (kind, name).
-type Approved = BTreeSet<(Kind, String)>;
+pub(super) type Approved = BTreeSet<(Kind, String)>;
 
 /// Checks the plan read before any change: no problem, every operation on
 /// an object it applies to, at most `max` removals. Returns the removals
 /// it approves.
-fn check_first(plan: &Plan, max: usize) -> Result<Approved, ApplyError> {
+pub(super) fn check_first(plan: &Plan, max: usize) -> Result<Approved, ApplyError> {
     if !plan.problems.is_empty() {
         return Err(ApplyError::Refused(plan.problems.clone()));
     }
@@ -73,28 +73,26 @@ fn well_formed(plan: &Plan) -> Result<(), ApplyError> {
     }
 }
 
-/// Applies the plan for `desired`, removing at most `max_removals` objects;
-/// each change made is appended to `journal`.
+/// The first pass of `apply` ([`super::apply`]): creates the clients, scopes
+/// and resource servers `first` (the checked plan) creates, reads them again,
+/// makes the changes of that plan's second reading (which must remove
+/// nothing `approved` does not), removes, and sets client secrets.
 ///
 /// # Errors
 /// [`ApplyError`].
-pub async fn apply(
+pub(super) async fn first_pass(
     admin: &Admin,
     desired: &Desired,
-    prune: bool,
-    max_removals: usize,
+    first: &Plan,
+    approved: &Approved,
+    (prune, max_removals): (bool, usize),
     journal: &mut Vec<String>,
 ) -> Result<(), ApplyError> {
-    let mut live = Live::read(admin, desired).await?;
-    let first = plan(desired, &live, prune, admin.client_id());
-    // The whole plan (identities included) before any change.
-    let approved = check_first(&first, max_removals)?;
-    let identities = live.identities.take();
-    create(admin, desired, &first, journal).await?;
+    create(admin, desired, first, journal).await?;
     // The first pass read again (without the identities: it changes none).
     let live = Live::read_realm(admin, desired).await?;
     let second = plan(desired, &live, prune, admin.client_id());
-    check_again(&second, &approved, max_removals)?;
+    check_again(&second, approved, max_removals)?;
     for e in &second.entries {
         match &e.action {
             Action::Update(changes) | Action::Create(changes) => {
@@ -113,23 +111,7 @@ pub async fn apply(
         }
     }
     remove(admin, &live, &second, journal).await?;
-    secrets(admin, desired, &live, journal).await?;
-    if let (Some(want), Some(live_ids)) = (&desired.identities, identities) {
-        // The second pass, on the identities as read once at the start (the
-        // first pass changes none of them; a group's roles are looked up
-        // when it is changed, after the first pass made them).
-        let ids = Plan {
-            entries: first
-                .entries
-                .iter()
-                .filter(|e| !e.kind.is_client_side())
-                .cloned()
-                .collect(),
-            ..Plan::default()
-        };
-        super::identities::apply(admin, want, &live_ids, &ids, &desired.owner, journal).await?;
-    }
-    Ok(())
+    secrets(admin, desired, &live, journal).await
 }
 
 fn id_of(live: &Live, client_id: &str) -> Result<String, ApplyError> {

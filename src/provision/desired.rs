@@ -322,53 +322,109 @@ pub fn derive(
         .public_url
         .map(|u| format!("{}/.well-known/jwks.json", u.as_str().trim_end_matches('/')));
     let owner = model.owner.clone();
+    let ctx = ClientContext {
+        model,
+        owner: &owner,
+        jwks_url: jwks_url.as_deref(),
+        signing_alg: inputs.signing_alg,
+        idp_alias: inputs.identity.as_ref().map(|i| i.alias.as_str()),
+    };
     let mut clients = Vec::new();
     for (id, auth) in inputs.clients {
         let g = granted.remove(id.as_str()).unwrap_or_default();
-        let spec = model.clients.get(&id);
         if g.policies.is_empty() {
             warnings.push(format!(
                 "client `{id}` is configured but no policy grants it: provisioned without optional scopes"
             ));
         }
         let jwt = inputs.jwt_clients.contains(&id);
-        let lifespan = lifespan(&id, spec, &g, jwt, &mut errors);
-        let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for s in &g.scopes {
-            if let Some(spec) = model.scopes.get(s) {
-                roles
-                    .entry(spec.resource_server.clone())
-                    .or_default()
-                    .extend(spec.roles.iter().cloned());
-            }
+        clients.extend(client(id, auth, g, jwt, &ctx, &mut errors));
+    }
+    let resource_servers = resource_servers(model, &owner);
+    let used: BTreeSet<&String> = clients
+        .iter()
+        .flat_map(|c| c.optional_scopes.iter())
+        .collect();
+    let identities = match super::identities::derive(
+        inputs.identity.as_ref(),
+        &inputs.jwt_clients,
+        policies,
+        inventory,
+        model,
+    ) {
+        Ok(i) => i,
+        Err(e) => {
+            errors.extend(e);
+            None
         }
-        let Some((authenticator, secret, auth_attrs)) = authentication(
-            &id,
-            auth,
-            jwks_url.as_deref(),
-            inputs.signing_alg,
-            &mut errors,
-        ) else {
-            continue;
-        };
-        let mut attributes = base_attributes(&owner);
-        attributes.extend([
-            ("access.token.lifespan", lifespan.to_string()),
-            ("client_credentials.use_refresh_token", "false".into()),
-            ("use.refresh.tokens", "false".into()),
-            ("standard.token.exchange.enabled", "false".into()),
-            ("oauth2.device.authorization.grant.enabled", "false".into()),
-            ("oidc.ciba.grant.enabled", "false".into()),
-        ]);
-        attributes.extend(auth_attrs);
-        attributes.push(("oauth2.jwt.authorization.grant.enabled", jwt.to_string()));
-        if jwt {
-            if let Some(i) = &inputs.identity {
-                attributes.push(("oauth2.jwt.authorization.grant.idp", i.alias.clone()));
-            }
-            roles.clear();
+    };
+    let scopes = scopes(model, &used, identities.is_some(), &mut warnings);
+    if errors.is_empty() {
+        Ok(Desired {
+            owner,
+            resource_servers,
+            scopes,
+            clients,
+            warnings,
+            identities,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+/// What every client the service acts as shares.
+struct ClientContext<'a> {
+    model: &'a RealmModel,
+    owner: &'a str,
+    jwks_url: Option<&'a str>,
+    signing_alg: &'a str,
+    idp_alias: Option<&'a str>,
+}
+
+/// One client the service acts as (`jwt`: by the JWT Authorization Grant)
+/// with what `g` grants it: representation, scopes, service-account roles.
+/// `None` (with errors) when its authentication cannot be provisioned.
+fn client(
+    id: String,
+    auth: Auth,
+    g: Granted,
+    jwt: bool,
+    ctx: &ClientContext<'_>,
+    errors: &mut Vec<String>,
+) -> Option<Client> {
+    let spec = ctx.model.clients.get(&id);
+    let lifespan = lifespan(&id, spec, &g, jwt, errors);
+    let mut roles: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for s in &g.scopes {
+        if let Some(spec) = ctx.model.scopes.get(s) {
+            roles
+                .entry(spec.resource_server.clone())
+                .or_default()
+                .extend(spec.roles.iter().cloned());
         }
-        let rep = ClientRepresentation {
+    }
+    let (authenticator, secret, auth_attrs) =
+        authentication(&id, auth, ctx.jwks_url, ctx.signing_alg, errors)?;
+    let mut attributes = base_attributes(ctx.owner);
+    attributes.extend([
+        ("access.token.lifespan", lifespan.to_string()),
+        ("client_credentials.use_refresh_token", "false".into()),
+        ("use.refresh.tokens", "false".into()),
+        ("standard.token.exchange.enabled", "false".into()),
+        ("oauth2.device.authorization.grant.enabled", "false".into()),
+        ("oidc.ciba.grant.enabled", "false".into()),
+    ]);
+    attributes.extend(auth_attrs);
+    attributes.push(("oauth2.jwt.authorization.grant.enabled", jwt.to_string()));
+    if jwt {
+        if let Some(alias) = ctx.idp_alias {
+            attributes.push(("oauth2.jwt.authorization.grant.idp", alias.to_string()));
+        }
+        roles.clear();
+    }
+    let rep =
+        ClientRepresentation {
             client_id: Some(id.clone()),
             name: Some(id.clone()),
             description: Some(spec.and_then(|s| s.description.clone()).unwrap_or_else(|| {
@@ -389,37 +445,29 @@ pub fn derive(
             attributes: Some(to_map(attributes)),
             ..Default::default()
         };
-        let mut default_scopes = BTreeSet::from([BASIC_SCOPE.to_string()]);
-        if jwt {
-            default_scopes.insert(super::identities::IDENTITY_SCOPE.to_string());
-        }
-        clients.push(Client {
-            client_id: id,
-            rep,
-            default_scopes,
-            optional_scopes: g.scopes,
-            roles,
-            secret,
-        });
+    let mut default_scopes = BTreeSet::from([BASIC_SCOPE.to_string()]);
+    if jwt {
+        default_scopes.insert(super::identities::IDENTITY_SCOPE.to_string());
     }
-    let resource_servers = resource_servers(model, &owner);
-    let used: BTreeSet<&String> = clients
-        .iter()
-        .flat_map(|c| c.optional_scopes.iter())
-        .collect();
-    let identities = match super::identities::derive(
-        inputs.identity.as_ref(),
-        &inputs.jwt_clients,
-        policies,
-        inventory,
-        model,
-    ) {
-        Ok(i) => i,
-        Err(e) => {
-            errors.extend(e);
-            None
-        }
-    };
+    Some(Client {
+        client_id: id,
+        rep,
+        default_scopes,
+        optional_scopes: g.scopes,
+        roles,
+        secret,
+    })
+}
+
+/// The model's scopes (a warning for each no policy grants) and, with
+/// identities, the identity scope.
+fn scopes(
+    model: &RealmModel,
+    used: &BTreeSet<&String>,
+    identities: bool,
+    warnings: &mut Vec<String>,
+) -> Vec<Scope> {
+    let owner = model.owner.as_str();
     let mut scopes: Vec<Scope> = model
         .scopes
         .iter()
@@ -429,11 +477,11 @@ pub fn derive(
                     "scope `{name}` is declared in keycloak/realm.yaml but no policy grants it"
                 ));
             }
-            scope(name, spec, &owner)
+            scope(name, spec, owner)
         })
         .collect();
-    if identities.is_some() {
-        let (rep, mappers) = super::identities::identity_scope(&owner);
+    if identities {
+        let (rep, mappers) = super::identities::identity_scope(owner);
         scopes.push(Scope {
             name: super::identities::IDENTITY_SCOPE.to_string(),
             rep,
@@ -441,18 +489,7 @@ pub fn derive(
             scope_mappings: BTreeMap::new(),
         });
     }
-    if errors.is_empty() {
-        Ok(Desired {
-            owner,
-            resource_servers,
-            scopes,
-            clients,
-            warnings,
-            identities,
-        })
-    } else {
-        Err(errors)
-    }
+    scopes
 }
 
 fn base_attributes(owner: &str) -> Vec<(&'static str, String)> {

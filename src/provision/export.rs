@@ -70,38 +70,36 @@ pub fn realm_json(realm: &str, desired: &Desired) -> Value {
         "users": users,
     });
     if let Some(ids) = &desired.identities {
-        doc["identityProviders"] = json!([ids.provider]);
-        doc["groups"] = Value::Array(
-            ids.groups
-                .iter()
-                .map(|g| {
-                    json!({
-                        "name": g.name,
-                        "description": g.description,
-                        "attributes": { super::realm::OWNER_ATTRIBUTE: [desired.owner] },
-                        "clientRoles": g.roles,
-                    })
-                })
-                .collect(),
-        );
-        if let Some(Value::Array(list)) = doc.get_mut("users") {
-            list.extend(ids.users.iter().map(|u| {
-                json!({
-                    "id": u.id,
-                    "username": u.username,
-                    "enabled": true,
-                    "attributes": u.attributes,
-                    "groups": u.groups.iter().map(|g| format!("/{g}")).collect::<Vec<_>>(),
-                    "federatedIdentities": [{
-                        "identityProvider": ids.provider.alias,
-                        "userId": u.identity.subject(),
-                        "userName": u.username,
-                    }],
-                })
-            }));
-        }
+        add_identities(&mut doc, ids, &desired.owner);
     }
     sorted(doc)
+}
+
+/// The identity provider, the groups and the repository users (as
+/// `partialImport` creates them).
+fn add_identities(doc: &mut Value, ids: &super::identities::Identities, owner: &str) {
+    doc["identityProviders"] = json!([ids.provider]);
+    doc["groups"] = Value::Array(
+        ids.groups
+            .iter()
+            .map(|g| {
+                json!({
+                    "name": g.name,
+                    "description": g.description,
+                    "attributes": { super::realm::OWNER_ATTRIBUTE: [owner] },
+                    "clientRoles": g.roles,
+                })
+            })
+            .collect(),
+    );
+    let alias = ids.provider.alias.as_deref().unwrap_or_default();
+    if let Some(Value::Array(list)) = doc.get_mut("users") {
+        list.extend(
+            ids.users
+                .iter()
+                .map(|u| super::identities::import_rep(u, alias)),
+        );
+    }
 }
 
 /// The same document with every object's keys in order (stable output to commit).

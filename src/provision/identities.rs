@@ -1088,7 +1088,7 @@ pub const IMPORT_BATCH: usize = 100;
 
 /// A new user as `partialImport` reads it: its id (the tokens' `sub`;
 /// `POST /users` would ignore it), attributes, groups and link.
-fn import_rep(u: &User, alias: &str) -> Value {
+pub(super) fn import_rep(u: &User, alias: &str) -> Value {
     let attributes: HashMap<&String, &Vec<String>> = u.attributes.iter().collect();
     json!({
         "id": u.id,

@@ -229,6 +229,22 @@ impl RealmModel {
                 "use 1 to 64 lower-case letters, digits and `-`".into(),
             ));
         }
+        self.resource_server_problems(&mut out);
+        self.scope_problems(&mut out);
+        self.group_problems(&mut out);
+        for (id, c) in &self.clients {
+            if c.access_token_lifespan_seconds == Some(0) {
+                out.push((
+                    format!("clients.{id}.access_token_lifespan_seconds"),
+                    "must be at least 1 (0 means the realm default in Keycloak)".into(),
+                ));
+            }
+        }
+        out
+    }
+
+    /// Resource servers: client ids and role names Keycloak and apply accept.
+    fn resource_server_problems(&self, out: &mut Vec<(String, String)>) {
         for (id, rs) in &self.resource_servers {
             if let Err(r) = client_id(id) {
                 out.push((format!("resource_servers.{id}"), r));
@@ -245,6 +261,11 @@ impl RealmModel {
                 }
             }
         }
+    }
+
+    /// Scopes: RFC 6749 scope tokens, not built-in, naming roles of a declared
+    /// resource server.
+    fn scope_problems(&self, out: &mut Vec<(String, String)>) {
         for (scope, spec) in &self.scopes {
             let key = format!("scopes.{scope}");
             if !crate::domain::oauth::is_scope_token(scope) || scope.len() > 128 {
@@ -284,6 +305,10 @@ impl RealmModel {
                 ));
             }
         }
+    }
+
+    /// Groups: top-level names carrying roles of declared resource servers.
+    fn group_problems(&self, out: &mut Vec<(String, String)>) {
         for (g, spec) in &self.groups {
             let key = format!("groups.{g}");
             if !role_name_ok(g) {
@@ -306,15 +331,6 @@ impl RealmModel {
                 }
             }
         }
-        for (id, c) in &self.clients {
-            if c.access_token_lifespan_seconds == Some(0) {
-                out.push((
-                    format!("clients.{id}.access_token_lifespan_seconds"),
-                    "must be at least 1 (0 means the realm default in Keycloak)".into(),
-                ));
-            }
-        }
-        out
     }
 }
 
