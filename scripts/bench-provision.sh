@@ -11,8 +11,9 @@
 # each with its wall time, the Admin API calls it counted (by kind) and
 # Keycloak's RSS after it. The realm is deleted afterwards. One untimed cycle of
 # BENCH_PROVISION_WARMUP repositories (default 1000) runs first: a Keycloak
-# just started answers several times slower until its JIT has compiled the
-# paths (5,000 repositories: a no-change plan of 15.5 s cold, 4.3 s warm).
+# just started answers slower until its JIT has compiled the paths. The
+# no-change plan is the first after the apply, so it finds Keycloak's user
+# cache cold, as an operator's plan after an apply would.
 #
 #   scripts/bench-provision.sh      # BENCH_PROVISION_SIZES="1000 5000 20000"
 #                                   # BENCH_PROVISION_CONCURRENCY=4

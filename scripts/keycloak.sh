@@ -385,6 +385,22 @@ cmd_env() {
 # the tests use the same value.
 DEMO_ARTIFACTS_SECRET="sts-artifacts-test-secret"
 
+# demo/sts.toml, pointed at this clone's Keycloak: the file itself names port 18080,
+# so on another KC_HTTP_PORT a copy is used (never another clone's Keycloak).
+demo_config() {
+  if [ "$KC_HTTP_PORT" = 18080 ]; then
+    echo "$REPO_ROOT/demo/sts.toml"
+    return
+  fi
+  local copy="$KC_BASE/sts-$KC_HTTP_PORT.toml"
+  sed -e "s|^base_url = \"http://127.0.0.1:18080\"|base_url = \"http://127.0.0.1:$KC_HTTP_PORT\"|" \
+    -e "s|^policies_dir = \"\.\./policies\"|policies_dir = \"$REPO_ROOT/policies\"|" \
+    -e "s|\"\.\./target/|\"$REPO_ROOT/target/|g" "$REPO_ROOT/demo/sts.toml" >"$copy"
+  grep -q "^base_url = \"http://127.0.0.1:$KC_HTTP_PORT\"" "$copy" ||
+    die "demo/sts.toml's base_url is not http://127.0.0.1:18080: cannot point it at port $KC_HTTP_PORT"
+  echo "$copy"
+}
+
 cmd_provision() {
   local bin="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/debug/keycloak-ci-sts"
   [ -x "$bin" ] || die "$bin not found: run cargo build first"
@@ -393,7 +409,7 @@ cmd_provision() {
   KCS_ADMIN_CLIENT_ID=kcs-admin-manage \
     KCS_ADMIN_CLIENT_SECRET=kcs-admin-manage-test-secret \
     KCS_DEMO_STS_ARTIFACTS_SECRET="$DEMO_ARTIFACTS_SECRET" \
-    "$bin" keycloak apply --config "$REPO_ROOT/demo/sts.toml" >&2
+    "$bin" keycloak apply --config "$(demo_config)" >&2
 }
 
 cmd_plan() {
@@ -402,7 +418,7 @@ cmd_plan() {
   is_ready || die "Keycloak is not running from this clone: run $0 start first"
   KCS_ADMIN_CLIENT_ID=kcs-admin-view \
     KCS_ADMIN_CLIENT_SECRET=kcs-admin-view-test-secret \
-    "$bin" keycloak plan --config "$REPO_ROOT/demo/sts.toml"
+    "$bin" keycloak plan --config "$(demo_config)"
 }
 
 case "${1:-}" in

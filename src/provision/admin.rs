@@ -711,7 +711,10 @@ pub fn sanitize(s: &str) -> String {
     let mut out = Vec::new();
     let mut after_bearer = false;
     for word in printable.split_whitespace() {
-        let jwt_like = word.matches('.').count() >= 2 && word.len() > 30;
+        // A URL (`scheme://`, never base64url) without a query value is an
+        // address the reader needs (the token endpoint, Keycloak's base URL).
+        let url = word.contains("://") && !word.contains('=');
+        let jwt_like = !url && word.matches('.').count() >= 2 && word.len() > 30;
         let long_secret = word.len() > 40
             && word
                 .bytes()
@@ -755,6 +758,29 @@ fn hint(e: &KeycloakError, retried: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Error text keeps the addresses a reader needs and hides anything shaped
+    /// like a token, also inside a URL's query.
+    #[test]
+    fn sanitized_errors_keep_urls_and_hide_tokens() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhZG1pbiIsImV4cCI6MX0.c2lnbmF0dXJlLXZhbHVl";
+        let url = "http://127.0.0.1:18080/realms/ci/protocol/openid-connect/token";
+        let out = sanitize(&format!(
+            "could not obtain a token from {url} (error sending request for url ({url}/x))"
+        ));
+        assert!(out.contains(url), "{out}");
+        for hidden in [
+            format!("got {jwt} back"),
+            format!("Authorization: Bearer {}", "opaque-token-value"),
+            format!("see {url}?access_token={jwt}"),
+        ] {
+            let out = sanitize(&hidden);
+            assert!(
+                !out.contains(jwt) && !out.contains("opaque-token-value"),
+                "{out}"
+            );
+        }
+    }
 
     /// Every action the provisioning code names is counted under the kind of
     /// object it reads or changes.

@@ -63,6 +63,7 @@ pub fn realm_json(realm: &str, desired: &Desired) -> Value {
     }
     let mut doc = json!({
         "realm": realm,
+        "enabled": true,
         "roles": { "client": roles },
         "clientScopes": scopes,
         "clientScopeMappings": scope_mappings,
@@ -85,6 +86,7 @@ fn add_identities(doc: &mut Value, ids: &super::identities::Identities, owner: &
             .map(|g| {
                 json!({
                     "name": g.name,
+                    "path": format!("/{}", g.name),
                     "description": g.description,
                     "attributes": { super::realm::OWNER_ATTRIBUTE: [owner] },
                     "clientRoles": g.roles,
