@@ -236,7 +236,10 @@ pub fn apply(
     let (settings, desired) = desired(config, Secrets::ClientSecrets)?;
     let admin = admin(&settings, a)?.interrupted_after(interrupt_after_calls);
     refuse_admin_client(&desired, &admin)?;
-    let mut journal = Vec::new();
+    // Each change is printed as it is made.
+    let mut journal = provision::diff::Journal::new(|line| {
+        let _ = out(line);
+    });
     let result = runtime()?.block_on(provision::apply(
         &admin,
         &desired,
@@ -244,13 +247,14 @@ pub fn apply(
         max_removals,
         &mut journal,
     ));
-    for line in &journal {
-        out(line)?;
-    }
     eprintln!("Admin API calls: {}", admin.calls());
     let realm = &settings.keycloak.realm;
     // `= …` lines report what was found done already (a racing apply), not a change.
-    let changes = journal.iter().filter(|l| !l.starts_with("= ")).count();
+    let changes = journal
+        .lines()
+        .iter()
+        .filter(|l| !l.starts_with("= "))
+        .count();
     match result {
         Ok(()) if changes == 0 => out(&format!(
             "realm {realm} was already in sync; nothing changed"

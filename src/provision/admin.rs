@@ -616,6 +616,8 @@ pub enum Cause {
     Bound(String),
     /// What the action needs does not exist (found by reading, not by a 404).
     Missing(String),
+    /// Objects of the realm block the action (the text names them).
+    Conflict(String),
     /// The `--interrupt-after-calls` test hook stopped the command after this
     /// many calls.
     Interrupted(u64),
@@ -643,6 +645,7 @@ impl AdminError {
             Cause::Keycloak(KeycloakError::ReqwestFailure(_))
             | Cause::Bound(_)
             | Cause::Missing(_)
+            | Cause::Conflict(_)
             | Cause::Interrupted(_) => None,
         }
     }
@@ -654,6 +657,7 @@ impl Cause {
             Cause::Keycloak(e) => render(e),
             Cause::Bound(text) => text.clone(),
             Cause::Missing(text) => format!("not found: {}", sanitize(text)),
+            Cause::Conflict(text) => text.clone(),
             Cause::Interrupted(n) => {
                 format!("interrupted after {n} Admin API calls (--interrupt-after-calls)")
             }
@@ -663,7 +667,7 @@ impl Cause {
     fn hint(&self, retried: bool) -> &'static str {
         match self {
             Cause::Keycloak(e) => hint(e, retried),
-            Cause::Bound(_) | Cause::Missing(_) | Cause::Interrupted(_) => "",
+            Cause::Bound(_) | Cause::Missing(_) | Cause::Conflict(_) | Cause::Interrupted(_) => "",
         }
     }
 }

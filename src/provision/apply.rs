@@ -11,7 +11,7 @@ use secrecy::ExposeSecret;
 use super::admin::Admin;
 use super::desired::Desired;
 pub use super::diff::ApplyError;
-use super::diff::{Action, Change, Entry, Kind, Op, Plan};
+use super::diff::{Action, Change, Entry, Journal, Kind, Op, Plan};
 use super::live::Live;
 use super::plan::{default_scopes, plan};
 use super::realm::{reconcile_roles, Holder, Leave};
@@ -86,7 +86,7 @@ pub(super) async fn first_pass(
     first: &Plan,
     approved: &Approved,
     (prune, max_removals): (bool, usize),
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     create(admin, desired, first, journal).await?;
     // The first pass read again (without the identities: it changes none).
@@ -136,7 +136,7 @@ async fn create(
     admin: &Admin,
     desired: &Desired,
     plan: &Plan,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     for e in plan
@@ -208,7 +208,7 @@ async fn update(
     e: &Entry,
     changes: &[Change],
     prune: bool,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let (kind, name) = (e.kind, e.name.as_str());
     let ops: BTreeSet<Op> = changes.iter().map(|c| c.op).collect();
@@ -600,7 +600,7 @@ async fn remove(
     admin: &Admin,
     live: &Live,
     plan: &Plan,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     let mut order: Vec<_> = plan
@@ -661,7 +661,7 @@ async fn secrets(
     admin: &Admin,
     desired: &Desired,
     live: &Live,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let realm = admin.realm.as_str();
     for c in &desired.clients {

@@ -132,11 +132,18 @@ async fn all_groups(admin: &Admin) -> Result<Vec<(String, String)>, AdminError> 
             .await?;
         level = children.into_iter().flatten().collect();
     }
-    Err(too_deep())
+    let deepest = level
+        .iter()
+        .find_map(|g| g.path.clone())
+        .unwrap_or_default();
+    Err(too_deep(&deepest))
 }
 
-fn too_deep() -> AdminError {
-    let text = format!("groups nested deeper than {MAX_GROUP_DEPTH} levels: not read partly");
+fn too_deep(path: &str) -> AdminError {
+    let text = format!(
+        "group {} is nested deeper than {MAX_GROUP_DEPTH} levels: the groups are not read partly (a repository user's membership could hide there); flatten it",
+        super::admin::sanitize(path)
+    );
     AdminError::new("read groups".into(), super::admin::Cause::Bound(text))
 }
 
@@ -193,7 +200,7 @@ async fn realm_roles(admin: &Admin) -> Result<Option<Vec<RoleRef>>, AdminError> 
         roles
             .into_iter()
             .filter_map(|r| r.name)
-            .filter(|n| !is_default_role(n))
+            .filter(|n| !is_default_role(n, &admin.realm))
             .map(|n| {
                 (
                     REALM_KEY.to_string(),
@@ -300,7 +307,7 @@ async fn realm_roles_per_user(
         let names: BTreeSet<String> = roles
             .into_iter()
             .filter_map(|r| r.name)
-            .filter(|n| !is_default_role(n))
+            .filter(|n| !is_default_role(n, &admin.realm))
             .collect();
         if !names.is_empty() {
             out.entry(id)

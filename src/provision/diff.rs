@@ -276,6 +276,41 @@ impl Plan {
     }
 }
 
+/// What `apply` did, one line per change. Each line is also handed to the
+/// echo as it is made (the CLI prints it at once), so a run stopped part-way,
+/// by an error or a signal, has shown every change it made.
+pub struct Journal<'a> {
+    lines: Vec<String>,
+    echo: Box<dyn FnMut(&str) + 'a>,
+}
+
+impl Default for Journal<'_> {
+    fn default() -> Self {
+        Self::new(|_| {})
+    }
+}
+
+impl<'a> Journal<'a> {
+    /// A journal handing each line to `echo` as it is added.
+    pub fn new(echo: impl FnMut(&str) + 'a) -> Self {
+        Self {
+            lines: Vec::new(),
+            echo: Box::new(echo),
+        }
+    }
+
+    /// Adds a line.
+    pub fn push(&mut self, line: String) {
+        (self.echo)(&line);
+        self.lines.push(line);
+    }
+
+    /// The lines so far.
+    pub fn lines(&self) -> &[String] {
+        &self.lines
+    }
+}
+
 /// More objects than this of one kind and action are summarised in one line
 /// (`keycloak plan --verbose` lists each).
 pub const SUMMARY_AT: usize = 20;

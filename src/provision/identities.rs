@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use super::admin::{Admin, AdminError};
 use super::bulk;
-use super::diff::{value_text, Action, ApplyError, Change, Entry, Kind, Op, Plan};
+use super::diff::{value_text, Action, ApplyError, Change, Entry, Journal, Kind, Op, Plan};
 use super::model::{join, RealmModel};
 use super::realm::{mapping_roles, reconcile_roles, Holder, Leave, OWNER_ATTRIBUTE, REALM_KEY};
 use crate::domain::identity::{IdentityKind, RepositoryIdentity};
@@ -1002,7 +1002,7 @@ pub async fn apply(
     live: &LiveIdentities,
     plan: &Plan,
     owner: &str,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let alias = want.provider.alias.clone().unwrap_or_default();
     let users: HashMap<&str, &User> = want
@@ -1068,7 +1068,7 @@ async fn remove_user(
     admin: &Admin,
     live: &LiveIdentities,
     name: &str,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), AdminError> {
     let realm = admin.realm.as_str();
     if let Some((id, _)) = live.unneeded.get(name) {
@@ -1105,43 +1105,122 @@ pub(super) fn import_rep(u: &User, alias: &str) -> Value {
 }
 
 /// Creates `users` with `partialImport`, [`IMPORT_BATCH`] per request and
-/// `--concurrency` requests at once; journals each user in order, stopping at
-/// the first failed request (the batches before it are journaled).
+/// `--concurrency` requests at once, journaling each user. After a failed
+/// request no further one starts, and those in flight are awaited and
+/// journaled before the error is returned. A batch Keycloak refuses as a
+/// duplicate (409: a user holds one of the ids or names, e.g. made by hand)
+/// is tried again one user at a time, so one such user blocks only itself;
+/// the blocked users are named in the error.
+///
+/// # Errors
+/// The first failed request; the users that could not be created.
 async fn create_users(
     admin: &Admin,
     users: &[&User],
     alias: &str,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), AdminError> {
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let failed = &failed;
     let mut answers = stream::iter(users.chunks(IMPORT_BATCH))
         .map(|chunk| async move {
-            let body = json!({
-                "ifResourceExists": "SKIP",
-                "users": chunk.iter().map(|u| import_rep(u, alias)).collect::<Vec<_>>(),
-            });
-            let what = match chunk {
-                [one] => format!("create user {}", one.username),
-                _ => format!("create {} users", chunk.len()),
-            };
-            let answer = admin
-                .send_json(reqwest::Method::POST, "/partialImport", &body, &what)
-                .await;
-            (chunk, answer)
+            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return (chunk, None);
+            }
+            let answer = import_users(admin, chunk, alias).await;
+            if answer.as_ref().is_err_and(|e| e.status() != Some(409)) {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            (chunk, Some(answer))
         })
         .buffered(admin.concurrency());
+    let (mut first_error, mut refused) = (None, Vec::new());
     while let Some((chunk, answer)) = answers.next().await {
-        let answer = answer?;
-        for u in chunk {
-            journal.push(match import_outcome(&answer, &u.username) {
-                UserOutcome::Done => format!("+ created {} {}", Kind::User, u.username),
-                UserOutcome::AlreadyPresent => format!(
-                    "= user {}: already present (created after this run read the realm, e.g. by another apply): skipped; run plan to compare it",
-                    u.username
-                ),
-            });
+        match answer {
+            None => {}
+            Some(Ok(answer)) => journal_created(journal, chunk, &answer),
+            Some(Err(e)) if e.status() == Some(409) => refused.push(chunk),
+            Some(Err(e)) => first_error = first_error.or(Some(e)),
         }
     }
-    Ok(())
+    drop(answers);
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let mut blocked = Vec::new();
+    for u in refused.into_iter().flatten() {
+        match import_users(admin, std::slice::from_ref(u), alias).await {
+            Ok(answer) => journal_created(journal, std::slice::from_ref(u), &answer),
+            Err(e) if e.status() == Some(409) => blocked.push(holder_of(admin, u).await?),
+            Err(e) => return Err(e),
+        }
+    }
+    let shown = 10;
+    let more = match blocked.len().saturating_sub(shown) {
+        0 => String::new(),
+        n => format!("; and {n} more"),
+    };
+    blocked.truncate(shown);
+    match blocked.is_empty() {
+        true => Ok(()),
+        false => Err(AdminError::new(
+            "create repository users".into(),
+            super::admin::Cause::Conflict(blocked.join("; ") + &more),
+        )),
+    }
+}
+
+/// One `partialImport` request creating `users`.
+async fn import_users(admin: &Admin, users: &[&User], alias: &str) -> Result<Value, AdminError> {
+    let body = json!({
+        "ifResourceExists": "SKIP",
+        "users": users.iter().map(|u| import_rep(u, alias)).collect::<Vec<_>>(),
+    });
+    let what = match users {
+        [one] => format!("create user {}", one.username),
+        _ => format!("create {} users", users.len()),
+    };
+    admin
+        .send_json(reqwest::Method::POST, "/partialImport", &body, &what)
+        .await
+}
+
+fn journal_created(journal: &mut Journal<'_>, users: &[&User], answer: &Value) {
+    for u in users {
+        journal.push(match import_outcome(answer, &u.username) {
+            UserOutcome::Done => format!("+ created {} {}", Kind::User, u.username),
+            UserOutcome::AlreadyPresent => format!(
+                "= user {}: already present (created after this run read the realm, e.g. by another apply): skipped; run plan to compare it",
+                u.username
+            ),
+        });
+    }
+}
+
+/// Why Keycloak refused `u` as a duplicate: the user holding its id, when
+/// one does.
+async fn holder_of(admin: &Admin, u: &User) -> Result<String, AdminError> {
+    let realm = admin.realm.as_str();
+    let found = admin
+        .run(format!("read user {}", u.id), || {
+            admin.api.realm_users_with_user_id_get(realm, &u.id, None)
+        })
+        .await;
+    Ok(match found {
+        Ok(other) => format!(
+            "user {} cannot be created: its id {} (the sub of {}'s tokens) is held by user {}, made outside keycloak apply; delete that user, or rename it back to {}, by hand",
+            u.username,
+            u.id,
+            u.identity.subject(),
+            other.username.as_deref().map(super::admin::sanitize).unwrap_or_default(),
+            u.username
+        ),
+        Err(e) if not_found(&e) => format!(
+            "user {} cannot be created: Keycloak refused it as a duplicate (HTTP 409) though no user has its id; look for a user of that username or e-mail",
+            u.username
+        ),
+        Err(e) => return Err(e),
+    })
 }
 
 /// Creates the identity provider, or updates it keeping the operator's

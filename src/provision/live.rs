@@ -242,7 +242,7 @@ impl Live {
                         api.realm_users_with_user_id_role_mappings_get(realm, &uid)
                     })
                     .await?;
-                d.roles = direct_roles(m);
+                d.roles = direct_roles(m, &admin.realm);
                 let groups: Vec<::keycloak::types::GroupRepresentation> = admin
                     .list(
                         &format!("/users/{}/groups", Admin::seg(&uid)),

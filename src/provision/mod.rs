@@ -22,7 +22,7 @@
 
 use admin::{Admin, AdminError};
 use desired::Desired;
-use diff::{ApplyError, Plan};
+use diff::{ApplyError, Journal, Plan};
 
 /// `keycloak plan`: reads the realm once and compares it with `desired`
 /// (with `prune`, owned objects no longer desired are removals).
@@ -47,7 +47,7 @@ pub async fn apply(
     desired: &Desired,
     prune: bool,
     max_removals: usize,
-    journal: &mut Vec<String>,
+    journal: &mut Journal<'_>,
 ) -> Result<(), ApplyError> {
     let mut live = live::Live::read(admin, desired).await?;
     let first = plan::plan(desired, &live, prune, admin.client_id());

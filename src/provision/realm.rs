@@ -70,17 +70,21 @@ pub fn mapping_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<Str
     out
 }
 
-/// Whether a realm role is the one Keycloak gives every user (`default-roles-<realm>`).
-pub fn is_default_role(name: &str) -> bool {
-    name.starts_with("default-roles-")
+/// Whether a realm role is the one Keycloak gives every user of `realm`:
+/// `default-roles-` and the realm's name in lower case, exactly (any other
+/// role of that prefix is an ordinary role, and may be a composite of admin
+/// roles).
+pub fn is_default_role(name: &str, realm: &str) -> bool {
+    name.strip_prefix("default-roles-")
+        .is_some_and(|r| r == realm.to_lowercase())
 }
 
-/// A user's directly mapped roles ([`mapping_roles`]) without the realm's
+/// A user's directly mapped roles ([`mapping_roles`]) without `realm`'s
 /// default role.
-pub fn direct_roles(m: MappingsRepresentation) -> BTreeMap<String, BTreeSet<String>> {
+pub fn direct_roles(m: MappingsRepresentation, realm: &str) -> BTreeMap<String, BTreeSet<String>> {
     let mut roles = mapping_roles(m);
     if let Some(r) = roles.get_mut(REALM_KEY) {
-        r.retain(|n| !is_default_role(n));
+        r.retain(|n| !is_default_role(n, realm));
         if r.is_empty() {
             roles.remove(REALM_KEY);
         }
@@ -169,7 +173,7 @@ pub async fn reconcile_roles(
         .realm_mappings
         .unwrap_or_default()
         .into_iter()
-        .filter(|r| !is_default_role(r.name.as_deref().unwrap_or_default()))
+        .filter(|r| !is_default_role(r.name.as_deref().unwrap_or_default(), &admin.realm))
         .collect();
     if !extra_realm.is_empty() && !leave.realm_roles {
         let path = format!("{base}/realm");
@@ -308,4 +312,20 @@ fn absent(name: &str, client: &str, roles: &BTreeSet<&str>) -> AdminError {
             roles.join(", ")
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the realm's own default role is left out of a user's direct
+    /// roles; another role of that prefix is an ordinary (reported) role.
+    #[test]
+    fn only_the_realms_own_default_role_is_the_default_role() {
+        assert!(is_default_role("default-roles-ci", "ci"));
+        assert!(is_default_role("default-roles-acme", "Acme"));
+        assert!(!is_default_role("default-roles-evil", "ci"));
+        assert!(!is_default_role("default-roles-ci-admin", "ci"));
+        assert!(!is_default_role("offline_access", "ci"));
+    }
 }

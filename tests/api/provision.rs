@@ -449,6 +449,24 @@ fn provision_plan_reports_users_with_pending_required_actions() {
     assert!(text.contains("identity.not_ready"), "{text}");
 }
 
+/// `n` repository users to create (the identities of [`stale_users`]).
+fn want_users(n: usize) -> Vec<keycloak_ci_sts::provision::identities::User> {
+    stale_users(n)
+        .into_iter()
+        .map(|u| {
+            let identity =
+                RepositoryIdentity::from_username(u["username"].as_str().unwrap()).unwrap();
+            keycloak_ci_sts::provision::identities::User {
+                identity,
+                username: identity.username(),
+                id: identity.user_id(REALM),
+                attributes: Default::default(),
+                groups: Default::default(),
+            }
+        })
+        .collect()
+}
+
 /// Runs the identities' apply of `plan` against `server`; its journal.
 async fn apply_identities(
     server: &MockServer,
@@ -456,7 +474,7 @@ async fn apply_identities(
     live: &LiveIdentities,
     plan: &keycloak_ci_sts::provision::diff::Plan,
 ) -> Vec<String> {
-    let mut journal = Vec::new();
+    let mut journal = keycloak_ci_sts::provision::diff::Journal::default();
     keycloak_ci_sts::provision::identities::apply(
         &admin(server),
         want,
@@ -467,7 +485,7 @@ async fn apply_identities(
     )
     .await
     .unwrap();
-    journal
+    journal.lines().to_vec()
 }
 
 /// Busy answers (503 from a proxy or a loaded Keycloak, 429) are asked again
@@ -525,7 +543,7 @@ async fn provision_busy_answers_are_retried_with_backoff_and_counted() {
 #[tokio::test]
 async fn provision_new_users_are_created_in_batches() {
     use keycloak_ci_sts::provision::diff::Plan;
-    use keycloak_ci_sts::provision::identities::{User, IMPORT_BATCH};
+    use keycloak_ci_sts::provision::identities::IMPORT_BATCH;
     let server = MockServer::start().await;
     token_endpoint(&server, 300).await;
     Mock::given(method("POST"))
@@ -543,20 +561,7 @@ async fn provision_new_users_are_created_in_batches() {
         .expect(3)
         .mount(&server)
         .await;
-    let users: Vec<User> = stale_users(250)
-        .into_iter()
-        .map(|u| {
-            let identity =
-                RepositoryIdentity::from_username(u["username"].as_str().unwrap()).unwrap();
-            User {
-                identity,
-                username: identity.username(),
-                id: identity.user_id(REALM),
-                attributes: Default::default(),
-                groups: Default::default(),
-            }
-        })
-        .collect();
+    let users = want_users(250);
     assert!(users.len() > 2 * IMPORT_BATCH);
     let want = Identities {
         users,
@@ -577,4 +582,72 @@ async fn provision_new_users_are_created_in_batches() {
         .map(|u| format!("+ created user {}", u.username))
         .collect();
     assert_eq!(journal, expected);
+}
+
+/// A user holding the id of a repository user to be created (made by hand:
+/// ids are predictable) makes Keycloak refuse its whole batch (409): the
+/// batch is tried again one user at a time, every other user is created, and
+/// the error names the user that holds the id (issue #21 review).
+#[tokio::test]
+async fn provision_a_squatted_user_id_blocks_only_that_user_and_is_named() {
+    use keycloak_ci_sts::provision::diff::{Journal, Kind, Plan};
+    let server = MockServer::start().await;
+    token_endpoint(&server, 300).await;
+    let want = Identities {
+        users: want_users(150),
+        ..no_identities()
+    };
+    let squatted = want.users[120].clone();
+    let blocked_name = squatted.username.clone();
+    Mock::given(method("POST"))
+        .and(path(format!("/admin/realms/{REALM}/partialImport")))
+        .respond_with(move |req: &Request| {
+            let body: Value = serde_json::from_slice(&req.body).unwrap();
+            let users = body["users"].as_array().unwrap();
+            if users.iter().any(|u| u["username"] == blocked_name.as_str()) {
+                return ResponseTemplate::new(409)
+                    .set_body_json(json!({"errorMessage": "Duplicate resource error"}));
+            }
+            let results: Vec<Value> = users
+                .iter()
+                .map(|u| json!({"action": "ADDED", "resourceType": "USER", "resourceName": u["username"], "id": u["id"]}))
+                .collect();
+            ResponseTemplate::new(200).set_body_json(json!({"results": results}))
+        })
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(format!("/admin/realms/{REALM}/users/{}", squatted.id)))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": squatted.id, "username": "squatter"})),
+        )
+        .mount(&server)
+        .await;
+    let live = LiveIdentities {
+        profile: json!({"attributes": []}),
+        ..Default::default()
+    };
+    let mut plan = Plan::default();
+    keycloak_ci_sts::provision::identities::plan(&want, &live, "keycloak-ci-sts", false, &mut plan);
+    plan.entries.retain(|e| e.kind == Kind::User);
+    let mut journal = Journal::default();
+    let err = keycloak_ci_sts::provision::identities::apply(
+        &admin(&server),
+        &want,
+        &live,
+        &plan,
+        "keycloak-ci-sts",
+        &mut journal,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("held by user squatter"), "{err}");
+    assert!(err.contains(&squatted.username), "{err}");
+    assert_eq!(journal.lines().len(), 149, "every other user is created");
+    assert!(!journal
+        .lines()
+        .iter()
+        .any(|l| l.contains(&squatted.username)));
 }
