@@ -9,6 +9,10 @@
 /// # Errors
 /// The 1-based line of the first anchor or alias.
 pub fn refuse_anchors_and_aliases(text: &str) -> Result<(), String> {
+    // Open flow collections (`[`, `{` at a node's start), across lines: only
+    // inside one does `,` start a node; in block context it is plain text
+    // (`release/*,*` is one plain scalar, as a YAML emitter writes it).
+    let mut flow = 0usize;
     for (n, line) in text.lines().enumerate() {
         // `node_start`: only indentation so far, or the last significant
         // character opens a node (`:`, `-`, `[`, `{`, `,`).
@@ -39,7 +43,12 @@ pub fn refuse_anchors_and_aliases(text: &str) -> Result<(), String> {
                 // (`artifacts:read`, `deploy-*` are plain text).
                 ':' if spaced => node_start = true,
                 '-' if spaced && node_start => node_start = true,
-                '[' | '{' | ',' => node_start = true,
+                '[' | '{' if node_start => flow += 1,
+                ']' | '}' if flow > 0 => {
+                    flow -= 1;
+                    node_start = false;
+                }
+                ',' if flow > 0 => node_start = true,
                 _ => node_start = false,
             }
         }
@@ -59,6 +68,10 @@ mod tests {
             "k: [*a]\n",
             "branchName: **/x\n",
             "  environments: *e\n",
+            "k: [a, *x]\n",
+            "k: {a: 1, b: *x}\n",
+            "k: [a,\n  *x]\n",
+            "k: [[a], *x]\n",
         ] {
             assert!(refuse_anchors_and_aliases(bad).is_err(), "{bad}");
         }
@@ -71,6 +84,12 @@ mod tests {
             "description: a & b * c # not an *alias\n",
             "branchName: \"**\"\n",
             "# *comment\n",
+            // In block context `,` and `[` inside a plain scalar are text: this
+            // is how a YAML emitter writes the string `release/*,*` (found by
+            // the `policy` fuzz target's round trip).
+            "branchName:\n- main\n- release/*,*\n",
+            "description: a,*b\n",
+            "description: a[*b]\n",
         ] {
             assert!(refuse_anchors_and_aliases(ok).is_ok(), "{ok}");
         }
