@@ -4,6 +4,9 @@
 //! are bounded: outcomes, stable error codes, policy ids, configured issuers,
 //! HTTP status codes.
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
@@ -13,6 +16,56 @@ const BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
+
+/// `sts_policy_set_info{digest}`, read at each scrape from the digest last
+/// stored: a scrape sees exactly one series, never none or two, however a
+/// reload interleaves with it (a reset-then-set gauge showed none in between),
+/// and the reload thread, which runs at idle priority, holds no lock a scrape
+/// could wait on.
+#[derive(Clone)]
+pub struct PolicySetInfo {
+    desc: prometheus::core::Desc,
+    digest: Arc<ArcSwap<String>>,
+}
+
+impl PolicySetInfo {
+    const NAME: &'static str = "sts_policy_set_info";
+    const HELP: &'static str = "The digest of the active policy set (sha256 over the sorted relative paths, sizes and content sha256s).";
+
+    fn new() -> prometheus::Result<Self> {
+        let desc = prometheus::core::Desc::new(
+            Self::NAME.into(),
+            Self::HELP.into(),
+            vec!["digest".into()],
+            Default::default(),
+        )?;
+        Ok(Self {
+            desc,
+            digest: Arc::new(ArcSwap::from_pointee(String::new())),
+        })
+    }
+}
+
+impl prometheus::core::Collector for PolicySetInfo {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let digest = self.digest.load_full();
+        if digest.is_empty() {
+            return Vec::new();
+        }
+        // A gauge built for this scrape alone, from the one stored value.
+        let Ok(gauge) =
+            prometheus::IntGaugeVec::new(Opts::new(Self::NAME, Self::HELP), &["digest"])
+        else {
+            return Vec::new();
+        };
+        gauge.with_label_values(&[digest.as_str()]).set(1);
+        prometheus::core::Collector::collect(&gauge)
+    }
+}
 
 /// All metrics of the service.
 pub struct Metrics {
@@ -51,7 +104,7 @@ pub struct Metrics {
     pub audit_failures: IntCounterVec,
     /// `sts_policy_set_info{digest}`: 1 for the digest of the active policy set
     /// (one series; replaced at each applied reload).
-    pub policy_set: prometheus::IntGaugeVec,
+    pub policy_set: PolicySetInfo,
     /// `sts_limit_store_reconnects_total{result}`: connection attempts to the
     /// shared limit store (Redis): `ok`, `error` (refused or no answer in
     /// time), `refused` (the URL from `url_file` unreadable or failing the checks).
@@ -149,13 +202,7 @@ impl Metrics {
             "Audit lines that could not be queued, by the outcome they recorded.",
             &["outcome"],
         )?;
-        let policy_set = prometheus::IntGaugeVec::new(
-            prometheus::Opts::new(
-                "sts_policy_set_info",
-                "The digest of the active policy set (sha256 over the sorted relative paths, sizes and content sha256s).",
-            ),
-            &["digest"],
-        )?;
+        let policy_set = PolicySetInfo::new()?;
         registry.register(Box::new(policy_set.clone()))?;
         let limit_store_reconnects = counter(
             "sts_limit_store_reconnects_total",
@@ -254,8 +301,7 @@ impl Metrics {
 
     /// Shows `digest` as the active policy set's, replacing the previous series.
     pub fn set_policy_digest(&self, digest: &str) {
-        self.policy_set.reset();
-        self.policy_set.with_label_values(&[digest]).set(1);
+        self.policy_set.digest.store(Arc::new(digest.to_string()));
     }
 
     /// The text exposition of every metric.

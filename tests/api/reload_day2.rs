@@ -68,6 +68,20 @@ async fn set_digest(address: &str) -> String {
     d
 }
 
+/// The set's digest once it differs from `before`, waiting up to
+/// [`APPLIED_WITHIN`]: the metric follows the applied set after its log line,
+/// so a request can see the new set a moment before a scrape does.
+async fn digest_after(address: &str, before: &str) -> String {
+    let deadline = Instant::now() + APPLIED_WITHIN;
+    loop {
+        let now = set_digest(address).await;
+        if now != before || Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn release(root: &Path, n: u32) {
     let dir = root.join(format!("release-{n}"));
     std::fs::create_dir(&dir).unwrap();
@@ -121,7 +135,7 @@ async fn three_swaps_each_way(watch: bool, poll_ms: u64) {
             "swap to release-{n} (old target {}) not applied within {APPLIED_WITHIN:?}",
             if n > 4 { "deleted" } else { "kept" }
         );
-        let now = set_digest(&app.address).await;
+        let now = digest_after(&app.address, &digest).await;
         assert_ne!(now, digest, "the digest changes with the set");
         digest = now;
     }
@@ -288,12 +302,8 @@ async fn a_policy_rewritten_in_chunks_is_never_applied_half_written() {
         "the unsettled reads were counted"
     );
     // Once the writer is done, the final content is applied.
-    let deadline = Instant::now() + APPLIED_WITHIN;
-    while set_digest(&app.address).await == before && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert_ne!(
-        set_digest(&app.address).await,
+        digest_after(&app.address, &before).await,
         before,
         "the settled file was applied"
     );
@@ -395,11 +405,7 @@ async fn the_applied_digest_is_logged_and_exposed() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let deadline = Instant::now() + APPLIED_WITHIN;
-    while set_digest(&address).await == first && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let second = set_digest(&address).await;
+    let second = digest_after(&address, &first).await;
     assert_ne!(second, first, "the reload changed the digest metric");
     // The process is killed to stop it: wait until its reload line was read.
     assert!(
