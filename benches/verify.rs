@@ -99,6 +99,7 @@ fn bench(c: &mut Criterion) {
         subject: &keycloak_ci_sts::exchange::subject_of(&id),
         audience: "artifact-api",
         scopes: &scopes,
+        now: std::time::SystemTime::now(),
     });
     assert!(matches!(
         d.outcome,
@@ -129,6 +130,7 @@ fn bench(c: &mut Criterion) {
                 subject: &keycloak_ci_sts::exchange::subject_of(&id),
                 audience: "artifact-api",
                 scopes: &scopes,
+                now: std::time::SystemTime::now(),
             });
             std::hint::black_box(d);
         })

@@ -565,7 +565,7 @@ impl Exchange {
             .map(|r| r.full_name().to_string());
         audit.repository_full_name = repository.clone();
         let phase = Instant::now();
-        let grants = policies.offers(&subject);
+        let grants = policies.offers(&subject, std::time::SystemTime::now());
         self.metrics.observe("policy", phase);
         let mut listed: Vec<String> = grants.iter().map(|o| o.audience.clone()).collect();
         listed.dedup();
@@ -648,6 +648,7 @@ impl Exchange {
             subject,
             audience: &req.audience,
             scopes: &req.scopes,
+            now: std::time::SystemTime::now(),
         };
         let outcome = policies.decide(&eval);
         self.metrics.observe("policy", phase);

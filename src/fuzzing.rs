@@ -448,11 +448,13 @@ pub fn policy(data: &[u8]) {
     let subject = subject_for(&p);
     let audiences: Vec<String> = p.grant.iter().map(|g| g.audience.clone()).collect();
     let set = PolicySet::from_policies(vec![p]);
+    let now = std::time::SystemTime::now();
     let decide = |audience: &str, scopes: &Scopes| {
         let req = EvalRequest {
             subject: &subject,
             audience,
             scopes,
+            now,
         };
         let outcome = set.decide(&req);
         assert_eq!(
@@ -462,13 +464,14 @@ pub fn policy(data: &[u8]) {
         );
         outcome
     };
-    let offers = set.offers(&subject);
+    let offers = set.offers(&subject, now);
     assert_eq!(
         offers,
-        set.offers_unindexed(&subject),
+        set.offers_unindexed(&subject, now),
         "index-decides-as-a-scan"
     );
-    for o in &offers {
+    // An offer with missing protections is listed but not obtainable now.
+    for o in offers.iter().filter(|o| o.missing_protections.is_empty()) {
         let scopes: Scopes = o.scopes.iter().map(String::as_str).collect();
         match decide(&o.audience, &scopes) {
             Outcome::Allow(g) => assert!(
@@ -479,9 +482,11 @@ pub fn policy(data: &[u8]) {
                 panic!("offers-are-honoured: offer refused as {}", reason.code())
             }
         }
-        let defaults = offers
-            .iter()
-            .any(|x| x.audience == o.audience && x.default_scopes.is_some());
+        let defaults = offers.iter().any(|x| {
+            x.audience == o.audience
+                && x.default_scopes.is_some()
+                && x.missing_protections.is_empty()
+        });
         let allowed = matches!(decide(&o.audience, &Scopes::default()), Outcome::Allow(_));
         assert_eq!(allowed, defaults, "offers-are-honoured: default scopes");
     }
@@ -492,9 +497,9 @@ pub fn policy(data: &[u8]) {
         if let Outcome::Deny { reason, .. } = decide(a, &Scopes::default()) {
             assert_documented(reason.code(), "policy evaluation");
             assert!(
-                !offers
-                    .iter()
-                    .any(|o| &o.audience == a && o.default_scopes.is_some()),
+                !offers.iter().any(|o| &o.audience == a
+                    && o.default_scopes.is_some()
+                    && o.missing_protections.is_empty()),
                 "offers-are-honoured: refused an offered audience"
             );
         }

@@ -224,6 +224,7 @@ pub fn build_state(settings: Settings) -> Result<AppState, StartupError> {
         &settings.policies_dir,
         known,
         settings.keycloak.jwt_clients(),
+        settings.protections.clone(),
     )
     .map_err(StartupError::Policies)?;
     let current = policies.current();

@@ -29,6 +29,92 @@ pub struct InventoryArgs {
     pub max_wait: std::time::Duration,
     /// Read every repository's environments, ignoring the state (`--full`).
     pub full: bool,
+    /// Whose protections to read (`--protections`).
+    pub protections: ProtectionsMode,
+    /// The policies directory (`--policies`).
+    pub policies: Option<PathBuf>,
+    /// The service configuration (`--config`).
+    pub config: Option<PathBuf>,
+    /// `--protections-reuse-hours`.
+    pub protections_reuse: std::time::Duration,
+}
+
+/// `--protections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtectionsMode {
+    /// The repositories some policy's requirement or branch / environment condition concerns.
+    Concerned,
+    /// Every repository.
+    All,
+    /// None (the inventory records no protections).
+    None,
+}
+
+/// The policies directory deciding which repositories are concerned:
+/// `--policies`, or the directory holding `--out`'s `inventory/`; checked
+/// before any request. `None` (with a warning) when neither names one.
+fn policies_dir(a: &InventoryArgs) -> anyhow::Result<Option<PathBuf>> {
+    if a.protections != ProtectionsMode::Concerned {
+        return Ok(None);
+    }
+    let dir = match &a.policies {
+        Some(d) => d.clone(),
+        None => {
+            let beside = a
+                .out
+                .parent()
+                .filter(|d| {
+                    d.file_name()
+                        .is_some_and(|n| n == crate::inventory::INVENTORY_DIR)
+                })
+                .and_then(Path::parent)
+                .filter(|d| d.is_dir());
+            let Some(d) = beside else {
+                eprintln!(
+                    "warning: no policies directory (--policies, or --out under <policies>/inventory/): \
+                     no protections are read, and grants requiring them will be refused"
+                );
+                return Ok(None);
+            };
+            d.to_path_buf()
+        }
+    };
+    if !dir.is_dir() {
+        anyhow::bail!("--policies {}: not a directory", dir.display());
+    }
+    Ok(Some(dir))
+}
+
+/// Which repositories' protections to read, with the policies that could not
+/// be compiled against the new inventory (skipped, warned about).
+fn concerned(
+    a: &InventoryArgs,
+    dir: Option<&Path>,
+    rules: &crate::policy::require::Rules,
+    inv: &crate::inventory::WorkspaceInventory,
+) -> anyhow::Result<std::collections::BTreeSet<crate::domain::BbUuid>> {
+    match a.protections {
+        ProtectionsMode::None => return Ok(Default::default()),
+        ProtectionsMode::All => return Ok(inv.repositories.iter().map(|r| r.uuid).collect()),
+        ProtectionsMode::Concerned => {}
+    }
+    let Some(dir) = dir else {
+        return Ok(Default::default());
+    };
+    let memory = crate::inventory::Inventory::new(vec![inv.clone()]).map_err(anyhow::Error::msg)?;
+    let (repos, skipped) = crate::policy::require::concerned(dir, &memory, rules).map_err(|e| {
+        anyhow::anyhow!(e
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    })?;
+    for e in skipped {
+        eprintln!(
+            "warning: not compiled against the new inventory, so it concerns no repository: {e}"
+        );
+    }
+    Ok(repos)
 }
 
 /// Reads the inventory and writes it atomically (a temporary file, created in
@@ -44,6 +130,11 @@ pub struct InventoryArgs {
 /// A missing token, an unusable API URL or output path (exit 2).
 pub fn inventory(a: InventoryArgs) -> anyhow::Result<ExitCode> {
     let token = read_token(a.token_file.as_deref(), &a.token_env)?;
+    let policies = policies_dir(&a)?;
+    let rules = match &a.config {
+        Some(c) => crate::configuration::Settings::load_without_secrets(c)?.protections,
+        None => Default::default(),
+    };
     let limits = Limits {
         max_wait: a.max_wait,
         ..Limits::default()
@@ -69,11 +160,26 @@ pub fn inventory(a: InventoryArgs) -> anyhow::Result<ExitCode> {
         Interrupt::listen()?
     };
     let mut checkpoint = |s: &State| save_state(&state_path, s);
-    let run = rt.block_on(interrupt.race_named(client.inventory(
-        &a.workspace,
-        &mut state,
-        &mut checkpoint,
-    )));
+    let run = rt.block_on(interrupt.race_named(async {
+        let mut f = client
+            .inventory(&a.workspace, &mut state, &mut checkpoint)
+            .await?;
+        let concerned = concerned(&a, policies.as_deref(), &rules, &f.inventory)?;
+        if !concerned.is_empty() {
+            let read = client
+                .protections(
+                    &a.workspace,
+                    &mut f.inventory,
+                    &concerned,
+                    &mut state,
+                    a.protections_reuse,
+                    &mut checkpoint,
+                )
+                .await?;
+            f.protections = Some(read);
+        }
+        anyhow::Ok(f)
+    }));
     let fetched = match run {
         Ok(Ok(f)) => f,
         stopped => {
@@ -93,7 +199,7 @@ pub fn inventory(a: InventoryArgs) -> anyhow::Result<ExitCode> {
                     code
                 }
                 Ok(Err(e)) => {
-                    eprintln!("error: {}\n{saved}", crate::telemetry::chain(&e));
+                    eprintln!("error: {e:#}\n{saved}");
                     ExitCode::from(1)
                 }
                 Ok(Ok(_)) => ExitCode::from(1),
@@ -122,10 +228,30 @@ fn write_inventory(path: &Path, file: OutputFile, f: &Fetched) -> anyhow::Result
     let inv = &f.inventory;
     let text = inv.to_yaml()?;
     let before = read_small_file(path, MAX_INVENTORY_FILE_BYTES).ok();
-    let reads = format!(
+    let mut reads = format!(
         "environments read for {} repositories, unchanged for {}",
         f.read, f.reused
     );
+    if let Some(p) = &f.protections {
+        reads.push_str(&format!(
+            "; protections read for {}, reused for {}, unknown for {}",
+            p.read, p.reused, p.unknown
+        ));
+        if let Some(first) = &p.refused {
+            eprintln!(
+                "warning: Bitbucket refused the branch restrictions of {first} (HTTP 403): the token needs {}. \
+                 {} repositories' protections are recorded as unknown, and grants requiring them are refused.",
+                crate::inventory::fetch::ADMIN_SCOPE,
+                p.unknown
+            );
+        } else if p.unknown > 0 {
+            eprintln!(
+                "warning: the branch restrictions of {} repositories are unknown (their `unknown:` \
+                 line in the file says why); grants requiring them are refused.",
+                p.unknown
+            );
+        }
+    }
     if before.as_deref() == Some(text.as_str()) {
         out(&format!("unchanged: {} ({reads})", path.display()))?;
         return Ok(ExitCode::SUCCESS);

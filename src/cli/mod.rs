@@ -158,6 +158,25 @@ pub enum BitbucketCommand {
         /// new or updated since the state file (`<out>.state`) recorded them.
         #[arg(long)]
         full: bool,
+        /// Whose branch restrictions, branching model and environment
+        /// restrictions to read: `concerned` (the repositories an allow of
+        /// `--policies` admits when it names a branch or an environment or
+        /// requires a protection), `all`, or `none`. Branch restrictions need
+        /// `repository:admin` (API tokens: `admin:repository:bitbucket`).
+        #[arg(long, value_enum, default_value_t = bitbucket::ProtectionsMode::Concerned)]
+        protections: bitbucket::ProtectionsMode,
+        /// The policies directory deciding which repositories are concerned
+        /// (default: the directory holding `--out`'s `inventory/` directory).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        /// The service configuration, whose `[protections.require]` also makes
+        /// repositories concerned.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Reuse protections `<out>.state` read less than this many hours ago
+        /// (0: read them all again).
+        #[arg(long, default_value_t = 12)]
+        protections_reuse_hours: u64,
     },
 }
 
@@ -187,9 +206,16 @@ pub enum PolicyCommand {
         /// Policies directory.
         #[arg(long, default_value = "policies")]
         dir: PathBuf,
-        /// Also check that each grant's client is configured in this service configuration.
+        /// Also check that each grant's client is configured in this service
+        /// configuration (and apply its `[protections]` requirements).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Exit 1 when a production grant (an environment condition, a
+        /// per-repository identity, or a client or audience with a configured
+        /// requirement) does not rest on protections the inventory shows: for
+        /// the policy repository's pipeline.
+        #[arg(long)]
+        fail_on_unprotected_production: bool,
     },
     /// Print the decision and trace for a token or claims file (signature NOT verified).
     Explain {
@@ -300,6 +326,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     api,
                     max_wait,
                     full,
+                    protections,
+                    policies,
+                    config,
+                    protections_reuse_hours,
                 },
         } => bitbucket::inventory(bitbucket::InventoryArgs {
             workspace,
@@ -309,13 +339,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api,
             max_wait: std::time::Duration::from_secs_f64(max_wait),
             full,
+            protections,
+            policies,
+            config,
+            protections_reuse: std::time::Duration::from_secs(
+                protections_reuse_hours.min(24 * 365) * 3600,
+            ),
         }),
         Command::Config {
             command: ConfigCommand::Check { config, no_secrets },
         } => config::check(&config, no_secrets),
         Command::Policy {
-            command: PolicyCommand::Check { dir, config },
-        } => policy::check(&dir, config.as_deref()),
+            command:
+                PolicyCommand::Check {
+                    dir,
+                    config,
+                    fail_on_unprotected_production,
+                },
+        } => policy::check(&dir, config.as_deref(), fail_on_unprotected_production),
         Command::Policy {
             command:
                 PolicyCommand::Explain {

@@ -10,25 +10,38 @@ use crate::domain::Scopes;
 use crate::policy::{EvalRequest, Outcome, PolicySet, Subject, SubjectClaims};
 
 type Clients = std::collections::BTreeSet<String>;
+type Rules = std::sync::Arc<crate::policy::require::Rules>;
 
-/// Client ids of a configuration (read without secrets), and those of them using
-/// the JWT Authorization Grant, when one is given.
-fn known_clients(config: Option<&Path>) -> anyhow::Result<Option<(Clients, Clients)>> {
+/// Client ids of a configuration (read without secrets), those of them using
+/// the JWT Authorization Grant, and its `[protections]`, when one is given.
+fn known_clients(config: Option<&Path>) -> anyhow::Result<Option<(Clients, Clients, Rules)>> {
     Ok(match config {
         None => None,
         Some(c) => {
-            let k = Settings::load_without_secrets(c)?.keycloak;
-            Some((k.clients.keys().cloned().collect(), k.jwt_clients()))
+            let s = Settings::load_without_secrets(c)?;
+            let k = s.keycloak;
+            Some((
+                k.clients.keys().cloned().collect(),
+                k.jwt_clients(),
+                s.protections,
+            ))
         }
     })
 }
 
 /// Compiles every policy of `dir`: one line per policy on standard output, one
-/// per problem on standard error (exit 1), warnings on standard error (exit 0).
+/// per problem on standard error (exit 1), warnings on standard error (exit 0);
+/// then the protections table ([`protections_table`]). With
+/// `strict_production`, a production grant that does not rest on protections
+/// the inventory shows is a problem (exit 1).
 ///
 /// # Errors
 /// An unreadable `config`.
-pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn check(
+    dir: &Path,
+    config: Option<&Path>,
+    strict_production: bool,
+) -> anyhow::Result<ExitCode> {
     let known = known_clients(config)?;
     let loaded = PolicySet::load_dir(dir, known.as_ref().map(|k| &k.0)).and_then(|set| {
         let problems = known
@@ -42,7 +55,7 @@ pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
         }
     });
     let set = match loaded {
-        Ok(set) => set,
+        Ok(set) => set.with_rules(known.as_ref().map(|k| k.2.clone()).unwrap_or_default()),
         Err(errors) => {
             for e in &errors {
                 eprintln!("{e}");
@@ -85,7 +98,83 @@ pub fn check(dir: &Path, config: Option<&Path>) -> anyhow::Result<ExitCode> {
     for w in set.warnings() {
         eprintln!("warning: {w}");
     }
+    let unprotected = protections_table(&set)?;
+    if strict_production && unprotected > 0 {
+        eprintln!(
+            "{unprotected} production grant line(s) do not rest on protections the inventory shows \
+             (--fail-on-unprotected-production): add `require:` to the grant, set the protections \
+             in Bitbucket and refresh the inventory"
+        );
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints, for every allow that names a branch or an environment (or requires
+/// a protection), whether the inventory shows the protections it needs
+/// ([`PolicySet::coverage`]); returns how many production lines do not rest on
+/// shown protections (no requirement, or one not met).
+fn protections_table(set: &PolicySet) -> anyhow::Result<usize> {
+    let rows = set.coverage(std::time::SystemTime::now());
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    out(&format!(
+        "protections (from the inventory; older than {} h count as unknown):",
+        set.rules().max_age.as_secs() / 3600
+    ))?;
+    let cell = |s: &str| s.escape_debug().to_string();
+    let mut unprotected = 0;
+    let (mut shown_of, mut left_out) = (std::collections::HashMap::<&str, usize>::new(), 0);
+    for r in &rows {
+        let requires = if r.requires.is_empty() {
+            "requires nothing".to_string()
+        } else {
+            format!("requires {}", r.requires.describe())
+        };
+        let verdict = if r.requires.is_empty() {
+            if r.production {
+                unprotected += 1;
+                "UNPROTECTED production grant".to_string()
+            } else {
+                "-".to_string()
+            }
+        } else if r.missing.is_empty() {
+            "met".to_string()
+        } else {
+            if r.production {
+                unprotected += 1;
+            }
+            let m: Vec<String> = r
+                .missing
+                .iter()
+                .map(crate::policy::require::Missing::phrase)
+                .collect();
+            format!("NOT MET: {}", m.join("; "))
+        };
+        let shown = shown_of.entry(r.policy.as_str()).or_default();
+        *shown += 1;
+        if *shown > crate::policy::require::MAX_COVERAGE_PER_POLICY {
+            left_out += 1;
+            continue;
+        }
+        out(&format!(
+            "  {} | {} | {} | branch {} | environment {} | {requires} | shows: {} | {verdict}",
+            r.policy,
+            cell(&r.audience),
+            cell(&r.repository),
+            cell(r.branch.as_deref().unwrap_or("(any)")),
+            cell(r.environment.as_deref().unwrap_or("(any)")),
+            r.shown,
+        ))?;
+    }
+    if left_out > 0 {
+        out(&format!(
+            "  … {left_out} more lines not shown (over {} per policy)",
+            crate::policy::require::MAX_COVERAGE_PER_POLICY
+        ))?;
+    }
+    Ok(unprotected)
 }
 
 /// Arguments of `policy explain`.
@@ -113,13 +202,15 @@ pub struct ExplainArgs {
 /// an invalid scope, policies that do not compile.
 pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
     let known = known_clients(a.config.as_deref())?;
-    let set = PolicySet::load_dir(&a.dir, known.as_ref().map(|k| &k.0)).map_err(|errs| {
-        anyhow::anyhow!(errs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n"))
-    })?;
+    let set = PolicySet::load_dir(&a.dir, known.as_ref().map(|k| &k.0))
+        .map_err(|errs| {
+            anyhow::anyhow!(errs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })?
+        .with_rules(known.as_ref().map(|k| k.2.clone()).unwrap_or_default());
     let claims: SubjectClaims = match (a.token, a.claims) {
         (Some(t), _) => {
             // A token is at most a few KiB: read at most 1 MiB.
@@ -145,6 +236,7 @@ pub fn explain(a: ExplainArgs) -> anyhow::Result<ExitCode> {
         subject: &subject,
         audience: &a.audience,
         scopes: &scopes,
+        now: std::time::SystemTime::now(),
     });
     eprintln!("note: signature, issuer, audience and expiry are NOT verified by explain");
     out(&serde_json::to_string_pretty(&serde_json::json!({

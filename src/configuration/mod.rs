@@ -119,6 +119,9 @@ pub struct Settings {
     /// `[signing] algorithm` (ES256 when `[signing]` is absent), known even when the
     /// keys were not read ([`Secrets::Skip`]).
     pub signing_algorithm: crate::signing::SigningAlgorithm,
+    /// `[protections]`: `max_age_hours` (default 72) and the requirements
+    /// every grant of a client or audience carries.
+    pub protections: std::sync::Arc<crate::policy::require::Rules>,
 }
 
 /// Everything `config check` found: errors refuse the configuration, warnings do

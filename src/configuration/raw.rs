@@ -44,6 +44,36 @@ pub(super) struct RawSettings {
     pub public_url: Option<String>,
     #[serde(default)]
     pub policies: RawPolicies,
+    #[serde(default)]
+    pub protections: RawProtections,
+}
+
+/// `[protections]`: how old the inventory's protections may be, and the
+/// requirements every grant of a client or audience carries (issue #22).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawProtections {
+    /// `protections_max_age`, hours.
+    pub max_age_hours: u64,
+    /// `[protections.require]`.
+    pub require: RawRequire,
+}
+
+impl Default for RawProtections {
+    fn default() -> Self {
+        Self {
+            max_age_hours: crate::policy::require::DEFAULT_MAX_AGE.as_secs() / 3600,
+            require: RawRequire::default(),
+        }
+    }
+}
+
+/// `[protections.require.clients.<id>]` and `[protections.require.audiences.<audience>]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawRequire {
+    pub clients: BTreeMap<String, crate::policy::require::RawRequirement>,
+    pub audiences: BTreeMap<String, crate::policy::require::RawRequirement>,
 }
 
 /// `[policies]`: how a changed policies directory is noticed and applied.

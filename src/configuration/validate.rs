@@ -172,6 +172,7 @@ pub(super) fn settings(
             .map(|ms| Some(Duration::from_millis(ms))),
     };
     let limit_store = limit_store(&raw.limits, base, secrets, p);
+    let protections = protections(&raw.protections, keycloak.as_ref(), p);
     if raw.audit.fsync && raw.audit.path.is_none() {
         p.warn(
             "audit.fsync",
@@ -242,7 +243,56 @@ pub(super) fn settings(
         policy_settle: Duration::from_millis(policy_settle?),
         public_url,
         signing_algorithm,
+        protections: std::sync::Arc::new(protections?),
     })
+}
+
+/// `[protections]`: the maximum age (1 h to a year) and the configured
+/// requirements, each client one of `[keycloak.clients]`.
+fn protections(
+    raw: &super::raw::RawProtections,
+    keycloak: Option<&KeycloakSettings>,
+    p: &mut Problems,
+) -> Option<crate::policy::require::Rules> {
+    let hours = in_range(p, "protections.max_age_hours", raw.max_age_hours, 1..=8_760);
+    let mut rules = crate::policy::require::Rules::default();
+    let mut ok = true;
+    let compile =
+        |kind: &str, name: &str, r: &crate::policy::require::RawRequirement, p: &mut Problems| {
+            let key = format!("protections.require.{kind}.{name}");
+            match r.compile() {
+                Ok(req) => Some(req),
+                Err(e) => {
+                    p.error(&key, e);
+                    None
+                }
+            }
+        };
+    for (client, r) in &raw.require.clients {
+        if keycloak.is_some_and(|k| !k.clients.contains_key(client)) {
+            p.error(
+                &format!("protections.require.clients.{client}"),
+                "not a client of [keycloak.clients]",
+            );
+            ok = false;
+        }
+        match compile("clients", client, r, p) {
+            Some(req) => {
+                rules.clients.insert(client.clone(), req);
+            }
+            None => ok = false,
+        }
+    }
+    for (audience, r) in &raw.require.audiences {
+        match compile("audiences", audience, r, p) {
+            Some(req) => {
+                rules.audiences.insert(audience.clone(), req);
+            }
+            None => ok = false,
+        }
+    }
+    rules.max_age = std::time::Duration::from_secs(hours? * 3600);
+    ok.then_some(rules)
 }
 
 /// `public_url`: where Keycloak and callers reach the service (https, or http on

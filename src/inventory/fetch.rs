@@ -5,7 +5,9 @@
 //! - `GET /2.0/repositories/{workspace}?pagelen=100`: repositories (`uuid`,
 //!   `full_name`, `project.key`, `project.uuid`, `updated_on`), following `next`;
 //! - `GET /2.0/repositories/{workspace}/{repository uuid}/environments`:
-//!   deployment environments (`uuid`, `name`), following `next`.
+//!   deployment environments (`uuid`, `name`), following `next`;
+//! - for the repositories policies concern, their protections ([`protections`]:
+//!   branch restrictions, branching model, environment restrictions).
 //!
 //! Scopes (Atlassian's API reference, "Scopes" per endpoint): `repository`
 //! (Repositories: Read) for the repository list and `pipeline` (Pipelines: Read)
@@ -26,6 +28,9 @@
 //!
 //! Environments are read only for repositories whose `updated_on` differs from
 //! the [`State`]'s (incremental, resumable); the state is updated as they are.
+
+mod protections;
+pub use protections::{ProtectionsRead, ADMIN_SCOPE};
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -101,6 +106,10 @@ pub enum FetchError {
         url: String,
         /// Status.
         status: u16,
+        /// Bitbucket's error says the token lacks a scope ("Your credentials
+        /// lack one or more required privilege scopes"), which holds for
+        /// every repository, not this one alone.
+        missing_scope: bool,
     },
     /// Another unexpected status (after the retries, for transient ones).
     #[error("{url} answered HTTP {status}")]
@@ -169,6 +178,76 @@ struct RawProject {
 struct RawEnvironment {
     uuid: String,
     name: String,
+    #[serde(default)]
+    restrictions: Option<RawEnvRestrictions>,
+    #[serde(default)]
+    deployment_gate_enabled: Option<bool>,
+    #[serde(default)]
+    environment_lock_enabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawEnvRestrictions {
+    admin_only: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawRestriction {
+    kind: String,
+    #[serde(default)]
+    branch_match_kind: Option<String>,
+    #[serde(default)]
+    branch_type: Option<String>,
+    #[serde(default)]
+    pattern: Option<String>,
+    #[serde(default)]
+    value: Option<u64>,
+    #[serde(default)]
+    users: Vec<RawUser>,
+    #[serde(default)]
+    groups: Vec<RawGroup>,
+}
+
+#[derive(Deserialize)]
+struct RawUser {
+    uuid: String,
+    #[serde(default)]
+    display_name: String,
+}
+
+#[derive(Deserialize)]
+struct RawGroup {
+    slug: String,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+struct RawBranchingModel {
+    #[serde(default)]
+    development: Option<RawModelBranch>,
+    #[serde(default)]
+    production: Option<RawModelBranch>,
+    #[serde(default)]
+    branch_types: Vec<RawBranchType>,
+}
+
+#[derive(Deserialize)]
+struct RawModelBranch {
+    /// Present only when the branch exists.
+    #[serde(default)]
+    branch: Option<RawBranchName>,
+}
+
+#[derive(Deserialize)]
+struct RawBranchName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct RawBranchType {
+    kind: String,
+    prefix: String,
 }
 
 /// A Bitbucket API client for one run.
@@ -197,6 +276,8 @@ pub struct Fetched {
     pub read: usize,
     /// Repositories whose environments were reused from the state.
     pub reused: usize,
+    /// What reading protections did, when they were read.
+    pub protections: Option<ProtectionsRead>,
 }
 
 impl Client {
@@ -294,6 +375,7 @@ impl Client {
             inventory,
             read,
             reused,
+            protections: None,
         })
     }
 
@@ -309,6 +391,7 @@ impl Client {
             environments.push(Environment {
                 uuid: uuid(&env_url, &e.uuid)?,
                 name: e.name,
+                restrictions: None,
             });
         }
         Ok(environments)
@@ -404,9 +487,16 @@ impl Client {
                 });
             }
             if matches!(status, 401 | 403) {
+                // The error body (bounded) tells a missing scope from a
+                // repository the token's user may not administer.
+                let body = read_capped(resp, 16 * 1024).await.unwrap_or_default();
+                let missing_scope = String::from_utf8_lossy(&body)
+                    .to_ascii_lowercase()
+                    .contains("scope");
                 return Err(FetchError::Unauthorized {
                     url: url.to_string(),
                     status,
+                    missing_scope,
                 });
             }
             if status_meaning(status) != Meaning::Transient || attempt >= self.limits.max_retries {
@@ -513,6 +603,7 @@ fn repository(
         full_name: r.full_name,
         project,
         environments,
+        protections: None,
     })
 }
 

@@ -13,9 +13,11 @@
 //! - by `full_name`, ignoring ASCII case: row numbers sorted by lower-case name;
 //! - by project key: row numbers sorted by (key, row).
 //!
-//! A row has room for what later issues attach to a repository (its branch and
-//! deployment protections: another index into a table of its own).
+//! Branch and deployment protections (recorded for the few repositories some
+//! policy's requirement or branch / environment condition concerns) are a side
+//! table sorted by repository UUID, compiled once ([`Compiled`]).
 
+use super::protections::Compiled;
 use super::{Repository, WorkspaceInventory};
 use crate::domain::BbUuid;
 use std::cmp::Ordering;
@@ -86,6 +88,8 @@ pub struct Inventory {
     by_name: Vec<u32>,
     /// Row numbers sorted by (project key, row).
     by_project: Vec<u32>,
+    /// Protections by repository UUID, sorted.
+    protections: Vec<(BbUuid, Compiled)>,
 }
 
 /// A repository of the [`Inventory`].
@@ -127,6 +131,11 @@ impl<'a> RepositoryRef<'a> {
             .projects
             .get(self.row.project as usize)
             .map(|p| (self.inv.str(p.key), p.uuid))
+    }
+
+    /// Its protections, when the inventory records them.
+    pub fn protections(&self) -> Option<&'a Compiled> {
+        self.inv.protections_of(&self.row.uuid)
     }
 
     /// Its deployment environments, sorted by UUID.
@@ -182,6 +191,7 @@ struct Builder {
     project_ids: HashMap<(String, BbUuid), u32>,
     environments: Vec<EnvRow>,
     rows: Vec<Row>,
+    protections: Vec<(BbUuid, Compiled)>,
 }
 
 impl Builder {
@@ -218,6 +228,14 @@ impl Builder {
             let name = self.environment_name(&e.name)?;
             self.environments.push(EnvRow { uuid: e.uuid, name });
         }
+        if let Some(p) = &r.protections {
+            let envs: Vec<(BbUuid, bool)> = r
+                .environments
+                .iter()
+                .filter_map(|e| Some((e.uuid, e.restrictions.as_ref()?.admin_only)))
+                .collect();
+            self.protections.push((r.uuid, Compiled::new(p, &envs)));
+        }
         self.rows.push(Row {
             uuid: r.uuid,
             name,
@@ -248,6 +266,7 @@ impl Inventory {
             project_ids: HashMap::new(),
             environments: Vec::new(),
             rows: Vec::new(),
+            protections: Vec::new(),
         };
         let mut kept = Vec::with_capacity(workspaces.len());
         for (w, ws) in workspaces.into_iter().enumerate() {
@@ -275,7 +294,10 @@ impl Inventory {
             projects: b.projects,
             by_name: Vec::new(),
             by_project: Vec::new(),
+            protections: b.protections,
         };
+        inv.protections.sort_unstable_by_key(|(u, _)| *u);
+        inv.protections.shrink_to_fit();
         inv.rows.sort_unstable_by_key(|r| r.uuid);
         if let Some(w) = inv.rows.windows(2).find(|w| w[0].uuid == w[1].uuid) {
             return Err(format!("repository {} is listed twice", w[0].uuid));
@@ -336,6 +358,19 @@ impl Inventory {
 
     fn at(&self, r: u32) -> Option<RepositoryRef<'_>> {
         self.view(self.row(r)?)
+    }
+
+    fn protections_of(&self, repo: &BbUuid) -> Option<&Compiled> {
+        let i = self
+            .protections
+            .binary_search_by_key(repo, |(u, _)| *u)
+            .ok()?;
+        self.protections.get(i).map(|(_, c)| c)
+    }
+
+    /// How many repositories have protections recorded.
+    pub fn protected_count(&self) -> usize {
+        self.protections.len()
     }
 
     /// The repository whose `full_name` is `name`, ignoring ASCII case.
@@ -427,6 +462,7 @@ mod tests {
                 .map(|i| Repository {
                     uuid: uuid(base + 7919 * i % 100_003 + 1),
                     full_name: format!("{slug}/Repo-{i:05}"),
+                    protections: None,
                     project: (i % 8 != 0).then(|| Project {
                         key: format!("P{}", i % 7),
                         uuid: uuid(base + 200_000 + i % 7),
@@ -435,10 +471,12 @@ mod tests {
                         Environment {
                             uuid: uuid(base + 300_000 + 2 * i),
                             name: "Production".into(),
+                            restrictions: None,
                         },
                         Environment {
                             uuid: uuid(base + 300_001 + 2 * i),
                             name: "Staging".into(),
+                            restrictions: None,
                         },
                     ],
                 })

@@ -12,9 +12,11 @@
 
 pub mod fetch;
 mod memory;
+pub mod protections;
 pub mod state;
 
 pub use memory::{EnvironmentRef, Inventory, RepositoryRef, Workspace};
+pub use protections::{BranchRestriction, EnvironmentRestrictions, Principal, Protections};
 
 use std::path::{Path, PathBuf};
 
@@ -54,6 +56,11 @@ pub struct Repository {
     /// Its deployment environments, sorted by UUID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub environments: Vec<Environment>,
+    /// Its branch protections, when `bitbucket inventory` read them (only for
+    /// repositories some policy's requirement or branch / environment
+    /// condition concerns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protections: Option<Protections>,
 }
 
 /// A Bitbucket project.
@@ -74,6 +81,9 @@ pub struct Environment {
     pub uuid: BbUuid,
     /// `name`, e.g. `Production`.
     pub name: String,
+    /// Its restrictions, read with the repository's protections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restrictions: Option<EnvironmentRestrictions>,
 }
 
 /// Most repositories one workspace inventory may hold.
@@ -83,7 +93,7 @@ pub const MAX_ENVIRONMENTS: usize = 1_000;
 
 /// Characters no name shown to a reviewer may hold: control characters and
 /// invisible or direction-changing ones.
-fn deceptive(c: char) -> bool {
+pub(crate) fn deceptive(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
@@ -139,6 +149,16 @@ impl WorkspaceInventory {
                 if !envs.insert(e.uuid) {
                     return Err(format!("environment {} is listed twice", e.uuid));
                 }
+                if e.restrictions.is_some() && r.protections.is_none() {
+                    return Err(format!(
+                        "{}: environment `{}` has restrictions but the repository no protections (their read_at)",
+                        r.full_name, e.name
+                    ));
+                }
+            }
+            if let Some(p) = &r.protections {
+                p.validate(deceptive)
+                    .map_err(|e| format!("{}: {e}", r.full_name))?;
             }
         }
         Ok(())
@@ -311,10 +331,12 @@ pub(crate) mod tests {
                     full_name: "acme/web".into(),
                     project: None,
                     environments: vec![],
+                    protections: None,
                 },
                 Repository {
                     uuid: uuid(10),
                     full_name: "acme/deploy-service".into(),
+                    protections: None,
                     project: Some(Project {
                         key: "OPS".into(),
                         uuid: uuid(2),
@@ -323,10 +345,12 @@ pub(crate) mod tests {
                         Environment {
                             uuid: uuid(31),
                             name: "Staging".into(),
+                            restrictions: None,
                         },
                         Environment {
                             uuid: uuid(30),
                             name: "Production".into(),
+                            restrictions: None,
                         },
                     ],
                 },

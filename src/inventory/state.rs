@@ -28,6 +28,40 @@ pub struct State {
     pub workspace: String,
     /// By repository UUID.
     pub repositories: BTreeMap<BbUuid, Entry>,
+    /// The protections read, by repository UUID (reused while younger than
+    /// `--protections-reuse-hours`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub protections: BTreeMap<BbUuid, ProtectionsEntry>,
+}
+
+/// One repository's protections and the environments read with them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectionsEntry {
+    /// The protections.
+    pub protections: super::Protections,
+    /// Its environments with their restrictions, read at the same time.
+    pub environments: Vec<Environment>,
+}
+
+impl ProtectionsEntry {
+    /// Whether this entry may stand for a new read at `now`: younger than
+    /// `within` (and not from the future) and for the same environments.
+    pub fn reusable(
+        &self,
+        now: std::time::SystemTime,
+        within: std::time::Duration,
+        environments: &std::collections::BTreeSet<BbUuid>,
+    ) -> bool {
+        let same = self.environments.len() == environments.len()
+            && self
+                .environments
+                .iter()
+                .all(|e| environments.contains(&e.uuid));
+        let young = super::protections::parse_rfc3339(&self.protections.read_at)
+            .is_some_and(|t| now.duration_since(t).is_ok_and(|age| age < within));
+        same && young
+    }
 }
 
 /// One repository's environments as read when it had `updated_on`.
@@ -47,6 +81,7 @@ impl State {
             version: VERSION,
             workspace: workspace.to_string(),
             repositories: BTreeMap::new(),
+            protections: BTreeMap::new(),
         }
     }
 

@@ -119,6 +119,9 @@ struct RawGrant {
     limits: Option<RawGrantLimits>,
     identity: Option<crate::domain::identity::IdentityKind>,
     groups: Option<Vec<StringOnly>>,
+    /// Protections the grant rests on (issue #22).
+    #[serde(default)]
+    require: Option<super::require::RawRequirement>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -834,7 +837,15 @@ fn compile_grant(
         }
         groups.insert(name.0.clone());
     }
+    let require = g
+        .require
+        .as_ref()
+        .map(super::require::RawRequirement::compile)
+        .transpose()
+        .map_err(|e| err.at("grant.require", e))?
+        .unwrap_or_default();
     Ok(GrantSpec {
+        require,
         identity: g.identity,
         groups,
         per_step_per_minute: limit(

@@ -15,6 +15,8 @@ pub struct EvalRequest<'a> {
     pub audience: &'a str,
     /// RFC 8693 `scope`; empty means "the policy's default scopes".
     pub scopes: &'a Scopes,
+    /// When: how old the inventory's protections are (`protections_max_age`).
+    pub now: std::time::SystemTime,
 }
 
 /// An allowed exchange.
@@ -71,6 +73,12 @@ pub enum DenyKind {
         /// The requested scopes not allowed.
         scopes: Vec<String>,
     },
+    /// Every allow that would grant the request requires protections the
+    /// inventory does not show (those of the first such allow).
+    ProtectionRequired {
+        /// What is missing.
+        missing: Vec<super::require::Missing>,
+    },
 }
 
 impl DenyKind {
@@ -87,6 +95,7 @@ impl DenyKind {
             Self::BranchNotAllowed => "policy.branch_not_allowed",
             Self::AudNotAllowed => "policy.aud_not_allowed",
             Self::ScopeNotAllowed { .. } => "policy.scope_not_allowed",
+            Self::ProtectionRequired { .. } => "policy.protection_required",
         }
     }
 
@@ -114,6 +123,10 @@ impl DenyKind {
             ),
             Self::AudNotAllowed => format!("this step's OIDC audiences (aud) may not obtain `{audience}`"),
             Self::ScopeNotAllowed { scopes } => format!("scope not allowed for `{audience}`: {}", scopes.join(" ")),
+            Self::ProtectionRequired { missing } => format!(
+                "`{audience}` requires protections the inventory does not show for this repository's branch or environment: {}",
+                missing.iter().map(super::require::Missing::phrase).collect::<Vec<_>>().join("; ")
+            ),
         }
     }
 }
@@ -375,6 +388,7 @@ impl PolicySet {
         }
         let mut scope_failure: Option<(Vec<String>, String)> = None;
         let mut refused_by: Option<(String, Vec<String>)> = None;
+        let mut unprotected: Option<(Vec<super::require::Missing>, String)> = None;
         for p in std::mem::take(&mut scan.allows) {
             let Some(g) = &p.grant else { continue };
             let requested: Scopes = if req.scopes.is_empty() {
@@ -399,6 +413,23 @@ impl PolicySet {
                     refused_by.get_or_insert((by, scopes));
                     continue;
                 }
+                let missing = self.requirement_of(g).unmet(
+                    &self.inventory,
+                    req.subject,
+                    req.now,
+                    self.rules.max_age,
+                );
+                if !missing.is_empty() {
+                    scan.note(p, || {
+                        let m: Vec<String> = missing
+                            .iter()
+                            .map(super::require::Missing::phrase)
+                            .collect();
+                        format!("requirement not met: {}", m.join("; "))
+                    });
+                    unprotected.get_or_insert((missing, p.id.clone()));
+                    continue;
+                }
                 return Decision {
                     outcome: Outcome::Allow(Grant::of(p, g, requested)),
                     trace: trace(scan),
@@ -411,6 +442,9 @@ impl PolicySet {
         }
         if let Some((by, scopes)) = refused_by {
             return deny(DenyKind::ScopesDenied { scopes }, Some(by), scan);
+        }
+        if let Some((missing, by)) = unprotected {
+            return deny(DenyKind::ProtectionRequired { missing }, Some(by), scan);
         }
         let (reason, policy) = match (scope_failure, scan.best_failure.take()) {
             (Some((scopes, pid)), _) => (DenyKind::ScopeNotAllowed { scopes }, Some(pid)),
@@ -549,6 +583,11 @@ pub struct Offer {
     pub default_scopes: Option<Vec<String>>,
     /// Longest lifetime of the issued token, seconds.
     pub max_lifetime_seconds: u64,
+    /// Protections the grant requires that the inventory does not show now:
+    /// while any is listed, a request for it is refused
+    /// (`policy.protection_required`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing_protections: Vec<String>,
 }
 
 impl PolicySet {
@@ -557,16 +596,16 @@ impl PolicySet {
     /// match, unless a matching deny policy refuses the audience, with the scopes
     /// deny policies refuse removed. Consistent with [`PolicySet::evaluate`] by
     /// construction and by a property test; see [`Offer`] for how to read it.
-    pub fn offers(&self, subject: &Subject) -> Vec<Offer> {
-        self.offers_by(subject, Reach::Indexed)
+    pub fn offers(&self, subject: &Subject, now: std::time::SystemTime) -> Vec<Offer> {
+        self.offers_by(subject, now, Reach::Indexed)
     }
 
     /// [`PolicySet::offers`] by a plain scan of every policy (the reference).
-    pub fn offers_unindexed(&self, subject: &Subject) -> Vec<Offer> {
-        self.offers_by(subject, Reach::Plain)
+    pub fn offers_unindexed(&self, subject: &Subject, now: std::time::SystemTime) -> Vec<Offer> {
+        self.offers_by(subject, now, Reach::Plain)
     }
 
-    fn offers_by(&self, subject: &Subject, reach: Reach) -> Vec<Offer> {
+    fn offers_by(&self, subject: &Subject, now: std::time::SystemTime, reach: Reach) -> Vec<Offer> {
         let mut out: Vec<Offer> = Vec::new();
         let none = Scopes::default();
         for audience in self.index.granted_audiences() {
@@ -574,6 +613,7 @@ impl PolicySet {
                 subject,
                 audience,
                 scopes: &none,
+                now,
             };
             let scan = self.scan(&req, reach, false).scan;
             if scan.deny_hit.is_some() {
@@ -600,6 +640,12 @@ impl PolicySet {
                     scopes,
                     default_scopes,
                     max_lifetime_seconds: g.max_lifetime_seconds,
+                    missing_protections: self
+                        .requirement_of(g)
+                        .unmet(&self.inventory, subject, now, self.rules.max_age)
+                        .iter()
+                        .map(super::require::Missing::phrase)
+                        .collect(),
                 };
                 if !out.contains(&offer) {
                     out.push(offer);

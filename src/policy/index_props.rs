@@ -41,7 +41,7 @@ fn env_uuid(w: usize, r: usize, e: usize) -> BbUuid {
 /// (svc-0, svc-1) and `P2`, each with a Production and a Staging environment.
 /// Workspace 2 and repository 4 exist in tokens only.
 fn inventory() -> Inventory {
-    let ws = (0..WORKSPACES.len())
+    let mut ws: Vec<WorkspaceInventory> = (0..WORKSPACES.len())
         .map(|w| WorkspaceInventory {
             workspace: WORKSPACES[w].into(),
             workspace_uuid: ws_uuid(w),
@@ -49,6 +49,7 @@ fn inventory() -> Inventory {
                 .map(|r| Repository {
                     uuid: repo_uuid(w, r),
                     full_name: format!("{}/svc-{r}", WORKSPACES[w]),
+                    protections: None,
                     project: Some(Project {
                         key: if r < 2 { "P1" } else { "P2" }.into(),
                         uuid: id(2, w * 2 + usize::from(r >= 2)),
@@ -57,13 +58,69 @@ fn inventory() -> Inventory {
                         .map(|e| Environment {
                             uuid: env_uuid(w, r, e),
                             name: ENVIRONMENTS[e].into(),
+                            restrictions: None,
                         })
                         .collect(),
                 })
                 .collect(),
         })
         .collect();
+    for w in &mut ws {
+        for (r, repo) in w.repositories.iter_mut().enumerate() {
+            protect(w.workspace == "globex", r, repo);
+        }
+    }
     Inventory::new(ws).unwrap()
+}
+
+/// When the generated requests are decided.
+fn now() -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)
+}
+
+/// Protections: svc-0 `main` protected with 2 approvals enforced and an
+/// admin-only Production; svc-1 `release/*` protected, Production not
+/// admin-only; svc-2 unknown (a 403); svc-3 none recorded. In `globex` they
+/// were read 100 days ago (stale), in `acme` an hour ago.
+fn protect(stale: bool, r: usize, repo: &mut Repository) {
+    use crate::inventory::protections::rfc3339;
+    use crate::inventory::{BranchRestriction, EnvironmentRestrictions, Protections};
+    let age = std::time::Duration::from_secs(if stale { 100 * 86_400 } else { 3_600 });
+    let rule = |kind: &str, pattern: &str, value: Option<u64>| BranchRestriction {
+        kind: kind.into(),
+        pattern: Some(pattern.into()),
+        branch_type: None,
+        value,
+        users: vec![],
+        groups: vec![],
+    };
+    let restrictions = match r {
+        0 => Some(vec![
+            rule("push", "main", None),
+            rule("force", "main", None),
+            rule("require_approvals_to_merge", "main", Some(2)),
+            rule("enforce_merge_checks", "main", None),
+        ]),
+        1 => Some(vec![
+            rule("push", "release/*", None),
+            rule("force", "release/*", None),
+        ]),
+        2 => None,
+        _ => return,
+    };
+    repo.protections = Some(Protections {
+        read_at: rfc3339(now() - age),
+        unknown: restrictions.is_none().then(|| "HTTP 403".to_string()),
+        branch_restrictions: restrictions,
+    });
+    for (e, env) in repo.environments.iter_mut().enumerate() {
+        env.restrictions = Some(EnvironmentRestrictions {
+            admin_only: r == 0 && e == 0,
+            deployment_gate_enabled: false,
+            environment_lock_enabled: false,
+            deploy_branches: Default::default(),
+        });
+    }
 }
 
 /// A UUID written braced or bare, as policies may.
@@ -154,8 +211,9 @@ fn policy_text() -> impl Strategy<Value = String> {
         0usize..3,
         proptest::option::of(proptest::collection::vec(0usize..2, 1..3)),
         proptest::option::of(proptest::collection::vec(0usize..3, 1..3)),
+        0usize..5,
     )
-        .prop_map(|(when, allow, aud, scopes, extra, deny_auds, deny_scopes)| {
+        .prop_map(|(when, allow, aud, scopes, extra, deny_auds, deny_scopes, require)| {
             if allow {
                 let scopes: Vec<&str> = scopes.iter().map(|i| SCOPES[*i]).collect();
                 let identity = match extra {
@@ -163,8 +221,15 @@ fn policy_text() -> impl Strategy<Value = String> {
                     2 => "  identity: repository_environment\n",
                     _ => "",
                 };
+                let require = [
+                    "",
+                    "",
+                    "  require: {branch: protected}\n",
+                    "  require: {branch: protected, approvals: 2}\n",
+                    "  require: {environment: admin_only}\n",
+                ][require];
                 format!(
-                    "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: {}\n{identity}",
+                    "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: {}\n{identity}{require}",
                     AUDIENCES[aud],
                     scopes.join(", "),
                     scopes[0],
@@ -223,6 +288,7 @@ fn set(texts: &[String], inv: &Inventory) -> PolicySet {
             .filter_map(|(i, t)| compile_with(&format!("p{i:02}"), t, None, inv).ok())
             .collect(),
     )
+    .with_inventory(std::sync::Arc::new(inv.clone()))
 }
 
 /// How many policies a trace names.
@@ -248,7 +314,7 @@ proptest! {
             for audience in AUDIENCES.iter().chain(["unknown-api"].iter()) {
                 for mask in 0u8..8 {
                     let scopes: Scopes = (0..3).filter(|i| mask & (1 << i) != 0).map(|i| SCOPES[i]).collect();
-                    let req = EvalRequest { subject: s, audience, scopes: &scopes };
+                    let req = EvalRequest { subject: s, audience, scopes: &scopes, now: now() };
                     let plain = set.evaluate_unindexed(&req);
                     let indexed = set.evaluate(&req);
                     prop_assert_eq!(&indexed.outcome, &plain.outcome, "{:?} {} {:?}\n{:#?}", s, audience, scopes, texts);
@@ -259,7 +325,7 @@ proptest! {
                     prop_assert_eq!(distinct(&indexed) + indexed.excluded, set.policies().len());
                 }
             }
-            prop_assert_eq!(set.offers(s), set.offers_unindexed(s));
+            prop_assert_eq!(set.offers(s, now()), set.offers_unindexed(s, now()));
         }
     }
 }
@@ -292,6 +358,7 @@ fn a_request_considers_its_repository_and_the_residual_policies_only() {
         subject: &s,
         audience: "deploy-api",
         scopes: &Scopes::default(),
+        now: std::time::SystemTime::now(),
     };
     let d = set.evaluate(&req);
     assert_eq!(d.excluded, 7, "{d:#?}");
@@ -346,8 +413,133 @@ fn the_trace_is_bounded() {
         subject: &s,
         audience: "a",
         scopes: &Scopes::default(),
+        now: std::time::SystemTime::now(),
     });
     assert_eq!(d.trace.len(), MAX_TRACE_ENTRIES);
     assert_eq!(d.omitted, 10);
     assert!(matches!(d.outcome, Outcome::Deny { .. }));
+}
+
+/// Requirements decide by what the inventory shows (issue #22): met, absent,
+/// unknown, not read and stale, and an allow without a requirement still
+/// granting what the one with an unmet requirement does not.
+#[test]
+fn requirements_decide_by_the_inventory() {
+    use super::require::{Protection, Reason};
+    use crate::inventory::protections::Why;
+    let inv = inventory();
+    let grant = |require: &str| {
+        format!(
+            "grant:\n  client: c\n  audience: deploy-api\n  scopes: [d:prod]\n  default_scopes: [d:prod]\n  max_lifetime_seconds: 60\n  require: {{{require}}}\n"
+        )
+    };
+    let texts = vec![
+        format!("effect: allow\nwhen:\n  workspace: [acme, globex]\n  branchName: [main, 'release/**']\n{}", grant("branch: protected, approvals: 2")),
+        format!("effect: allow\nwhen:\n  workspace: [acme, globex]\n  branchName: 'release/**'\n{}", grant("branch: protected")),
+        format!("effect: allow\nwhen:\n  workspace: acme\n  deploymentEnvironment: Production\n{}", grant("environment: admin_only")),
+    ];
+    let set = set(&texts, &inv);
+    assert_eq!(set.policies().len(), 3, "{texts:#?}");
+    let none = Scopes::default();
+    let decide = |w: usize, r: usize, branch: Option<&str>, env: Option<usize>| {
+        let s = Subject {
+            workspace_uuid: ws_uuid(w),
+            repository_uuid: repo_uuid(w, r),
+            deployment_environment_uuid: env.map(|e| env_uuid(w, r, e)),
+            branch_name: branch.map(str::to_string),
+            aud: vec![],
+        };
+        set.decide(&EvalRequest {
+            subject: &s,
+            audience: "deploy-api",
+            scopes: &none,
+            now: now(),
+        })
+    };
+    let missing = |o: Outcome| match o {
+        Outcome::Deny {
+            reason: DenyKind::ProtectionRequired { missing },
+            ..
+        } => missing
+            .into_iter()
+            .map(|m| (m.protection, m.reason))
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    let allowed_by = |o: Outcome| match o {
+        Outcome::Allow(g) => g.policy,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(allowed_by(decide(0, 0, Some("main"), None)), "p00");
+    assert_eq!(
+        allowed_by(decide(0, 1, Some("release/1.2"), None)),
+        "p01",
+        "the second allow needs no approvals"
+    );
+    assert_eq!(
+        missing(decide(0, 1, Some("release/a/b"), None)),
+        vec![
+            (Protection::ProtectedBranch, Reason::Absent),
+            (Protection::Approvals { required: 2 }, Reason::Absent)
+        ],
+        "`*` of a restriction does not cross `/`"
+    );
+    assert_eq!(
+        missing(decide(0, 1, Some("main"), None))[0],
+        (Protection::ProtectedBranch, Reason::Absent)
+    );
+    assert_eq!(
+        missing(decide(0, 2, Some("main"), None))[0],
+        (
+            Protection::ProtectedBranch,
+            Reason::Unknown(Why::Unreadable)
+        )
+    );
+    assert_eq!(
+        missing(decide(0, 3, Some("main"), None))[0],
+        (Protection::ProtectedBranch, Reason::Unknown(Why::NotRead))
+    );
+    assert_eq!(
+        missing(decide(1, 0, Some("main"), None))[0],
+        (Protection::ProtectedBranch, Reason::Unknown(Why::Stale))
+    );
+    assert_eq!(
+        missing(decide(0, 1, None, Some(0)))[0],
+        (Protection::AdminOnlyEnvironment, Reason::Absent)
+    );
+    assert_eq!(allowed_by(decide(0, 0, None, Some(0))), "p02");
+    // Configured for every grant of the audience: the Production allow now
+    // also needs a protected branch, which a tag build does not have.
+    let mut rules = super::require::Rules::default();
+    rules.audiences.insert(
+        "deploy-api".into(),
+        super::require::Requirement {
+            branch_protected: true,
+            ..Default::default()
+        },
+    );
+    let set = set.with_rules(std::sync::Arc::new(rules));
+    let s = Subject {
+        workspace_uuid: ws_uuid(0),
+        repository_uuid: repo_uuid(0, 0),
+        deployment_environment_uuid: Some(env_uuid(0, 0, 0)),
+        branch_name: None,
+        aud: vec![],
+    };
+    let o = set.decide(&EvalRequest {
+        subject: &s,
+        audience: "deploy-api",
+        scopes: &none,
+        now: now(),
+    });
+    assert_eq!(
+        missing(o)[0],
+        (Protection::ProtectedBranch, Reason::NoBranch)
+    );
+    // `/grants` lists the grant with what is missing.
+    let offers = set.offers(&s, now());
+    assert!(
+        offers.iter().all(|o| !o.missing_protections.is_empty()),
+        "{offers:?}"
+    );
 }

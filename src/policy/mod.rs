@@ -15,6 +15,7 @@ mod index_props;
 mod pattern;
 #[cfg(test)]
 mod props;
+pub mod require;
 mod snapshot;
 mod store;
 
@@ -193,6 +194,9 @@ pub struct GrantSpec {
     /// Keycloak groups (declared in the realm model) the identity's user is a
     /// member of; only for a `jwt_authorization_grant` client.
     pub groups: BTreeSet<String>,
+    /// The protections it requires itself (`grant.require`); the
+    /// configuration may add to them ([`require::Rules`]).
+    pub require: require::Requirement,
 }
 
 /// A compiled policy.
@@ -238,6 +242,8 @@ pub struct PolicySet {
     /// content SHA-256), for the next reload to reuse the policies of files
     /// that did not change.
     sources: std::collections::HashMap<String, ([u8; 32], usize)>,
+    /// The configuration's protection rules ([`require::Rules`]).
+    rules: std::sync::Arc<require::Rules>,
 }
 
 /// Above this many repository and environment UUIDs one policy lists, the set
@@ -581,7 +587,33 @@ impl PolicySet {
             index,
             inventory_digest: String::new(),
             sources: std::collections::HashMap::new(),
+            rules: std::sync::Arc::default(),
         }
+    }
+
+    /// The set deciding with `inventory` (tests build sets from compiled
+    /// policies; a loaded set holds the inventory it compiled with).
+    #[cfg(test)]
+    pub(crate) fn with_inventory(mut self, inventory: std::sync::Arc<Inventory>) -> Self {
+        self.inventory = inventory;
+        self
+    }
+
+    /// The set with the configuration's protection rules (`[protections]`).
+    pub fn with_rules(mut self, rules: std::sync::Arc<require::Rules>) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// The configuration's protection rules.
+    pub fn rules(&self) -> &require::Rules {
+        &self.rules
+    }
+
+    /// What `g` requires: its own requirement and the configuration's for its
+    /// client and audience.
+    pub fn requirement_of(&self, g: &GrantSpec) -> require::Requirement {
+        self.rules.of(g.require, &g.client, &g.audience)
     }
 
     /// The inventory the names of the policies were resolved through (empty when
@@ -1040,6 +1072,7 @@ mod tests {
                 subject: s,
                 audience: "deploy-api",
                 scopes: &scopes,
+                now: std::time::SystemTime::now(),
             })
             .outcome
         {
@@ -1085,7 +1118,7 @@ mod tests {
             decide(&set, &agent, "deploy:read"),
             Ok(vec!["deploy:read".into()])
         );
-        let offers = set.offers(&agent);
+        let offers = set.offers(&agent, std::time::SystemTime::now());
         assert_eq!(offers.len(), 1);
         assert_eq!(offers[0].scopes, ["deploy:read"]);
         assert_eq!(offers[0].default_scopes, None);

@@ -109,11 +109,14 @@ fn allow_policy() -> impl Strategy<Value = Option<Policy>> {
         proptest::collection::vec(0usize..3, 1..3),
         1usize..3,
         0usize..3,
+        0usize..4,
     )
-        .prop_map(|(when, aud, scopes, defaults, lifetime)| {
+        .prop_map(|(when, aud, scopes, defaults, lifetime, require)| {
         let scopes: Vec<&str> = scopes.iter().map(|i| SCOPES[*i]).collect();
+        // A requirement (never met here: these sets have no inventory).
+        let require = ["", "", "", "  require: {branch: protected}\n"][require];
         let yaml = format!(
-            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: {}\n",
+            "effect: allow\nwhen:\n{when}grant:\n  client: c\n  audience: {}\n  scopes: [{}]\n  default_scopes: [{}]\n  max_lifetime_seconds: {}\n{require}",
             AUDIENCES[aud],
             scopes.join(", "),
             scopes[..defaults.min(scopes.len())].join(", "),
@@ -169,7 +172,7 @@ proptest! {
     #[test]
     fn an_empty_policy_set_denies_everything(id in identity(), (aud, scopes) in request()) {
         let set = PolicySet::default();
-        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes });
+        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes, now: std::time::SystemTime::now() });
         prop_assert!(!is_allow(&d));
     }
 
@@ -182,7 +185,7 @@ proptest! {
     ) {
         let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
         let before = PolicySet::from_policies(policies.clone());
-        let req = EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes };
+        let req = EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes, now: std::time::SystemTime::now() };
         let d1 = before.evaluate(&req);
         if let Some(deny) = deny {
             policies.push(deny);
@@ -205,7 +208,7 @@ proptest! {
         let policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("p{i}"); p }).collect();
         let n = policies.len();
         let set = PolicySet::from_policies(policies);
-        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes });
+        let d = set.evaluate(&EvalRequest { subject: &id, audience: audience(aud), scopes: &scopes, now: std::time::SystemTime::now() });
         let mut seen: Vec<&str> = d.trace.iter().map(|t| t.policy.as_str()).collect();
         seen.sort_unstable();
         seen.dedup();
@@ -230,10 +233,14 @@ proptest! {
         let mut policies: Vec<Policy> = allows.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("allow-{i}"); p }).collect();
         policies.extend(denies.into_iter().flatten().enumerate().map(|(i, mut p)| { p.id = format!("deny-{i}"); p }));
         let set = PolicySet::from_policies(policies);
-        let offers = set.offers(&id);
+        let offers = set.offers(&id, std::time::SystemTime::now());
         for aud in 0..3 {
             let audience = audience(aud);
-            let mine: Vec<&Offer> = offers.iter().filter(|o| o.audience == audience).collect();
+            // An offer listing missing protections is not obtainable now.
+            let mine: Vec<&Offer> = offers
+                .iter()
+                .filter(|o| o.audience == audience && o.missing_protections.is_empty())
+                .collect();
             for mask in 0u8..8 {
                 let scopes: Scopes = (0..3).filter(|i| mask & (1 << i) != 0).map(|i| SCOPES[i]).collect();
                 let predicted = if scopes.is_empty() {
@@ -243,7 +250,7 @@ proptest! {
                         .find(|o| scopes.as_slice().iter().all(|s| o.scopes.contains(s)))
                         .map(|o| (scopes.as_slice().to_vec(), o.max_lifetime_seconds))
                 };
-                let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes });
+                let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes, now: std::time::SystemTime::now() });
                 match (&d.outcome, predicted) {
                     (Outcome::Allow(g), Some((want_scopes, want_lifetime))) => {
                         prop_assert_eq!(g.scopes.as_slice(), want_scopes.as_slice());
@@ -272,7 +279,7 @@ proptest! {
         let set = PolicySet::from_policies(policies);
         let audience = audience(aud);
         if always_denied(set.policies(), &id.workspace_uuid, &id.repository_uuid, audience) {
-            let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes });
+            let d = set.evaluate(&EvalRequest { subject: &id, audience, scopes: &scopes, now: std::time::SystemTime::now() });
             prop_assert!(!is_allow(&d), "{audience} {scopes:?} for {id:?}: {:?}", d.outcome);
         }
     }
@@ -430,6 +437,7 @@ fn admitted(set: &PolicySet) -> BTreeSet<(usize, usize, usize, usize, usize, usi
                                 subject: &id,
                                 audience: aud,
                                 scopes: &scopes,
+                                now: std::time::SystemTime::now(),
                             });
                             if is_allow(&d) {
                                 out.insert((w, r, e, b, a, sc));
@@ -516,6 +524,7 @@ mod names {
                 .map(|(name, u, project, envs)| Repository {
                     uuid: *u,
                     full_name: name.clone(),
+                    protections: None,
                     project: Some(Project {
                         key: (*project).into(),
                         uuid: uuid(0),
@@ -525,6 +534,7 @@ mod names {
                         .map(|(n, e)| Environment {
                             uuid: *e,
                             name: (*n).into(),
+                            restrictions: None,
                         })
                         .collect(),
                 })
@@ -612,7 +622,7 @@ mod names {
                             branch_name: (br > 0).then(|| BRANCHES[br - 1].to_string()),
                             aud: vec![BASE_AUD.to_string()],
                         };
-                        let req = EvalRequest { subject: &subject, audience: "artifact-api", scopes: &Scopes::default() };
+                        let req = EvalRequest { subject: &subject, audience: "artifact-api", scopes: &Scopes::default(), now: std::time::SystemTime::now() };
                         let (da, db) = (a.evaluate(&req), b.evaluate(&req));
                         prop_assert_eq!(
                             format!("{:?}", da.outcome),

@@ -27,6 +27,7 @@ pub struct PolicyStore {
     dir: PathBuf,
     known_clients: BTreeSet<String>,
     jwt_clients: BTreeSet<String>,
+    rules: Arc<super::require::Rules>,
     current: ArcSwap<PolicySet>,
     /// The digest of the last set refused: a watch event or poll tick for the
     /// same files does not refuse (log and count) it again; SIGHUP does.
@@ -46,7 +47,8 @@ pub struct PolicyStore {
 impl PolicyStore {
     /// Compiles every policy of `dir`; each grant's client must be in
     /// `known_clients`, and only grants of `jwt_clients` may name `identity` or
-    /// `groups` ([`PolicySet::client_problems`]).
+    /// `groups` ([`PolicySet::client_problems`]); every set carries `rules`
+    /// (the configuration's `[protections]`).
     ///
     /// # Errors
     /// Every [`PolicyError`] of the directory.
@@ -54,14 +56,17 @@ impl PolicyStore {
         dir: &Path,
         known_clients: BTreeSet<String>,
         jwt_clients: BTreeSet<String>,
+        rules: Arc<super::require::Rules>,
     ) -> Result<Self, Vec<PolicyError>> {
         let margin = crate::domain::regular_file::TIMESTAMP_GRANULARITY;
         let snapshot = Snapshot::read(dir)?;
-        let set = Self::compile_snapshot(&snapshot, &known_clients, &jwt_clients, None)?;
+        let set = Self::compile_snapshot(&snapshot, &known_clients, &jwt_clients, None)?
+            .with_rules(rules.clone());
         Ok(Self {
             dir: dir.to_path_buf(),
             known_clients,
             jwt_clients,
+            rules,
             current: ArcSwap::from_pointee(set),
             refused: std::sync::Mutex::new(None),
             seen: std::sync::Mutex::new(Arc::new(Seen::of(&snapshot, margin))),
@@ -158,7 +163,7 @@ impl PolicyStore {
                 *r = Some(digest);
             }
         })?;
-        let set = Arc::new(compiled);
+        let set = Arc::new(compiled.with_rules(self.rules.clone()));
         // Only over the set this reload started from: a reload that ran at
         // the same time (SIGHUP's thread beside the watch's) and applied a
         // set first is never replaced by an older read.
@@ -207,7 +212,8 @@ mod tests {
         for name in ["a.yaml", "b.yaml"] {
             std::fs::write(d.path().join(name), POLICY).unwrap();
         }
-        let mut store = PolicyStore::load(d.path(), BTreeSet::new(), BTreeSet::new()).unwrap();
+        let mut store =
+            PolicyStore::load(d.path(), BTreeSet::new(), BTreeSet::new(), Arc::default()).unwrap();
         // Read in the tick they were written: nothing recorded.
         assert!(store.seen().is_empty());
         // Time passes (the margin is 0 here instead): an unchanged reload

@@ -759,6 +759,7 @@ scopes:
                     )
                     .unwrap(),
                     full_name: "acme/deploy-service".into(),
+                    protections: None,
                     project: None,
                     environments: Vec::new(),
                 }],

@@ -24,7 +24,7 @@ fn repo(uuid: &str, full_name: &str, project: &str) -> Value {
 
 /// A fake Bitbucket API: two pages of repositories (the second answered 429 with
 /// `Retry-After` once), environments per repository, Bearer auth required.
-async fn fake_bitbucket(deploy_name: &str) -> MockServer {
+pub(crate) async fn fake_bitbucket(deploy_name: &str) -> MockServer {
     let server = MockServer::start().await;
     let uri = server.uri();
     let bearer = format!("Bearer {TOKEN}");
@@ -93,7 +93,8 @@ pub fn inventory_cmd(api: &str, out: &std::path::Path) -> std::process::Output {
         .env("BITBUCKET_TOKEN", TOKEN)
         .args(["bitbucket", "inventory", "--workspace", "acme", "--api"])
         .arg(format!("{api}/2.0"))
-        .arg("--out")
+        // Protections have their own tests (protections.rs).
+        .args(["--protections", "none", "--out"])
         .arg(out)
         .output()
         .unwrap()

@@ -40,7 +40,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "configuration",
-        &["domain", "http", "keycloak", "limits", "signing", "verify"],
+        &[
+            "domain", "http", "keycloak", "limits", "policy", "signing", "verify",
+        ],
     ),
     ("state", &["exchange", "metrics", "signing"]),
     // The client side (a step's `token` command and MCP server): never the service's modules.

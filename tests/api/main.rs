@@ -30,6 +30,7 @@ mod logs;
 mod mcp;
 mod ops;
 mod props;
+mod protections;
 mod provision;
 mod provision_real;
 mod reload_day2;
