@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod policy;
 pub mod provision;
 pub mod reload;
+pub mod report;
 pub mod signing;
 pub mod startup;
 pub mod state;

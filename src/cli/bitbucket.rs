@@ -208,7 +208,14 @@ pub fn inventory(a: InventoryArgs) -> anyhow::Result<ExitCode> {
     };
     let code = write_inventory(&a.out, file, &fetched)?;
     save_state(&state_path, &state);
-    Ok(code)
+    // Written, but grants requiring protections of some repositories will be
+    // refused: a scheduled refresh must not stay green.
+    let unknown = fetched.protections.as_ref().is_some_and(|p| p.unknown > 0);
+    Ok(if code == ExitCode::SUCCESS && unknown {
+        ExitCode::from(3)
+    } else {
+        code
+    })
 }
 
 /// Writes the state file atomically; a failure is a warning (the next run

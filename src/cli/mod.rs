@@ -9,6 +9,7 @@ mod config;
 mod keycloak;
 mod keys;
 mod policy;
+mod report;
 mod serve;
 mod token;
 
@@ -34,6 +35,12 @@ pub enum Command {
         /// TOML configuration file (environment overrides: `KEYCLOAK_CI_STS_<KEY>`, `__` between levels).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Reports for security teams (never used by the service).
+    Report {
+        /// Report subcommand.
+        #[command(subcommand)]
+        command: ReportCommand,
     },
     /// Bitbucket tools (read Bitbucket's REST API; never used by the service).
     Bitbucket {
@@ -125,14 +132,28 @@ pub enum Command {
     },
 }
 
+/// `report ...`
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// The access review: for each client, audience and scope, which
+    /// repositories, branches and environments may obtain it, under which
+    /// policy and identity, on what protections, and (with audit files) what
+    /// was issued in the period and which grants went unused. Exit 0 when
+    /// written, 1 when the policies or an audit file cannot be read.
+    Access(report::AccessArgs),
+}
+
 /// `bitbucket ...`
 #[derive(Debug, Subcommand)]
 pub enum BitbucketCommand {
     /// Read a workspace's repositories, projects and deployment environments into an
     /// inventory file to commit beside the policies (`policies/inventory/<workspace>.yaml`).
-    /// Needs a workspace access token with the `repository` and `pipeline` read scopes.
-    /// Exit 0 when written (or unchanged), 1 when the API refused or answered badly,
-    /// 2 for a missing token or an unusable argument.
+    /// Needs a workspace access token with the `repository` and `pipeline` read scopes,
+    /// and `repository:admin` (API tokens: `admin:repository:bitbucket`) for the
+    /// branch restrictions of `--protections`.
+    /// Exit 0 when written (or unchanged), 3 when written but some concerned
+    /// repositories' branch restrictions are unknown (a 403), 1 when the API
+    /// refused or answered badly, 2 for a missing token or an unusable argument.
     Inventory {
         /// Workspace ID (slug).
         #[arg(long)]
@@ -464,6 +485,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys {
             command: KeysCommand::Generate { out, alg },
         } => keys::generate(&out, &alg),
+        Command::Report {
+            command: ReportCommand::Access(args),
+        } => report::access(args),
     }
 }
 

@@ -101,9 +101,9 @@ pub fn check(
     let unprotected = protections_table(&set)?;
     if strict_production && unprotected > 0 {
         eprintln!(
-            "{unprotected} production grant line(s) do not rest on protections the inventory shows \
-             (--fail-on-unprotected-production): add `require:` to the grant, set the protections \
-             in Bitbucket and refresh the inventory"
+            "{unprotected} [production] line(s) above do not rest on protections the inventory shows \
+             (--fail-on-unprotected-production): give the grant a `require:` (or configure one) where it \
+             has none, set the protections in Bitbucket and refresh the inventory where they are not met"
         );
         return Ok(ExitCode::from(1));
     }
@@ -115,7 +115,7 @@ pub fn check(
 /// ([`PolicySet::coverage`]); returns how many production lines do not rest on
 /// shown protections (no requirement, or one not met).
 fn protections_table(set: &PolicySet) -> anyhow::Result<usize> {
-    let rows = set.coverage(std::time::SystemTime::now());
+    let rows = set.coverage(std::time::SystemTime::now(), false);
     if rows.is_empty() {
         return Ok(0);
     }
@@ -159,7 +159,8 @@ fn protections_table(set: &PolicySet) -> anyhow::Result<usize> {
             continue;
         }
         out(&format!(
-            "  {} | {} | {} | branch {} | environment {} | {requires} | shows: {} | {verdict}",
+            "  {}{} | {} | {} | branch {} | environment {} | {requires} | shows: {} | {verdict}",
+            if r.production { "[production] " } else { "" },
             r.policy,
             cell(&r.audience),
             cell(&r.repository),

@@ -53,7 +53,7 @@ pub(super) struct RawSettings {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawProtections {
-    /// `protections_max_age`, hours.
+    /// `[protections] max_age_hours`, hours.
     pub max_age_hours: u64,
     /// `[protections.require]`.
     pub require: RawRequire,

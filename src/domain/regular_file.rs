@@ -142,7 +142,10 @@ pub fn stamp_regular_file(path: &Path, max: u64) -> Result<FileStamp, String> {
 
 /// Opens `path` without blocking and checks that it is a regular file of at
 /// most `max` bytes.
-fn open_regular(path: &Path, max: u64) -> Result<(std::fs::File, std::fs::Metadata), String> {
+///
+/// # Errors
+/// A reason (never the content).
+pub fn open_regular(path: &Path, max: u64) -> Result<(std::fs::File, std::fs::Metadata), String> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::open(
         path,

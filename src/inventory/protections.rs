@@ -30,7 +30,7 @@
 //! are refused until the repository carries its own restrictions).
 //!
 //! **Protected** (what `require: {branch: protected}` asks): the restrictions
-//! were read, are younger than `protections_max_age`, and both a `push`
+//! were read, are younger than `[protections] max_age_hours`, and both a `push`
 //! restriction (only its listed users and groups may push; none when empty) and
 //! a `force` restriction (no history rewrite) match the branch. **Approvals N**:
 //! a `require_approvals_to_merge` restriction with `value` ≥ N *and* an
@@ -247,6 +247,9 @@ struct Rule {
     /// `None`: unresolved; matches no branch.
     pattern: Option<BitbucketPattern>,
     value: u64,
+    /// `push` and `restrict_merges`: the users and groups exempt, as
+    /// `name (id)`.
+    who: Vec<String>,
 }
 
 /// The kinds that protection rests on; others are kept in the file only.
@@ -256,7 +259,19 @@ enum Kind {
     Force,
     Approvals,
     EnforceMergeChecks,
+    RestrictMerges,
     Other,
+}
+
+/// Who may push to or merge into a branch, as the inventory shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Who {
+    /// Exempt from every matching `push` restriction (`None`: no `push`
+    /// restriction matches: whoever has write access).
+    pub push: Option<Vec<String>>,
+    /// Exempt from every matching `restrict_merges` restriction (`None`:
+    /// whoever has write access).
+    pub merge: Option<Vec<String>>,
 }
 
 /// A repository's protections, compiled for checks.
@@ -293,7 +308,7 @@ pub enum Why {
     NotRead,
     /// Bitbucket refused them (a missing scope, most often).
     Unreadable,
-    /// Read longer ago than `protections_max_age`.
+    /// Read longer ago than `[protections] max_age_hours`.
     Stale,
 }
 
@@ -303,7 +318,7 @@ impl Why {
         match self {
             Self::NotRead => "not in the inventory",
             Self::Unreadable => "unknown (Bitbucket did not show them to the inventory)",
-            Self::Stale => "older than protections_max_age",
+            Self::Stale => "older than [protections] max_age_hours",
         }
     }
 }
@@ -319,10 +334,17 @@ impl Compiled {
                         "force" => Kind::Force,
                         "require_approvals_to_merge" => Kind::Approvals,
                         "enforce_merge_checks" => Kind::EnforceMergeChecks,
+                        "restrict_merges" => Kind::RestrictMerges,
                         _ => Kind::Other,
                     },
                     pattern: r.pattern.as_deref().and_then(BitbucketPattern::new),
                     value: r.value.unwrap_or_default(),
+                    who: r
+                        .users
+                        .iter()
+                        .chain(&r.groups)
+                        .map(|p| format!("{} ({})", p.name, p.id))
+                        .collect(),
                 })
                 .filter(|r| r.kind != Kind::Other)
                 .collect()
@@ -374,6 +396,32 @@ impl Compiled {
             protected,
             approvals,
         }
+    }
+
+    /// Who may push to and merge into `branch` (Bitbucket: where rules
+    /// overlap, deny wins, so only those every matching rule exempts); `None`
+    /// when the restrictions are unknown or stale.
+    pub fn who(&self, branch: &str, now: SystemTime, max_age: Duration) -> Option<Who> {
+        if !self.fresh(now, max_age) {
+            return None;
+        }
+        let rules = self.rules.as_ref()?;
+        let exempt = |k: Kind| {
+            let mut matching = rules
+                .iter()
+                .filter(|r| r.kind == k && r.pattern.as_ref().is_some_and(|p| p.is_match(branch)));
+            let first = matching.next()?;
+            let mut who: Vec<String> = first.who.clone();
+            for r in matching {
+                who.retain(|w| r.who.contains(w));
+            }
+            who.sort();
+            Some(who)
+        };
+        Some(Who {
+            push: exempt(Kind::Push),
+            merge: exempt(Kind::RestrictMerges),
+        })
     }
 
     /// Whether environment `env` is admin-only at `now`: `Err` when unknown.

@@ -46,7 +46,9 @@ pub struct ProtectionsEntry {
 
 impl ProtectionsEntry {
     /// Whether this entry may stand for a new read at `now`: younger than
-    /// `within` (and not from the future) and for the same environments.
+    /// `within` (and not from the future), for the same environments, and
+    /// with the branch restrictions read (an unknown record is read again: the
+    /// token may have been given the scope since).
     pub fn reusable(
         &self,
         now: std::time::SystemTime,
@@ -60,7 +62,7 @@ impl ProtectionsEntry {
                 .all(|e| environments.contains(&e.uuid));
         let young = super::protections::parse_rfc3339(&self.protections.read_at)
             .is_some_and(|t| now.duration_since(t).is_ok_and(|age| age < within));
-        same && young
+        same && young && self.protections.branch_restrictions.is_some()
     }
 }
 

@@ -15,7 +15,7 @@ pub struct EvalRequest<'a> {
     pub audience: &'a str,
     /// RFC 8693 `scope`; empty means "the policy's default scopes".
     pub scopes: &'a Scopes,
-    /// When: how old the inventory's protections are (`protections_max_age`).
+    /// When: how old the inventory's protections are (`[protections] max_age_hours`).
     pub now: std::time::SystemTime,
 }
 

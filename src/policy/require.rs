@@ -9,7 +9,7 @@
 //! `[protections.require.audiences.<audience>]`), so that a new policy cannot
 //! quietly leave it out: a grant's requirement is the union. An unmet
 //! requirement makes that allow not apply; unknown, unread or stale
-//! (older than `protections_max_age`) protections count as not met.
+//! (older than `[protections] max_age_hours`) protections count as not met.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -331,6 +331,54 @@ pub fn concerned(
     Ok((repos, skipped))
 }
 
+/// What a record shows of a branch (as written) and an environment, in words.
+fn shown(
+    record: Option<&crate::inventory::protections::Compiled>,
+    branch: Option<&str>,
+    env: Option<&crate::domain::BbUuid>,
+    now: SystemTime,
+    max_age: Duration,
+) -> String {
+    let branch_text = match (branch, record) {
+        (None, _) => "any branch: checked per branch at each exchange".to_string(),
+        (Some(_), None) => Why::NotRead.phrase().to_string(),
+        (Some(b), Some(c)) => {
+            let facts = match c.branch(b, now, max_age) {
+                BranchFacts::Unknown(w) => w.phrase().to_string(),
+                BranchFacts::Known {
+                    protected,
+                    approvals,
+                } => format!(
+                    "{}{}",
+                    if protected {
+                        "protected"
+                    } else {
+                        "not protected"
+                    },
+                    match approvals {
+                        0 => String::new(),
+                        1 => ", 1 approval enforced".to_string(),
+                        n => format!(", {n} approvals enforced"),
+                    }
+                ),
+            };
+            if b.contains('*') {
+                format!("{facts} (for the pattern as written; each branch is checked at exchange)")
+            } else {
+                facts
+            }
+        }
+    };
+    let Some(e) = env else { return branch_text };
+    let env_text = match record.map(|c| c.admin_only(e, now, max_age)) {
+        None => Why::NotRead.phrase(),
+        Some(Ok(true)) => "admin-only",
+        Some(Ok(false)) => "not admin-only",
+        Some(Err(w)) => w.phrase(),
+    };
+    format!("{branch_text}; environment {env_text}")
+}
+
 /// One line of `policy check`'s protections table: an allow, one
 /// repository it admits, and the branch pattern or environment it names.
 #[derive(Debug, Clone, Serialize)]
@@ -341,6 +389,14 @@ pub struct Coverage {
     pub audience: String,
     /// `full_name`.
     pub repository: String,
+    /// Its UUID.
+    pub repository_uuid: crate::domain::BbUuid,
+    /// The environment's UUID, when the policy names environments.
+    pub environment_uuid: Option<crate::domain::BbUuid>,
+    /// Who may push to and merge into the branch (as written), when the
+    /// inventory shows it.
+    #[serde(skip)]
+    pub who: Option<crate::inventory::protections::Who>,
     /// The branch pattern the policy names (`None`: any branch).
     pub branch: Option<String>,
     /// The environment the policy names (`None`: any, or none).
@@ -367,13 +423,14 @@ impl super::PolicySet {
     /// restriction shown for it covers every branch the pattern admits only
     /// where Bitbucket's `*` also spans what the policy's does; the exchange
     /// checks each real branch).
-    pub fn coverage(&self, now: SystemTime) -> Vec<Coverage> {
+    /// With `every_allow`, every allow is listed (the access review).
+    pub fn coverage(&self, now: SystemTime, every_allow: bool) -> Vec<Coverage> {
         let mut out = Vec::new();
         let inv = self.inventory();
         for p in self.policies() {
             let Some(g) = &p.grant else { continue };
             let need = self.requirement_of(g);
-            if !p.when.has_branch_or_environment() && need.is_empty() {
+            if !every_allow && !p.when.has_branch_or_environment() && need.is_empty() {
                 continue;
             }
             let production = p.when.deployment_environment_uuid.is_some()
@@ -418,38 +475,32 @@ impl super::PolicySet {
                             aud: Vec::new(),
                         };
                         let max_age = self.rules().max_age;
-                        let shown = match (branch, repo.protections()) {
-                            (None, _) => "any branch".to_string(),
-                            (Some(_), None) => Why::NotRead.phrase().to_string(),
-                            (Some(b), Some(c)) => match c.branch(b, now, max_age) {
-                                BranchFacts::Unknown(w) => w.phrase().to_string(),
-                                BranchFacts::Known {
-                                    protected,
-                                    approvals,
-                                } => format!(
-                                    "{}{}",
-                                    if protected {
-                                        "protected"
-                                    } else {
-                                        "not protected"
-                                    },
-                                    if approvals > 0 {
-                                        format!(", {approvals} approvals enforced")
-                                    } else {
-                                        String::new()
-                                    }
-                                ),
+                        let record = repo.protections();
+                        let shown =
+                            shown(record, branch.as_deref(), env_uuid.as_ref(), now, max_age);
+                        let who = branch.as_ref().and_then(|b| record?.who(b, now, max_age));
+                        // Without a branch condition, the exchange checks
+                        // each real branch: no line can say more here.
+                        let checked = match branch {
+                            Some(_) => need,
+                            None => Requirement {
+                                branch_protected: false,
+                                approvals: 0,
+                                ..need
                             },
                         };
                         out.push(Coverage {
                             policy: p.id.clone(),
                             audience: g.audience.clone(),
                             repository: repo.full_name().to_string(),
+                            repository_uuid: repo.uuid(),
+                            environment_uuid: *env_uuid,
+                            who,
                             branch: branch.clone(),
                             environment: env_name.clone(),
                             requires: need,
                             shown,
-                            missing: need.unmet(inv, &subject, now, max_age),
+                            missing: checked.unmet(inv, &subject, now, max_age),
                             production,
                         });
                     }

@@ -48,6 +48,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The client side (a step's `token` command and MCP server): never the service's modules.
     ("client", &["domain", "http", "telemetry"]),
     ("mcp", &["client"]),
+    // `report access`: never used by the service.
+    ("report", &["domain", "inventory", "policy"]),
     // `keycloak plan/apply/export`: never used by the service.
     (
         "provision",
@@ -99,6 +101,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "domain",
             "inventory",
             "policy",
+            "report",
             "signing",
             "startup",
             "telemetry",

@@ -35,6 +35,7 @@ mod provision;
 mod provision_real;
 mod reload_day2;
 mod replicas;
+mod report;
 mod store_day2;
 mod token_cli;
 mod verification;

@@ -1,0 +1,145 @@
+//! `report access`: the access review (issue #23).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use crate::client::OutputFile;
+use crate::policy::PolicySet;
+use crate::report::{audit, render};
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Markdown (a pull request or a ticket).
+    Markdown,
+    /// One self-contained HTML file.
+    Html,
+    /// JSON (for tooling).
+    Json,
+    /// The JSON Schema of the JSON form (nothing else is read).
+    JsonSchema,
+}
+
+/// Arguments of `report access`.
+#[derive(Debug, clap::Args)]
+pub struct AccessArgs {
+    /// Policies directory (with its inventory).
+    #[arg(long, default_value = "policies")]
+    pub dir: PathBuf,
+    /// The service configuration (its `[protections]`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Audit files (plain or gzip-compressed, as rotation leaves them; any
+    /// order, overlaps dropped by `request_id`). Repeat the option.
+    #[arg(long)]
+    pub audit: Vec<PathBuf>,
+    /// First day of the period (`YYYY-MM-DD` or RFC 3339; default: 90 days
+    /// before `--until`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End of the period, exclusive (`YYYY-MM-DD` or RFC 3339; default: now).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// `markdown`, `html` (one self-contained file), `json`, or
+    /// `json-schema` (the schema of the JSON form).
+    #[arg(long, value_enum, default_value_t = Format::Markdown)]
+    pub format: Format,
+    /// Write here (atomically) instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// A day (`YYYY-MM-DD`, midnight UTC) or an RFC 3339 time, in seconds.
+fn when(s: &str, flag: &str) -> anyhow::Result<u64> {
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    let t = crate::inventory::protections::parse_rfc3339(&full)
+        .ok_or_else(|| anyhow::anyhow!("{flag} `{s}`: not YYYY-MM-DD or an RFC 3339 time"))?;
+    Ok(t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0))
+}
+
+/// Builds and writes the report.
+///
+/// # Errors
+/// Unusable arguments, an unreadable configuration.
+pub fn access(a: AccessArgs) -> anyhow::Result<ExitCode> {
+    if a.format == Format::JsonSchema {
+        super::out(crate::report::schema()?.trim_end())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = SystemTime::now();
+    let rules = match &a.config {
+        Some(c) => crate::configuration::Settings::load_without_secrets(c)?.protections,
+        None => Default::default(),
+    };
+    let until = match &a.until {
+        Some(s) => when(s, "--until")?,
+        None => now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let since = match &a.since {
+        Some(s) => when(s, "--since")?,
+        None => until.saturating_sub(Duration::from_secs(90 * 86_400).as_secs()),
+    };
+    if since >= until {
+        anyhow::bail!("--since must be before --until");
+    }
+    let file = a
+        .out
+        .as_ref()
+        .map(|o| OutputFile::create(o, 0o644).map_err(|e| anyhow::anyhow!("--out: {e}")))
+        .transpose()?;
+    let set = match PolicySet::load_dir(&a.dir, None) {
+        Ok(s) => s.with_rules(rules),
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let period = audit::Period {
+        from: since,
+        to: until,
+    };
+    let usage = if a.audit.is_empty() {
+        None
+    } else {
+        match audit::read(&a.audit, period) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(1));
+            }
+        }
+    };
+    let report = crate::report::build(
+        &set,
+        now,
+        usage.as_ref().map(|u| (u, period, a.audit.len())),
+    );
+    let text = match a.format {
+        Format::Markdown => render::markdown(&report),
+        Format::Html => render::html(&report),
+        Format::Json | Format::JsonSchema => render::json(&report)?,
+    };
+    if let Some(a) = &report.audit {
+        eprintln!(
+            "audit: {} lines read, {} skipped, {} not parseable, {} duplicates",
+            a.lines_read, a.lines_skipped, a.lines_unparseable, a.duplicates
+        );
+    }
+    match file {
+        Some(f) => f.write(&text).map_err(anyhow::Error::msg)?,
+        None => super::out(text.trim_end())?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

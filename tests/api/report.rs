@@ -1,0 +1,223 @@
+//! Issue #23: `report access` from the policies, the inventory with its
+//! protections, and rotated (gzip) audit files; Markdown, HTML and JSON
+//! checked against the same data; hostile names rendered as text.
+
+use std::io::Write;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+use crate::protections::{inventory, protected_bitbucket, write_policies};
+
+fn report(args: &[&str]) -> (String, String, Option<i32>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+        .args(["report", "access"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
+}
+
+fn audit_line(
+    time: u64,
+    id: &str,
+    repo: &str,
+    audience: &str,
+    policy: &str,
+    outcome: &str,
+) -> String {
+    let code = if outcome == "allowed" {
+        String::new()
+    } else {
+        ",\"error_code\":\"policy.protection_required\"".into()
+    };
+    format!(
+        "{{\"time\":{time},\"request_id\":\"{id}\",\"event\":\"exchange\",\"outcome\":\"{outcome}\",\"repositoryUuid\":\"{{{repo}}}\",\"audience\":\"{audience}\",\"policy\":\"{policy}\"{code}}}\n"
+    )
+}
+
+#[tokio::test]
+async fn the_access_review_joins_policies_protections_and_rotated_audit_files() {
+    let bb = protected_bitbucket().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    write_policies(&policies);
+    assert_eq!(
+        inventory(&bb.uri(), &policies.join("inventory").join("acme.yaml"))
+            .status
+            .code(),
+        Some(3)
+    );
+    // The audit: the current file and a rotated, compressed one that
+    // overlaps it by one line; deploy-api used twice, web-api refused.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let old: String = [
+        audit_line(now - 7200, "r1", REPO, "deploy-api", "deploy", "allowed"),
+        audit_line(now - 7100, "r2", OTHER_REPO, "web-api", "web", "denied"),
+    ]
+    .concat();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(old.as_bytes()).unwrap();
+    let rotated = dir.path().join("audit.jsonl.1.gz");
+    std::fs::write(&rotated, gz.finish().unwrap()).unwrap();
+    let current = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &current,
+        [
+            audit_line(now - 7100, "r2", OTHER_REPO, "web-api", "web", "denied"),
+            audit_line(now - 60, "r3", REPO, "deploy-api", "deploy", "allowed"),
+            "{not an audit line\n".to_string(),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let d = policies.to_str().unwrap();
+    let (c, r) = (current.to_str().unwrap(), rotated.to_str().unwrap());
+    let common = ["--dir", d, "--audit", c, "--audit", r];
+    let (json, stderr, code) = report(&[&common[..], &["--format", "json"]].concat());
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("5 lines read")
+            && stderr.contains("1 not parseable")
+            && stderr.contains("1 duplicates"),
+        "{stderr}"
+    );
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let paths = v["paths"].as_array().unwrap();
+    let find = |policy: &str| paths.iter().find(|p| p["policy"] == policy).unwrap();
+    let deploy = find("deploy");
+    assert_eq!(deploy["protected"], true, "{deploy}");
+    assert_eq!(deploy["issued"], 2);
+    assert_eq!(
+        deploy["may_push"],
+        serde_json::json!(["Release Bot ({7c0d0e1f-0000-4000-8000-000000000001})"])
+    );
+    let web = find("web");
+    assert_eq!(
+        (web["protected"].clone(), web["unused"].clone()),
+        (Value::Bool(false), Value::Bool(true))
+    );
+    assert!(web["shown"].as_str().unwrap().contains("unknown"), "{web}");
+    let prod = find("prod");
+    assert_eq!(prod["environment"], "Production");
+    assert_eq!(prod["unused"], true);
+    assert_eq!(v["refusals"]["policy.protection_required"], 1);
+    // Sorted by client, audience, repository, policy.
+    let keys: Vec<(String, String, String)> = paths
+        .iter()
+        .map(|p| {
+            (
+                p["client"].to_string(),
+                p["audience"].to_string(),
+                p["repository"].to_string(),
+            )
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted);
+    // Markdown and HTML carry the same rows and marks as the JSON.
+    let (md, _, _) = report(&[&common[..], &["--format", "markdown"]].concat());
+    let rows: Vec<&str> = md
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| mark"))
+        .collect();
+    let path_rows: Vec<&&str> = rows.iter().filter(|l| l.contains("-api")).collect();
+    assert_eq!(path_rows.len(), paths.len(), "{md}");
+    for p in paths {
+        let row = path_rows
+            .iter()
+            .find(|l| l.contains(&format!("| {} |", p["policy"].as_str().unwrap())))
+            .unwrap();
+        assert_eq!(
+            row.contains("unprotected"),
+            p["protected"] == false,
+            "{row}"
+        );
+        assert_eq!(row.contains("unused"), p["unused"] == true, "{row}");
+    }
+    let (html, _, _) = report(&[&common[..], &["--format", "html"]].concat());
+    assert_eq!(html.matches("<tr class=\"path").count(), paths.len());
+    assert_eq!(
+        html.matches("<tr class=\"path unprotected").count(),
+        paths.iter().filter(|p| p["protected"] == false).count()
+    );
+    assert!(
+        !html.contains("<script") && !html.contains("src=\"http"),
+        "self-contained, no script"
+    );
+    // The committed schema is the one the binary prints.
+    let (schema, _, _) = report(&["--format", "json-schema"]);
+    let committed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/schemas/access-report.schema.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        schema.trim_end(),
+        committed.trim_end(),
+        "regenerate docs/schemas/access-report.schema.json"
+    );
+}
+
+/// Names chosen by whoever can create repositories and environments are text
+/// in every format.
+#[test]
+fn hostile_names_are_rendered_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(policies.join("inventory")).unwrap();
+    let evil_repo = "acme/<img src=x onerror=alert(1)>|`*";
+    let evil_env = "<script>alert('env')</script>";
+    std::fs::write(
+        policies.join("inventory/acme.yaml"),
+        format!(
+            "workspace: acme\nworkspace_uuid: '{{{WS}}}'\nrepositories:\n- uuid: '{{{REPO}}}'\n  full_name: '{evil_repo}'\n  environments:\n  - uuid: '{{{PROD_ENV}}}'\n    name: \"{evil_env}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("p.yaml"),
+        allow_policy(
+            &format!(
+                "{}  deploymentEnvironmentUuid: \"{{{PROD_ENV}}}\"\n",
+                when_repo()
+            ),
+            "c",
+            "a",
+            "s",
+            "s",
+            60,
+        ),
+    )
+    .unwrap();
+    let d = policies.to_str().unwrap();
+    let (html, stderr, code) = report(&["--dir", d, "--format", "html"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !html.contains("<img") && !html.contains("<script"),
+        "{html}"
+    );
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(1)&gt;") && html.contains("&lt;script&gt;"),
+        "{html}"
+    );
+    let (md, _, _) = report(&["--dir", d, "--format", "markdown"]);
+    assert!(
+        !md.contains("<img") && !md.contains("<script") && md.contains("\\|\\`\\*"),
+        "{md}"
+    );
+    let (json, _, _) = report(&["--dir", d, "--format", "json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["paths"][0]["repository"], evil_repo);
+    assert_eq!(v["paths"][0]["environment"], evil_env);
+}
