@@ -2,7 +2,7 @@
 # Checks (and where possible installs) what building and testing needs:
 # Rust with rustfmt and clippy, a C toolchain with OpenSSL headers (josekit links
 # OpenSSL), a C++ compiler (libFuzzer; scripts/fuzz.sh checks the nightly toolchain), Java 17+, Maven, curl, unzip, jq, redis-server and haproxy (the
-# replica tests). Debian packages are installed with
+# replica tests), Chromium (the access report's rendering test). Debian packages are installed with
 # apt-get when running as root; otherwise the missing ones are named.
 set -euo pipefail
 
@@ -24,6 +24,8 @@ need_cmd haproxy haproxy
 # scripts/deploy-check.sh: helm is built from its Go module (go), hadolint and
 # kubernetes-validate are installed into a virtualenv (python3 -m venv)
 need_cmd go golang-go
+# the access report's rendering test (tests/api/report.rs): Debian's headless-capable Chromium
+need_cmd chromium chromium
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing_pkgs+=(python3-venv)
 if ! pkg-config --exists openssl 2>/dev/null; then missing_pkgs+=(libssl-dev); fi
 if ! command -v java >/dev/null 2>&1; then missing_pkgs+=(openjdk-17-jdk-headless); fi

@@ -33,18 +33,11 @@ pub fn check(file: &Path, no_secrets: bool) -> anyhow::Result<ExitCode> {
                     .flat_map(|w| w.audiences.iter().cloned())
                     .collect();
                 warnings.extend(set.marker_audience_warnings(&accepted));
-                let granted: std::collections::BTreeSet<&str> = set
-                    .policies()
-                    .iter()
-                    .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
-                    .collect();
-                for a in s.protections.audiences.keys() {
-                    if !granted.contains(a.as_str()) {
-                        warnings.push(format!(
-                            "`protections.require.audiences.{a}`: no allow policy grants audience `{a}`; the requirement covers nothing (a typo?)"
-                        ));
-                    }
-                }
+                warnings.extend(
+                    set.clone()
+                        .with_rules(s.protections.clone())
+                        .requirement_warnings(),
+                );
                 errors.extend(
                     set.client_problems(&s.keycloak.jwt_clients())
                         .iter()

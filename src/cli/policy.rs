@@ -98,6 +98,9 @@ pub fn check(
     for w in set.warnings() {
         eprintln!("warning: {w}");
     }
+    for w in set.requirement_warnings() {
+        eprintln!("warning: {w}");
+    }
     let unprotected = protections_table(&set)?;
     if strict_production && unprotected > 0 {
         eprintln!(

@@ -31,8 +31,9 @@ pub struct AccessArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// Audit files (plain or gzip-compressed, as rotation leaves them; any
-    /// order, overlaps dropped by `request_id`). Repeat the option.
-    #[arg(long)]
+    /// order, overlaps dropped by `request_id`): one or more after the
+    /// option (a shell glob), or the option repeated.
+    #[arg(long, num_args = 1..)]
     pub audit: Vec<PathBuf>,
     /// First day of the period (`YYYY-MM-DD` or RFC 3339; default: 90 days
     /// before `--until`).

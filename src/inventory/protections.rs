@@ -215,6 +215,10 @@ impl BitbucketPattern {
         let mut glob = String::with_capacity(p.len() + 8);
         for c in p.chars() {
             match c {
+                // A run of `*` is one `*` (each matches any run): globset
+                // would read a whole-segment `**` as any number of segments,
+                // none included (`**/main` matching `main`).
+                '*' if glob.ends_with('*') => {}
                 '*' => glob.push('*'),
                 '?' | '[' | ']' | '{' | '}' | '\\' => {
                     glob.push('\\');
@@ -610,6 +614,21 @@ mod tests {
         assert!(p("foo*").is_match("foo") && p("foo*").is_match("foobar"));
         assert!(!p("foo*").is_match("barfoo"));
         assert!(p("a?[b]{c}").is_match("a?[b]{c}"));
+        // `**` is `*`: never zero segments, never across `/`.
+        for (pattern, branch) in [
+            ("**/main", "main"),
+            ("a/**/b", "a/b"),
+            ("**", "feature/x"),
+            ("release/**", "release/1.0/hotfix"),
+        ] {
+            assert!(!p(pattern).is_match(branch), "{pattern} matched {branch}");
+        }
+        assert!(p("**/main").is_match("x/main") && p("release/**").is_match("release/1.0"));
+        assert!(
+            p("\\*").is_match("\\x"),
+            "a backslash is itself, then a star"
+        );
+        assert!(p("\\**").is_match("\\x") && !p("\\**").is_match("\\x/y"));
         assert!(!p("a?").is_match("ab"));
         assert!(BitbucketPattern::new("").is_none());
     }

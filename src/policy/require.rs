@@ -416,6 +416,27 @@ pub struct Coverage {
 pub const MAX_COVERAGE_PER_POLICY: usize = 200;
 
 impl super::PolicySet {
+    /// A configured requirement for an audience no allow grants covers
+    /// nothing (a typo would leave the audience it meant uncovered).
+    pub fn requirement_warnings(&self) -> Vec<String> {
+        let granted: std::collections::BTreeSet<&str> = self
+            .policies()
+            .iter()
+            .filter_map(|p| p.grant.as_ref().map(|g| g.audience.as_str()))
+            .collect();
+        self.rules()
+            .audiences
+            .keys()
+            .filter(|a| !granted.contains(a.as_str()))
+            .map(|a| {
+                format!(
+                    "`protections.require.audiences.{a}`: no allow policy grants audience `{a}`; \
+                     the requirement covers nothing (a typo?)"
+                )
+            })
+            .collect()
+    }
+
     /// For every allow that names a branch or an environment, or requires a
     /// protection: one line per repository it admits (by its own lists) and
     /// branch pattern or environment, with what the inventory shows at `now`.

@@ -241,7 +241,7 @@ pub fn build(
         "which branches may deploy to an environment (not in Bitbucket's public API)".to_string(),
         "restrictions set at the project level (not returned by the repository's endpoint)".to_string(),
         "pipelines importing their definition from another repository (shared pipeline configurations)".to_string(),
-        "whether `keycloak plan` is clean (run it with admin credentials)".to_string(),
+        "whether keycloak plan is clean (run it with admin credentials)".to_string(),
     ];
     if usage.is_none() {
         not_checked.push("what was used: no audit files were given".to_string());

@@ -120,6 +120,17 @@ pub(crate) fn write_policies(dir: &std::path::Path) {
     }
 }
 
+/// A temporary directory holding `policies/` ([`write_policies`]) and the
+/// inventory path under it.
+pub(crate) fn written_policies() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    write_policies(&policies);
+    let out_file = policies.join("inventory").join("acme.yaml");
+    (dir, policies, out_file)
+}
+
 pub(crate) fn inventory(api: &str, out: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
         .env("BITBUCKET_TOKEN", TOKEN)
@@ -143,11 +154,7 @@ fn policy_check(dir: &std::path::Path, strict: bool) -> std::process::Output {
 #[tokio::test]
 async fn protections_are_read_for_concerned_repositories_and_decide_exchanges() {
     let bb = protected_bitbucket().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    write_policies(&policies);
-    let out_file = policies.join("inventory").join("acme.yaml");
+    let (_dir, policies, out_file) = written_policies();
     let out = inventory(&bb.uri(), &out_file);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
@@ -361,11 +368,7 @@ async fn a_missing_admin_scope_is_named_and_asked_once() {
         .expect(1)
         .mount(&bb)
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    write_policies(&policies);
-    let out_file = policies.join("inventory").join("acme.yaml");
+    let (_dir, _, out_file) = written_policies();
     let out = inventory(&bb.uri(), &out_file);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
@@ -379,4 +382,52 @@ async fn a_missing_admin_scope_is_named_and_asked_once() {
     assert_eq!(text.matches("unknown: ").count(), 2, "{text}");
     assert!(!text.contains("branch_restrictions:"), "{text}");
     bb.verify().await;
+}
+
+/// One repository's excess (more restrictions than the inventory records,
+/// over two pages) makes that repository's protections unknown; the others
+/// are still read and the file is written.
+#[tokio::test]
+async fn one_repository_s_excess_is_its_own_unknown() {
+    let bb = fake_bitbucket("acme/deploy-service").await;
+    let uri = bb.uri();
+    let rule = |i: usize| json!({"kind": "push", "branch_match_kind": "glob", "pattern": format!("b{i}"), "users": [], "groups": []});
+    Mock::given(method("GET"))
+        .and(path(repo_path(REPO, "branch-restrictions")))
+        .and(query_param("page", "2"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"values": (600..1001).map(rule).collect::<Vec<_>>()})),
+        )
+        .with_priority(1)
+        .mount(&bb)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(repo_path(REPO, "branch-restrictions")))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "values": (0..600).map(rule).collect::<Vec<_>>(),
+            "next": format!("{uri}{}?pagelen=100&page=2", repo_path(REPO, "branch-restrictions")),
+        })))
+        .with_priority(2)
+        .mount(&bb)
+        .await;
+    Mock::given(method("GET"))
+        .and(wiremock::matchers::path_regex(r"/branch-restrictions$"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"values": [rule(0)]})))
+        .with_priority(3)
+        .mount(&bb)
+        .await;
+    let (_dir, _, out_file) = written_policies();
+    let out = inventory(&bb.uri(), &out_file);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let text = std::fs::read_to_string(&out_file).unwrap();
+    assert!(
+        text.contains("unknown: 'more than 1000 branch restrictions"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("branch_restrictions:").count(),
+        1,
+        "web still read: {text}"
+    );
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 
 use crate::helpers::*;
-use crate::protections::{inventory, protected_bitbucket, write_policies};
+use crate::protections::{inventory, protected_bitbucket, written_policies};
 
 fn report(args: &[&str]) -> (String, String, Option<i32>) {
     let out = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
@@ -44,10 +44,7 @@ fn audit_line(
 #[tokio::test]
 async fn the_access_review_joins_policies_protections_and_rotated_audit_files() {
     let bb = protected_bitbucket().await;
-    let dir = tempfile::tempdir().unwrap();
-    let policies = dir.path().join("policies");
-    std::fs::create_dir(&policies).unwrap();
-    write_policies(&policies);
+    let (dir, policies, _) = written_policies();
     assert_eq!(
         inventory(&bb.uri(), &policies.join("inventory").join("acme.yaml"))
             .status
@@ -220,4 +217,165 @@ fn hostile_names_are_rendered_as_text() {
     let v: Value = serde_json::from_str(&json).unwrap();
     assert_eq!(v["paths"][0]["repository"], evil_repo);
     assert_eq!(v["paths"][0]["environment"], evil_env);
+}
+
+/// Debian's Chromium (`scripts/bootstrap.sh` installs it), or `CHROMIUM`.
+/// Absent: the test is skipped, except under `CI=true`, where it fails.
+fn chromium() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true: Chromium is required (scripts/bootstrap.sh installs Debian's chromium)"
+    );
+    eprintln!("skipped: no Chromium at {}", path.display());
+    None
+}
+
+/// What the browser computed for each marked row, and whether anything of
+/// the report ran or loaded: the report with a probe script appended (and its
+/// Content-Security-Policy removed, so that escaping alone is what keeps a
+/// hostile name inert), rendered by headless Chromium, read back from the DOM.
+fn rendered(chromium: &std::path::Path, html: &str, dir: &std::path::Path) -> Value {
+    let probe = r#"<script>
+document.addEventListener('DOMContentLoaded', () => {
+  const rows = [...document.querySelectorAll('tr.path')].map(tr => ({
+    class: tr.className,
+    background: getComputedStyle(tr.querySelector('td')).backgroundColor,
+    height: tr.getBoundingClientRect().height,
+    repository: tr.querySelectorAll('td')[4].textContent,
+  }));
+  const p = document.createElement('pre');
+  p.id = 'probe';
+  p.textContent = JSON.stringify({rows, images: document.images.length, scripts: document.scripts.length, pwned: !!window.__pwned});
+  document.body.appendChild(p);
+});
+</script>"#;
+    let page = html
+        .replace(
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">",
+            "",
+        )
+        .replace("</body>", &format!("{probe}</body>"));
+    let file = dir.join("probe.html");
+    std::fs::write(&file, page).unwrap();
+    let out = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", file.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let start = dom.find("<pre id=\"probe\">").expect("the probe ran") + "<pre id=\"probe\">".len();
+    let end = start + dom[start..].find("</pre>").unwrap();
+    let text = dom[start..end]
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A real browser renders the report: unprotected and unused rows are marked
+/// (their computed background differs from plain rows), and a repository name
+/// full of HTML is shown as text, nothing of it loading or running.
+#[tokio::test]
+async fn a_real_browser_shows_marked_rows_and_hostile_names_as_text() {
+    let Some(chromium) = chromium() else { return };
+    let bb = protected_bitbucket().await;
+    let (dir, policies, _) = written_policies();
+    let inventory_file = policies.join("inventory").join("acme.yaml");
+    assert_eq!(inventory(&bb.uri(), &inventory_file).status.code(), Some(3));
+    // A repository named with HTML (Bitbucket slugs are chosen by whoever
+    // creates them; the inventory keeps any name without control characters).
+    let hostile = "acme/<img src=x onerror=window.__pwned=1><b>bold";
+    let text = std::fs::read_to_string(&inventory_file).unwrap();
+    std::fs::write(
+        &inventory_file,
+        text.replace("acme/web", &format!("'{hostile}'")),
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("web.yaml"),
+        std::fs::read_to_string(policies.join("web.yaml"))
+            .unwrap()
+            .replace(
+                "repository: acme/web",
+                &format!("repositoryUuid: \"{{{OTHER_REPO}}}\""),
+            ),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let audit = dir.path().join("audit.jsonl");
+    std::fs::write(
+        &audit,
+        audit_line(now - 60, "r1", REPO, "deploy-api", "deploy", "allowed"),
+    )
+    .unwrap();
+    let d = policies.to_str().unwrap();
+    let a = audit.to_str().unwrap();
+    let (html, stderr, code) = report(&["--dir", d, "--audit", a, "--format", "html"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (json, _, _) = report(&["--dir", d, "--audit", a, "--format", "json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let seen = rendered(&chromium, &html, dir.path());
+    assert_eq!(
+        (seen["images"].clone(), seen["pwned"].clone()),
+        (Value::from(0), Value::Bool(false)),
+        "{seen}"
+    );
+    assert_eq!(seen["scripts"], 1, "only the probe: {seen}");
+    let rows = seen["rows"].as_array().unwrap();
+    let paths = v["paths"].as_array().unwrap();
+    assert_eq!(rows.len(), paths.len());
+    let plain = "rgba(0, 0, 0, 0)";
+    for (row, p) in rows.iter().zip(paths) {
+        let want = match (
+            p["protected"].as_bool().unwrap(),
+            p["unused"].as_bool().unwrap(),
+        ) {
+            (true, false) => plain,
+            (true, true) => "rgb(255, 241, 184)",
+            (false, false) => "rgb(255, 214, 214)",
+            (false, true) => "rgb(255, 179, 179)",
+        };
+        assert_eq!(row["background"], want, "{row} for {p}");
+        assert!(row["height"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            row["repository"], p["repository"],
+            "shown as the text it is"
+        );
+    }
+    assert!(
+        rows.iter().any(|r| r["background"] == plain),
+        "a plain row to compare with: {seen}"
+    );
+    assert!(rows.iter().any(|r| r["repository"] == hostile), "{seen}");
+    // The sample screenshot in the docs (regenerated on request).
+    if std::env::var_os("KCS_UPDATE_SCREENSHOT").is_some() {
+        let page = dir.path().join("report.html");
+        std::fs::write(&page, &html).unwrap();
+        let png =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/images/access-report.png");
+        std::fs::create_dir_all(png.parent().unwrap()).unwrap();
+        let ok = Command::new(&chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1600,700",
+            ])
+            .arg(format!("--screenshot={}", png.display()))
+            .arg(format!("file://{}", page.display()))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
 }

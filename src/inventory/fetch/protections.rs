@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use super::{uuid, Client, FetchError, RawBranchingModel, RawEnvironment, RawRestriction};
 use crate::domain::BbUuid;
-use crate::inventory::protections::{rfc3339, MAX_PRINCIPALS};
+use crate::inventory::protections::{rfc3339, MAX_PRINCIPALS, MAX_RESTRICTIONS};
+
+/// Longest branch pattern recorded (longer: recorded without, matching nothing).
+const MAX_PATTERN_BYTES: usize = 1024;
 use crate::inventory::state::{ProtectionsEntry, State};
 use crate::inventory::{
     BranchRestriction, Environment, EnvironmentRestrictions, Principal, Protections,
@@ -146,8 +149,29 @@ impl Client {
                 let why = "HTTP 404: Bitbucket does not show the branch restrictions".to_string();
                 return Ok(unknown(read_at, why, environments));
             }
+            // This repository's answer is unusable (too large, not the
+            // documented shape, a `next` link elsewhere, never followed): its
+            // protections are unknown; the other repositories are still read.
+            Err(e @ (FetchError::Malformed { .. } | FetchError::TooManyPages { .. })) => {
+                let why = match e {
+                    FetchError::TooManyPages { max, .. } => {
+                        format!("more than {max} pages of branch restrictions")
+                    }
+                    FetchError::Malformed { reason, .. } => {
+                        shown(&format!("not recorded: {reason}"))
+                    }
+                    _ => String::new(),
+                };
+                return Ok(unknown(read_at, why, environments));
+            }
             Err(e) => return Err(e),
         };
+        // One repository's excess is that repository's unknown, not the
+        // whole workspace's failed refresh.
+        if raw.len() > MAX_RESTRICTIONS {
+            let why = format!("more than {MAX_RESTRICTIONS} branch restrictions: not recorded");
+            return Ok(unknown(read_at, why, environments));
+        }
         let model = if raw
             .iter()
             .any(|r| r.branch_match_kind.as_deref() == Some("branching_model"))
@@ -246,7 +270,11 @@ fn restriction(r: RawRestriction, model: Option<&RawBranchingModel>) -> BranchRe
     let groups = principals(r.groups.iter().map(|g| (&g.slug, &g.name)));
     BranchRestriction {
         kind: shown(&r.kind),
-        pattern: pattern.map(|p| shown(&p)),
+        // A pattern is recorded exactly or not at all (matching nothing):
+        // cut or with a character replaced, it could match more.
+        pattern: pattern.filter(|p| {
+            p.len() <= MAX_PATTERN_BYTES && !p.chars().any(crate::inventory::deceptive)
+        }),
         branch_type: if by_model {
             r.branch_type.map(|t| shown(&t))
         } else {
@@ -258,16 +286,29 @@ fn restriction(r: RawRestriction, model: Option<&RawBranchingModel>) -> BranchRe
     }
 }
 
-/// Users (UUID, display name) or groups (slug, name), bounded, safe to show, sorted.
-fn principals<'a>(v: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<Principal> {
+/// Users (UUID, display name) or groups (slug, name), bounded, safe to show,
+/// sorted; past [`MAX_PRINCIPALS`], one entry says how many more there are.
+fn principals<'a>(v: impl ExactSizeIterator<Item = (&'a String, &'a String)>) -> Vec<Principal> {
+    let total = v.len();
+    let keep = if total > MAX_PRINCIPALS {
+        MAX_PRINCIPALS - 1
+    } else {
+        total
+    };
     let mut out: Vec<Principal> = v
-        .take(MAX_PRINCIPALS)
+        .take(keep)
         .map(|(id, name)| Principal {
             id: shown(id),
             name: shown(name),
         })
         .collect();
     out.sort();
+    if total > out.len() {
+        out.push(Principal {
+            id: String::new(),
+            name: format!("… and {} more, not recorded", total - out.len()),
+        });
+    }
     out
 }
 
@@ -363,6 +404,18 @@ mod tests {
         }))
         .unwrap();
         let r = restriction(by_model, Some(&model()));
+        // A pattern is recorded exactly or not at all: cut or with a
+        // character replaced, it could match more than Bitbucket's.
+        for pattern in [
+            format!("{}*-locked", "r".repeat(1100)),
+            "rel\u{200B}*".to_string(),
+        ] {
+            let raw: RawRestriction = serde_json::from_value(serde_json::json!({
+                "kind": "push", "branch_match_kind": "glob", "pattern": pattern
+            }))
+            .unwrap();
+            assert_eq!(restriction(raw, None).pattern, None);
+        }
         assert_eq!(
             (r.pattern.as_deref(), r.branch_type.as_deref()),
             (Some("release/*"), Some("release"))
