@@ -615,6 +615,49 @@ pub fn bitbucket_page(data: &[u8]) {
     });
 }
 
+/// Target `branch_restrictions` (a page of `GET …/branch-restrictions` as
+/// `bitbucket inventory` records it). Invariants: `recorded-is-accepted`
+/// (what is recorded passes the loader's checks: one repository's answer
+/// never stops a refresh); `patterns-exact` (a recorded glob pattern is one
+/// Bitbucket sent, unchanged: never cut or rewritten into a wider one);
+/// `written-reads-back`.
+pub fn branch_restrictions(data: &[u8]) {
+    let Some(list) = crate::inventory::fetch::restrictions_page(data) else {
+        return;
+    };
+    let raw: serde_json::Value = serde_json::from_slice(data).expect("parsed once already");
+    let sent: Vec<&str> = raw["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["pattern"].as_str())
+        .collect();
+    for r in &list {
+        if let (None, Some(p)) = (&r.branch_type, &r.pattern) {
+            assert!(sent.contains(&p.as_str()), "patterns-exact: {p:?}");
+        }
+    }
+    let w = crate::inventory::WorkspaceInventory {
+        workspace: "acme".into(),
+        workspace_uuid: BbUuid::parse_braced(WS).expect("UUID"),
+        repositories: vec![crate::inventory::Repository {
+            uuid: BbUuid::parse_braced(WS).expect("UUID"),
+            full_name: "acme/r".into(),
+            project: None,
+            environments: Vec::new(),
+            protections: Some(crate::inventory::Protections {
+                read_at: crate::inventory::protections::rfc3339(std::time::SystemTime::now()),
+                branch_restrictions: Some(list),
+                unknown: None,
+            }),
+        }],
+    };
+    if let Err(e) = crate::inventory::Inventory::new(vec![w.clone()]) {
+        panic!("recorded-is-accepted: {e}");
+    }
+    written_reads_back(w);
+}
+
 /// Target `mcp_args` (`get_token`'s JSON arguments). Invariants:
 /// `service-reads-what-the-agent-asked` (the form the client sends is refused,
 /// or read by the service as exactly the audience and scopes the agent named);

@@ -222,6 +222,31 @@ pub fn plan(config: &Path, prune: bool, verbose: bool, a: AdminArgs) -> anyhow::
     }
 }
 
+/// What `keycloak plan` says of the realm, in one line (for `report access`):
+/// `clean: …`, `not clean: …`, or `not checked: <why>`.
+pub fn plan_summary(config: &Path, a: AdminArgs) -> String {
+    let run = || -> anyhow::Result<String> {
+        let (settings, desired) = desired(config, Secrets::Skip)?;
+        let admin = admin(&settings, a)?;
+        refuse_admin_client(&desired, &admin)?;
+        let p = runtime()?
+            .block_on(provision::plan(&admin, &desired, false))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let realm = &settings.keycloak.realm;
+        Ok(if !p.problems.is_empty() {
+            format!(
+                "not clean: {} problem(s) in realm {realm} (run keycloak plan)",
+                p.problems.len()
+            )
+        } else if p.pending() {
+            format!("not clean: changes pending in realm {realm} (run keycloak plan to see them)")
+        } else {
+            format!("clean: realm {realm} is in sync with the policies")
+        })
+    };
+    run().unwrap_or_else(|e| format!("not checked: {e:#}"))
+}
+
 /// `keycloak apply`: makes the plan's changes and sets client secrets; prints each.
 ///
 /// # Errors

@@ -24,9 +24,10 @@ pub enum Format {
 /// Arguments of `report access`.
 #[derive(Debug, clap::Args)]
 pub struct AccessArgs {
-    /// Policies directory (with its inventory).
-    #[arg(long, default_value = "policies")]
-    pub dir: PathBuf,
+    /// Policies directory (with its inventory); default: the configuration's
+    /// `policies_dir`, else `policies`.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     /// The service configuration (its `[protections]`).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -49,6 +50,16 @@ pub struct AccessArgs {
     /// Write here (atomically) instead of standard output.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also say whether `keycloak plan` is clean (needs `--config` and
+    /// view-only admin credentials, as `keycloak plan` takes them).
+    #[arg(long, requires = "config")]
+    pub keycloak_plan: bool,
+    /// `clientId` of the admin client (with `--keycloak-plan`).
+    #[arg(long, env = "KCS_ADMIN_CLIENT_ID")]
+    pub admin_client_id: Option<String>,
+    /// File holding the admin client's secret (else `KCS_ADMIN_CLIENT_SECRET`).
+    #[arg(long)]
+    pub admin_secret_file: Option<PathBuf>,
 }
 
 /// A day (`YYYY-MM-DD`, midnight UTC) or an RFC 3339 time, in seconds.
@@ -75,9 +86,19 @@ pub fn access(a: AccessArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = SystemTime::now();
-    let rules = match &a.config {
-        Some(c) => crate::configuration::Settings::load_without_secrets(c)?.protections,
-        None => Default::default(),
+    let settings = a
+        .config
+        .as_deref()
+        .map(crate::configuration::Settings::load_without_secrets)
+        .transpose()?;
+    let rules = settings
+        .as_ref()
+        .map(|s| s.protections.clone())
+        .unwrap_or_default();
+    let dir = match (&a.dir, &settings) {
+        (Some(d), _) => d.clone(),
+        (None, Some(s)) => s.policies_dir.clone(),
+        (None, None) => PathBuf::from("policies"),
     };
     let until = match &a.until {
         Some(s) => when(s, "--until")?,
@@ -98,7 +119,7 @@ pub fn access(a: AccessArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|o| OutputFile::create(o, 0o644).map_err(|e| anyhow::anyhow!("--out: {e}")))
         .transpose()?;
-    let set = match PolicySet::load_dir(&a.dir, None) {
+    let set = match PolicySet::load_dir(&dir, None) {
         Ok(s) => s.with_rules(rules),
         Err(errors) => {
             for e in &errors {
@@ -122,10 +143,27 @@ pub fn access(a: AccessArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    let plan = match (a.keycloak_plan, &a.config, &a.admin_client_id) {
+        (false, ..) => None,
+        (true, Some(config), Some(id)) => Some(super::keycloak::plan_summary(
+            config,
+            super::keycloak::AdminArgs {
+                admin_client_id: id.clone(),
+                admin_secret_file: a.admin_secret_file.clone(),
+                admin_secret_env: "KCS_ADMIN_CLIENT_SECRET".into(),
+                admin_realm: None,
+                concurrency: crate::provision::admin::DEFAULT_CONCURRENCY as u16,
+            },
+        )),
+        (true, ..) => {
+            Some("not checked: no admin client (--admin-client-id or KCS_ADMIN_CLIENT_ID)".into())
+        }
+    };
     let report = crate::report::build(
         &set,
         now,
         usage.as_ref().map(|u| (u, period, a.audit.len())),
+        plan,
     );
     let text = match a.format {
         Format::Markdown => render::markdown(&report),

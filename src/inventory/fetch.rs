@@ -30,6 +30,8 @@
 //! the [`State`]'s (incremental, resumable); the state is updated as they are.
 
 mod protections;
+#[cfg(fuzzing)]
+pub(crate) use protections::restrictions_page;
 pub use protections::{ProtectionsRead, ADMIN_SCOPE};
 
 use std::sync::Mutex;

@@ -36,6 +36,8 @@ pub struct Report {
     pub refusals: BTreeMap<String, u64>,
     /// What reading the audit files did.
     pub audit: Option<AuditSummary>,
+    /// What `keycloak plan` said (`clean: …`, `not clean: …`, `not checked: …`).
+    pub keycloak_plan: String,
     /// What the report did not check.
     pub not_checked: Vec<String>,
 }
@@ -122,6 +124,7 @@ pub fn build(
     set: &PolicySet,
     now: SystemTime,
     usage: Option<(&audit::Usage, audit::Period, usize)>,
+    keycloak_plan: Option<String>,
 ) -> Report {
     let mut issued_on_paths: BTreeMap<&audit::UsageKey, bool> = BTreeMap::new();
     // The audit's counts by (policy, audience, repository): a path looks up
@@ -241,7 +244,6 @@ pub fn build(
         "which branches may deploy to an environment (not in Bitbucket's public API)".to_string(),
         "restrictions set at the project level (not returned by the repository's endpoint)".to_string(),
         "pipelines importing their definition from another repository (shared pipeline configurations)".to_string(),
-        "whether keycloak plan is clean (run it with admin credentials)".to_string(),
     ];
     if usage.is_none() {
         not_checked.push("what was used: no audit files were given".to_string());
@@ -259,6 +261,9 @@ pub fn build(
             .map(|(u, _, _)| u.refusals.clone())
             .unwrap_or_default(),
         audit,
+        keycloak_plan: keycloak_plan.unwrap_or_else(|| {
+            "not checked: give --keycloak-plan with view-only admin credentials".into()
+        }),
         not_checked,
     }
 }

@@ -154,6 +154,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     audit_md(&mut s, r);
+    let _ = writeln!(s, "\nKeycloak: {}", md(&r.keycloak_plan));
     let _ = writeln!(s, "\n## Not checked\n");
     for n in &r.not_checked {
         let _ = writeln!(s, "- {}", md(n));
@@ -259,6 +260,7 @@ pub fn html(r: &Report) -> String {
             let _ = writeln!(s, "</table>");
         }
     }
+    let _ = writeln!(s, "<p>Keycloak: {}</p>", h(&r.keycloak_plan));
     let _ = writeln!(s, "<h2>Not checked</h2><ul>");
     for n in &r.not_checked {
         let _ = writeln!(s, "<li>{}</li>", h(n));

@@ -9,6 +9,8 @@
 //! `repository_uuid` and group roles, narrowed by the requested scopes, with the
 //! policy's lifetime → kill switch → not provisioned → duplicate link → replay.
 
+use std::process::Command;
+
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -229,6 +231,24 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     );
     assert_eq!(kc_cli(&config, &["apply"], MANAGE).await.code, 0);
     assert_eq!(kc_cli(&config, &["plan"], VIEW).await.code, 0);
+    // The access review says so with view-only credentials (issue #23).
+    let review = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"));
+        cmd.args(["report", "access", "--keycloak-plan", "--config"])
+            .arg(&config)
+            .env("KCS_ADMIN_CLIENT_ID", VIEW.0)
+            .env("KCS_ADMIN_CLIENT_SECRET", VIEW.1);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    };
+    let text = String::from_utf8_lossy(&review.stdout);
+    assert!(
+        review.status.success() && text.contains("Keycloak: clean: realm ident is in sync"),
+        "{text}{}",
+        String::from_utf8_lossy(&review.stderr)
+    );
+    assert!(!text.contains(VIEW.1));
 
     // Both grant modes side by side in one realm.
     let r = app

@@ -180,18 +180,7 @@ impl Client {
         } else {
             None
         };
-        let mut restrictions: Vec<BranchRestriction> = raw
-            .into_iter()
-            .map(|r| restriction(r, model.as_ref()))
-            .collect();
-        restrictions.sort_by(|a, b| {
-            (&a.kind, &a.pattern, &a.branch_type, a.value).cmp(&(
-                &b.kind,
-                &b.pattern,
-                &b.branch_type,
-                b.value,
-            ))
-        });
+        let restrictions = recorded(raw, model.as_ref());
         Ok(ProtectionsEntry {
             protections: Protections {
                 read_at,
@@ -243,6 +232,32 @@ impl Client {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The restrictions as recorded, sorted by kind, pattern, branch type, value.
+fn recorded(raw: Vec<RawRestriction>, model: Option<&RawBranchingModel>) -> Vec<BranchRestriction> {
+    let mut out: Vec<BranchRestriction> = raw.into_iter().map(|r| restriction(r, model)).collect();
+    out.sort_by(|a, b| {
+        (&a.kind, &a.pattern, &a.branch_type, a.value).cmp(&(
+            &b.kind,
+            &b.pattern,
+            &b.branch_type,
+            b.value,
+        ))
+    });
+    out
+}
+
+/// For the fuzz target: one page of `…/branch-restrictions` read as
+/// `get_json` reads it and recorded as [`Client::protections`] records it
+/// (`None` where the run records the repository as unknown).
+#[cfg(fuzzing)]
+pub(crate) fn restrictions_page(body: &[u8]) -> Option<Vec<BranchRestriction>> {
+    let page: super::Page<RawRestriction> = serde_json::from_slice(body).ok()?;
+    if page.values.len() > MAX_RESTRICTIONS {
+        return None;
+    }
+    Some(recorded(page.values, None))
 }
 
 fn unknown(read_at: String, why: String, environments: Vec<Environment>) -> ProtectionsEntry {
