@@ -1,7 +1,8 @@
 //! The crate's layering (README "Layout"): imports run one way,
 //! `cli` → `startup` → `api` / `reload` → `state` → `exchange` →
 //! {`verify`, `policy` (→ `inventory`), `keycloak`, `limits`, `audit`} → `domain`, with
-//! `cli` → `provision` (→ `policy`) for `keycloak plan/apply`, and
+//! `cli` → `provision` (→ `policy`) for `keycloak plan/apply`, `cli` → `report`
+//! (→ `policy`, `inventory`) for `report access`, and
 //! `configuration` building the lower modules' settings and never imported by
 //! them. This test reads `src/` and fails on any import outside that order,
 //! and on any import cycle between modules, submodules included (`crate::`
