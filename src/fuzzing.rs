@@ -625,12 +625,21 @@ pub fn branch_restrictions(data: &[u8]) {
     let Some(list) = crate::inventory::fetch::restrictions_page(data) else {
         return;
     };
-    let raw: serde_json::Value = serde_json::from_slice(data).expect("parsed once already");
-    let sent: Vec<&str> = raw["values"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v["pattern"].as_str())
+    // The patterns as sent, read the way the page was (other fields skipped alike).
+    #[derive(serde::Deserialize)]
+    struct Sent {
+        values: Vec<SentValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct SentValue {
+        #[serde(default)]
+        pattern: Option<String>,
+    }
+    let raw: Sent = serde_json::from_slice(data).expect("parsed once already");
+    let sent: Vec<&str> = raw
+        .values
+        .iter()
+        .filter_map(|v| v.pattern.as_deref())
         .collect();
     for r in &list {
         if let (None, Some(p)) = (&r.branch_type, &r.pattern) {
