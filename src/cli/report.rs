@@ -82,7 +82,13 @@ fn when(s: &str, flag: &str) -> anyhow::Result<u64> {
 /// Unusable arguments, an unreadable configuration.
 pub fn access(a: AccessArgs) -> anyhow::Result<ExitCode> {
     if a.format == Format::JsonSchema {
-        super::out(crate::report::schema()?.trim_end())?;
+        let schema = crate::report::schema()?;
+        match &a.out {
+            Some(o) => OutputFile::create(o, 0o644)
+                .and_then(|f| f.write(&schema))
+                .map_err(|e| anyhow::anyhow!("--out: {e}"))?,
+            None => super::out(schema.trim_end())?,
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let now = SystemTime::now();

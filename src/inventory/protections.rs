@@ -320,7 +320,7 @@ impl Why {
     /// A phrase for messages.
     pub fn phrase(self) -> &'static str {
         match self {
-            Self::NotRead => "not in the inventory",
+            Self::NotRead => "not recorded in the inventory",
             Self::Unreadable => "unknown (Bitbucket did not show them to the inventory)",
             Self::Stale => "older than [protections] max_age_hours",
         }

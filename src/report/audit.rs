@@ -11,7 +11,8 @@
 //! buffers, that window and the aggregates (bounded by the repositories,
 //! environments, audiences and error codes that occur).
 
-use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,13 @@ pub struct Line {
     /// Deciding policy.
     #[serde(default)]
     pub policy: Option<String>,
+    /// `branchName`.
+    #[serde(rename = "branchName", default)]
+    pub branch_name: Option<String>,
+    /// A hash of the whole line: a copy has the same; another line that
+    /// only shares the `request_id` does not.
+    #[serde(skip)]
+    pub digest: u64,
 }
 
 /// Tokens issued for one (repository, environment, audience, policy).
@@ -69,6 +77,8 @@ pub struct UsageKey {
     pub repository_uuid: String,
     /// `deploymentEnvironmentUuid`, when a deployment step.
     pub environment_uuid: Option<String>,
+    /// `branchName`, when a branch build.
+    pub branch: Option<String>,
     /// The audience.
     pub audience: String,
     /// The granting policy.
@@ -84,8 +94,12 @@ pub struct Usage {
     pub lines_skipped: u64,
     /// Lines that are not audit lines (not JSON, too long, fields missing).
     pub lines_unparseable: u64,
-    /// Lines dropped as copies of a line already counted (same `request_id`).
+    /// Lines dropped as copies of a line already counted (same `request_id`
+    /// and content).
     pub duplicates: u64,
+    /// Lines that share a `request_id` with another but differ from it (a
+    /// corrupted file?): each is counted.
+    pub conflicts: u64,
     /// Tokens issued.
     #[serde(serialize_with = "as_list")]
     pub issued: BTreeMap<UsageKey, Issued>,
@@ -111,18 +125,19 @@ struct Source {
 }
 
 /// Opens `path`, gzip-decoded when it starts with gzip's magic bytes; the open
-/// does not block on a FIFO or device (only regular files are read).
-fn open(path: &Path) -> Result<Box<dyn BufRead>, String> {
+/// does not block on a FIFO or device (only regular files are read). `buffer`
+/// bytes per reader.
+fn open(path: &Path, buffer: usize) -> Result<Box<dyn BufRead>, String> {
     let (file, _) = crate::domain::regular_file::open_regular(path, u64::MAX)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut reader = BufReader::with_capacity(64 * 1024, file);
+    let mut reader = BufReader::with_capacity(buffer, file);
     let gzip = reader
         .fill_buf()
         .map(|b| b.starts_with(&[0x1f, 0x8b]))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(if gzip {
         Box::new(BufReader::with_capacity(
-            64 * 1024,
+            buffer,
             flate2::bufread::MultiGzDecoder::new(reader),
         ))
     } else {
@@ -180,12 +195,22 @@ pub fn read(files: &[PathBuf], period: Period) -> Result<Usage, String> {
         return Err(format!("more than {MAX_FILES} audit files"));
     }
     let mut usage = Usage::default();
+    // Every file is open at once (merged by time): the soft limit on open
+    // files is raised to the hard one, and the buffers shrink with the count.
+    let allowed = raise_open_files_limit();
+    if files.len().saturating_add(64) > allowed {
+        return Err(format!(
+            "{} audit files, but this process may open {allowed} files (ulimit -n)",
+            files.len()
+        ));
+    }
+    let buffer = (64 * 1024 * 1024 / files.len().max(1)).clamp(4 * 1024, 64 * 1024);
     let mut sources = Vec::with_capacity(files.len());
     for f in files {
         sources.push((
             f.clone(),
             Source {
-                lines: open(f)?,
+                lines: open(f, buffer)?,
                 buf: Vec::new(),
             },
         ));
@@ -200,8 +225,11 @@ pub fn read(files: &[PathBuf], period: Period) -> Result<Usage, String> {
         }
         pending.push(l);
     }
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut window: VecDeque<(u64, String)> = VecDeque::new();
+    // The request ids of the last DEDUP_WINDOW_SECS (by line time, ordered:
+    // a line dated wrongly far ahead leaves one entry, never stops eviction).
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut window: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    let mut seq: u64 = 0;
     while let Some(std::cmp::Reverse((time, i))) = heap.pop() {
         let next = next_parsed(&mut sources, i, &mut usage)?;
         if let Some(l) = &next {
@@ -210,22 +238,54 @@ pub fn read(files: &[PathBuf], period: Period) -> Result<Usage, String> {
         let Some(line) = pending.get_mut(i).and_then(|p| std::mem::replace(p, next)) else {
             continue;
         };
-        while window
-            .front()
-            .is_some_and(|(t, _)| t.saturating_add(DEDUP_WINDOW_SECS) < time)
-        {
-            if let Some((_, id)) = window.pop_front() {
-                seen.remove(&id);
+        // Evict behind the merge frontier (the oldest line still waiting):
+        // a file whose clock stepped back still finds its copies.
+        let frontier = heap
+            .peek()
+            .map_or(time, |std::cmp::Reverse((t, _))| time.min(*t));
+        while let Some(entry) = window.first_entry() {
+            if entry.key().0.saturating_add(DEDUP_WINDOW_SECS) >= frontier {
+                break;
+            }
+            let id = entry.remove();
+            seen.remove(&id);
+        }
+        match seen.get(&line.request_id) {
+            Some(d) if *d == line.digest => {
+                usage.duplicates += 1;
+                continue;
+            }
+            Some(_) => usage.conflicts += 1,
+            None => {
+                seen.insert(line.request_id.clone(), line.digest);
+                seq += 1;
+                window.insert((time, seq), line.request_id.clone());
             }
         }
-        if !seen.insert(line.request_id.clone()) {
-            usage.duplicates += 1;
-            continue;
-        }
-        window.push_back((time, line.request_id.clone()));
         count(&mut usage, line, period);
     }
     Ok(usage)
+}
+
+/// Raises the soft limit on open files to the hard one; the soft limit
+/// after that (a large number when it cannot be read).
+fn raise_open_files_limit() -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit
+                .maximum
+                .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+        }
+    }
+    limit
+        .current
+        .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX))
 }
 
 /// The next line of source `i` that parses (counting those that do not).
@@ -243,7 +303,13 @@ fn next_parsed(
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let Some(line) = line else { return Ok(None) };
         usage.lines_read += 1;
-        let parsed = line.and_then(|l| serde_json::from_slice::<Line>(l).ok());
+        let parsed = line.and_then(|l| {
+            let mut parsed = serde_json::from_slice::<Line>(l).ok()?;
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            l.trim_ascii_end().hash(&mut h);
+            parsed.digest = h.finish();
+            Some(parsed)
+        });
         match parsed {
             Some(l) if !l.request_id.is_empty() && l.request_id.len() <= 128 => return Ok(Some(l)),
             _ => usage.lines_unparseable += 1,
@@ -262,6 +328,7 @@ fn count(usage: &mut Usage, l: Line, period: Period) {
             let key = UsageKey {
                 repository_uuid,
                 environment_uuid: l.deployment_environment_uuid,
+                branch: l.branch_name,
                 audience,
                 policy,
             };
@@ -335,6 +402,55 @@ mod tests {
             }]
         );
         assert_eq!(u.refusals.get("policy.denied"), Some(&3));
+    }
+
+    #[test]
+    fn a_copy_across_a_clock_step_and_a_line_far_ahead_stay_counted_once() {
+        let d = tempfile::tempdir().unwrap();
+        // The clock stepped back between b and c; c was copied by rotation.
+        let f1 = [
+            line(1000, "a", "allowed", ""),
+            line(2000, "b", "allowed", ""),
+            line(1100, "c", "allowed", ""),
+        ]
+        .concat();
+        std::fs::write(d.path().join("f1"), f1).unwrap();
+        std::fs::write(d.path().join("f2"), line(1100, "c", "allowed", "")).unwrap();
+        let files = [d.path().join("f1"), d.path().join("f2")];
+        let u = read(
+            &files,
+            Period {
+                from: 0,
+                to: 10_000,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                u.duplicates,
+                u.issued.values().map(|i| i.count).sum::<u64>()
+            ),
+            (1, 3)
+        );
+    }
+
+    #[test]
+    fn a_line_sharing_only_the_request_id_is_counted_not_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("a"),
+            line(100, "x", "denied", ",\"error_code\":\"policy.denied\""),
+        )
+        .unwrap();
+        std::fs::write(d.path().join("b"), line(100, "x", "allowed", "")).unwrap();
+        let u = read(
+            &[d.path().join("a"), d.path().join("b")],
+            Period { from: 0, to: 1000 },
+        )
+        .unwrap();
+        assert_eq!((u.duplicates, u.conflicts), (0, 1));
+        assert_eq!(u.issued.values().map(|i| i.count).sum::<u64>(), 1);
+        assert_eq!(u.refusals.get("policy.denied"), Some(&1));
     }
 
     #[test]

@@ -62,8 +62,10 @@ pub struct AuditSummary {
     pub lines_skipped: u64,
     /// Not audit lines.
     pub lines_unparseable: u64,
-    /// Copies of lines already counted (same `request_id`).
+    /// Copies of lines already counted (same `request_id` and content).
     pub duplicates: u64,
+    /// Lines sharing a `request_id` with a different line (each counted).
+    pub conflicts: u64,
     /// Tokens issued whose policy, repository or audience no path has now
     /// (a policy changed or removed during the period).
     pub issued_outside_paths: u64,
@@ -130,6 +132,7 @@ pub fn build(
     // The audit's counts by (policy, audience, repository): a path looks up
     // its own, not every count.
     type Counts<'a> = Vec<(&'a audit::UsageKey, Option<BbUuid>, audit::Issued)>;
+    // (A token counts on a row when its branch matches the row's pattern.)
     let mut by_path: BTreeMap<(&str, &str, BbUuid), Counts<'_>> = BTreeMap::new();
     if let Some((u, _, _)) = usage {
         issued_on_paths.extend(u.issued.keys().map(|k| (k, false)));
@@ -165,8 +168,22 @@ pub fn build(
                 let mut last = 0;
                 let counts =
                     by_path.get(&(c.policy.as_str(), c.audience.as_str(), c.repository_uuid));
+                let pattern = c.branch.as_ref().and_then(|b| {
+                    p.when
+                        .branch_name
+                        .as_ref()?
+                        .iter()
+                        .find(|x| x.source() == b)
+                });
                 for (k, env, v) in counts.into_iter().flatten() {
-                    if c.environment_uuid.is_none_or(|e| *env == Some(e)) {
+                    let on_branch = match (&c.branch, pattern) {
+                        (None, _) => true,
+                        (Some(_), Some(pat)) => {
+                            k.branch.as_deref().is_some_and(|b| pat.is_match(b))
+                        }
+                        (Some(_), None) => false,
+                    };
+                    if on_branch && c.environment_uuid.is_none_or(|e| *env == Some(e)) {
                         n += v.count;
                         last = last.max(v.last);
                         issued_on_paths.insert(k, true);
@@ -233,6 +250,7 @@ pub fn build(
         lines_skipped: u.lines_skipped,
         lines_unparseable: u.lines_unparseable,
         duplicates: u.duplicates,
+        conflicts: u.conflicts,
         issued_outside_paths: u
             .issued
             .iter()
@@ -248,6 +266,11 @@ pub fn build(
     if usage.is_none() {
         not_checked.push("what was used: no audit files were given".to_string());
     }
+    not_checked.push(
+        "deny policies: each row is what an allow admits; a deny policy may refuse some of it (policy explain shows one request)"
+            .to_string(),
+    );
+    not_checked.extend(outside_inventory(set));
     Report {
         generated_at: crate::inventory::protections::rfc3339(now),
         policies_digest: set.digest().to_string(),
@@ -274,6 +297,51 @@ pub fn build(
 /// Serialisation failure (not expected).
 pub fn schema() -> Result<String, serde_json::Error> {
     serde_json::to_string_pretty(&schemars::schema_for!(Report)).map(|s| s + "\n")
+}
+
+/// One line per allow that admits repositories, environments or workspaces
+/// the inventory does not list: those paths have no row.
+fn outside_inventory(set: &PolicySet) -> Vec<String> {
+    let inv = set.inventory();
+    let mut out = Vec::new();
+    for p in set.policies() {
+        if p.grant.is_none() {
+            continue;
+        }
+        let w = &p.when;
+        let repos = w
+            .repository_uuid
+            .iter()
+            .flatten()
+            .filter(|u| inv.repository(u).is_none())
+            .count();
+        let envs = w
+            .deployment_environment_uuid
+            .iter()
+            .flatten()
+            .filter(|e| {
+                !inv.repositories()
+                    .any(|r| r.environments().any(|x| x.uuid == **e))
+            })
+            .count();
+        let workspaces = match (&w.repository_uuid, &w.workspace_uuid) {
+            (None, Some(list)) => list
+                .iter()
+                .filter(|ws| {
+                    !inv.repositories()
+                        .any(|r| r.workspace().workspace_uuid == **ws)
+                })
+                .count(),
+            _ => 0,
+        };
+        if repos + envs + workspaces > 0 {
+            out.push(format!(
+                "policy {} admits {repos} repositories, {envs} environments and {workspaces} workspaces the inventory does not list: those paths have no row",
+                p.id
+            ));
+        }
+    }
+    out
 }
 
 fn rfc3339(secs: u64) -> String {

@@ -45,16 +45,22 @@ fn usage(p: &Path) -> String {
     }
 }
 
-/// Markdown text of a cell: `|`, `\`, backticks, HTML and line breaks
-/// neutralised.
+/// Markdown text of a cell: every ASCII punctuation character escaped (no
+/// table cell, emphasis, link, autolink such as `https://` or `www.`, or
+/// strike-through can start), `<`, `>`, `&` as entities, line breaks as spaces.
 fn md(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
-            '|' | '\\' | '`' | '*' | '_' | '[' | ']' | '#' => {
+            '&' | '<' | '>' => {}
+            c if c.is_ascii_punctuation() => {
                 out.push('\\');
                 out.push(c);
+                continue;
             }
+            _ => {}
+        }
+        match c {
             // Entities, not escapes: no `<` in the text at all (a renderer
             // that passes HTML through sees none).
             '&' => out.push_str("&amp;"),
@@ -131,10 +137,16 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "Audit period: {} to {}.\n", p.from, p.to);
     }
     let unprotected = r.paths.iter().filter(|p| !p.protected).count();
-    let unused = r.paths.iter().filter(|p| p.unused).count();
+    let unused = match r.audit {
+        Some(_) => format!(
+            "**{}** unused in the period",
+            r.paths.iter().filter(|p| p.unused).count()
+        ),
+        None => "usage not read (no audit files)".to_string(),
+    };
     let _ = writeln!(
         s,
-        "{} paths; **{unprotected} unprotected** (no requirement the inventory shows met); **{unused} unused** in the period.\n",
+        "{} paths; **{unprotected} unprotected** (no requirement the inventory shows met); {unused}.\n",
         r.paths.len()
     );
     let _ = writeln!(s, "| mark | {} |", COLUMNS.join(" | "));
@@ -166,11 +178,11 @@ fn audit_md(s: &mut String, r: &Report) {
     let Some(a) = &r.audit else { return };
     let _ = writeln!(
         s,
-        "\n## Audit input\n\n{} files, {} lines read, {} skipped (outside the period or not an exchange), {} not parseable, {} duplicates dropped; {} tokens issued on paths that no longer exist.",
-        a.files, a.lines_read, a.lines_skipped, a.lines_unparseable, a.duplicates, a.issued_outside_paths
+        "\n## Audit input\n\n{} files, {} lines read, {} skipped (outside the period or not an exchange), {} not parseable, {} duplicates dropped, {} conflicting lines counted; {} tokens issued on paths that no longer exist.",
+        a.files, a.lines_read, a.lines_skipped, a.lines_unparseable, a.duplicates, a.conflicts, a.issued_outside_paths
     );
     if !r.refusals.is_empty() {
-        let _ = writeln!(s, "\n| refusals by code | count |\n|---|---|");
+        let _ = writeln!(s, "\n| refusals and failures by code | count |\n|---|---|");
         for (code, n) in &r.refusals {
             let _ = writeln!(s, "| {} | {n} |", md(code));
         }
@@ -221,7 +233,7 @@ pub fn html(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "<p class=\"legend\"><span style=\"background:#ffd6d6\">unprotected</span><span style=\"background:#fff1b8\">unused in the period</span></p>"
+        "<p class=\"legend\"><span style=\"background:#ffd6d6\">unprotected</span><span style=\"background:#fff1b8\">unused in the period</span><span style=\"background:#ffb3b3\">both</span></p>"
     );
     let _ = write!(s, "<table>\n<tr><th>mark</th>");
     for c in COLUMNS {
@@ -249,11 +261,14 @@ pub fn html(r: &Report) -> String {
     if let Some(a) = &r.audit {
         let _ = writeln!(
             s,
-            "<h2>Audit input</h2><p>{} files, {} lines read, {} skipped, {} not parseable, {} duplicates dropped; {} tokens issued on paths that no longer exist.</p>",
-            a.files, a.lines_read, a.lines_skipped, a.lines_unparseable, a.duplicates, a.issued_outside_paths
+            "<h2>Audit input</h2><p>{} files, {} lines read, {} skipped, {} not parseable, {} duplicates dropped, {} conflicting lines counted; {} tokens issued on paths that no longer exist.</p>",
+            a.files, a.lines_read, a.lines_skipped, a.lines_unparseable, a.duplicates, a.conflicts, a.issued_outside_paths
         );
         if !r.refusals.is_empty() {
-            let _ = writeln!(s, "<table><tr><th>refusals by code</th><th>count</th></tr>");
+            let _ = writeln!(
+                s,
+                "<table><tr><th>refusals and failures by code</th><th>count</th></tr>"
+            );
             for (code, n) in &r.refusals {
                 let _ = writeln!(s, "<tr><td>{}</td><td>{n}</td></tr>", h(code));
             }
@@ -285,5 +300,17 @@ mod tests {
             !m.contains("<script") && !m.contains(" | ") && m.contains("\\|"),
             "{m}"
         );
+        // No autolink or strike-through can start.
+        for evil in [
+            "https://evil.example/approve",
+            "Prod www.evil.example",
+            "~~Production~~",
+        ] {
+            let m = md(evil);
+            assert!(
+                !m.contains("s://") && !m.contains("www.") && !m.contains("~~"),
+                "{m}"
+            );
+        }
     }
 }

@@ -37,7 +37,7 @@ fn audit_line(
         ",\"error_code\":\"policy.protection_required\"".into()
     };
     format!(
-        "{{\"time\":{time},\"request_id\":\"{id}\",\"event\":\"exchange\",\"outcome\":\"{outcome}\",\"repositoryUuid\":\"{{{repo}}}\",\"audience\":\"{audience}\",\"policy\":\"{policy}\"{code}}}\n"
+        "{{\"time\":{time},\"request_id\":\"{id}\",\"event\":\"exchange\",\"outcome\":\"{outcome}\",\"repositoryUuid\":\"{{{repo}}}\",\"branchName\":\"main\",\"audience\":\"{audience}\",\"policy\":\"{policy}\"{code}}}\n"
     )
 }
 
@@ -378,4 +378,81 @@ async fn a_real_browser_shows_marked_rows_and_hostile_names_as_text() {
             .unwrap();
         assert!(ok.success());
     }
+}
+
+/// A token counts on the rows whose branch pattern its `branchName` matches
+/// (the shipped `artifacts-publish` names `main` and `release/**`), and an
+/// allow for a repository the inventory does not list is named as not in
+/// the review.
+#[test]
+fn usage_counts_by_branch_and_paths_outside_the_inventory_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(policies.join("inventory")).unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for f in ["artifacts-publish.yaml", "inventory/acme.yaml"] {
+        std::fs::copy(shipped.join(f), policies.join(f)).unwrap();
+    }
+    let stranger = "0f0f0f0f-1111-4222-8333-444455556666";
+    std::fs::write(
+        policies.join("stranger.yaml"),
+        allow_policy(
+            &format!("  repositoryUuid: \"{{{stranger}}}\"\n"),
+            "c",
+            "secrets-api",
+            "s",
+            "s",
+            60,
+        ),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let line = audit_line(
+        now - 60,
+        "r1",
+        REPO,
+        "artifact-api",
+        "artifacts-publish",
+        "allowed",
+    );
+    let audit = dir.path().join("audit.jsonl");
+    std::fs::write(&audit, line).unwrap();
+    let (json, stderr, code) = report(&[
+        "--dir",
+        policies.to_str().unwrap(),
+        "--audit",
+        audit.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let row = |branch: &str| {
+        v["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["repository"] == "acme/deploy-service" && p["branch"] == branch)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(
+        (row("main")["issued"].clone(), row("main")["unused"].clone()),
+        (Value::from(1), Value::Bool(false))
+    );
+    assert_eq!(
+        (
+            row("release/**")["issued"].clone(),
+            row("release/**")["unused"].clone()
+        ),
+        (Value::from(0), Value::Bool(true))
+    );
+    let not_checked = v["not_checked"].to_string();
+    assert!(
+        not_checked.contains("policy stranger admits 1 repositories"),
+        "{not_checked}"
+    );
 }
