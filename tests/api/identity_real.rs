@@ -234,19 +234,31 @@ async fn keycloak_provision_repository_identities_by_jwt_authorization_grant() {
     // The access review says so with view-only credentials (issue #23).
     let review = {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"));
-        cmd.args(["report", "access", "--keycloak-plan", "--config"])
-            .arg(&config)
-            .env("KCS_ADMIN_CLIENT_ID", VIEW.0)
-            .env("KCS_ADMIN_CLIENT_SECRET", VIEW.1);
+        cmd.args([
+            "report",
+            "access",
+            "--keycloak-plan",
+            "--format",
+            "json",
+            "--config",
+        ])
+        .arg(&config)
+        .env("KCS_ADMIN_CLIENT_ID", VIEW.0)
+        .env("KCS_ADMIN_CLIENT_SECRET", VIEW.1);
         tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await
             .unwrap()
     };
     let text = String::from_utf8_lossy(&review.stdout);
     assert!(
-        review.status.success() && text.contains("Keycloak: clean: realm ident is in sync"),
+        review.status.success(),
         "{text}{}",
         String::from_utf8_lossy(&review.stderr)
+    );
+    let parsed: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        parsed["keycloak_plan"], "clean: realm ident is in sync with the policies",
+        "{text}"
     );
     assert!(!text.contains(VIEW.1));
 
