@@ -128,103 +128,19 @@ pub fn build(
     usage: Option<(&audit::Usage, audit::Period, usize)>,
     keycloak_plan: Option<String>,
 ) -> Report {
-    let mut issued_on_paths: BTreeMap<&audit::UsageKey, bool> = BTreeMap::new();
-    // The audit's counts by (policy, audience, repository): a path looks up
-    // its own, not every count.
-    type Counts<'a> = Vec<(&'a audit::UsageKey, Option<BbUuid>, audit::Issued)>;
-    // (A token counts on a row when its branch matches the row's pattern.)
-    let mut by_path: BTreeMap<(&str, &str, BbUuid), Counts<'_>> = BTreeMap::new();
-    if let Some((u, _, _)) = usage {
-        issued_on_paths.extend(u.issued.keys().map(|k| (k, false)));
-        for (k, v) in &u.issued {
-            let Ok(repo) = BbUuid::parse_lenient(&k.repository_uuid) else {
-                continue;
-            };
-            let env = k
-                .environment_uuid
-                .as_deref()
-                .and_then(|e| BbUuid::parse_lenient(e).ok());
-            by_path
-                .entry((k.policy.as_str(), k.audience.as_str(), repo))
-                .or_default()
-                .push((k, env, *v));
-        }
-    }
-    let mut paths: Vec<Path> = Vec::new();
+    let mut index = usage.map(|(u, _, _)| UsageIndex::new(u));
     let policies: std::collections::HashMap<&str, &crate::policy::Policy> = set
         .policies()
         .iter()
         .map(|p| (p.id.as_str(), &**p))
         .collect();
+    let mut paths: Vec<Path> = Vec::new();
     for c in set.coverage(now, true) {
         let Some(p) = policies.get(c.policy.as_str()) else {
             continue;
         };
-        let Some(g) = &p.grant else { continue };
-        let (issued, last) = match usage {
-            None => (None, None),
-            Some(_) => {
-                let mut n = 0;
-                let mut last = 0;
-                let counts =
-                    by_path.get(&(c.policy.as_str(), c.audience.as_str(), c.repository_uuid));
-                let pattern = c.branch.as_ref().and_then(|b| {
-                    p.when
-                        .branch_name
-                        .as_ref()?
-                        .iter()
-                        .find(|x| x.source() == b)
-                });
-                for (k, env, v) in counts.into_iter().flatten() {
-                    let on_branch = match (&c.branch, pattern) {
-                        (None, _) => true,
-                        (Some(_), Some(pat)) => {
-                            k.branch.as_deref().is_some_and(|b| pat.is_match(b))
-                        }
-                        (Some(_), None) => false,
-                    };
-                    if on_branch && c.environment_uuid.is_none_or(|e| *env == Some(e)) {
-                        n += v.count;
-                        last = last.max(v.last);
-                        issued_on_paths.insert(k, true);
-                    }
-                }
-                (Some(n), (last > 0).then(|| rfc3339(last)))
-            }
-        };
-        let identity = match g.identity {
-            None => "shared client",
-            Some(crate::domain::identity::IdentityKind::Repository) => "repository user",
-            Some(crate::domain::identity::IdentityKind::RepositoryEnvironment) => {
-                "repository+environment user"
-            }
-        };
-        paths.push(Path {
-            client: g.client.clone(),
-            audience: c.audience.clone(),
-            scopes: g.scopes.iter().cloned().collect(),
-            policy: c.policy.clone(),
-            identity: identity.to_string(),
-            groups: g.groups.iter().cloned().collect(),
-            repository: c.repository.clone(),
-            repository_uuid: c.repository_uuid.braced(),
-            branch: c.branch.clone(),
-            environment: c.environment.clone(),
-            requires: c.requires.describe(),
-            shown: c.shown.clone(),
-            missing: c
-                .missing
-                .iter()
-                .map(crate::policy::require::Missing::phrase)
-                .collect(),
-            protected: !c.requires.is_empty() && c.missing.is_empty(),
-            restrictions_known: c.who.is_some(),
-            may_push: c.who.as_ref().and_then(|w| w.push.clone()),
-            may_merge: c.who.as_ref().and_then(|w| w.merge.clone()),
-            unused: issued == Some(0),
-            issued,
-            last_issued: last,
-        });
+        let used = index.as_mut().map(|i| i.on(&c, p));
+        paths.extend(path(&c, p, used));
     }
     paths.sort_by(|a, b| {
         (
@@ -244,33 +160,17 @@ pub fn build(
                 &b.environment,
             ))
     });
-    let audit = usage.map(|(u, _, files)| AuditSummary {
-        files,
-        lines_read: u.lines_read,
-        lines_skipped: u.lines_skipped,
-        lines_unparseable: u.lines_unparseable,
-        duplicates: u.duplicates,
-        conflicts: u.conflicts,
-        issued_outside_paths: u
-            .issued
-            .iter()
-            .filter(|(k, _)| issued_on_paths.get(k) == Some(&false))
-            .map(|(_, v)| v.count)
-            .sum(),
-    });
-    let mut not_checked = vec![
-        "which branches may deploy to an environment (not in Bitbucket's public API)".to_string(),
-        "restrictions set at the project level (not returned by the repository's endpoint)".to_string(),
-        "pipelines importing their definition from another repository (shared pipeline configurations)".to_string(),
-    ];
-    if usage.is_none() {
-        not_checked.push("what was used: no audit files were given".to_string());
-    }
-    not_checked.push(
-        "deny policies: each row is what an allow admits; a deny policy may refuse some of it (policy explain shows one request)"
-            .to_string(),
-    );
-    not_checked.extend(outside_inventory(set));
+    let audit = usage
+        .zip(index.as_ref())
+        .map(|((u, _, files), i)| AuditSummary {
+            files,
+            lines_read: u.lines_read,
+            lines_skipped: u.lines_skipped,
+            lines_unparseable: u.lines_unparseable,
+            duplicates: u.duplicates,
+            conflicts: u.conflicts,
+            issued_outside_paths: i.outside_paths(),
+        });
     Report {
         generated_at: crate::inventory::protections::rfc3339(now),
         policies_digest: set.digest().to_string(),
@@ -287,8 +187,157 @@ pub fn build(
         keycloak_plan: keycloak_plan.unwrap_or_else(|| {
             "not checked: give --keycloak-plan with view-only admin credentials".into()
         }),
-        not_checked,
+        not_checked: not_checked(set, usage.is_some()),
     }
+}
+
+/// (policy, audience, repository).
+type PathKey<'a> = (&'a str, &'a str, BbUuid);
+
+/// The audit's counts by (policy, audience, repository), so that a path looks
+/// up its own, and which counts some path took.
+struct UsageIndex<'a> {
+    by_path: BTreeMap<PathKey<'a>, Vec<(&'a audit::UsageKey, Option<BbUuid>)>>,
+    usage: &'a audit::Usage,
+    taken: std::collections::BTreeSet<&'a audit::UsageKey>,
+}
+
+impl<'a> UsageIndex<'a> {
+    fn new(usage: &'a audit::Usage) -> Self {
+        let mut by_path: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for k in usage.issued.keys() {
+            let Ok(repo) = BbUuid::parse_lenient(&k.repository_uuid) else {
+                continue;
+            };
+            let env = k
+                .environment_uuid
+                .as_deref()
+                .and_then(|e| BbUuid::parse_lenient(e).ok());
+            by_path
+                .entry((k.policy.as_str(), k.audience.as_str(), repo))
+                .or_default()
+                .push((k, env));
+        }
+        Self {
+            by_path,
+            usage,
+            taken: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// Tokens issued on row `c` of policy `p` and when the last was: a token
+    /// counts when its branch matches the row's pattern and its environment
+    /// the row's.
+    fn on(&mut self, c: &crate::policy::require::Coverage, p: &crate::policy::Policy) -> Issued {
+        let pattern = c.branch.as_ref().and_then(|b| {
+            p.when
+                .branch_name
+                .as_ref()?
+                .iter()
+                .find(|x| x.source() == b)
+        });
+        let (mut n, mut last) = (0, 0);
+        let key = (c.policy.as_str(), c.audience.as_str(), c.repository_uuid);
+        for (k, env) in self.by_path.get(&key).into_iter().flatten() {
+            let on_branch = match (&c.branch, pattern) {
+                (None, _) => true,
+                (Some(_), Some(pat)) => k.branch.as_deref().is_some_and(|b| pat.is_match(b)),
+                (Some(_), None) => false,
+            };
+            let Some(v) = self.usage.issued.get(*k) else {
+                continue;
+            };
+            if on_branch && c.environment_uuid.is_none_or(|e| *env == Some(e)) {
+                n += v.count;
+                last = last.max(v.last);
+                self.taken.insert(k);
+            }
+        }
+        Issued {
+            count: n,
+            last: (last > 0).then(|| rfc3339(last)),
+        }
+    }
+
+    /// Tokens no path took: issued on paths that no longer exist.
+    fn outside_paths(&self) -> u64 {
+        self.usage
+            .issued
+            .iter()
+            .filter(|(k, _)| !self.taken.contains(k))
+            .map(|(_, v)| v.count)
+            .sum()
+    }
+}
+
+/// What one path issued in the period.
+struct Issued {
+    count: u64,
+    last: Option<String>,
+}
+
+/// The row of coverage line `c` of policy `p` (`None` for a deny).
+fn path(
+    c: &crate::policy::require::Coverage,
+    p: &crate::policy::Policy,
+    used: Option<Issued>,
+) -> Option<Path> {
+    let g = p.grant.as_ref()?;
+    let identity = match g.identity {
+        None => "shared client",
+        Some(crate::domain::identity::IdentityKind::Repository) => "repository user",
+        Some(crate::domain::identity::IdentityKind::RepositoryEnvironment) => {
+            "repository+environment user"
+        }
+    };
+    let (issued, last_issued) = match used {
+        Some(u) => (Some(u.count), u.last),
+        None => (None, None),
+    };
+    Some(Path {
+        client: g.client.clone(),
+        audience: c.audience.clone(),
+        scopes: g.scopes.iter().cloned().collect(),
+        policy: c.policy.clone(),
+        identity: identity.to_string(),
+        groups: g.groups.iter().cloned().collect(),
+        repository: c.repository.clone(),
+        repository_uuid: c.repository_uuid.braced(),
+        branch: c.branch.clone(),
+        environment: c.environment.clone(),
+        requires: c.requires.describe(),
+        shown: c.shown.clone(),
+        missing: c
+            .missing
+            .iter()
+            .map(crate::policy::require::Missing::phrase)
+            .collect(),
+        protected: !c.requires.is_empty() && c.missing.is_empty(),
+        restrictions_known: c.who.is_some(),
+        may_push: c.who.as_ref().and_then(|w| w.push.clone()),
+        may_merge: c.who.as_ref().and_then(|w| w.merge.clone()),
+        unused: issued == Some(0),
+        issued,
+        last_issued,
+    })
+}
+
+/// What the report did not check (`read`: audit files were given).
+fn not_checked(set: &PolicySet, read: bool) -> Vec<String> {
+    let mut out = vec![
+        "which branches may deploy to an environment (not in Bitbucket's public API)".to_string(),
+        "restrictions set at the project level (not returned by the repository's endpoint)".to_string(),
+        "pipelines importing their definition from another repository (shared pipeline configurations)".to_string(),
+    ];
+    if !read {
+        out.push("what was used: no audit files were given".to_string());
+    }
+    out.push(
+        "deny policies: each row is what an allow admits; a deny policy may refuse some of it (policy explain shows one request)"
+            .to_string(),
+    );
+    out.extend(outside_inventory(set));
+    out
 }
 
 /// The JSON Schema of the report's JSON form (`docs/schemas/access-report.schema.json`).
