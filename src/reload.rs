@@ -333,6 +333,10 @@ impl Reloader {
             self.retries = 0;
         }
         self.retry_at = None;
+        // The watch on where the directory resolves now, before reading it.
+        if let Some(w) = self.watch.as_mut() {
+            w.follow();
+        }
         let (state, settle) = (self.state.clone(), self.cfg.settle);
         let outcome = self
             .background
@@ -401,7 +405,9 @@ impl DirWatch {
     }
 
     /// Watches again when the directory now resolves to another directory:
-    /// another target of a link, or another directory at the same path.
+    /// another target of a link, or another directory at the same path. Then
+    /// asks for one more reload: an edit made in the new target after a read
+    /// of it and before its watch existed raised no event.
     fn follow(&mut self) {
         use std::os::unix::fs::MetadataExt;
         let root = std::fs::canonicalize(&self.dir)
@@ -413,6 +419,9 @@ impl DirWatch {
         {
             self._watcher = None; // drop the old watches first
             self._watcher = watch_dir(&self.dir, target, self.tx.clone());
+            if self.root.is_some() && self._watcher.is_some() {
+                let _ = self.tx.try_send(());
+            }
             self.root = root;
         }
     }
