@@ -44,13 +44,8 @@ if ! command -v c++ >/dev/null 2>&1; then
 fi
 
 cache="${KCS_CACHE:-$HOME/.cache/keycloak-ci-sts}"
-tools="$cache/tools"
-cargo_fuzz_version=0.13.2
-if ! "$tools/bin/cargo-fuzz" --version 2>/dev/null | grep -qF "$cargo_fuzz_version"; then
-  echo "== installing cargo-fuzz $cargo_fuzz_version into $tools"
-  cargo install --locked --quiet --root "$tools" --version "$cargo_fuzz_version" cargo-fuzz
-fi
-export PATH="$tools/bin:$PATH"
+source scripts/lib/tools.sh
+cargo_tool cargo-fuzz 0.13.2
 # One target directory per sanitizer (their flags differ, so they share nothing).
 export CARGO_TARGET_DIR="$cache/fuzz-target"
 [[ "$sanitizer" == none ]] || CARGO_TARGET_DIR="$cache/fuzz-target-$sanitizer"
