@@ -26,6 +26,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY testkit ./testkit
 COPY benches ./benches
+# `keycloak-ci-sts --version` names the commit given here:
+#   docker build --build-arg KCS_GIT_COMMIT="$(git rev-parse HEAD)" ...
+ARG KCS_GIT_COMMIT
 RUN cargo build --release --locked --bin keycloak-ci-sts
 
 FROM debian:12.11-slim

@@ -44,19 +44,26 @@ echo "== hadolint Dockerfile"
 "$PYTOOLS/bin/hadolint" --failure-threshold warning Dockerfile
 
 echo "== helm lint / template / schema validation"
-"$HELM" lint --strict "$CHART"
+# The chart names no image registry: image.repository is the operator's.
+IMAGE_REPO=example/keycloak-ci-sts
+helm_t() { "$HELM" template kcs "$CHART" --set "image.repository=$IMAGE_REPO" "$@"; }
+"$HELM" lint --strict "$CHART" --set "image.repository=$IMAGE_REPO"
+if "$HELM" template kcs "$CHART" >/dev/null 2>&1; then
+  echo "deploy-check: the chart rendered without image.repository" >&2
+  exit 1
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$HELM" template kcs "$CHART" >"$work/default.yaml"
-"$HELM" template kcs "$CHART" --set serviceMonitor.enabled=true \
+helm_t >"$work/default.yaml"
+helm_t --set serviceMonitor.enabled=true \
   --set keycloakApply.enabled=true --set networkPolicy.enabled=true \
   --set-file 'inventory.acme\.yaml=policies/inventory/acme.yaml' \
   --set-file 'realmModel=policies/keycloak/realm.yaml' >"$work/all.yaml"
-"$HELM" template kcs "$CHART" --set podDisruptionBudget.enabled=false \
+helm_t --set podDisruptionBudget.enabled=false \
   --set networkPolicy.enabled=false >"$work/minimal.yaml"
 # Policy sets too large for a ConfigMap: a git-sync sidecar, the operator's volume.
-"$HELM" template kcs "$CHART" -f "$CHART/ci/git-sync-values.yaml" >"$work/git-sync.yaml"
-"$HELM" template kcs "$CHART" -f "$CHART/ci/volume-values.yaml" >"$work/volume.yaml"
+helm_t -f "$CHART/ci/git-sync-values.yaml" >"$work/git-sync.yaml"
+helm_t -f "$CHART/ci/volume-values.yaml" >"$work/volume.yaml"
 for v in $K8S_VERSIONS; do
   for f in default all minimal git-sync volume; do
     # ServiceMonitor is a CRD (Prometheus Operator): no schema ships; a warning.
@@ -64,6 +71,13 @@ for v in $K8S_VERSIONS; do
   done
 done
 grep -q "kind: CronJob" "$work/all.yaml"
+app_version=$(sed -nE 's/^appVersion: "?([^"]+)"?$/\1/p' "$CHART/Chart.yaml")
+[[ $(grep -c "image: \"$IMAGE_REPO:$app_version\"" "$work/all.yaml") -eq 2 ]] \
+  || { echo "deploy-check: the image tag is not the chart's appVersion ($app_version)" >&2; exit 1; }
+if helm_t -f "$CHART/ci/git-sync-values.yaml" --set policySource.gitSync.image.repository= >/dev/null 2>&1; then
+  echo "deploy-check: git-sync rendered without its image repository" >&2
+  exit 1
+fi
 grep -q "path: inventory/acme.yaml" "$work/all.yaml"
 grep -q "path: keycloak/realm.yaml" "$work/all.yaml"
 # ConfigMap keys must match [-._a-zA-Z0-9]+ (the API server refuses others).
@@ -85,21 +99,23 @@ grep -q -- "--one-time" "$work/git-sync.yaml"   # the CronJob syncs once first
 [[ $(grep -c "readOnlyRootFilesystem: true" "$work/git-sync.yaml") -ge 3 ]]
 grep -q 'policies_dir = "/etc/keycloak-ci-sts/policies-volume/policies"' "$work/volume.yaml"
 grep -q "claimName: keycloak-ci-sts-policies" "$work/volume.yaml"
-if "$HELM" template kcs "$CHART" -f "$CHART/ci/git-sync-values.yaml" \
+if helm_t -f "$CHART/ci/git-sync-values.yaml" \
   --set policySource.volume.existingClaim=x >/dev/null 2>&1; then
   echo "deploy-check: gitSync and volume together were accepted" >&2
   exit 1
 fi
 # No namespaces for the admin port: no rule for it (an empty `from` opens it).
-"$HELM" template kcs "$CHART" --set 'networkPolicy.metricsNamespaces=null' >"$work/closed.yaml"
+helm_t --set 'networkPolicy.metricsNamespaces=null' >"$work/closed.yaml"
 if grep -q "port: admin" <(sed -n '/kind: NetworkPolicy/,/^---/p' "$work/closed.yaml"); then
   echo "deploy-check: the NetworkPolicy opens the admin port without metricsNamespaces" >&2
   exit 1
 fi
 
 echo "== the image's runtime contract (release binary, as ENTRYPOINT/CMD/USER/WORKDIR/ENV say)"
-cargo build --release --locked --bin keycloak-ci-sts
-BIN="$(realpath "${CARGO_TARGET_DIR:-target}/release/keycloak-ci-sts")"
+# The release build of scripts/release.sh (scripts/lib/dist.sh), built once.
+source scripts/lib/dist.sh
+dist_build
+BIN="$DIST_BIN"
 entry=$(sed -nE 's/^ENTRYPOINT \["([^"]+)"\]$/\1/p' Dockerfile)
 cmd_json=$(sed -nE 's/^CMD (\[.*\])$/\1/p' Dockerfile)
 user=$(sed -nE 's/^USER ([0-9]+):([0-9]+)$/\1/p' Dockerfile)

@@ -4,13 +4,13 @@
 #
 #   scripts/test.sh
 #
-# Runs formatting and lint checks; starts Keycloak 26.7.3 (scripts/keycloak.sh:
+# Runs formatting and lint checks and the dependency audit (scripts/supply-chain.sh); starts Keycloak 26.7.3 (scripts/keycloak.sh:
 # fetched from Maven, cached outside the clone, run in dev mode on 127.0.0.1),
 # configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`
 # (also the replica tests: redis-server, three service processes, haproxy);
 # builds the fuzz targets, replays their corpora and runs each 200,000 times from a fixed seed
 # (scripts/fuzz.sh --ci); checks the Dockerfile, the Helm chart and the image's runtime contract
-# (scripts/deploy-check.sh);
+# (scripts/deploy-check.sh) and builds the release artefacts from the same build (scripts/release.sh);
 # then runs the provisioning test on Keycloak 26.4.7 and 26.5.6
 # (KCS_KEYCLOAK_OLDER_VERSIONS, empty to skip them locally). The real-Keycloak
 # tests are #[ignore]d in a plain `cargo test` (reported as "ignored"); here they
@@ -22,6 +22,10 @@ bash scripts/bootstrap.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Advisories, licences, duplicate versions, sources (deny.toml), against the
+# RustSec snapshot in ../shared/advisory-db; cargo-deny cached outside the clone.
+echo "== supply chain (scripts/supply-chain.sh: cargo deny --offline check)"
+bash scripts/supply-chain.sh
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build (tests)"
@@ -72,6 +76,11 @@ KC_VERSION="$KC_NEWEST" bash scripts/keycloak-compat.sh
 
 echo "== deployment: Dockerfile (hadolint), Helm chart (lint, template, schemas), the image's runtime contract"
 bash scripts/deploy-check.sh
+
+# The release artefacts from deploy-check's release build (no second build):
+# tarball, SBOM, chart, sums, each checked by the script.
+echo "== release artefacts (scripts/release.sh)"
+bash scripts/release.sh
 
 for v in $KC_OLDER; do
   echo "== Keycloak $v: provisioning and exchange test"

@@ -3,7 +3,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+
+/// The commit a release was built from: `KCS_GIT_COMMIT` at build time
+/// (scripts/lib/dist.sh, the Dockerfile's build argument); `unknown` in a
+/// developer's build.
+const COMMIT: &str = match option_env!("KCS_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
 
 /// mimalloc instead of the system allocator: an exchange allocates a few hundred
 /// small, short-lived objects (form, claims, JSON, HTTP); measured with
@@ -39,7 +47,16 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = keycloak_ci_sts::cli::Cli::parse();
+    // `--version`: the version and the commit (leaked once, at startup).
+    let version: &'static str =
+        Box::leak(format!("{} (commit {COMMIT})", env!("CARGO_PKG_VERSION")).into_boxed_str());
+    let matches = keycloak_ci_sts::cli::Cli::command()
+        .version(version)
+        .get_matches();
+    let cli = match keycloak_ci_sts::cli::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match keycloak_ci_sts::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -152,7 +152,7 @@ Call with (dict "root" $ "oneTime" bool). */}}
 {{- $ := .root -}}
 {{- $git := $.Values.policySource.gitSync -}}
 - name: git-sync
-  image: "{{ $git.image.repository }}:{{ $git.image.tag }}"
+  image: "{{ required "policySource.gitSync.image.repository is required with gitSync: the git-sync v4 image your cluster pulls" $git.image.repository }}:{{ $git.image.tag }}"
   imagePullPolicy: {{ $git.image.pullPolicy }}
   {{- if not .oneTime }}
   restartPolicy: Always
