@@ -6,6 +6,7 @@
 
 mod bitbucket;
 mod config;
+mod docs;
 mod keycloak;
 mod keys;
 mod policy;
@@ -31,36 +32,52 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts serve --config /etc/keycloak-ci-sts/sts.toml"
+    )]
     Serve {
         /// TOML configuration file (environment overrides: `KEYCLOAK_CI_STS_<KEY>`, `__` between levels).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Reports for security teams (never used by the service).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts report access --config sts.toml --audit audit.jsonl* --format html --out review.html"
+    )]
     Report {
         /// Report subcommand.
         #[command(subcommand)]
         command: ReportCommand,
     },
     /// Bitbucket tools (read Bitbucket's REST API; never used by the service).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts bitbucket inventory --workspace acme --out policies/inventory/acme.yaml"
+    )]
     Bitbucket {
         /// Bitbucket subcommand.
         #[command(subcommand)]
         command: BitbucketCommand,
     },
     /// Configuration tools (offline).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts config check --config sts.toml --no-secrets"
+    )]
     Config {
         /// Config subcommand.
         #[command(subcommand)]
         command: ConfigCommand,
     },
     /// Policy tools (offline).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts policy check --dir policies --config sts.toml"
+    )]
     Policy {
         /// Policy subcommand.
         #[command(subcommand)]
         command: PolicyCommand,
     },
     /// Keycloak provisioning from the policies (Admin REST API; never used by the service).
+    #[command(after_help = "Example:\n  keycloak-ci-sts keycloak plan --config sts.toml")]
     Keycloak {
         /// Keycloak subcommand.
         #[command(subcommand)]
@@ -70,6 +87,9 @@ pub enum Command {
     /// a step or an agent runs instead of curl), or list what it may obtain
     /// (--list). Exit 0 issued, 1 refused (the message names error_code and
     /// request_id), 2 usage, 75 still unavailable after the wait budget.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts token --url https://sts.example.com --audience deploy-api --scope deploy:production --output /tmp/deploy.token"
+    )]
     Token {
         /// The service's base URL.
         #[arg(long, env = "KCS_STS_URL")]
@@ -104,6 +124,7 @@ pub enum Command {
     /// tools list_grants and get_token (tokens go to 0600 files, not into the
     /// model's context). A convenience, not a security boundary (the boundary
     /// is the policies and the step's audience marker).
+    #[command(after_help = "Example:\n  keycloak-ci-sts mcp --url https://sts.example.com")]
     Mcp {
         /// The service's base URL.
         #[arg(long, env = "KCS_STS_URL")]
@@ -124,7 +145,24 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         max_wait_seconds: u64,
     },
+    /// Print a completion script for a shell to standard output.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts completions bash > /etc/bash_completion.d/keycloak-ci-sts"
+    )]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page for every command (roff, section 1) into a directory.
+    #[command(after_help = "Example:\n  keycloak-ci-sts man --out /usr/local/share/man/man1")]
+    Man {
+        /// Directory to write `keycloak-ci-sts.1`, `keycloak-ci-sts-serve.1`, ... into (created).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Signing key tools.
+    #[command(after_help = "Example:\n  keycloak-ci-sts keys generate --out signing-2026-12.pem")]
     Keys {
         /// Keys subcommand.
         #[command(subcommand)]
@@ -140,6 +178,9 @@ pub enum ReportCommand {
     /// policy and identity, on what protections, and (with audit files) what
     /// was issued in the period and which grants went unused. Exit 0 when
     /// written, 1 when the policies or an audit file cannot be read.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts report access --config sts.toml --audit audit.jsonl audit.jsonl.1.gz --since 2026-10-01T00:00:00Z --format markdown --out access-review.md"
+    )]
     Access(report::AccessArgs),
 }
 
@@ -154,6 +195,9 @@ pub enum BitbucketCommand {
     /// Exit 0 when written (or unchanged), 3 when written but some concerned
     /// repositories' branch restrictions are unknown (a 403), 1 when the API
     /// refused or answered badly, 2 for a missing token or an unusable argument.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts bitbucket inventory --workspace acme --out policies/inventory/acme.yaml --token-file bitbucket-token --config sts.toml"
+    )]
     Inventory {
         /// Workspace ID (slug).
         #[arg(long)]
@@ -208,6 +252,9 @@ pub enum ConfigCommand {
     /// included) and of its policies, without starting anything or calling any
     /// upstream; print each problem and warning. Exit 0 when valid (warnings
     /// allowed), 1 when not.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts config check --config sts.toml --no-secrets"
+    )]
     Check {
         /// TOML configuration file.
         #[arg(long, short)]
@@ -223,6 +270,9 @@ pub enum ConfigCommand {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate every policy file of a directory; exit 1 with one line per problem.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts policy check --dir policies --config sts.toml --fail-on-unprotected-production"
+    )]
     Check {
         /// Policies directory.
         #[arg(long, default_value = "policies")]
@@ -239,6 +289,9 @@ pub enum PolicyCommand {
         fail_on_unprotected_production: bool,
     },
     /// Print the decision and trace for a token or claims file (signature NOT verified).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts policy explain --dir policies --token token.txt --audience deploy-api --scope deploy:production"
+    )]
     Explain {
         /// Policies directory.
         #[arg(long, default_value = "policies")]
@@ -268,6 +321,9 @@ pub enum KeycloakCommand {
     /// realm, without changing anything; works with view-only admin credentials.
     /// Exit 0 in sync, 3 changes pending, 1 conflicts or a failed call, 2 usage or
     /// configuration error.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts keycloak plan --config sts.toml --admin-client-id sts-admin-view --admin-secret-file view.secret"
+    )]
     Plan {
         /// TOML configuration file of the service.
         #[arg(long, short)]
@@ -285,6 +341,9 @@ pub enum KeycloakCommand {
     },
     /// Make the plan's changes (idempotent) and set client secrets to the
     /// configured ones; print each change. Needs manage admin credentials.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts keycloak apply --config sts.toml --admin-client-id sts-admin-manage --admin-secret-file manage.secret"
+    )]
     Apply {
         /// TOML configuration file of the service.
         #[arg(long, short)]
@@ -306,6 +365,9 @@ pub enum KeycloakCommand {
         admin: keycloak::AdminArgs,
     },
     /// Write the desired state as realm-import JSON (no secrets, no server call).
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts keycloak export --config sts.toml --out realm-ci.json"
+    )]
     Export {
         /// TOML configuration file of the service.
         #[arg(long, short)]
@@ -320,6 +382,9 @@ pub enum KeycloakCommand {
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Write a new PKCS#8 PEM private key (mode 0600) and print its kid and public JWK.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts keys generate --out signing-2026-12.pem --alg ES256"
+    )]
     Generate {
         /// Output file (refuses to overwrite).
         #[arg(long)]
@@ -488,6 +553,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report {
             command: ReportCommand::Access(args),
         } => report::access(args),
+        Command::Completions { shell } => {
+            docs::completions(shell, &mut std::io::stdout().lock())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { out } => {
+            docs::man_pages(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
