@@ -63,6 +63,15 @@ cargo +nightly metadata --locked --format-version 1 --manifest-path fuzz/Cargo.t
   { echo "fuzz: fuzz/Cargo.lock is out of date (cp Cargo.lock fuzz/ and build once)" >&2; exit 1; }
 (cd fuzz && cargo +nightly fuzz build --sanitizer "$sanitizer")
 bin_dir="$CARGO_TARGET_DIR/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
+# Each change of the library links every target anew under a new hash, and the
+# cache kept them all (tens of GB after a day of commits): keep the newest two
+# of each target and of the library's own artefacts (the ones just built, and
+# the previous for a build switching back).
+for stem in "${all[@]}" libkeycloak_ci_sts keycloak_ci_sts; do
+  find "$bin_dir/deps" -maxdepth 1 -type f -name "$stem-*" -printf '%T@ %p\n' |
+    sort -rn | awk '{print $2}' | sed -E 's/\.[a-z]+$//' | awk '!seen[$0]++' | tail -n +3 |
+    while read -r old; do rm -f "$old" "$old".*; done
+done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
