@@ -12,7 +12,7 @@
 # secrets come from files under it or from environment variables the
 # configuration names (secret_env, key_env, url_env). No HEALTHCHECK: the
 # orchestrator probes GET /healthz (liveness) and GET /readyz (readiness) on
-# admin_listen (README "Deploying"). The root filesystem can be read-only: the
+# admin_listen (docs/src/deploying.md). The root filesystem can be read-only: the
 # service writes nothing but its audit log (standard output by default).
 # Checked with hadolint in .ci/run; scripts/deploy-check.sh runs the release
 # binary exactly as ENTRYPOINT/CMD below do (no container engine there).
@@ -26,10 +26,16 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY testkit ./testkit
 COPY benches ./benches
+COPY bench/floor ./bench/floor
+# The release build of scripts/release.sh (Cargo profile `dist`, under
+# cargo-auditable: the binary carries its dependency list for `cargo audit bin`
+# and SBOM tools). deploy-check.sh checks that the files copied above form the
+# workspace.
+RUN cargo install --locked --version 0.7.7 cargo-auditable
 # `keycloak-ci-sts --version` names the commit given here:
 #   docker build --build-arg KCS_GIT_COMMIT="$(git rev-parse HEAD)" ...
 ARG KCS_GIT_COMMIT
-RUN cargo build --release --locked --bin keycloak-ci-sts
+RUN cargo auditable build --profile dist --locked --bin keycloak-ci-sts
 
 FROM debian:12.11-slim
 RUN apt-get update \
@@ -37,7 +43,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 65532 sts \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin sts
-COPY --from=build /src/target/release/keycloak-ci-sts /usr/local/bin/keycloak-ci-sts
+COPY --from=build /src/target/dist/keycloak-ci-sts /usr/local/bin/keycloak-ci-sts
 USER 65532:65532
 WORKDIR /etc/keycloak-ci-sts
 ENV RUST_LOG=info

@@ -43,6 +43,16 @@ fi
 echo "== hadolint Dockerfile"
 "$PYTOOLS/bin/hadolint" --failure-threshold warning Dockerfile
 
+# The build stage copies only some of the tree: those files must be the
+# workspace Cargo loads (a workspace member left out fails every image build).
+echo "== the Dockerfile's build context is a complete workspace"
+ctx=$(mktemp -d)
+sed -nE '/^FROM .* AS build$/,/^FROM /{s/^COPY ([^-].*) [^ ]+$/\1/p}' Dockerfile | tr ' ' '\n' |
+  while read -r p; do [[ -n "$p" ]] && mkdir -p "$ctx/$(dirname "$p")" && cp -r "$p" "$ctx/$p"; done
+cargo metadata --locked --offline --format-version 1 --manifest-path "$ctx/Cargo.toml" >/dev/null \
+  || { rm -rf "$ctx"; echo "deploy-check: the Dockerfile's COPY lines leave out part of the workspace" >&2; exit 1; }
+rm -rf "$ctx"
+
 echo "== helm lint / template / schema validation"
 # The chart names no image registry: image.repository is the operator's.
 IMAGE_REPO=example/keycloak-ci-sts
@@ -52,6 +62,14 @@ if "$HELM" template kcs "$CHART" >/dev/null 2>&1; then
   echo "deploy-check: the chart rendered without image.repository" >&2
   exit 1
 fi
+for bad in "image.repository=a b" "image.repository=a@sha256:00" "image.digest=md5:00"; do
+  if helm_t --set "$bad" >/dev/null 2>&1; then
+    echo "deploy-check: the chart rendered with $bad" >&2
+    exit 1
+  fi
+done
+helm_t --set "image.digest=sha256:$(printf '0%.0s' {1..64})" | grep -q "image: \"$IMAGE_REPO@sha256:0" \
+  || { echo "deploy-check: image.digest is not used" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 helm_t >"$work/default.yaml"

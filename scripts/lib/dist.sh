@@ -21,16 +21,23 @@ dist_build() {
   mkdir -p "${CARGO_TARGET_DIR:-target}"
   target=$(cd "${CARGO_TARGET_DIR:-target}" && pwd -P)
   cargo_home=$(cd "${CARGO_HOME:-$HOME/.cargo}" && pwd -P)
+  # The remap flags travel through CFLAGS, which compilers split on whitespace.
+  if [[ "$root$target$cargo_home" =~ [[:space:]] ]]; then
+    echo "dist: the clone, target or cargo home path contains whitespace; build from a path without" >&2
+    return 1
+  fi
   commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-  if [[ "$commit" != unknown ]] && ! git diff --quiet HEAD -- 2>/dev/null; then
+  # Any change git would show, untracked files included (a new build.rs or
+  # policy file changes what is built and shipped).
+  if [[ "$commit" != unknown && -n "$(git status --porcelain 2>/dev/null)" ]]; then
     commit="$commit-modified"
   fi
   SOURCE_DATE_EPOCH=$(git log -1 --format=%ct 2>/dev/null || echo 0)
   export SOURCE_DATE_EPOCH
   # The most specific prefix last: rustc applies the last matching remap.
-  local remap="--remap-path-prefix=$cargo_home=/cargo --remap-path-prefix=$root=/build/keycloak-ci-sts --remap-path-prefix=$target=/build/target"
+  local remap=$'--remap-path-prefix='"$cargo_home"$'=/cargo\x1f--remap-path-prefix='"$root"$'=/build/keycloak-ci-sts\x1f--remap-path-prefix='"$target"$'=/build/target'
   local cmap="-ffile-prefix-map=$cargo_home=/cargo -ffile-prefix-map=$root=/build/keycloak-ci-sts -ffile-prefix-map=$target=/build/target"
-  KCS_GIT_COMMIT="$commit" RUSTFLAGS="$remap" CFLAGS="$cmap" CXXFLAGS="$cmap" \
+  KCS_GIT_COMMIT="$commit" CARGO_ENCODED_RUSTFLAGS="$remap" CFLAGS="$cmap" CXXFLAGS="$cmap" \
     cargo auditable build --profile dist --locked --bin keycloak-ci-sts
   DIST_BIN="$target/dist/keycloak-ci-sts"
   DIST_COMMIT="$commit"

@@ -218,3 +218,22 @@ Call with (dict "root" $ "oneTime" bool). */}}
 app.kubernetes.io/name: {{ include "kcs.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
+
+{{/*
+The service's image: `image.repository` (required, no registry is named by the
+chart), then `@image.digest` when set, else `:image.tag` (default: appVersion).
+*/}}
+{{- define "keycloak-ci-sts.image" -}}
+{{- $repo := required "image.repository is required: the keycloak-ci-sts image you built and pushed (docs/src/releases.md)" .Values.image.repository -}}
+{{- if regexMatch "[[:space:]@]" $repo -}}
+{{- fail "image.repository must be a repository name only (no whitespace, tag or digest: set image.tag or image.digest)" -}}
+{{- end -}}
+{{- with .Values.image.digest -}}
+{{- if not (regexMatch "^sha256:[0-9a-f]{64}$" .) -}}
+{{- fail "image.digest must be sha256:<64 hex digits>" -}}
+{{- end -}}
+{{ $repo }}@{{ . }}
+{{- else -}}
+{{ $repo }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
