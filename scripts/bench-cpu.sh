@@ -262,7 +262,7 @@ if [[ "$CRITERION" == 1 ]]; then
   DECIDE_US=$(est verify_and_decide)
 fi
 
-# The audit rotation check (README "Audit rotation"): one stat(2) of the audit
+# The audit rotation check (docs/src/operating.md): one stat(2) of the audit
 # path before every inline write, measured on its own (release build).
 echo "== the audit rotation check: one stat(2) per inline audit write"
 cargo test --release --locked --lib stat_cost -- --ignored --nocapture >"$OUT/stat-cost.log" 2>&1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser of outside input (fuzz/, cargo-fuzz;
-# README "Fuzzing").
+# docs/src/fuzzing.md).
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   # default 300 s each, AddressSanitizer
 #   scripts/fuzz.sh --ci                               # what scripts/test.sh runs: no

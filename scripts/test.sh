@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, including the tests against a real Keycloak.
-# This is the README's test command, and what .ci/run runs.
+# This is the test command of the README and the book (docs/src/getting-started.md),
+# and what .ci/run runs.
 #
 #   scripts/test.sh
 #
@@ -26,6 +27,10 @@ cargo fmt --all -- --check
 # RustSec snapshot in ../shared/advisory-db; cargo-deny cached outside the clone.
 echo "== supply chain (scripts/supply-chain.sh: cargo deny --offline check)"
 bash scripts/supply-chain.sh
+# The book under docs/ (mdbook, pinned and cached): every internal link, anchor
+# and included file must exist.
+echo "== the book (scripts/book.sh: mdbook build, link check)"
+bash scripts/book.sh
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build (tests)"
@@ -33,7 +38,7 @@ cargo test --locked --workspace --no-run
 
 cargo build --locked --workspace --bins
 
-# Organisation scale (README "Organisation scale"): a small synthetic organisation
+# Organisation scale (docs/src/benchmarks.md): a small synthetic organisation
 # in the real formats, served (allowed and refused exchanges), reloaded and
 # checked with the binaries just built; the measured sizes are scripts/bench-scale.sh's.
 echo "== scale smoke (scripts/bench-scale.sh --smoke)"
@@ -41,7 +46,7 @@ bash scripts/bench-scale.sh --smoke
 
 # Every parser of outside input, coverage-guided: each target built once without
 # sanitizer (nightly, cached outside the clone), its corpus replayed, then fuzzed
-# 200,000 times from a fixed seed (README "Fuzzing"; scripts/fuzz.sh runs longer, with AddressSanitizer).
+# 200,000 times from a fixed seed (docs/src/fuzzing.md; scripts/fuzz.sh runs longer, with AddressSanitizer).
 echo "== fuzz targets (cargo +nightly fuzz: build, replay fuzz/corpus/, 200,000 runs each from seed 1)"
 bash scripts/fuzz.sh --ci
 

@@ -80,7 +80,7 @@ pub struct Refusal {
     pub status: u16,
     /// RFC 6749 `error`.
     pub error: Option<String>,
-    /// The service's stable `error_code` (README error table).
+    /// The service's stable `error_code` (error-code table, docs/src/error-codes.md).
     pub error_code: Option<String>,
     /// `error_description`.
     pub error_description: Option<String>,

@@ -1,8 +1,8 @@
 //! The RFC 8693 token exchange, independent of HTTP: a typed [`TokenRequest`] in,
 //! an [`Issued`] token or a typed [`ExchangeError`] out. Every caller (the HTTP
 //! handler today; a client command, an agent interface or a second grant mode
-//! tomorrow) goes through [`Exchange::exchange`], so each step of the README's
-//! sequence diagram happens in one place and in one order:
+//! tomorrow) goes through [`Exchange::exchange`], so each step of the book's
+//! sequence diagram (docs/src/pipelines.md) happens in one place and in one order:
 //!
 //! 1. verify the Bitbucket token ([`crate::verify`]);
 //! 2. decide with the policies ([`crate::policy`]); a denied request never reaches Keycloak;
@@ -120,7 +120,7 @@ pub enum RequestError {
 }
 
 impl RequestError {
-    /// Stable error code (README error table).
+    /// Stable error code (error-code table, docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
         match self {
             Self::ContentType => "request.content_type",
@@ -367,7 +367,7 @@ pub enum ExchangeError {
 }
 
 impl ExchangeError {
-    /// Stable error code (README error table).
+    /// Stable error code (error-code table, docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
         match self {
             Self::Request(e) => e.code(),

@@ -6,7 +6,7 @@
 //!
 //! Inputs that hold JSON inside base64url (tokens) may be given as parts
 //! separated by the byte `0xFF` (never in UTF-8 text): the target encodes them,
-//! so the fuzzer mutates the JSON itself. See README "Fuzzing".
+//! so the fuzzer mutates the JSON itself. See docs/src/fuzzing.md.
 
 #![allow(
     clippy::panic,
@@ -34,13 +34,13 @@ const WS: &str = "{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}";
 const ISSUER: &str = "https://api.bitbucket.org/2.0/workspaces/acme/pipelines-config/identity/oidc";
 const SEPARATOR: u8 = 0xFF;
 
-/// The `error_code`s of the README's "Error codes" table.
+/// The `error_code`s of the book's error-code table (docs/src/error-codes.md).
 pub fn documented_codes() -> &'static BTreeSet<String> {
     static CODES: OnceLock<BTreeSet<String>> = OnceLock::new();
     CODES.get_or_init(|| {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../docs/src/error-codes.md");
         let table = readme
-            .split("\n## Error codes")
+            .split("# Error codes")
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
             .unwrap_or_default();
@@ -61,11 +61,11 @@ pub fn documented_codes() -> &'static BTreeSet<String> {
     })
 }
 
-/// Invariant `documented-code`: every refusal carries a code of the README's table.
+/// Invariant `documented-code`: every refusal carries a code of the book's table.
 fn assert_documented(code: &str, context: &str) {
     assert!(
         documented_codes().contains(code),
-        "documented-code: `{code}` ({context}) is not in the README's error-code table"
+        "documented-code: `{code}` ({context}) is not in the book's error-code table"
     );
 }
 

@@ -20,8 +20,7 @@
 //! `error_description`, `request_id` and HTTP `status`.
 //!
 //! Not a security boundary: the agent can read the step's environment. The
-//! boundary is the service's policies and the step's audience marker (README
-//! "Agent-marked steps"). Standard output is the protocol channel: everything
+//! boundary is the service's policies and the step's audience marker (docs/src/agents.md). Standard output is the protocol channel: everything
 //! else goes to standard error.
 
 use std::path::{Path, PathBuf};

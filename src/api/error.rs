@@ -1,7 +1,7 @@
 //! The one error type that reaches callers: RFC 6749 §5.2 JSON with a stable
 //! `error_code` and the `request_id`. Its text is fixed per code; causes go to
 //! logs. [`ApiError::from_exchange`] is the single table from [`ExchangeError`] to
-//! (HTTP status, OAuth `error`, `error_code`): the README's error table has this
+//! (HTTP status, OAuth `error`, `error_code`): the error-code table (docs/src/error-codes.md) has this
 //! one source in code.
 
 use actix_web::http::StatusCode;
@@ -25,7 +25,7 @@ pub struct ApiError {
     pub status: StatusCode,
     /// RFC 6749 / RFC 8693 `error` value.
     pub error: OAuthError,
-    /// Stable code (README error table).
+    /// Stable code (error-code table, docs/src/error-codes.md).
     pub error_code: &'static str,
     /// `error_description`: fixed text, possibly naming the caller's own claim values.
     pub description: String,

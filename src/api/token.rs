@@ -6,7 +6,7 @@
 //! Success (RFC 8693 §2.2.1): 200 `{access_token, issued_token_type, token_type:
 //! "Bearer", expires_in, scope}` with `Cache-Control: no-store`.
 //! Errors (RFC 6749 §5.2, RFC 8693 §2.2.2): [`ApiError::from_exchange`] and the
-//! README table.
+//! error-code table (docs/src/error-codes.md).
 
 use std::time::Duration;
 

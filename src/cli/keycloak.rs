@@ -27,7 +27,7 @@ pub const EXIT_CHANGES_PENDING: u8 = 3;
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
     /// `clientId` of the admin client (a confidential client with service accounts
-    /// and realm-management roles; README "Admin credentials").
+    /// and realm-management roles; docs/src/keycloak.md).
     #[arg(long, env = "KCS_ADMIN_CLIENT_ID")]
     pub admin_client_id: String,
     /// File holding the admin client's secret.

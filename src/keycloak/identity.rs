@@ -122,7 +122,7 @@ impl IdentitySigner for LocalSigner {
 
 /// How Keycloak refused a repository assertion: `invalid_grant` with an
 /// `error_description` that names the cause. Matched on the descriptions of
-/// Keycloak 26.7.0 and 26.7.3 (README "Error codes"); anything else is
+/// Keycloak 26.7.0 and 26.7.3 (docs/src/error-codes.md); anything else is
 /// [`IdentityRefusal::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityRefusal {

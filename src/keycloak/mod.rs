@@ -329,7 +329,7 @@ impl KeycloakError {
 /// configuration), OAuth `invalid_client` / `unauthorized_client` → client
 /// rejected, `invalid_scope` → scope rejected, `server_error` /
 /// `temporarily_unavailable` → server error, any other 4xx → rejected.
-/// Keycloak's error strings per cause are listed in the README.
+/// Keycloak's error strings per cause are listed in docs/src/error-codes.md.
 fn classify_status(
     url: &str,
     status: u16,

@@ -3,8 +3,8 @@
 //!
 //! One policy per file (`policies/<id>.yaml`, the id is the file stem). Files are
 //! parsed strictly (unknown fields refused) and compiled at startup: the service
-//! refuses to start on any error, naming the file and field. See the README's
-//! policy reference for the format. Evaluation ([`PolicySet::evaluate`]) never
+//! refuses to start on any error, naming the file and field. See the book's
+//! policy reference (docs/src/policies.md) for the format. Evaluation ([`PolicySet::evaluate`]) never
 //! fails: deny by default, any matching `deny` policy beats every `allow`.
 
 mod compile;
@@ -150,7 +150,7 @@ pub struct Conditions {
     pub branch_name: Option<Vec<BranchPattern>>,
     /// `aud` contains one of these values (exact): an audience marker a step
     /// declares with `oidc: audiences:`. Anyone who can push a branch can add or
-    /// drop it, so it may only narrow (README "Agent-marked steps").
+    /// drop it, so it may only narrow (docs/src/agents.md).
     pub aud: Option<Vec<String>>,
 }
 
@@ -468,7 +468,7 @@ impl PolicySet {
     /// One line when some policies list more than [`LARGE_EXPANSION`]
     /// repository and environment UUIDs (names, projects and globs expand to
     /// them at load): memory grows with policies times what each matches, not
-    /// with the files' size (README "Organisation scale").
+    /// with the files' size (docs/src/benchmarks.md).
     fn expansion_warning(&self) -> Option<String> {
         let sizes = self.policies.iter().map(|p| {
             let w = &p.when;
@@ -494,7 +494,7 @@ impl PolicySet {
     /// no branch or deployment environment (anyone who can push a branch can add
     /// the marker), and a deny policy on a marker where an allow policy grants
     /// what it refuses without a branch or environment condition (a step that
-    /// drops the marker obtains it). README "Agent-marked steps".
+    /// drops the marker obtains it). docs/src/agents.md.
     pub fn marker_warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in &self.policies {

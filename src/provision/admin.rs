@@ -20,7 +20,7 @@ use serde::Deserialize;
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// Credentials of the admin client (`keycloak plan` needs view roles only,
-/// `apply` manage roles; README "Admin credentials").
+/// `apply` manage roles; docs/src/keycloak.md).
 pub struct Credentials {
     /// Realm the admin client lives in (usually the target realm; `master` for a
     /// master-realm admin client).
@@ -198,7 +198,7 @@ fn is_admin_401(e: &KeycloakError) -> bool {
 /// `--concurrency` when not given: independent reads (a repository user's
 /// links, a group's members, a role's holders) in flight at once. Four keeps a
 /// 2-core Keycloak busy without queueing on its worker pool, and is a small
-/// share of a shared production server's; measured in the README's table.
+/// share of a shared production server's; measured in docs/src/benchmarks.md.
 pub const DEFAULT_CONCURRENCY: usize = 4;
 
 /// Most independent calls `--concurrency` may put in flight.
@@ -752,7 +752,7 @@ fn hint(e: &KeycloakError, retried: bool) -> &'static str {
             " (no such realm or object: check keycloak.base_url, keycloak.realm and --admin-realm)"
         }
         KeycloakError::HttpFailure { status: 403, .. } => {
-            " (the admin client lacks a realm-management role; README \"Admin credentials\" lists \
+            " (the admin client lacks a realm-management role; docs/src/keycloak.md lists \
              the roles plan and apply need)"
         }
         KeycloakError::HttpFailure { .. } | KeycloakError::ReqwestFailure(_) => "",

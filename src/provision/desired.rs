@@ -1,6 +1,6 @@
 //! The desired Keycloak state, derived from the configuration's clients, the
 //! policies' grants and the realm model. Every setting and why it has its value is
-//! in the README ("Keycloak: what `keycloak apply` manages").
+//! in the book (docs/src/keycloak.md).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

@@ -4,7 +4,7 @@
 //! written; set them with your tool's secret handling. With per-repository
 //! identities it also holds the identity provider, the groups and the repository
 //! users (with their ids, links and groups); the user-profile attributes they need
-//! are not part of it (declare them as the README says).
+//! are not part of it (declare them as docs/src/identities.md says).
 
 use serde_json::{json, Value};
 

@@ -162,7 +162,7 @@ impl RealmModel {
             vec![err(
                 "",
                 format!(
-                    "cannot read the realm model ({e}); `keycloak plan` needs it, see the README"
+                    "cannot read the realm model ({e}); `keycloak plan` needs it, see docs/src/keycloak.md"
                 ),
             )]
         })?;

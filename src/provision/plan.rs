@@ -514,7 +514,7 @@ fn leftovers(desired: &Desired, live: &Live, prune: bool, admin_client: &str, pl
 /// proposes `false -> true`), and a removal becomes "kept" (`--prune` would
 /// delete the switch, and a later policy would bring the object back enabled).
 /// `apply` makes only the plan's changes and never sends `enabled: true` to an
-/// existing object (README "Kill switches").
+/// existing object (docs/src/identities.md).
 pub fn keep_operator_switches(plan: &mut Plan, enabled: impl Fn(Kind, &str) -> Option<bool>) {
     for e in &mut plan.entries {
         if enabled(e.kind, &e.name) != Some(false) {

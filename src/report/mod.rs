@@ -340,7 +340,7 @@ fn not_checked(set: &PolicySet, read: bool) -> Vec<String> {
     out
 }
 
-/// The JSON Schema of the report's JSON form (`docs/schemas/access-report.schema.json`).
+/// The JSON Schema of the report's JSON form (`docs/src/schemas/access-report.schema.json`).
 ///
 /// # Errors
 /// Serialisation failure (not expected).

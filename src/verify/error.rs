@@ -86,7 +86,7 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
-    /// Stable error code, documented in the README's error table.
+    /// Stable error code, documented in the error-code table (docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
         match self {
             Self::TooLarge { .. } => "token.too_large",

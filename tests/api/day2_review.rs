@@ -55,7 +55,7 @@ async fn edits_after_a_directory_swap_by_rename_are_seen_by_the_watch() {
     std::fs::rename(dir.join("b.tmp"), dir.join("b.yaml")).unwrap();
     assert!(
         granted_within(&app, &token, "three-api", Duration::from_secs(5)).await,
-        "an edit after the swap is never applied by the watch (README: at most ~2 x settle_ms)"
+        "an edit after the swap is never applied by the watch (docs/src/operating.md: at most ~2 x settle_ms)"
     );
 }
 

@@ -1,4 +1,4 @@
-//! The crate's layering (README "Layout"): imports run one way,
+//! The crate's layering (docs/src/architecture.md): imports run one way,
 //! `cli` → `startup` → `api` / `reload` → `state` → `exchange` →
 //! {`verify`, `policy` (→ `inventory`), `keycloak`, `limits`, `audit`} → `domain`, with
 //! `cli` → `provision` (→ `policy`) for `keycloak plan/apply`, `cli` → `report`

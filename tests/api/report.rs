@@ -156,13 +156,13 @@ async fn the_access_review_joins_policies_protections_and_rotated_audit_files() 
     let (schema, _, _) = report(&["--format", "json-schema"]);
     let committed = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("docs/schemas/access-report.schema.json"),
+            .join("docs/src/schemas/access-report.schema.json"),
     )
     .unwrap();
     assert_eq!(
         schema.trim_end(),
         committed.trim_end(),
-        "regenerate docs/schemas/access-report.schema.json"
+        "regenerate docs/src/schemas/access-report.schema.json"
     );
 }
 
@@ -361,8 +361,8 @@ async fn a_real_browser_shows_marked_rows_and_hostile_names_as_text() {
     if std::env::var_os("KCS_UPDATE_SCREENSHOT").is_some() {
         let page = dir.path().join("report.html");
         std::fs::write(&page, &html).unwrap();
-        let png =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/images/access-report.png");
+        let png = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/src/images/access-report.png");
         std::fs::create_dir_all(png.parent().unwrap()).unwrap();
         let ok = Command::new(&chromium)
             .args([
