@@ -31,6 +31,10 @@ bash scripts/supply-chain.sh
 # and included file must exist.
 echo "== the book (scripts/book.sh: mdbook build, link check)"
 bash scripts/book.sh
+# The JSON Schemas of the files people write: shipped examples and the
+# accepted/rejected cases validated against them (docs/src/schemas/).
+echo "== JSON Schemas (scripts/schemas.sh)"
+bash scripts/schemas.sh
 echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo build (tests)"

@@ -18,7 +18,18 @@ pub const USER_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f0e7c1a-3b9d-4c55-9a41-2
 
 /// What one Keycloak user stands for (a grant's `identity`).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize, Serialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    Deserialize,
+    Serialize,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityKind {

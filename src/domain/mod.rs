@@ -5,6 +5,7 @@
 pub mod bitbucket;
 pub mod identity;
 pub mod json;
+pub mod json_schema;
 pub mod oauth;
 pub mod regular_file;
 pub mod secret;

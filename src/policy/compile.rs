@@ -16,6 +16,42 @@ use crate::inventory::Inventory;
 #[derive(Debug, Clone)]
 pub struct OneOrMany(pub Vec<String>);
 
+/// The JSON Schema of a policy file, draft-07 (what editors' YAML support
+/// reads: yaml-language-server validates draft-07), committed as
+/// `docs/src/schemas/policy.schema.json`. It states what a schema can: field
+/// names and types, no null or blank values, allow needs `grant`; the loader
+/// checks more (names against the inventory, patterns, scope grammar).
+pub fn schema() -> serde_json::Value {
+    crate::domain::json_schema::draft07::<RawPolicy>()
+}
+
+/// A string with something other than whitespace in it (the loader refuses
+/// empty and blank values).
+fn non_blank_string() -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "pattern": "\\S"})
+}
+
+impl schemars::JsonSchema for OneOrMany {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "OneOrMany".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "One value, or a non-empty list of values (any one matches).",
+            "oneOf": [non_blank_string(), {"type": "array", "minItems": 1, "items": non_blank_string()}]
+        })
+    }
+}
+
+impl schemars::JsonSchema for StringOnly {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "NonBlankString".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        non_blank_string()
+    }
+}
+
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -65,27 +101,45 @@ impl<'de> Deserialize<'de> for StringOnly {
     }
 }
 
-/// The file format of a policy.
-#[derive(Debug, Deserialize)]
+/// One policy (`policies/<id>.yaml`; the file name is its id). An allow policy
+/// grants its `grant` when every condition in `when` matches; a deny policy
+/// refuses (its `audiences` and `scopes`, by default everything) whatever any
+/// allow says.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RawPolicy {
+#[schemars(
+    title = "keycloak-ci-sts policy",
+    extend("if" = {"properties": {"effect": {"const": "allow"}}}, "then" = {"required": ["grant"], "not": {"anyOf": [{"required": ["audiences"]}, {"required": ["scopes"]}]}}, "else" = {"not": {"required": ["grant"]}})
+)]
+pub(super) struct RawPolicy {
+    /// What the policy is for, for reviewers.
     #[serde(default)]
+    #[schemars(regex(pattern = r"\S"))]
     description: Option<String>,
+    /// `allow` or `deny`.
     effect: Effect,
+    /// The conditions on the Bitbucket token's claims.
     #[serde(default)]
     when: RawWhen,
     /// Deny policies only: the audiences they cover (default: all).
     #[serde(default)]
+    #[schemars(length(min = 1), inner(regex(pattern = r"\S")))]
     audiences: Option<Vec<String>>,
     /// Deny policies only: the scopes they refuse (default: the whole audience).
     #[serde(default)]
+    #[schemars(length(min = 1))]
     scopes: Option<Vec<StringOnly>>,
+    /// Allow policies only: what they grant.
     grant: Option<RawGrant>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// The conditions: every one present must match (AND); a list matches when
+/// any of its values does (OR).
+#[derive(Debug, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1))]
 struct RawWhen {
+    /// `workspaceUuid` values (`{uuid}`, quoted in YAML).
     #[serde(rename = "workspaceUuid")]
     workspace_uuid: Option<OneOrMany>,
     /// Workspace IDs (slugs), resolved through the inventory.
@@ -97,37 +151,61 @@ struct RawWhen {
     /// Deployment environment names, resolved through the inventory.
     #[serde(rename = "deploymentEnvironment")]
     deployment_environment: Option<OneOrMany>,
+    /// `repositoryUuid` values (`{uuid}`, quoted in YAML).
     #[serde(rename = "repositoryUuid")]
     repository_uuid: Option<OneOrMany>,
+    /// `deploymentEnvironmentUuid` values (`{uuid}`, quoted in YAML).
     #[serde(rename = "deploymentEnvironmentUuid")]
     deployment_environment_uuid: Option<OneOrMany>,
+    /// `branchName` values or patterns (`*` within a segment, `**` across `/`, `?`).
     #[serde(rename = "branchName")]
     branch_name: Option<OneOrMany>,
     /// Values one of which the token's `aud` must contain (audience markers).
     aud: Option<OneOrMany>,
 }
 
-#[derive(Debug, Deserialize)]
+/// What an allow policy grants.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawGrant {
+    /// The Keycloak client the service acts as (one of `[keycloak.clients]`).
+    #[schemars(regex(pattern = r"\S"))]
     client: String,
+    /// The RFC 8693 `audience` a caller asks for.
+    #[schemars(regex(pattern = r"\S"))]
     audience: String,
+    /// The scopes a caller may obtain.
+    #[schemars(length(min = 1))]
     scopes: Vec<StringOnly>,
+    /// The scopes issued when the caller names none.
+    #[schemars(length(min = 1))]
     default_scopes: Vec<StringOnly>,
+    /// Longest token lifetime, in seconds.
+    #[schemars(range(min = 1, max = 86400))]
     max_lifetime_seconds: u64,
+    /// Per-minute limits for this grant.
     #[serde(default)]
     limits: Option<RawGrantLimits>,
+    /// Per-repository identities (clients in JWT Authorization Grant mode).
     identity: Option<crate::domain::identity::IdentityKind>,
+    /// Keycloak groups of the repository's user (identity grants).
+    #[schemars(length(min = 1))]
     groups: Option<Vec<StringOnly>>,
-    /// Protections the grant rests on (issue #22).
+    /// Protections the grant rests on: a protected branch, approvals, an admin-only environment.
     #[serde(default)]
     require: Option<super::require::RawRequirement>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Per-grant rate limits (per minute).
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1))]
 struct RawGrantLimits {
+    /// Exchanges per pipeline step and minute.
+    #[schemars(range(min = 1))]
     per_step_per_minute: Option<u32>,
+    /// Exchanges per repository and minute.
+    #[schemars(range(min = 1))]
     per_repository_per_minute: Option<u32>,
 }
 

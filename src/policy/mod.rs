@@ -27,7 +27,7 @@ use serde::Deserialize;
 pub use crate::domain::oauth::is_scope_token;
 use crate::domain::BbUuid;
 use crate::inventory::Inventory;
-pub use compile::{compile_str, compile_with};
+pub use compile::{compile_str, compile_with, schema};
 pub use eval::{
     Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
 };
@@ -128,7 +128,9 @@ pub const MAX_POLICY_FILE_BYTES: u64 = 256 * 1024;
 pub type PolicyError = crate::domain::SourceError;
 
 /// `allow` grants when every condition matches; `deny` refuses when every condition matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Effect {
     /// Grants the policy's `grant`.

@@ -35,14 +35,16 @@ pub struct Requirement {
 }
 
 /// The file form, in a policy's grant or the configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "dependencies" = {"approvals": ["branch"]}))]
 pub struct RawRequirement {
     /// `protected`.
     #[serde(default)]
     pub branch: Option<BranchRequirement>,
     /// 1 to 10.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 10))]
     pub approvals: Option<u32>,
     /// `admin_only`.
     #[serde(default)]
@@ -50,7 +52,7 @@ pub struct RawRequirement {
 }
 
 /// `require.branch`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BranchRequirement {
     /// A `push` and a `force` restriction match the branch.
@@ -58,7 +60,7 @@ pub enum BranchRequirement {
 }
 
 /// `require.environment`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EnvironmentRequirement {
     /// `restrictions.admin_only` is set on the environment.

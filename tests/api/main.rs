@@ -36,6 +36,7 @@ mod provision_real;
 mod reload_day2;
 mod replicas;
 mod report;
+mod schemas;
 mod store_day2;
 mod token_cli;
 mod verification;

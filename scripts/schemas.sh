@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Validates files against the committed JSON Schemas (docs/src/schemas/; run by
+# scripts/test.sh). tests/api/schemas.rs checks that each committed schema is
+# what the types generate and that the loader agrees with the cases below.
+#
+#   scripts/schemas.sh
+#
+# - every shipped example validates: policies/*.yaml against policy.schema.json;
+# - every case in tests/fixtures/schema/<kind>/accepted validates and every case
+#   in .../rejected (each breaks one rule the loader refuses) does not.
+# Draft-07 (what yaml-language-server and taplo read), with Python's jsonschema
+# 4.26.0 and PyYAML 6.0.3 from PyPI in a virtualenv cached outside the clone.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CACHE="${KCS_CACHE:-$HOME/.cache/keycloak-ci-sts}"
+VENV="$CACHE/pytools-jsonschema-4.26.0-pyyaml-6.0.3"
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import jsonschema, yaml' 2>/dev/null; then
+  echo "schemas: installing jsonschema and PyYAML (cached in $VENV)"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "jsonschema==4.26.0" "PyYAML==6.0.3"
+fi
+
+"$VENV/bin/python" - <<'PY'
+import glob, json, os, sys
+import jsonschema, yaml
+
+def load(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+failures = []
+def check(kind, files, want_valid):
+    schema = json.load(open(f"docs/src/schemas/{kind}.schema.json"))
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(schema)
+    for path in sorted(files):
+        errors = list(validator.iter_errors(load(path)))
+        if want_valid and errors:
+            failures.append(f"{path}: not valid against {kind}.schema.json: {errors[0].message}")
+        if not want_valid and not errors:
+            failures.append(f"{path}: a rejected case that {kind}.schema.json accepts")
+    return len(files)
+
+n = 0
+for kind, examples in [("policy", glob.glob("policies/*.yaml"))]:
+    n += check(kind, examples, True)
+    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/accepted/*.yaml"), True)
+    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/rejected/*.yaml"), False)
+for f in failures:
+    print("schemas: " + f, file=sys.stderr)
+if failures:
+    sys.exit(1)
+print(f"schemas: {n} files checked against docs/src/schemas/")
+PY

@@ -1,0 +1,50 @@
+//! The JSON Schemas of the files people write, committed under
+//! `docs/src/schemas/`: each must be what the types generate today
+//! (`KCS_UPDATE_SCHEMAS=1 cargo test --test api schemas` rewrites them).
+//! scripts/schemas.sh validates the shipped examples and the rejected cases
+//! against them.
+
+use std::path::PathBuf;
+
+fn committed(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("docs/src/schemas/{name}.schema.json"))
+}
+
+fn check(name: &str, generated: serde_json::Value) {
+    let text = serde_json::to_string_pretty(&generated).unwrap() + "\n";
+    let path = committed(name);
+    if std::env::var_os("KCS_UPDATE_SCHEMAS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        on_disk == text,
+        "{} differs from the schema the types generate: run KCS_UPDATE_SCHEMAS=1 cargo test --test api schemas",
+        path.display()
+    );
+}
+
+#[test]
+fn the_policy_schema_is_the_generated_one() {
+    check("policy", keycloak_ci_sts::policy::schema());
+}
+
+/// The policy cases under tests/fixtures/schema/policy: the loader accepts
+/// each of `accepted/` and refuses each of `rejected/` (one broken rule each,
+/// a rule the schema states too: scripts/schemas.sh checks the schema's side).
+#[test]
+fn the_policy_loader_agrees_with_the_schema_cases() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema/policy");
+    for (dir, want_ok) in [("accepted", true), ("rejected", false)] {
+        let mut n = 0;
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let id = path.file_stem().unwrap().to_str().unwrap();
+            let got = keycloak_ci_sts::policy::compile_str(id, &text, None);
+            assert_eq!(got.is_ok(), want_ok, "{}: {:?}", path.display(), got.err());
+            n += 1;
+        }
+        assert!(n >= 2, "{dir}: {n} cases");
+    }
+}
