@@ -5,7 +5,8 @@
 #
 #   scripts/schemas.sh
 #
-# - every shipped example validates: policies/*.yaml against policy.schema.json;
+# - every shipped example validates: policies/*.yaml against policy.schema.json,
+#   policies/inventory/*.yaml against inventory.schema.json;
 # - every case in tests/fixtures/schema/<kind>/accepted validates and every case
 #   in .../rejected (each breaks one rule the loader refuses) does not.
 # Draft-07 (what yaml-language-server and taplo read), with Python's jsonschema
@@ -44,7 +45,10 @@ def check(kind, files, want_valid):
     return len(files)
 
 n = 0
-for kind, examples in [("policy", glob.glob("policies/*.yaml"))]:
+for kind, examples in [
+    ("policy", glob.glob("policies/*.yaml")),
+    ("inventory", glob.glob("policies/inventory/*.yaml")),
+]:
     n += check(kind, examples, True)
     n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/accepted/*.yaml"), True)
     n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/rejected/*.yaml"), False)

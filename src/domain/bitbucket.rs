@@ -80,6 +80,19 @@ impl serde::Serialize for BbUuid {
     }
 }
 
+impl schemars::JsonSchema for BbUuid {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "BitbucketUuid".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A Bitbucket UUID, `{8-4-4-4-12}` (braces optional; quote it in YAML).",
+            "type": "string",
+            "pattern": "^\\{?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\\}?$"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for BbUuid {
     /// Lenient (braces optional): used for configuration and policy files.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -30,31 +30,36 @@ pub const MAX_INVENTORY_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// The directory below the policies directory that holds inventories.
 pub const INVENTORY_DIR: &str = "inventory";
 
-/// One workspace's inventory (the file format).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One workspace's inventory (the file format, `policies/inventory/<workspace>.yaml`,
+/// written by `keycloak-ci-sts bitbucket inventory`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceInventory {
     /// Workspace ID (slug).
+    #[schemars(regex(pattern = r"^[a-z0-9_-]+$"))]
     pub workspace: String,
     /// Workspace UUID.
     pub workspace_uuid: BbUuid,
     /// Repositories, sorted by UUID.
+    #[schemars(length(max = 50000))]
     pub repositories: Vec<Repository>,
 }
 
 /// One repository.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Repository {
     /// `uuid`: what tokens carry as `repositoryUuid`.
     pub uuid: BbUuid,
     /// `full_name`: `<workspace>/<slug>`.
+    #[schemars(regex(pattern = r"^[^/\s]+/[^/\s]+$"))]
     pub full_name: String,
     /// The project it belongs to, when any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<Project>,
     /// Its deployment environments, sorted by UUID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
     pub environments: Vec<Environment>,
     /// Its branch protections, when `bitbucket inventory` read them (only for
     /// repositories some policy's requirement or branch / environment
@@ -64,7 +69,7 @@ pub struct Repository {
 }
 
 /// A Bitbucket project.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Project {
     /// `key`, e.g. `OPS`.
@@ -74,7 +79,7 @@ pub struct Project {
 }
 
 /// A deployment environment: what tokens carry as `deploymentEnvironmentUuid`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Environment {
     /// `uuid`.
@@ -278,6 +283,17 @@ impl Inventory {
     }
 }
 
+/// One inventory file's text as the service reads it: parsed ([`parse`]) and
+/// checked ([`WorkspaceInventory::validate`]).
+///
+/// # Errors
+/// The first problem, without quoting the file's values.
+pub fn read_text(text: &str) -> Result<WorkspaceInventory, String> {
+    let w = parse(text)?;
+    w.validate()?;
+    Ok(w)
+}
+
 /// Reads an inventory file's text (anchors and aliases refused), streaming:
 /// memory stays near the size of the result, not of the document's events
 /// (serde-saphyr; every budget bounded, duplicate keys refused).
@@ -311,6 +327,14 @@ pub(crate) fn parse(text: &str) -> Result<WorkspaceInventory, String> {
         let msg: String = msg.split('"').step_by(2).collect::<Vec<_>>().join("\"…\"");
         format!("`{path}`: {msg}")
     })
+}
+
+/// The JSON Schema of an inventory file, draft-07 (see
+/// [`crate::domain::json_schema::draft07`]), committed as
+/// `docs/src/schemas/inventory.schema.json`. `bitbucket inventory` writes these
+/// files; the schema is for reviewers' editors and for tools reading them.
+pub fn schema() -> serde_json::Value {
+    crate::domain::json_schema::draft07::<WorkspaceInventory>()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub const MAX_RESTRICTIONS: usize = 1_000;
 pub const MAX_PRINCIPALS: usize = 1_000;
 
 /// A repository's protections as the inventory file records them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Protections {
     /// When they were read, RFC 3339 (UTC).
@@ -66,7 +66,7 @@ pub struct Protections {
 }
 
 /// One branch restriction.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BranchRestriction {
     /// Bitbucket's `kind`, verbatim.
@@ -90,7 +90,9 @@ pub struct BranchRestriction {
 }
 
 /// A user (`id` = UUID) or group (`id` = slug) a restriction names.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Principal {
     /// UUID of a user, slug of a group.
@@ -101,7 +103,7 @@ pub struct Principal {
 
 /// A deployment environment's restrictions, read with the repository's
 /// [`Protections`] (same `read_at`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnvironmentRestrictions {
     /// `restrictions.admin_only`: only workspace or repository admins may deploy.
@@ -119,7 +121,9 @@ pub struct EnvironmentRestrictions {
 }
 
 /// A fact Bitbucket's public API does not expose.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Unknown {
     /// Not known.

@@ -29,6 +29,37 @@ fn the_policy_schema_is_the_generated_one() {
     check("policy", keycloak_ci_sts::policy::schema());
 }
 
+#[test]
+fn the_inventory_schema_is_the_generated_one() {
+    check("inventory", keycloak_ci_sts::inventory::schema());
+}
+
+/// Each case of `tests/fixtures/schema/<kind>/{accepted,rejected}` against `read`.
+fn cases(kind: &str, read: impl Fn(&str, &str) -> Result<(), String>) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/schema")
+        .join(kind);
+    for (dir, want_ok) in [("accepted", true), ("rejected", false)] {
+        let mut n = 0;
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let id = path.file_stem().unwrap().to_str().unwrap();
+            let got = read(id, &text);
+            assert_eq!(got.is_ok(), want_ok, "{}: {:?}", path.display(), got.err());
+            n += 1;
+        }
+        assert!(n >= 1, "{kind}/{dir}: no cases");
+    }
+}
+
+#[test]
+fn the_inventory_reader_agrees_with_the_schema_cases() {
+    cases("inventory", |_, text| {
+        keycloak_ci_sts::inventory::read_text(text).map(|_| ())
+    });
+}
+
 /// The policy cases under tests/fixtures/schema/policy: the loader accepts
 /// each of `accepted/` and refuses each of `rejected/` (one broken rule each,
 /// a rule the schema states too: scripts/schemas.sh checks the schema's side).
