@@ -6,7 +6,8 @@
 #   scripts/schemas.sh
 #
 # - every shipped example validates: policies/*.yaml against policy.schema.json,
-#   policies/inventory/*.yaml against inventory.schema.json;
+#   policies/inventory/*.yaml against inventory.schema.json,
+#   policies/keycloak/realm.yaml against realm-model.schema.json;
 # - every case in tests/fixtures/schema/<kind>/accepted validates and every case
 #   in .../rejected (each breaks one rule the loader refuses) does not.
 # Draft-07 (what yaml-language-server and taplo read), with Python's jsonschema
@@ -48,6 +49,7 @@ n = 0
 for kind, examples in [
     ("policy", glob.glob("policies/*.yaml")),
     ("inventory", glob.glob("policies/inventory/*.yaml")),
+    ("realm-model", glob.glob("policies/keycloak/realm.yaml")),
 ]:
     n += check(kind, examples, True)
     n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/accepted/*.yaml"), True)

@@ -14,9 +14,29 @@ pub fn draft07<T: schemars::JsonSchema>() -> Value {
     schema
 }
 
+/// Marks a schema whose `null` the loader does accept (a mapping written as
+/// `key:` with nothing after it): [`forbid_null`] leaves it, and drops the mark.
+pub const NULL_ALLOWED: &str = "x-null-allowed";
+
+/// A mapping of `V` by name that may also be written empty (`key:`).
+pub fn nullable_map<V: schemars::JsonSchema>(
+    g: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    let values = g.subschema_for::<V>();
+    schemars::json_schema!({
+        "type": ["object", "null"],
+        "additionalProperties": values,
+        NULL_ALLOWED: true
+    })
+}
+
 /// Removes `null` from `type` lists and `{"type": "null"}` from `anyOf`s, below `v`.
 fn forbid_null(v: &mut Value) {
     match v {
+        Value::Object(map) if map.contains_key(NULL_ALLOWED) => {
+            map.remove(NULL_ALLOWED);
+            map.values_mut().for_each(forbid_null);
+        }
         Value::Object(map) => {
             if let Some(Value::Array(types)) = map.get_mut("type") {
                 types.retain(|t| t != "null");

@@ -33,8 +33,9 @@ pub const MAX_MODEL_BYTES: u64 = 256 * 1024;
 /// The default ownership marker value (`owner`).
 pub const DEFAULT_OWNER: &str = "keycloak-ci-sts";
 
-/// The parsed model file.
-#[derive(Debug, Clone, Deserialize)]
+/// The realm model (`policies/keycloak/realm.yaml`): what `keycloak plan` and
+/// `keycloak apply` keep in the realm beside what the policies imply.
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RealmModel {
     /// Value of the ownership attribute (`keycloak-ci-sts.owner`) on every object
@@ -42,26 +43,31 @@ pub struct RealmModel {
     /// letters, digits and `-`, 1 to 64 characters. Defaults to `keycloak-ci-sts`;
     /// set another one when two deployments share a realm.
     #[serde(default = "default_owner")]
+    #[schemars(regex(pattern = r"^[a-z0-9-]{1,64}$"))]
     pub owner: String,
     /// Resource servers by `clientId` (a token's `aud`): bearer-only clients whose
     /// client roles the scopes carry.
     #[serde(default, deserialize_with = "unique")]
+    #[schemars(schema_with = "crate::domain::json_schema::nullable_map::<ResourceServerSpec>")]
     pub resource_servers: BTreeMap<String, ResourceServerSpec>,
     /// Client scopes by name: every scope a policy grant names must be here.
     #[serde(default, deserialize_with = "unique")]
+    #[schemars(schema_with = "crate::domain::json_schema::nullable_map::<ScopeSpec>")]
     pub scopes: BTreeMap<String, ScopeSpec>,
     /// Optional settings per client the service acts as (`[keycloak.clients.*]`).
     #[serde(default, deserialize_with = "unique")]
+    #[schemars(schema_with = "crate::domain::json_schema::nullable_map::<ClientSpec>")]
     pub clients: BTreeMap<String, ClientSpec>,
     /// Keycloak groups that grants of JWT Authorization Grant clients may name
     /// (the allow-list), by top-level group name: `apply` creates them with exactly
     /// these client roles of resource servers.
     #[serde(default, deserialize_with = "unique")]
+    #[schemars(schema_with = "crate::domain::json_schema::nullable_map::<GroupSpec>")]
     pub groups: BTreeMap<String, GroupSpec>,
 }
 
 /// A group of repository identities.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     /// Shown in the admin console.
@@ -69,6 +75,7 @@ pub struct GroupSpec {
     /// Client roles its members hold, by resource server (only servers declared
     /// under `resource_servers`; Keycloak's own clients are refused).
     #[serde(deserialize_with = "unique")]
+    #[schemars(schema_with = "crate::domain::json_schema::nullable_map::<BTreeSet<String>>")]
     pub roles: BTreeMap<String, BTreeSet<String>>,
 }
 
@@ -112,7 +119,7 @@ fn default_owner() -> String {
 }
 
 /// A resource server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceServerSpec {
     /// Shown in the admin console.
@@ -122,7 +129,7 @@ pub struct ResourceServerSpec {
 }
 
 /// A client scope.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScopeSpec {
     /// Shown in the admin console.
@@ -135,7 +142,7 @@ pub struct ScopeSpec {
 }
 
 /// Settings of a client the service acts as that the policies do not imply.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ClientSpec {
     /// Shown in the admin console.
@@ -146,6 +153,13 @@ pub struct ClientSpec {
 }
 
 impl RealmModel {
+    /// The JSON Schema of the realm model file, draft-07 (see
+    /// [`crate::domain::json_schema::draft07`]), committed as
+    /// `docs/src/schemas/realm-model.schema.json`.
+    pub fn schema() -> serde_json::Value {
+        crate::domain::json_schema::draft07::<Self>()
+    }
+
     /// Reads `<policies_dir>/keycloak/realm.yaml`.
     ///
     /// # Errors

@@ -30,6 +30,26 @@ fn the_policy_schema_is_the_generated_one() {
 }
 
 #[test]
+fn the_realm_model_schema_is_the_generated_one() {
+    check(
+        "realm-model",
+        keycloak_ci_sts::provision::model::RealmModel::schema(),
+    );
+}
+
+#[test]
+fn the_realm_model_reader_agrees_with_the_schema_cases() {
+    cases("realm-model", |_, text| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("keycloak")).unwrap();
+        std::fs::write(dir.path().join("keycloak/realm.yaml"), text).unwrap();
+        keycloak_ci_sts::provision::model::RealmModel::load(dir.path())
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    });
+}
+
+#[test]
 fn the_inventory_schema_is_the_generated_one() {
     check("inventory", keycloak_ci_sts::inventory::schema());
 }
