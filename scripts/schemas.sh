@@ -7,7 +7,8 @@
 #
 # - every shipped example validates: policies/*.yaml against policy.schema.json,
 #   policies/inventory/*.yaml against inventory.schema.json,
-#   policies/keycloak/realm.yaml against realm-model.schema.json;
+#   policies/keycloak/realm.yaml against realm-model.schema.json, demo/sts.toml
+#   and deploy/sts.example.toml against configuration.schema.json;
 # - every case in tests/fixtures/schema/<kind>/accepted validates and every case
 #   in .../rejected (each breaks one rule the loader refuses) does not.
 # Draft-07 (what yaml-language-server and taplo read), with Python's jsonschema
@@ -28,7 +29,12 @@ fi
 import glob, json, os, sys
 import jsonschema, yaml
 
+import tomllib
+
 def load(path):
+    if path.endswith(".toml"):
+        with open(path, "rb") as f:
+            return tomllib.load(f)
     with open(path) as f:
         return yaml.safe_load(f)
 
@@ -50,10 +56,11 @@ for kind, examples in [
     ("policy", glob.glob("policies/*.yaml")),
     ("inventory", glob.glob("policies/inventory/*.yaml")),
     ("realm-model", glob.glob("policies/keycloak/realm.yaml")),
+    ("configuration", ["demo/sts.toml", "deploy/sts.example.toml"]),
 ]:
     n += check(kind, examples, True)
-    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/accepted/*.yaml"), True)
-    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/rejected/*.yaml"), False)
+    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/accepted/*.*"), True)
+    n += check(kind, glob.glob(f"tests/fixtures/schema/{kind}/rejected/*.*"), False)
 for f in failures:
     print("schemas: " + f, file=sys.stderr)
 if failures:

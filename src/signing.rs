@@ -21,7 +21,7 @@ use serde::Deserialize;
 /// Signing algorithm for client assertions. Defaults to ES256 (cheap signatures on
 /// the hot path). Keycloak's client attribute `token.endpoint.auth.signing.alg`
 /// should name the same value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, schemars::JsonSchema)]
 pub enum SigningAlgorithm {
     /// ECDSA P-256 with SHA-256 (RFC 7518 §3.4).
     #[default]

@@ -9,6 +9,7 @@
 //! accepted only as a file path or as the name of an environment variable.
 
 mod raw;
+pub use raw::schema;
 mod secrets;
 mod validate;
 

@@ -9,48 +9,68 @@ use serde::Deserialize;
 use crate::keycloak::GrantMode;
 use crate::signing::SigningAlgorithm;
 
-#[derive(Debug, Deserialize)]
+/// The service's configuration file (`sts.toml`).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "keycloak-ci-sts configuration")]
 pub(super) struct RawSettings {
+    /// Address of the public listener (`POST /token`, `POST /grants`, the JWKS).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Address of the admin listener (probes, metrics); never expose it to pipelines.
     #[serde(default)]
     pub admin_listen: Option<String>,
+    /// The policies directory (relative to this file).
     #[serde(default = "default_policies_dir")]
     pub policies_dir: PathBuf,
+    /// Clock skew allowed on the subject token's `exp`, `nbf` and `iat`, seconds.
     #[serde(default = "default_leeway")]
     pub clock_leeway_seconds: u64,
+    /// Longest subject token accepted, bytes.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// Longest `exp - iat` a subject token may have, seconds.
     #[serde(default = "default_max_subject_token_lifetime")]
     pub max_subject_token_lifetime_seconds: u64,
+    /// Time to receive a request's body, milliseconds.
     #[serde(default = "default_body_timeout_ms")]
     pub body_timeout_ms: u64,
+    /// The trusted Bitbucket workspaces (`[[workspaces]]`).
     #[serde(default)]
     pub workspaces: Vec<RawWorkspace>,
     #[serde(default)]
     pub jwks: RawJwks,
+    /// The Keycloak realm and the clients the service acts as.
     pub keycloak: RawKeycloak,
+    /// Keys signing client assertions (`private_key_jwt`), published as the JWKS.
     pub signing: Option<RawSigning>,
+    /// The issuer of per-repository identities (JWT Authorization Grant clients).
     pub identity: Option<RawIdentity>,
+    /// Where audit lines go.
     #[serde(default)]
     pub audit: RawAudit,
+    /// Rate limits and their store.
     #[serde(default)]
     pub limits: RawLimits,
+    /// Time in-flight exchanges get to finish after SIGTERM, seconds.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Reload policies when their files change.
     #[serde(default = "yes")]
     pub watch_policies: bool,
+    /// Where Keycloak reaches this service (its JWKS URL is `<public_url>/.well-known/jwks.json`).
     pub public_url: Option<String>,
+    /// How a changed policies directory is noticed and applied.
     #[serde(default)]
     pub policies: RawPolicies,
+    /// Protections the inventory records, and requirements per client or audience.
     #[serde(default)]
     pub protections: RawProtections,
 }
 
 /// `[protections]`: how old the inventory's protections may be, and the
 /// requirements every grant of a client or audience carries (issue #22).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawProtections {
     /// `[protections] max_age_hours`, hours.
@@ -69,7 +89,7 @@ impl Default for RawProtections {
 }
 
 /// `[protections.require.clients.<id>]` and `[protections.require.audiences.<audience>]`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawRequire {
     pub clients: BTreeMap<String, crate::policy::require::RawRequirement>,
@@ -77,7 +97,7 @@ pub(super) struct RawRequire {
 }
 
 /// `[policies]`: how a changed policies directory is noticed and applied.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawPolicies {
     /// Poll fallback: compare the directory's content digest this often; 0 = off.
@@ -121,7 +141,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLimits {
     pub per_step_per_minute: u32,
@@ -132,7 +152,7 @@ pub(super) struct RawLimits {
     pub redis: Option<RawRedis>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedis {
     pub url_file: Option<PathBuf>,
@@ -177,7 +197,7 @@ impl Default for RawLimits {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWorkspace {
     pub slug: String,
@@ -195,7 +215,7 @@ fn default_token_alg() -> String {
     "RS256".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawJwks {
     pub cache_ttl_seconds: u64,
@@ -215,7 +235,7 @@ impl Default for RawJwks {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawKeycloak {
     pub base_url: String,
@@ -250,7 +270,7 @@ fn default_max_retry_after() -> u64 {
     60
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, tag = "method", rename_all = "snake_case")]
 pub(super) enum RawClient {
     PrivateKeyJwt {
@@ -267,7 +287,7 @@ pub(super) enum RawClient {
 
 /// `[identity]`: the service as the issuer of per-repository identities (JWT
 /// Authorization Grant). Its key is separate from `[signing]`'s.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIdentity {
     #[serde(default)]
@@ -283,7 +303,7 @@ fn default_identity_provider() -> String {
     "keycloak-ci-sts".into()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSigning {
     #[serde(default)]
@@ -293,7 +313,7 @@ pub(super) struct RawSigning {
     pub key_env: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawAudit {
     pub path: Option<PathBuf>,
@@ -311,4 +331,12 @@ impl Default for RawAudit {
             reopen_interval_ms: 1000,
         }
     }
+}
+
+/// The JSON Schema of the configuration file, draft-07 (taplo and other TOML
+/// tools read it; see [`crate::domain::json_schema::draft07`]), committed as
+/// `docs/src/schemas/configuration.schema.json`. Environment overrides are not
+/// part of the file and not of the schema.
+pub fn schema() -> serde_json::Value {
+    crate::domain::json_schema::draft07::<RawSettings>()
 }

@@ -15,7 +15,9 @@ use crate::domain::SecretToken;
 use crate::signing::SigningKeys;
 
 /// The grant the service uses with a Keycloak client (`[keycloak.clients.*] grant`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantMode {
     /// RFC 6749 §4.4: the client's own service-account token (default).

@@ -55,7 +55,7 @@ return 0
 ";
 
 /// What to do when Redis does not answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnStoreError {
     /// Refuse the request (503 `limit.store_unavailable`, `Retry-After`).

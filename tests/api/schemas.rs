@@ -50,6 +50,38 @@ fn the_realm_model_reader_agrees_with_the_schema_cases() {
 }
 
 #[test]
+fn the_configuration_schema_is_the_generated_one() {
+    check("configuration", keycloak_ci_sts::configuration::schema());
+}
+
+/// `config check --no-secrets` (every startup check without reading secrets)
+/// on each configuration case.
+#[test]
+fn config_check_agrees_with_the_schema_cases() {
+    let root =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/schema/configuration");
+    cases("configuration", |id, _| {
+        let dir = if root.join("accepted").join(format!("{id}.toml")).exists() {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keycloak-ci-sts"))
+            .args(["config", "check", "--no-secrets", "--config"])
+            .arg(root.join(dir).join(format!("{id}.toml")))
+            .env_clear()
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr))
+        }
+    });
+}
+
+#[test]
 fn the_inventory_schema_is_the_generated_one() {
     check("inventory", keycloak_ci_sts::inventory::schema());
 }
