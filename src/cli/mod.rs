@@ -395,6 +395,38 @@ pub enum KeysCommand {
     },
 }
 
+/// `bitbucket inventory`'s arguments as the command takes them.
+fn inventory_args(command: BitbucketCommand) -> bitbucket::InventoryArgs {
+    let BitbucketCommand::Inventory {
+        workspace,
+        out,
+        token_file,
+        token_env,
+        api,
+        max_wait,
+        full,
+        protections,
+        policies,
+        config,
+        protections_reuse_hours,
+    } = command;
+    bitbucket::InventoryArgs {
+        workspace,
+        out,
+        token_file,
+        token_env,
+        api,
+        max_wait: std::time::Duration::from_secs_f64(max_wait),
+        full,
+        protections,
+        policies,
+        config,
+        protections_reuse: std::time::Duration::from_secs(
+            protections_reuse_hours.min(24 * 365) * 3600,
+        ),
+    }
+}
+
 /// Runs a parsed command line.
 ///
 /// # Errors
@@ -402,36 +434,7 @@ pub enum KeysCommand {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => serve::serve(&config),
-        Command::Bitbucket {
-            command:
-                BitbucketCommand::Inventory {
-                    workspace,
-                    out,
-                    token_file,
-                    token_env,
-                    api,
-                    max_wait,
-                    full,
-                    protections,
-                    policies,
-                    config,
-                    protections_reuse_hours,
-                },
-        } => bitbucket::inventory(bitbucket::InventoryArgs {
-            workspace,
-            out,
-            token_file,
-            token_env,
-            api,
-            max_wait: std::time::Duration::from_secs_f64(max_wait),
-            full,
-            protections,
-            policies,
-            config,
-            protections_reuse: std::time::Duration::from_secs(
-                protections_reuse_hours.min(24 * 365) * 3600,
-            ),
-        }),
+        Command::Bitbucket { command } => bitbucket::inventory(inventory_args(command)),
         Command::Config {
             command: ConfigCommand::Check { config, no_secrets },
         } => config::check(&config, no_secrets),
