@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::{AuditEvent, AuditOutcome, AuditRecord, AuditSink};
+use crate::domain::error_code::error_codes;
 use crate::domain::oauth::{
     is_scope_token, GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN,
     TOKEN_TYPE_JWT,
@@ -119,27 +120,70 @@ pub enum RequestError {
     TooManyScopes,
 }
 
+error_codes! {
+    /// The codes of [`RequestError`].
+    pub enum RequestCode {
+        /// [`RequestError::ContentType`].
+        ContentType = "request.content_type",
+        /// [`RequestError::TooLarge`].
+        TooLarge = "request.too_large",
+        /// [`RequestError::BodyTimeout`].
+        BodyTimeout = "request.body_timeout",
+        /// [`RequestError::BodyUnreadable`].
+        BodyUnreadable = "request.body_unreadable",
+        /// [`RequestError::RepeatedParameter`].
+        RepeatedParameter = "request.repeated_parameter",
+        /// [`RequestError::UnsupportedParameter`].
+        UnsupportedParameter = "request.unsupported_parameter",
+        /// [`RequestError::MissingGrantType`].
+        MissingGrantType = "request.missing_grant_type",
+        /// [`RequestError::UnsupportedGrantType`].
+        UnsupportedGrantType = "request.unsupported_grant_type",
+        /// [`RequestError::MissingSubjectToken`].
+        MissingSubjectToken = "request.missing_subject_token",
+        /// [`RequestError::MissingSubjectTokenType`].
+        MissingSubjectTokenType = "request.missing_subject_token_type",
+        /// [`RequestError::UnsupportedSubjectTokenType`].
+        UnsupportedSubjectTokenType = "request.unsupported_subject_token_type",
+        /// [`RequestError::UnsupportedRequestedTokenType`].
+        UnsupportedRequestedTokenType = "request.unsupported_requested_token_type",
+        /// [`RequestError::MissingAudience`].
+        MissingAudience = "request.missing_audience",
+        /// [`RequestError::InvalidAudience`].
+        InvalidAudience = "request.invalid_audience",
+        /// [`RequestError::InvalidScopeSyntax`].
+        InvalidScopeSyntax = "request.invalid_scope_syntax",
+        /// [`RequestError::TooManyScopes`].
+        TooManyScopes = "request.too_many_scopes",
+    }
+}
+
 impl RequestError {
+    /// This error's code (exhaustive: a new variant needs one).
+    pub fn kind(&self) -> RequestCode {
+        match self {
+            Self::ContentType => RequestCode::ContentType,
+            Self::TooLarge(_) => RequestCode::TooLarge,
+            Self::BodyTimeout(_) => RequestCode::BodyTimeout,
+            Self::BodyUnreadable => RequestCode::BodyUnreadable,
+            Self::RepeatedParameter(_) => RequestCode::RepeatedParameter,
+            Self::UnsupportedParameter(_) => RequestCode::UnsupportedParameter,
+            Self::MissingGrantType => RequestCode::MissingGrantType,
+            Self::UnsupportedGrantType => RequestCode::UnsupportedGrantType,
+            Self::MissingSubjectToken => RequestCode::MissingSubjectToken,
+            Self::MissingSubjectTokenType => RequestCode::MissingSubjectTokenType,
+            Self::UnsupportedSubjectTokenType => RequestCode::UnsupportedSubjectTokenType,
+            Self::UnsupportedRequestedTokenType => RequestCode::UnsupportedRequestedTokenType,
+            Self::MissingAudience => RequestCode::MissingAudience,
+            Self::InvalidAudience => RequestCode::InvalidAudience,
+            Self::InvalidScopeSyntax => RequestCode::InvalidScopeSyntax,
+            Self::TooManyScopes => RequestCode::TooManyScopes,
+        }
+    }
+
     /// Stable error code (error-code table, docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::ContentType => "request.content_type",
-            Self::TooLarge(_) => "request.too_large",
-            Self::BodyTimeout(_) => "request.body_timeout",
-            Self::BodyUnreadable => "request.body_unreadable",
-            Self::RepeatedParameter(_) => "request.repeated_parameter",
-            Self::UnsupportedParameter(_) => "request.unsupported_parameter",
-            Self::MissingGrantType => "request.missing_grant_type",
-            Self::UnsupportedGrantType => "request.unsupported_grant_type",
-            Self::MissingSubjectToken => "request.missing_subject_token",
-            Self::MissingSubjectTokenType => "request.missing_subject_token_type",
-            Self::UnsupportedSubjectTokenType => "request.unsupported_subject_token_type",
-            Self::UnsupportedRequestedTokenType => "request.unsupported_requested_token_type",
-            Self::MissingAudience => "request.missing_audience",
-            Self::InvalidAudience => "request.invalid_audience",
-            Self::InvalidScopeSyntax => "request.invalid_scope_syntax",
-            Self::TooManyScopes => "request.too_many_scopes",
-        }
+        self.kind().as_str()
     }
 
     /// The fixed text the caller sees.
@@ -366,29 +410,39 @@ pub enum ExchangeError {
     AuditUnavailable,
 }
 
+error_codes! {
+    /// The codes [`ExchangeError`] has of its own (the others are its sources').
+    pub enum ExchangeCode {
+        /// [`ExchangeError::Limited`], [`LimitKind::Step`].
+        StepExceeded = "limit.step_exceeded",
+        /// [`ExchangeError::Limited`], [`LimitKind::Repository`].
+        RepositoryExceeded = "limit.repository_exceeded",
+        /// [`ExchangeError::Limited`], [`LimitKind::Grants`].
+        GrantsExceeded = "limit.grants_exceeded",
+        /// [`ExchangeError::LimitStoreUnavailable`].
+        LimitStoreUnavailable = "limit.store_unavailable",
+        /// [`ExchangeError::AuditUnavailable`].
+        AuditUnavailable = "audit.unavailable",
+    }
+}
+
 impl ExchangeError {
     /// Stable error code (error-code table, docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::Request(e) => e.code(),
-            Self::Token(e) => e.code(),
-            Self::Denied { reason, .. } => reason.code(),
-            Self::Limited {
-                limit: LimitKind::Step,
-                ..
-            } => "limit.step_exceeded",
-            Self::Limited {
-                limit: LimitKind::Repository,
-                ..
-            } => "limit.repository_exceeded",
-            Self::Limited {
-                limit: LimitKind::Grants,
-                ..
-            } => "limit.grants_exceeded",
-            Self::Keycloak(e) => e.code(),
-            Self::LimitStoreUnavailable => "limit.store_unavailable",
-            Self::AuditUnavailable => "audit.unavailable",
-        }
+        let own = match self {
+            Self::Request(e) => return e.code(),
+            Self::Token(e) => return e.code(),
+            Self::Denied { reason, .. } => return reason.code(),
+            Self::Keycloak(e) => return e.code(),
+            Self::Limited { limit, .. } => match limit {
+                LimitKind::Step => ExchangeCode::StepExceeded,
+                LimitKind::Repository => ExchangeCode::RepositoryExceeded,
+                LimitKind::Grants => ExchangeCode::GrantsExceeded,
+            },
+            Self::LimitStoreUnavailable => ExchangeCode::LimitStoreUnavailable,
+            Self::AuditUnavailable => ExchangeCode::AuditUnavailable,
+        };
+        own.as_str()
     }
 
     /// The audit outcome: `failed` for outages (issuer keys, Keycloak, audit),

@@ -8,12 +8,35 @@ use actix_web::http::StatusCode;
 use actix_web::HttpResponse;
 use serde::Serialize;
 
+use crate::domain::error_code::error_codes;
 use crate::domain::OAuthError;
-use crate::exchange::{ExchangeError, RequestError};
+use crate::exchange::{ExchangeCode, ExchangeError, RequestCode, RequestError};
 use crate::http::Meaning;
-use crate::keycloak::KeycloakError;
-use crate::policy::DenyKind;
-use crate::verify::VerifyError;
+use crate::keycloak::{KeycloakCode, KeycloakError};
+use crate::policy::{DenyCode, DenyKind};
+use crate::verify::{VerifyCode, VerifyError};
+
+error_codes! {
+    /// The codes the HTTP layer answers with before any exchange starts.
+    pub enum ApiCode {
+        /// A method other than POST on an exchange route.
+        MethodNotAllowed = "request.method_not_allowed",
+        /// An unknown path.
+        NotFound = "request.not_found",
+    }
+}
+
+/// Every `error_code` a caller can receive: the union of each error enum's
+/// `ALL`, the list the error-code table (docs/src/error-codes.md) must match.
+pub fn all_codes() -> Vec<&'static str> {
+    let mut all: Vec<&'static str> = RequestCode::ALL.iter().map(|c| c.as_str()).collect();
+    all.extend(VerifyCode::ALL.iter().map(|c| c.as_str()));
+    all.extend(DenyCode::ALL.iter().map(|c| c.as_str()));
+    all.extend(ExchangeCode::ALL.iter().map(|c| c.as_str()));
+    all.extend(KeycloakCode::ALL.iter().map(|c| c.as_str()));
+    all.extend(ApiCode::ALL.iter().map(|c| c.as_str()));
+    all
+}
 
 /// `Retry-After` when an upstream gave none, seconds.
 const DEFAULT_RETRY_AFTER: u64 = 5;
@@ -232,7 +255,7 @@ fn keycloak(e: &KeycloakError) -> ApiError {
         KeycloakError::Redirected { .. } => "Keycloak redirected the request; the operator must set keycloak.base_url to the server's own address",
         KeycloakError::DiscoveryMismatch(_)
         | KeycloakError::Discovery {
-            code: "keycloak.discovery_mismatch",
+            code: KeycloakCode::DiscoveryMismatch,
             ..
         } => "Keycloak's discovery names another issuer or a token endpoint outside keycloak.base_url's realm; nothing was sent there: the operator must set keycloak.base_url to Keycloak's frontend URL",
         _ if e.meaning() == Meaning::Malformed => "Keycloak answered with something that is not a valid token response; nothing was passed on",

@@ -22,7 +22,7 @@ use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use tracing::Span;
 use tracing_actix_web::{RequestId, RootSpanBuilder};
 
-pub use error::ApiError;
+pub use error::{all_codes, ApiCode, ApiError};
 
 /// Registers every route (one listener serves all).
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -89,7 +89,7 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     ApiError::new(
         actix_web::http::StatusCode::METHOD_NOT_ALLOWED,
         crate::domain::OAuthError::InvalidRequest,
-        "request.method_not_allowed",
+        ApiCode::MethodNotAllowed.as_str(),
         "use POST with an application/x-www-form-urlencoded body",
     )
     .to_response(&request_id(&req))
@@ -99,7 +99,7 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     ApiError::new(
         actix_web::http::StatusCode::NOT_FOUND,
         crate::domain::OAuthError::InvalidRequest,
-        "request.not_found",
+        ApiCode::NotFound.as_str(),
         "no such endpoint",
     )
     .to_response(&request_id(&req))

@@ -3,6 +3,7 @@
 //! OAuth protocol words ([`oauth`]: error codes, token-type URNs, scopes).
 
 pub mod bitbucket;
+pub mod error_code;
 pub mod identity;
 pub mod json;
 pub mod json_schema;

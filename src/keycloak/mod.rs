@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use crate::domain::error_code::error_codes;
 use crate::domain::{Scopes, SecretToken};
 use crate::http::{check_followed, read_capped, BodyError, Meaning, PathRule};
 use crate::signing::SigningKeys;
@@ -93,6 +94,57 @@ impl std::fmt::Debug for ClientAuth {
             Self::PrivateKeyJwt => f.write_str("PrivateKeyJwt"),
             Self::ClientSecretBasic(_) => f.write_str("ClientSecretBasic([redacted])"),
         }
+    }
+}
+
+error_codes! {
+    /// The codes of [`KeycloakError`]; [`KeycloakError::IdentityRefused`] has one
+    /// per [`IdentityRefusal`].
+    pub enum KeycloakCode {
+        /// Unreachable, too slow, or the body could not be read.
+        Unavailable = "keycloak.unavailable",
+        /// [`KeycloakError::RateLimited`].
+        RateLimited = "keycloak.rate_limited",
+        /// [`KeycloakError::ServerError`].
+        ServerError = "keycloak.server_error",
+        /// [`KeycloakError::NotFound`].
+        EndpointNotFound = "keycloak.endpoint_not_found",
+        /// [`KeycloakError::Redirected`].
+        Redirected = "keycloak.redirected",
+        /// [`KeycloakError::ClientRejected`].
+        ClientRejected = "keycloak.client_rejected",
+        /// [`KeycloakError::ScopeRejected`].
+        ScopeRejected = "keycloak.scope_rejected",
+        /// [`KeycloakError::ScopeExceedsGrant`].
+        ScopeExceedsGrant = "keycloak.scope_exceeds_grant",
+        /// [`KeycloakError::Rejected`].
+        RequestRejected = "keycloak.request_rejected",
+        /// [`KeycloakError::BadResponse`] and bodies over the cap.
+        BadResponse = "keycloak.bad_response",
+        /// [`KeycloakError::DiscoveryMismatch`].
+        DiscoveryMismatch = "keycloak.discovery_mismatch",
+        /// [`KeycloakError::LifetimeTooLong`].
+        LifetimeExceedsPolicy = "keycloak.lifetime_exceeds_policy",
+        /// [`KeycloakError::UnknownClient`].
+        ClientNotConfigured = "keycloak.client_not_configured",
+        /// [`KeycloakError::Signing`] and [`KeycloakError::IdentitySigning`].
+        AssertionSigningFailed = "keycloak.assertion_signing_failed",
+        /// [`IdentityRefusal::NotProvisioned`].
+        NotProvisioned = "identity.not_provisioned",
+        /// [`IdentityRefusal::Disabled`].
+        Disabled = "identity.disabled",
+        /// [`IdentityRefusal::NotReady`].
+        NotReady = "identity.not_ready",
+        /// [`IdentityRefusal::Misconfigured`].
+        IdentityMisconfigured = "keycloak.identity_misconfigured",
+        /// [`IdentityRefusal::Other`].
+        Refused = "identity.refused",
+        /// [`KeycloakError::IdentityMismatch`].
+        IdentityMismatch = "identity.mismatch",
+        /// [`KeycloakError::IdentityNotConfigured`].
+        IdentityNotConfigured = "keycloak.identity_not_configured",
+        /// [`KeycloakError::JwtGrantUnsupported`].
+        JwtGrantUnsupported = "keycloak.jwt_grant_unsupported",
     }
 }
 
@@ -194,7 +246,7 @@ pub enum KeycloakError {
     #[error("Keycloak discovery failed: {chain}")]
     Discovery {
         /// Code of the original failure.
-        code: &'static str,
+        code: KeycloakCode,
         /// Meaning of the original failure.
         meaning: Meaning,
         /// Retry-After of the original failure.
@@ -248,35 +300,41 @@ pub enum KeycloakError {
 }
 
 impl KeycloakError {
-    /// Stable error code for callers, audit and alerts.
-    pub fn code(&self) -> &'static str {
+    /// This error's code (exhaustive: a new variant needs one). A shared
+    /// discovery failure keeps the code of the failure it stands for.
+    pub fn kind(&self) -> KeycloakCode {
         match self {
-            Self::Unavailable { .. } | Self::Body(BodyError::Read(_)) => "keycloak.unavailable",
-            Self::RateLimited { .. } => "keycloak.rate_limited",
-            Self::ServerError { .. } => "keycloak.server_error",
-            Self::NotFound { .. } => "keycloak.endpoint_not_found",
-            Self::Redirected { .. } => "keycloak.redirected",
-            Self::ClientRejected { .. } => "keycloak.client_rejected",
-            Self::ScopeRejected { .. } => "keycloak.scope_rejected",
-            Self::ScopeExceedsGrant { .. } => "keycloak.scope_exceeds_grant",
-            Self::Rejected { .. } => "keycloak.request_rejected",
-            Self::BadResponse(_) | Self::Body(_) => "keycloak.bad_response",
-            Self::DiscoveryMismatch(_) => "keycloak.discovery_mismatch",
-            Self::LifetimeTooLong { .. } => "keycloak.lifetime_exceeds_policy",
-            Self::Discovery { code, .. } => code,
-            Self::UnknownClient(_) => "keycloak.client_not_configured",
-            Self::Signing(_) | Self::IdentitySigning(_) => "keycloak.assertion_signing_failed",
+            Self::Unavailable { .. } | Self::Body(BodyError::Read(_)) => KeycloakCode::Unavailable,
+            Self::RateLimited { .. } => KeycloakCode::RateLimited,
+            Self::ServerError { .. } => KeycloakCode::ServerError,
+            Self::NotFound { .. } => KeycloakCode::EndpointNotFound,
+            Self::Redirected { .. } => KeycloakCode::Redirected,
+            Self::ClientRejected { .. } => KeycloakCode::ClientRejected,
+            Self::ScopeRejected { .. } => KeycloakCode::ScopeRejected,
+            Self::ScopeExceedsGrant { .. } => KeycloakCode::ScopeExceedsGrant,
+            Self::Rejected { .. } => KeycloakCode::RequestRejected,
+            Self::BadResponse(_) | Self::Body(_) => KeycloakCode::BadResponse,
+            Self::DiscoveryMismatch(_) => KeycloakCode::DiscoveryMismatch,
+            Self::LifetimeTooLong { .. } => KeycloakCode::LifetimeExceedsPolicy,
+            Self::Discovery { code, .. } => *code,
+            Self::UnknownClient(_) => KeycloakCode::ClientNotConfigured,
+            Self::Signing(_) | Self::IdentitySigning(_) => KeycloakCode::AssertionSigningFailed,
             Self::IdentityRefused { refusal, .. } => match refusal {
-                IdentityRefusal::NotProvisioned => "identity.not_provisioned",
-                IdentityRefusal::Disabled => "identity.disabled",
-                IdentityRefusal::NotReady => "identity.not_ready",
-                IdentityRefusal::Misconfigured => "keycloak.identity_misconfigured",
-                IdentityRefusal::Other => "identity.refused",
+                IdentityRefusal::NotProvisioned => KeycloakCode::NotProvisioned,
+                IdentityRefusal::Disabled => KeycloakCode::Disabled,
+                IdentityRefusal::NotReady => KeycloakCode::NotReady,
+                IdentityRefusal::Misconfigured => KeycloakCode::IdentityMisconfigured,
+                IdentityRefusal::Other => KeycloakCode::Refused,
             },
-            Self::IdentityMismatch { .. } => "identity.mismatch",
-            Self::IdentityNotConfigured => "keycloak.identity_not_configured",
-            Self::JwtGrantUnsupported => "keycloak.jwt_grant_unsupported",
+            Self::IdentityMismatch { .. } => KeycloakCode::IdentityMismatch,
+            Self::IdentityNotConfigured => KeycloakCode::IdentityNotConfigured,
+            Self::JwtGrantUnsupported => KeycloakCode::JwtGrantUnsupported,
         }
+    }
+
+    /// Stable error code for callers, audit and alerts (docs/src/error-codes.md).
+    pub fn code(&self) -> &'static str {
+        self.kind().as_str()
     }
 
     /// What the failure means for the caller (see [`Meaning`]).
@@ -884,7 +942,7 @@ fn now_secs() -> u64 {
 /// Rebuilds an owned error from one shared between waiters of one discovery fetch.
 fn shared(e: &Arc<KeycloakError>) -> KeycloakError {
     KeycloakError::Discovery {
-        code: e.code(),
+        code: e.kind(),
         meaning: e.meaning(),
         retry_after: e.retry_after(),
         chain: crate::telemetry::chain(&**e),

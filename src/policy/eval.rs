@@ -4,7 +4,36 @@
 use serde::Serialize;
 
 use super::{BranchPattern, Conditions, Effect, PolicySet, Subject};
+use crate::domain::error_code::error_codes;
 use crate::domain::{BbUuid, Scopes};
+
+error_codes! {
+    /// The codes of [`DenyKind`] (an explicit deny and denied scopes share one).
+    pub enum DenyCode {
+        /// [`DenyKind::UnknownAudience`].
+        UnknownAudience = "policy.unknown_audience",
+        /// [`DenyKind::ExplicitDeny`] and [`DenyKind::ScopesDenied`].
+        Denied = "policy.denied",
+        /// [`DenyKind::WorkspaceNotAllowed`].
+        WorkspaceNotAllowed = "policy.workspace_not_allowed",
+        /// [`DenyKind::RepositoryNotAllowed`].
+        RepositoryNotAllowed = "policy.repository_not_allowed",
+        /// [`DenyKind::EnvironmentMissing`].
+        EnvironmentMissing = "policy.environment_missing",
+        /// [`DenyKind::EnvironmentNotAllowed`].
+        EnvironmentNotAllowed = "policy.environment_not_allowed",
+        /// [`DenyKind::BranchMissing`].
+        BranchMissing = "policy.branch_missing",
+        /// [`DenyKind::BranchNotAllowed`].
+        BranchNotAllowed = "policy.branch_not_allowed",
+        /// [`DenyKind::AudNotAllowed`].
+        AudNotAllowed = "policy.aud_not_allowed",
+        /// [`DenyKind::ScopeNotAllowed`].
+        ScopeNotAllowed = "policy.scope_not_allowed",
+        /// [`DenyKind::ProtectionRequired`].
+        ProtectionRequired = "policy.protection_required",
+    }
+}
 
 /// What the caller asks for.
 #[derive(Debug, Clone)]
@@ -82,21 +111,26 @@ pub enum DenyKind {
 }
 
 impl DenyKind {
-    /// Stable error code.
-    pub fn code(&self) -> &'static str {
+    /// This denial's code (exhaustive: a new variant needs one).
+    pub fn kind(&self) -> DenyCode {
         match self {
-            Self::UnknownAudience => "policy.unknown_audience",
-            Self::ExplicitDeny | Self::ScopesDenied { .. } => "policy.denied",
-            Self::WorkspaceNotAllowed => "policy.workspace_not_allowed",
-            Self::RepositoryNotAllowed => "policy.repository_not_allowed",
-            Self::EnvironmentMissing => "policy.environment_missing",
-            Self::EnvironmentNotAllowed => "policy.environment_not_allowed",
-            Self::BranchMissing => "policy.branch_missing",
-            Self::BranchNotAllowed => "policy.branch_not_allowed",
-            Self::AudNotAllowed => "policy.aud_not_allowed",
-            Self::ScopeNotAllowed { .. } => "policy.scope_not_allowed",
-            Self::ProtectionRequired { .. } => "policy.protection_required",
+            Self::UnknownAudience => DenyCode::UnknownAudience,
+            Self::ExplicitDeny | Self::ScopesDenied { .. } => DenyCode::Denied,
+            Self::WorkspaceNotAllowed => DenyCode::WorkspaceNotAllowed,
+            Self::RepositoryNotAllowed => DenyCode::RepositoryNotAllowed,
+            Self::EnvironmentMissing => DenyCode::EnvironmentMissing,
+            Self::EnvironmentNotAllowed => DenyCode::EnvironmentNotAllowed,
+            Self::BranchMissing => DenyCode::BranchMissing,
+            Self::BranchNotAllowed => DenyCode::BranchNotAllowed,
+            Self::AudNotAllowed => DenyCode::AudNotAllowed,
+            Self::ScopeNotAllowed { .. } => DenyCode::ScopeNotAllowed,
+            Self::ProtectionRequired { .. } => DenyCode::ProtectionRequired,
         }
+    }
+
+    /// Stable error code (error-code table, docs/src/error-codes.md).
+    pub fn code(&self) -> &'static str {
+        self.kind().as_str()
     }
 
     /// Message for the caller, in terms of the caller's own claims (never the

@@ -29,7 +29,7 @@ use crate::domain::BbUuid;
 use crate::inventory::Inventory;
 pub use compile::{compile_str, compile_with, schema};
 pub use eval::{
-    Decision, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
+    Decision, DenyCode, DenyKind, EvalRequest, Grant, Offer, Outcome, TraceEntry, MAX_TRACE_ENTRIES,
 };
 pub use pattern::{check_branch_pattern, BranchPattern};
 pub use snapshot::{Seen, Snapshot, Stamps};

@@ -1,6 +1,52 @@
 //! Errors of Bitbucket token verification.
 
+use crate::domain::error_code::error_codes;
 use crate::http::Meaning;
+
+error_codes! {
+    /// The codes of [`VerifyError`]. [`VerifyError::KeysUnavailable`] has three,
+    /// by what the fetch failure means.
+    pub enum VerifyCode {
+        /// [`VerifyError::TooLarge`].
+        TooLarge = "token.too_large",
+        /// [`VerifyError::Malformed`].
+        Malformed = "token.malformed",
+        /// [`VerifyError::CriticalHeader`].
+        UnsupportedHeader = "token.unsupported_header",
+        /// [`VerifyError::UntrustedIssuer`].
+        UntrustedIssuer = "token.untrusted_issuer",
+        /// [`VerifyError::DisallowedAlgorithm`].
+        AlgorithmNotAllowed = "token.algorithm_not_allowed",
+        /// [`VerifyError::UnknownKey`].
+        UnknownKey = "token.unknown_key",
+        /// [`VerifyError::KeysUnavailable`], [`Meaning::Transient`].
+        IssuerKeysUnavailable = "token.issuer_keys_unavailable",
+        /// [`VerifyError::KeysUnavailable`], [`Meaning::Configuration`].
+        KeysMisconfigured = "issuer.keys_misconfigured",
+        /// [`VerifyError::KeysUnavailable`], [`Meaning::Malformed`].
+        KeysMalformed = "issuer.keys_malformed",
+        /// [`VerifyError::BadSignature`].
+        BadSignature = "token.bad_signature",
+        /// [`VerifyError::Expired`].
+        Expired = "token.expired",
+        /// [`VerifyError::IssuedInFuture`].
+        IssuedInFuture = "token.issued_in_future",
+        /// [`VerifyError::NotYetValid`].
+        NotYetValid = "token.not_yet_valid",
+        /// [`VerifyError::LifetimeTooLong`].
+        LifetimeTooLong = "token.lifetime_too_long",
+        /// [`VerifyError::AudienceNotAccepted`].
+        AudienceNotAccepted = "token.audience_not_accepted",
+        /// [`VerifyError::MissingClaim`].
+        MissingClaim = "token.missing_claim",
+        /// [`VerifyError::InvalidClaim`].
+        InvalidClaim = "token.invalid_claim",
+        /// [`VerifyError::WorkspaceMismatch`].
+        WorkspaceMismatch = "token.workspace_mismatch",
+        /// [`VerifyError::SubjectMismatch`].
+        SubjectMismatch = "token.subject_mismatch",
+    }
+}
 
 /// Why a `subject_token` was not accepted. Each variant has a stable
 /// [`code`](VerifyError::code) that callers, audit lines and alerts use.
@@ -86,31 +132,36 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// This error's code (exhaustive: a new variant needs one).
+    pub fn kind(&self) -> VerifyCode {
+        match self {
+            Self::TooLarge { .. } => VerifyCode::TooLarge,
+            Self::Malformed(_) => VerifyCode::Malformed,
+            Self::CriticalHeader => VerifyCode::UnsupportedHeader,
+            Self::UntrustedIssuer(_) => VerifyCode::UntrustedIssuer,
+            Self::DisallowedAlgorithm { .. } => VerifyCode::AlgorithmNotAllowed,
+            Self::UnknownKey(_) => VerifyCode::UnknownKey,
+            Self::KeysUnavailable(f) => match f.meaning() {
+                Meaning::Transient => VerifyCode::IssuerKeysUnavailable,
+                Meaning::Configuration => VerifyCode::KeysMisconfigured,
+                Meaning::Malformed => VerifyCode::KeysMalformed,
+            },
+            Self::BadSignature => VerifyCode::BadSignature,
+            Self::Expired => VerifyCode::Expired,
+            Self::IssuedInFuture => VerifyCode::IssuedInFuture,
+            Self::NotYetValid => VerifyCode::NotYetValid,
+            Self::LifetimeTooLong { .. } => VerifyCode::LifetimeTooLong,
+            Self::AudienceNotAccepted => VerifyCode::AudienceNotAccepted,
+            Self::MissingClaim(_) => VerifyCode::MissingClaim,
+            Self::InvalidClaim { .. } => VerifyCode::InvalidClaim,
+            Self::WorkspaceMismatch => VerifyCode::WorkspaceMismatch,
+            Self::SubjectMismatch => VerifyCode::SubjectMismatch,
+        }
+    }
+
     /// Stable error code, documented in the error-code table (docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::TooLarge { .. } => "token.too_large",
-            Self::Malformed(_) => "token.malformed",
-            Self::CriticalHeader => "token.unsupported_header",
-            Self::UntrustedIssuer(_) => "token.untrusted_issuer",
-            Self::DisallowedAlgorithm { .. } => "token.algorithm_not_allowed",
-            Self::UnknownKey(_) => "token.unknown_key",
-            Self::KeysUnavailable(f) => match f.meaning() {
-                Meaning::Transient => "token.issuer_keys_unavailable",
-                Meaning::Configuration => "issuer.keys_misconfigured",
-                Meaning::Malformed => "issuer.keys_malformed",
-            },
-            Self::BadSignature => "token.bad_signature",
-            Self::Expired => "token.expired",
-            Self::IssuedInFuture => "token.issued_in_future",
-            Self::NotYetValid => "token.not_yet_valid",
-            Self::LifetimeTooLong { .. } => "token.lifetime_too_long",
-            Self::AudienceNotAccepted => "token.audience_not_accepted",
-            Self::MissingClaim(_) => "token.missing_claim",
-            Self::InvalidClaim { .. } => "token.invalid_claim",
-            Self::WorkspaceMismatch => "token.workspace_mismatch",
-            Self::SubjectMismatch => "token.subject_mismatch",
-        }
+        self.kind().as_str()
     }
 
     /// The message the caller sees: fixed text plus, where useful, the claim

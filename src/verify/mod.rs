@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::domain::{BbUuid, SecretToken};
-pub use error::VerifyError;
+pub use error::{VerifyCode, VerifyError};
 use jwks::{KeyCache, Lookup};
 pub use jws::MAX_KID_BYTES;
 

@@ -16,6 +16,7 @@ mod cases;
 mod cli;
 mod concurrency;
 mod day2_review;
+mod error_codes;
 mod exchange;
 mod faultkinds;
 mod faults;
