@@ -19,6 +19,7 @@ use super::{
     resolve, ClientAuth, ConfigError, JwksSettings, KeycloakSettings, Limits, Secrets, Settings,
     WorkspaceSettings, ARI_WORKSPACE_PREFIX, BITBUCKET_API_HOST,
 };
+use crate::domain::deceptive;
 use crate::domain::BbUuid;
 use crate::http::{check_upstream_url, is_loopback_host};
 use crate::keycloak::{GrantMode, IdentitySettings};
@@ -487,13 +488,6 @@ fn looks_like_uuid(s: &str) -> bool {
         .unwrap_or(s);
     BbUuid::parse_lenient(inner).is_ok()
         || (inner.len() == 32 && inner.chars().all(|c| c.is_ascii_hexdigit()))
-}
-
-/// Characters that make two strings look alike while comparing different: control
-/// characters, zero-width and direction-changing ones, the byte order mark.
-fn deceptive(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// Workspace ID ("slug") as Bitbucket allows it: lowercase letters, digits, `-`

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::deceptive;
 use crate::domain::{BbUuid, SourceError};
 
 /// Longest accepted inventory file, in bytes.
@@ -95,13 +96,6 @@ pub struct Environment {
 pub const MAX_REPOSITORIES: usize = 50_000;
 /// Most deployment environments one repository may hold.
 pub const MAX_ENVIRONMENTS: usize = 1_000;
-
-/// Characters no name shown to a reviewer may hold: control characters and
-/// invisible or direction-changing ones.
-pub(crate) fn deceptive(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-}
 
 impl WorkspaceInventory {
     /// What a well-formed inventory keeps: a workspace ID of lowercase letters,

@@ -105,7 +105,14 @@ pub fn check_branch_pattern(p: &str) -> Result<(), String> {
                         .into(),
                 )
             }
-            c if c.is_whitespace() || c.is_control() || matches!(c, '~' | '^' | ':') => {
+            c if crate::domain::deceptive(c) => {
+                return Err(format!(
+                    "`{}` is an invisible, control or direction-changing character: the pattern \
+                     would read as another name and match no branch Bitbucket reports",
+                    c.escape_unicode()
+                ))
+            }
+            c if c.is_whitespace() || matches!(c, '~' | '^' | ':') => {
                 return Err(format!(
                     "`{}` cannot occur in a git branch name, so this pattern never matches; \
                      to name several branches write a list: branchName: [main, develop]",
@@ -134,6 +141,22 @@ pub fn check_branch_pattern(p: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn invisible_and_direction_changing_characters_are_refused() {
+        // A deny on "main" + U+200B would read as a deny on main and match nothing.
+        for p in [
+            "main\u{200B}",
+            "ma\u{00AD}in",
+            "\u{202E}niam",
+            "main\u{2060}",
+            "release/\u{E0041}*",
+        ] {
+            let e = check_branch_pattern(p).unwrap_err();
+            assert!(e.contains("invisible"), "{p:?}: {e}");
+        }
+        check_branch_pattern("release/2026-q4/*").unwrap();
+    }
 
     proptest! {
         /// The equality and prefix shortcuts match exactly what the compiled

@@ -8,6 +8,7 @@ use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::{BitbucketIdentity, TokenRules, VerifyError};
+use crate::domain::deceptive;
 #[cfg(any(test, fuzzing))]
 use crate::domain::json::StrictObject;
 use crate::domain::BbUuid;
@@ -424,17 +425,6 @@ fn check_sub(
     }
 }
 
-/// `branchName`: empty reads as absent; at most 1024 bytes; no control
-/// characters, nor invisible or direction-changing ones (zero-width, bidi
-/// overrides, line/paragraph separators) that would make an audit line read
-/// differently from what it records.
-/// Control, invisible or bidi characters: they would make an audit line or a
-/// policy read other than it means.
-fn deceptive(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
-}
-
 /// Most `aud` elements accepted (Bitbucket: at most 10 custom audiences plus
 /// the workspace's; Atlassian, "Bitbucket Pipelines OIDC now supports multiple
 /// audiences").
@@ -467,6 +457,10 @@ fn audiences(aud: Option<Audience>) -> Result<Vec<String>, VerifyError> {
     Ok(v)
 }
 
+/// `branchName`: empty reads as absent; at most 1024 bytes; no control
+/// characters, nor invisible or direction-changing ones
+/// ([`deceptive`]) that would make an audit line read differently from what
+/// it records.
 fn branch(b: Option<String>) -> Result<Option<String>, VerifyError> {
     let Some(b) = b.filter(|b| !b.is_empty()) else {
         return Ok(None);

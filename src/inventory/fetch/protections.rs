@@ -287,9 +287,8 @@ fn restriction(r: RawRestriction, model: Option<&RawBranchingModel>) -> BranchRe
         kind: shown(&r.kind),
         // A pattern is recorded exactly or not at all (matching nothing):
         // cut or with a character replaced, it could match more.
-        pattern: pattern.filter(|p| {
-            p.len() <= MAX_PATTERN_BYTES && !p.chars().any(crate::inventory::deceptive)
-        }),
+        pattern: pattern
+            .filter(|p| p.len() <= MAX_PATTERN_BYTES && !p.chars().any(crate::domain::deceptive)),
         branch_type: if by_model {
             r.branch_type.map(|t| shown(&t))
         } else {
@@ -355,7 +354,7 @@ fn shown(s: &str) -> String {
     s.chars()
         .take(256)
         .map(|c| {
-            if crate::inventory::deceptive(c) {
+            if crate::domain::deceptive(c) {
                 '\u{FFFD}'
             } else {
                 c
