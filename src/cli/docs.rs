@@ -18,8 +18,26 @@ use super::Cli;
 pub fn completions(shell: clap_complete::Shell, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut cmd = Cli::command();
     let name = cmd.get_name().to_string();
-    clap_complete::generate(shell, &mut cmd, name, out);
-    out.flush().context("writing the completion script")
+    // Into memory first: clap_complete panics on a failed write (a full disk).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, name.clone(), &mut script);
+    if shell == clap_complete::Shell::Bash {
+        script = fix_bash_names(&script, &name);
+    }
+    out.write_all(&script)
+        .and_then(|()| out.flush())
+        .context("writing the completion script")
+}
+
+/// clap_complete 4.6 names a hyphenated program's subcommand branches
+/// `keycloak__subcmd__ci__subcmd__sts__subcmd__…` but looks them up as
+/// `keycloak__ci__sts__subcmd__…`, so nothing below the first word completes
+/// (clap-rs/clap#6421). Spells the branches as they are looked up.
+fn fix_bash_names(script: &[u8], name: &str) -> Vec<u8> {
+    let text = String::from_utf8_lossy(script);
+    let wrong = format!("{}__subcmd__", name.replace('-', "__subcmd__"));
+    let right = format!("{}__subcmd__", name.replace('-', "__"));
+    text.replace(&wrong, &right).into_bytes()
 }
 
 /// Writes one man page per command into `dir`: `keycloak-ci-sts.1`, and
@@ -29,9 +47,23 @@ pub fn completions(shell: clap_complete::Shell, out: &mut dyn Write) -> anyhow::
 /// The directory cannot be created or a page cannot be written.
 pub fn man_pages(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut cmd = Cli::command();
+    // No `help` subcommands: they have no page of their own, and every parent
+    // page would list one it cannot point to.
+    let mut cmd = without_help_subcommands(Cli::command());
     cmd.build();
     write_page(&cmd, dir)
+}
+
+fn without_help_subcommands(cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    names
+        .iter()
+        .fold(cmd.disable_help_subcommand(true), |c, n| {
+            c.mut_subcommand(n, without_help_subcommands)
+        })
 }
 
 /// The page of `cmd` (named by its full path, e.g. `keycloak-ci-sts-policy-check`)
@@ -46,7 +78,17 @@ fn write_page(cmd: &clap::Command, dir: &Path) -> anyhow::Result<()> {
     clap_mangen::Man::new(cmd.clone().name(name.clone()))
         .render(&mut buf)
         .with_context(|| format!("rendering {}", page.display()))?;
-    std::fs::write(&page, buf).with_context(|| format!("writing {}", page.display()))?;
+    // A new file renamed over the page: an existing symbolic link is replaced,
+    // never followed (the page never lands outside `dir`).
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a file in {}", dir.display()))?;
+    tmp.write_all(&buf)
+        .with_context(|| format!("writing {}", page.display()))?;
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .with_context(|| format!("writing {}", page.display()))?;
+    tmp.persist(&page)
+        .with_context(|| format!("writing {}", page.display()))?;
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         if sub.get_name() != "help" {
             write_page(sub, dir)?;
@@ -108,7 +150,75 @@ mod tests {
             let page = std::fs::read_to_string(dir.path().join(format!("{name}.1")))
                 .unwrap_or_else(|e| panic!("{name}.1: {e}"));
             assert!(page.contains("Example:"), "{name}.1 lacks the example");
+            assert!(!page.contains("-help(1)"), "{name}.1 points to a help page");
         }
+    }
+
+    #[test]
+    fn a_symbolic_link_in_place_of_a_page_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.txt");
+        std::fs::write(&victim, "keep").unwrap();
+        let pages = dir.path().join("man");
+        std::fs::create_dir(&pages).unwrap();
+        std::os::unix::fs::symlink(&victim, pages.join("keycloak-ci-sts.1")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("new"),
+            pages.join("keycloak-ci-sts-serve.1"),
+        )
+        .unwrap();
+        man_pages(&pages).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(!dir.path().join("new").exists());
+        let page = std::fs::symlink_metadata(pages.join("keycloak-ci-sts.1")).unwrap();
+        assert!(page.file_type().is_file());
+    }
+
+    #[test]
+    fn a_failed_completion_write_is_an_error_not_a_panic() {
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("no space left on device"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        assert!(completions(clap_complete::Shell::Bash, &mut Full).is_err());
+    }
+
+    /// What bash offers after `words` (the last one being completed), with the
+    /// generated script loaded.
+    fn bash_completes(words: &[&str]) -> String {
+        let mut script = Vec::new();
+        completions(clap_complete::Shell::Bash, &mut script).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("c.bash"), script).unwrap();
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let probe = format!(
+            "source c.bash; COMP_WORDS=({}); COMP_CWORD={}; _keycloak__ci__sts keycloak-ci-sts '{}' '{}'; echo \"${{COMPREPLY[*]}}\"",
+            quoted.join(" "),
+            words.len() - 1,
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let out = std::process::Command::new("bash")
+            .args(["--norc", "-c", &probe])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn bash_completes_subcommands_and_their_flags() {
+        let sub = bash_completes(&["keycloak-ci-sts", "keycloak", ""]);
+        assert!(sub.contains("plan") && sub.contains("apply"), "{sub}");
+        let flags = bash_completes(&["keycloak-ci-sts", "keycloak", "plan", "--"]);
+        assert!(flags.contains("--config"), "{flags}");
+        let inspect = bash_completes(&["keycloak-ci-sts", "token", "inspect", "--"]);
+        assert!(inspect.contains("--realm"), "{inspect}");
     }
 
     #[test]
