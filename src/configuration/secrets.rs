@@ -24,6 +24,26 @@ fn read_small_file(path: &Path) -> Result<String, String> {
 ///
 /// # Errors
 /// A reason naming the file or variable (never the secret).
+/// The message for an unset variable: its name, unless it is not a variable
+/// name at all (a secret pasted where its variable's name belongs is never
+/// printed back).
+fn env_unset(key: &str, var: &str) -> String {
+    let name = var
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && var.len() <= 128;
+    if name {
+        format!("{key}: environment variable `{var}` is not set")
+    } else {
+        format!(
+            "{key}: not an environment variable name (letters, digits and `_`); \
+             it is not shown, in case it is the secret itself"
+        )
+    }
+}
+
 pub(super) fn read_secret(
     file: Option<&Path>,
     env: Option<&str>,
@@ -35,8 +55,7 @@ pub(super) fn read_secret(
             read_small_file(&path)
                 .map_err(|e| format!("cannot read secret_file {}: {e}", path.display()))?
         }
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("secret_env: environment variable `{var}` is not set"))?,
+        (None, Some(var)) => std::env::var(var).map_err(|_| env_unset("secret_env", var))?,
         _ => return Err("set exactly one of secret_file or secret_env".into()),
     };
     let trimmed = value.trim_end_matches(['\r', '\n']).to_string();
@@ -80,10 +99,7 @@ pub(super) fn load_keys(
     let mut errors = Vec::new();
     if let Some(var) = key_env {
         match std::env::var(var) {
-            Err(_) => errors.push((
-                format!("{section}.key_env"),
-                format!("environment variable `{var}` is not set"),
-            )),
+            Err(_) => errors.push((format!("{section}.key_env"), env_unset("key_env", var))),
             Ok(pem) => match SigningKey::from_pem(&SecretString::from(pem), algorithm) {
                 Ok(k) => keys.push(k),
                 Err(e) => errors.push((format!("{section}.key_env"), e.to_string())),
@@ -110,4 +126,16 @@ pub(super) fn load_keys(
             "set key_files (newest first) or key_env".to_string(),
         )]
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::env_unset;
+
+    #[test]
+    fn a_secret_pasted_as_a_variable_name_is_not_printed_back() {
+        assert!(env_unset("secret_env", "KCS_SECRET").contains("`KCS_SECRET`"));
+        let m = env_unset("secret_env", "S3cr3t-Value+/==");
+        assert!(!m.contains("S3cr3t"), "{m}");
+    }
 }

@@ -77,6 +77,13 @@ impl RawRequirement {
     /// `approvals` out of 1..=[`MAX_APPROVALS`], or without `branch: protected`
     /// (a branch anyone may push to needs no approval).
     pub fn compile(&self) -> Result<Requirement, String> {
+        if self.branch.is_none() && self.approvals.is_none() && self.environment.is_none() {
+            return Err(
+                "empty: it would require nothing (a key commented out?); name `branch: protected`, \
+                 `approvals` or `environment: admin_only`"
+                    .into(),
+            );
+        }
         let approvals = self.approvals.unwrap_or(0);
         if self.approvals.is_some() && !(1..=MAX_APPROVALS).contains(&approvals) {
             return Err(format!("`approvals`: 1 to {MAX_APPROVALS}"));
