@@ -426,6 +426,14 @@ error_codes! {
     }
 }
 
+error_codes! {
+    /// Codes written only to audit lines, never in an answer.
+    pub enum AuditOnlyCode {
+        /// The exchange was dropped before it finished (the caller went away).
+        Abandoned = "request.abandoned",
+    }
+}
+
 impl ExchangeError {
     /// Stable error code (error-code table, docs/src/error-codes.md).
     pub fn code(&self) -> &'static str {
@@ -480,7 +488,7 @@ impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if let Some(mut r) = self.record.take() {
             r.outcome = AuditOutcome::Failed;
-            r.error_code = Some("request.abandoned");
+            r.error_code = Some(AuditOnlyCode::Abandoned.as_str());
             self.sink.write_detached(&r);
         }
     }
