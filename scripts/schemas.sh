@@ -25,7 +25,9 @@ if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import jsonschema, 
   "$VENV/bin/pip" install -q "jsonschema==4.26.0" "PyYAML==6.0.3"
 fi
 
-"$VENV/bin/python" - <<'PY'
+# The summary line is required: an interpreter that exits 0 without checking
+# (a damaged or tampered cache) fails the step.
+summary=$("$VENV/bin/python" - <<'PY'
 import glob, json, os, sys
 import jsonschema, yaml
 
@@ -67,3 +69,6 @@ if failures:
     sys.exit(1)
 print(f"schemas: {n} files checked against docs/src/schemas/")
 PY
+)
+echo "$summary"
+grep -qE '^schemas: [1-9][0-9]* files checked' <<<"$summary" || { echo "schemas: the validator printed no summary; is $VENV intact?" >&2; exit 1; }
