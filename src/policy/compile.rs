@@ -157,7 +157,7 @@ struct RawWhen {
     /// `deploymentEnvironmentUuid` values (`{uuid}`, quoted in YAML).
     #[serde(rename = "deploymentEnvironmentUuid")]
     deployment_environment_uuid: Option<OneOrMany>,
-    /// `branchName` values or patterns (`*` within a segment, `**` across `/`, `?`).
+    /// `branchName` values or patterns (`*` within a segment, `**` as a whole segment, across `/`; no `?`, classes or alternations).
     #[serde(rename = "branchName")]
     branch_name: Option<OneOrMany>,
     /// Values one of which the token's `aud` must contain (audience markers).
