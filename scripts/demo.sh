@@ -6,19 +6,15 @@
 #   keycloak-ci-sts on 127.0.0.1:18081 (demo/sts.toml, policies/).
 # It mints a pipeline-shaped token, exchanges it with the curl line of
 # bitbucket-pipelines.yml, prints the Keycloak token's claims and the audit line,
+# presents the token to a deploy API (examples/resource-servers/python on
+# 127.0.0.1:18131: accepted; the same step's artifact token: refused),
 # exchanges acme/web's token for one of its own Keycloak user (JWT Authorization
 # Grant), then shows a denied request. Everything is stopped at the end unless
 # DEMO_KEEP_RUNNING=1.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-BIN="${CARGO_TARGET_DIR:-target}/debug"
-
-STS_URL="http://127.0.0.1:18081"
-ISSUER_URL="http://127.0.0.1:18082"
-WORKSPACE_UUID="{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}"
-REPOSITORY_UUID="{d4e45493-4a33-477d-917b-a24e7e4bd39b}"
-PRODUCTION_ENV_UUID="{bd715740-c970-486b-b68a-b421ec2a1f8b}"
-DEMO_DIR=target/demo
+# shellcheck source=scripts/lib/stack.sh
+source scripts/lib/stack.sh
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
@@ -30,28 +26,12 @@ jwt_claims() {
   base64 -d <<<"$p" | jq .
 }
 
-wait_http() { # url, seconds, [pid, log file]: fails early (with the log) if pid dies
-  local i
-  for ((i = 0; i < $2 * 5; i++)); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-    if [[ -n "${3:-}" ]] && ! kill -0 "$3" 2>/dev/null; then
-      echo "process $3 exited; last lines of $4:" >&2
-      tail -n 20 "$4" >&2
-      return 1
-    fi
-    sleep 0.2
-  done
-  echo "timed out waiting for $1${4:+; see $4}" >&2
-  return 1
-}
-
-pids=()
 cleanup() {
   if [[ "${DEMO_KEEP_RUNNING:-0}" == 1 ]]; then
-    echo "left running: Keycloak, issuer (pid ${pids[0]:-}), keycloak-ci-sts (pid ${pids[1]:-}); stop with: kill ${pids[*]:-}; bash scripts/keycloak.sh stop"
+    echo "left running: Keycloak, issuer (pid ${stack_pids[0]:-}), keycloak-ci-sts (pid ${stack_pids[1]:-}); stop with: kill ${stack_pids[*]:-}; bash scripts/keycloak.sh stop"
     return
   fi
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  stack_stop
   bash scripts/keycloak.sh stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -59,14 +39,7 @@ trap cleanup EXIT
 bash scripts/bootstrap.sh
 say "Building"
 cargo build --locked --workspace --bins
-mkdir -p "$DEMO_DIR"
-: >"$DEMO_DIR/audit.jsonl"
-if [[ ! -f "$DEMO_DIR/sts-signing-key.pem" ]]; then
-  "$BIN"/keycloak-ci-sts keys generate --out "$DEMO_DIR/sts-signing-key.pem" >/dev/null
-fi
-if [[ ! -f "$DEMO_DIR/sts-identity-key.pem" ]]; then # repository assertions: a key of its own
-  "$BIN"/keycloak-ci-sts keys generate --out "$DEMO_DIR/sts-identity-key.pem" >/dev/null
-fi
+stack_keys
 
 say "Starting Keycloak (first run fetches it with Maven; about a minute)"
 bash scripts/keycloak.sh start
@@ -77,13 +50,7 @@ KCS_ADMIN_CLIENT_ID=kcs-admin-view KCS_ADMIN_CLIENT_SECRET=kcs-admin-view-test-s
 bash scripts/keycloak.sh provision
 
 say "Starting the local Bitbucket-compatible issuer and keycloak-ci-sts"
-"$BIN"/bitbucket-dev-issuer --listen 127.0.0.1:18082 2>"$DEMO_DIR/issuer.log" &
-pids+=($!)
-KCS_DEMO_STS_ARTIFACTS_SECRET=sts-artifacts-test-secret \
-  "$BIN"/keycloak-ci-sts serve --config demo/sts.toml 2>"$DEMO_DIR/sts.log" &
-pids+=($!)
-wait_http "$ISSUER_URL/2.0/workspaces/acme/pipelines-config/identity/oidc/.well-known/openid-configuration" 30 "${pids[0]}" "$DEMO_DIR/issuer.log"
-wait_http "$STS_URL/readyz" 60 "${pids[1]}" "$DEMO_DIR/sts.log"
+stack_start
 echo "keycloak-ci-sts ready: $(curl -fsS "$STS_URL/readyz")"
 
 mint() { # JSON step description -> token
@@ -108,8 +75,25 @@ jwt_claims "$(jq -r .access_token <<<"$RESPONSE")"
 say "The audit line tying the pipeline step to that token"
 tail -n 1 "$DEMO_DIR/audit.jsonl" | jq .
 
+say "The deploy API (examples/resource-servers/python) accepts the production step's token"
+kit_python >/dev/null
+RS_ISSUER=http://127.0.0.1:18080/realms/ci RS_AUDIENCE=deploy-api RS_ROLE=deploy RS_AZP=sts-deploy \
+  RS_LISTEN=127.0.0.1:18131 "$KIT_PYTHON" examples/resource-servers/python/server.py 2>"$DEMO_DIR/deploy-api.log" &
+stack_pids+=($!)
+wait_port 18131 30
+DEPLOY_API_TOKEN=$(jq -r .access_token <<<"$RESPONSE")
+curl -sS -w ' HTTP %{http_code}\n' -H "Authorization: Bearer $DEPLOY_API_TOKEN" http://127.0.0.1:18131/deploy
+
+say "It refuses the same step's artifact-api token: the wrong audience"
+ARTIFACT_TOKEN=$(curl -sS --fail-with-body "$STS_URL/token" \
+  -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
+  -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
+  --data-urlencode "subject_token=$BITBUCKET_STEP_OIDC_TOKEN" \
+  -d audience=artifact-api | jq -r .access_token)
+curl -sS -w ' HTTP %{http_code}\n' -H "Authorization: Bearer $ARTIFACT_TOKEN" http://127.0.0.1:18131/deploy
+
 say "acme/web's main build asks for release-api: a token of the repository's own Keycloak user (JWT Authorization Grant)"
-WEB_TOKEN=$(mint "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"{9a1b2c3d-4e5f-4a6b-8c7d-0e1f2a3b4c5d}\",\"branch_name\":\"main\",\"audiences\":[\"https://sts.example.test\"]}")
+WEB_TOKEN=$(mint "{\"workspace\":\"acme\",\"workspace_uuid\":\"$WORKSPACE_UUID\",\"repository_uuid\":\"$WEB_REPOSITORY_UUID\",\"branch_name\":\"main\",\"audiences\":[\"https://sts.example.test\"]}")
 WEB_RESPONSE=$(curl -sS --fail-with-body "$STS_URL/token" \
   -d grant_type=urn:ietf:params:oauth:grant-type:token-exchange \
   -d subject_token_type=urn:ietf:params:oauth:token-type:id_token \
@@ -127,4 +111,5 @@ curl -sS -w '\nHTTP %{http_code}\n' "$STS_URL/token" \
   --data-urlencode "subject_token=$FEATURE_TOKEN" \
   -d audience=deploy-api -d scope=deploy:production
 tail -n 1 "$DEMO_DIR/audit.jsonl" | jq -c '{outcome, error_code, branchName, policy, audience}'
+echo "(so the feature branch has no token to present to the deploy API)"
 say "Done"

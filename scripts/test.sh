@@ -8,7 +8,8 @@
 # Runs formatting and lint checks and the dependency audit (scripts/supply-chain.sh); starts Keycloak 26.7.3 (scripts/keycloak.sh:
 # fetched from Maven, cached outside the clone, run in dev mode on 127.0.0.1),
 # configures realm ci with `keycloak apply`, runs `cargo test -- --include-ignored`
-# (also the replica tests: redis-server, three service processes, haproxy);
+# (also the replica tests: redis-server, three service processes, haproxy) and
+# the resource-server kit in four languages (scripts/resource-servers.sh);
 # builds the fuzz targets, replays their corpora and runs each 200,000 times from a fixed seed
 # (scripts/fuzz.sh --ci); checks the Dockerfile, the Helm chart and the image's runtime contract
 # (scripts/deploy-check.sh) and builds the release artefacts from the same build (scripts/release.sh);
@@ -78,6 +79,8 @@ echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST, and
 cargo test --locked --workspace -- --include-ignored --test-threads=4 --skip concurrency::
 echo "== the load test, alone"
 cargo test --locked --test api concurrency:: -- --include-ignored
+echo "== the resource-server kit (Go, Python, Node.js, Java) against Keycloak $KC_NEWEST"
+bash scripts/resource-servers.sh
 bash scripts/keycloak.sh stop
 
 echo "== provisioning compatibility: realm ci as an earlier apply left it, then drifted (golden plans)"
