@@ -31,6 +31,7 @@ pub mod exchange;
 #[cfg(fuzzing)]
 pub mod fuzzing;
 pub mod http;
+pub mod inspect;
 pub mod inventory;
 pub mod keycloak;
 pub mod limits;

@@ -88,12 +88,17 @@ pub enum Command {
     /// (--list). Exit 0 issued, 1 refused (the message names error_code and
     /// request_id), 2 usage, 75 still unavailable after the wait budget.
     #[command(
-        after_help = "Example:\n  keycloak-ci-sts token --url https://sts.example.com --audience deploy-api --scope deploy:production --output /tmp/deploy.token"
+        after_help = "Example:\n  keycloak-ci-sts token --url https://sts.example.com --audience deploy-api --scope deploy:production --output /tmp/deploy.token",
+        subcommand_negates_reqs = true,
+        args_conflicts_with_subcommands = true
     )]
     Token {
+        /// `token inspect`: what an access token grants and why an API refuses it.
+        #[command(subcommand)]
+        command: Option<TokenCommand>,
         /// The service's base URL.
-        #[arg(long, env = "KCS_STS_URL")]
-        url: String,
+        #[arg(long, env = "KCS_STS_URL", required = true)]
+        url: Option<String>,
         /// RFC 8693 `audience`.
         #[arg(long, required_unless_present = "list")]
         audience: Option<String>,
@@ -314,6 +319,42 @@ pub enum PolicyCommand {
     },
 }
 
+/// `token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Show what a Keycloak access token grants (claims, roles per client,
+    /// lifetime left) and, with --realm, whether a resource server would accept
+    /// it and why not; with --audit, the exchange that issued it. Never prints
+    /// the token. Exit 0 accepted (or not verified), 1 a resource server would
+    /// refuse it, 2 usage.
+    #[command(
+        after_help = "Example:\n  keycloak-ci-sts token inspect --token-file /tmp/deploy.token --realm https://keycloak.example.com/realms/ci --audience deploy-api --audit /var/log/keycloak-ci-sts/audit.jsonl"
+    )]
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `token inspect`.
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// File holding the access token (`-` or absent: standard input).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The realm URL (`<keycloak>/realms/<realm>`), the exact issuer: its JWKS
+    /// verifies the token. Without it nothing is verified.
+    #[arg(long)]
+    pub realm: Option<String>,
+    /// The API's client id the token must be for (`aud`, exactly).
+    #[arg(long, requires = "realm")]
+    pub audience: Option<String>,
+    /// Audit files (rotated or gzip-compressed; repeatable) to find the exchange
+    /// that issued the token.
+    #[arg(long)]
+    pub audit: Vec<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `keycloak ...`
 #[derive(Debug, Subcommand)]
 pub enum KeycloakCommand {
@@ -322,7 +363,7 @@ pub enum KeycloakCommand {
     /// Exit 0 in sync, 3 changes pending, 1 conflicts or a failed call, 2 usage or
     /// configuration error.
     #[command(
-        after_help = "Example:\n  keycloak-ci-sts keycloak plan --config sts.toml --admin-client-id sts-admin-view --admin-secret-file view.secret"
+        after_help = "Example:\n  keycloak-ci-sts keycloak plan --config sts.toml --admin-client-id kcs-admin-view --admin-secret-file view.secret"
     )]
     Plan {
         /// TOML configuration file of the service.
@@ -342,7 +383,7 @@ pub enum KeycloakCommand {
     /// Make the plan's changes (idempotent) and set client secrets to the
     /// configured ones; print each change. Needs manage admin credentials.
     #[command(
-        after_help = "Example:\n  keycloak-ci-sts keycloak apply --config sts.toml --admin-client-id sts-admin-manage --admin-secret-file manage.secret"
+        after_help = "Example:\n  keycloak-ci-sts keycloak apply --config sts.toml --admin-client-id kcs-admin-manage --admin-secret-file manage.secret"
     )]
     Apply {
         /// TOML configuration file of the service.
@@ -481,6 +522,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             KeycloakCommand::Export { config, out } => keycloak::export(&config, out.as_deref()),
         },
         Command::Token {
+            command: Some(TokenCommand::Inspect(args)),
+            ..
+        } => token::inspect(&args),
+        Command::Token {
+            command: None,
             url,
             audience,
             scopes,
@@ -508,7 +554,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             token::token(token::TokenArgs {
-                url,
+                url: url.ok_or_else(|| anyhow::anyhow!("--url is required"))?,
                 subject_token_file,
                 action,
                 max_wait_seconds,

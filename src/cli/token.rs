@@ -224,3 +224,217 @@ fn print_grants(g: &Grants, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `token inspect`: decodes the token, verifies it against `--realm` when
+/// given, looks it up in `--audit`, and prints the result (never the token).
+///
+/// # Errors
+/// Unreadable input, a token that is not a JWS, the realm's keys unavailable,
+/// an unreadable audit file (exit 2).
+pub fn inspect(a: &super::InspectArgs) -> anyhow::Result<ExitCode> {
+    use crate::inspect;
+    let raw = match a.token_file.as_deref().filter(|p| p.as_os_str() != "-") {
+        Some(p) => crate::domain::regular_file::read_small_file(p, inspect::MAX_TOKEN_BYTES as u64)
+            .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", p.display()))?,
+        None => {
+            use std::io::Read;
+            let mut s = String::new();
+            std::io::stdin()
+                .take(inspect::MAX_TOKEN_BYTES as u64 + 1)
+                .read_to_string(&mut s)?;
+            s
+        }
+    };
+    let token = crate::domain::SecretToken::new(raw.trim().to_string());
+    let decoded = inspect::decode(&token)?;
+    let verification = match &a.realm {
+        None => None,
+        Some(realm) => {
+            let realm = url::Url::parse(realm).map_err(|e| anyhow::anyhow!("--realm: {e}"))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let keys = rt.block_on(inspect::fetch_keys(&realm))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            Some(inspect::verify(
+                &token,
+                &decoded,
+                &keys,
+                &realm,
+                a.audience.as_deref(),
+                now,
+            ))
+        }
+    };
+    let audit = if a.audit.is_empty() {
+        None
+    } else {
+        Some(inspect::find_in_audit(&a.audit, &decoded.token_sha256)?)
+    };
+    let refused = verification.as_ref().and_then(|v| v.refused).is_some();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "token_sha256": decoded.token_sha256,
+                "header": decoded.header,
+                "claims": decoded.claims,
+                "roles": inspect::roles(&decoded.claims).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "verification": verification,
+                "audit": audit.as_ref().map(|m| m.as_ref().map(|m| &m.line)),
+            }))?
+        );
+    } else {
+        print!(
+            "{}",
+            inspect_text(&decoded, verification.as_ref(), audit.as_ref())
+        );
+    }
+    Ok(if refused {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The text form of `token inspect`.
+fn inspect_text(
+    d: &crate::inspect::Decoded,
+    verification: Option<&crate::inspect::Verification>,
+    audit: Option<&Option<crate::inspect::AuditMatch>>,
+) -> String {
+    use crate::inspect::{audiences, printable, roles};
+    use std::fmt::Write;
+    let s = |k: &str| {
+        d.claims
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .map(printable)
+    };
+    let n = |k: &str| d.claims.get(k).and_then(serde_json::Value::as_u64);
+    let mut out = String::new();
+    let _ = writeln!(out, "token: not printed; sha256 {}", d.token_sha256);
+    let h = |k: &str| {
+        d.header
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .map(printable)
+            .unwrap_or_else(|| "-".into())
+    };
+    let _ = writeln!(
+        out,
+        "header: alg {}, kid {}, typ {}",
+        h("alg"),
+        h("kid"),
+        h("typ")
+    );
+    for (label, key) in [
+        ("issuer", "iss"),
+        ("subject", "sub"),
+        ("typ", "typ"),
+        ("azp (client)", "azp"),
+        ("scope", "scope"),
+        ("preferred_username", "preferred_username"),
+        ("repository_uuid", "repository_uuid"),
+    ] {
+        if let Some(v) = s(key) {
+            let _ = writeln!(out, "{label}: {v}");
+        }
+    }
+    let _ = writeln!(out, "aud: {}", printable(&audiences(&d.claims).join(", ")));
+    let _ = writeln!(out, "roles:");
+    for (client, r) in roles(&d.claims) {
+        let _ = writeln!(
+            out,
+            "  {}: {}",
+            printable(&client),
+            printable(&r.join(", "))
+        );
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or(0);
+    match (n("iat"), n("exp")) {
+        (Some(iat), Some(exp)) if exp > now => {
+            let _ = writeln!(
+                out,
+                "lifetime: {} s, {} s left",
+                exp.saturating_sub(iat),
+                exp - now
+            );
+        }
+        (_, Some(exp)) => {
+            let _ = writeln!(out, "lifetime: expired {} s ago", now.saturating_sub(exp));
+        }
+        _ => {
+            let _ = writeln!(out, "lifetime: no exp");
+        }
+    }
+    match verification {
+        None => {
+            let _ = writeln!(
+                out,
+                "verification: not done (give --realm; nothing above is verified)"
+            );
+        }
+        Some(v) => {
+            let _ = writeln!(out, "verification against {}:", v.realm);
+            for c in &v.checks {
+                let _ = writeln!(
+                    out,
+                    "  {:<9} {}  {}",
+                    c.name,
+                    if c.passed { "ok     " } else { "REFUSED" },
+                    c.detail
+                );
+            }
+            let _ = match v.refused {
+                Some(r) => writeln!(out, "result: a resource server would refuse it ({r})"),
+                None => writeln!(out, "result: accepted by these checks (an API also checks azp and its role: see roles above)"),
+            };
+        }
+    }
+    match audit {
+        None => {}
+        Some(None) => {
+            let _ = writeln!(out, "audit: no line with this token's sha256 (not issued by this service, or another audit file)");
+        }
+        Some(Some(m)) => {
+            let f = |k: &str| {
+                m.line
+                    .get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .map(printable)
+                    .unwrap_or_else(|| "-".into())
+            };
+            let _ = writeln!(
+                out,
+                "audit: issued by request {} at {}",
+                f("request_id"),
+                m.line
+                    .get("time")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            );
+            for k in [
+                "policy",
+                "keycloak_client",
+                "audience",
+                "repository_full_name",
+                "repositoryUuid",
+                "branchName",
+                "deploymentEnvironmentUuid",
+                "stepUuid",
+                "identity",
+                "keycloak_user_id",
+            ] {
+                let _ = writeln!(out, "  {k}: {}", f(k));
+            }
+        }
+    }
+    out
+}

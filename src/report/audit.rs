@@ -177,6 +177,36 @@ impl Source {
     }
 }
 
+/// Reads each of `files` in turn (gzip-decoded where compressed, lines bounded
+/// by [`MAX_LINE_BYTES`], over-long lines skipped) and hands every line to
+/// `each` until it returns `false`. For lookups (`token inspect --audit`); a
+/// report uses [`read`].
+///
+/// # Errors
+/// A file that cannot be opened or read (naming it), or more than [`MAX_FILES`].
+pub fn scan(files: &[PathBuf], mut each: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
+    if files.len() > MAX_FILES {
+        return Err(format!("more than {MAX_FILES} audit files"));
+    }
+    for path in files {
+        let mut source = Source {
+            lines: open(path, 64 * 1024)?,
+            buf: Vec::new(),
+        };
+        while let Some(line) = source
+            .next_line()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+        {
+            if let Some(line) = line {
+                if !each(line) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The period a report covers: `[from, to)` in seconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Period {

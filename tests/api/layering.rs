@@ -49,6 +49,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The client side (a step's `token` command and MCP server): never the service's modules.
     ("client", &["domain", "http", "telemetry"]),
     ("mcp", &["client"]),
+    // `token inspect`: the resource server's view of a Keycloak token; it shares
+    // no code with the service's verification of Bitbucket tokens (`verify`).
+    ("inspect", &["domain", "http", "report", "telemetry"]),
     // `report access`: never used by the service.
     ("report", &["domain", "inventory", "policy"]),
     // `keycloak plan/apply/export`: never used by the service.
@@ -96,6 +99,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "client",
             "configuration",
             "http",
+            "inspect",
             "keycloak",
             "mcp",
             "provision",
