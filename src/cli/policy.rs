@@ -64,6 +64,22 @@ pub fn check(
             return Ok(ExitCode::from(1));
         }
     };
+    // With the configuration and a realm model beside the policies: the same
+    // derivation `config check` and `keycloak plan` make (scopes and groups the
+    // model must declare), without calling Keycloak.
+    let mut model_warnings = Vec::new();
+    if let Some(c) = config.filter(|_| dir.join(crate::provision::model::MODEL_FILE).exists()) {
+        let mut s = Settings::load_without_secrets(c)?;
+        s.policies_dir = dir.to_path_buf();
+        match super::keycloak::derive_for(&s, crate::configuration::Secrets::Skip) {
+            Ok(d) => model_warnings = d.warnings,
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("problem(s) with {}", crate::provision::model::MODEL_FILE);
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
     out(&format!(
         "ok: {} policies in {}",
         set.policies().len(),
@@ -98,7 +114,7 @@ pub fn check(
     for w in set.warnings() {
         eprintln!("warning: {w}");
     }
-    for w in set.requirement_warnings() {
+    for w in set.requirement_warnings().into_iter().chain(model_warnings) {
         eprintln!("warning: {w}");
     }
     let unprotected = protections_table(&set)?;

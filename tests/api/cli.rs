@@ -260,6 +260,48 @@ fn policy_check_with_config_needs_no_secrets_or_keys() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("grant.client"));
+    // A scope the realm model beside the policies does not declare is caught
+    // here too, not first by `keycloak apply`.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(&repo_policies_dir(), copy.path());
+    std::fs::write(
+        copy.path().join("undeclared.yaml"),
+        allow_policy(
+            &when_repo(),
+            "sts-artifacts",
+            "artifact-api",
+            "artifacts:delete",
+            "artifacts:delete",
+            60,
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["policy", "check", "--dir"])
+        .arg(copy.path())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("artifacts:delete") && err.contains("realm.yaml"),
+        "{err}"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 /// Issue #7 §1: the policy that read as narrow but admitted every repository.
