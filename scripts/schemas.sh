@@ -12,24 +12,29 @@
 # - every case in tests/fixtures/schema/<kind>/accepted validates and every case
 #   in .../rejected (each breaks one rule the loader refuses) does not.
 # Draft-07 (what yaml-language-server and taplo read), with Python's jsonschema
-# 4.26.0 and PyYAML 6.0.3 from PyPI in a virtualenv cached outside the clone.
+# 4.26.0 and ruamel.yaml 0.18.16 (YAML 1.2) from PyPI in a virtualenv cached
+# outside the clone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 CACHE="${KCS_CACHE:-$HOME/.cache/keycloak-ci-sts}"
-VENV="$CACHE/pytools-jsonschema-4.26.0-pyyaml-6.0.3"
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import jsonschema, yaml' 2>/dev/null; then
-  echo "schemas: installing jsonschema and PyYAML (cached in $VENV)"
+# Every package pinned, the transitive ones too (installed with --no-deps).
+PINS=(jsonschema==4.26.0 attrs==26.1.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
+  rpds-py==2026.9.1 typing_extensions==4.16.0 ruamel.yaml==0.18.16)
+VENV="$CACHE/pytools-schemas-$(printf '%s\n' "${PINS[@]}" | sha256sum | cut -c1-16)"
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import jsonschema, ruamel.yaml' 2>/dev/null; then
+  echo "schemas: installing ${PINS[*]} (cached in $VENV)"
   rm -rf "$VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "jsonschema==4.26.0" "PyYAML==6.0.3"
+  "$VENV/bin/pip" install -q --no-deps "${PINS[@]}"
 fi
 
 # The summary line is required: an interpreter that exits 0 without checking
 # (a damaged or tampered cache) fails the step.
 summary=$("$VENV/bin/python" - <<'PY'
 import glob, json, os, sys
-import jsonschema, yaml
+import jsonschema
+from ruamel.yaml import YAML
 
 import tomllib
 
@@ -38,7 +43,9 @@ def load(path):
         with open(path, "rb") as f:
             return tomllib.load(f)
     with open(path) as f:
-        return yaml.safe_load(f)
+        # YAML 1.2, as the loader and yaml-language-server read it (`yes`, `on`
+        # and `no` are strings, not booleans as in PyYAML's YAML 1.1).
+        return YAML(typ="safe", pure=True).load(f)
 
 failures = []
 def check(kind, files, want_valid):
