@@ -10,6 +10,22 @@ use crate::keycloak::GrantMode;
 use crate::signing::SigningAlgorithm;
 
 /// The service's configuration file (`sts.toml`).
+
+/// The ranges `validate` enforces that the JSON Schema states too (one source).
+pub(super) mod bounds {
+    use std::ops::RangeInclusive;
+    /// `clock_leeway_seconds`.
+    pub const CLOCK_LEEWAY_SECONDS: RangeInclusive<u64> = 0..=300;
+    /// `max_token_bytes`.
+    pub const MAX_TOKEN_BYTES: RangeInclusive<usize> = 1024..=1024 * 1024;
+    /// `max_subject_token_lifetime_seconds`.
+    pub const MAX_SUBJECT_TOKEN_LIFETIME_SECONDS: RangeInclusive<u64> = 300..=7 * 86_400;
+    /// `body_timeout_ms`.
+    pub const BODY_TIMEOUT_MS: RangeInclusive<u64> = 10..=120_000;
+    /// `[protections] max_age_hours`.
+    pub const MAX_AGE_HOURS: RangeInclusive<u64> = 1..=8_760;
+}
+
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "keycloak-ci-sts configuration")]
@@ -25,15 +41,19 @@ pub(super) struct RawSettings {
     pub policies_dir: PathBuf,
     /// Clock skew allowed on the subject token's `exp`, `nbf` and `iat`, seconds.
     #[serde(default = "default_leeway")]
+    #[schemars(range(min = *bounds::CLOCK_LEEWAY_SECONDS.start(), max = *bounds::CLOCK_LEEWAY_SECONDS.end()))]
     pub clock_leeway_seconds: u64,
     /// Longest subject token accepted, bytes.
     #[serde(default = "default_max_token_bytes")]
+    #[schemars(range(min = *bounds::MAX_TOKEN_BYTES.start(), max = *bounds::MAX_TOKEN_BYTES.end()))]
     pub max_token_bytes: usize,
     /// Longest `exp - iat` a subject token may have, seconds.
     #[serde(default = "default_max_subject_token_lifetime")]
+    #[schemars(range(min = *bounds::MAX_SUBJECT_TOKEN_LIFETIME_SECONDS.start(), max = *bounds::MAX_SUBJECT_TOKEN_LIFETIME_SECONDS.end()))]
     pub max_subject_token_lifetime_seconds: u64,
     /// Time to receive a request's body, milliseconds.
     #[serde(default = "default_body_timeout_ms")]
+    #[schemars(range(min = *bounds::BODY_TIMEOUT_MS.start(), max = *bounds::BODY_TIMEOUT_MS.end()))]
     pub body_timeout_ms: u64,
     /// The trusted Bitbucket workspaces (`[[workspaces]]`).
     #[serde(default)]
@@ -74,6 +94,7 @@ pub(super) struct RawSettings {
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawProtections {
     /// `[protections] max_age_hours`, hours.
+    #[schemars(range(min = *bounds::MAX_AGE_HOURS.start(), max = *bounds::MAX_AGE_HOURS.end()))]
     pub max_age_hours: u64,
     /// `[protections.require]`.
     pub require: RawRequire,
@@ -144,8 +165,10 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub(super) struct RawLimits {
+    #[schemars(range(min = 1))]
     pub per_step_per_minute: u32,
     pub per_repository_per_minute: u32,
+    #[schemars(range(min = 1))]
     pub grants_per_step_per_minute: u32,
     /// `memory` (default) or `redis`.
     pub store: String,

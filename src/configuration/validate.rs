@@ -121,20 +121,31 @@ pub(super) fn settings(
             ),
         );
     }
-    let leeway = in_range(p, "clock_leeway_seconds", raw.clock_leeway_seconds, 0..=300);
+    use super::raw::bounds;
+    let leeway = in_range(
+        p,
+        "clock_leeway_seconds",
+        raw.clock_leeway_seconds,
+        bounds::CLOCK_LEEWAY_SECONDS,
+    );
     let max_token_bytes = in_range(
         p,
         "max_token_bytes",
         raw.max_token_bytes,
-        1024..=1024 * 1024,
+        bounds::MAX_TOKEN_BYTES,
     );
     let max_lifetime = in_range(
         p,
         "max_subject_token_lifetime_seconds",
         raw.max_subject_token_lifetime_seconds,
-        300..=7 * 86_400,
+        bounds::MAX_SUBJECT_TOKEN_LIFETIME_SECONDS,
     );
-    let body_timeout_ms = in_range(p, "body_timeout_ms", raw.body_timeout_ms, 10..=120_000);
+    let body_timeout_ms = in_range(
+        p,
+        "body_timeout_ms",
+        raw.body_timeout_ms,
+        bounds::BODY_TIMEOUT_MS,
+    );
     let audit_reopen_ms = in_range(
         p,
         "audit.reopen_interval_ms",
@@ -255,7 +266,12 @@ fn protections(
     keycloak: Option<&KeycloakSettings>,
     p: &mut Problems,
 ) -> Option<crate::policy::require::Rules> {
-    let hours = in_range(p, "protections.max_age_hours", raw.max_age_hours, 1..=8_760);
+    let hours = in_range(
+        p,
+        "protections.max_age_hours",
+        raw.max_age_hours,
+        super::raw::bounds::MAX_AGE_HOURS,
+    );
     let mut rules = crate::policy::require::Rules::default();
     let mut ok = true;
     let compile =
