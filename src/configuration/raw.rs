@@ -9,8 +9,6 @@ use serde::Deserialize;
 use crate::keycloak::GrantMode;
 use crate::signing::SigningAlgorithm;
 
-/// The service's configuration file (`sts.toml`).
-
 /// The ranges `validate` enforces that the JSON Schema states too (one source).
 pub(super) mod bounds {
     use std::ops::RangeInclusive;
@@ -26,6 +24,7 @@ pub(super) mod bounds {
     pub const MAX_AGE_HOURS: RangeInclusive<u64> = 1..=8_760;
 }
 
+/// The service's configuration file (`sts.toml`).
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "keycloak-ci-sts configuration")]
