@@ -71,6 +71,10 @@ bash scripts/plan-golden.sh blank 3
 echo "== keycloak apply: realm ci from policies/ and policies/keycloak/realm.yaml"
 bash scripts/keycloak.sh provision
 
+# Before the tests below, which point realm ci's clients at services of their own.
+echo "== the resource-server kit (Go, Python, Node.js, Java) against Keycloak $KC_NEWEST"
+bash scripts/resource-servers.sh
+
 echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST, and the replica tests with redis-server and haproxy)"
 # Most tests wait on sockets, so four run at once on two cores. The load test
 # (thousands of exchanges over 200 connections) runs alone afterwards: on a
@@ -79,8 +83,6 @@ echo "== cargo test (including the real-Keycloak tests, Keycloak $KC_NEWEST, and
 cargo test --locked --workspace -- --include-ignored --test-threads=4 --skip concurrency::
 echo "== the load test, alone"
 cargo test --locked --test api concurrency:: -- --include-ignored
-echo "== the resource-server kit (Go, Python, Node.js, Java) against Keycloak $KC_NEWEST"
-bash scripts/resource-servers.sh
 bash scripts/keycloak.sh stop
 
 echo "== provisioning compatibility: realm ci as an earlier apply left it, then drifted (golden plans)"

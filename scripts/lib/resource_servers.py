@@ -56,7 +56,13 @@ def exchange(subject, audience, scope=None):
             "subject_token": subject, "audience": audience}
     if scope:
         form["scope"] = scope
-    return post(f"{STS}/token", form)["access_token"]
+    try:
+        return post(f"{STS}/token", form)["access_token"]
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")[:500]
+        sys.exit(f"resource servers: the service refused {audience} {scope or ''}: HTTP {e.code} {body}; "
+                 "keycloak.client_rejected means realm ci's clients do not point at this service "
+                 "(demo/sts.toml): run scripts/keycloak.sh provision")
 
 
 def b64(data):
