@@ -18,9 +18,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/lib/stack.sh
 source scripts/lib/stack.sh
 
+run_dir=""
+trap 'stack_stop; [[ -z "$run_dir" ]] || rm -rf "$run_dir"' EXIT
 LANGS=("$@")
 ((${#LANGS[@]})) || LANGS=(go python node java)
 KIT=examples/resource-servers
+NIMBUS_SHA256=0edd2fbaab79e13f87d145d021f85a5c59956b2b6b5e761c0d664c87f94cda15
 CACHE="${KCS_CACHE:-$HOME/.cache/keycloak-ci-sts}/resource-servers"
 mkdir -p "$CACHE"
 digest() { cat "$@" | sha256sum | cut -c1-16; }
@@ -47,8 +50,12 @@ for lang in "${LANGS[@]}"; do
       cp "$KIT/node/package.json" "$KIT/node/package-lock.json" "$dir/"
       (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --cache "$CACHE/npm-cache" >/dev/null)
     fi
-    cp "$KIT/node/server.mjs" "$dir/" # ES modules resolve packages next to the file
-    add node "$dir" node server.mjs
+    # ES modules resolve packages next to the file: this run's copy of server.mjs
+    # in a directory of its own, beside a link to the cached node_modules.
+    run_dir=$(mktemp -d)
+    ln -s "$dir/node_modules" "$run_dir/node_modules"
+    cp "$KIT/node/server.mjs" "$KIT/node/package.json" "$run_dir/"
+    add node "$run_dir" node server.mjs
     ;;
   go)
     bin="$CACHE/go-$(digest "$KIT/go/go.mod" "$KIT/go/go.sum" "$KIT/go/main.go")/server"
@@ -63,7 +70,14 @@ for lang in "${LANGS[@]}"; do
     if [[ ! -f "$dir/classes/ResourceServer.class" ]]; then
       echo "resource servers: Maven classpath and javac (cached in $dir)"
       rm -rf "$dir" && mkdir -p "$dir/classes"
-      mvn -q -B -f "$KIT/java/pom.xml" dependency:build-classpath -Dmdep.outputFile="$dir/classpath.txt" >/dev/null
+      mvn -q -B -C -f "$KIT/java/pom.xml" dependency:build-classpath -Dmdep.outputFile="$dir/classpath.txt" >/dev/null
+      # The one jar, checked against the digest of nimbus-jose-jwt 10.10 as first fetched.
+      [[ "$(cat "$dir/classpath.txt")" == *nimbus-jose-jwt-10.10.jar ]] &&
+        sha256sum -c --quiet - <<<"$NIMBUS_SHA256  $(cat "$dir/classpath.txt")" || {
+        echo "resource servers: the Java classpath is not nimbus-jose-jwt 10.10 with the recorded digest" >&2
+        rm -rf "$dir"
+        exit 1
+      }
       javac -d "$dir/classes" -cp "$(cat "$dir/classpath.txt")" "$KIT/java/ResourceServer.java"
     fi
     add java "$KIT/java" java -cp "$dir/classes:$(cat "$dir/classpath.txt")" ResourceServer
@@ -78,7 +92,6 @@ if ! curl -fsS -o /dev/null "$KC_URL/realms/ci/.well-known/openid-configuration"
   exit 1
 fi
 stack_keys
-trap stack_stop EXIT
 stack_start
 STS_BIN="$BIN/keycloak-ci-sts" AUDIT_FILE="$DEMO_DIR/audit.jsonl"
 export KC_URL STS_URL ISSUER_URL STS_BIN AUDIT_FILE WORKSPACE_UUID REPOSITORY_UUID WEB_REPOSITORY_UUID PRODUCTION_ENV_UUID

@@ -184,8 +184,28 @@ fn signature(
         .get("alg")
         .and_then(Value::as_str)
         .unwrap_or("");
+    // First, as the kit does: an algorithm that is not an asymmetric signature
+    // (none, HS256 with the realm's public key as secret) is refused before any
+    // key is looked up.
+    if !matches!(alg.get(..2), Some("RS" | "PS" | "ES")) && alg != "EdDSA" {
+        checks.push(Check {
+            name: "alg",
+            passed: false,
+            detail: format!(
+                "header alg {} is not an asymmetric signature algorithm",
+                printable(alg)
+            ),
+        });
+        return false;
+    }
     let kid = decoded.header.get("kid").and_then(Value::as_str);
-    let key = kid.and_then(|k| keys.find(k));
+    // Signing keys only: an encryption key of the realm never verifies a token.
+    let key = kid.and_then(|k| keys.find(k)).filter(|k| {
+        !matches!(
+            k.common.public_key_use,
+            Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+        )
+    });
     let key_alg = key
         .and_then(|k| k.common.key_algorithm)
         .and_then(|a| a.to_string().parse::<jsonwebtoken::Algorithm>().ok());
@@ -241,14 +261,31 @@ fn claims_checks(
         passed: iss == realm,
         detail: format!("{} (expected exactly {realm})", printable(iss)),
     });
-    let exp = claims.get("exp").and_then(Value::as_u64);
+    let time = |k: &str| claims.get(k).and_then(Value::as_f64);
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "seconds since the epoch fit an f64"
+    )]
+    let now_f = now as f64;
+    let exp = time("exp");
     checks.push(Check {
         name: "exp",
-        passed: exp.is_some_and(|e| e > now),
+        passed: exp.is_some_and(|e| e > now_f),
         detail: match exp {
-            Some(e) if e > now => format!("{} s left", e - now),
-            Some(e) => format!("expired {} s ago", now - e),
+            Some(e) if e > now_f => format!("{:.0} s left", e - now_f),
+            Some(e) => format!("expired {:.0} s ago", now_f - e),
             None => "no exp".into(),
+        },
+    });
+    let (iat, nbf) = (time("iat"), time("nbf"));
+    checks.push(Check {
+        name: "iat",
+        passed: iat.is_some_and(|i| i <= now_f) && nbf.is_none_or(|n| n <= now_f),
+        detail: match (iat, nbf) {
+            (None, _) => "no iat".into(),
+            (Some(i), _) if i > now_f => format!("iat {:.0} s in the future", i - now_f),
+            (_, Some(n)) if n > now_f => format!("nbf {:.0} s in the future", n - now_f),
+            _ => "iat (and nbf, if any) not in the future".into(),
         },
     });
     let typ = claims.get("typ").and_then(Value::as_str).unwrap_or("");
@@ -262,9 +299,14 @@ fn claims_checks(
     });
     if let Some(want) = audience {
         let aud = audiences(claims);
+        let all_strings = match claims.get("aud") {
+            Some(Value::Array(a)) => a.iter().all(Value::is_string),
+            Some(Value::String(_)) => true,
+            _ => false,
+        };
         checks.push(Check {
             name: "aud",
-            passed: aud == [want],
+            passed: all_strings && aud == [want],
             detail: format!(
                 "{} (expected exactly {})",
                 printable(&aud.join(", ")),
@@ -333,15 +375,13 @@ pub fn find_in_audit(files: &[PathBuf], sha256: &str) -> Result<Option<AuditMatc
     Ok(found)
 }
 
-/// `s` with control and bidirectional characters escaped, for a terminal: a
-/// token's claims are chosen by whoever made it.
+/// `s` with control, invisible and direction-changing characters
+/// ([`crate::domain::deceptive`]) escaped, for a terminal: a token's claims are
+/// chosen by whoever made it, and an `azp` must not look like an allowed one.
 pub fn printable(s: &str) -> String {
     s.chars()
         .map(|c| {
-            if c.is_control()
-                || ('\u{202a}'..='\u{202e}').contains(&c)
-                || ('\u{2066}'..='\u{2069}').contains(&c)
-            {
+            if crate::domain::deceptive(c) {
                 c.escape_unicode().to_string()
             } else {
                 c.to_string()
@@ -387,6 +427,17 @@ mod tests {
     }
 
     #[test]
+    fn none_and_hmac_are_refused_as_alg_before_any_key_is_looked_up() {
+        let keys: jsonwebtoken::jwk::JwkSet = serde_json::from_str(r#"{"keys": []}"#).unwrap();
+        let realm = Url::parse("http://127.0.0.1:1/realms/ci").unwrap();
+        for alg in ["none", "HS256", "rs256", ""] {
+            let t = token(&serde_json::json!({"alg": alg}), &serde_json::json!({}));
+            let v = verify(&t, &decode(&t).unwrap(), &keys, &realm, None, 0);
+            assert_eq!(v.refused, Some("alg"), "{alg}");
+        }
+    }
+
+    #[test]
     fn an_unknown_kid_fails_the_signature_check_and_no_claim_is_judged() {
         let t = token(
             &serde_json::json!({"alg": "RS256", "kid": "nope"}),
@@ -403,5 +454,6 @@ mod tests {
     #[test]
     fn printable_escapes_terminal_controls() {
         assert_eq!(printable("a\u{1b}[2Jb\u{202e}"), "a\\u{1b}[2Jb\\u{202e}");
+        assert_eq!(printable("ci\u{200b}"), "ci\\u{200b}");
     }
 }

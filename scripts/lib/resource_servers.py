@@ -100,6 +100,15 @@ def tokens():
     other_realm = post(f"{KC}/realms/prov/protocol/openid-connect/token",
                        {"grant_type": "client_credentials", "client_id": "kcs-admin-view",
                         "client_secret": "kcs-admin-view-test-secret"})["access_token"]
+    # Same realm, same key, another issuer: Keycloak names the issuer after the
+    # Host it was asked on (its frontend URL is not fixed here).
+    host = urllib.parse.urlsplit(KC).port
+    other_issuer = post(f"{REALM}/protocol/openid-connect/token",
+                        {"grant_type": "client_credentials", "client_id": "kcs-admin-view",
+                         "client_secret": "kcs-admin-view-test-secret"},
+                        {"Host": f"localhost:{host}"})["access_token"]
+    if claims(other_issuer)["iss"] == REALM:
+        sys.exit("resource servers: Keycloak named the same issuer for another Host; the iss case needs another")
     id_token = post(f"{REALM}/protocol/openid-connect/token",
                     {"grant_type": "client_credentials", "client_id": "kcs-admin-view",
                      "client_secret": "kcs-admin-view-test-secret", "scope": "openid"})["id_token"]
@@ -109,7 +118,10 @@ def tokens():
         ("another audience (the deploy-api token)", exchange(deploy_step, "deploy-api", "deploy:production"), "aud"),
         ("missing role (artifacts:read only)", exchange(build_step, "artifact-api"), "role"),
         ("azp outside the list (sts-deploy's artifact token)", exchange(deploy_step, "deploy-api", "artifacts:read"), "azp"),
+        ("two audiences (deploy-api and artifact-api in one token)",
+         exchange(deploy_step, "deploy-api", "deploy:production artifacts:read"), "aud"),
         ("a token of another realm", other_realm, "signature"),
+        ("the realm's key, another issuer (Host: localhost)", other_issuer, "iss"),
         ("altered signature", good.rsplit(".", 1)[0] + "." + flipped, "signature"),
         ("alg: none", forged(good, {**header, "alg": "none"}, None), "alg"),
         ("HS256 signed with the realm's public key", forged(good, {**header, "alg": "HS256"}, realm_public_pem(header["kid"])), "alg"),
@@ -131,6 +143,9 @@ def call(port, token):
 
 
 def start(server, port, env):
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            sys.exit(f"{server['lang']}: something already listens on {port}")
     proc = subprocess.Popen(server["cmd"], cwd=server["cwd"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, **env, "RS_LISTEN": f"127.0.0.1:{port}",
                                                          "RS_ISSUER": REALM})
@@ -139,7 +154,7 @@ def start(server, port, env):
         if proc.poll() is not None:
             sys.exit(f"{server['lang']}: exited at start: {proc.stderr.read().decode()[-2000:]}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(("127.0.0.1", port)) == 0 and proc.poll() is None:
                 return proc
         time.sleep(0.1)
     proc.kill()

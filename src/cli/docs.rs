@@ -126,6 +126,8 @@ mod tests {
     fn every_command_s_help_shows_an_example_of_itself() {
         let commands = commands();
         assert!(commands.len() >= 20, "{}", commands.len());
+        let root = Cli::command().render_long_help().to_string();
+        assert!(root.contains("Example:\n  keycloak-ci-sts serve"), "{root}");
         for (name, words, mut cmd) in commands {
             let help = cmd.render_long_help().to_string();
             let example = help

@@ -21,7 +21,12 @@ use clap::{Parser, Subcommand};
 
 /// keycloak-ci-sts: exchange Bitbucket Pipelines OIDC tokens for Keycloak access tokens.
 #[derive(Debug, Parser)]
-#[command(name = "keycloak-ci-sts", version, about)]
+#[command(
+    name = "keycloak-ci-sts",
+    version,
+    about,
+    after_help = "Example:\n  keycloak-ci-sts serve --config /etc/keycloak-ci-sts/sts.toml"
+)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

@@ -251,6 +251,11 @@ pub fn inspect(a: &super::InspectArgs) -> anyhow::Result<ExitCode> {
         None => None,
         Some(realm) => {
             let realm = url::Url::parse(realm).map_err(|e| anyhow::anyhow!("--realm: {e}"))?;
+            if !realm.username().is_empty() || realm.password().is_some() {
+                anyhow::bail!(
+                    "--realm: no user or password in the URL (the realm's keys are public)"
+                );
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -25,8 +25,12 @@ func (r refused) Error() string { return string(r) }
 
 func main() {
 	issuer, audience, role := os.Getenv("RS_ISSUER"), os.Getenv("RS_AUDIENCE"), os.Getenv("RS_ROLE")
-	azp := strings.Split(os.Getenv("RS_AZP"), ",")
+	azp := slices.DeleteFunc(strings.Split(os.Getenv("RS_AZP"), ","), func(s string) bool { return s == "" })
+	if issuer == "" || audience == "" || role == "" || len(azp) == 0 {
+		panic("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP")
+	}
 	// The realm's keys, cached and refreshed; an unknown kid refetches them, rate-limited.
+	http.DefaultClient.Timeout = 5 * time.Second // the key fetch never hangs a request
 	keys, err := keyfunc.NewDefaultCtx(context.Background(), []string{issuer + "/protocol/openid-connect/certs"})
 	if err != nil {
 		panic(err)
@@ -42,6 +46,9 @@ func main() {
 		if unverified.Header["alg"] != "RS256" { // never let the token choose: no none, no HS256
 			return nil, refused("alg")
 		}
+		if _, crit := unverified.Header["crit"]; crit { // an extension we do not understand
+			return nil, refused("malformed")
+		}
 		claims := jwt.MapClaims{}
 		_, err = parser.ParseWithClaims(raw, claims, keys.Keyfunc)
 		switch {
@@ -51,7 +58,7 @@ func main() {
 			return nil, refused("iss")
 		case errors.Is(err, jwt.ErrTokenSignatureInvalid), errors.Is(err, jwt.ErrTokenUnverifiable):
 			return nil, refused("signature")
-		case err != nil:
+		case err != nil, claims["iat"] == nil:
 			return nil, refused("claims")
 		}
 		if claims["typ"] != "Bearer" { // an ID token is not an access token
@@ -89,6 +96,7 @@ func main() {
 		// Identity mode: the repository is the token's subject (repository_uuid).
 		json.NewEncoder(w).Encode(map[string]any{"client": claims["azp"], "sub": claims["sub"], "repository_uuid": claims["repository_uuid"]})
 	})
-	server := &http.Server{Addr: os.Getenv("RS_LISTEN"), Handler: handler, ReadHeaderTimeout: 5 * time.Second}
+	server := &http.Server{Addr: os.Getenv("RS_LISTEN"), Handler: handler,
+		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second}
 	panic(server.ListenAndServe())
 }

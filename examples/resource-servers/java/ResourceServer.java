@@ -23,6 +23,7 @@ import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Set;
+import java.util.concurrent.Executors;
 
 public class ResourceServer {
     static final String ISSUER = System.getenv("RS_ISSUER"), AUDIENCE = System.getenv("RS_AUDIENCE"), ROLE = System.getenv("RS_ROLE");
@@ -31,6 +32,11 @@ public class ResourceServer {
     static class Refused extends Exception { Refused(String reason) { super(reason); } }
 
     public static void main(String[] args) throws Exception {
+        if (ISSUER == null || AUDIENCE == null || ROLE == null || ISSUER.isEmpty() || AZP.contains(""))
+            throw new IllegalStateException("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP");
+        // A request must arrive within 10 s: one slow client cannot hold the server.
+        System.setProperty("sun.net.httpserver.maxReqTime", "10");
+        System.setProperty("sun.net.httpserver.maxRspTime", "10");
         var processor = new DefaultJWTProcessor<SecurityContext>();
         // The realm's keys, cached; an unknown kid refetches them (rate-limited).
         var keys = JWKSourceBuilder.create(URI.create(ISSUER + "/protocol/openid-connect/certs").toURL()).build();
@@ -60,6 +66,7 @@ public class ResourceServer {
                 answer(exchange, 500, "{\"error\":\"server_error\"}");
             }
         });
+        server.setExecutor(Executors.newFixedThreadPool(16));
         server.start();
     }
 
@@ -76,13 +83,14 @@ public class ResourceServer {
         } catch (ExpiredJWTException e) {
             throw new Refused("exp");
         } catch (com.nimbusds.jwt.proc.BadJWTException e) {
-            throw new Refused(e.getMessage().contains("iss") ? "iss" : "claims");
+            throw new Refused(e.getMessage().startsWith("JWT iss claim") ? "iss" : "claims");
         } catch (Exception e) {
             throw new Refused("signature");
         }
         if (!"Bearer".equals(claims.getStringClaim("typ"))) throw new Refused("typ"); // an ID token is not an access token
         if (!List.of(AUDIENCE).equals(claims.getAudience())) throw new Refused("aud"); // this API and no other
-        if (!AZP.contains(claims.getStringClaim("azp"))) throw new Refused("azp");
+        var azp = claims.getClaim("azp");
+        if (!(azp instanceof String client) || !AZP.contains(client)) throw new Refused("azp");
         var access = claims.getJSONObjectClaim("resource_access");
         if (access == null || !(access.get(AUDIENCE) instanceof Map<?, ?> api)
                 || !(api.get("roles") instanceof List<?> roles) || !roles.contains(ROLE)) throw new Refused("role");

@@ -7,7 +7,8 @@ import http from "node:http";
 import { createRemoteJWKSet, decodeProtectedHeader, errors, jwtVerify } from "jose";
 
 const { RS_ISSUER: ISSUER, RS_AUDIENCE: AUDIENCE, RS_ROLE: ROLE } = process.env;
-const AZP = new Set(process.env.RS_AZP.split(","));
+const AZP = new Set((process.env.RS_AZP ?? "").split(",").filter(Boolean));
+if (!ISSUER || !AUDIENCE || !ROLE || !AZP.size) throw new Error("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP");
 const [HOST, PORT] = (process.env.RS_LISTEN ?? "127.0.0.1:8080").split(":");
 // The realm's keys, cached; an unknown kid refetches them at most every 30 s.
 const JWKS = createRemoteJWKSet(new URL(`${ISSUER}/protocol/openid-connect/certs`), {
@@ -42,8 +43,9 @@ async function verify(token) {
   if (claims.typ !== "Bearer") throw new Refused("typ"); // an ID token is not an access token
   const aud = Array.isArray(claims.aud) ? claims.aud : [claims.aud];
   if (aud.length !== 1 || aud[0] !== AUDIENCE) throw new Refused("aud"); // this API and no other
-  if (!AZP.has(claims.azp)) throw new Refused("azp");
-  if (!(claims.resource_access?.[AUDIENCE]?.roles ?? []).includes(ROLE)) throw new Refused("role");
+  if (typeof claims.azp !== "string" || !AZP.has(claims.azp)) throw new Refused("azp");
+  const roles = Object.hasOwn(claims.resource_access ?? {}, AUDIENCE) ? claims.resource_access[AUDIENCE]?.roles : null;
+  if (!Array.isArray(roles) || !roles.includes(ROLE)) throw new Refused("role"); // a list: "rewriter" holds "write"
   return claims;
 }
 

@@ -11,10 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 
-ISSUER = os.environ["RS_ISSUER"]
-AUDIENCE = os.environ["RS_AUDIENCE"]
-ROLE = os.environ["RS_ROLE"]
-AZP = set(os.environ["RS_AZP"].split(","))
+ISSUER, AUDIENCE, ROLE = (os.environ[k] for k in ("RS_ISSUER", "RS_AUDIENCE", "RS_ROLE"))
+AZP = {a for a in os.environ["RS_AZP"].split(",") if a}
+assert ISSUER and AUDIENCE and ROLE and AZP, "RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP must be set
 HOST, PORT = os.environ.get("RS_LISTEN", "127.0.0.1:8080").rsplit(":", 1)
 # The realm's keys, cached; an unknown kid refetches them (the realm rotated).
 JWKS = jwt.PyJWKClient(f"{ISSUER}/protocol/openid-connect/certs", lifespan=300, timeout=5)
@@ -27,7 +26,7 @@ class Refused(Exception):
 def verify(token):
     try:
         alg = jwt.get_unverified_header(token).get("alg")
-    except jwt.DecodeError:
+    except jwt.PyJWTError:
         raise Refused("malformed")
     if alg != "RS256":  # never let the token choose: no none, no HS256
         raise Refused("alg")
@@ -39,24 +38,30 @@ def verify(token):
         raise Refused("exp")
     except jwt.InvalidIssuerError:
         raise Refused("iss")
-    except (jwt.PyJWKClientError, jwt.InvalidSignatureError):
+    except (jwt.PyJWKClientError, jwt.InvalidSignatureError, jwt.InvalidKeyError):
         raise Refused("signature")
-    except jwt.InvalidTokenError:
+    except jwt.PyJWTError:
+        raise Refused("claims")
+    if not all(isinstance(claims.get(c), int) for c in ("exp", "iat")):  # PyJWT takes "123"
         raise Refused("claims")
     if claims.get("typ") != "Bearer":  # an ID token is not an access token
         raise Refused("typ")
     aud = claims.get("aud")
     if (aud if isinstance(aud, list) else [aud]) != [AUDIENCE]:  # this API and no other
         raise Refused("aud")
-    if claims.get("azp") not in AZP:
+    if not isinstance(claims.get("azp"), str) or claims["azp"] not in AZP:
         raise Refused("azp")
-    roles = claims.get("resource_access", {}).get(AUDIENCE, {}).get("roles", [])
-    if ROLE not in roles:
+    access = claims.get("resource_access")
+    api = access.get(AUDIENCE) if isinstance(access, dict) else None
+    roles = api.get("roles") if isinstance(api, dict) else None
+    if not isinstance(roles, list) or ROLE not in roles:  # a list: "rewriter" holds "write"
         raise Refused("role")
     return claims
 
 
 class Handler(BaseHTTPRequestHandler):
+    timeout = 10  # seconds to send a request: a slow client holds one thread, not forever
+
     def do_GET(self):
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         try:
@@ -65,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
             claims = verify(token)
         except Refused as refused:
             return self.answer(401, {"error": "invalid_token", "reason": refused.args[0]})
+        except Exception:  # never a traceback with request data in the log
+            return self.answer(500, {"error": "server_error"})
         # Identity mode: the repository is the token's subject (repository_uuid).
         self.answer(200, {"client": claims["azp"], "sub": claims.get("sub"),
                           "repository_uuid": claims.get("repository_uuid")})
