@@ -13,7 +13,8 @@ import jwt
 
 ISSUER, AUDIENCE, ROLE = (os.environ[k] for k in ("RS_ISSUER", "RS_AUDIENCE", "RS_ROLE"))
 AZP = {a for a in os.environ["RS_AZP"].split(",") if a}
-assert ISSUER and AUDIENCE and ROLE and AZP, "RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP must be set
+if not (ISSUER and AUDIENCE and ROLE and AZP):  # not assert: python -O drops it
+    raise SystemExit("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP")
 HOST, PORT = os.environ.get("RS_LISTEN", "127.0.0.1:8080").rsplit(":", 1)
 # The realm's keys, cached; an unknown kid refetches them (the realm rotated).
 JWKS = jwt.PyJWKClient(f"{ISSUER}/protocol/openid-connect/certs", lifespan=300, timeout=5)
