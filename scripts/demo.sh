@@ -28,7 +28,7 @@ jwt_claims() {
 
 cleanup() {
   if [[ "${DEMO_KEEP_RUNNING:-0}" == 1 ]]; then
-    echo "left running: Keycloak, issuer (pid ${stack_pids[0]:-}), keycloak-ci-sts (pid ${stack_pids[1]:-}); stop with: kill ${stack_pids[*]:-}; bash scripts/keycloak.sh stop"
+    echo "left running: Keycloak, issuer (pid ${stack_pids[0]:-}), keycloak-ci-sts (pid ${stack_pids[1]:-}), the deploy API on 127.0.0.1:18131 (pid ${stack_pids[2]:-}); stop with: kill ${stack_pids[*]:-}; bash scripts/keycloak.sh stop"
     return
   fi
   stack_stop

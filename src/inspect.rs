@@ -159,7 +159,7 @@ pub fn verify(
     audience: Option<&str>,
     now: u64,
 ) -> Verification {
-    let realm_str = realm.as_str().trim_end_matches('/').to_string();
+    let realm_str = realm.as_str().to_string();
     let mut checks = Vec::new();
     if signature(token, decoded, keys, &mut checks) {
         claims_checks(&decoded.claims, &realm_str, audience, now, &mut checks);

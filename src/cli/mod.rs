@@ -329,9 +329,12 @@ pub enum PolicyCommand {
 pub enum TokenCommand {
     /// Show what a Keycloak access token grants (claims, roles per client,
     /// lifetime left) and, with --realm, whether a resource server would accept
-    /// it and why not; with --audit, the exchange that issued it. Never prints
-    /// the token. Exit 0 accepted (or not verified), 1 a resource server would
-    /// refuse it, 2 usage.
+    /// it and why not (alg, signature, iss, exp, iat/nbf, typ, and aud when
+    /// --audience is given; azp and roles are shown, not judged); with --audit,
+    /// the exchange that issued it. Never prints the token. Exit 0 accepted by
+    /// the checks made (or nothing verified, without --realm), 1 a resource
+    /// server would refuse it, 2 usage, an unreadable token or audit file, or
+    /// the realm's keys unavailable.
     #[command(
         after_help = "Example:\n  keycloak-ci-sts token inspect --token-file /tmp/deploy.token --realm https://keycloak.example.com/realms/ci --audience deploy-api --audit /var/log/keycloak-ci-sts/audit.jsonl"
     )]

@@ -251,6 +251,11 @@ pub fn inspect(a: &super::InspectArgs) -> anyhow::Result<ExitCode> {
         None => None,
         Some(realm) => {
             let realm = url::Url::parse(realm).map_err(|e| anyhow::anyhow!("--realm: {e}"))?;
+            if realm.path().ends_with('/') {
+                anyhow::bail!(
+                    "--realm must not end in `/`: the issuer is compared exactly, and so do the examples (RS_ISSUER)"
+                );
+            }
             if !realm.username().is_empty() || realm.password().is_some() {
                 anyhow::bail!(
                     "--realm: no user or password in the URL (the realm's keys are public)"
@@ -397,9 +402,15 @@ fn inspect_text(
                     c.detail
                 );
             }
+            if !v.checks.iter().any(|c| c.name == "aud") {
+                let _ = writeln!(
+                    out,
+                    "  aud       -        not checked (give --audience with the API's client id)"
+                );
+            }
             let _ = match v.refused {
-                Some(r) => writeln!(out, "result: a resource server would refuse it ({r})"),
-                None => writeln!(out, "result: accepted by these checks (an API also checks azp and its role: see roles above)"),
+                Some(r) => writeln!(out, "result: a resource server would refuse it ({r}: the first check that failed)"),
+                None => writeln!(out, "result: accepted by the checks made (azp and roles are shown above, not judged: only the API knows its allow-list and role)"),
             };
         }
     }

@@ -30,8 +30,8 @@ func main() {
 		panic("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP")
 	}
 	// The realm's keys, cached and refreshed; an unknown kid refetches them, rate-limited.
-	http.DefaultClient.Timeout = 5 * time.Second // the key fetch never hangs a request
-	keys, err := keyfunc.NewDefaultCtx(context.Background(), []string{issuer + "/protocol/openid-connect/certs"})
+	keys, err := keyfunc.NewDefaultOverrideCtx(context.Background(), []string{issuer + "/protocol/openid-connect/certs"},
+		keyfunc.Override{HTTPTimeout: 5 * time.Second, RateLimitWaitMax: 5 * time.Second}) // never hangs a request
 	if err != nil {
 		panic(err)
 	}
@@ -81,13 +81,14 @@ func main() {
 
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		raw, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		claims, err := verify(raw)
-		if !ok || err != nil {
-			reason := "missing"
-			if ok {
-				reason = err.Error()
-			}
+		scheme, raw, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		err := error(refused("missing"))
+		var claims jwt.MapClaims
+		if strings.EqualFold(scheme, "Bearer") && raw != "" {
+			claims, err = verify(raw)
+		}
+		if err != nil {
+			reason := err.Error()
 			w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
 			w.WriteHeader(http.StatusUnauthorized)
 			json.NewEncoder(w).Encode(map[string]string{"error": "invalid_token", "reason": reason})
@@ -96,7 +97,11 @@ func main() {
 		// Identity mode: the repository is the token's subject (repository_uuid).
 		json.NewEncoder(w).Encode(map[string]any{"client": claims["azp"], "sub": claims["sub"], "repository_uuid": claims["repository_uuid"]})
 	})
-	server := &http.Server{Addr: os.Getenv("RS_LISTEN"), Handler: handler,
+	listen := os.Getenv("RS_LISTEN")
+	if listen == "" {
+		listen = "127.0.0.1:8080"
+	}
+	server := &http.Server{Addr: listen, Handler: handler,
 		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, IdleTimeout: 30 * time.Second}
 	panic(server.ListenAndServe())
 }

@@ -22,24 +22,33 @@ import java.text.ParseException;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.Arrays;
 import java.util.Set;
+import java.util.stream.Collectors;
+import com.nimbusds.jose.util.DefaultResourceRetriever;
 import java.util.concurrent.Executors;
 
 public class ResourceServer {
-    static final String ISSUER = System.getenv("RS_ISSUER"), AUDIENCE = System.getenv("RS_AUDIENCE"), ROLE = System.getenv("RS_ROLE");
-    static final Set<String> AZP = Set.of(System.getenv("RS_AZP").split(","));
+    static final String ISSUER = env("RS_ISSUER"), AUDIENCE = env("RS_AUDIENCE"), ROLE = env("RS_ROLE");
+    static final Set<String> AZP = Arrays.stream(env("RS_AZP").split(",")).filter(s -> !s.isEmpty()).collect(Collectors.toUnmodifiableSet());
+
+    static String env(String name) {
+        var value = System.getenv(name);
+        if (value == null || value.isEmpty()) throw new IllegalStateException("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP");
+        return value;
+    }
 
     static class Refused extends Exception { Refused(String reason) { super(reason); } }
 
     public static void main(String[] args) throws Exception {
-        if (ISSUER == null || AUDIENCE == null || ROLE == null || ISSUER.isEmpty() || AZP.contains(""))
-            throw new IllegalStateException("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP");
+        if (AZP.isEmpty()) throw new IllegalStateException("set RS_AZP");
         // A request must arrive within 10 s: one slow client cannot hold the server.
         System.setProperty("sun.net.httpserver.maxReqTime", "10");
         System.setProperty("sun.net.httpserver.maxRspTime", "10");
         var processor = new DefaultJWTProcessor<SecurityContext>();
         // The realm's keys, cached; an unknown kid refetches them (rate-limited).
-        var keys = JWKSourceBuilder.create(URI.create(ISSUER + "/protocol/openid-connect/certs").toURL()).build();
+        var keys = JWKSourceBuilder.create(URI.create(ISSUER + "/protocol/openid-connect/certs").toURL(),
+                new DefaultResourceRetriever(5000, 5000, 1 << 20)).build(); // 5 s, 1 MiB
         processor.setJWSKeySelector(new JWSVerificationKeySelector<>(JWSAlgorithm.RS256, keys));
         var claimsVerifier = new DefaultJWTClaimsVerifier<SecurityContext>(
                 new JWTClaimsSet.Builder().issuer(ISSUER).build(), Set.of("exp", "iat", "iss"));
@@ -51,7 +60,7 @@ public class ResourceServer {
         server.createContext("/", exchange -> {
             var header = exchange.getRequestHeaders().getFirst("Authorization");
             try {
-                if (header == null || !header.startsWith("Bearer ")) throw new Refused("missing");
+                if (header == null || !header.regionMatches(true, 0, "Bearer ", 0, 7)) throw new Refused("missing");
                 var claims = verify(processor, header.substring(7));
                 // Identity mode: the repository is the token's subject (repository_uuid).
                 var body = new HashMap<String, Object>();

@@ -9,7 +9,8 @@ import { createRemoteJWKSet, decodeProtectedHeader, errors, jwtVerify } from "jo
 const { RS_ISSUER: ISSUER, RS_AUDIENCE: AUDIENCE, RS_ROLE: ROLE } = process.env;
 const AZP = new Set((process.env.RS_AZP ?? "").split(",").filter(Boolean));
 if (!ISSUER || !AUDIENCE || !ROLE || !AZP.size) throw new Error("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP");
-const [HOST, PORT] = (process.env.RS_LISTEN ?? "127.0.0.1:8080").split(":");
+const LISTEN = process.env.RS_LISTEN ?? "127.0.0.1:8080";
+const [HOST, PORT] = [LISTEN.slice(0, LISTEN.lastIndexOf(":")), LISTEN.slice(LISTEN.lastIndexOf(":") + 1)];
 // The realm's keys, cached; an unknown kid refetches them at most every 30 s.
 const JWKS = createRemoteJWKSet(new URL(`${ISSUER}/protocol/openid-connect/certs`), {
   timeoutDuration: 5000,
@@ -55,8 +56,7 @@ function answer(res, status, body) {
   res.writeHead(status, headers).end(JSON.stringify(body));
 }
 
-http
-  .createServer(async (req, res) => {
+const server = http.createServer(async (req, res) => {
     const [scheme, token] = (req.headers.authorization ?? "").split(" ");
     try {
       if (scheme?.toLowerCase() !== "bearer" || !token) throw new Refused("missing");
@@ -67,5 +67,7 @@ http
       if (!(e instanceof Refused)) return answer(res, 500, { error: "server_error" });
       answer(res, 401, { error: "invalid_token", reason: e.message });
     }
-  })
-  .listen(Number(PORT), HOST);
+});
+server.requestTimeout = 10000; // a request must arrive within 10 s: a slow client cannot hold it
+server.headersTimeout = 5000;
+server.listen(Number(PORT), HOST);

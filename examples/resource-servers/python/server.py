@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 
-ISSUER, AUDIENCE, ROLE = (os.environ[k] for k in ("RS_ISSUER", "RS_AUDIENCE", "RS_ROLE"))
-AZP = {a for a in os.environ["RS_AZP"].split(",") if a}
+ISSUER, AUDIENCE, ROLE = (os.environ.get(k, "") for k in ("RS_ISSUER", "RS_AUDIENCE", "RS_ROLE"))
+AZP = {a for a in os.environ.get("RS_AZP", "").split(",") if a}
 if not (ISSUER and AUDIENCE and ROLE and AZP):  # not assert: python -O drops it
     raise SystemExit("set RS_ISSUER, RS_AUDIENCE, RS_ROLE and RS_AZP")
 HOST, PORT = os.environ.get("RS_LISTEN", "127.0.0.1:8080").rsplit(":", 1)
