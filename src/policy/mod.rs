@@ -416,6 +416,36 @@ impl PolicySet {
         &self.policies
     }
 
+    /// One line per deny branch pattern with a letter outside ASCII: a letter
+    /// that looks like an ASCII one (Cyrillic `а` in `mаin`) makes a deny that
+    /// reads as "deny main" and matches only the branch spelt with it.
+    fn look_alike_warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in self.policies.iter().filter(|p| p.effect == Effect::Deny) {
+            for b in p.when.branch_name.iter().flatten() {
+                let odd: Vec<String> = b
+                    .source()
+                    .chars()
+                    .filter(|c| !c.is_ascii())
+                    .map(|c| format!("U+{:04X}", u32::from(c)))
+                    .collect();
+                if !odd.is_empty() {
+                    out.push(format!(
+                        "{}: `branchName` pattern `{}` has characters outside ASCII ({}): a look-alike \
+                         letter makes this deny match only the branch spelt with it",
+                        p.id,
+                        b.source()
+                            .chars()
+                            .map(|c| if c.is_ascii() { c.to_string() } else { c.escape_unicode().to_string() })
+                            .collect::<String>(),
+                        odd.join(", ")
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Problems that do not make the set invalid but probably are mistakes, one line
     /// each (`policy check` prints them, `serve` logs them): a file of the
     /// directory that is not a policy file, and a deny policy naming an audience
@@ -434,6 +464,7 @@ impl PolicySet {
             .collect();
         out.extend(self.marker_warnings());
         out.extend(self.expansion_warning());
+        out.extend(self.look_alike_warnings());
         for p in &self.policies {
             for s in p.deny_scopes.iter().flatten() {
                 let granted = self.policies.iter().any(|a| {
@@ -1341,6 +1372,23 @@ mod tests {
         let e = compile("effect: deny\nwhen:\n  branchName: main\naudiences: [\"bad aud\"]\n")
             .unwrap_err();
         assert_eq!(e.key, "audiences[0]");
+    }
+
+    /// A deny on `mаin` (Cyrillic а) reads as a deny on main: warned; the same
+    /// pattern in an allow, and ASCII patterns, are not.
+    #[test]
+    fn a_deny_branch_pattern_with_a_look_alike_letter_is_warned() {
+        let deny = compile_str("d", "effect: deny\nwhen:\n  workspaceUuid: \"{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}\"\n  branchName: [\"m\u{430}in\", main]\n", None).unwrap();
+        let w = PolicySet::from_policies(vec![deny]).look_alike_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("d:") && w[0].contains("U+0430") && w[0].contains("m\\u{430}in"),
+            "{w:?}"
+        );
+        let ascii = compile_str("a", "effect: deny\nwhen:\n  workspaceUuid: \"{03b741e3-cf4a-41f9-9a59-cec52e21bdc3}\"\n  branchName: main\n", None).unwrap();
+        assert!(PolicySet::from_policies(vec![ascii])
+            .look_alike_warnings()
+            .is_empty());
     }
 
     /// Issue #7 §1, third input: glob syntax beyond `*`, `?`, `**` is refused.
