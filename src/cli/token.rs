@@ -310,30 +310,40 @@ pub fn inspect(a: &super::InspectArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The text form of `token inspect`.
+/// The text form of `token inspect`: the token's claims, then the checks,
+/// then the audit line.
 fn inspect_text(
     d: &crate::inspect::Decoded,
     verification: Option<&crate::inspect::Verification>,
     audit: Option<&Option<crate::inspect::AuditMatch>>,
 ) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_secs())
+        .unwrap_or(0);
+    let mut out = claims_text(d, now);
+    out.push_str(&verification_text(verification));
+    if let Some(audit) = audit {
+        out.push_str(&audit_text(audit.as_ref()));
+    }
+    out
+}
+
+/// A string member of `map`, escaped for the terminal, or `-`.
+fn text_field(map: &serde_json::Map<String, serde_json::Value>, k: &str) -> String {
+    map.get(k)
+        .and_then(serde_json::Value::as_str)
+        .map(crate::inspect::printable)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Header, claims, roles per client and the lifetime left at `now`.
+fn claims_text(d: &crate::inspect::Decoded, now: u64) -> String {
     use crate::inspect::{audiences, printable, roles};
     use std::fmt::Write;
-    let s = |k: &str| {
-        d.claims
-            .get(k)
-            .and_then(serde_json::Value::as_str)
-            .map(printable)
-    };
-    let n = |k: &str| d.claims.get(k).and_then(serde_json::Value::as_u64);
     let mut out = String::new();
     let _ = writeln!(out, "token: not printed; sha256 {}", d.token_sha256);
-    let h = |k: &str| {
-        d.header
-            .get(k)
-            .and_then(serde_json::Value::as_str)
-            .map(printable)
-            .unwrap_or_else(|| "-".into())
-    };
+    let h = |k: &str| text_field(&d.header, k);
     let _ = writeln!(
         out,
         "header: alg {}, kid {}, typ {}",
@@ -350,8 +360,8 @@ fn inspect_text(
         ("preferred_username", "preferred_username"),
         ("repository_uuid", "repository_uuid"),
     ] {
-        if let Some(v) = s(key) {
-            let _ = writeln!(out, "{label}: {v}");
+        if d.claims.get(key).is_some_and(serde_json::Value::is_string) {
+            let _ = writeln!(out, "{label}: {}", text_field(&d.claims, key));
         }
     }
     let _ = writeln!(out, "aud: {}", printable(&audiences(&d.claims).join(", ")));
@@ -364,93 +374,86 @@ fn inspect_text(
             printable(&r.join(", "))
         );
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.as_secs())
-        .unwrap_or(0);
-    match (n("iat"), n("exp")) {
-        (Some(iat), Some(exp)) if exp > now => {
-            let _ = writeln!(
-                out,
-                "lifetime: {} s, {} s left",
-                exp.saturating_sub(iat),
-                exp - now
-            );
-        }
-        (_, Some(exp)) => {
-            let _ = writeln!(out, "lifetime: expired {} s ago", now.saturating_sub(exp));
-        }
-        _ => {
-            let _ = writeln!(out, "lifetime: no exp");
-        }
+    let n = |k: &str| d.claims.get(k).and_then(serde_json::Value::as_u64);
+    let _ = match (n("iat"), n("exp")) {
+        (Some(iat), Some(exp)) if exp > now => writeln!(
+            out,
+            "lifetime: {} s, {} s left",
+            exp.saturating_sub(iat),
+            exp - now
+        ),
+        (_, Some(exp)) => writeln!(out, "lifetime: expired {} s ago", now.saturating_sub(exp)),
+        _ => writeln!(out, "lifetime: no exp"),
+    };
+    out
+}
+
+/// Each check made against the realm, and the result.
+fn verification_text(verification: Option<&crate::inspect::Verification>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some(v) = verification else {
+        let _ = writeln!(
+            out,
+            "verification: not done (give --realm; nothing above is verified)"
+        );
+        return out;
+    };
+    let _ = writeln!(out, "verification against {}:", v.realm);
+    for c in &v.checks {
+        let _ = writeln!(
+            out,
+            "  {:<9} {}  {}",
+            c.name,
+            if c.passed { "ok     " } else { "REFUSED" },
+            c.detail
+        );
     }
-    match verification {
-        None => {
-            let _ = writeln!(
-                out,
-                "verification: not done (give --realm; nothing above is verified)"
-            );
-        }
-        Some(v) => {
-            let _ = writeln!(out, "verification against {}:", v.realm);
-            for c in &v.checks {
-                let _ = writeln!(
-                    out,
-                    "  {:<9} {}  {}",
-                    c.name,
-                    if c.passed { "ok     " } else { "REFUSED" },
-                    c.detail
-                );
-            }
-            if !v.checks.iter().any(|c| c.name == "aud") {
-                let _ = writeln!(
-                    out,
-                    "  aud       -        not checked (give --audience with the API's client id)"
-                );
-            }
-            let _ = match v.refused {
-                Some(r) => writeln!(out, "result: a resource server would refuse it ({r}: the first check that failed)"),
-                None => writeln!(out, "result: accepted by the checks made (azp and roles are shown above, not judged: only the API knows its allow-list and role)"),
-            };
-        }
+    if !v.checks.iter().any(|c| c.name == "aud") {
+        let _ = writeln!(
+            out,
+            "  aud       -        not checked (give --audience with the API's client id)"
+        );
     }
-    match audit {
-        None => {}
-        Some(None) => {
-            let _ = writeln!(out, "audit: no line with this token's sha256 (not issued by this service, or another audit file)");
-        }
-        Some(Some(m)) => {
-            let f = |k: &str| {
-                m.line
-                    .get(k)
-                    .and_then(serde_json::Value::as_str)
-                    .map(printable)
-                    .unwrap_or_else(|| "-".into())
-            };
-            let _ = writeln!(
-                out,
-                "audit: issued by request {} at {}",
-                f("request_id"),
-                m.line
-                    .get("time")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            );
-            for k in [
-                "policy",
-                "keycloak_client",
-                "audience",
-                "repository_full_name",
-                "repositoryUuid",
-                "branchName",
-                "deploymentEnvironmentUuid",
-                "stepUuid",
-                "identity",
-                "keycloak_user_id",
-            ] {
-                let _ = writeln!(out, "  {k}: {}", f(k));
-            }
-        }
+    let _ = match v.refused {
+        Some(r) => writeln!(out, "result: a resource server would refuse it ({r}: the first check that failed)"),
+        None => writeln!(out, "result: accepted by the checks made (azp and roles are shown above, not judged: only the API knows its allow-list and role)"),
+    };
+    out
+}
+
+/// The audit line that issued the token, or that none did.
+fn audit_text(audit: Option<&crate::inspect::AuditMatch>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let Some(m) = audit else {
+        let _ = writeln!(out, "audit: no line with this token's sha256 (not issued by this service, or another audit file)");
+        return out;
+    };
+    let Some(line) = m.line.as_object() else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "audit: issued by request {} at {}",
+        text_field(line, "request_id"),
+        line.get("time")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    );
+    for k in [
+        "policy",
+        "keycloak_client",
+        "audience",
+        "repository_full_name",
+        "repositoryUuid",
+        "branchName",
+        "deploymentEnvironmentUuid",
+        "stepUuid",
+        "identity",
+        "keycloak_user_id",
+    ] {
+        let _ = writeln!(out, "  {k}: {}", text_field(line, k));
     }
     out
 }
